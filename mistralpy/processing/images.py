@@ -6,10 +6,11 @@ time; every failure is a typed `processing.errors.ImageError` naming the request
 
 Preprocessing (`preprocess_image`) reproduces mistral-common's `ImageEncoder` (the reference
 Mistral ships), not transformers' `PixtralImageProcessor` and not mistral.rs:
-- RGB conversion composites alpha over WHITE (transformers drops alpha, keeping the hidden
-  colour; mistral.rs does the same);
+- RGB conversion composites alpha over WHITE (transformers 5 does too; plain
+  `convert("RGB")`, as older code did, keeps the colour hidden under transparent pixels);
 - the longest edge is scaled down to `longest_edge` with Python's banker's `round`, each side
-  at least 1 (transformers uses `floor`, so e.g. 1541x771 gives a different width);
+  at least 1 (transformers uses `floor`, so the grid differs when that crosses a multiple of 28,
+  and a 1x1541 image gets a zero-width grid there);
 - both sides then go UP to a multiple of patch*merge (28) and the image is stretched to it:
   grid = ceil(h/28) x ceil(w/28). Transformers' image processor used alone with the
   checkpoint's preprocessor_config.json (patch_size 14) rounds to 14 instead; only its
