@@ -761,7 +761,7 @@ def preprocess_image(
     pixels = resize_bicubic(rgb, rows * side, cols * side)  # (3, H', W') float32
     mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
-    pixels = (pixels * cfg.rescale_factor - mean) / std
+    pixels.mul_(cfg.rescale_factor).sub_(mean).div_(std)
     return ProcessedImage(pixels.contiguous(), content_hash(rgb), rows, cols)
 
 
@@ -783,6 +783,26 @@ def load_and_preprocess(
 ) -> ProcessedImage:
     """load_image + preprocess_image for one source."""
     return preprocess_image(load_image(source, policy, param), cfg, param)
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """The `image_loader` the chat-prompt builder takes: one policy and one model's settings."""
+
+    policy: ImagePolicy
+    config: ImageProcessorConfig
+
+    def __call__(
+        self, source: str | bytes | Image.Image, param: str = "image_url"
+    ) -> ProcessedImage:
+        """A URL/data URL/base64/path string, encoded bytes, or an already decoded PIL image."""
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, bytes | bytearray):
+            image = decode_image_bytes(bytes(source), self.policy, param)
+        else:
+            image = load_image(source, self.policy, param)
+        return preprocess_image(image, self.config, param)
 
 
 def load_and_preprocess_batch(
@@ -812,6 +832,7 @@ __all__ = [
     "ACCEPTED_FORMATS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "ImageLoader",
     "ImagePolicy",
     "ImageProcessorConfig",
     "ProcessedImage",

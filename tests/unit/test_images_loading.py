@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -15,6 +16,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpcore
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +33,7 @@ from mistralpy.processing.errors import (
     TooManyImagesError,
 )
 from mistralpy.processing.images import (
+    ImageLoader,
     ImagePolicy,
     ImageProcessorConfig,
     address_refusal,
@@ -149,20 +152,29 @@ def served_image() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def server(served_image):
-    srv = start_server("127.0.0.1", encode(served_image))
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+def serve(served_image):
+    """Starts servers on loopback addresses; each gives its base URL."""
+    servers = []
+
+    def start(host: str) -> str:
+        servers.append(start_server(host, encode(served_image)))
+        return f"http://{host}:{servers[-1].server_port}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture(scope="module")
-def second_server(served_image):
+def server(serve):
+    return serve("127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def second_server(serve):
     """Another loopback address, allowed by CIDR in tests that need an 'allowed host'."""
-    srv = start_server("127.0.0.2", encode(served_image))
-    yield f"http://127.0.0.2:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+    return serve("127.0.0.2")
 
 
 def same_pixels(image: Image.Image, expected: Image.Image) -> bool:
@@ -238,6 +250,43 @@ def test_any_forbidden_address_refuses_host(monkeypatch):
 
 def _no_connection(*args, **kwargs):
     raise AssertionError("a refused host must never be connected to")
+
+
+def test_https_connects_to_checked_ip_with_url_hostname_for_tls(monkeypatch):
+    """The socket goes to the checked IP while SNI and certificate checks use the URL's name."""
+    real = socket.getaddrinfo
+    seen = {}
+
+    def resolve(host, port, *args, **kwargs):
+        return real("127.0.0.1" if host == "img.test" else host, port, *args, **kwargs)
+
+    class FakeStream(httpcore.NetworkStream):
+        def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+            seen["sni"] = server_hostname
+            seen["verify"] = (
+                ssl_context.check_hostname and ssl_context.verify_mode == ssl.CERT_REQUIRED
+            )
+            raise httpcore.ConnectError("no TLS peer in tests")
+
+        def close(self):
+            pass
+
+    def connect(self, host, port, timeout=None, local_address=None, socket_options=None):
+        seen["connect"] = (host, port)
+        return FakeStream()
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", connect)
+    with pytest.raises(ImageFetchError):
+        load_image("https://img.test/x.png", LOOPBACK_OK)
+    assert seen == {"connect": ("127.0.0.1", 443), "sni": "img.test", "verify": True}
+
+
+def test_environment_proxies_are_ignored(server, served_image, monkeypatch):
+    """A proxy would connect on our behalf, past the address checks: never used."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    assert same_pixels(load_image(f"{server}/ok.png", LOOPBACK_OK), served_image)
 
 
 def test_unreachable_port():
@@ -580,6 +629,16 @@ def test_batch_names_the_failing_field():
     assert info.value.param == params[1]
     out = load_and_preprocess_batch([raw, raw], ImagePolicy(), ImageProcessorConfig())
     assert out[0] is out[1]
+
+
+def test_image_loader_accepts_every_form(served_image):
+    loader = ImageLoader(ImagePolicy(), ImageProcessorConfig())
+    data = encode(served_image)
+    forms = [served_image, data, base64.b64encode(data).decode()]
+    assert len({loader(form).content_hash for form in forms}) == 1
+    with pytest.raises(ImageDecodeError) as info:
+        loader(b"not an image", param="messages[1].content[0].image_url")
+    assert info.value.param == "messages[1].content[0].image_url"
 
 
 def test_policy_validates_itself():
