@@ -256,9 +256,11 @@ def _allowed_local_path(path_text: str, policy: ImagePolicy, param: str) -> Path
     """The resolved path (symlinks and '..' gone) if the policy allows reading it."""
     if not policy.local_paths_allowed:
         raise ImageSourceForbiddenError("local file paths are not allowed", param)
+    root = policy.allowed_local_media_path
     try:
-        resolved = Path(path_text).resolve()
-        root = policy.allowed_local_media_path
+        # Relative paths are taken from the allowed directory (a server's cwd means nothing).
+        path = Path(path_text) if root is None else Path(root) / path_text
+        resolved = path.resolve()
         inside = root is None or resolved.is_relative_to(Path(root).resolve())
     except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop...
         raise ImageFetchError(f"invalid local path: {type(exc).__name__}", param) from None

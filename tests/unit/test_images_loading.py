@@ -553,7 +553,8 @@ def test_local_paths_refused_by_default(media):
 def test_local_path_inside_allowed_dir(media):
     root, image = media
     policy = ImagePolicy(allowed_local_media_path=root)
-    for source in (str(root / "a.png"), (root / "a.png").as_uri(), f"file://localhost{root}/a.png"):
+    sources = (str(root / "a.png"), (root / "a.png").as_uri(), f"file://localhost{root}/a.png")
+    for source in (*sources, "a.png", "./a.png", "sub/../a.png"):
         assert same_pixels(load_image(source, policy), image)
 
 
@@ -570,6 +571,8 @@ def test_local_path_escapes_refused(media):
         str(root / "up" / "secret.png"),
         str(root.parent / "nonexistent.png"),  # outside: refused, not "missing"
         "/etc/passwd",
+        "../secret.png",
+        "up/secret.png",
     ):
         with pytest.raises(ImageSourceForbiddenError):
             load_image(source, policy)
@@ -695,6 +698,23 @@ def no_network(monkeypatch):
 def test_fuzz_sources_raise_only_typed_errors(no_network, prefix, rest):
     with contextlib.suppress(ImageError):
         load_image(prefix + rest, ImagePolicy(timeout_s=1.0))
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz-media")
+    for i, data in enumerate(VALID):
+        (root / f"{i}.img").write_bytes(data)
+    return root
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefix=st.sampled_from(["", "/", "../", "./", "file://", "0.img"]), rest=st.text(max_size=30)
+)
+def test_fuzz_local_sources_raise_only_typed_errors(media_root, prefix, rest):
+    with contextlib.suppress(ImageError):
+        load_image(prefix + rest, ImagePolicy(allowed_local_media_path=media_root))
 
 
 @settings(max_examples=300, deadline=None)
