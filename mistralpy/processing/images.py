@@ -291,7 +291,9 @@ def address_refusal(ip_text: str, policy: ImagePolicy) -> str | None:
     return None
 
 
-def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Any:
+def _embedded_ipv4(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address tunnels to (mapped, compatible, 6to4, Teredo, NAT64)."""
     if ip.version == 4:
         return None
@@ -511,8 +513,16 @@ def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
                     location = response.headers["location"]
             except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
                 raise _fetch_failure(exc, deadline, param) from None
-            target = _check_http_url(str(target.join(location)), param)
+            target = _check_http_url(_join_url(target, location, param), param)
     raise ImageFetchError(f"image URL redirected more than {policy.max_redirects} times", param)
+
+
+def _join_url(base: httpx.URL, location: str, param: str) -> str:
+    """A redirect's Location resolved against the URL that sent it."""
+    try:
+        return str(base.join(location))
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ImageFetchError(f"invalid redirect location: {exc}", param) from None
 
 
 def _read_body(response: httpx.Response, policy: ImagePolicy, param: str) -> bytes:

@@ -322,6 +322,7 @@ def test_unresolvable_host(monkeypatch):
         ("/to?file:///etc/passwd", ImageSourceForbiddenError),
         ("/to?ftp://example.com/x.png", ImageSourceForbiddenError),
         ("/to?http://user:pw@127.0.0.1/ok.png", ImageSourceForbiddenError),
+        ("/to?http://[::1", ImageFetchError),  # unparseable Location
     ],
 )
 def test_hostile_responses(server, path, error):
