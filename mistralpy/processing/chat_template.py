@@ -9,6 +9,7 @@ to its image's [IMG]*cols + [IMG_BREAK] rows grid, the last row ending in [IMG_E
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -225,9 +226,10 @@ def validate_chat(
     for prev, cur in zip(roles, roles[1:]):
         if cur not in _NEXT_ROLES[prev]:
             raise InvalidChatError(f"messages: role {cur!r} cannot follow role {prev!r}")
-    if len(roles) > 1 and roles[-1] not in ("user", "tool") and not continue_final:
+    if len(roles) > 1 and roles[-1] == "assistant" and not continue_final:
         raise InvalidChatError(
-            f"messages: the last message must be from the user or a tool, not {roles[-1]!r}"
+            "messages: the last message is from the assistant; continue it with "
+            "add_generation_prompt=False or end the chat with a user or tool message"
         )
     _validate_tool_call_counts(messages)
     for tool in tools or []:
@@ -301,9 +303,6 @@ def _validate_tool_call(where: str, call: Any) -> None:
     call_id = call.get("id")
     if not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id):
         raise InvalidChatError(f"{where}.id: must be 9 characters a-z, A-Z, 0-9, got {call_id!r}")
-    arguments = function.get("arguments")
-    if arguments is not None and not isinstance(arguments, (str, Mapping)):
-        raise InvalidChatError(f"{where}.function.arguments: must be a JSON string or an object")
 
 
 def _check_function_name(where: str, name: str) -> None:
@@ -348,19 +347,24 @@ class ProcessedPrompt:
     images: list[ProcessedImage]  # in order of appearance (one per [IMG] grid)
 
 
-def _normalize_arguments(arguments: Any) -> Any:
-    """OpenAI tool-call arguments -> an object, or JSON text when not valid JSON (mistral-common)."""
+def _arguments_json(where: str, arguments: Any) -> str:
+    """OpenAI tool-call arguments -> the JSON text mistral-common writes for them: valid JSON
+    is re-serialised, any other string becomes a JSON string, None / "" become {}."""
     if arguments is None or arguments == "":
-        return {}
-    if not isinstance(arguments, str):
-        return arguments
+        return "{}"
+    if isinstance(arguments, str):
+        # not JSON: stays a string and is serialised as one, as mistral-common does
+        with contextlib.suppress(json.JSONDecodeError):
+            arguments = json.loads(arguments)
     try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return json.dumps(arguments, ensure_ascii=False)  # a string: the template emits it verbatim
+        return json.dumps(arguments, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidChatError(f"{where}.function.arguments: not JSON-serialisable: {e}") from e
 
 
-def _prepare_message(message: Mapping[str, Any], continue_final: bool) -> dict[str, Any]:
+def _prepare_message(i: int, message: Mapping[str, Any], continue_final: bool) -> dict[str, Any]:
+    """Copy of a message with tool-call arguments as final JSON text (the template emits a
+    string argument verbatim) and "prefix" set on a continued final assistant message."""
     out = dict(message)
     if message.get("tool_calls"):
         out["tool_calls"] = [
@@ -368,10 +372,12 @@ def _prepare_message(message: Mapping[str, Any], continue_final: bool) -> dict[s
                 **call,
                 "function": {
                     **call["function"],
-                    "arguments": _normalize_arguments(call["function"].get("arguments")),
+                    "arguments": _arguments_json(
+                        f"messages[{i}].tool_calls[{j}]", call["function"].get("arguments")
+                    ),
                 },
             }
-            for call in message["tool_calls"]
+            for j, call in enumerate(message["tool_calls"])
         ]
     if continue_final:
         out["prefix"] = True
@@ -460,7 +466,7 @@ def build_chat_prompt(
     if sources and image_loader is None:
         raise InvalidChatError("messages: images given but this model has no image loader")
     prepared = [
-        _prepare_message(m, continue_final and i == len(messages) - 1)
+        _prepare_message(i, m, continue_final and i == len(messages) - 1)
         for i, m in enumerate(messages)
     ]
     rendered = template.render(

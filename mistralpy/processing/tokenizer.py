@@ -108,18 +108,26 @@ def tekken_to_hf_tokenizer(tekken: dict[str, Any]):
     return tok
 
 
+def _split_regex(hf) -> str | None:
+    """Regex of the first Split pre-tokenizer of a `tokenizers.Tokenizer`, if any."""
+    if hf.pre_tokenizer is None:
+        return None
+    pre = json.loads(hf.pre_tokenizer.__getstate__())
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Split":
+            return step.get("pattern", {}).get("Regex")
+    return None
+
+
 def _with_split_pattern(tokenizer_json: str, pattern: str) -> str:
     """tokenizer.json text with the regex of its (first) Split pre-tokenizer set to pattern."""
     data = json.loads(tokenizer_json)
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
-            if step["pattern"]["Regex"] == pattern:
-                return tokenizer_json
-            step["pattern"]["Regex"] = pattern
-            return json.dumps(data, ensure_ascii=False)
-    return tokenizer_json
+    pre = data["pre_tokenizer"]
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Split":
+            step["pattern"] = {"Regex": pattern}
+            break
+    return json.dumps(data, ensure_ascii=False)
 
 
 class Tokenizer:
@@ -175,24 +183,26 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            text = Path(file).read_text(encoding="utf-8")
-            if split_pattern is not None:
-                text = _with_split_pattern(text, split_pattern)
-            hf = HFTokenizer.from_str(text)
+            hf = HFTokenizer.from_file(str(file))
+            if split_pattern is not None and _split_regex(hf) not in (None, split_pattern):
+                text = _with_split_pattern(Path(file).read_text(encoding="utf-8"), split_pattern)
+                hf = HFTokenizer.from_str(text)
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise TokenizerError(f"cannot read {file}: {e}") from e
         hf.encode_special_tokens = True  # special strings in text are plain text
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        to_byte = unicode_to_byte()
-        table: list[bytes] = []
-        for i in range(hf.get_vocab_size(with_added_tokens=True)):
-            piece = hf.id_to_token(i)
-            if i in specials.values() or piece is None:
-                table.append(b"")
-            elif all(c in to_byte for c in piece):
-                table.append(bytes(to_byte[c] for c in piece))
-            else:
-                raise TokenizerError(f"{file}: token {i} {piece!r} is not byte-level BPE")
+        pieces = hf.get_vocab(with_added_tokens=False)  # byte-level string -> id
+        stray = set().union(*pieces) - set(unicode_to_byte())
+        if stray:
+            raise TokenizerError(
+                f"{file}: not a byte-level BPE vocabulary (chars {sorted(stray)[:5]})"
+            )
+        as_latin1 = str.maketrans({c: chr(b) for c, b in unicode_to_byte().items()})
+        table = [b""] * hf.get_vocab_size(with_added_tokens=True)
+        special_ids = set(specials.values())
+        for piece, i in pieces.items():
+            if i not in special_ids:
+                table[i] = piece.translate(as_latin1).encode("latin-1")
         return cls(lambda text: hf.encode(text, add_special_tokens=False).ids, table, specials)
 
     @classmethod

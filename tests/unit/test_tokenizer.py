@@ -1,5 +1,6 @@
 """Tokenizer and IncrementalDetokenizer against mistral-common's Tekkenizer (the oracle)."""
 
+import json
 import shutil
 
 import pytest
@@ -203,3 +204,19 @@ def test_missing_files_raise(tmp_path):
 
     with pytest.raises(TokenizerError, match="no tokenizer.json or tekken.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_wrong_split_regex_in_tokenizer_json_is_replaced_by_tekken_pattern(
+    tok_dir, tekkenizer, tmp_path
+):
+    # Some hub tokenizer.json files of Mistral Small 3.1 carry a wrong pre-tokenizer regex;
+    # with tekken.json beside it, Tekken's own pattern wins.
+    data = json.loads((tok_dir / "tokenizer.json").read_text())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": r"\S+|\s+"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    text = "Hello, wörld! 12345 it's"
+    broken = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert broken.encode(text) != tekkenizer.encode(text, bos=False, eos=False)
+    shutil.copy(tok_dir / "tekken.json", tmp_path / "tekken.json")
+    fixed = Tokenizer.from_dir(tmp_path)
+    assert fixed.encode(text) == tekkenizer.encode(text, bos=False, eos=False)
