@@ -211,8 +211,7 @@ class Tokenizer:
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
         tek = Tekkenizer.from_file(str(file))
-        specials = {t["token_str"]: t["rank"] for t in tek._all_special_tokens}
-        specials = {str(getattr(s, "value", s)): i for s, i in specials.items()}
+        specials = {tek.id_to_piece(i): i for i in range(tek.num_special_tokens)}
         table = [
             b"" if i in tek.special_ids else tek.id_to_byte_piece(i) for i in range(tek.n_words)
         ]
