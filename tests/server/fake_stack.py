@@ -205,3 +205,24 @@ def make_fake_service(max_model_len: int = 512, delay: float = 0.0) -> ChatServi
     tok = FakeTokenizer()
     engine = FakeEngine(max_model_len, delay)
     return ChatService(engine, tok, FakePrompts(tok), "fake-model", max_model_len)
+
+
+def main() -> None:
+    import argparse
+
+    import uvicorn
+
+    from mistralpy.server.app import ServerSettings, create_app
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--delay", type=float, default=0.0)
+    args = ap.parse_args()
+    service = make_fake_service(delay=args.delay)
+    app = create_app(service, ServerSettings(api_key=args.api_key), service.engine.stats)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
