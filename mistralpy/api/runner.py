@@ -253,6 +253,9 @@ class Runner:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=memory_goal,
         )
+        self._start(options)
+
+    def _start(self, options: ModelOptions) -> None:
         self._loop = _LoopThread()
         try:
             self.model = self._loop.run(open_model(options))
@@ -260,6 +263,13 @@ class Runner:
             self._loop.stop()
             raise
         self.service = self.model.service(trusted_image_policy())
+
+    @classmethod
+    def from_options(cls, options: ModelOptions) -> Runner:
+        """A Runner on explicit ModelOptions (what the CLI's `run` uses)."""
+        runner = cls.__new__(cls)
+        runner._start(options)
+        return runner
 
     @classmethod
     def from_service(cls, service: ChatService) -> Runner:
