@@ -63,7 +63,11 @@ class TemplatePrompts:
 
     def chat(self, messages: list[dict], tools: list[dict] | None) -> Any:
         from mistralpy.processing.chat_template import build_chat_prompt
+        from mistralpy.processing.errors import TooManyImagesError
 
+        limit = getattr(self.image_policy, "max_images_per_request", None)
+        if limit is not None and _count_images(messages) > limit:
+            raise TooManyImagesError(f"at most {limit} images per request", "messages")
         return build_chat_prompt(self.tokenizer, self.template, messages, tools, self._load_image)
 
     def text(self, prompt: str | list[int]) -> Any:
@@ -76,6 +80,16 @@ class TemplatePrompts:
         from mistralpy.processing.images import load_image, preprocess_image
 
         return preprocess_image(load_image(source, self.image_policy), self.image_processor_config)
+
+
+def _count_images(messages: list[dict]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") in ("image_url", "image")
+    )
 
 
 # --- request → SamplingParams -----------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -64,6 +63,7 @@ class OpenedModel:
     """A loaded model: the engine plus what the chat service needs around it."""
 
     engine: Any  # engine.engine.AsyncEngine
+    llm: Any  # engine.engine.LLMEngine it drives (read-only here: gauges, sizes)
     tokenizer: Any
     template: Any
     image_config: Any
@@ -80,9 +80,17 @@ class OpenedModel:
         )
 
     def stats(self) -> dict[str, float]:
-        """Engine gauges for /metrics (empty if the engine exposes none)."""
-        stats = getattr(self.engine, "stats", None)
-        return dict(stats()) if callable(stats) else {}
+        """Gauges for /metrics and the banner. Read from another thread without a lock: each
+        value is one int read, at worst a step stale."""
+        llm = self.llm
+        blocks = llm.runner.num_blocks
+        free = llm.block_manager.num_free_blocks
+        return {
+            "kv_capacity_tokens": blocks * llm.config.block_size,
+            "kv_cache_usage": (blocks - free) / blocks if blocks else 0.0,
+            "num_waiting": len(llm.scheduler.waiting),
+            "num_running": len(llm.scheduler.running),
+        }
 
 
 def check_isq(isq: str | None) -> str | None:
@@ -100,6 +108,8 @@ def check_isq(isq: str | None) -> str | None:
 def engine_config(options: ModelOptions) -> Any:
     from mistralpy.engine.config import EngineConfig
 
+    if options.tensor_parallel_size != 1:
+        raise FeatureUnavailable("tensor parallelism is not supported by this engine build")
     extra = {}
     if options.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = options.max_num_batched_tokens
@@ -107,8 +117,6 @@ def engine_config(options: ModelOptions) -> Any:
         extra["gpu_memory_utilization"] = options.gpu_memory_utilization
     if options.seed is not None:
         extra["seed"] = options.seed
-    if options.tensor_parallel_size != 1:
-        extra["tensor_parallel_size"] = options.tensor_parallel_size
     return EngineConfig(
         model=options.model_id,
         dtype=options.dtype,
@@ -122,23 +130,14 @@ def engine_config(options: ModelOptions) -> Any:
     )
 
 
-def _context_length(path: Path, config: Any) -> int:
-    if config.max_model_len is not None:
-        return config.max_model_len
-    raw = json.loads((path / "config.json").read_text())
-    return int(raw.get("text_config", raw)["max_position_embeddings"])
-
-
-def load_processing(path: Path, options: ModelOptions) -> tuple[Any, Any, Any]:
-    """Tokenizer, chat template and image preprocessing settings of a checkpoint dir."""
+def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """Tokenizer (the engine's unless overridden), chat template and image settings."""
     from mistralpy.processing.chat_template import ChatTemplate
     from mistralpy.processing.images import ImageProcessorConfig
     from mistralpy.processing.tokenizer import Tokenizer
 
     if options.tokenizer_json:
         tokenizer = Tokenizer.from_tokenizer_json(options.tokenizer_json)
-    else:
-        tokenizer = Tokenizer.from_dir(path)
     template = ChatTemplate.from_dir(path, options.jinja_explicit or None)
     if options.chat_template and not options.jinja_explicit:
         has_own = any((path / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
@@ -155,28 +154,22 @@ def load_engine(config: Any) -> Any:
 
 
 def wrap_async(llm_engine: Any) -> Any:
-    """An AsyncEngine around `llm_engine`; call inside the event loop that will use it."""
+    """An AsyncEngine (its own stepping thread) around `llm_engine`."""
     from mistralpy.engine.engine import AsyncEngine
 
     return AsyncEngine(llm_engine)
 
 
 async def open_model(options: ModelOptions) -> OpenedModel:
-    """Load a model (in a worker thread) and start its AsyncEngine on the running loop."""
-    from mistralpy.engine.config import resolve_model_path
-
+    """Load a model in a worker thread (the event loop stays free), then start its engine."""
     config = engine_config(options)
-    path = await asyncio.to_thread(resolve_model_path, config.model, config.revision)
-    tokenizer, template, image_config = await asyncio.to_thread(load_processing, path, options)
     llm = await asyncio.to_thread(load_engine, config)
+    path = Path(llm.model_path)
+    tokenizer, template, image_config = await asyncio.to_thread(
+        load_processing, path, options, llm.tokenizer
+    )
     return OpenedModel(
-        wrap_async(llm),
-        tokenizer,
-        template,
-        image_config,
-        path,
-        _context_length(path, config),
-        options,
+        wrap_async(llm), llm, tokenizer, template, image_config, path, llm.max_model_len, options
     )
 
 
@@ -314,9 +307,8 @@ class Runner:
         return self.service.max_model_len
 
     def shutdown(self) -> None:
-        shutdown = getattr(self.service.engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        if self.model is not None:
+            self.model.engine.shutdown()
         self._loop.stop()
 
     def __enter__(self) -> Runner:

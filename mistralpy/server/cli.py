@@ -230,9 +230,7 @@ async def serve_async(options: ModelOptions, cfg: ServeConfig) -> None:
     try:
         await uvicorn.Server(config).serve()
     finally:
-        shutdown = getattr(opened.engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        opened.engine.shutdown()
 
 
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
