@@ -336,6 +336,11 @@ class Model:
         async for chunk in self.service.stream_chat_completion(_chat_body(messages)):
             yield Response(chunk, "ChatCompletionChunkResponse")
 
+    def shutdown(self) -> None:
+        """Stop the engine's stepping thread."""
+        if self.opened is not None:
+            self.opened.engine.shutdown()
+
 
 def _chat_body(messages: Any) -> dict:
     if isinstance(messages, ChatCompletionRequest):

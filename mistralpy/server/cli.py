@@ -174,12 +174,11 @@ def server_image_policy(cfg: ServeConfig) -> Any:
 
 
 async def load_with_progress(options: ModelOptions) -> OpenedModel:
-    """open_model with a progress line on stderr while the weights load."""
-    from tqdm import tqdm
-
-    with tqdm(total=1, desc=f"Loading {options.model_id}", unit="model", file=sys.stderr) as bar:
-        opened = await open_model(options)
-        bar.update(1)
+    """open_model, announced on stderr (the weight loader draws its own progress bar)."""
+    print(f"Loading {options.model_id} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    opened = await open_model(options)
+    print(f"Loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return opened
 
 
