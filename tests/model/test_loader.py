@@ -472,3 +472,11 @@ def test_peak_memory_is_one_copy(tmp_path):
     dummy = _measure(path, "dummy")
     assert dummy["growth_mb"] < 1.15 * dummy["model_mb"], dummy
     assert math.isclose(dummy["model_mb"], real["model_mb"])
+
+
+def test_directory_without_weights_or_bad_format(hf_dir, tmp_path):
+    only_config = _copy_config(hf_dir, tmp_path / "cfg")
+    with pytest.raises(CheckpointError, match="no safetensors"):
+        load_model(only_config, torch.float32, "cpu")
+    with pytest.raises(CheckpointError, match="load_format"):
+        load_model(hf_dir, torch.float32, "cpu", load_format="gguf")  # type: ignore[arg-type]
