@@ -149,16 +149,9 @@ class LLMEngine:
             raise InvalidParameter(
                 "max_model_len", f"max_model_len {config.max_model_len} > the model's {max_pos}"
             )
-        runner_cfg = RunnerConfig(
-            block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
-            num_kv_blocks=config.num_kv_blocks,
-            encoder_cache_size=config.encoder_cache_size,
+        runner = ModelRunner.load(
+            path, runner_config(config), device, dtype, config.isq, config.load_format
         )
-        runner = ModelRunner.load(path, runner_cfg, device, dtype, config.isq, config.load_format)
         max_model_len = _fit_context(
             config.max_model_len, max_pos, runner.num_blocks * config.block_size
         )
@@ -427,6 +420,19 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for s in group.seqs:
             self._seq_group.pop(s.req.seq_id, None)
+
+
+def runner_config(config: EngineConfig) -> RunnerConfig:
+    """The runner's share of the engine configuration."""
+    return RunnerConfig(
+        block_size=config.block_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
+        num_kv_blocks=config.num_kv_blocks,
+        encoder_cache_size=config.encoder_cache_size,
+    )
 
 
 def _fit_context(requested: int | None, max_pos: int, kv_capacity: int) -> int:
