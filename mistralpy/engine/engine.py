@@ -13,12 +13,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import logging
 import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mistralpy.engine.block_manager import BlockManager
 from mistralpy.engine.config import EngineConfig, resolve_model_path
@@ -88,6 +90,7 @@ class _SeqState:
     delta_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    grammar: Any = None  # processing.grammar.GrammarMatcher of this sequence
 
 
 @dataclass
@@ -134,6 +137,8 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._rng = random.Random(config.seed)  # seeds requests that bring no seed
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self.model_path: Path | None = None  # set by from_config; grammars need its tokenizer
+        self._ll_tokenizer: Any = None  # llguidance tokenizer, built on the first grammar
         self.stats = EngineStats()
 
     @classmethod
@@ -172,6 +177,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), self.max_model_len)
         params.check_vocab(self.runner.vocab_size)
+        grammar = self._compile_grammar(params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         arrival = next(self._arrivals)
@@ -192,7 +198,7 @@ class LLMEngine:
             )
             if index > 0 and self.config.enable_prefix_caching:
                 req.wait_for = seqs[0].req
-            seqs.append(self._seq_state(req))
+            seqs.append(self._seq_state(req, grammar))
         metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
         group = _Group(request_id, prompt_ids, seqs, metrics)
         self._groups[request_id] = group
@@ -282,9 +288,26 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _seq_state(self, req: Request) -> _SeqState:
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        """The request's compiled grammar (None without one); raises GrammarError (ValueError)."""
+        if params.grammar is None:
+            return None
+        from mistralpy.processing.grammar import compile_grammar, ll_tokenizer_from_hf
+
+        if self._ll_tokenizer is None:
+            if self.model_path is None:
+                raise InvalidParameter("grammar", "this engine has no tokenizer for grammars")
+            self._ll_tokenizer = ll_tokenizer_from_hf(
+                _hf_tokenizer_json(self.model_path),
+                sorted(self.eos_token_ids),
+                self.runner.vocab_size,
+            )
+        return compile_grammar(params.grammar, self._ll_tokenizer)
+
+    def _seq_state(self, req: Request, grammar: Any) -> _SeqState:
         p = req.params
         return _SeqState(
+            grammar=grammar.matcher() if grammar is not None else None,
             req=req,
             detok=IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, p.skip_special_tokens
@@ -317,7 +340,10 @@ class LLMEngine:
             start = req.num_computed_tokens
             spec = None
             if sid in sampling:
-                spec = SampleSpec(req.params, req.prompt_token_ids, req.output_token_ids, req.seed)
+                grammar = self._state(self._seq_group[sid], sid).grammar
+                spec = SampleSpec(
+                    req.params, req.prompt_token_ids, req.output_token_ids, req.seed, grammar
+                )
             seqs.append(
                 SeqWork(
                     seq_id=sid,
@@ -356,10 +382,23 @@ class LLMEngine:
         decision = s.stop.step(token.token_id, delta, req.num_output_tokens, req.num_tokens)
         s.delta_text += decision.text
         assert req.num_tokens <= self.max_model_len
-        if decision.finish_reason is not None:
+        if decision.finish_reason is None and self._grammar_done(s, token.token_id):
+            s.delta_text += s.stop.finish() + s.detok.flush()
+            self._finish(s, "stop", None)
+        elif decision.finish_reason is not None:
             if not isinstance(decision.stop_reason, str):  # text not cut at a stop string
                 s.delta_text += s.detok.flush()
             self._finish(s, decision.finish_reason, decision.stop_reason)
+
+    def _grammar_done(self, s: _SeqState, token_id: int) -> bool:
+        """Advance the sequence's grammar; True once it admits nothing but the end."""
+        if s.grammar is None:
+            return False
+        if token_id in self.eos_token_ids:
+            return False  # EOS ends the sequence through the stop checker
+        if not s.grammar.accept(token_id):
+            raise RuntimeError(f"grammar rejected token {token_id}: {s.grammar.error}")
+        return s.grammar.is_finished()
 
     def _logprob(self, token: SampledToken) -> TokenLogprob:
         name = self.tokenizer.id_to_token
@@ -420,6 +459,16 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for s in group.seqs:
             self._seq_group.pop(s.req.seq_id, None)
+
+
+def _hf_tokenizer_json(path: Path) -> str:
+    """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json if need be)."""
+    if (path / "tokenizer.json").is_file():
+        return (path / "tokenizer.json").read_text("utf-8")
+    from mistralpy.processing.tokenizer import tekken_to_hf_tokenizer
+
+    tekken = json.loads((path / "tekken.json").read_text("utf-8"))
+    return tekken_to_hf_tokenizer(tekken).to_str()
 
 
 def runner_config(config: EngineConfig) -> RunnerConfig:

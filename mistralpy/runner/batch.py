@@ -9,6 +9,7 @@ entries are never read because `seq_lens` bounds each row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class SampleSpec:
     prompt_ids: list[int]  # for repetition penalties
     output_ids: list[int]  # generated so far
     seed: int  # seeds the sequence's generator the first time it samples
+    grammar: Any = None  # processing.grammar.GrammarMatcher: restricts the next token
 
 
 @dataclass

@@ -8,6 +8,7 @@ receives and returns is plain data (`ScheduledBatch` in, `ModelOutput` out).
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)
         self.generators: dict[str, torch.Generator] = {}
+        self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
 
     @classmethod
     def load(
@@ -128,12 +130,18 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         """One step: forward over all scheduled tokens, sample where a sequence reached its end."""
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
+        masks = self._submit_grammar_masks(fb)  # computed on a worker during the forward
         image_embeds = self._image_embeds(fb.image_slices)
         hidden = self.model(fb.input_ids, fb.positions, fb.attn, self.kv_caches, image_embeds)
         if not fb.sample_seqs:
             return ModelOutput({})
         logits = self.model.compute_logits(hidden[fb.logits_rows])
-        return self._sample(logits, fb)
+        allowed = None
+        if masks is not None:
+            from mistralpy.processing.grammar import bitmask_to_allowed
+
+            allowed = bitmask_to_allowed(masks.result(), logits.shape[-1], self.device)
+        return self._sample(logits, fb, allowed)
 
     def release(self, seq_ids: list[str]) -> None:
         """Forget per-sequence state (generators) of finished sequences."""
@@ -171,8 +179,22 @@ class ModelRunner:
         token = torch.tensor([self.model.config.image_token_index], device=self.device)
         return self.model.language_model.embed_tokens(token)
 
-    def _sample(self, logits: torch.Tensor, fb: ForwardBatch) -> ModelOutput:
-        """Sample one token per row of `logits` (S, V) float32 and copy the results to host."""
+    def _submit_grammar_masks(self, fb: ForwardBatch) -> Future | None:
+        """Start computing the grammar bitmask of the sampling rows; None if no row has one."""
+        matchers = [s.sample.grammar for s in fb.sample_seqs]
+        if all(m is None for m in matchers):
+            return None
+        if self._masker is None:
+            from mistralpy.processing.grammar import GrammarMasker
+
+            self._masker = GrammarMasker(self.vocab_size, pin_memory=self.device.type == "cuda")
+        return self._masker.submit(matchers)
+
+    def _sample(
+        self, logits: torch.Tensor, fb: ForwardBatch, allowed: torch.Tensor | None
+    ) -> ModelOutput:
+        """Sample one token per row of `logits` (S, V) float32 and copy the results to host.
+        allowed: (S, V) bool grammar mask, or None."""
         from mistralpy.kernels.sampling import SamplingTensors, sample
 
         specs = [s.sample for s in fb.sample_seqs]
@@ -184,7 +206,7 @@ class ModelRunner:
             self.device,
         )
         gens = [self._generator(s.seq_id, s.sample.seed) for s in fb.sample_seqs]
-        out = sample(logits, st, gens, None)
+        out = sample(logits, st, gens, allowed)
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None

@@ -8,6 +8,7 @@ the batching, chunking, prefix caching or preemption.
 from __future__ import annotations
 
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
-from mistralpy.params import SamplingParams
+from mistralpy.params import GrammarSpec, SamplingParams
 from mistralpy.runner.model_runner import ModelRunner
 
 transformers = pytest.importorskip("transformers")
@@ -176,3 +177,23 @@ def test_repeated_long_system_prompt_is_not_recomputed(ckpt, loaded):
     before = engine.stats.num_computed_tokens
     engine.generate([SimpleNamespace(token_ids=system + [3000], images=[])], params)
     assert engine.stats.num_computed_tokens - before == len(system) + 1 - 64 + 1
+
+
+@pytest.mark.parametrize(
+    "spec, check",
+    [
+        (("choice", ("yes", "no", "maybe")), lambda text: text in ("yes", "no", "maybe")),
+        (("regex", r"[0-9]{3}-[a-c]{2}"), lambda text: re.fullmatch(r"[0-9]{3}-[a-c]{2}", text)),
+    ],
+)
+def test_grammar_constrains_output(ckpt, loaded, spec, check):
+    pytest.importorskip("mistralpy.processing.grammar")
+    engine = make_engine(ckpt, loaded)
+    engine.model_path = ckpt
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=1, grammar=GrammarSpec(*spec))
+    rng = random.Random()
+    outs = engine.generate([make_prompt(rng, 5) for _ in range(3)], params)
+    for out in outs:
+        c = out.outputs[0]
+        assert check(c.text), c.text
+        assert c.finish_reason == "stop"
