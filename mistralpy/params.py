@@ -1,7 +1,8 @@
 """Per-request sampling parameters: a frozen, validated leaf type used by every layer.
 
 Validation happens here, at construction, so that a bad value becomes a `ValueError`
-naming the field (HTTP 400 upstream) and never reaches the batched sampler.
+naming the field (HTTP 400 upstream) and never reaches the batched sampler. Every check is
+type-safe: a value of the wrong type raises `InvalidParameter`, never `TypeError`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ LOGIT_BIAS_LIMIT = 100.0
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark", "choice", "tool_calls")
 
 
 class InvalidParameter(ValueError):
@@ -29,12 +31,19 @@ class GrammarSpec:
     """A constraint on the generated text, compiled by the grammar engine.
 
     kind: "json_schema" | "json_object" | "regex" | "lark" | "choice" | "tool_calls"
-    value: the schema (dict), pattern/grammar (str), choices (tuple[str, ...]) or the tool
-           spec for "tool_calls" (dict with "tools" and "mode").
+    value: the schema (dict or JSON text), pattern/grammar (str), choices (sequence of str) or
+           the tool spec for "tool_calls": {"tools": [OpenAI tool dicts],
+           "mode": "required" | "named" | "auto", "name": str (for "named")}.
+    strict: json_schema only; True rejects schema keywords the grammar engine cannot enforce,
+            False ignores them (OpenAI `strict`).
     """
 
     kind: str
     value: object = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.kind in GRAMMAR_KINDS, "grammar", f"kind must be one of {GRAMMAR_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -61,37 +70,77 @@ class SamplingParams:
     grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
-        _check_finite(self.temperature, "temperature")
-        _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
-        _check_finite(self.top_p, "top_p")
-        _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _check(self.top_k >= -1, "top_k", "must be -1, 0 (disabled) or a positive integer")
-        _check_finite(self.min_p, "min_p")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
+        # Lists are accepted for convenience and frozen into tuples (the type stays hashable).
+        for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
-            _check_finite(value, name)
-            _check(-2.0 <= value <= 2.0, name, "must be in [-2, 2]")
-        _check_finite(self.repetition_penalty, "repetition_penalty")
-        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]")
+            _check(isinstance(value, (list, tuple)), name, "must be a list")
+            object.__setattr__(self, name, tuple(value))
+        self._check_ints()
+        self._check_floats()
+        _check(isinstance(self.logit_bias, dict), "logit_bias", "must be a mapping")
         for token, bias in self.logit_bias.items():
-            _check(isinstance(token, int) and token >= 0, "logit_bias", "keys must be token ids")
+            _check(_is_int(token) and token >= 0, "logit_bias", "keys must be token ids")
             _check_finite(bias, "logit_bias")
             _check(abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", "values must be in [-100, 100]")
-        _check(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty")
         _check(
-            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be token ids >= 0",
+        )
+        for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, "must be a boolean")
+        _check(
+            self.grammar is None or isinstance(self.grammar, GrammarSpec),
+            "grammar",
+            "must be a GrammarSpec",
+        )
+
+    def _check_ints(self) -> None:
+        _check(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            "must be an integer >= 1",
+        )
+        _check(
+            _is_int(self.top_k) and self.top_k >= -1,
+            "top_k",
+            "must be -1, 0 (disabled) or a positive integer",
+        )
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        _check(
+            _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
             "top_logprobs",
             f"must be in [0, {MAX_TOP_LOGPROBS}]",
         )
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty")
-        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
+        _check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+
+    def _check_floats(self) -> None:
+        _check_range(self.temperature, "temperature", 0.0, 100.0, "must be in [0, 100]")
+        _check_range(self.top_p, "top_p", 0.0, 1.0, "must be in (0, 1]")
+        _check(self.top_p > 0.0, "top_p", "must be in (0, 1]")
+        _check_range(self.min_p, "min_p", 0.0, 1.0, "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(getattr(self, name), name, -2.0, 2.0, "must be in [-2, 2]")
+        _check_range(self.repetition_penalty, "repetition_penalty", 0.0, 10.0, "must be in (0, 10]")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty", "must be in (0, 10]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise InvalidParameter if a token id named by the request lies outside the vocab.
+
+        Needs the model, so the engine calls it when a request is added (not per step).
+        """
+        for token in self.logit_bias:
+            _check(token < vocab_size, "logit_bias", f"token id {token} >= vocab size")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -99,6 +148,16 @@ def _check(ok: bool, param: str, message: str) -> None:
         raise InvalidParameter(param, f"{param} {message}")
 
 
-def _check_finite(value: float, param: str) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+def _check_finite(value: object, param: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:  # float() of a huge int overflows rather than giving inf
+        ok = ok and math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        ok = False
+    if not ok:
         raise InvalidParameter(param, f"{param} must be a finite number")
+
+
+def _check_range(value: object, param: str, low: float, high: float, message: str) -> None:
+    _check_finite(value, param)
+    _check(low <= value <= high, param, message)  # type: ignore[operator]
