@@ -231,7 +231,7 @@ class Bench:
         )  # fmt: skip
         gbytes = bsz * ctx * HKV * D * 2 * cache.element_size() / 1e9
         plan = plan or ta.plan_decode(bsz, HKV, bt.shape[1] * self.page, ta._num_sms(q.device))
-        note = f"splits={plan.num_splits} tiles/split={plan.tiles_per_split} bn={plan.block_n}"
+        note = f"splits={plan.num_splits} bn={plan.block_n}"
         if table_tokens:
             note += f" table={table_tokens}"
         case = label or f"decode B={bsz} ctx={ctx}" + (
@@ -277,9 +277,10 @@ class Bench:
         cache, bt, lens = self.paged_cache([n])
         q = self.randn(q_len, HQ, D, scale=2 * scale)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=self.dev)
-        fn = lambda: ta.paged_prefill_attention(
-            q, cache, qsl, lens, bt, q_len, scale, config=config
-        )  # noqa: E731
+
+        def fn():
+            return ta.paged_prefill_attention(q, cache, qsl, lens, bt, q_len, scale, config=config)
+
         out = fn()
         k, v = self.gather(cache, bt[0], n)
         err = self.rel_err(out, self.reference(q, k, v, prefix, scale))
@@ -311,30 +312,27 @@ class Bench:
         self.rows.append(Row(case, "torch sdpa (1 image)", ms, None, tflops=flops / ms / 1e9))
 
     def sweep_cases(self):
-        """A few tile configs for the 8k prompt, the vision case and 32k decode."""
+        """A few tile configs / decode split counts around the defaults."""
         from functools import partial
 
-        TC, ta, out = self.ta.TileConfig, self.ta, []
-        for cfg in [TC(128, 64, 8, 3), TC(128, 128, 8, 3), TC(128, 64, 4, 3), TC(64, 64, 4, 4),
-                    TC(128, 32, 4, 4), TC(128, 64, 8, 4)]:  # fmt: skip
-            label = (
-                f"sweep prefill 8192 {cfg.block_m}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}"
-            )
-            out.append(partial(self.prefill, 8192, 0, config=cfg, label=label))
-        for cfg in [TC(128, 64, 4, 3), TC(128, 128, 8, 3), TC(64, 64, 4, 3), TC(128, 32, 4, 3)]:
-            label = f"sweep vision {cfg.block_m}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}"
-            out.append(partial(self.vision, 12100, config=cfg, label=label))
-        for bn, tiles in [(32, 64), (64, 16), (64, 64), (128, 16)]:
-            plan = ta.DecodePlan(bn, tiles, -(-32768 // (bn * tiles)))
-            out.append(
-                partial(
-                    self.decode,
-                    1,
-                    32768,
-                    plan=plan,
-                    label=f"sweep decode 32k bn={bn} tiles={tiles}",
-                )
-            )
+        TC, DP, out = self.ta.TileConfig, self.ta.DecodePlan, []
+        for n, cfgs in [
+            (8192, [TC(128, 64, 8, 3), TC(128, 128, 8, 2), TC(128, 64, 4, 3), TC(64, 128, 4, 3)]),
+            (1024, [TC(64, 64, 4, 3), TC(64, 128, 4, 3), TC(128, 64, 4, 3)]),
+        ]:
+            for c in cfgs:
+                label = f"sweep prefill {n} {c.block_m}/{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+                out.append(partial(self.prefill, n, 0, config=c, label=label))
+        for c in [TC(128, 128, 8, 3), TC(64, 64, 4, 3), TC(128, 64, 8, 3)]:
+            label = f"sweep vision {c.block_m}/{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+            out.append(partial(self.vision, 12100, config=c, label=label))
+        for bsz, ctx, plans in [
+            (32, 1024, [DP(64, 8), DP(32, 8), DP(128, 4), DP(32, 16)]),
+            (1, 32768, [DP(128, 32), DP(64, 128), DP(32, 64)]),
+        ]:
+            for p in plans:
+                label = f"sweep decode B={bsz} {ctx} bn={p.block_n} splits={p.num_splits}"
+                out.append(partial(self.decode, bsz, ctx, plan=p, label=label))
         return out
 
     def print_table(self):
