@@ -287,7 +287,7 @@ class Bench:
         ms = self.time_ms(fn)
         flops = 4 * D * HQ * (q_len * prefix + q_len * (q_len + 1) / 2)
         case = f"prefill {q_len}" + (f" on {prefix} cached" if prefix else "")
-        cfg = config or ta.default_tile_config(D, q.device)
+        cfg = config or ta.default_tile_config(D, q.device, q_len)
         note = f"bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} s={cfg.num_stages}"
         self.rows.append(Row(label or case, "triton", ms, err, tflops=flops / ms / 1e9, note=note))
         if label:

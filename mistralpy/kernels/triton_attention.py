@@ -445,13 +445,16 @@ def _flash_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-def default_tile_config(head_dim: int, device: torch.device) -> TileConfig:
-    """H100-tuned tiles for bf16; small tiles on CPU keep the interpreter quick."""
+def default_tile_config(head_dim: int, device: torch.device, max_query_len: int) -> TileConfig:
+    """Tiles measured best on H100 bf16 (benchmarks/gpu_attention.py --sweep, 2026-11-24);
+    small tiles on CPU keep the interpreter quick."""
     if device.type != "cuda":
         return TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    if head_dim <= 64:  # measured: vision 12,100 patches, 383-386 TFLOP/s on H100
-        return TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)  # 350 on 8k causal
+    if head_dim <= 64:  # vision, 12,100 patches: 422 TFLOP/s (w4: 406)
+        return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if max_query_len <= 1024:  # 1k prompt: 193 TFLOP/s vs 173 (more programs, less tail)
+        return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)  # 8k causal: 375
 
 
 def paged_prefill_attention(
@@ -526,7 +529,7 @@ def _launch_flash(
     out = torch.empty_like(q)
     if q.shape[0] == 0 or max_query_len == 0:
         return out
-    config = config or default_tile_config(q.shape[2], q.device)
+    config = config or default_tile_config(q.shape[2], q.device, max_query_len)
     q = _rows_contiguous(q)
     grid = (q.shape[1], triton.cdiv(max_query_len, config.block_m), qsl.shape[0] - 1)
     bt_stride = block_tables.stride(0) if layout.paged else 0
