@@ -9,9 +9,11 @@ Token `i` of a sequence lives in block `block_table[i // block_size]` at offset
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -26,3 +28,128 @@ class AttentionMetadata:
     max_seq_len: int  # max of seq_lens
     query_lens_cpu: list[int]  # host copy of the per-sequence new-token counts
     seq_lens_cpu: list[int]  # host copy of seq_lens
+
+
+# Signature every paged-attention backend implements (the reference below, later Triton):
+# (q (T, Hq, D), k_new (T, Hkv, D), v_new (T, Hkv, D), kv_cache, attn, scale) -> (T, Hq, D).
+PagedAttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+    torch.Tensor,
+]
+
+
+def write_kv_cache(
+    k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k_new/v_new (T, Hkv, D) at the flat slots `slot_mapping` (T,); slot -1 is skipped."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = k_new[keep].to(kv_cache.dtype)
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = v_new[keep].to(kv_cache.dtype)
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (seq_len, Hkv, D) of one sequence, read through its block table row."""
+    block_size = kv_cache.shape[2]
+    blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
+    keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return keys, values
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention: write the new K/V, then causal GQA attention per sequence.
+
+    q (T, Hq, D), k_new/v_new (T, Hkv, D) -> (T, Hq, D) in q's dtype. A sequence's new tokens
+    are the last `query_len` of its `seq_len` cached tokens, so query i may see keys
+    0 .. seq_len - query_len + i.
+    """
+    write_kv_cache(k_new, v_new, kv_cache, attn.slot_mapping)
+    out = torch.empty_like(q)
+    start = 0
+    for b, (query_len, seq_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu)):
+        if query_len == 0:
+            continue
+        keys, values = gather_kv(kv_cache, attn.block_tables[b], seq_len)
+        q_b = q[start : start + query_len]
+        out[start : start + query_len] = _sdpa(q_b, keys.to(q.dtype), values.to(q.dtype), scale,
+                                               causal_offset=seq_len - query_len)  # fmt: skip
+        start += query_len
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+) -> torch.Tensor:
+    """Bidirectional attention within each segment [cu[i], cu[i+1]) of packed tokens.
+
+    q, k, v (N, H, D) -> (N, H, D). Used by the vision tower: each image attends only to its
+    own patches, without materialising an (N, N) block-diagonal mask.
+    """
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], scale, causal_offset=None)
+    return out
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None
+) -> torch.Tensor:
+    """q (Lq, Hq, D), k/v (Lk, Hkv, D) -> (Lq, Hq, D); causal with key j visible to query i
+    iff j <= causal_offset + i (None: no mask)."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if num_heads != num_kv_heads:
+        # GQA: query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    mask = None
+    if causal_offset is not None and q.shape[0] > 1:
+        q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionMetadata:
+    """Metadata for a packed step where sequence b has `query_lens[b]` new tokens, the last of
+    its `seq_lens[b]` tokens, stored through `block_tables[b]` (a simple host-side builder for
+    tests and one-off generation; the runner builds its own batched tensors)."""
+    slots: list[int] = []
+    for q_len, s_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+        for pos in range(s_len - q_len, s_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    width = max((len(t) for t in block_tables), default=0)
+    padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
+            len(padded), width
+        ),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )

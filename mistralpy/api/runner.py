@@ -1,0 +1,394 @@
+"""mistral.rs's Python entry points: the synchronous `Runner` and the async `VisionModelBuilder`.
+
+Both open a model with `open_model` (shared with the server CLI) and talk to it through the
+same `ChatService` as the HTTP server. The Runner drives the AsyncEngine from an event loop
+in its own thread, so its methods are plain blocking calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mistralpy.api.chat import ChatService, TemplatePrompts
+from mistralpy.api.types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    IsqType,
+    ModelDType,
+    ModelSelector,
+    Response,
+    TextMessages,
+    VisionArchitecture,
+    dtype_name,
+)
+
+log = logging.getLogger("mistralpy")
+
+
+class FeatureUnavailable(NotImplementedError):
+    """A requested feature's module is not part of this build (e.g. ISQ before it lands)."""
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`."""
+
+    model_id: str  # local dir, hub id, or "demo"
+    dtype: str = "auto"
+    device: str = "auto"
+    isq: str | None = None  # e.g. "q4k"
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    jinja_explicit: str | None = None  # overrides every other chat template
+    chat_template: str | None = None  # fallback template file when the checkpoint has none
+    tokenizer_json: str | None = None
+    seed: int | None = None
+    load_format: str = "auto"  # "dummy": random weights, for benchmarks
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    served_model_name: str | None = None
+
+
+@dataclass
+class OpenedModel:
+    """A loaded model: the engine plus what the chat service needs around it."""
+
+    engine: Any  # engine.engine.AsyncEngine
+    llm: Any  # engine.engine.LLMEngine it drives (read-only here: gauges, sizes)
+    tokenizer: Any
+    template: Any
+    image_config: Any
+    path: Path
+    max_model_len: int
+    options: ModelOptions
+
+    def service(self, image_policy: Any) -> ChatService:
+        name = self.options.served_model_name or self.options.model_id
+        prompts = TemplatePrompts(self.tokenizer, self.template, image_policy, self.image_config)
+        aliases = (self.options.model_id, "mistral3", self.path.name)
+        return ChatService(
+            self.engine, self.tokenizer, prompts, name, self.max_model_len, model_aliases=aliases
+        )
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics and the banner. Read from another thread without a lock: each
+        value is one int read, at worst a step stale."""
+        llm = self.llm
+        blocks = llm.runner.num_blocks
+        free = llm.block_manager.num_free_blocks
+        return {
+            "kv_capacity_tokens": blocks * llm.config.block_size,
+            "kv_cache_usage": (blocks - free) / blocks if blocks else 0.0,
+            "num_waiting": len(llm.scheduler.waiting),
+            "num_running": len(llm.scheduler.running),
+        }
+
+
+def check_isq(isq: str | None) -> str | None:
+    """Normalised ISQ name; raises FeatureUnavailable if quantization is not built in."""
+    if isq is None:
+        return None
+    name = isq.value if isinstance(isq, IsqType) else str(isq).lower()
+    if importlib.util.find_spec("mistralpy.quant.isq") is None:
+        raise FeatureUnavailable(
+            f"in-situ quantization ({name}) needs mistralpy.quant.isq, which this build lacks"
+        )
+    return name
+
+
+def engine_config(options: ModelOptions) -> Any:
+    from mistralpy.engine.config import EngineConfig
+
+    if options.tensor_parallel_size != 1:
+        raise FeatureUnavailable("tensor parallelism is not supported by this engine build")
+    extra = {}
+    if options.max_num_batched_tokens is not None:
+        extra["max_num_batched_tokens"] = options.max_num_batched_tokens
+    if options.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if options.seed is not None:
+        extra["seed"] = options.seed
+    return EngineConfig(
+        model=options.model_id,
+        dtype=options.dtype,
+        device=options.device,
+        isq=check_isq(options.isq),
+        load_format=options.load_format,
+        max_model_len=options.max_model_len,
+        max_num_seqs=options.max_num_seqs,
+        enable_prefix_caching=options.enable_prefix_caching,
+        **extra,
+    )
+
+
+def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """Tokenizer (the engine's unless overridden), chat template and image settings."""
+    from mistralpy.processing.chat_template import ChatTemplate
+    from mistralpy.processing.images import ImageProcessorConfig
+    from mistralpy.processing.tokenizer import Tokenizer
+
+    if options.tokenizer_json:
+        tokenizer = Tokenizer.from_tokenizer_json(options.tokenizer_json)
+    template = ChatTemplate.from_dir(path, options.jinja_explicit or None)
+    if options.chat_template and not options.jinja_explicit:
+        has_own = any((path / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
+        if not has_own:
+            template = ChatTemplate.from_dir(path, options.chat_template)
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+
+
+def load_engine(config: Any) -> Any:
+    """The synchronous LLMEngine (slow: reads and maybe quantizes weights)."""
+    from mistralpy.engine.engine import LLMEngine
+
+    return LLMEngine.from_config(config)
+
+
+def wrap_async(llm_engine: Any) -> Any:
+    """An AsyncEngine (its own stepping thread) around `llm_engine`."""
+    from mistralpy.engine.engine import AsyncEngine
+
+    return AsyncEngine(llm_engine)
+
+
+async def open_model(options: ModelOptions) -> OpenedModel:
+    """Load a model in a worker thread (the event loop stays free), then start its engine."""
+    config = engine_config(options)
+    llm = await asyncio.to_thread(load_engine, config)
+    path = Path(llm.model_path)
+    tokenizer, template, image_config = await asyncio.to_thread(
+        load_processing, path, options, llm.tokenizer
+    )
+    return OpenedModel(
+        wrap_async(llm), llm, tokenizer, template, image_config, path, llm.max_model_len, options
+    )
+
+
+def trusted_image_policy() -> Any:
+    """The Python API's image policy: local paths and private hosts are the caller's to use."""
+    from mistralpy.processing.images import ImagePolicy
+
+    return ImagePolicy.trusted_local()
+
+
+# --- the synchronous Runner -------------------------------------------------------------
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread; run coroutines on it from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
+        """Pull an async iterator living on the loop from this thread; closing it closes it."""
+        try:
+            while True:
+                try:
+                    yield self.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.run(agen.aclose())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+class Runner:
+    """mistral.rs's `Runner`: load a model, then send blocking requests to it."""
+
+    def __init__(
+        self,
+        which: ModelSelector,
+        in_situ_quant: str | IsqType | None = None,
+        max_seqs: int = 32,
+        prefix_cache_n: int = 16,
+        jinja_explicit: str | None = None,
+        chat_template: str | None = None,
+        seed: int | None = None,
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        memory_goal: float | None = None,
+        load_format: str = "auto",
+        tensor_parallel_size: int = 1,
+    ):
+        options = ModelOptions(
+            model_id=which.model_id,
+            dtype=which.dtype,
+            device=device,
+            isq=check_isq(in_situ_quant),
+            max_model_len=max_model_len,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=prefix_cache_n > 0,
+            jinja_explicit=jinja_explicit,
+            chat_template=chat_template,
+            tokenizer_json=which.tokenizer_json,
+            seed=seed,
+            load_format=load_format,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=memory_goal,
+        )
+        self._start(options)
+
+    def _start(self, options: ModelOptions) -> None:
+        self._loop = _LoopThread()
+        try:
+            self.model = self._loop.run(open_model(options))
+        except BaseException:
+            self._loop.stop()
+            raise
+        self.service = self.model.service(trusted_image_policy())
+
+    @classmethod
+    def from_options(cls, options: ModelOptions) -> Runner:
+        """A Runner on explicit ModelOptions (what the CLI's `run` uses)."""
+        runner = cls.__new__(cls)
+        runner._start(options)
+        return runner
+
+    @classmethod
+    def from_service(cls, service: ChatService) -> Runner:
+        """A Runner around an existing service (tests; the service's engine is loop-agnostic)."""
+        runner = cls.__new__(cls)
+        runner._loop = _LoopThread()
+        runner.model = None
+        runner.service = service
+        return runner
+
+    def send_chat_completion_request(
+        self, request: ChatCompletionRequest, model_id: str | None = None
+    ) -> Response | Iterator[Response]:
+        """A ChatCompletionResponse, or an iterator of chunks when `request.stream`."""
+        body = request.to_body()
+        if request.stream:
+            chunks = self.service.stream_chat_completion(body)
+            return (Response(c, "ChatCompletionChunkResponse") for c in self._loop.iterate(chunks))
+        res = self._loop.run(self.service.create_chat_completion(body))
+        return Response(res, "ChatCompletionResponse")
+
+    def send_completion_request(
+        self, request: CompletionRequest, model_id: str | None = None
+    ) -> Response | Iterator[Response]:
+        body = request.to_body()
+        if request.stream:
+            chunks = self.service.stream_completion(body)
+            return (Response(c, "CompletionChunkResponse") for c in self._loop.iterate(chunks))
+        return Response(self._loop.run(self.service.create_completion(body)), "CompletionResponse")
+
+    def tokenize_text(
+        self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None
+    ) -> list[int]:
+        return self.service.tokenizer.encode(text, add_special_tokens)
+
+    def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.service.detokenize(
+            {"tokens": tokens, "skip_special_tokens": skip_special_tokens}
+        )["prompt"]
+
+    def max_sequence_length(self) -> int:
+        return self.service.max_model_len
+
+    def shutdown(self) -> None:
+        if self.model is not None:
+            self.model.engine.shutdown()
+        self._loop.stop()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+# --- the async builder (mistral.rs's Rust API shape) -------------------------------------
+
+
+class Model:
+    """A built model: `await model.send_chat_request(messages)`, `model.stream_chat_request`."""
+
+    def __init__(self, service: ChatService, opened: OpenedModel | None = None):
+        self.service = service
+        self.opened = opened
+
+    async def send_chat_request(self, messages: Any) -> Response:
+        res = await self.service.create_chat_completion(_chat_body(messages))
+        return Response(res, "ChatCompletionResponse")
+
+    async def stream_chat_request(self, messages: Any) -> AsyncIterator[Response]:
+        async for chunk in self.service.stream_chat_completion(_chat_body(messages)):
+            yield Response(chunk, "ChatCompletionChunkResponse")
+
+    def shutdown(self) -> None:
+        """Stop the engine's stepping thread."""
+        if self.opened is not None:
+            self.opened.engine.shutdown()
+
+
+def _chat_body(messages: Any) -> dict:
+    if isinstance(messages, ChatCompletionRequest):
+        return messages.to_body()
+    if isinstance(messages, TextMessages):
+        return {"messages": list(messages.messages)}
+    if isinstance(messages, dict):
+        return dict(messages)
+    return {"messages": list(messages)}
+
+
+class VisionModelBuilder:
+    """`await VisionModelBuilder(id, VisionArchitecture.Mistral3).with_isq(IsqType.Q4K).build()`"""
+
+    def __init__(self, model_id: str, arch: VisionArchitecture | str | None = None):
+        self._options = ModelOptions(model_id=model_id)
+
+    def with_isq(self, isq: IsqType | str) -> VisionModelBuilder:
+        return self._set(isq=check_isq(isq))
+
+    def with_logging(self) -> VisionModelBuilder:
+        logging.basicConfig(level=logging.INFO)
+        return self
+
+    def with_dtype(self, dtype: ModelDType | str) -> VisionModelBuilder:
+        return self._set(dtype=dtype_name(dtype))
+
+    def with_max_num_seqs(self, n: int) -> VisionModelBuilder:
+        return self._set(max_num_seqs=n)
+
+    def with_max_model_len(self, n: int) -> VisionModelBuilder:
+        return self._set(max_model_len=n)
+
+    def with_jinja_explicit(self, path: str) -> VisionModelBuilder:
+        return self._set(jinja_explicit=path)
+
+    def with_device(self, device: str) -> VisionModelBuilder:
+        return self._set(device=device)
+
+    def _set(self, **changes: Any) -> VisionModelBuilder:
+        self._options = replace(self._options, **changes)
+        return self
+
+    async def build(self) -> Model:
+        opened = await open_model(self._options)
+        log.info("loaded %s (%s tokens of context)", opened.path, opened.max_model_len)
+        return Model(opened.service(trusted_image_policy()), opened)
+
+
+MultimodalModelBuilder = VisionModelBuilder
+TextModelBuilder = VisionModelBuilder

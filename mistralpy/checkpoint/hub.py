@@ -1,0 +1,82 @@
+"""Turn a model id (a local directory or a Hugging Face hub id) into a local directory.
+
+Hub downloads go through `huggingface_hub.snapshot_download` (its cache, the token from the
+environment or `huggingface-cli login`, an optional revision) and fetch only what mistralpy
+reads: config, weights of ONE layout (HF shards, else Mistral's consolidated file), tokenizer,
+chat template and processor files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Files every layout may need besides the weights.
+_SIDE_FILES = [
+    "config.json",
+    "generation_config.json",
+    "params.json",
+    "tekken.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model*",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
+_HF_WEIGHTS = ["model*.safetensors", "model.safetensors.index.json"]
+_NATIVE_WEIGHTS = ["consolidated*.safetensors", "consolidated.safetensors.index.json"]
+
+
+class ModelNotFoundError(ValueError):
+    """The model id is neither a local directory nor a downloadable (or cached) hub repo."""
+
+
+def resolve_model_path(
+    model_id: str, revision: str | None = None, token: str | None = None
+) -> Path:
+    """Local directory of `model_id`: itself if it is a directory, else a hub snapshot."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return local
+    tried = [f"local directory {str(local)!r}: does not exist"]
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = _offline()
+        patterns = _SIDE_FILES + _weight_patterns(model_id, revision, token, offline)
+        path = snapshot_download(
+            model_id,
+            revision=revision,
+            token=token,
+            allow_patterns=patterns,
+            local_files_only=offline,
+        )
+    except Exception as e:  # every hub failure becomes one user-facing error
+        mode = "cache only (HF_HUB_OFFLINE)" if _offline() else "download"
+        tried.append(f"hub repo {model_id!r} ({mode}): {type(e).__name__}: {e}")
+        raise ModelNotFoundError(f"model {model_id!r} not found; tried " + "; ".join(tried)) from e
+    return Path(path)
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it only once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _weight_patterns(
+    model_id: str, revision: str | None, token: str | None, offline: bool
+) -> list[str]:
+    """Weight files of one layout: HF shards when the repo has them, else consolidated.
+
+    Offline the repo cannot be listed; both patterns are allowed (only cached files exist).
+    """
+    if offline:
+        return _HF_WEIGHTS + _NATIVE_WEIGHTS
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(model_id, revision=revision, token=token)
+    has_hf = any(f.startswith("model") and f.endswith(".safetensors") for f in files)
+    return _HF_WEIGHTS if has_hf else _NATIVE_WEIGHTS

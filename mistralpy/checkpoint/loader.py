@@ -1,0 +1,433 @@
+"""Build a mistral3 model and fill it from safetensors, streaming one tensor at a time.
+
+The model is built on the `meta` device; non-Linear parameters are materialised with
+`to_empty` on the target device, and every `nn.Linear` gets its weight only once its tensor is
+complete (fused `qkv_proj` / `gate_up_proj` parts gathered). At that moment an optional ISQ
+factory may replace the Linear by a quantized module, so the full-precision copy of one layer
+at most is alive. Source tensors come from memory-mapped files (`safe_open`), converted to the
+target dtype/device as they are copied into place: peak memory is about the model size (plus
+the reclaimable page cache of the shard being read), never two copies.
+
+Two checkpoint layouts are understood:
+- HF (`config.json` + `*.safetensors` [+ index]); keys either `language_model.model.*` /
+  `language_model.lm_head.*` / `vision_tower.*` / `multi_modal_projector.*` or transformers-5
+  `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`.
+- Mistral native (`params.json` + `consolidated*.safetensors`), whose q/k rows are in the
+  interleaved rotary order and are permuted into HF's rotate-half order here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from mistralpy.model.config import Mistral3Config, read_config
+from mistralpy.model.layers import MergedLinear, RMSNorm
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
+
+# (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to keep
+# the plain nn.Linear. Provided by mistralpy.quant.isq.isq_linear_factory(isq).
+LinearFactory = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None]
+
+DUMMY_STD = 0.02  # matches the checkpoints' initializer_range
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's files or tensors do not match the model its config describes."""
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    isq: str | None = None,
+    load_format: Literal["auto", "dummy"] = "auto",
+) -> Mistral3ForConditionalGeneration:
+    """Model of the checkpoint directory `path` with weights in `dtype` on `device`.
+
+    isq: an in-situ quantization name handed to `mistralpy.quant.isq.isq_linear_factory`.
+    load_format "dummy": random weights of the config's shapes; only the config is read.
+    """
+    path = Path(path)
+    config = read_config(path)
+    if load_format == "dummy":
+        return load_dummy_model(config, dtype, device, isq)
+    if load_format != "auto":
+        raise CheckpointError(f"load_format {load_format!r} is not 'auto' or 'dummy'")
+    files, native = _checkpoint_files(path)
+    model = _empty_model(config, dtype, torch.device(device))
+    filler = _Filler(model, _isq_factory(isq))
+    plan = _plan(model, files, native)
+    for file, keys in plan.by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in tqdm(keys, desc=f"Loading {file.name}", unit="tensor", leave=False):
+                target = plan.targets[key]
+                filler.put(target, _transform(f.get_tensor(key), target))
+    if plan.tie_lm_head:
+        filler.tie_lm_head()
+    return filler.finish()
+
+
+def load_dummy_model(
+    config: Mistral3Config,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    isq: str | None = None,
+    seed: int = 0,
+) -> Mistral3ForConditionalGeneration:
+    """Model with random weights (normal, std 0.02; norms 1), each allocated once on `device`."""
+    device = torch.device(device)
+    model = _empty_model(config, dtype, device)
+    # meta (shape checks of the real config without memory) has no generator
+    gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.device.type == "meta":
+                continue  # a Linear's tensors are created below
+            if isinstance(module, RMSNorm):
+                param.data.fill_(1.0)
+            else:
+                param.data.normal_(0.0, DUMMY_STD, generator=gen)
+    filler = _Filler(model, _isq_factory(isq))
+    for name, linear in _linears(model):
+        weight = torch.empty_like(linear.weight, device=device)
+        weight.normal_(0.0, DUMMY_STD, generator=gen)
+        bias = None if linear.bias is None else torch.zeros_like(linear.bias, device=device)
+        filler.finalize(name, weight, bias)
+    return filler.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the empty model
+
+
+def _empty_model(
+    config: Mistral3Config, dtype: torch.dtype, device: torch.device
+) -> Mistral3ForConditionalGeneration:
+    """The model with Linear weights left on `meta` and every other parameter allocated
+    (uninitialised) on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(config)
+    model.to(dtype)  # on meta: only changes the recorded dtype
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            module.to_empty(device=device, recurse=False)
+    return model.eval().requires_grad_(False)
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _isq_factory(isq: str | None) -> LinearFactory | None:
+    if isq is None:
+        return None
+    from mistralpy.quant.isq import isq_linear_factory  # lazy: quant may pull in kernels
+
+    return isq_linear_factory(isq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placing tensors
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one checkpoint tensor goes."""
+
+    module: str  # our module path, e.g. "language_model.layers.0.self_attn.qkv_proj"
+    param: str  # "weight" or "bias"
+    part: int | None = None  # part index inside a MergedLinear
+    rope_heads: int | None = None  # native q/k: heads to permute into rotate-half order
+
+
+@dataclass
+class _PendingLinear:
+    """A Linear whose weight (and bias) are being assembled from parts."""
+
+    tensors: dict[str, torch.Tensor]
+    todo: set[tuple[str, int | None]]
+
+
+class _Filler:
+    """Copies tensors into the model, finishing each Linear (ISQ hook) once complete."""
+
+    def __init__(self, model: Mistral3ForConditionalGeneration, factory: LinearFactory | None):
+        self.model = model
+        self.factory = factory
+        self.modules = dict(model.named_modules())
+        self.params = dict(model.named_parameters())
+        self.device = model.language_model.embed_tokens.weight.device
+        self.dtype = model.language_model.embed_tokens.weight.dtype
+        self.pending: dict[str, _PendingLinear] = {}
+
+    def put(self, target: _Target, tensor: torch.Tensor) -> None:
+        """Copy `tensor` (any dtype, on CPU) into its place, converting on the way."""
+        module = self.modules[target.module]
+        if not isinstance(module, nn.Linear):
+            self.params[f"{target.module}.{target.param}"].data.copy_(tensor)
+            return
+        pending = self.pending.get(target.module) or self._start(target.module, module)
+        dest = pending.tensors[target.param]
+        if target.part is not None:
+            assert isinstance(module, MergedLinear)
+            start = sum(module.output_sizes[: target.part])
+            dest = dest[start : start + module.output_sizes[target.part]]
+        dest.copy_(tensor)
+        pending.todo.discard((target.param, target.part))
+        if not pending.todo:
+            del self.pending[target.module]
+            self.finalize(target.module, pending.tensors["weight"], pending.tensors.get("bias"))
+
+    def _start(self, name: str, linear: nn.Linear) -> _PendingLinear:
+        parts = range(len(linear.output_sizes)) if isinstance(linear, MergedLinear) else [None]
+        tensors = {"weight": torch.empty(linear.weight.shape, dtype=self.dtype, device=self.device)}
+        todo = {("weight", p) for p in parts}
+        if linear.bias is not None:
+            tensors["bias"] = torch.empty(linear.bias.shape, dtype=self.dtype, device=self.device)
+            todo |= {("bias", p) for p in parts}
+        self.pending[name] = _PendingLinear(tensors, todo)
+        return self.pending[name]
+
+    def finalize(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Install the complete weight (out, in) / bias of Linear `name`, or its ISQ swap."""
+        replacement = self.factory(name, weight, bias) if self.factory else None
+        if isinstance(replacement, nn.Module):
+            self.model.set_submodule(name, replacement)
+            return
+        linear = self.modules[name]
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+
+    def tie_lm_head(self) -> None:
+        """lm_head shares the input embedding (config.tie_word_embeddings, no lm_head key)."""
+        self.finalize("lm_head", self.model.language_model.embed_tokens.weight, None)
+
+    def finish(self) -> Mistral3ForConditionalGeneration:
+        assert not self.pending, f"incomplete linears: {sorted(self.pending)}"
+        if self.device.type != "meta":
+            left = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
+            assert not left, f"{len(left)} parameters never loaded, e.g. {left[:5]}"
+        return self.model
+
+
+def _transform(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
+    """Native q/k (heads * D, in) rows from interleaved-pair to rotate-half order per head."""
+    if target.rope_heads is None:
+        return tensor
+    heads = target.rope_heads
+    rows, cols = tensor.shape
+    return tensor.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and key mapping
+
+
+@dataclass
+class _Plan:
+    targets: dict[str, _Target] = field(default_factory=dict)  # checkpoint key -> target
+    by_file: dict[Path, list[str]] = field(default_factory=dict)
+    tie_lm_head: bool = False
+
+
+def _checkpoint_files(path: Path) -> tuple[list[Path], bool]:
+    """Safetensors files of the checkpoint and whether they are in Mistral's native layout."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if (path / "config.json").is_file():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        else:
+            files = sorted(p for p in path.glob("*.safetensors") if "consolidated" not in p.name)
+        native = False
+    else:
+        files = sorted(path.glob("consolidated*.safetensors"))
+        native = True
+    if not files:
+        raise CheckpointError(f"no safetensors weights found in {path}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint files listed in the index are missing: {missing}")
+    return files, native
+
+
+def _plan(model: Mistral3ForConditionalGeneration, files: list[Path], native: bool) -> _Plan:
+    """Map every checkpoint key to its target; fail naming missing/unexpected/misshapen keys."""
+    plan = _Plan()
+    unexpected, wrong_shape = [], []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        plan.by_file[file] = []
+        for key in keys:
+            target = _map_key(key, model.config, native)
+            if target is None or not _has_param(model, target):
+                unexpected.append(key)
+                continue
+            if shapes[key] != _expected_shape(model, target):
+                wrong_shape.append(f"{key} {shapes[key]} != {_expected_shape(model, target)}")
+            plan.targets[key] = target
+            plan.by_file[file].append(key)
+    missing = _missing(model, list(plan.targets.values()))
+    if missing == ["lm_head.weight"] and model.config.tie_word_embeddings:
+        plan.tie_lm_head, missing = True, []
+    problems = [
+        f"missing keys: {missing}" if missing else "",
+        f"unexpected keys: {unexpected}" if unexpected else "",
+        f"wrong shapes: {wrong_shape}" if wrong_shape else "",
+    ]
+    if any(problems):
+        raise CheckpointError(
+            "checkpoint does not match config: " + "; ".join(filter(None, problems))
+        )
+    return plan
+
+
+def _has_param(model: nn.Module, target: _Target) -> bool:
+    try:
+        module = model.get_submodule(target.module)
+    except AttributeError:
+        return False
+    return isinstance(getattr(module, target.param, None), nn.Parameter) and (
+        target.part is None or isinstance(module, MergedLinear)
+    )
+
+
+def _expected_shape(model: nn.Module, target: _Target) -> tuple[int, ...]:
+    module = model.get_submodule(target.module)
+    shape = tuple(getattr(module, target.param).shape)
+    if target.part is not None:
+        return (module.output_sizes[target.part], *shape[1:])
+    return shape
+
+
+def _missing(model: nn.Module, targets: list[_Target]) -> list[str]:
+    """Parameters (named with the unfused part names for fused ones) that no tensor targets."""
+    have = {(t.module, t.param, t.part) for t in targets}
+    missing = []
+    for name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            parts = range(len(module.output_sizes)) if isinstance(module, MergedLinear) else [None]
+            missing += [
+                f"{name if part is None else _unfused_name(name, part)}.{pname}"
+                for part in parts
+                if (name, pname, part) not in have
+            ]
+    return missing
+
+
+# HF (unfused) projection name -> (our fused module, part)
+_PACKED_PARTS = Mistral3ForConditionalGeneration.packed_modules_mapping
+
+
+def _unfused_name(fused_path: str, part: int) -> str:
+    """ "x.qkv_proj", 1 -> "x.k_proj": the checkpoint's name for one part of a fused Linear."""
+    parent, fused = fused_path.rsplit(".", 1)
+    for name, (target, index) in _PACKED_PARTS.items():
+        if target == fused and index == part:
+            return f"{parent}.{name}"
+    raise AssertionError(fused_path)
+
+
+# Checkpoint prefixes (both HF styles) -> our module prefixes.
+_HF_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+)
+
+# Mistral-native key patterns -> HF-style (unfused) names under our prefixes.
+_NATIVE_KEYS = (
+    (r"^tok_embeddings\.", "language_model.embed_tokens."),
+    (r"^norm\.", "language_model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"language_model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"language_model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"language_model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"language_model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"language_model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"language_model.layers.\1.mlp.up_proj."),
+    (r"^vision_encoder\.(patch_conv|ln_pre)\.", r"vision_tower.\1."),
+    (
+        r"^vision_encoder\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.",
+        r"vision_tower.transformer.layers.\1.\2.",
+    ),
+    (
+        r"^vision_encoder\.transformer\.layers\.(\d+)\.attention\.w([qkvo])\.",
+        r"vision_tower.transformer.layers.\1.attention.\2_proj.",
+    ),
+    (
+        r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.",
+        r"vision_tower.transformer.layers.\1.feed_forward.gate_proj.",
+    ),
+    (
+        r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.",
+        r"vision_tower.transformer.layers.\1.feed_forward.down_proj.",
+    ),
+    (
+        r"^vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.",
+        r"vision_tower.transformer.layers.\1.feed_forward.up_proj.",
+    ),
+    (r"^vision_language_adapter\.w_in\.", "multi_modal_projector.linear_1."),
+    (r"^vision_language_adapter\.w_out\.", "multi_modal_projector.linear_2."),
+    (r"^patch_merger\.", "multi_modal_projector.patch_merger."),
+    (r"^pre_mm_projector_norm\.", "multi_modal_projector.norm."),
+)
+
+
+def _map_key(key: str, config: Mistral3Config, native: bool) -> _Target | None:
+    """Target of checkpoint `key`, or None when the key belongs to no parameter of ours."""
+    name = _native_to_hf(key) if native else _strip_hf_prefix(key)
+    if name is None or "." not in name:
+        return None
+    module, param = name.rsplit(".", 1)
+    parent, leaf = module.rsplit(".", 1) if "." in module else ("", module)
+    part = None
+    if leaf in _PACKED_PARTS:
+        fused, part = _PACKED_PARTS[leaf]
+        module = f"{parent}.{fused}"
+    rope_heads = None
+    if native and leaf in ("q_proj", "k_proj") and param == "weight":
+        rope_heads = _rope_heads(module, leaf, config)
+    return _Target(module, param, part, rope_heads)
+
+
+def _strip_hf_prefix(key: str) -> str | None:
+    for prefix, ours in _HF_PREFIXES:
+        if key.startswith(prefix):
+            return ours + key[len(prefix) :]
+    return None
+
+
+def _native_to_hf(key: str) -> str | None:
+    for pattern, repl in _NATIVE_KEYS:
+        name, n = re.subn(pattern, repl, key)
+        if n:
+            return name
+    return None
+
+
+def _rope_heads(module: str, leaf: str, config: Mistral3Config) -> int:
+    if module.startswith("vision_tower."):
+        return config.vision_config.num_attention_heads
+    text = config.text_config
+    return text.num_attention_heads if leaf == "q_proj" else text.num_key_value_heads

@@ -1,0 +1,77 @@
+"""Engine configuration: a frozen, validated dataclass of plain values, plus model resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mistralpy.params import InvalidParameter
+
+DEMO_MODEL = "demo"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to build itself. Validated at construction."""
+
+    model: str = DEMO_MODEL  # local dir, hub id, or "demo" (tiny random checkpoint)
+    revision: str | None = None  # hub revision; ignored for local dirs
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    isq: str | None = None  # in-situ quantization format name, applied at load
+    load_format: str = "auto"  # "dummy": random weights (benchmarks), no checkpoint read
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 32  # sequences in one step
+    max_num_batched_tokens: int = 8192  # new tokens in one step (prefill chunks + decodes)
+    block_size: int = 16  # tokens per KV block (power of two)
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory we may use
+    cpu_kv_cache_bytes: int = 1 << 30  # CPU: bytes for the KV cache
+    num_kv_blocks: int | None = None  # overrides the memory-derived block count (tests, tuning)
+    enable_prefix_caching: bool = True
+    encoder_cache_size: int = 16384  # image-embedding rows kept by the encoder-output LRU
+    seed: int = 0  # seeds requests that carry no seed of their own
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "must be a path, hub id or 'demo'")
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        _check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            "device",
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", ">= 2")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _check(
+            1 <= self.block_size <= 1024 and self.block_size & (self.block_size - 1) == 0,
+            "block_size",
+            "must be a power of two in [1, 1024]",
+        )
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            "must be in (0, 1]",
+        )
+        _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
+        _check(self.encoder_cache_size >= 0, "encoder_cache_size", "must be >= 0")
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """Local directory of `model`: a local dir, a hub id (downloaded once), or "demo"."""
+    if model == DEMO_MODEL:
+        # Imported here: the tiny checkpoint writer is only needed for the demo model.
+        from mistralpy.testing.tiny_checkpoint import ensure_demo_checkpoint
+
+        return Path(ensure_demo_checkpoint())
+    from mistralpy.checkpoint.hub import resolve_model_path as hub_resolve
+
+    return hub_resolve(model, revision)
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameter(param, f"{param} {message}")

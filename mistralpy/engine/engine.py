@@ -1,0 +1,637 @@
+"""LLMEngine (synchronous step loop) and AsyncEngine (background thread + asyncio streams).
+
+One `step()`: schedule -> build the runner batch -> run the model -> mark tokens computed ->
+append sampled tokens, detokenize incrementally, apply stop strings / stop tokens / EOS /
+max_tokens / context limit -> one RequestOutput per user request that changed.
+
+A user request with n > 1 is n sequences sharing the prompt (see `request.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import random
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistralpy.engine.block_manager import BlockManager
+from mistralpy.engine.config import EngineConfig, resolve_model_path
+from mistralpy.engine.errors import (
+    DuplicateRequestError,
+    EmptyPromptError,
+    EngineDeadError,
+    PromptTooLongError,
+    RequestFailedError,
+)
+from mistralpy.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprob,
+    now,
+)
+from mistralpy.engine.scheduler import Scheduler, SchedulerOutput
+from mistralpy.engine.stop import StopChecker
+from mistralpy.params import InvalidParameter, SamplingParams
+from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
+from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
+from mistralpy.runner.kv_cache import KVCacheTooSmallError
+from mistralpy.runner.model_runner import (
+    ModelRunner,
+    RunnerConfig,
+    SampledToken,
+    resolve_device,
+    resolve_dtype,
+)
+
+if TYPE_CHECKING:
+    from mistralpy.processing.chat_template import ProcessedPrompt
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
+    "abort": RequestStatus.FINISHED_ABORTED,
+    "error": RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (for metrics and tests)."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class _SeqState:
+    """Output-side state of one sequence: text so far and what the next output carries."""
+
+    req: Request
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    delta_text: str = ""
+    delta_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    grammar: Any = None  # processing.grammar.GrammarMatcher of this sequence
+
+
+@dataclass
+class _Group:
+    """One user request: its n sequences and metrics."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[_SeqState]
+    metrics: RequestMetrics
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+class LLMEngine:
+    """Synchronous engine core. Not thread-safe: one thread calls all methods."""
+
+    def __init__(
+        self, config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer, max_model_len: int
+    ):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        if runner.num_blocks * config.block_size < max_model_len:
+            raise KVCacheTooSmallError(
+                f"max_model_len {max_model_len} does not fit in the KV cache "
+                f"({runner.num_blocks} blocks of {config.block_size} tokens)"
+            )
+        self.block_manager = BlockManager(
+            runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.image_token_id: int = runner.model.config.image_token_index
+        self.eos_token_ids = frozenset([tokenizer.eos_token_id])
+        self._groups: dict[str, _Group] = {}
+        self._seq_group: dict[str, _Group] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._rng = random.Random(config.seed)  # seeds requests that bring no seed
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self.model_path: Path | None = None  # set by from_config; grammars need its tokenizer
+        self._ll_tokenizer: Any = None  # llguidance tokenizer, built on the first grammar
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Resolve the model, load weights and tokenizer, size the KV cache."""
+        from mistralpy.model.config import read_config
+
+        path = resolve_model_path(config.model, config.revision)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        max_pos = read_config(path).text_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise InvalidParameter(
+                "max_model_len", f"max_model_len {config.max_model_len} > the model's {max_pos}"
+            )
+        runner = ModelRunner.load(
+            path, runner_config(config), device, dtype, config.isq, config.load_format
+        )
+        max_model_len = _fit_context(
+            config.max_model_len, max_pos, runner.num_blocks * config.block_size
+        )
+        engine = cls(config, runner, Tokenizer.from_dir(path), max_model_len)
+        engine.model_path = path
+        return engine
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams) -> None:
+        """Queue a request. Raises a ValueError subclass for a prompt or parameter the engine
+        cannot serve (too long, empty, image/token mismatch, duplicate id, bad token ids)."""
+        if request_id in self._groups:
+            raise DuplicateRequestError(request_id)
+        prompt_ids = list(prompt.token_ids)
+        if not prompt_ids:
+            raise EmptyPromptError()
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt_ids), self.max_model_len)
+        params.check_vocab(self.runner.vocab_size)
+        grammar = self._compile_grammar(params)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = min(params.max_tokens or room, room)
+        arrival = next(self._arrivals)
+        seqs = []
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
+            req = Request(
+                f"seq{next(self._seq_ids)}",
+                prompt_ids,
+                params,
+                arrival=arrival,
+                images=list(prompt.images),
+                image_token_id=self.image_token_id,
+                max_tokens=max_tokens,
+                seed=seed,
+                parent_id=request_id,
+                index=index,
+            )
+            if index > 0 and self.config.enable_prefix_caching:
+                req.wait_for = seqs[0].req
+            seqs.append(self._seq_state(req, grammar))
+        metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
+        group = _Group(request_id, prompt_ids, seqs, metrics)
+        self._groups[request_id] = group
+        for s in seqs:
+            self._seq_group[s.req.seq_id] = group
+            self.scheduler.add(s.req)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort")
+        comes out of the next step(). Unknown or finished ids are ignored."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        for s in group.seqs:
+            if s.finish_reason is None:
+                s.delta_text += s.stop.finish()
+                self._finish(s, "abort", None)
+        self._pending.append(self._output(group))
+        self._forget(group)
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request, dropping their final outputs; returns their ids."""
+        ids = list(self._groups)
+        for rid in ids:
+            self.abort_request(rid)
+        self._pending.clear()
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or bool(self._pending)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return an output for every request that changed."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        touched = self._note_scheduled(sched)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += sched.total_tokens
+        self.stats.num_preemptions += len(sched.preempted_ids)
+        self.stats.num_generated_tokens += len(sched.sample_ids)
+        try:
+            result = self.runner.execute(self._batch(sched))
+        except Exception as exc:  # a failed forward fails the requests in it, not the engine
+            logger.exception("model step failed")
+            return outputs + self._fail_groups(touched, exc)
+        self.scheduler.on_step_done(sched)
+        changed = []
+        for sid, token in result.sampled.items():
+            group = self._seq_group[sid]
+            try:
+                self._on_token(self._state(group, sid), token)
+            except Exception as exc:  # e.g. a detokenizer bug: only this request fails
+                logger.exception("request %s failed", group.request_id)
+                outputs += self._fail_groups([group], exc)
+                continue
+            if group not in changed:
+                changed.append(group)
+        for group in changed:
+            if group.request_id in self._groups:
+                outputs.append(self._output(group))
+                if group.finished:
+                    self._forget(group)
+        return outputs
+
+    def generate(
+        self, prompts: list[ProcessedPrompt], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run `prompts` to completion (offline use); final outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen{next(self._seq_ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while any(rid not in final for rid in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        """The request's compiled grammar (None without one); raises GrammarError (ValueError)."""
+        if params.grammar is None:
+            return None
+        from mistralpy.processing.grammar import compile_grammar, ll_tokenizer_from_hf
+
+        if self._ll_tokenizer is None:
+            if self.model_path is None:
+                raise InvalidParameter("grammar", "this engine has no tokenizer for grammars")
+            self._ll_tokenizer = ll_tokenizer_from_hf(
+                _hf_tokenizer_json(self.model_path),
+                sorted(self.eos_token_ids),
+                self.runner.vocab_size,
+            )
+        return compile_grammar(params.grammar, self._ll_tokenizer)
+
+    def _seq_state(self, req: Request, grammar: Any) -> _SeqState:
+        p = req.params
+        return _SeqState(
+            grammar=grammar.matcher() if grammar is not None else None,
+            req=req,
+            detok=IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, p.skip_special_tokens
+            ),
+            stop=StopChecker(p, self.eos_token_ids, self.max_model_len),
+            logprobs=[] if (p.logprobs or p.top_logprobs > 0) else None,
+        )
+
+    def _state(self, group: _Group, seq_id: str) -> _SeqState:
+        return next(s for s in group.seqs if s.req.seq_id == seq_id)
+
+    def _note_scheduled(self, sched: SchedulerOutput) -> list[_Group]:
+        """Groups in this step; sets their first-scheduled time and prefix-hit count."""
+        groups = []
+        for sid in sched.num_new_tokens:
+            group = self._seq_group[sid]
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now()
+                group.metrics.num_cached_tokens = group.seqs[0].req.num_cached_tokens or 0
+            if group not in groups:
+                groups.append(group)
+        return groups
+
+    def _batch(self, sched: SchedulerOutput) -> ScheduledBatch:
+        """The runner's view of this step (plain data)."""
+        sampling = set(sched.sample_ids)
+        seqs = []
+        for sid, n in sched.num_new_tokens.items():
+            req = self.scheduler.requests[sid]
+            start = req.num_computed_tokens
+            spec = None
+            if sid in sampling:
+                grammar = self._state(self._seq_group[sid], sid).grammar
+                spec = SampleSpec(
+                    req.params, req.prompt_token_ids, req.output_token_ids, req.seed, grammar
+                )
+            seqs.append(
+                SeqWork(
+                    seq_id=sid,
+                    token_ids=req.all_token_ids[start : start + n],
+                    start_pos=start,
+                    block_table=list(self.block_manager.block_table(sid)),
+                    images=self._image_slices(req, start, start + n),
+                    sample=spec,
+                )
+            )
+        return ScheduledBatch(seqs)
+
+    def _image_slices(self, req: Request, start: int, end: int) -> list[ImageSlice]:
+        """Encoder-output rows for the image tokens in positions [start, end); image-token ids
+        the model generated itself are ordinary tokens (key None: their own embedding)."""
+        slices = [
+            ImageSlice(req.images[i].content_hash, req.images[i].pixel_values, lo, hi)
+            for i, lo, hi in req.images_in(start, end)
+        ]
+        gen_start = max(start, req.num_prompt_tokens)
+        generated = req.all_token_ids[gen_start:end].count(self.image_token_id)
+        if generated:
+            slices.append(ImageSlice(None, None, 0, generated))
+        return slices
+
+    def _on_token(self, s: _SeqState, token: SampledToken) -> None:
+        """Append a sampled token; detokenize, check stop conditions, finish if done."""
+        req, group = s.req, self._seq_group[s.req.seq_id]
+        req.append_token(token.token_id)
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = now()
+        if s.logprobs is not None:
+            s.logprobs.append(self._logprob(token))
+        s.delta_ids.append(token.token_id)
+        delta = s.detok.step([token.token_id])
+        decision = s.stop.step(token.token_id, delta, req.num_output_tokens, req.num_tokens)
+        s.delta_text += decision.text
+        assert req.num_tokens <= self.max_model_len
+        if decision.finish_reason is None and self._grammar_done(s, token.token_id):
+            s.delta_text += s.stop.finish() + s.detok.flush()
+            self._finish(s, "stop", None)
+        elif decision.finish_reason is not None:
+            if not isinstance(decision.stop_reason, str):  # text not cut at a stop string
+                s.delta_text += s.detok.flush()
+            self._finish(s, decision.finish_reason, decision.stop_reason)
+
+    def _grammar_done(self, s: _SeqState, token_id: int) -> bool:
+        """Advance the sequence's grammar; True once it admits nothing but the end."""
+        if s.grammar is None:
+            return False
+        if token_id in self.eos_token_ids:
+            return False  # EOS ends the sequence through the stop checker
+        if not s.grammar.accept(token_id):
+            raise RuntimeError(f"grammar rejected token {token_id}: {s.grammar.error}")
+        return s.grammar.is_finished()
+
+    def _logprob(self, token: SampledToken) -> TokenLogprob:
+        name = self.tokenizer.id_to_token
+        top = [TokenLogprob(t, name(t), lp) for t, lp in token.top_logprobs]
+        logprob = token.logprob if token.logprob is not None else float("nan")
+        return TokenLogprob(token.token_id, name(token.token_id), logprob, top)
+
+    def _finish(self, s: _SeqState, reason: str, stop_reason: str | int | None) -> None:
+        s.finish_reason = reason
+        s.stop_reason = stop_reason
+        self.scheduler.finish(s.req.seq_id, _FINISH_STATUS[reason])
+        self.runner.release([s.req.seq_id])
+
+    def _fail_groups(self, groups: list[_Group], exc: BaseException) -> list[RequestOutput]:
+        outs = []
+        for group in groups:
+            if group.request_id not in self._groups:
+                continue
+            group.error = f"{type(exc).__name__}: {exc}"
+            for s in group.seqs:
+                if s.finish_reason is None:
+                    self._finish(s, "error", None)
+            outs.append(self._output(group))
+            self._forget(group)
+        return outs
+
+    def _output(self, group: _Group) -> RequestOutput:
+        """Snapshot of `group` with the deltas accumulated since its last output."""
+        completions = []
+        for s in group.seqs:
+            s.text += s.delta_text
+            completions.append(
+                CompletionOutput(
+                    index=s.req.index,
+                    token_ids=list(s.req.output_token_ids),
+                    text=s.text,
+                    delta_text=s.delta_text,
+                    delta_token_ids=s.delta_ids,
+                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
+            s.delta_text, s.delta_ids = "", []
+        finished = group.finished
+        if finished and group.metrics.finished_time is None:
+            group.metrics.finished_time = now()
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=replace(group.metrics),
+            error=group.error,
+        )
+
+    def _forget(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for s in group.seqs:
+            self._seq_group.pop(s.req.seq_id, None)
+
+
+def _hf_tokenizer_json(path: Path) -> str:
+    """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json if need be)."""
+    if (path / "tokenizer.json").is_file():
+        return (path / "tokenizer.json").read_text("utf-8")
+    from mistralpy.processing.tokenizer import tekken_to_hf_tokenizer
+
+    tekken = json.loads((path / "tekken.json").read_text("utf-8"))
+    return tekken_to_hf_tokenizer(tekken).to_str()
+
+
+def runner_config(config: EngineConfig) -> RunnerConfig:
+    """The runner's share of the engine configuration."""
+    return RunnerConfig(
+        block_size=config.block_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
+        num_kv_blocks=config.num_kv_blocks,
+        encoder_cache_size=config.encoder_cache_size,
+    )
+
+
+def _fit_context(requested: int | None, max_pos: int, kv_capacity: int) -> int:
+    """The context length to serve: the requested one (must fit in the KV cache), else the
+    model's, lowered to what the KV cache holds."""
+    if requested is not None:
+        if requested > kv_capacity:
+            raise KVCacheTooSmallError(
+                f"max_model_len {requested} needs {requested} KV slots but the cache holds "
+                f"{kv_capacity}; lower max_model_len or give the KV cache more memory"
+            )
+        return requested
+    if kv_capacity < max_pos:
+        logger.warning(
+            "KV cache holds %d tokens: max_model_len lowered from %d", kv_capacity, max_pos
+        )
+    return min(max_pos, kv_capacity)
+
+
+class AsyncEngine:
+    """Drives an LLMEngine from a background thread; `generate` streams outputs to asyncio.
+
+    All engine calls happen on the background thread: `generate` and `abort` only queue
+    commands. Outputs go back to each request's asyncio queue through
+    `loop.call_soon_threadsafe`. A request that fails raises `RequestFailedError` from its
+    own `generate`; the others continue.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: list[tuple[str, tuple, concurrent.futures.Future | None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mistralpy-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine.from_config(config))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    async def generate(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until the finished one. Raises the engine's
+        ValueError subclasses for a bad request (before anything is yielded),
+        RequestFailedError if it fails inside the engine, EngineDeadError after shutdown.
+        Closing the iterator early (client gone) aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise DuplicateRequestError(request_id)
+        self._streams[request_id] = (loop, queue)
+        finished = False
+        try:
+            await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished); safe from any thread."""
+        if self.is_running:
+            self._submit("abort", (request_id,))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop after the current step; pending requests fail with EngineDeadError."""
+        self._stopping = True
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _submit(self, kind: str, args: tuple) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping or not self._thread.is_alive():
+            future.set_exception(EngineDeadError("the engine is shut down"))
+            return future
+        with self._lock:
+            self._commands.append((kind, args, future))
+        self._wake.set()
+        return future
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                self._step()
+        finally:
+            self._stopping = True
+            self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _apply_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for kind, args, future in commands:
+            try:
+                if kind == "add":
+                    self.engine.add_request(*args)
+                else:
+                    self.engine.abort_request(*args)
+            except Exception as exc:  # a user error: reaches that request's caller only
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # the engine's own bug: fail what is in flight, keep serving
+            logger.exception("engine step failed")
+            for rid in self.engine.abort_all():
+                self._deliver(rid, RequestFailedError(rid, f"{type(exc).__name__}: {exc}"))
+            return
+        for out in outputs:
+            if out.error is not None:
+                self._deliver(out.request_id, RequestFailedError(out.request_id, out.error))
+            else:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        loop, queue = stream
+        # RuntimeError: the caller's loop is closed, nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for _, _, future in commands:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+        for rid in list(self._streams):
+            self._deliver(rid, exc)

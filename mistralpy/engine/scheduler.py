@@ -1,0 +1,169 @@
+"""Step scheduler: decides how many new tokens each sequence computes in the next step.
+
+One rule covers prefill, chunked prefill, decode and prefix-cache hits: a sequence has
+`num_tokens` tokens of which `num_computed_tokens` are in the KV cache; a step computes some of
+the rest. Each step:
+1. Running sequences, decodes first (one token each), then unfinished prefills; a long prompt
+   takes only what is left of the token budget, so it never stalls decodes. When blocks run out,
+   the newest running sequence is preempted (blocks freed, recomputed later).
+2. If nothing was preempted, waiting sequences are admitted in arrival order while the budget,
+   the sequence limit and the free blocks allow; cached prefix blocks count as computed.
+A sequence samples a token in the step that computes its last token.
+
+Plain data in and out; tested on CPU without a model.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from mistralpy.engine.block_manager import BlockManager
+from mistralpy.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes."""
+
+    num_new_tokens: dict[str, int] = field(default_factory=dict)  # seq_id -> n, batch order
+    sample_ids: list[str] = field(default_factory=list)  # sequences that sample this step
+    preempted_ids: list[str] = field(default_factory=list)  # blocks freed this step
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_new_tokens
+
+
+class Scheduler:
+    """Owns the waiting and running queues (both kept in arrival order)."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    def add(self, req: Request) -> None:
+        assert req.seq_id not in self.requests and req.num_tokens >= 1
+        self.requests[req.seq_id] = req
+        req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=_arrival)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: {seq_id: num_new_tokens} within the token budget and sequence limit."""
+        out = SchedulerOutput()
+        self._schedule_running(out)
+        if not out.preempted_ids:
+            self._schedule_waiting(out)
+        out.sample_ids = [
+            sid
+            for sid, n in out.num_new_tokens.items()
+            if self.requests[sid].num_computed_tokens + n == self.requests[sid].num_tokens
+        ]
+        return out
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """Mark the scheduled tokens computed (their K/V are now in the cache)."""
+        for sid, n in out.num_new_tokens.items():
+            req = self.requests.get(sid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            assert req.num_computed_tokens <= req.num_tokens
+            self.bm.cache_computed_blocks(req)
+
+    def finish(self, seq_id: str, status: RequestStatus) -> Request | None:
+        """Remove a sequence (stopped, aborted, failed) and free its blocks at once."""
+        assert status.finished
+        req = self.requests.pop(seq_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.bm.free(req)
+        req.status = status
+        return req
+
+    def _budget(self, out: SchedulerOutput) -> int:
+        return self.max_num_batched_tokens - out.total_tokens
+
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        order = sorted(
+            self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival)
+        )
+        for req in order:
+            if self._budget(out) <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, self._budget(out))
+            assert n > 0
+            while not self.bm.allocate(req, req.num_computed_tokens + n):
+                victim = self.running[-1]  # newest arrival
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status == RequestStatus.RUNNING:
+                out.num_new_tokens[req.seq_id] = n
+
+    def _schedule_waiting(self, out: SchedulerOutput) -> None:
+        for req in list(self.waiting):
+            budget = self._budget(out)
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not _ready(req):
+                continue
+            prefix = self.bm.find_cached_prefix(req)
+            num_hit = len(prefix) * self.bm.block_size
+            n = min(req.num_tokens - num_hit, budget)
+            if not self.bm.allocate(req, num_hit + n, prefix):
+                break  # first come, first served: do not let later arrivals jump ahead
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = num_hit
+            bisect.insort(self.running, req, key=_arrival)
+            out.num_new_tokens[req.seq_id] = n
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Free all blocks of a running sequence; it is recomputed from scratch when resumed
+        (its full blocks usually stay in the prefix cache, so resuming is cheap)."""
+        self.running.remove(req)
+        self.bm.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        out.num_new_tokens.pop(req.seq_id, None)
+        out.preempted_ids.append(req.seq_id)
+        bisect.insort(self.waiting, req, key=_arrival)
+
+
+def _arrival(req: Request) -> int:
+    return req.arrival
+
+
+def _ready(req: Request) -> bool:
+    """False while `req` waits for a sibling's prompt to be cached (n > 1 prompt sharing)."""
+    leader = req.wait_for
+    if leader is not None and (
+        leader.status.finished or leader.num_computed_tokens >= leader.num_prompt_tokens
+    ):
+        req.wait_for = leader = None
+    return leader is None

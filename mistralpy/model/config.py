@@ -1,0 +1,374 @@
+"""Model configuration for mistral3 (Pixtral vision encoder + projector + Mistral decoder).
+
+Every value is read from the checkpoint's `config.json` (HF layout) or `params.json` (Mistral's
+native layout); nothing the file states is derived. Values we cannot honour raise `ConfigError`
+at load time instead of silently producing a different model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Activation names we implement (transformers' ACT2FN spelling).
+SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+
+class ConfigError(ValueError):
+    """The model configuration is malformed, inconsistent or asks for something unsupported."""
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Mistral decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # stated by the file: 128 for Mistral Small 3.1 (not hidden / heads = 160)
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    hidden_act: str = "silu"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Pixtral vision encoder."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    num_channels: int
+    image_size: int  # longest side in pixels after resizing
+    patch_size: int
+    rope_theta: float
+    hidden_act: str
+    rms_norm_eps: float = 1e-5  # not in the file: fixed in Pixtral (transformers hard-codes it)
+
+
+@dataclass(frozen=True)
+class Mistral3Config:
+    """The whole model: vision tower, projector, language model."""
+
+    text_config: TextConfig
+    vision_config: VisionConfig
+    spatial_merge_size: int
+    image_token_index: int
+    projector_hidden_act: str
+    multimodal_projector_bias: bool
+    vision_feature_layer: int = -1
+    tie_word_embeddings: bool = False  # only used when the checkpoint has no lm_head weight
+    dtype: str | None = None  # the checkpoint's stored dtype name, e.g. "bfloat16"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> Mistral3Config:
+        """Config from a parsed HF `config.json` of `model_type` mistral3."""
+        return _from_hf_dict(cfg)
+
+    @classmethod
+    def from_mistral_params(cls, params: dict[str, Any]) -> Mistral3Config:
+        """Config from a parsed Mistral-native `params.json` (with a `vision_encoder` section)."""
+        return _from_mistral_params(params)
+
+
+def read_config(path: str | Path) -> Mistral3Config:
+    """Config of the checkpoint directory `path` (config.json, else params.json) or of a file."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            path = path / "config.json"
+        elif (path / "params.json").is_file():
+            path = path / "params.json"
+        else:
+            raise ConfigError(f"no config.json or params.json in {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read model config {path}: {e}") from e
+    if path.name == "params.json":
+        return Mistral3Config.from_mistral_params(data)
+    return Mistral3Config.from_hf_dict(data)
+
+
+def mistral_small_3_1_config() -> Mistral3Config:
+    """The real Mistral-Small-3.1-24B shapes, for dummy-weight benchmarks without a download."""
+    text = TextConfig(
+        vocab_size=131072,
+        hidden_size=5120,
+        intermediate_size=32768,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1e9,
+        max_position_embeddings=131072,
+    )
+    vision = VisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        head_dim=64,
+        num_channels=3,
+        image_size=1540,
+        patch_size=14,
+        rope_theta=1e4,
+        hidden_act="silu",
+    )
+    return Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        spatial_merge_size=2,
+        image_token_index=10,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        dtype="bfloat16",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json
+
+
+def _from_hf_dict(cfg: dict[str, Any]) -> Mistral3Config:
+    model_type = cfg.get("model_type")
+    if model_type != "mistral3":
+        raise ConfigError(f"model_type is {model_type!r}; only 'mistral3' is supported")
+    text = _require(cfg, "text_config", "config")
+    vision = _require(cfg, "vision_config", "config")
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ConfigError("text_config and vision_config must be objects")
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return Mistral3Config(
+        text_config=_hf_text(text),
+        vision_config=_hf_vision(vision),
+        spatial_merge_size=_int(cfg, "spatial_merge_size", "config"),
+        image_token_index=_int(cfg, "image_token_index", "config"),
+        projector_hidden_act=str(_require(cfg, "projector_hidden_act", "config")),
+        multimodal_projector_bias=bool(_require(cfg, "multimodal_projector_bias", "config")),
+        vision_feature_layer=_feature_layer(_require(cfg, "vision_feature_layer", "config")),
+        tie_word_embeddings=bool(tie),
+        dtype=cfg.get("dtype", cfg.get("torch_dtype")),
+    )
+
+
+def _hf_text(text: dict[str, Any]) -> TextConfig:
+    where = "text_config"
+    if text.get("model_type", "mistral") != "mistral":
+        raise ConfigError(f"text_config.model_type is {text.get('model_type')!r}, not 'mistral'")
+    _check_no_sliding_window(text.get("sliding_window"), text.get("max_position_embeddings"))
+    if text.get("layer_types") is not None:
+        raise ConfigError("text_config.layer_types (mixed attention kinds) is not supported")
+    return TextConfig(
+        vocab_size=_int(text, "vocab_size", where),
+        hidden_size=_int(text, "hidden_size", where),
+        intermediate_size=_int(text, "intermediate_size", where),
+        num_hidden_layers=_int(text, "num_hidden_layers", where),
+        num_attention_heads=_int(text, "num_attention_heads", where),
+        num_key_value_heads=_int(text, "num_key_value_heads", where),
+        head_dim=_int(text, "head_dim", where),
+        rms_norm_eps=_float(text, "rms_norm_eps", where),
+        rope_theta=_rope_theta(text, where, ("default",)),
+        max_position_embeddings=_int(text, "max_position_embeddings", where),
+        hidden_act=str(text.get("hidden_act", "silu")),
+    )
+
+
+def _hf_vision(vision: dict[str, Any]) -> VisionConfig:
+    where = "vision_config"
+    if vision.get("model_type", "pixtral") != "pixtral":
+        raise ConfigError(
+            f"vision_config.model_type is {vision.get('model_type')!r}, not 'pixtral'"
+        )
+    hidden = _int(vision, "hidden_size", where)
+    heads = _int(vision, "num_attention_heads", where)
+    if hidden % heads:
+        raise ConfigError(f"vision_config.hidden_size {hidden} is not divisible by heads {heads}")
+    head_dim = vision.get("head_dim", hidden // heads)
+    # Pixtral always uses hidden // heads; a different stated head_dim would be ignored upstream.
+    if head_dim != hidden // heads:
+        raise ConfigError(f"vision_config.head_dim {head_dim} != hidden_size / heads")
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=_int(vision, "intermediate_size", where),
+        num_hidden_layers=_int(vision, "num_hidden_layers", where),
+        num_attention_heads=heads,
+        head_dim=hidden // heads,
+        num_channels=_int(vision, "num_channels", where) if "num_channels" in vision else 3,
+        image_size=_square(vision, "image_size", where),
+        patch_size=_square(vision, "patch_size", where),
+        rope_theta=_rope_theta(vision, where, ("default", "axial")),
+        hidden_act=str(_require(vision, "hidden_act", where)),
+    )
+
+
+def _rope_theta(section: dict[str, Any], where: str, allowed_types: tuple[str, ...]) -> float:
+    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (+ `rope_scaling`)."""
+    params = section.get("rope_parameters")
+    if params is None:
+        scaling = section.get("rope_scaling")
+        if scaling is not None:
+            params = {**scaling, "rope_theta": section.get("rope_theta")}
+        else:
+            params = {"rope_type": "default", "rope_theta": section.get("rope_theta")}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.rope_parameters must be an object")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in allowed_types:
+        raise ConfigError(f"{where}: rope type {rope_type!r} is not supported ({allowed_types})")
+    return _float(params, "rope_theta", f"{where}.rope_parameters")
+
+
+def _feature_layer(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value == -1:
+        return -1
+    raise ConfigError(f"vision_feature_layer={value!r} is not supported; only -1 (the last layer)")
+
+
+def _check_no_sliding_window(window: Any, max_pos: Any) -> None:
+    # Mistral Small 3.1 attends over the full context; a real window would change the numerics.
+    if window is None:
+        return
+    if isinstance(max_pos, int) and int(window) >= max_pos:
+        return
+    raise ConfigError(f"sliding_window={window!r} is not supported (full attention only)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistral-native params.json
+
+
+def _from_mistral_params(params: dict[str, Any]) -> Mistral3Config:
+    where = "params.json"
+    vision = _require(params, "vision_encoder", where)
+    if not isinstance(vision, dict):
+        raise ConfigError("params.json vision_encoder must be an object")
+    max_pos = int(params.get("max_seq_len", params.get("max_position_embeddings", 131072)))
+    _check_no_sliding_window(params.get("sliding_window"), max_pos)
+    if params.get("rope_scaling") or params.get("yarn"):
+        raise ConfigError("params.json: rope scaling is not supported")
+    text = TextConfig(
+        vocab_size=_int(params, "vocab_size", where),
+        hidden_size=_int(params, "dim", where),
+        intermediate_size=_int(params, "hidden_dim", where),
+        num_hidden_layers=_int(params, "n_layers", where),
+        num_attention_heads=_int(params, "n_heads", where),
+        num_key_value_heads=_int(params, "n_kv_heads", where),
+        head_dim=_int(params, "head_dim", where),
+        rms_norm_eps=_float(params, "norm_eps", where),
+        rope_theta=_float(params, "rope_theta", where),
+        max_position_embeddings=max_pos,
+    )
+    return Mistral3Config(
+        text_config=text,
+        vision_config=_native_vision(vision),
+        spatial_merge_size=_int(vision, "spatial_merge_size", "vision_encoder"),
+        image_token_index=int(vision.get("image_token_id", 10)),
+        projector_hidden_act="gelu",  # Mistral's vision-language adapter is Linear-GELU-Linear
+        multimodal_projector_bias=bool(vision.get("adapter_bias", False)),
+        tie_word_embeddings=False,
+    )
+
+
+def _native_vision(vision: dict[str, Any]) -> VisionConfig:
+    where = "vision_encoder"
+    if vision.get("mm_projector_id", "patch_merge") != "patch_merge":
+        raise ConfigError(f"{where}.mm_projector_id {vision.get('mm_projector_id')!r} unsupported")
+    if vision.get("add_pre_mm_projector_layer_norm", True) is not True:
+        raise ConfigError(f"{where}.add_pre_mm_projector_layer_norm=false is not supported")
+    hidden = _int(vision, "hidden_size", where)
+    heads = _int(vision, "num_attention_heads", where)
+    if hidden % heads:
+        raise ConfigError(f"{where}.hidden_size {hidden} is not divisible by heads {heads}")
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=_int(vision, "intermediate_size", where),
+        num_hidden_layers=_int(vision, "num_hidden_layers", where),
+        num_attention_heads=heads,
+        head_dim=hidden // heads,
+        num_channels=int(vision.get("num_channels", 3)),
+        image_size=int(vision.get("image_size", vision.get("max_image_size", 0))),
+        patch_size=_int(vision, "patch_size", where),
+        rope_theta=_float(vision, "rope_theta", where),
+        hidden_act="silu",  # the native Pixtral encoder's feed-forward is SiLU-gated
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and typed field readers
+
+
+def _validate(cfg: Mistral3Config) -> None:
+    text, vision = cfg.text_config, cfg.vision_config
+    for name, value in [*vars(text).items(), *vars(vision).items()]:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{name}={value} must be positive")
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise ConfigError(
+            f"num_attention_heads {text.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {text.num_key_value_heads}"
+        )
+    if text.head_dim % 2 or vision.head_dim % 4:
+        raise ConfigError("head_dim must be even (text) and a multiple of 4 (vision, 2-D RoPE)")
+    if text.hidden_act != "silu":
+        raise ConfigError(f"text_config.hidden_act {text.hidden_act!r} unsupported (silu only)")
+    for name, act in (("vision_config.hidden_act", vision.hidden_act),
+                      ("projector_hidden_act", cfg.projector_hidden_act)):  # fmt: skip
+        if act not in SUPPORTED_ACTS:
+            raise ConfigError(f"{name} {act!r} is not one of {SUPPORTED_ACTS}")
+    if cfg.spatial_merge_size < 1:
+        raise ConfigError(f"spatial_merge_size={cfg.spatial_merge_size} must be >= 1")
+    if not 0 <= cfg.image_token_index < text.vocab_size:
+        raise ConfigError(f"image_token_index {cfg.image_token_index} is outside the vocabulary")
+
+
+def _require(section: dict[str, Any], key: str, where: str) -> Any:
+    if key not in section:
+        raise ConfigError(f"{where}: missing required field {key!r}")
+    return section[key]
+
+
+def _int(section: dict[str, Any], key: str, where: str) -> int:
+    value = _require(section, key, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(section: dict[str, Any], key: str, where: str) -> float:
+    value = _require(section, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _square(section: dict[str, Any], key: str, where: str) -> int:
+    """An int, or a [h, w] pair with h == w (Pixtral uses square patches)."""
+    value = _require(section, key, where)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{where}.{key}={value!r}: only square values are supported")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+    return value

@@ -1,0 +1,253 @@
+"""Mistral Small 3.1 (HF `mistral3`): Pixtral encoder + patch-merging projector + Mistral decoder.
+
+The model is a pure function of its inputs: token ids, absolute positions, per-layer paged KV
+caches and `AttentionMetadata`. It knows nothing of schedulers or CUDA graphs. The attention
+backend (a `PagedAttentionFn`) is chosen once, at construction or by `set_attention_backend`.
+Attribute names equal the HF checkpoint keys except the fused `qkv_proj` and `gate_up_proj`
+(see `packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mistralpy.kernels.attention import (
+    AttentionMetadata,
+    PagedAttentionFn,
+    build_metadata,
+    paged_attention,
+)
+from mistralpy.model.config import Mistral3Config, TextConfig
+from mistralpy.model.layers import (
+    GatedMLP,
+    MergedLinear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    text_rope,
+)
+from mistralpy.model.pixtral import PixtralVisionModel
+
+
+class MistralAttention(nn.Module):
+    """GQA self-attention with RoPE over the paged KV cache."""
+
+    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sizes = [config.q_size, config.kv_size, config.kv_size]
+        self.qkv_proj = MergedLinear(config.hidden_size, tuple(self.sizes))
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.scale = config.head_dim**-0.5
+        self.attn_fn = attn_fn
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x (T, hidden), cos/sin (T, head_dim) -> (T, hidden); writes this step's K/V."""
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.attn_fn(q, k, v, kv_cache, attn, self.scale)
+        return self.o_proj(out.flatten(1))
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MistralAttention(config, attn_fn)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralModel(nn.Module):
+    """Token embeddings, decoder layers, final norm (no lm_head)."""
+
+    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MistralDecoderLayer(config, attn_fn) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """embeds (T, hidden), positions (T,) -> normed hidden states (T, hidden)."""
+        cos, sin = text_rope(positions, self.config.rope_theta, self.config.head_dim, embeds.dtype)
+        x = embeds
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, attn)
+        return self.norm(x)
+
+
+class PatchMerger(nn.Module):
+    """Concatenates each merge x merge patch neighbourhood, then projects back to hidden."""
+
+    def __init__(self, hidden_size: int, merge: int) -> None:
+        super().__init__()
+        self.merge = merge
+        self.merging_layer = nn.Linear(hidden_size * merge * merge, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """x (sum h*w, d) packed per image in row-major patch order -> (sum h'*w', d).
+
+        Feature order of a merged token is (channel, row-in-window, col-in-window), the order
+        of torch's `unfold` that transformers uses; leftover rows/cols are dropped like unfold.
+        """
+        m, d = self.merge, x.shape[-1]
+        merged = []
+        for grid in x.split([h * w for h, w in sizes]):
+            (h, w) = sizes[len(merged)]
+            grid = grid.view(h, w, d)[: h // m * m, : w // m * m]
+            grid = grid.reshape(h // m, m, w // m, m, d).permute(0, 2, 4, 1, 3)
+            merged.append(grid.reshape((h // m) * (w // m), d * m * m))
+        return self.merging_layer(torch.cat(merged, dim=0))
+
+
+class Mistral3MultiModalProjector(nn.Module):
+    """RMSNorm -> patch merger -> linear_1 -> act -> linear_2 (vision hidden -> text hidden)."""
+
+    def __init__(self, config: Mistral3Config) -> None:
+        super().__init__()
+        vision_hidden = config.vision_config.hidden_size
+        text_hidden = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.norm = RMSNorm(vision_hidden, config.text_config.rms_norm_eps)
+        self.patch_merger = PatchMerger(vision_hidden, config.spatial_merge_size)
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.act = activation(config.projector_hidden_act)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, features: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """features (sum h*w, vision_hidden) -> (sum h'*w', text_hidden)."""
+        merged = self.patch_merger(self.norm(features), sizes)
+        return self.linear_2(self.act(self.linear_1(merged)))
+
+
+class Mistral3ForConditionalGeneration(nn.Module):
+    """The whole model; see docs/ARCHITECTURE.md "Model" for the contract."""
+
+    # checkpoint projection name -> (our fused module name, part index); used by the loader.
+    packed_modules_mapping: dict[str, tuple[str, int]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Mistral3Config, attn_fn: PagedAttentionFn | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = PixtralVisionModel(config.vision_config)
+        self.multi_modal_projector = Mistral3MultiModalProjector(config)
+        self.language_model = MistralModel(config.text_config, attn_fn or paged_attention)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    def set_attention_backend(self, attn_fn: PagedAttentionFn) -> None:
+        """Use `attn_fn` for every decoder layer's paged attention (call once, at setup)."""
+        for layer in self.language_model.layers:
+            layer.self_attn.attn_fn = attn_fn
+
+    def encode_images(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Images (3, H, W) -> per image (rows*cols, text_hidden) embeddings, in one pass."""
+        if not pixel_values:
+            return []
+        features, sizes = self.vision_tower(pixel_values)
+        embeds = self.multi_modal_projector(features, sizes)
+        m = self.config.spatial_merge_size
+        return list(embeds.split([(h // m) * (w // m) for h, w in sizes]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions (T,) int64 -> hidden (T, text_hidden).
+
+        image_embeds (N, text_hidden) replace, in order, the N tokens equal to
+        config.image_token_index (the caller guarantees the counts match).
+        """
+        embeds = self.language_model.embed_tokens(input_ids)
+        if image_embeds is not None:
+            mask = (input_ids == self.config.image_token_index)[:, None]
+            embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+        return self.language_model(embeds, positions, attn, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, text_hidden) -> logits (N, vocab) float32."""
+        return self.lm_head(hidden).float()
+
+
+def allocate_kv_caches(
+    config: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One zeroed cache (2, num_blocks, block_size, num_kv_heads, head_dim) per decoder layer."""
+    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: Mistral3ForConditionalGeneration,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    images: list[torch.Tensor] | None = None,
+    block_size: int = 16,
+) -> list[int]:
+    """Greedy continuation of one prompt (prefill, then decode one token at a time).
+
+    A quick-generation helper for tests and smoke checks; the engine does the real batching.
+    """
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    total = len(prompt_ids) + max_new_tokens
+    num_blocks = -(-total // block_size)
+    caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)
+    table = [list(range(num_blocks))]
+    image_embeds = torch.cat(model.encode_images(images)) if images else None
+    tokens, out = list(prompt_ids), []
+    new = tokens
+    while len(out) < max_new_tokens:
+        seq_len = len(tokens)
+        attn = build_metadata([len(new)], [seq_len], table, block_size, device)
+        ids = torch.tensor(new, dtype=torch.long, device=device)
+        pos = torch.arange(seq_len - len(new), seq_len, device=device)
+        hidden = model(ids, pos, attn, caches, None if out else image_embeds)
+        next_id = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        out.append(next_id)
+        tokens = tokens + [next_id]
+        new = [next_id]
+    return out

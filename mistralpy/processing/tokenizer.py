@@ -1,0 +1,309 @@
+"""Tekken tokenizer: encode/decode with a `tokenizers` backend (tokenizer.json) or mistral-common
+(tekken.json), plus an incremental detokenizer that is exact across split UTF-8 characters.
+
+Decoding is done here, byte-exact, from one id -> bytes table for both backends, so the streamed
+deltas of `IncrementalDetokenizer` always add up to `Tokenizer.decode` of the same ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# A bracketed run with no inner brackets: every special token ("<s>", "[INST]", "<SPECIAL_42>")
+# has this shape, so candidates are found by one cheap regex and checked against a dict,
+# instead of a 1000-way alternation.
+_SPECIAL_CANDIDATE = re.compile(r"[<\[][^<>\[\]]*[>\]]")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer files are missing or not a supported (byte-level BPE / Tekken) tokenizer."""
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level alphabet: each byte 0..255 -> one printable unicode char.
+
+    Printable latin-1 bytes map to themselves; the others are shifted to 256+ so that no token
+    string contains whitespace or control characters (what `tokenizers`' ByteLevel expects).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    mapping = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+@lru_cache(maxsize=1)
+def unicode_to_byte() -> dict[str, int]:
+    """Inverse of `byte_to_unicode`."""
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
+def tekken_special_tokens(tekken: dict[str, Any]) -> list[str]:
+    """Special-token strings of a parsed tekken.json, ordered by id (length = num special)."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    entries = tekken.get("special_tokens")
+    if entries is None:  # v7 files may omit the list: mistral-common's defaults apply
+        entries = list(Tekkenizer.DEPRECATED_SPECIAL_TOKENS)
+    named = [
+        str(getattr(e["token_str"], "value", e["token_str"]))
+        for e in sorted(entries, key=lambda e: e["rank"])
+    ]
+    count = tekken["config"]["default_num_special_tokens"]
+    filler = [Tekkenizer.SPECIAL_TOKEN_TEMPLATE.format(id=i) for i in range(len(named), count)]
+    return named + filler
+
+
+def tekken_to_hf_tokenizer(tekken: dict[str, Any]):
+    """Build a `tokenizers.Tokenizer` (byte-level BPE) that encodes exactly like the Tekkenizer.
+
+    Tiktoken merges the adjacent pair whose concatenation has the lowest rank, and takes a whole
+    pre-token directly when it is in the vocabulary; the equivalent HF BPE has merge (a, b)
+    ranked by rank(a + b) and `ignore_merges=True`. Ids are shifted by the special-token count.
+    """
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    specials = tekken_special_tokens(tekken)
+    inner = tekken["config"]["default_vocab_size"] - len(specials)
+    ranks = {base64.b64decode(e["token_bytes"]): i for i, e in enumerate(tekken["vocab"][:inner])}
+    alphabet = byte_to_unicode()
+
+    def as_str(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    merges: list[tuple[int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], left, right))
+    merges.sort(key=lambda m: (m[0], m[1]))
+    vocab = {as_str(t): r + len(specials) for t, r in ranks.items()}
+    vocab.update({s: i for i, s in enumerate(specials)})
+    model = BPE(vocab, [(as_str(a), as_str(b)) for _, _, a, b in merges], fuse_unk=False)
+    model.ignore_merges = True
+    tok = HFTokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tekken["config"]["pattern"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+def _split_regex(hf) -> str | None:
+    """Regex of the first Split pre-tokenizer of a `tokenizers.Tokenizer`, if any."""
+    if hf.pre_tokenizer is None:
+        return None
+    pre = json.loads(hf.pre_tokenizer.__getstate__())
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Split":
+            return step.get("pattern", {}).get("Regex")
+    return None
+
+
+def _with_split_pattern(tokenizer_json: str, pattern: str) -> str:
+    """tokenizer.json text with the regex of its (first) Split pre-tokenizer set to pattern."""
+    data = json.loads(tokenizer_json)
+    pre = data["pre_tokenizer"]
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Split":
+            step["pattern"] = {"Regex": pattern}
+            break
+    return json.dumps(data, ensure_ascii=False)
+
+
+class Tokenizer:
+    """Text <-> ids for a Tekken vocabulary (Mistral Small 3.1: 131072 ids, 1000 special).
+
+    `encode` treats its text as plain text by default: "[INST]" typed by a user becomes ordinary
+    tokens, as mistral-common does. Only `parse_special=True` maps special-token strings to ids.
+    """
+
+    def __init__(self, encode_plain, token_bytes: list[bytes], specials: dict[str, int]):
+        # encode_plain: str -> list[int] without special-token parsing
+        self._encode_plain = encode_plain
+        self._token_bytes = token_bytes  # id -> bytes of a regular token (b"" for specials)
+        self.special_tokens: dict[str, int] = dict(specials)  # special string -> id
+        self._special_strings = {i: s for s, i in specials.items()}
+        self.special_token_ids: frozenset[int] = frozenset(self._special_strings)
+        self._regular_ids = {
+            b: i for i, b in enumerate(token_bytes) if i not in self._special_strings
+        }
+        self.bos_token_id = self._required("<s>")
+        self.eos_token_id = self._required("</s>")
+        self.unk_token_id = specials.get("<unk>")
+        self.pad_token_id = specials.get("<pad>")
+        self.image_token_id = specials.get("[IMG]")
+        self.image_break_token_id = specials.get("[IMG_BREAK]")
+        self.image_end_token_id = specials.get("[IMG_END]")
+
+    def _required(self, token: str) -> int:
+        if token not in self.special_tokens:
+            raise TokenizerError(f"tokenizer has no special token {token!r}")
+        return self.special_tokens[token]
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load from a checkpoint directory: tokenizer.json if present, else tekken.json."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            pattern = None
+            if (path / "tekken.json").is_file():
+                pattern = json.loads((path / "tekken.json").read_text("utf-8"))["config"]["pattern"]
+            return cls.from_tokenizer_json(path / "tokenizer.json", split_pattern=pattern)
+        if (path / "tekken.json").is_file():
+            return cls.from_tekken(path / "tekken.json")
+        raise TokenizerError(f"no tokenizer.json or tekken.json in {path}")
+
+    @classmethod
+    def from_tokenizer_json(cls, file: str | Path, split_pattern: str | None = None) -> Tokenizer:
+        """Fast path: a byte-level BPE tokenizer.json (as converted from Tekken).
+
+        split_pattern: Tekken's pre-tokenizer regex; when given it replaces the file's Split
+        regex (some hub tokenizer.json files of Mistral Small 3.1 carry a wrong one).
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_file(str(file))
+            if split_pattern is not None and _split_regex(hf) not in (None, split_pattern):
+                text = _with_split_pattern(Path(file).read_text(encoding="utf-8"), split_pattern)
+                hf = HFTokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            raise TokenizerError(f"cannot read {file}: {e}") from e
+        hf.encode_special_tokens = True  # special strings in text are plain text
+        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        pieces = hf.get_vocab(with_added_tokens=False)  # byte-level string -> id
+        stray = set().union(*pieces) - set(unicode_to_byte())
+        if stray:
+            raise TokenizerError(
+                f"{file}: not a byte-level BPE vocabulary (chars {sorted(stray)[:5]})"
+            )
+        as_latin1 = str.maketrans({c: chr(b) for c, b in unicode_to_byte().items()})
+        table = [b""] * hf.get_vocab_size(with_added_tokens=True)
+        special_ids = set(specials.values())
+        for piece, i in pieces.items():
+            if i not in special_ids:
+                table[i] = piece.translate(as_latin1).encode("latin-1")
+        return cls(lambda text: hf.encode(text, add_special_tokens=False).ids, table, specials)
+
+    @classmethod
+    def from_tekken(cls, file: str | Path) -> Tokenizer:
+        """Native Mistral layout: tekken.json through mistral-common's Tekkenizer."""
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        tek = Tekkenizer.from_file(str(file))
+        specials = {tek.id_to_piece(i): i for i in range(tek.num_special_tokens)}
+        table = [
+            b"" if i in tek.special_ids else tek.id_to_byte_piece(i) for i in range(tek.n_words)
+        ]
+        return cls(lambda text: tek.encode(text, bos=False, eos=False), table, specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._token_bytes)
+
+    def encode(
+        self, text: str, add_special_tokens: bool = False, parse_special: bool = False
+    ) -> list[int]:
+        """Text -> ids. add_special_tokens prepends BOS; parse_special maps "[INST]" etc. to ids."""
+        ids = [self.bos_token_id] if add_special_tokens else []
+        if not parse_special:
+            return ids + self._encode_plain(text)
+        for piece in self.split_special(text):
+            ids.extend([piece] if isinstance(piece, int) else self._encode_plain(piece))
+        return ids
+
+    def split_special(self, text: str) -> list[str | int]:
+        """Split text at special-token strings: plain-text pieces (str) and special ids (int)."""
+        out: list[str | int] = []
+        start = 0
+        for m in _SPECIAL_CANDIDATE.finditer(text):
+            token_id = self.special_tokens.get(m.group())
+            if token_id is None:
+                continue
+            if m.start() > start:
+                out.append(text[start : m.start()])
+            out.append(token_id)
+            start = m.end()
+        if start < len(text):
+            out.append(text[start:])
+        return out
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        """Raw bytes of one token (a special token: b"" if skipped, else its UTF-8 string)."""
+        if token_id in self._special_strings:
+            return b"" if skip_special_tokens else self._special_strings[token_id].encode()
+        if not 0 <= token_id < len(self._token_bytes):
+            raise TokenizerError(f"token id {token_id} out of range [0, {self.vocab_size})")
+        return self._token_bytes[token_id]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text; invalid or incomplete UTF-8 becomes U+FFFD (maximal-subpart rule)."""
+        raw = b"".join(self.token_bytes(int(i), skip_special_tokens) for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_token_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a special-token string or of a regular token's exact text; None if neither."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        return self._regular_ids.get(token.encode())
+
+    def id_to_token(self, token_id: int) -> str:
+        """Special-token string, or the token's text (U+FFFD where it is a partial character)."""
+        return self.token_bytes(token_id, skip_special_tokens=False).decode("utf-8", "replace")
+
+
+class IncrementalDetokenizer:
+    """Streams text for generated ids: `step(new_ids)` returns the new complete text.
+
+    Bytes of a character split over several tokens are held back until the character is
+    complete, so no U+FFFD is emitted for a sequence that is merely unfinished. The deltas of
+    all `step` calls plus `flush()` equal `tokenizer.decode(all_output_ids)`.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ):
+        # prompt_ids: unused by byte-level BPE (no leading-space context); kept for the contract
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.output_ids: list[int] = []
+        self.text = ""  # all text emitted so far
+
+    def step(self, new_token_ids: Iterable[int]) -> str:
+        """Append generated ids; return the text they complete (may be "")."""
+        new_ids = [int(i) for i in new_token_ids]
+        self.output_ids.extend(new_ids)
+        raw = b"".join(self._tokenizer.token_bytes(i, self._skip_special) for i in new_ids)
+        delta = self._decoder.decode(raw)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """End of stream: return U+FFFD for a trailing incomplete character, if any."""
+        delta = self._decoder.decode(b"", final=True)
+        self.text += delta
+        return delta

@@ -1,0 +1,119 @@
+"""The batch the runner accepts (`ScheduledBatch`, plain data built by the engine) and its
+tensor form (`ForwardBatch`) that the model consumes.
+
+Tokens of all sequences are packed into one flat dimension T. Block tables are handed to
+attention as one padded (B, max_blocks) int32 tensor that a kernel indexes directly; padding
+entries are never read because `seq_lens` bounds each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mistralpy.kernels.attention import AttentionMetadata
+from mistralpy.params import SamplingParams
+
+
+@dataclass
+class ImageSlice:
+    """Rows [start, end) of one image's encoder output, needed by this step's tokens.
+
+    key None: `end` image-token ids that the model generated as text; they are embedded as
+    ordinary tokens (the model's own embedding of the image token id), not as an image.
+    """
+
+    key: str | None  # image content hash: the encoder-cache key
+    pixel_values: torch.Tensor | None  # (3, H, W) float32, normalised
+    start: int
+    end: int
+
+
+@dataclass
+class SampleSpec:
+    """How to sample the next token of a sequence (given when the step reaches its end)."""
+
+    params: SamplingParams
+    prompt_ids: list[int]  # for repetition penalties
+    output_ids: list[int]  # generated so far
+    seed: int  # seeds the sequence's generator the first time it samples
+    grammar: Any = None  # processing.grammar.GrammarMatcher: restricts the next token
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step: compute `token_ids` at positions start_pos, ..."""
+
+    seq_id: str
+    token_ids: list[int]
+    start_pos: int  # tokens already in the cache for this sequence
+    block_table: list[int]  # covers start_pos + len(token_ids) tokens
+    images: list[ImageSlice]  # image-embedding rows for the image tokens among token_ids
+    sample: SampleSpec | None  # None: a prefill chunk that does not end the sequence
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[SeqWork]
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, absolute position in its sequence
+    attn: AttentionMetadata
+    logits_rows: torch.Tensor  # (S,) int64: last-token row of each sampling sequence
+    sample_seqs: list[SeqWork]  # the S sampling sequences, in row order
+    image_slices: list[ImageSlice]  # in the order their image tokens appear in input_ids
+
+
+def build_forward_batch(
+    batch: ScheduledBatch,
+    block_size: int,
+    device: torch.device,
+    block_table_width: int | None = None,
+) -> ForwardBatch:
+    """Pack `batch` into device tensors. `block_table_width` pads block tables to a fixed
+    width (stable shapes for graph capture); default: the widest table in the batch."""
+    seqs = batch.seqs
+    query_lens = [len(s.token_ids) for s in seqs]
+    seq_lens = [s.start_pos + n for s, n in zip(seqs, query_lens)]
+    qsl = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=qsl[1:])
+    width = block_table_width or max(len(s.block_table) for s in seqs)
+    tables = np.zeros((len(seqs), width), dtype=np.int32)
+    positions = np.empty(int(qsl[-1]), dtype=np.int64)
+    slots = np.empty(int(qsl[-1]), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        assert len(s.block_table) * block_size >= seq_lens[i]
+        tables[i, : len(s.block_table)] = s.block_table
+        pos = np.arange(s.start_pos, seq_lens[i], dtype=np.int64)
+        positions[qsl[i] : qsl[i + 1]] = pos
+        slots[qsl[i] : qsl[i + 1]] = tables[i, pos // block_size] * block_size + pos % block_size
+    rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(seqs) if s.sample is not None]
+    ids = [t for s in seqs for t in s.token_ids]
+
+    def dev(array: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype).to(device, non_blocking=True)
+
+    attn = AttentionMetadata(
+        query_start_loc=dev(qsl, torch.int32),
+        seq_lens=dev(seq_lens, torch.int32),
+        block_tables=dev(tables, torch.int32),
+        slot_mapping=dev(slots, torch.int64),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    return ForwardBatch(
+        input_ids=dev(ids, torch.int64),
+        positions=dev(positions, torch.int64),
+        attn=attn,
+        logits_rows=dev(rows, torch.int64),
+        sample_seqs=[s for s in seqs if s.sample is not None],
+        image_slices=[im for s in seqs for im in s.images],
+    )

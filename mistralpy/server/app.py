@@ -1,0 +1,304 @@
+"""The OpenAI-compatible HTTP app: routes, SSE streaming, errors, auth and Prometheus metrics.
+
+All the work is done by `ChatService`; this module maps HTTP onto it. Every user error comes
+back as OpenAI's `{"error": {...}}` body with a 4xx status; a client that goes away aborts its
+engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.server.protocol import (
+    MAX_BODY_BYTES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    to_service_body,
+)
+
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+OPEN_PATHS = ("/health",)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None  # when set, every route but /health needs `Bearer <key>`
+
+
+class ServerMetrics:
+    """Prometheus metrics in a registry owned by one app (no process-global state)."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]] | None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mistralpy_requests", "HTTP requests", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("mistralpy_prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter(
+            "mistralpy_generation_tokens", "Generated tokens", registry=r
+        )
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram(
+            "mistralpy_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r
+        )
+        self.itl = Histogram(
+            "mistralpy_inter_token_latency_seconds",
+            "Gap between chunks",
+            buckets=buckets,
+            registry=r,
+        )
+        self.kv_usage = Gauge("mistralpy_kv_cache_usage_ratio", "KV blocks in use", registry=r)
+        self.waiting = Gauge("mistralpy_num_requests_waiting", "Queue length", registry=r)
+        self.running = Gauge("mistralpy_num_requests_running", "Running requests", registry=r)
+        self._stats = stats
+
+    def record_usage(self, usage: dict | None) -> None:
+        if usage:
+            self.prompt_tokens.inc(usage["prompt_tokens"])
+            self.generation_tokens.inc(usage["completion_tokens"])
+
+    def render(self) -> bytes:
+        if self._stats is not None:
+            s = self._stats()
+            self.kv_usage.set(s.get("kv_cache_usage", 0.0))
+            self.waiting.set(s.get("num_waiting", 0))
+            self.running.set(s.get("num_running", 0))
+        return generate_latest(self.registry)
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Map an exception from the service to an OpenAI error response."""
+    if isinstance(exc, ModelNotFound):
+        return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, ValueError):  # every user mistake is a ValueError subclass
+        param = getattr(exc, "param", None)
+        code = getattr(exc, "code", None)
+        message = getattr(exc, "message", None) or str(exc)
+        return _error(400, message, "invalid_request_error", param, code)
+    return _error(500, f"internal error: {exc}", "internal_error", None, None)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "We could not parse the JSON body of your request.", None
+    # A union reports one error per member; the deepest location is the most telling.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """Pydantic puts union member names (`list[ChatMessage]`, `str`) into error locations."""
+    text = str(part)
+    return "[" in text or text in _TYPE_TAGS or text[:1].isupper() or "-" in text
+
+
+def _sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def create_app(
+    service: ChatService,
+    settings: ServerSettings | None = None,
+    stats: Callable[[], dict[str, float]] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `service`; `stats` feeds the KV-cache and queue gauges."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(stats)
+    app = FastAPI(title="mistralpy", version="0.1.0")
+    app.state.service = service
+    app.state.metrics = metrics
+    _install_middleware(app, settings, metrics)
+    _install_error_handlers(app)
+    _install_routes(app, service, metrics)
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
+    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, "request body too large", "invalid_request_error")
+        if expected is not None and request.url.path not in OPEN_PATHS:
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                return _error(
+                    401,
+                    "Incorrect API key provided.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                )
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(400, message, "invalid_request_error", param, None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def on_any(_request: Request, exc: Exception):
+        return error_response(exc)
+
+
+def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) -> None:
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": service.served_model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "mistralpy",
+            "max_model_len": service.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        body = to_service_body(req)
+        request_id = new_request_id("chatcmpl")
+        if req.stream:
+            chunks = service.stream_chat_completion(body, request_id)
+            return await _stream(chunks, request_id, service, metrics)
+        return await _whole(service.create_chat_completion(body, request_id), request, metrics)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        body = to_service_body(req)
+        request_id = new_request_id("cmpl")
+        if req.stream:
+            chunks = service.stream_completion(body, request_id)
+            return await _stream(chunks, request_id, service, metrics)
+        return await _whole(service.create_completion(body, request_id), request, metrics)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        return await service.tokenize(to_service_body(req))
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return service.detokenize(to_service_body(req))
+
+
+async def _whole(coro, request: Request, metrics: ServerMetrics) -> JSONResponse:
+    """Run a non-streaming request; cancelling it (client gone) aborts the engine request."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if await request.is_disconnected():
+            task.cancel()
+            return _error(499, "client disconnected", "invalid_request_error")
+    if task.exception() is not None:
+        return error_response(task.exception())
+    result = task.result()
+    usage = result.get("usage")
+    metrics.record_usage(usage)
+    if usage:
+        metrics.ttft.observe(usage["total_time_sec"] - usage["total_completion_time_sec"])
+    return JSONResponse(result)
+
+
+async def _stream(
+    chunks: AsyncIterator[dict], request_id: str, service: ChatService, metrics: ServerMetrics
+) -> Response:
+    """SSE response; errors before the first chunk become a normal error response."""
+    start = time.monotonic()
+    try:
+        first = await chunks.__anext__()
+    except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
+        await chunks.aclose()
+        return error_response(exc)
+    return StreamingResponse(
+        _sse_body(first, chunks, request_id, service, metrics, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
+    )
+
+
+async def _sse_body(first, chunks, request_id, service, metrics, start) -> AsyncIterator[bytes]:
+    last_time, finished, usage = None, False, None
+    try:
+        yield _sse(first)
+        async for chunk in chunks:
+            now = time.monotonic()
+            if last_time is None:
+                metrics.ttft.observe(now - start)
+            else:
+                metrics.itl.observe(now - last_time)
+            last_time = now
+            usage = chunk.get("usage") or usage
+            yield _sse(chunk)
+        finished = True
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+        finished = True
+        yield _sse(error_response_body(exc))
+    finally:
+        if not finished:  # client went away (cancelled): free the engine's slot at once
+            service.abort(request_id)
+        await chunks.aclose()
+    metrics.record_usage(usage)
+    yield _sse("[DONE]")
+
+
+def error_response_body(exc: BaseException) -> dict:
+    return json.loads(error_response(exc).body)

@@ -1,0 +1,161 @@
+"""OpenAI request schemas (pydantic, strict types) and the OpenAI error body.
+
+The models check shapes and types only; value ranges are checked once, by `SamplingParams`
+and the chat service, so the Python API and the server reject the same things.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Request bodies beyond this are refused before parsing (413); images come as URLs or base64.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int; unknown fields are ignored like OpenAI-compatible servers do.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | str  # mistral.rs also accepts the URL as a bare string
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class Grammar(_Strict):
+    type: Literal["regex", "json_schema", "lark", "llguidance", "choice"]
+    value: Any = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    grammar: Grammar | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] | str
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+    skip_special_tokens: bool = True
+
+
+def to_service_body(req: BaseModel) -> dict:
+    """The plain dict the chat service takes: set fields only, JSON names (schema, not schema_)."""
+    body = req.model_dump(exclude_none=True, by_alias=True)
+    for m in body.get("messages", []) if isinstance(body.get("messages"), list) else []:
+        for part in m.get("content", []) if isinstance(m.get("content"), list) else []:
+            if part.get("type") == "image_url" and isinstance(part["image_url"], str):
+                part["image_url"] = {"url": part["image_url"]}
+    return body
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None):
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
