@@ -213,7 +213,10 @@ def uniform_per_row(
     if seeded:
         draws = [torch.rand(1, generator=generators[row], device=generators[row].device)
                  for row in seeded]  # fmt: skip
-        u[seeded] = torch.cat([d.to(device, non_blocking=True) for d in draws])
+        if all(d.device == draws[0].device for d in draws):  # usual case: one copy, not B
+            u[seeded] = torch.cat(draws).to(device, non_blocking=True)
+        else:
+            u[seeded] = torch.cat([d.to(device) for d in draws])
     return u
 
 

@@ -28,13 +28,14 @@ TOOL_CALLS_ID = 9
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer() -> tokenizers.Tokenizer:
-    """The real Tekken vocabulary (mistral-common's data) as an HF `tokenizers` object."""
-    import mistral_common
-    from transformers.integrations.mistral.tokenizer import MistralConverter
+def hf_tokenizer(tmp_path_factory) -> tokenizers.Tokenizer:
+    """The tiny checkpoint's tokenizer.json (real Tekken vocabulary), as the engine loads it."""
+    from mistralpy.testing.tiny_checkpoint import write_tokenizer_files
 
-    path = f"{mistral_common.__path__[0]}/data/tekken_240911.json"
-    return MistralConverter(path).converted()
+    out = write_tokenizer_files(tmp_path_factory.mktemp("tokenizer"))
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.id_to_token(TOOL_CALLS_ID) == "[TOOL_CALLS]" and tok.id_to_token(EOS) == "</s>"
+    return tok
 
 
 @pytest.fixture(scope="module")
