@@ -190,6 +190,10 @@ def _asym_search(x: Tensor, nmax: int, steps: list[float]) -> tuple[Tensor, Tens
     return best_d, best_m
 
 
+# Decoded block: codes (nb, groups, group) float32, scale (nb, groups, 1), optional bias
+# (nb, groups, 1); the weight is scale * codes (+ bias), computed in that order as gguf does.
+Parts = tuple[Tensor, Tensor, "Tensor | None"]
+
 _STEPS_4BIT = [-1.0 + 0.1 * i for i in range(21)]
 _STEPS_8BIT = [-2.0 + 0.5 * i for i in range(5)]
 
@@ -205,10 +209,14 @@ def _q4_0_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], 1)
 
 
-def _q4_0_dequant(b: Tensor) -> Tensor:
-    """(nb, 18) -> (nb, 32) float32."""
+def _q4_0_parts(b: Tensor) -> Parts:
+    """(nb, 18) -> signed codes (nb, 1, 32), d."""
     q = b[:, 2:].to(torch.int32)
-    return _bytes_f16(b[:, :2]) * (torch.cat([q & 15, q >> 4], 1) - 8).float()
+    return (
+        (torch.cat([q & 15, q >> 4], 1) - 8).float()[:, None],
+        _bytes_f16(b[:, :2])[:, None],
+        None,
+    )
 
 
 def _q4_1_quant(x: Tensor) -> Tensor:
@@ -218,11 +226,11 @@ def _q4_1_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(m), _nibbles(q[:, :16], q[:, 16:])], 1)
 
 
-def _q4_1_dequant(b: Tensor) -> Tensor:
-    """(nb, 20) -> (nb, 32) float32."""
+def _q4_1_parts(b: Tensor) -> Parts:
+    """(nb, 20) -> codes (nb, 1, 32) in [0, 15], d, m."""
     q = b[:, 4:].to(torch.int32)
-    q = torch.cat([q & 15, q >> 4], 1).float()
-    return _bytes_f16(b[:, :2]) * q + _bytes_f16(b[:, 2:4])
+    q = torch.cat([q & 15, q >> 4], 1).float()[:, None]
+    return q, _bytes_f16(b[:, :2])[:, None], _bytes_f16(b[:, 2:4])[:, None]
 
 
 def _q5_pack(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,9 +252,9 @@ def _q5_0_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), qh, qs], 1)
 
 
-def _q5_0_dequant(b: Tensor) -> Tensor:
-    """(nb, 22) -> (nb, 32) float32."""
-    return _bytes_f16(b[:, :2]) * (_q5_unpack(b[:, 2:6], b[:, 6:]) - 16)
+def _q5_0_parts(b: Tensor) -> Parts:
+    """(nb, 22) -> signed codes (nb, 1, 32), d."""
+    return (_q5_unpack(b[:, 2:6], b[:, 6:]) - 16)[:, None], _bytes_f16(b[:, :2])[:, None], None
 
 
 def _q5_1_quant(x: Tensor) -> Tensor:
@@ -256,9 +264,10 @@ def _q5_1_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(m), qh, qs], 1)
 
 
-def _q5_1_dequant(b: Tensor) -> Tensor:
-    """(nb, 24) -> (nb, 32) float32."""
-    return _bytes_f16(b[:, :2]) * _q5_unpack(b[:, 4:8], b[:, 8:]) + _bytes_f16(b[:, 2:4])
+def _q5_1_parts(b: Tensor) -> Parts:
+    """(nb, 24) -> codes (nb, 1, 32) in [0, 31], d, m."""
+    q = _q5_unpack(b[:, 4:8], b[:, 8:])[:, None]
+    return q, _bytes_f16(b[:, :2])[:, None], _bytes_f16(b[:, 2:4])[:, None]
 
 
 def _q8_0_quant(x: Tensor) -> Tensor:
@@ -268,13 +277,9 @@ def _q8_0_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), q], 1)
 
 
-def _q8_0_dequant(b: Tensor) -> Tensor:
-    """(nb, 34) -> (nb, 32) float32."""
-    return _bytes_f16(b[:, :2]) * _bytes_to(b[:, 2:], torch.int8).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# K-quant building blocks (llama.cpp reference algorithms, vectorized over sub-blocks)
+def _q8_0_parts(b: Tensor) -> Parts:
+    """(nb, 34) -> signed codes (nb, 1, 32), d."""
+    return _bytes_to(b[:, 2:], torch.int8).float()[:, None], _bytes_f16(b[:, :2])[:, None], None
 
 
 def _qkx2(
@@ -410,12 +415,13 @@ def _q4k_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qs], 1)
 
 
-def _k_affine_dequant(b: Tensor, q: Tensor) -> Tensor:
-    """q4_K/q5_K: header bytes b (nb, >=16) and codes q (nb, 256) -> (nb, 256) float32."""
+def _k_affine_parts(b: Tensor, q: Tensor) -> Parts:
+    """q4_K/q5_K header bytes b (nb, >=16), codes q (nb, 256) -> (nb, 8, 32) codes,
+    sub-block scales d * sc and biases -dmin * m (nb, 8, 1)."""
     sc, mn = _unpack_k_scales(b[:, 4:16])
     d = _bytes_f16(b[:, :2]) * sc.float()
     dm = _bytes_f16(b[:, 2:4]) * mn.float()
-    return (d[..., None] * q.reshape(-1, 8, 32) - dm[..., None]).reshape(-1, QK_K)
+    return q.reshape(-1, 8, 32), d[..., None], -dm[..., None]
 
 
 def _q4k_codes(qs: Tensor) -> Tensor:
@@ -424,9 +430,9 @@ def _q4k_codes(qs: Tensor) -> Tensor:
     return torch.cat([q & 15, q >> 4], 2).reshape(-1, QK_K).float()
 
 
-def _q4k_dequant(b: Tensor) -> Tensor:
-    """(nb, 144) -> (nb, 256) float32."""
-    return _k_affine_dequant(b, _q4k_codes(b[:, 16:]))
+def _q4k_parts(b: Tensor) -> Parts:
+    """(nb, 144) -> codes (nb, 8, 32) in [0, 15], scales, biases."""
+    return _k_affine_parts(b, _q4k_codes(b[:, 16:]))
 
 
 def _q5k_quant(x: Tensor) -> Tensor:
@@ -440,12 +446,12 @@ def _q5k_quant(x: Tensor) -> Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qh, qs], 1)
 
 
-def _q5k_dequant(b: Tensor) -> Tensor:
-    """(nb, 176) -> (nb, 256) float32."""
+def _q5k_parts(b: Tensor) -> Parts:
+    """(nb, 176) -> codes (nb, 8, 32) in [0, 31], scales, biases."""
     shifts = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)
     hi = (b[:, 16:48].to(torch.int32).reshape(-1, 1, 32) >> shifts) & 1
     q = _q4k_codes(b[:, 48:]) + 16 * hi.reshape(-1, QK_K).float()
-    return _k_affine_dequant(b, q)
+    return _k_affine_parts(b, q)
 
 
 def _q2k_quant(x: Tensor) -> Tensor:
@@ -462,13 +468,13 @@ def _q2k_quant(x: Tensor) -> Tensor:
     )
 
 
-def _q2k_dequant(b: Tensor) -> Tensor:
-    """(nb, 84) -> (nb, 256) float32."""
+def _q2k_parts(b: Tensor) -> Parts:
+    """(nb, 84) -> codes (nb, 16, 16) in [0, 3], scales, biases."""
     sc = b[:, :16].to(torch.int32)
     d = _bytes_f16(b[:, 80:82]) * (sc & 15).float()
     dm = _bytes_f16(b[:, 82:84]) * (sc >> 4).float()
     q = _unpack_crumbs(b[:, 16:80]).reshape(-1, 16, 16).float()
-    return (d[..., None] * q - dm[..., None]).reshape(-1, QK_K)
+    return q, d[..., None], -dm[..., None]
 
 
 def _signed_k(x: Tensor, nmax: int, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -506,8 +512,8 @@ def _q3k_quant(x: Tensor) -> Tensor:
     return torch.cat([hmask, _pack_crumbs(qi & 3), scales, _f16_bytes(d)], 1)
 
 
-def _q3k_dequant(b: Tensor) -> Tensor:
-    """(nb, 110) -> (nb, 256) float32."""
+def _q3k_parts(b: Tensor) -> Parts:
+    """(nb, 110) -> signed codes (nb, 16, 16) in [-4, 3], scales."""
     s = b[:, 96:108].to(torch.int32)
     lo = torch.cat([s[:, :8] & 15, s[:, :8] >> 4], 1)
     sh = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 4, 1)
@@ -516,7 +522,7 @@ def _q3k_dequant(b: Tensor) -> Tensor:
     shifts = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)
     hbit = ((b[:, :32].to(torch.int32).reshape(-1, 1, 32) >> shifts) & 1).reshape(-1, QK_K)
     q = (_unpack_crumbs(b[:, 32:96]) | (hbit << 2)) - 4
-    return (dl[..., None] * q.reshape(-1, 16, 16).float()).reshape(-1, QK_K)
+    return q.reshape(-1, 16, 16).float(), dl[..., None], None
 
 
 def _q6k_quant(x: Tensor) -> Tensor:
@@ -530,15 +536,15 @@ def _q6k_quant(x: Tensor) -> Tensor:
     return torch.cat([ql.reshape(-1, 128), qh, scales, _f16_bytes(d)], 1)
 
 
-def _q6k_dequant(b: Tensor) -> Tensor:
-    """(nb, 210) -> (nb, 256) float32."""
+def _q6k_parts(b: Tensor) -> Parts:
+    """(nb, 210) -> signed codes (nb, 16, 16) in [-32, 31], scales."""
     ql = b[:, :128].to(torch.int32).reshape(-1, 2, 2, 32)
     lo = torch.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], 2)
     sh = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
     hi = (b[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32) >> sh) & 3
     q = ((lo | (hi << 4)) - 32).reshape(-1, 16, 16).float()
     dl = _bytes_f16(b[:, 208:210]) * _bytes_to(b[:, 192:208], torch.int8).float()
-    return (dl[..., None] * q).reshape(-1, QK_K)
+    return q, dl[..., None], None
 
 
 def _q8k_quant(x: Tensor) -> Tensor:
@@ -558,13 +564,10 @@ def _q8k_quant(x: Tensor) -> Tensor:
     return torch.cat([d.to(torch.float32).view(torch.uint8), qb, bsums], 1)
 
 
-def _q8k_dequant(b: Tensor) -> Tensor:
-    """(nb, 292) -> (nb, 256) float32."""
-    return _bytes_to(b[:, :4], torch.float32) * _bytes_to(b[:, 4:260], torch.int8).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# fp8: one "block" per row
+def _q8k_parts(b: Tensor) -> Parts:
+    """(nb, 292) -> signed codes (nb, 1, 256), float32 d."""
+    q = _bytes_to(b[:, 4:260], torch.int8).float()[:, None]
+    return q, _bytes_to(b[:, :4], torch.float32)[:, None], None
 
 
 def _fp8_quant(x: Tensor) -> Tensor:
@@ -585,16 +588,32 @@ def _fp8_dequant(b: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class GroupAffine:
+    """A GGML weight as w = scale[n, k // group] * codes[n, k] + offset[n, k // group].
+
+    The form every fast kernel consumes; equal to the GGUF dequantization up to float32
+    rounding of the offset (offset = bias + center * scale for unsigned codes).
+    """
+
+    codes: Tensor  # (rows, cols) int8, signed, |codes| <= 128
+    scale: Tensor  # (rows, cols // group) float32
+    offset: Tensor  # (rows, cols // group) float32
+    group: int  # 16, 32 or 256 weights sharing one (scale, offset)
+    bits: int  # codes lie in [-2**(bits-1), 2**(bits-1))
+
+
+@dataclass(frozen=True)
 class QuantFormat:
     """One quantization format; GGUF-exact block layout unless `ggml_type` is None."""
 
     name: str  # canonical lower-case name: "q4k", "q8_0", "fp8", ...
     block_size: int  # weights per block along a row (32 or 256); 1 for fp8 (any width)
-    type_size: int  # bytes per block; fp8: 1 byte per weight plus 4 per row (see below)
+    type_size: int  # bytes per block; fp8: 1 byte per weight plus 4 per row (see module doc)
     ggml_type: int | None  # gguf.GGMLQuantizationType value, None for fp8
-    bits: int  # nominal bits of a code, used to pick fallbacks and kernels
+    bits: int  # bits of a code
+    center: int  # subtract from stored codes to make them signed (0: already signed)
     _quant: Callable[[Tensor], Tensor]  # (nb, block) float32 -> (nb, type_size) uint8
-    _dequant: Callable[[Tensor], Tensor]  # (nb, type_size) uint8 -> (nb, block) float32
+    _parts: Callable[[Tensor], Parts] | None  # GGML blocks -> codes, scales, biases
 
     def supports(self, cols: int) -> bool:
         """True when rows of `cols` weights split into whole blocks."""
@@ -621,8 +640,7 @@ class QuantFormat:
         """(r, cols) float32 -> (r, bytes_per_row) uint8."""
         if self.ggml_type is None:
             return self._quant(x)
-        packed = self._quant(x.reshape(-1, self.block_size))
-        return packed.reshape(x.shape[0], -1)
+        return self._quant(x.reshape(-1, self.block_size)).reshape(x.shape[0], -1)
 
     def dequantize(
         self, packed: Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32
@@ -630,32 +648,46 @@ class QuantFormat:
         """(rows, bytes_per_row) uint8 -> (rows, cols) `dtype` (`shape` = (rows, cols))."""
         rows, cols = shape
         assert packed.shape == (rows, self.bytes_per_row(cols)), (packed.shape, shape, self.name)
-        if self.ggml_type is None:
-            return self._dequant(packed).to(dtype)
-        blocks = packed.reshape(-1, self.type_size)
-        return self._dequant(blocks).reshape(rows, cols).to(dtype)
+        if self._parts is None:
+            return _fp8_dequant(packed).to(dtype)
+        q, scale, bias = self._parts(packed.reshape(-1, self.type_size))
+        w = scale * q if bias is None else scale * q + bias
+        return w.reshape(rows, cols).to(dtype)
+
+    def group_affine(self, packed: Tensor, shape: tuple[int, int]) -> GroupAffine | None:
+        """Packed rows -> the kernel-friendly `GroupAffine` form; None for fp8."""
+        if self._parts is None:
+            return None
+        rows, cols = shape
+        q, scale, bias = self._parts(packed.reshape(-1, self.type_size))
+        group = q.shape[-1]
+        offset = scale * self.center if bias is None else bias + scale * self.center
+        codes = (q - self.center).to(torch.int8).reshape(rows, cols)
+        return GroupAffine(
+            codes, scale.reshape(rows, -1), offset.reshape(rows, -1), group, self.bits
+        )
 
 
-def _fmt(name, block, size, ggml, bits, q, dq) -> QuantFormat:
-    return QuantFormat(name, block, size, ggml, bits, q, dq)
+def _fmt(name, block, size, ggml, bits, center, q, parts) -> QuantFormat:
+    return QuantFormat(name, block, size, ggml, bits, center, q, parts)
 
 
 # ggml type ids are fixed by the GGUF spec (gguf.GGMLQuantizationType).
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
-        _fmt("q4_0", 32, 18, 2, 4, _q4_0_quant, _q4_0_dequant),
-        _fmt("q4_1", 32, 20, 3, 4, _q4_1_quant, _q4_1_dequant),
-        _fmt("q5_0", 32, 22, 6, 5, _q5_0_quant, _q5_0_dequant),
-        _fmt("q5_1", 32, 24, 7, 5, _q5_1_quant, _q5_1_dequant),
-        _fmt("q8_0", 32, 34, 8, 8, _q8_0_quant, _q8_0_dequant),
-        _fmt("q2k", 256, 84, 10, 2, _q2k_quant, _q2k_dequant),
-        _fmt("q3k", 256, 110, 11, 3, _q3k_quant, _q3k_dequant),
-        _fmt("q4k", 256, 144, 12, 4, _q4k_quant, _q4k_dequant),
-        _fmt("q5k", 256, 176, 13, 5, _q5k_quant, _q5k_dequant),
-        _fmt("q6k", 256, 210, 14, 6, _q6k_quant, _q6k_dequant),
-        _fmt("q8k", 256, 292, 15, 8, _q8k_quant, _q8k_dequant),
-        _fmt("fp8", 1, 1, None, 8, _fp8_quant, _fp8_dequant),
+        _fmt("q4_0", 32, 18, 2, 4, 0, _q4_0_quant, _q4_0_parts),
+        _fmt("q4_1", 32, 20, 3, 4, 8, _q4_1_quant, _q4_1_parts),
+        _fmt("q5_0", 32, 22, 6, 5, 0, _q5_0_quant, _q5_0_parts),
+        _fmt("q5_1", 32, 24, 7, 5, 16, _q5_1_quant, _q5_1_parts),
+        _fmt("q8_0", 32, 34, 8, 8, 0, _q8_0_quant, _q8_0_parts),
+        _fmt("q2k", 256, 84, 10, 2, 2, _q2k_quant, _q2k_parts),
+        _fmt("q3k", 256, 110, 11, 3, 0, _q3k_quant, _q3k_parts),
+        _fmt("q4k", 256, 144, 12, 4, 8, _q4k_quant, _q4k_parts),
+        _fmt("q5k", 256, 176, 13, 5, 16, _q5k_quant, _q5k_parts),
+        _fmt("q6k", 256, 210, 14, 6, 0, _q6k_quant, _q6k_parts),
+        _fmt("q8k", 256, 292, 15, 8, 0, _q8k_quant, _q8k_parts),
+        _fmt("fp8", 1, 1, None, 8, 0, _fp8_quant, None),
     )
 }
 
