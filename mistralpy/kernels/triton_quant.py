@@ -243,6 +243,7 @@ class _TritonMatmul(QuantMatmul):
 
     gemv_bn = 4
     gemm_bn = 32
+    gemm_warps = 2
     # Triton's CPU interpreter mis-computes bf16 tl.dot; it runs the tests in float32.
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -272,31 +273,35 @@ class _TritonMatmul(QuantMatmul):
 class TritonQ4KMatmul(_TritonMatmul):
     """q4_K straight from GGUF bytes (N, K / 256 * 144)."""
 
-    gemv_bb = 2
     gemm_bb = 1
 
     def __init__(self, packed: Tensor, shape: tuple[int, int]):
         self.out_features, self.in_features = shape
         self.wb, self.wh = packed, packed.view(torch.float16)
+        # Tuned on H100 at the 24B shapes (benchmarks/quant_gpu.py): few warps and several
+        # blocks per step keep more independent loads in flight per thread.
+        long_k = self.in_features >= 16384
+        self.gemv_bb, self.gemv_warps = (4, 2) if long_k else (2, 1)
 
     def _gemv(self, grid, x, y):
         _q4k_gemv_kernel[grid](
             x, self.wb, self.wh, y, self.out_features, self.in_features, x.stride(0), y.stride(0),
-            BN=self.gemv_bn, BB=self.gemv_bb, num_warps=4,
+            BN=self.gemv_bn, BB=self.gemv_bb, num_warps=self.gemv_warps,
         )  # fmt: skip
 
     def _gemm(self, grid, x, y, bm):
         _q4k_gemm_kernel[grid](
             x, self.wb, self.wh, y, x.shape[0], self.out_features, self.in_features,
-            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BB=self.gemm_bb, DOT=self._dot(x), num_warps=4,
+            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BB=self.gemm_bb, DOT=self._dot(x), num_warps=self.gemm_warps,
         )  # fmt: skip
 
 
 class TritonQ8_0Matmul(_TritonMatmul):
     """q8_0 straight from GGUF bytes (N, K / 32 * 34)."""
 
-    gemv_bg = 8
-    gemm_bg = 4
+    gemv_bg = 16  # H100-tuned, as for q4k
+    gemv_warps = 1
+    gemm_bn, gemm_bg = 16, 8
 
     def __init__(self, packed: Tensor, shape: tuple[int, int]):
         self.out_features, self.in_features = shape
@@ -305,13 +310,13 @@ class TritonQ8_0Matmul(_TritonMatmul):
     def _gemv(self, grid, x, y):
         _q8_0_gemv_kernel[grid](
             x, self.wb, self.wh, y, self.out_features, self.in_features, x.stride(0), y.stride(0),
-            BN=self.gemv_bn, BG=self.gemv_bg, num_warps=4,
+            BN=self.gemv_bn, BG=self.gemv_bg, num_warps=self.gemv_warps,
         )  # fmt: skip
 
     def _gemm(self, grid, x, y, bm):
         _q8_0_gemm_kernel[grid](
             x, self.wb, self.wh, y, x.shape[0], self.out_features, self.in_features,
-            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BG=self.gemm_bg, DOT=self._dot(x), num_warps=4,
+            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BG=self.gemm_bg, DOT=self._dot(x), num_warps=self.gemm_warps,
         )  # fmt: skip
 
 
