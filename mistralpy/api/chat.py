@@ -9,6 +9,8 @@ worker thread so the event loop keeps serving other streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,10 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
-from mistralpy.processing.tool_calls import ToolCallStreamParser, parse_tool_calls
+from mistralpy.processing.tool_calls import TOOL_CALLS, ToolCallStreamParser, parse_tool_calls
 
 ROLES = ("system", "user", "assistant", "tool")
 GRAMMAR_TYPES = ("regex", "json_schema", "lark", "llguidance", "json_object", "choice")
+# vLLM's request fields -> grammar kind (`guided_grammar` is taken as Lark, as llguidance reads it)
+GUIDED_KINDS = {
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "lark",
+}
+# Logit bias that keeps tool_choice "none" from starting a call (a ban at any sane temperature)
+NO_TOOL_CALL_BIAS = -100.0
 
 
 class InvalidRequest(ValueError):
@@ -120,43 +131,70 @@ def _stop(raw: Any) -> tuple[str, ...]:
 
 
 def grammar_from_request(body: dict) -> GrammarSpec | None:
-    """The output constraint of a request: response_format, `grammar`, or forced tool calls."""
-    specs = []
-    fmt = body.get("response_format")
-    if fmt and fmt.get("type") == "json_object":
-        specs.append(GrammarSpec("json_object"))
-    elif fmt and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if schema is None:
-            raise InvalidParameter("response_format", "json_schema.schema is required")
-        strict = bool((fmt.get("json_schema") or {}).get("strict"))
-        specs.append(GrammarSpec("json_schema", schema, strict=strict))
-    elif fmt and fmt.get("type") not in (None, "text"):
-        raise InvalidParameter("response_format", "response_format.type must be text|json_*")
-    if body.get("grammar") is not None:
-        specs.append(_grammar_extension(body["grammar"]))
-    tool_spec = _tool_grammar(body)
-    if tool_spec is not None:
-        specs.append(tool_spec)
+    """The output constraint of a request; raises InvalidParameter if it names several.
+
+    Accepted spellings: OpenAI `response_format` (json_object, json_schema), mistral.rs'
+    `grammar: {"type": regex|lark|llguidance|json_schema|json_object|choice, "value": ...}`,
+    vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (Lark), and a
+    forced tool call (`tool_choice` "required" or a named function).
+    """
+    specs = [(param, spec) for param, spec in _grammar_sources(body) if spec is not None]
     if len(specs) > 1:
-        raise InvalidParameter("grammar", "use only one of response_format, grammar, tool_choice")
-    return specs[0] if specs else None
+        names = ", ".join(param for param, _ in specs)
+        raise InvalidParameter(specs[1][0], f"give only one output constraint; got {names}")
+    return specs[0][1] if specs else None
 
 
-def _grammar_extension(grammar: Any) -> GrammarSpec:
+def grammar_param(body: dict) -> str | None:
+    """The request field the grammar came from (names the parameter of a GrammarError)."""
+    return next((param for param, spec in _grammar_sources(body) if spec is not None), None)
+
+
+def _grammar_sources(body: dict) -> list[tuple[str, GrammarSpec | None]]:
+    return [
+        ("response_format", _response_format_grammar(body.get("response_format"))),
+        ("grammar", _grammar_extension(body.get("grammar"))),
+        *[(field, _guided(field, body.get(field))) for field in GUIDED_KINDS],
+        ("tool_choice", _tool_grammar(body)),
+    ]
+
+
+def _response_format_grammar(fmt: Any) -> GrammarSpec | None:
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return GrammarSpec("json_object")
+    if fmt.get("type") != "json_schema":
+        raise InvalidParameter("response_format", "response_format.type must be text|json_*")
+    json_schema = fmt.get("json_schema") or {}
+    if json_schema.get("schema") is None:
+        raise InvalidParameter("response_format", "json_schema.schema is required")
+    return GrammarSpec("json_schema", json_schema["schema"], strict=bool(json_schema.get("strict")))
+
+
+def _grammar_extension(grammar: Any) -> GrammarSpec | None:
+    if grammar is None:
+        return None
     if not isinstance(grammar, dict) or grammar.get("type") not in GRAMMAR_TYPES:
         raise InvalidParameter("grammar", f"grammar.type must be one of {GRAMMAR_TYPES}")
     kind = "lark" if grammar["type"] == "llguidance" else grammar["type"]
     return GrammarSpec(kind, grammar.get("value"))
 
 
+def _guided(field: str, value: Any) -> GrammarSpec | None:
+    return None if value is None else GrammarSpec(GUIDED_KINDS[field], value)
+
+
 def _tool_grammar(body: dict) -> GrammarSpec | None:
     """`tool_choice` "required" or a named function forces a tool call through the grammar."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if not tools or choice in (None, "auto", "none"):
+    if choice in (None, "auto", "none"):
         return None
+    if not tools:
+        raise InvalidParameter("tool_choice", "tool_choice other than auto|none needs tools")
+    single = body.get("parallel_tool_calls") is False
     if choice == "required":
-        return GrammarSpec("tool_calls", {"tools": tools, "mode": "required"})
+        return GrammarSpec("tool_calls", {"tools": tools, "mode": "required", "single": single})
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if name not in {t.get("function", {}).get("name") for t in tools}:
         raise InvalidParameter("tool_choice", "tool_choice must be auto|none|required|a tool")
@@ -316,6 +354,8 @@ class ChatService:
         tools = body.get("tools") or None
         tools_active = tools is not None and body.get("tool_choice") != "none"
         params = sampling_params_from_request(body, chat=True, tools_active=tools_active)
+        if tools is not None and not tools_active:
+            params = self._without_tool_calls(params)
         prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
         self._check_length(prompt, params)
         return prompt, params, tools_active
@@ -331,6 +371,16 @@ class ChatService:
         prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
         self._check_length(prompt, params)
         return prompt, params
+
+    def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
+        """tool_choice "none": the tools stay in the prompt (as OpenAI and vLLM do), but the
+        model may not start a call: its `[TOOL_CALLS]` token is biased away."""
+        token_to_id = getattr(self.tokenizer, "token_to_id", None)
+        token = token_to_id(TOOL_CALLS) if token_to_id is not None else None
+        if token is None:
+            return params
+        bias = {**params.logit_bias, token: NO_TOOL_CALL_BIAS}
+        return dataclasses.replace(params, logit_bias=bias)
 
     def _check_length(self, prompt: Any, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
@@ -357,7 +407,8 @@ class ChatService:
         """A whole chat.completion response for an OpenAI chat request body."""
         request_id = request_id or new_request_id("chatcmpl")
         prompt, params, tools_active = await self._prepare_chat(body)
-        final = await self._run_to_end(request_id, prompt, params)
+        with _grammar_errors_name(grammar_param(body)):
+            final = await self._run_to_end(request_id, prompt, params)
         choices = [self._chat_choice(o, tools_active, params.logprobs) for o in final.outputs]
         completion_tokens = sum(len(o.token_ids) for o in final.outputs)
         return {
@@ -400,7 +451,8 @@ class ChatService:
         outputs = self.engine.generate(request_id, prompt, params)
         done = False
         try:
-            first = await _first_output(outputs, request_id)
+            with _grammar_errors_name(grammar_param(body)):
+                first = await _first_output(outputs, request_id)
             chunk = _ChunkFactory(request_id, self.served_model_name, include_usage)
             yield chunk.make(
                 [_choice_delta(i, {"role": "assistant", "content": ""}) for i in range(params.n)]
@@ -458,7 +510,8 @@ class ChatService:
         """A whole text_completion response for an OpenAI completions body."""
         request_id = request_id or new_request_id("cmpl")
         prompt, params = await self._prepare_completion(body)
-        final = await self._run_to_end(request_id, prompt, params)
+        with _grammar_errors_name(grammar_param(body)):
+            final = await self._run_to_end(request_id, prompt, params)
         echo = self.tokenizer.decode(prompt.token_ids) if body.get("echo") else ""
         choices = [
             {
@@ -492,7 +545,8 @@ class ChatService:
         outputs = self.engine.generate(request_id, prompt, params)
         done = False
         try:
-            first = await _first_output(outputs, request_id)
+            with _grammar_errors_name(grammar_param(body)):
+                first = await _first_output(outputs, request_id)
             chunk = _ChunkFactory(
                 request_id, self.served_model_name, include_usage, "text_completion"
             )
@@ -623,6 +677,20 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for out in rest:
         _raise_if_failed(out, first.request_id)
         yield out
+
+
+@contextlib.contextmanager
+def _grammar_errors_name(param: str | None):
+    """Give a GrammarError from the engine the request field its grammar came from."""
+    try:
+        yield
+    except ValueError as exc:
+        if param is not None and getattr(exc, "param", None) is None:
+            from mistralpy.processing.grammar import GrammarError
+
+            if isinstance(exc, GrammarError):
+                exc.param = param  # type: ignore[attr-defined]
+        raise
 
 
 def _raise_if_failed(out: Any, request_id: str) -> None:

@@ -41,7 +41,12 @@ TOOL_CHOICE_MODES = ("required", "named", "auto")
 
 
 class GrammarError(ValueError):
-    """The grammar, schema, regex or tool spec of a request is invalid (llguidance's message)."""
+    """The grammar, schema, regex or tool spec of a request is invalid (llguidance's message).
+
+    `param`: the request field that carried it, filled in by the API layer when known.
+    """
+
+    param: str | None = None
 
 
 def ll_tokenizer_from_hf(
@@ -139,7 +144,8 @@ def _special_token_id(ll_tokenizer: llguidance.LLTokenizer, text: str) -> int:
 def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
     """Lark grammar: `[TOOL_CALLS]` + JSON list of {"name", "arguments"} (Mistral v7 form).
 
-    "required": one or more calls of any tool; "named": exactly one call of `name`;
+    "required": one or more calls of any tool (exactly one when `single`, i.e. OpenAI
+    `parallel_tool_calls=false`); "named": exactly one call of `name`;
     "auto": free text, or optional free text followed by the tool-call form.
     """
     _require(isinstance(value, dict), "tool_calls spec must be a dict with 'tools' and 'mode'")
@@ -157,7 +163,7 @@ def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
         "minItems": 1,
         "x-guidance": {"whitespace_pattern": JSON_WHITESPACE, "lenient": True},
     }
-    if mode == "named":
+    if mode == "named" or value.get("single"):  # type: ignore[union-attr]
         calls_list["maxItems"] = 1
     calls_rule = f"calls: <[{tool_calls_id}]> %json {json.dumps(calls_list)}"
     if mode == "auto":

@@ -85,7 +85,9 @@ class ResponseFormat(_Strict):
 
 
 class Grammar(_Strict):
-    type: Literal["regex", "json_schema", "lark", "llguidance", "choice"]
+    """mistral.rs' grammar field; `value` is the pattern, Lark text, schema or choice list."""
+
+    type: Literal["regex", "json_schema", "json_object", "lark", "llguidance", "choice"]
     value: Any = None
 
 
@@ -112,6 +114,12 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     user: str | None = None
     grammar: Grammar | None = None
+    # vLLM's spellings of the same constraints (at most one constraint per request)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: llguidance serves all
 
 
 class ChatCompletionRequest(_SamplingFields):
