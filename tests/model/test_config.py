@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 
 import pytest
 import transformers
@@ -15,6 +14,7 @@ from mistralpy.model.config import (
     mistral_small_3_1_config,
     read_config,
 )
+from tests.seeds import fresh_seeds
 
 from .oracle import random_hf_config
 
@@ -71,7 +71,7 @@ def test_real_config_equals_builtin_24b_config():
     assert cfg.text_config.head_dim == 128 != cfg.text_config.hidden_size // 32
 
 
-@pytest.mark.parametrize("seed", [random.SystemRandom().randrange(2**31) for _ in range(3)])
+@pytest.mark.parametrize("seed", fresh_seeds(3, __name__))
 def test_values_come_from_transformers_saved_config(seed, tmp_path):
     """A transformers-5 config.json (rope_parameters dicts) is read field for field."""
     hf = random_hf_config(seed)

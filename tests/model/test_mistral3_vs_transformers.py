@@ -14,6 +14,7 @@ import torch
 from mistralpy.checkpoint.loader import load_model
 from mistralpy.kernels.attention import build_metadata
 from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
+from tests.seeds import fresh_seeds
 
 from .oracle import (
     hf_logits,
@@ -26,7 +27,7 @@ from .oracle import (
 )
 
 TOL = 1e-4
-SEEDS = [random.SystemRandom().randrange(2**31) for _ in range(2)]
+SEEDS = fresh_seeds(2, __name__)
 
 
 @pytest.fixture(scope="module", params=SEEDS, ids=[f"seed{s}" for s in SEEDS])

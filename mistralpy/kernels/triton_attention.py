@@ -1,0 +1,632 @@
+"""Triton attention over the paged KV cache (CUDA fast path; runs on CPU under TRITON_INTERPRET=1).
+
+This module imports triton at the top, so nothing in the package imports it eagerly: the
+backend is chosen once, and only then is this module imported (`import mistralpy` must work
+on a box without triton). Layout contract: `mistralpy/kernels/attention.py`. One layer's cache
+is `(2, num_blocks, block_size, num_kv_heads, head_dim)`, `[0]` keys and `[1]` values; token i
+of a sequence sits in block `block_table[i // block_size]` at offset `i % block_size`.
+
+Kernels:
+- `store_kv`: scatter the step's new K/V rows into their cache slots (-1 = skip).
+- `paged_decode_attention`: one query per sequence, split-K ("flash-decoding") so a single
+  long sequence fills the GPU; every query head of a KV group is handled by one program so
+  each K/V tile is read once. Fixed grid for fixed shapes: CUDA-graph capturable.
+- `paged_prefill_attention`: varlen causal flash attention for new tokens that sit at the end
+  of their sequence (chunked prefill, prefix-cache hits, mixed prefill+decode batches).
+- `varlen_attention`: the same kernel over contiguous K/V (vision encoder, one image per seq).
+Softmax runs in base 2 (scale folded with log2(e)); accumulation is always float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mistralpy.kernels.attention import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters of the flash-attention (prefill / varlen) kernel."""
+
+    block_m: int  # query rows per program (power of two, >= 16)
+    block_n: int  # keys per inner-loop tile (power of two, >= 16)
+    num_warps: int
+    num_stages: int
+
+
+class AttentionInputError(ValueError):
+    """A tensor handed to a Triton attention entry point has the wrong shape, dtype or device."""
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a (M, K) @ b (K, N) in float32 (acc None: zero); accumulating inside the MMA
+    saves a pass over acc. F32_DOT: exact fp32 matmul (fp32 inputs; and the CPU interpreter,
+    whose bf16 dot is broken in triton 3.9: it multiplies raw uint16 bits)."""
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _kv_row_offsets(
+    offs_n,
+    mask,
+    bt_row_ptr,
+    kv_start,
+    stride_blk,
+    stride_row,
+    PAGE: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    """Element offsets (int64) of key positions `offs_n` in the K (or V) tensor of one head.
+    Paged: through the sequence's block table; else contiguous rows starting at kv_start."""
+    if PAGED:
+        blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=mask, other=0).to(tl.int64)
+        return blk * stride_blk + (offs_n % PAGE).to(tl.int64) * stride_row
+    else:
+        return (kv_start + offs_n).to(tl.int64) * stride_row
+
+
+@triton.jit
+def _softmax_step(
+    acc, m_i, l_i, q, k_t, v, qk_scale, mask, MASKED: tl.constexpr, F32_DOT: tl.constexpr
+):
+    """One online-softmax update: q (M, D), k_t (D, N), v (N, D), mask (M, N) or None.
+    m_i, l_i (M,) are the running max / sum of scaled base-2 logits; acc (M, D) float32.
+    qk_scale > 0 commutes with max, so scaling fuses into the exponent's FMA."""
+    s = _dot(q, k_t, None, F32_DOT)
+    if MASKED:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], F32_DOT)
+    return acc, m_new, l_i
+
+
+# --------------------------------------------------------------------------------------
+# store_kv
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_vt,
+    stride_c_blk,
+    stride_c_row,
+    PAGE: tl.constexpr,
+    ROW: tl.constexpr,
+    ROW_PAD: tl.constexpr,
+):
+    """One program per new token: copy its (Hkv*D) K and V rows to the cache slot."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, ROW_PAD)
+    # (slot broadcast to a block first: the interpreter mishandles scalar & block masks)
+    mask = (offs < ROW) & ((offs * 0 + slot) >= 0)
+    dst = (slot // PAGE) * stride_c_blk + (slot % PAGE) * stride_c_row + offs
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=mask)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=mask)
+    tl.store(kc_ptr + dst, k, mask=mask)
+    tl.store(vc_ptr + dst, v, mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """Write k, v (T, Hkv, D) into kv_cache (2, NB, BS, Hkv, D) at slot_mapping (T,) int;
+    slots < 0 are skipped. In place, no host sync."""
+    _check_cache(kv_cache)
+    _, _, page, hkv, d = kv_cache.shape
+    if k.shape != v.shape or k.shape[1:] != (hkv, d):
+        raise AttentionInputError(f"k/v {tuple(k.shape)} do not match cache heads {(hkv, d)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise AttentionInputError("slot_mapping must be (T,), one slot per new token")
+    if k.shape[0] == 0:
+        return
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    row = hkv * d
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
+        kv_cache.stride(1), kv_cache.stride(2),
+        PAGE=page, ROW=row, ROW_PAD=triton.next_power_of_2(row),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Decode: split-K over the context, then a reduction over splits
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_c_blk,
+    stride_c_row,
+    stride_c_h,
+    stride_bt_b,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    """Program (kv_head, split, b): all GROUP query heads of one KV head over one slice of
+    the context. SINGLE_SPLIT: write the normalised output; else (out, lse) partials.
+    The slices divide this sequence's actual length (read here, on the device), so a grid
+    fixed for the longest context still spreads a short one over all its programs."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    tiles_per_split = _tiles_per_split(seq_len, num_splits, BLOCK_N)
+    start = split * tiles_per_split * BLOCK_N
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(seq_len - start, BLOCK_N))
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    q_off = b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=g_mask[:, None], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt_b
+    kc_head = kc_ptr + kvh.to(tl.int64) * stride_c_h
+    vc_head = vc_ptr + kvh.to(tl.int64) * stride_c_h
+    for t in range(0, n_tiles):
+        offs_n = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        rows = _kv_row_offsets(offs_n, n_mask, bt_row, 0, stride_c_blk, stride_c_row, PAGE, True)
+        k_t = tl.load(kc_head + rows[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
+        v = tl.load(vc_head + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc, m_i, l_i = _softmax_step(
+            acc, m_i, l_i, q, k_t, v, qk_scale, n_mask[None, :], True, F32_DOT
+        )
+
+    if SINGLE_SPLIT:
+        # l_i == 0 only for an empty (padding) sequence: write zeros there, never NaN.
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        o_off = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    elif n_tiles > 0:
+        # Partials are (B, Hq, num_splits, D) and (B, Hq, num_splits), contiguous.
+        row = (b.to(tl.int64) * GROUP * tl.num_programs(0) + heads) * num_splits + split
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
+        p_off = row[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(part_out_ptr + p_off, acc / l_i[:, None], mask=g_mask[:, None])
+
+
+@triton.jit
+def _tiles_per_split(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Key tiles per split for one sequence (>= 1, so an empty sequence has no valid split)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), 1)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Program (head, b): merge the valid splits' partials by their log-sum-exp weights."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_tokens = _tiles_per_split(seq_len, num_splits, BLOCK_N) * BLOCK_N
+    n_valid = tl.cdiv(seq_len, split_tokens)
+    row0 = (b.to(tl.int64) * tl.num_programs(0) + h) * num_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)  # fp32 scalars (loop-carried)
+    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c in range(0, n_valid, CHUNK):
+        offs_s = c + tl.arange(0, CHUNK)
+        s_mask = offs_s < n_valid
+        lse = tl.load(part_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        o = tl.load(
+            part_out_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=s_mask[:, None],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.exp2(lse - m_new)
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l_sum = l_sum * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.maximum(l_sum, 1e-30)
+    o_off = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch shape of decode: host-static for a given batch (bucket), so a CUDA graph
+    captured with one plan replays with any seq_lens; each sequence's context is cut into
+    num_splits equal runs of whole tiles on the device."""
+
+    block_n: int  # keys per inner tile
+    num_splits: int  # programs per (sequence, kv head)
+
+
+def plan_decode(
+    batch: int, num_kv_heads: int, max_context: int, num_sms: int, block_n: int = 64
+) -> DecodePlan:
+    """Pick a split count so batch * kv_heads * splits covers ~4 waves of the GPU's SMs
+    (one long sequence must not run on 8 SMs), and no more splits than max_context has tiles."""
+    tiles_total = max(1, triton.cdiv(max_context, block_n))
+    target = max(1, triton.cdiv(4 * num_sms, batch * num_kv_heads))
+    return DecodePlan(block_n, min(target, tiles_total))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    plan: DecodePlan | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """q (B, Hq, D) one new token per sequence -> (B, Hq, D) in q's dtype, attending over all
+    seq_lens[b] cached tokens (the new token's K/V must already be stored). block_tables
+    (B, max_blocks) int32, seq_lens (B,) int32 (0 = padding row, output zeros). Default plan
+    sizes splits for block_tables' full width, so the launch never depends on seq_lens."""
+    _check_cache(kv_cache)
+    _, _, page, hkv, d = kv_cache.shape
+    bsz, hq = _check_query(q, kv_cache, "q")
+    if block_tables.shape[0] != bsz or seq_lens.shape != (bsz,):
+        raise AttentionInputError("block_tables (B, max_blocks) and seq_lens (B,) must match q")
+    if plan is None:
+        plan = plan_decode(bsz, hkv, block_tables.shape[1] * page, _num_sms(q.device))
+    group = hq // hkv
+    out = torch.empty_like(q)
+    single = plan.num_splits == 1
+    n_part = 1 if single else bsz * hq * plan.num_splits
+    part_out = torch.empty((n_part, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((n_part,), dtype=torch.float32, device=q.device)
+    q = _rows_contiguous(q)
+    _decode_split_kernel[(hkv, plan.num_splits, bsz)](
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse,
+        scale * _LOG2E, plan.num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=page,
+        BLOCK_N=plan.block_n, SINGLE_SPLIT=single, F32_DOT=_f32_dot(q),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if not single:
+        _decode_reduce_kernel[(hq, bsz)](
+            part_out, part_lse, seq_lens, out, plan.num_splits,
+            out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_N=plan.block_n, CHUNK=16, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Prefill / varlen: tiled flash attention, queries at the end of their sequence
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _flash_kv_loop(
+    acc, m_i, l_i, q, pos_m, k_head, v_head, bt_row, kv_start, seq_len, lo, hi, qk_scale,
+    stride_blk, stride_row, offs_d,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Keys [lo, hi) in BLOCK_N tiles. MASKED: bound (and, if CAUSAL, key <= pos_m) masks;
+    unmasked tiles are those every query row of the program may see in full."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_mask = offs_n < seq_len
+            rows = _kv_row_offsets(
+                offs_n, n_mask, bt_row, kv_start, stride_blk, stride_row, PAGE, PAGED
+            )
+            k_t = tl.load(k_head + rows[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            s_mask = n_mask[None, :]
+            if CAUSAL:
+                s_mask = s_mask & (offs_n[None, :] <= pos_m[:, None])
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_t, v, qk_scale, s_mask, True, F32_DOT)
+        else:
+            rows = _kv_row_offsets(
+                offs_n, offs_n < hi, bt_row, kv_start, stride_blk, stride_row, PAGE, PAGED
+            )
+            k_t = tl.load(k_head + rows[None, :] + offs_d[:, None])
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_t, v, qk_scale, None, False, F32_DOT)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_k_blk, stride_k_row, stride_k_h,
+    stride_v_blk, stride_v_row, stride_v_h, stride_bt_b,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program (head, m_tile, seq): BLOCK_M new tokens of one query head. The q_len new tokens
+    of a sequence are its last ones: row i sits at position seq_len - q_len + i. Paged: K/V via
+    block tables; else K/V are contiguous rows of the same packed layout as q (seq_len=q_len).
+    Heavy (late) m-tiles are launched first for a better causal tail."""
+    head = tl.program_id(0)
+    m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    m0 = m_tile * BLOCK_M
+    if m0 >= q_len:
+        return
+    if PAGED:
+        seq_len = tl.load(seq_lens_ptr + b)
+    else:
+        seq_len = q_len
+    ctx = seq_len - q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)  # fmt: skip
+
+    kvh = head // GROUP
+    k_head = k_ptr + kvh.to(tl.int64) * stride_k_h
+    v_head = v_ptr + kvh.to(tl.int64) * stride_v_h
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt_b
+    if CAUSAL:
+        full_end = (ctx + m0) // BLOCK_N * BLOCK_N  # keys below every row's position
+        hi = ctx + tl.minimum(m0 + BLOCK_M, q_len)
+    else:
+        full_end = seq_len // BLOCK_N * BLOCK_N
+        hi = seq_len
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    pos_m = ctx + offs_m
+    acc, m_i, l_i = _flash_kv_loop(
+        acc, m_i, l_i, q, pos_m, k_head, v_head, bt_row, q_start, seq_len, 0, full_end, qk_scale,
+        stride_k_blk, stride_k_row, offs_d, PAGE, BLOCK_N, PAGED, False, CAUSAL, F32_DOT,
+    )  # fmt: skip
+    acc, m_i, l_i = _flash_kv_loop(
+        acc, m_i, l_i, q, pos_m, k_head, v_head, bt_row, q_start, seq_len, full_end, hi, qk_scale,
+        stride_k_blk, stride_k_row, offs_d, PAGE, BLOCK_N, PAGED, True, CAUSAL, F32_DOT,
+    )  # fmt: skip
+    out = acc / l_i[:, None]
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def default_tile_config(head_dim: int, device: torch.device, max_query_len: int) -> TileConfig:
+    """Tiles measured best on H100 bf16 (benchmarks/gpu_attention.py --sweep, 2026-11-24);
+    small tiles on CPU keep the interpreter quick."""
+    if device.type != "cuda":
+        return TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if head_dim <= 64:  # vision, 12,100 patches: 422 TFLOP/s (w4: 406)
+        return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if max_query_len <= 1024:  # 1k prompt: 193 TFLOP/s vs 173 (more programs, less tail)
+        return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)  # 8k causal: 375
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """q (T, Hq, D) packed new tokens of B sequences -> (T, Hq, D), causal over each
+    sequence's cache (its new tokens are the last query_len of seq_lens[b], already stored).
+    query_start_loc (B+1,) int32, seq_lens (B,) int32, block_tables (B, max_blocks) int32."""
+    _check_cache(kv_cache)
+    _, _, page, hkv, d = kv_cache.shape
+    _check_query(q, kv_cache, "q")
+    bsz = seq_lens.shape[0]
+    if query_start_loc.shape != (bsz + 1,) or block_tables.shape[0] != bsz:
+        raise AttentionInputError("query_start_loc (B+1,) / block_tables (B, .) mismatch seq_lens")
+    kc, vc = kv_cache[0], kv_cache[1]
+    strides = (kc.stride(0), kc.stride(1), kc.stride(2))
+    layout = _KVLayout(strides, strides, hkv, page, True)
+    return _launch_flash(q, kc, vc, query_start_loc, seq_lens, block_tables, max_query_len, scale,
+                         layout, True, config)  # fmt: skip
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = False,
+    scale: float | None = None,
+    *,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """q (T, H, D), k/v (T, Hkv, D) packed sequences [cu_seqlens[i], cu_seqlens[i+1]) ->
+    (T, H, D); attention within each sequence only (non-causal for vision images)."""
+    if q.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise AttentionInputError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v must be (T, H, D)")
+    if q.shape[1] % k.shape[1]:
+        raise AttentionInputError("query heads must be a multiple of key/value heads")
+    _check_head_dim(q.shape[2])
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    layout = _KVLayout(  # contiguous rows: no block stride, "block size" 1
+        (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1)), k.shape[1], 1, False
+    )
+    return _launch_flash(q, k, v, cu_seqlens, cu_seqlens, cu_seqlens, max_seqlen, scale, layout,
+                         causal, config)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _KVLayout:
+    """Where the flash kernel finds K and V rows."""
+
+    k_strides: tuple[int, int, int]  # element strides of K: (block, row in block, head)
+    v_strides: tuple[int, int, int]  # same for V
+    num_kv_heads: int
+    page: int  # tokens per block (1 when K/V are contiguous rows)
+    paged: bool  # rows through block tables (cache) or packed like q (vision)
+
+
+def _launch_flash(
+    q, k, v, qsl, seq_lens, block_tables, max_query_len, scale, layout: _KVLayout, causal, config
+):  # fmt: skip
+    """Shared launcher of `_flash_kernel`; returns (T, Hq, D) in q's dtype."""
+    out = torch.empty_like(q)
+    if q.shape[0] == 0 or max_query_len == 0:
+        return out
+    config = config or default_tile_config(q.shape[2], q.device, max_query_len)
+    q = _rows_contiguous(q)
+    grid = (q.shape[1], triton.cdiv(max_query_len, config.block_m), qsl.shape[0] - 1)
+    bt_stride = block_tables.stride(0) if layout.paged else 0
+    _flash_kernel[grid](
+        q, k, v, out, qsl, seq_lens, block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layout.k_strides,
+        *layout.v_strides, bt_stride,
+        GROUP=q.shape[1] // layout.num_kv_heads, HEAD_DIM=q.shape[2], PAGE=layout.page,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGED=layout.paged, CAUSAL=causal,
+        F32_DOT=_f32_dot(q), num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# One attention step for the model
+# --------------------------------------------------------------------------------------
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    decode_plan: DecodePlan | None = None,
+) -> torch.Tensor:
+    """Store the step's k, v (T, Hkv, D) in kv_cache, then attend: q (T, Hq, D) -> (T, Hq, D).
+    A pure-decode step (max_query_len == 1, T == B) takes the split-K decode kernel."""
+    store_kv(k, v, kv_cache, attn.slot_mapping)
+    if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
+        return paged_decode_attention(
+            q, kv_cache, attn.block_tables, attn.seq_lens, scale, plan=decode_plan
+        )
+    return paged_prefill_attention(
+        q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+        attn.max_query_len, scale,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Validation and small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise AttentionInputError(f"head_dim {d} must be a power of two >= 16")
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.stride(-1) != 1:
+        raise AttentionInputError(
+            f"kv_cache {tuple(kv_cache.shape)} must be (2, num_blocks, block_size, Hkv, D)"
+            " with a contiguous last dim"
+        )
+    page = kv_cache.shape[2]
+    if page & (page - 1):
+        raise AttentionInputError(f"block_size {page} must be a power of two")
+    _check_head_dim(kv_cache.shape[4])
+
+
+def _check_query(q: torch.Tensor, kv_cache: torch.Tensor, name: str) -> tuple[int, int]:
+    """Validate q (N, Hq, D) against the cache; returns (N, Hq)."""
+    hkv, d = kv_cache.shape[3], kv_cache.shape[4]
+    if q.dim() != 3 or q.shape[2] != d or q.shape[1] % hkv:
+        raise AttentionInputError(f"{name} {tuple(q.shape)} must be (N, k * {hkv}, {d})")
+    if q.dtype != kv_cache.dtype:
+        raise AttentionInputError(f"{name} dtype {q.dtype} differs from cache {kv_cache.dtype}")
+    return q.shape[0], q.shape[1]
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride in its last dim and the middle dim packed (kernels index rows)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def _f32_dot(q: torch.Tensor) -> bool:
+    return q.dtype == torch.float32 or q.device.type != "cuda"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter runs programs one by one: few splits suffice
+
+
+__all__ = [
+    "AttentionInputError",
+    "DecodePlan",
+    "TileConfig",
+    "default_tile_config",
+    "paged_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "plan_decode",
+    "store_kv",
+    "varlen_attention",
+]
