@@ -30,6 +30,7 @@ which no row uses, say, penalties pays nothing for them.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,31 +80,44 @@ class SamplingTensors:
         Token ids in logit_bias must be < vocab_size (`SamplingParams.check_vocab`).
         """
         assert len(params) == len(prompt_ids) == len(output_ids)
-
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-        top_ks = [min(k, vocab_size) for k in top_ks]
-        enabled_ks = [k for k in top_ks if k < vocab_size]
+        top_ks = [min(p.top_k if p.top_k > 0 else vocab_size, vocab_size) for p in params]
+        # All per-row scalars cross to the device in one (8, B) float32 copy (top_k <= V < 2^24
+        # is exact in float32).
+        rows = _to_device(
+            torch.tensor(
+                [
+                    [1.0 if p.greedy else p.temperature for p in params],
+                    [float(p.greedy) for p in params],
+                    top_ks,
+                    [p.top_p for p in params],
+                    [p.min_p for p in params],
+                    [p.presence_penalty for p in params],
+                    [p.frequency_penalty for p in params],
+                    [p.repetition_penalty for p in params],
+                ],
+                dtype=torch.float32,
+            ),
+            device,
+        )
         use_freq = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
         use_rep = any(p.repetition_penalty != 1.0 for p in params)
-        seen = [list(a) + list(b) for a, b in zip(prompt_ids, output_ids)] if use_rep else None
+        outputs = [(ids,) for ids in output_ids]
+        seen = list(zip(prompt_ids, output_ids)) if use_rep else None
         return cls(
-            temperatures=floats([p.temperature if not p.greedy else 1.0 for p in params]),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-            top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            top_p=floats([p.top_p for p in params]),
-            min_p=floats([p.min_p for p in params]),
-            presence_penalties=floats([p.presence_penalty for p in params]),
-            frequency_penalties=floats([p.frequency_penalty for p in params]),
-            repetition_penalties=floats([p.repetition_penalty for p in params]),
-            output_counts=_token_counts(output_ids, vocab_size, device) if use_freq else None,
+            temperatures=rows[0],
+            greedy=rows[1] > 0,
+            top_k=rows[2].long(),
+            top_p=rows[3],
+            min_p=rows[4],
+            presence_penalties=rows[5],
+            frequency_penalties=rows[6],
+            repetition_penalties=rows[7],
+            output_counts=_token_counts(outputs, vocab_size, device) if use_freq else None,
             seen_mask=_token_counts(seen, vocab_size, device) > 0 if seen is not None else None,
-            **_sparse_bias(params, vocab_size, device),
+            **_sparse_bias(params, device),
             all_greedy=all(p.greedy for p in params),
             any_greedy=any(p.greedy for p in params),
-            max_top_k=max(enabled_ks, default=0),
+            max_top_k=max((k for k in top_ks if k < vocab_size), default=0),
             use_top_p=any(p.top_p < 1.0 for p in params),
             use_min_p=any(p.min_p > 0.0 for p in params),
             need_logprobs=any(p.logprobs or p.top_logprobs > 0 for p in params),
@@ -122,32 +136,53 @@ class SamplerOutput:
 
 
 def _token_counts(
-    rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str
+    rows: Sequence[Sequence[Sequence[int]]], vocab_size: int, device: torch.device | str
 ) -> torch.Tensor:
-    """(B, V) float32 number of occurrences of each token in each row's list."""
-    width = max((len(r) for r in rows), default=0)
-    # Pad with an extra column V that is dropped afterwards, so padding counts nowhere.
-    padded = [list(r) + [vocab_size] * (width - len(r)) for r in rows]
-    ids = torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
-    counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
-    return counts[:, :vocab_size]
+    """(B, V) float32 occurrences of each token in the id lists of each row (rows[b] = lists).
+
+    Histories can be long (prompt + output for every row, every step), so ids go to a tensor
+    through `array` buffers (several times faster than torch.tensor of Python lists).
+    """
+    chunks, lengths = [], []
+    for lists in rows:
+        chunks += [torch.frombuffer(array("q", ids), dtype=torch.int64) for ids in lists if ids]
+        lengths.append(sum(len(ids) for ids in lists))
+    counts = torch.zeros(len(rows) * vocab_size, dtype=torch.float32, device=device)
+    if chunks:
+        row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        flat = _to_device(row_of * vocab_size + torch.cat(chunks), device)
+        counts.index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=device))
+    return counts.view(len(rows), vocab_size)
 
 
 def _sparse_bias(
-    params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str
+    params: Sequence[SamplingParams], device: torch.device | str
 ) -> dict[str, torch.Tensor | None]:
-    """The logit_bias entries of all rows as (row, token, value) triples, or Nones if none."""
+    """The logit_bias entries of all rows as (row, token, value) triples, or Nones if none.
+
+    Token ids must be < vocab_size (`SamplingParams.check_vocab`, run when a request is added).
+    """
     entries = [(row, t, v) for row, p in enumerate(params) for t, v in p.logit_bias.items()]
     if not entries:
         return {"bias_rows": None, "bias_ids": None, "bias_values": None}
-    assert all(t < vocab_size for _, t, _ in entries), "logit_bias not checked against vocab"
     rows, ids, values = zip(*entries)
+    index = _to_device(torch.tensor([rows, ids], dtype=torch.int64), device)
     return {
-        "bias_rows": torch.tensor(rows, dtype=torch.int64, device=device),
-        "bias_ids": torch.tensor(ids, dtype=torch.int64, device=device),
-        "bias_values": torch.tensor(values, dtype=torch.float32, device=device),
+        "bias_rows": index[0],
+        "bias_ids": index[1],
+        "bias_values": _to_device(torch.tensor(values, dtype=torch.float32), device),
     }
+
+
+def _to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to `device` without a host sync (pinned staging for CUDA).
+
+    A copy from pageable memory is synchronous: it would wait for the forward pass queued
+    ahead of it. The caching host allocator keeps the pinned block alive until the copy ends.
+    """
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -201,22 +236,21 @@ def uniform_per_row(
 ) -> torch.Tensor:
     """(B,) float32 uniforms in [0, 1): row b from generators[b] if set, else the default one.
 
-    Each seeded row draws exactly one number per call from its own generator (CPU or device),
-    so its samples depend only on its seed and its step, never on the rest of the batch.
+    Each seeded row draws exactly one number per call from its own generator, so its samples
+    depend only on its seed and its step, never on the rest of the batch. CPU generators cost
+    no device kernel (one pinned copy for all of them); device generators one tiny kernel each.
     """
     batch = len(generators)
-    if any(g is None for g in generators):
-        u = torch.rand(batch, dtype=torch.float32, device=device)
-    else:
-        u = torch.empty(batch, dtype=torch.float32, device=device)
-    seeded = [row for row, g in enumerate(generators) if g is not None]
-    if seeded:
-        draws = [torch.rand(1, generator=generators[row], device=generators[row].device)
-                 for row in seeded]  # fmt: skip
-        if all(d.device == draws[0].device for d in draws):  # usual case: one copy, not B
-            u[seeded] = torch.cat(draws).to(device, non_blocking=True)
-        else:
-            u[seeded] = torch.cat([d.to(device) for d in draws])
+    u = torch.rand(batch, dtype=torch.float32, device=device)
+    on_host = [row for row, g in enumerate(generators) if g is not None and g.device.type == "cpu"]
+    if on_host:
+        draws = torch.cat([torch.rand(1, generator=generators[row]) for row in on_host])
+        # Rows and draws in one float64 tensor (both exact), so one copy crosses to the device.
+        packed = _to_device(torch.stack([torch.tensor(on_host).double(), draws.double()]), device)
+        u = u.index_copy(0, packed[0].long(), packed[1].float())
+    for row, g in enumerate(generators):
+        if g is not None and g.device.type != "cpu":
+            u[row : row + 1] = torch.rand(1, generator=g, device=g.device)
     return u
 
 

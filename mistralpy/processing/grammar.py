@@ -255,9 +255,8 @@ class GrammarMasker:
         if not rows:
             return None
         width = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(matchers), width), -1, dtype=torch.int32)
-        if self.pin_memory:
-            bitmask = bitmask.pin_memory()
+        shape = (len(matchers), width)
+        bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=self.pin_memory)
         if len(rows) == 1:
             llg_torch.fill_next_token_bitmask(rows[0][0], bitmask, rows[0][1])
         else:

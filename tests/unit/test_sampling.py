@@ -130,6 +130,7 @@ def test_penalties_match_direct_formulas():
     logits = rng.standard_normal((3, V)).astype(np.float32) * 3
     prompt = [rng.integers(0, V, 7).tolist() for _ in range(3)]
     output = [rng.integers(0, V, 9).tolist() for _ in range(3)]
+    output[2], prompt[1] = [], []  # empty histories count nothing
     params = [
         SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
         SamplingParams(repetition_penalty=0.7, logit_bias={3: 5.0, 7: -100.0}),
