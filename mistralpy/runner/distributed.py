@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,8 @@ class TensorParallelRunner(ShardRunner):
         super().__init__(model, cfg, device, dtype)
         self.workers: _Workers = workers
         self.model = _DriverModel(model, workers, self)
+        # Workers stop politely even if nobody calls shutdown (garbage collection, exit).
+        self._finalizer = weakref.finalize(self, workers.close)
 
     @classmethod
     def launch(
@@ -264,7 +267,7 @@ class TensorParallelRunner(ShardRunner):
 
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""
-        self.workers.close()
+        self._finalizer()
 
 
 class _DriverModel:

@@ -190,3 +190,26 @@ def test_head_split_follows_gqa_groups(heads, kv_heads, tp):
 def test_unsplittable_models_are_refused(heads, kv_heads, inter, tp):
     with pytest.raises(TensorParallelSizeError):
         check_tensor_parallel(heads, kv_heads, inter, tp)
+
+
+@pytest.mark.slow  # 4 processes: ~16 s on 2 cores
+def test_tp4_with_kv_head_copies_matches_tp1(ckpt):
+    """4 ranks over 2 KV heads: ranks 0-1 and 2-3 each hold a copy of one KV head."""
+    rng = random.Random(SEED + 2)
+    tp1 = LLMEngine.from_config(engine_config(ckpt))
+    tp4 = LLMEngine.from_config(engine_config(ckpt, tensor_parallel_size=4))
+    try:
+        assert tp4.runner.kv_spec.num_kv_heads == 1
+        assert_same_logits(tp1, tp4, rng)
+    finally:
+        tp4.shutdown()
+    assert not any(p.is_alive() for p in tp4.runner.workers.procs)
+
+
+def test_api_and_cli_pass_the_size_through():
+    from mistralpy.api.runner import ModelOptions, engine_config
+    from mistralpy.server.cli import build_parser, model_options
+
+    assert engine_config(ModelOptions("demo", tensor_parallel_size=2)).tensor_parallel_size == 2
+    args = build_parser().parse_args(["serve", "demo", "--tensor-parallel-size", "4"])
+    assert engine_config(model_options(args)).tensor_parallel_size == 4
