@@ -108,8 +108,6 @@ def check_isq(isq: str | None) -> str | None:
 def engine_config(options: ModelOptions) -> Any:
     from mistralpy.engine.config import EngineConfig
 
-    if options.tensor_parallel_size != 1:
-        raise FeatureUnavailable("tensor parallelism is not supported by this engine build")
     extra = {}
     if options.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = options.max_num_batched_tokens
@@ -126,6 +124,7 @@ def engine_config(options: ModelOptions) -> Any:
         max_model_len=options.max_model_len,
         max_num_seqs=options.max_num_seqs,
         enable_prefix_caching=options.enable_prefix_caching,
+        tensor_parallel_size=options.tensor_parallel_size,
         **extra,
     )
 

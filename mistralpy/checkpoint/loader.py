@@ -8,6 +8,10 @@ at most is alive. Source tensors come from memory-mapped files (`safe_open`), co
 target dtype/device as they are copied into place: peak memory is about the model size (plus
 the reclaimable page cache of the shard being read), never two copies.
 
+Tensor parallelism: given a `ParallelConfig`, the model is built with this rank's shapes and
+each sharded tensor is read as this rank's slice only (`get_slice` on the memory-mapped file;
+fused parts sliced before they are placed), so the ISQ hook sees the rank's shard.
+
 Two checkpoint layouts are understood:
 - HF (`config.json` + `*.safetensors` [+ index]); keys either `language_model.model.*` /
   `language_model.lm_head.*` / `vision_tower.*` / `multi_modal_projector.*` or transformers-5
@@ -21,9 +25,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 from mistralpy.model.config import Mistral3Config, read_config
 from mistralpy.model.layers import MergedLinear, RMSNorm
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
+from mistralpy.model.parallel import SINGLE, ParallelConfig, Shard
 
 # (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to keep
 # the plain nn.Linear. Provided by mistralpy.quant.isq.isq_linear_factory(isq).
@@ -51,27 +56,29 @@ def load_model(
     device: torch.device | str,
     isq: str | None = None,
     load_format: Literal["auto", "dummy"] = "auto",
+    parallel: ParallelConfig = SINGLE,
 ) -> Mistral3ForConditionalGeneration:
     """Model of the checkpoint directory `path` with weights in `dtype` on `device`.
 
     isq: an in-situ quantization name handed to `mistralpy.quant.isq.isq_linear_factory`.
     load_format "dummy": random weights of the config's shapes; only the config is read.
+    parallel: tensor-parallel rank to build and load (its shard of the decoder only).
     """
     path = Path(path)
     config = read_config(path)
     if load_format == "dummy":
-        return load_dummy_model(config, dtype, device, isq)
+        return load_dummy_model(config, dtype, device, isq, parallel=parallel)
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not 'auto' or 'dummy'")
     files, native = _checkpoint_files(path)
-    model = _empty_model(config, dtype, torch.device(device))
+    model = _empty_model(config, dtype, torch.device(device), parallel)
     filler = _Filler(model, _isq_factory(isq))
     plan = _plan(model, files, native)
     for file, keys in plan.by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in tqdm(keys, desc=f"Loading {file.name}", unit="tensor", leave=False):
                 target = plan.targets[key]
-                filler.put(target, _transform(f.get_tensor(key), target))
+                filler.put(target, _transform(_read(f, key, target.shard), target))
     if plan.tie_lm_head:
         filler.tie_lm_head()
     return filler.finish()
@@ -83,10 +90,12 @@ def load_dummy_model(
     device: torch.device | str,
     isq: str | None = None,
     seed: int = 0,
+    parallel: ParallelConfig = SINGLE,
 ) -> Mistral3ForConditionalGeneration:
-    """Model with random weights (normal, std 0.02; norms 1), each allocated once on `device`."""
+    """Model with random weights (normal, std 0.02; norms 1), each allocated once on `device`.
+    Under tensor parallelism each rank draws its own shard's values (not slices of one model)."""
     device = torch.device(device)
-    model = _empty_model(config, dtype, device)
+    model = _empty_model(config, dtype, device, parallel)
     # meta (shape checks of the real config without memory) has no generator
     gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     for module in model.modules():
@@ -111,12 +120,12 @@ def load_dummy_model(
 
 
 def _empty_model(
-    config: Mistral3Config, dtype: torch.dtype, device: torch.device
+    config: Mistral3Config, dtype: torch.dtype, device: torch.device, parallel: ParallelConfig
 ) -> Mistral3ForConditionalGeneration:
-    """The model with Linear weights left on `meta` and every other parameter allocated
-    (uninitialised) on `device` in `dtype`."""
+    """The model (this rank's shard) with Linear weights left on `meta` and every other
+    parameter allocated (uninitialised) on `device` in `dtype`."""
     with torch.device("meta"):
-        model = Mistral3ForConditionalGeneration(config)
+        model = Mistral3ForConditionalGeneration(config, parallel=parallel)
     model.to(dtype)  # on meta: only changes the recorded dtype
     for module in model.modules():
         if not isinstance(module, nn.Linear):
@@ -148,6 +157,7 @@ class _Target:
     param: str  # "weight" or "bias"
     part: int | None = None  # part index inside a MergedLinear
     rope_heads: int | None = None  # native q/k: heads to permute into rotate-half order
+    shard: Shard | None = None  # tensor parallelism: the slice of the tensor this rank reads
 
 
 @dataclass
@@ -210,8 +220,13 @@ class _Filler:
             linear.bias = nn.Parameter(bias, requires_grad=False)
 
     def tie_lm_head(self) -> None:
-        """lm_head shares the input embedding (config.tie_word_embeddings, no lm_head key)."""
-        self.finalize("lm_head", self.model.language_model.embed_tokens.weight, None)
+        """lm_head shares the input embedding (config.tie_word_embeddings, no lm_head key);
+        a vocab-parallel lm_head shares this rank's rows of it."""
+        weight = self.model.language_model.embed_tokens.weight
+        shard = _shard_of(self.model, _Target("lm_head", "weight"))
+        if shard is not None:
+            weight = weight.narrow(shard.dim, shard.start, shard.size)
+        self.finalize("lm_head", weight, None)
 
     def finish(self) -> Mistral3ForConditionalGeneration:
         assert not self.pending, f"incomplete linears: {sorted(self.pending)}"
@@ -221,11 +236,24 @@ class _Filler:
         return self.model
 
 
+def _read(f: Any, key: str, shard: Shard | None) -> torch.Tensor:
+    """Tensor `key` of the open safetensors file `f` (safe_open), or only its `shard` slice."""
+    if shard is None:
+        return f.get_tensor(key)
+    view = f.get_slice(key)
+    index = [slice(None)] * len(view.get_shape())
+    index[shard.dim] = slice(shard.start, shard.start + shard.size)
+    return view[tuple(index)]
+
+
 def _transform(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
-    """Native q/k (heads * D, in) rows from interleaved-pair to rotate-half order per head."""
+    """Native q/k (heads * D, in) rows from interleaved-pair to rotate-half order per head
+    (a shard holds whole heads, so the permutation applies to its rows alone)."""
     if target.rope_heads is None:
         return tensor
     heads = target.rope_heads
+    if target.shard is not None:
+        heads = heads * target.shard.size // target.shard.full
     rows, cols = tensor.shape
     return tensor.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -278,6 +306,7 @@ def _plan(model: Mistral3ForConditionalGeneration, files: list[Path], native: bo
             if target is None or not _has_param(model, target):
                 unexpected.append(key)
                 continue
+            target = replace(target, shard=_shard_of(model, target))
             if shapes[key] != _expected_shape(model, target):
                 wrong_shape.append(f"{key} {shapes[key]} != {_expected_shape(model, target)}")
             plan.targets[key] = target
@@ -308,11 +337,26 @@ def _has_param(model: nn.Module, target: _Target) -> bool:
 
 
 def _expected_shape(model: nn.Module, target: _Target) -> tuple[int, ...]:
+    """Shape the checkpoint tensor of `target` must have (whole, before any sharding)."""
     module = model.get_submodule(target.module)
-    shape = tuple(getattr(module, target.param).shape)
+    shape = list(getattr(module, target.param).shape)
     if target.part is not None:
-        return (module.output_sizes[target.part], *shape[1:])
-    return shape
+        shape[0] = module.output_sizes[target.part]
+    if target.shard is not None:
+        shape[target.shard.dim] = target.shard.full
+    return tuple(shape)
+
+
+def _shard_of(model: nn.Module, target: _Target) -> Shard | None:
+    """The slice of `target`'s checkpoint tensor this rank holds; None for the whole tensor.
+    A bias follows its weight's row split; row-parallel layers have no bias in mistral3."""
+    shards = getattr(model.get_submodule(target.module), "tp_shards", None)
+    if shards is None:
+        return None
+    shard = shards[target.part or 0]
+    if shard.size == shard.full or (target.param == "bias" and shard.dim != 0):
+        return None
+    return shard
 
 
 def _missing(model: nn.Module, targets: list[_Target]) -> list[str]:

@@ -32,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image-embedding rows kept by the encoder-output LRU
     seed: int = 0  # seeds requests that carry no seed of their own
+    tensor_parallel_size: int = 1  # ranks the decoder is split over (one process per device)
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a path, hub id or 'demo'")
@@ -58,6 +59,7 @@ class EngineConfig:
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
         _check(self.encoder_cache_size >= 0, "encoder_cache_size", "must be >= 0")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:

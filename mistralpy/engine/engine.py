@@ -55,6 +55,8 @@ from mistralpy.runner.model_runner import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from mistralpy.processing.chat_template import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
@@ -154,15 +156,21 @@ class LLMEngine:
             raise InvalidParameter(
                 "max_model_len", f"max_model_len {config.max_model_len} > the model's {max_pos}"
             )
-        runner = ModelRunner.load(
-            path, runner_config(config), device, dtype, config.isq, config.load_format
-        )
-        max_model_len = _fit_context(
-            config.max_model_len, max_pos, runner.num_blocks * config.block_size
-        )
-        engine = cls(config, runner, Tokenizer.from_dir(path), max_model_len)
+        runner = _load_runner(config, path, device, dtype)
+        try:
+            max_model_len = _fit_context(
+                config.max_model_len, max_pos, runner.num_blocks * config.block_size
+            )
+            engine = cls(config, runner, Tokenizer.from_dir(path), max_model_len)
+        except BaseException:
+            runner.shutdown()  # tensor-parallel workers must not outlive a failed start
+            raise
         engine.model_path = path
         return engine
+
+    def shutdown(self) -> None:
+        """Release the runner's resources (stops tensor-parallel workers); idempotent."""
+        self.runner.shutdown()
 
     # ------------------------------------------------------------------ requests
 
@@ -471,6 +479,27 @@ def _hf_tokenizer_json(path: Path) -> str:
     return tekken_to_hf_tokenizer(tekken).to_str()
 
 
+def _load_runner(
+    config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype
+) -> ModelRunner:
+    """One device's runner, or rank 0 of a tensor-parallel group (spawns the other ranks)."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner.load(
+            path, runner_config(config), device, dtype, config.isq, config.load_format
+        )
+    from mistralpy.runner.distributed import TensorParallelRunner
+
+    return TensorParallelRunner.launch(
+        path,
+        runner_config(config),
+        device,
+        dtype,
+        config.tensor_parallel_size,
+        isq=config.isq,
+        load_format=config.load_format,
+    )
+
+
 def runner_config(config: EngineConfig) -> RunnerConfig:
     """The runner's share of the engine configuration."""
     return RunnerConfig(
@@ -589,6 +618,7 @@ class AsyncEngine:
         finally:
             self._stopping = True
             self._fail_all(EngineDeadError("the engine was shut down"))
+            self.engine.shutdown()  # on this thread: it owns the runner
 
     def _apply_commands(self) -> None:
         with self._lock:

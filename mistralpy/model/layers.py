@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralpy.model.parallel import SINGLE, ParallelConfig, even_shard, set_shards
+
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The elementwise activation called `name` in transformers' ACT2FN spelling."""
@@ -54,18 +56,27 @@ class MergedLinear(nn.Linear):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused in one `gate_up_proj` matmul."""
+    """down(act(gate(x)) * up(x)) with gate and up fused in one `gate_up_proj` matmul.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+    Under tensor parallelism each rank holds 1/tp of the intermediate features (gate_up column
+    parallel, down row parallel) and the partial outputs are summed across ranks.
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, act: str, parallel: ParallelConfig = SINGLE
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size, intermediate_size))
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        col = even_shard(intermediate_size, parallel, 0, "the MLP intermediate size")
+        self.gate_up_proj = set_shards(MergedLinear(hidden_size, (col.size, col.size)), col, col)
+        self.down_proj = nn.Linear(col.size, hidden_size, bias=False)
+        set_shards(self.down_proj, even_shard(intermediate_size, parallel, 1, "down_proj"))
         self.act = activation(act)
+        self.parallel = parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, hidden) -> (N, hidden)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.parallel.all_reduce(self.down_proj(self.act(gate) * up))
 
 
 def rope_inv_freq(theta: float, dim: int, device: torch.device) -> torch.Tensor:

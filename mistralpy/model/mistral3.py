@@ -27,22 +27,36 @@ from mistralpy.model.layers import (
     apply_rope,
     text_rope,
 )
+from mistralpy.model.parallel import SINGLE, ParallelConfig, Shard, set_shards, split_heads
 from mistralpy.model.pixtral import PixtralVisionModel
 
 
 class MistralAttention(nn.Module):
-    """GQA self-attention with RoPE over the paged KV cache."""
+    """GQA self-attention with RoPE over the paged KV cache.
 
-    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+    Under tensor parallelism a rank holds only its query/KV heads (see model.parallel):
+    qkv_proj is column parallel, o_proj row parallel followed by an all-reduce.
+    """
+
+    def __init__(
+        self, config: TextConfig, attn_fn: PagedAttentionFn, parallel: ParallelConfig = SINGLE
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.sizes = [config.q_size, config.kv_size, config.kv_size]
+        heads = split_heads(config.num_attention_heads, config.num_key_value_heads, parallel)
+        d = config.head_dim
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = d
+        self.sizes = [heads.num_heads * d, heads.num_kv_heads * d, heads.num_kv_heads * d]
+        q_rows = Shard(0, heads.q_start * d, self.sizes[0], config.q_size)
+        kv_rows = Shard(0, heads.kv_start * d, self.sizes[1], config.kv_size)
         self.qkv_proj = MergedLinear(config.hidden_size, tuple(self.sizes))
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        set_shards(self.qkv_proj, q_rows, kv_rows, kv_rows)
+        self.o_proj = nn.Linear(self.sizes[0], config.hidden_size, bias=False)
+        set_shards(self.o_proj, Shard(1, q_rows.start, q_rows.size, q_rows.full))
         self.scale = config.head_dim**-0.5
         self.attn_fn = attn_fn
+        self.parallel = parallel
 
     def forward(
         self,
@@ -58,16 +72,20 @@ class MistralAttention(nn.Module):
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = self.attn_fn(q, k, v, kv_cache, attn, self.scale)
-        return self.o_proj(out.flatten(1))
+        return self.parallel.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class MistralDecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+    def __init__(
+        self, config: TextConfig, attn_fn: PagedAttentionFn, parallel: ParallelConfig = SINGLE
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MistralAttention(config, attn_fn)
+        self.self_attn = MistralAttention(config, attn_fn, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, parallel
+        )
 
     def forward(
         self,
@@ -84,12 +102,14 @@ class MistralDecoderLayer(nn.Module):
 class MistralModel(nn.Module):
     """Token embeddings, decoder layers, final norm (no lm_head)."""
 
-    def __init__(self, config: TextConfig, attn_fn: PagedAttentionFn) -> None:
+    def __init__(
+        self, config: TextConfig, attn_fn: PagedAttentionFn, parallel: ParallelConfig = SINGLE
+    ) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MistralDecoderLayer(config, attn_fn) for _ in range(config.num_hidden_layers)
+            MistralDecoderLayer(config, attn_fn, parallel) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -164,14 +184,28 @@ class Mistral3ForConditionalGeneration(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: Mistral3Config, attn_fn: PagedAttentionFn | None = None) -> None:
+    def __init__(
+        self,
+        config: Mistral3Config,
+        attn_fn: PagedAttentionFn | None = None,
+        parallel: ParallelConfig = SINGLE,
+    ) -> None:
+        """parallel: this copy's tensor-parallel rank; the vision tower and projector stay
+        whole on every rank, the decoder is split (see model.parallel)."""
         super().__init__()
         self.config = config
+        self.parallel = parallel
         self.vision_tower = PixtralVisionModel(config.vision_config)
         self.multi_modal_projector = Mistral3MultiModalProjector(config)
-        self.language_model = MistralModel(config.text_config, attn_fn or paged_attention)
         text = config.text_config
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.language_model = MistralModel(text, attn_fn or paged_attention, parallel)
+        self.vocab_parallel = parallel.world_size > 1 and text.vocab_size % parallel.world_size == 0
+        self.lm_head = _lm_head(text.hidden_size, text.vocab_size, parallel, self.vocab_parallel)
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank's cache holds (all of them without tensor parallelism)."""
+        return self.language_model.layers[0].self_attn.num_kv_heads
 
     def set_attention_backend(self, attn_fn: PagedAttentionFn) -> None:
         """Use `attn_fn` for every decoder layer's paged attention (call once, at setup)."""
@@ -207,8 +241,21 @@ class Mistral3ForConditionalGeneration(nn.Module):
         return self.language_model(embeds, positions, attn, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, text_hidden) -> logits (N, vocab) float32."""
-        return self.lm_head(hidden).float()
+        """hidden (N, text_hidden) -> logits (N, vocab) float32 (on every rank)."""
+        logits = self.lm_head(hidden)
+        if self.vocab_parallel:
+            logits = self.parallel.gather_last_dim(logits)
+        return logits.float()
+
+
+def _lm_head(hidden: int, vocab: int, parallel: ParallelConfig, split: bool) -> nn.Linear:
+    """Vocab-parallel lm_head (V/tp rows per rank) if `split`, else a whole one on each rank."""
+    if not split:
+        return nn.Linear(hidden, vocab, bias=False)
+    rows = vocab // parallel.world_size
+    return set_shards(
+        nn.Linear(hidden, rows, bias=False), Shard(0, parallel.rank * rows, rows, vocab)
+    )
 
 
 def allocate_kv_caches(

@@ -97,8 +97,10 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         text = model.config.text_config
+        # A tensor-parallel shard caches only its own KV heads (stand-in models lack the field).
+        kv_heads = getattr(model, "num_local_kv_heads", text.num_key_value_heads)
         self.kv_spec = KVCacheSpec(
-            text.num_hidden_layers, text.num_key_value_heads, text.head_dim, cfg.block_size, dtype
+            text.num_hidden_layers, kv_heads, text.head_dim, cfg.block_size, dtype
         )
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
@@ -142,6 +144,9 @@ class ModelRunner:
 
             allowed = bitmask_to_allowed(masks.result(), logits.shape[-1], self.device)
         return self._sample(logits, fb, allowed)
+
+    def shutdown(self) -> None:
+        """Release what outlives this object (nothing on one device; TP workers stop)."""
 
     def release(self, seq_ids: list[str]) -> None:
         """Forget per-sequence state (generators) of finished sequences."""
