@@ -13,6 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralpy.kernels.fused_ops import REFERENCE_OPS, LayerOps, apply_rope
+
+__all__ = [
+    "GatedMLP",
+    "MergedLinear",
+    "RMSNorm",
+    "activation",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "text_rope",
+]
+
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The elementwise activation called `name` in transformers' ACT2FN spelling."""
@@ -29,6 +42,8 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class RMSNorm(nn.Module):
     """y = weight * (x / rms(x)), the reduction in float32, the product in x's dtype."""
 
+    ops: LayerOps = REFERENCE_OPS  # set per instance by the model's `set_layer_ops`
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -36,9 +51,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> same shape and dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual (T, hidden) -> (norm(residual + x), residual + x): one fused pass."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -56,15 +75,21 @@ class MergedLinear(nn.Linear):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) with gate and up fused in one `gate_up_proj` matmul."""
 
+    ops: LayerOps = REFERENCE_OPS  # set per instance by the model's `set_layer_ops`
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size, intermediate_size))
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = activation(act)
+        self.fused_silu = act == "silu"  # silu(gate) * up is one LayerOps op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, hidden) -> (N, hidden)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_silu:
+            return self.down_proj(self.ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -90,11 +115,3 @@ def text_rope(
     """
     inv_freq = rope_inv_freq(theta, dim, positions.device)
     return rope_cos_sin(positions.float()[:, None] * inv_freq[None, :], dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x (N, H, D), cos/sin (N, D) -> (N, H, D)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
