@@ -272,7 +272,6 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
     from mistralpy.kernels.attention import build_metadata, paged_attention, varlen_attention
     from mistralpy.kernels.fused_ops import REFERENCE_OPS
     from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
-    from mistralpy.runner.model_runner import use_cuda_kernels
 
     model = engine.runner.model
     device = model.lm_head.weight.device
@@ -295,22 +294,47 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
         finally:
             model.language_model.layers = layers
 
+    def ulp_noise(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(output.shape, generator=gen).to(output.device, output.dtype)
+        return output * (1 + 2**-8 * noise)  # ~ one bf16 rounding step on every embedding
+
     depths = (2, len(layers))
     fast = [forward_logits(d) for d in depths]
     model.set_attention_backend(paged_attention, varlen_attention)
     model.set_layer_ops(REFERENCE_OPS)
     try:
         ref = [forward_logits(d) for d in depths]
+        hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise)
+        try:
+            noisy = [forward_logits(d) for d in depths]
+        finally:
+            hook.remove()
         ref_tokens = greedy_generate(model, list(prompt.token_ids), sizes.check_tokens)
     finally:
         if device.type == "cuda":
-            engine.runner.cuda_attention = use_cuda_kernels(model)
-    errs = [float((f - r).norm() / r.norm()) for f, r in zip(fast, ref)]
+            from mistralpy.kernels.cuda_attention import sdpa_varlen_attention
+            from mistralpy.kernels.fused_ops import triton_layer_ops
+
+            model.set_attention_backend(engine.runner.cuda_attention, sdpa_varlen_attention)
+            model.set_layer_ops(triton_layer_ops())
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    errs = [rel(f, r) for f, r in zip(fast, ref)]
+    noise = [rel(n, r) for n, r in zip(noisy, ref)]
     agree = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), len(out))
     result = {"logits_rel_err_2_layers": errs[0], "logits_rel_err_all_layers": errs[1],
+              "ref_vs_ulp_noise_2_layers": noise[0], "ref_vs_ulp_noise_all_layers": noise[1],
               "tokens_agree_prefix": agree, "of": len(out)}  # fmt: skip
     result["graph_vs_eager_rel_err"] = check_graph_replay(engine, gen)
-    result["ok"] = errs[0] < 1e-2 and result["graph_vs_eager_rel_err"] < 1e-3
+    # the fast path may differ from the reference by rounding, not by more than the reference
+    # itself moves under one-ulp noise on its input (a random 40-layer model amplifies both)
+    result["ok"] = (
+        errs[0] <= max(3 * noise[0], 1e-3)
+        and errs[1] <= max(3 * noise[1], 1e-3)
+        and result["graph_vs_eager_rel_err"] < 1e-3
+    )
     return result
 
 
@@ -418,17 +442,19 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     q = torch.randn(bucket, text.num_attention_heads, text.head_dim, device=device, dtype=dtype)
     attn = graphs.inputs.metadata(bucket)
 
+    plan = runner.cuda_attention.decode_plans.get((bucket, graphs.width))
+
     def attention() -> None:
         for cache in runner.kv_caches:
             ta.paged_decode_attention(
-                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5
+                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5, plan=plan
             )
 
     t_attn = _graph_time(attention, device)
     return {"gpu_step_ms": t_graph * 1e3, "linears_ms": t_lin * 1e3, "attention_ms": t_attn * 1e3,
             "other_gpu_ms": (t_graph - t_lin - t_attn) * 1e3,
             "host_ms": (step_s - t_graph) * 1e3, "host_share": max(0.0, 1 - t_graph / step_s),
-            "decode_plans": {str(k): str(v) for k, v in runner.cuda_attention.decode_plans.items()},
+            "decode_plan": str(plan),
             **gemv}  # fmt: skip
 
 
@@ -747,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
     report["engine_build_s"] = time.perf_counter() - t0
     report["kv_blocks"] = engine.runner.num_blocks
     report["cuda_graphs"] = engine.runner.decode_graphs is not None
+    report["gemv_tuning"] = engine.runner.gemv_report
+    if engine.runner.cuda_attention is not None:
+        plans = engine.runner.cuda_attention.decode_plans
+        report["decode_plans"] = {str(k): str(v) for k, v in plans.items()}
+    log(f"gemv tuning: {report['gemv_tuning']}")
+    log(f"decode plans: {report.get('decode_plans')}")
     log(f"engine built in {report['engine_build_s']:.1f}s, {engine.runner.num_blocks} KV blocks")
     if "check" in rows_wanted:
         report["engine_check"] = check_engine(engine, sizes, gen)

@@ -115,9 +115,14 @@ class ModelRunner:
             text.num_hidden_layers, text.num_key_value_heads, text.head_dim, cfg.block_size, dtype
         )
         self.cuda_attention: Any = None  # kernels.cuda_attention.CudaPagedAttention on CUDA
+        self.gemv_report: dict[str, Any] = {}  # per weight shape: GEMV chosen at start-up
         if device.type == "cuda":
             # before the memory profile: it runs these kernels
             self.cuda_attention = use_cuda_kernels(model)
+            if not cfg.enforce_eager:
+                from mistralpy.runner.gemv import use_tuned_gemv
+
+                self.gemv_report = use_tuned_gemv(model)
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)

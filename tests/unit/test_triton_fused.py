@@ -117,3 +117,27 @@ def test_empty_rows(tf):
     x = torch.zeros(0, 8)
     assert tf.rms_norm(x, torch.ones(8), 1e-5).shape == (0, 8)
     assert tf.silu_and_mul(x).shape == (0, 4)
+
+
+@in_process
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 40), k_blocks=st.integers(1, 3), seed=st.integers(0, 2**30))
+def test_gemv_candidates_and_tuned_linear(n, k_blocks, seed):
+    import importlib
+
+    gemv = importlib.import_module("mistralpy.kernels.triton_gemv")
+    from mistralpy.runner.gemv import TunedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    k = 1024 * k_blocks
+    linear = torch.nn.Linear(k, n, bias=False)
+    torch.nn.init.normal_(linear.weight, generator=g)
+    x = torch.randn(1, k, generator=g)
+    want = linear(x)
+    for cfg in gemv.CANDIDATES:
+        _close(gemv.gemv(x, linear.weight, cfg), want.detach())
+    tuned = TunedLinear(linear, gemv.CANDIDATES[0])
+    assert tuned.weight is linear.weight and isinstance(tuned, torch.nn.Linear)
+    _close(tuned(x).detach(), want.detach())
+    xs = torch.randn(3, k, generator=g)  # more than one row: plain F.linear
+    assert torch.equal(tuned(xs), linear(xs))
