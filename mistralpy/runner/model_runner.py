@@ -120,9 +120,10 @@ class ModelRunner:
             # before the memory profile: it runs these kernels
             self.cuda_attention = use_cuda_kernels(model)
             if not cfg.enforce_eager:
+                from mistralpy.runner.cuda_graphs import batch_buckets
                 from mistralpy.runner.gemv import use_tuned_gemv
 
-                self.gemv_report = use_tuned_gemv(model)
+                self.gemv_report = use_tuned_gemv(model, batch_buckets(cfg.max_num_seqs))
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)

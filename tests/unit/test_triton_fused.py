@@ -136,8 +136,13 @@ def test_gemv_candidates_and_tuned_linear(n, k_blocks, seed):
     want = linear(x)
     for cfg in gemv.CANDIDATES:
         _close(gemv.gemv(x, linear.weight, cfg), want.detach())
-    tuned = TunedLinear(linear, gemv.CANDIDATES[0])
+    xs = torch.randn(3, k, generator=g)
+    for cfg in gemv.SKINNY_CANDIDATES:
+        if k % cfg.block_k == 0:
+            _close(gemv.skinny_matmul(xs, linear.weight, cfg), linear(xs).detach())
+    tuned = TunedLinear(linear, {1: gemv.CANDIDATES[0], 3: gemv.SKINNY_CANDIDATES[0]})
     assert tuned.weight is linear.weight and isinstance(tuned, torch.nn.Linear)
     _close(tuned(x).detach(), want.detach())
-    xs = torch.randn(3, k, generator=g)  # more than one row: plain F.linear
-    assert torch.equal(tuned(xs), linear(xs))
+    _close(tuned(xs).detach(), linear(xs).detach())
+    x5 = torch.randn(5, k, generator=g)  # an untuned row count: plain F.linear
+    assert torch.equal(tuned(x5), linear(x5))
