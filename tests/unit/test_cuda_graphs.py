@@ -32,7 +32,7 @@ def _random_decode_batch(rng: random.Random, n: int, block_size: int, width: int
     rng.shuffle(free)
     seqs = []
     for i in range(n):
-        start = rng.randrange(0, width * block_size - 1)  # the new token's position
+        start = rng.randrange(width * block_size)  # the new token's position
         table = [free.pop() for _ in range(start // block_size + 1)]
         if rng.random() < 0.5 and len(table) < width:
             table.append(free.pop())  # sometimes a spare block past the token
