@@ -37,6 +37,12 @@ PagedAttentionFn = Callable[
     torch.Tensor,
 ]
 
+# Per-segment bidirectional attention of the vision encoder (`varlen_attention` below):
+# (q, k, v (N, H, D), cu_seqlens [0, n0, n0 + n1, ...], scale) -> (N, H, D).
+VarlenAttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, list[int], float], torch.Tensor
+]
+
 
 def write_kv_cache(
     k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor

@@ -13,7 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralpy.kernels.fused_ops import REFERENCE_OPS, LayerOps, apply_rope
 from mistralpy.model.parallel import SINGLE, ParallelConfig, even_shard, set_shards
+
+__all__ = [
+    "GatedMLP",
+    "MergedLinear",
+    "RMSNorm",
+    "activation",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "text_rope",
+]
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -31,6 +43,8 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class RMSNorm(nn.Module):
     """y = weight * (x / rms(x)), the reduction in float32, the product in x's dtype."""
 
+    ops: LayerOps = REFERENCE_OPS  # set per instance by the model's `set_layer_ops`
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -38,9 +52,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> same shape and dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual (T, hidden) -> (norm(residual + x), residual + x): one fused pass."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -62,6 +80,8 @@ class GatedMLP(nn.Module):
     parallel, down row parallel) and the partial outputs are summed across ranks.
     """
 
+    ops: LayerOps = REFERENCE_OPS  # set per instance by the model's `set_layer_ops`
+
     def __init__(
         self, hidden_size: int, intermediate_size: int, act: str, parallel: ParallelConfig = SINGLE
     ) -> None:
@@ -72,11 +92,17 @@ class GatedMLP(nn.Module):
         set_shards(self.down_proj, even_shard(intermediate_size, parallel, 1, "down_proj"))
         self.act = activation(act)
         self.parallel = parallel
+        self.fused_silu = act == "silu"  # silu(gate) * up is one LayerOps op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, hidden) -> (N, hidden)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.parallel.all_reduce(self.down_proj(self.act(gate) * up))
+        gate_up = self.gate_up_proj(x)
+        if self.fused_silu:
+            hidden = self.ops.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = self.act(gate) * up
+        return self.parallel.all_reduce(self.down_proj(hidden))
 
 
 def rope_inv_freq(theta: float, dim: int, device: torch.device) -> torch.Tensor:
@@ -101,11 +127,3 @@ def text_rope(
     """
     inv_freq = rope_inv_freq(theta, dim, positions.device)
     return rope_cos_sin(positions.float()[:, None] * inv_freq[None, :], dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x (N, H, D), cos/sin (N, D) -> (N, H, D)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin

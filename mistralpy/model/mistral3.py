@@ -15,20 +15,21 @@ from torch import nn
 from mistralpy.kernels.attention import (
     AttentionMetadata,
     PagedAttentionFn,
+    VarlenAttentionFn,
     build_metadata,
     paged_attention,
 )
+from mistralpy.kernels.fused_ops import REFERENCE_OPS, LayerOps
 from mistralpy.model.config import Mistral3Config, TextConfig
 from mistralpy.model.layers import (
     GatedMLP,
     MergedLinear,
     RMSNorm,
     activation,
-    apply_rope,
     text_rope,
 )
 from mistralpy.model.parallel import SINGLE, ParallelConfig, Shard, set_shards, split_heads
-from mistralpy.model.pixtral import PixtralVisionModel
+from mistralpy.model.pixtral import PixtralAttention, PixtralVisionModel
 
 
 class MistralAttention(nn.Module):
@@ -37,6 +38,8 @@ class MistralAttention(nn.Module):
     Under tensor parallelism a rank holds only its query/KV heads (see model.parallel):
     qkv_proj is column parallel, o_proj row parallel followed by an all-reduce.
     """
+
+    ops: LayerOps = REFERENCE_OPS  # set per instance by `set_layer_ops`
 
     def __init__(
         self, config: TextConfig, attn_fn: PagedAttentionFn, parallel: ParallelConfig = SINGLE
@@ -68,8 +71,12 @@ class MistralAttention(nn.Module):
     ) -> torch.Tensor:
         """x (T, hidden), cos/sin (T, head_dim) -> (T, hidden); writes this step's K/V."""
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.ops.rope_qk(
+            q.view(-1, self.num_heads, self.head_dim),
+            k.view(-1, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+        )
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = self.attn_fn(q, k, v, kv_cache, attn, self.scale)
         return self.parallel.all_reduce(self.o_proj(out.flatten(1)))
@@ -89,14 +96,21 @@ class MistralDecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        next_norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(residual), residual (T, hidden) -> the same pair for the next
+        layer, whose input norm `next_norm` is fused with this layer's last residual add
+        (numerically the same as x + attn(norm(x)), then x + mlp(norm(x)))."""
+        h, residual = self.post_attention_layernorm.add_forward(
+            self.self_attn(h, cos, sin, kv_cache, attn), residual
+        )
+        return next_norm.add_forward(self.mlp(h), residual)
 
 
 class MistralModel(nn.Module):
@@ -122,10 +136,12 @@ class MistralModel(nn.Module):
     ) -> torch.Tensor:
         """embeds (T, hidden), positions (T,) -> normed hidden states (T, hidden)."""
         cos, sin = text_rope(positions, self.config.rope_theta, self.config.head_dim, embeds.dtype)
-        x = embeds
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, attn)
-        return self.norm(x)
+        # each layer's last residual add is fused with the next norm (the final one at the end)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        h, residual = self.layers[0].input_layernorm(embeds), embeds
+        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, norms, strict=True):
+            h, residual = layer(h, residual, cos, sin, kv_cache, attn, next_norm)
+        return h
 
 
 class PatchMerger(nn.Module):
@@ -207,10 +223,23 @@ class Mistral3ForConditionalGeneration(nn.Module):
         """KV heads this rank's cache holds (all of them without tensor parallelism)."""
         return self.language_model.layers[0].self_attn.num_kv_heads
 
-    def set_attention_backend(self, attn_fn: PagedAttentionFn) -> None:
-        """Use `attn_fn` for every decoder layer's paged attention (call once, at setup)."""
+    def set_attention_backend(
+        self, attn_fn: PagedAttentionFn, varlen_fn: VarlenAttentionFn | None = None
+    ) -> None:
+        """Use `attn_fn` for every decoder layer's paged attention and, if given, `varlen_fn`
+        for the vision encoder's per-image attention (call once, at setup)."""
         for layer in self.language_model.layers:
             layer.self_attn.attn_fn = attn_fn
+        if varlen_fn is not None:
+            for module in self.vision_tower.modules():
+                if isinstance(module, PixtralAttention):
+                    module.varlen_fn = varlen_fn
+
+    def set_layer_ops(self, ops: LayerOps) -> None:
+        """Use `ops` (norms, SiLU-and-mul, RoPE) in every layer of both towers (once, at setup)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, GatedMLP, MistralAttention, PixtralAttention)):
+                module.ops = ops
 
     def encode_images(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images (3, H, W) -> per image (rows*cols, text_hidden) embeddings, in one pass."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistralpy.kernels.attention import varlen_attention
+from mistralpy.kernels.attention import VarlenAttentionFn, varlen_attention
+from mistralpy.kernels.fused_ops import REFERENCE_OPS, LayerOps
 from mistralpy.model.config import VisionConfig
 from mistralpy.model.layers import (
     GatedMLP,
     MergedLinear,
     RMSNorm,
-    apply_rope,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -24,6 +24,9 @@ from mistralpy.model.layers import (
 
 class PixtralAttention(nn.Module):
     """Bidirectional multi-head attention within each image."""
+
+    ops: LayerOps = REFERENCE_OPS  # set per instance by the model's `set_layer_ops`
+    varlen_fn: VarlenAttentionFn = staticmethod(varlen_attention)  # set_attention_backend
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -38,8 +41,8 @@ class PixtralAttention(nn.Module):
     ) -> torch.Tensor:
         """x (N, hidden), cos/sin (N, head_dim) -> (N, hidden)."""
         q, k, v = self.qkv_proj(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, self.head_dim**-0.5)
+        q, k = self.ops.rope_qk(q, k, cos, sin)
+        out = self.varlen_fn(q, k, v, cu_seqlens, self.head_dim**-0.5)
         return self.o_proj(out.flatten(1))
 
 
@@ -57,8 +60,10 @@ class PixtralBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h, x = self.ffn_norm.add_forward(
+            self.attention(self.attention_norm(x), cos, sin, cu_seqlens), x
+        )
+        return x + self.feed_forward(h)
 
 
 class PixtralTransformer(nn.Module):

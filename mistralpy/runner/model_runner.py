@@ -7,15 +7,21 @@ receives and returns is plain data (`ScheduledBatch` in, `ModelOutput` out).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mistralpy.runner.batch import ForwardBatch, ImageSlice, ScheduledBatch, build_forward_batch
+from mistralpy.runner.batch import (
+    ImageSlice,
+    ScheduledBatch,
+    SeqWork,
+    build_forward_batch,
+)
 from mistralpy.runner.kv_cache import (
     KVCacheSpec,
     allocate_kv_caches,
@@ -23,6 +29,13 @@ from mistralpy.runner.kv_cache import (
     num_blocks_for_bytes,
 )
 
+if TYPE_CHECKING:
+    from mistralpy.kernels.sampling import SamplerOutput
+    from mistralpy.runner.cuda_graphs import DecodeGraphs
+
+logger = logging.getLogger(__name__)
+
+DECODE_TUNING_CONTEXT = 1024  # tokens per sequence at which decode launch plans are timed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,6 +48,7 @@ class RunnerConfig:
     cpu_kv_cache_bytes: int  # CPU: KV cache size in bytes
     num_kv_blocks: int | None = None  # fixed block count instead of a memory-derived one
     encoder_cache_size: int = 16384  # image-embedding rows kept across steps
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
 
 
 @dataclass
@@ -102,11 +116,27 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(
             text.num_hidden_layers, kv_heads, text.head_dim, cfg.block_size, dtype
         )
+        self.cuda_attention: Any = None  # kernels.cuda_attention.CudaPagedAttention on CUDA
+        self.gemv_report: dict[str, Any] = {}  # per weight shape: GEMV chosen at start-up
+        if device.type == "cuda":
+            # before the memory profile: it runs these kernels
+            self.cuda_attention = use_cuda_kernels(model)
+            if not cfg.enforce_eager:
+                from mistralpy.runner.cuda_graphs import batch_buckets
+                from mistralpy.runner.gemv import use_tuned_gemv
+
+                self.gemv_report = use_tuned_gemv(model, batch_buckets(cfg.max_num_seqs))
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)
         self.generators: dict[str, torch.Generator] = {}
         self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
+        self.decode_graphs: DecodeGraphs | None = None
+        self._spec: _Speculation | None = None  # a decode step launched ahead (CUDA graphs)
+        if device.type == "cuda" and not cfg.enforce_eager:
+            self.decode_graphs = self._capture_decode_graphs()
+            self._sampled_host = torch.empty(cfg.max_num_seqs, dtype=torch.int64, pin_memory=True)
+            self._sampled_event = torch.cuda.Event()
 
     @classmethod
     def load(
@@ -131,19 +161,126 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         """One step: forward over all scheduled tokens, sample where a sequence reached its end."""
+        if self.decode_graphs is not None and self._graphable(batch):
+            return self._execute_decode(batch.seqs)
+        self._spec = None  # a step launched ahead is not this one: its result is dropped
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
-        masks = self._submit_grammar_masks(fb)  # computed on a worker during the forward
+        masks = self._submit_grammar_masks(fb.sample_seqs)  # computed during the forward
         image_embeds = self._image_embeds(fb.image_slices)
         hidden = self.model(fb.input_ids, fb.positions, fb.attn, self.kv_caches, image_embeds)
         if not fb.sample_seqs:
             return ModelOutput({})
         logits = self.model.compute_logits(hidden[fb.logits_rows])
-        allowed = None
-        if masks is not None:
-            from mistralpy.processing.grammar import bitmask_to_allowed
+        out = self._sample(logits, fb.sample_seqs, self._allowed(masks, logits))
+        return self._model_output(out, fb.sample_seqs, out.token_ids.tolist())
 
-            allowed = bitmask_to_allowed(masks.result(), logits.shape[-1], self.device)
-        return self._sample(logits, fb, allowed)
+    def _graphable(self, batch: ScheduledBatch) -> bool:
+        """A pure decode step (one token per sequence, each sampling, no image rows) that a
+        captured bucket holds."""
+        graphs = self.decode_graphs
+        assert graphs is not None
+        return graphs.bucket(len(batch.seqs)) is not None and all(
+            len(s.token_ids) == 1
+            and s.sample is not None
+            and not s.images
+            and len(s.block_table) <= graphs.width
+            for s in batch.seqs
+        )
+
+    def _execute_decode(self, seqs: list[SeqWork]) -> ModelOutput:
+        """Decode through the captured graphs. When every sequence will likely go on, the next
+        step is launched before this one's tokens reach the host (its input ids are the sampled
+        tokens, on the device), so the GPU runs it while the engine does its host work; the
+        next `execute` uses it if its batch is the one predicted (else it is dropped: it only
+        wrote K/V into slots the real step rewrites or that belong to finished sequences)."""
+        graphs = self.decode_graphs
+        assert graphs is not None
+        masks = self._submit_grammar_masks(seqs)
+        logits, bucket = self._decode_logits(graphs, seqs)
+        out = self._sample(logits, seqs, self._allowed(masks, logits))
+        n = len(seqs)
+        host = self._sampled_host[:n]
+        host.copy_(out.token_ids, non_blocking=True)
+        self._sampled_event.record()
+        if bucket is not None and out.logprobs is None and self._predictable(seqs):
+            graphs.advance(n, out.token_ids)
+            graphs.replay(bucket)
+            self._spec = _Speculation(seqs, bucket)
+        self._sampled_event.synchronize()  # this step's tokens only, not the one launched ahead
+        token_ids = host.tolist()
+        if self._spec is not None:
+            self._spec.tokens = token_ids
+        return self._model_output(out, seqs, token_ids)
+
+    def _decode_logits(
+        self, graphs: DecodeGraphs, seqs: list[SeqWork]
+    ) -> tuple[torch.Tensor, int | None]:
+        """Logits (n, V) of this decode step: from the step launched ahead if it predicted
+        this batch (or a subset of it, in order), else from a fresh replay. The bucket is
+        returned when the graph inputs now hold exactly these rows (the next step may be
+        launched ahead from them), else None."""
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            rows = spec.match(seqs)
+            if rows is not None:
+                logits = graphs.outputs[spec.bucket][: len(spec.seqs)]
+                if len(rows) == len(spec.seqs):
+                    return logits, spec.bucket
+                return logits[torch.tensor(rows, device=self.device)], None
+        bucket = graphs.load(
+            [s.token_ids[0] for s in seqs],
+            [s.start_pos for s in seqs],
+            [s.block_table for s in seqs],
+        )
+        return graphs.replay(bucket)[: len(seqs)], bucket
+
+    def _predictable(self, seqs: list[SeqWork]) -> bool:
+        """Whether the next step is worth launching ahead: every next position is inside the
+        sequence's allocated blocks, and some sequence does not end on max_tokens now."""
+        bs = self.cfg.block_size
+        if any(s.start_pos + 1 >= len(s.block_table) * bs for s in seqs):
+            return False
+        return any(not _ends_on_length(s) for s in seqs)
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """Capture decode graphs for every batch bucket (None, logged, if capture fails: e.g.
+        a quantized linear whose kernel cannot be captured)."""
+        from mistralpy.runner.cuda_graphs import DecodeGraphs
+
+        text = self.model.config.text_config
+        width = min(self.num_blocks, -(-text.max_position_embeddings // self.cfg.block_size))
+        graphs = DecodeGraphs(
+            self._decode_forward, self.cfg.max_num_seqs, width, self.cfg.block_size, self.device
+        )
+        context = min(DECODE_TUNING_CONTEXT, width * self.cfg.block_size - 1)
+        for rows in graphs.buckets:
+            plan = self.cuda_attention.tune_decode(
+                self.kv_caches[0], rows, width, text.num_attention_heads, context
+            )
+            logger.debug("decode plan for %d rows: %s", rows, plan)
+        try:
+            graphs.capture()
+        except Exception:  # noqa: BLE001 - eager decode still works
+            logger.warning("decode CUDA graphs disabled: capture failed", exc_info=True)
+            return None
+        return graphs
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, attn: Any) -> torch.Tensor:
+        """The captured computation: ids/pos (B,) -> logits (B, V) float32."""
+        return self.model.compute_logits(self.model(ids, pos, attn, self.kv_caches, None))
+
+    def _allowed(self, masks: Future | None, logits: torch.Tensor) -> torch.Tensor | None:
+        """The grammar masks' (S, V) bool allowed-token tensor, once computed (None: no grammar)."""
+        if masks is None:
+            return None
+        from mistralpy.processing.grammar import bitmask_to_allowed
+
+        return bitmask_to_allowed(masks.result(), logits.shape[-1], self.device)
+
+    def discard_lookahead(self) -> None:
+        """Forget the decode step launched ahead (call after writing the graph inputs
+        directly, e.g. in a benchmark)."""
+        self._spec = None
 
     def shutdown(self) -> None:
         """Release what outlives this object (nothing on one device; TP workers stop)."""
@@ -184,9 +321,9 @@ class ModelRunner:
         token = torch.tensor([self.model.config.image_token_index], device=self.device)
         return self.model.language_model.embed_tokens(token)
 
-    def _submit_grammar_masks(self, fb: ForwardBatch) -> Future | None:
+    def _submit_grammar_masks(self, sample_seqs: list[SeqWork]) -> Future | None:
         """Start computing the grammar bitmask of the sampling rows; None if no row has one."""
-        matchers = [s.sample.grammar for s in fb.sample_seqs]
+        matchers = [s.sample.grammar for s in sample_seqs]
         if all(m is None for m in matchers):
             return None
         if self._masker is None:
@@ -196,13 +333,16 @@ class ModelRunner:
         return self._masker.submit(matchers)
 
     def _sample(
-        self, logits: torch.Tensor, fb: ForwardBatch, allowed: torch.Tensor | None
-    ) -> ModelOutput:
-        """Sample one token per row of `logits` (S, V) float32 and copy the results to host.
-        allowed: (S, V) bool grammar mask, or None."""
-        from mistralpy.kernels.sampling import SamplingTensors, sample
+        self, logits: torch.Tensor, seqs: list[SeqWork], allowed: torch.Tensor | None
+    ) -> SamplerOutput:
+        """One token per row of `logits` (S, V) float32 for the sampling sequences `seqs`, on
+        the device (no host sync). allowed: (S, V) bool grammar mask, or None."""
+        from mistralpy.kernels.sampling import SamplerOutput, SamplingTensors, sample
 
-        specs = [s.sample for s in fb.sample_seqs]
+        specs = [s.sample for s in seqs]
+        if allowed is None and all(_plain_greedy(sp.params) for sp in specs):
+            # the common benchmark/tool case: skip building per-row parameter tensors
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         st = SamplingTensors.from_params(
             [sp.params for sp in specs],
             [sp.prompt_ids for sp in specs],
@@ -210,14 +350,18 @@ class ModelRunner:
             logits.shape[-1],
             self.device,
         )
-        gens = [self._generator(s.seq_id, s.sample.seed) for s in fb.sample_seqs]
-        out = sample(logits, st, gens, allowed)
-        token_ids = out.token_ids.tolist()
+        gens = [self._generator(s.seq_id, s.sample.seed) for s in seqs]
+        return sample(logits, st, gens, allowed)
+
+    def _model_output(
+        self, out: SamplerOutput, seqs: list[SeqWork], token_ids: list[int]
+    ) -> ModelOutput:
+        """Host-side results: `token_ids` (already copied) plus the requested log-probs."""
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
         top_vals = out.top_logprob_values.tolist() if out.top_logprob_values is not None else None
         sampled = {}
-        for row, seq in enumerate(fb.sample_seqs):
+        for row, seq in enumerate(seqs):
             params = seq.sample.params
             want = params.logprobs or params.top_logprobs > 0
             top = []
@@ -284,3 +428,63 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(tokens, device=self.device), attn, caches, None)
         self.model.compute_logits(hidden[: cfg.max_num_seqs])
         del caches, hidden
+
+
+def use_cuda_kernels(model: Any) -> Any:
+    """Switch the model to the CUDA backends: Triton paged attention (flash SDPA for fresh
+    prefills and the vision encoder) and the fused Triton layer ops. Returns the paged
+    attention backend (a `CudaPagedAttention`, whose decode plans can be tuned)."""
+    from mistralpy.kernels.cuda_attention import CudaPagedAttention, sdpa_varlen_attention
+    from mistralpy.kernels.fused_ops import triton_layer_ops
+
+    backend = CudaPagedAttention()
+    model.set_attention_backend(backend, sdpa_varlen_attention)
+    model.set_layer_ops(triton_layer_ops())
+    return backend
+
+
+def _plain_greedy(params: Any) -> bool:
+    """Temperature 0 with nothing that changes the argmax or asks for more than the token."""
+    return (
+        params.greedy
+        and not params.logit_bias
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and params.repetition_penalty == 1.0
+        and not params.logprobs
+        and params.top_logprobs == 0
+    )
+
+
+def _ends_on_length(seq: SeqWork) -> bool:
+    """Whether the token sampled now is the sequence's last by max_tokens."""
+    max_tokens = seq.sample.params.max_tokens
+    return max_tokens is not None and len(seq.sample.output_ids) + 1 >= max_tokens
+
+
+class _Speculation:
+    """A decode step launched ahead: the rows of `seqs`, each one token further."""
+
+    def __init__(self, seqs: list[SeqWork], bucket: int):
+        self.seqs = seqs
+        self.bucket = bucket
+        self.tokens: list[int] = []  # the tokens fed in, known once the step's sync returns
+        self.rows = {s.seq_id: i for i, s in enumerate(seqs)}
+
+    def match(self, seqs: list[SeqWork]) -> list[int] | None:
+        """Row of each of `seqs` in the launched step, if they are that step's rows (all, or
+        some, in the same order: sequences that finished drop out) with the same inputs."""
+        rows = []
+        for s in seqs:
+            row = self.rows.get(s.seq_id)
+            if row is None or (rows and row <= rows[-1]):
+                return None
+            old = self.seqs[row]
+            if (
+                s.start_pos != old.start_pos + 1
+                or s.token_ids != [self.tokens[row]]
+                or s.block_table[: len(old.block_table)] != old.block_table
+            ):
+                return None
+            rows.append(row)
+        return rows

@@ -1,0 +1,164 @@
+"""The CUDA attention backends: which kernel runs each kind of step.
+
+Chosen once by the runner (`Mistral3ForConditionalGeneration.set_attention_backend`); imports
+triton at the top, so only import it on CUDA. Contracts: `kernels.attention`.
+
+- decode (one new token per sequence): Triton split-K paged decode. Its launch depends only on
+  the batch rows and the block-table width, so a runner that pads both to fixed sizes can
+  capture it in a CUDA graph.
+- prefill with no cached prefix (every sequence's new tokens are all its tokens): PyTorch's
+  flash SDPA per sequence on the fresh contiguous K/V (555 vs 375 TFLOP/s for our Triton
+  prefill at 8k tokens on an H100); K/V are still stored in the cache for later steps.
+- anything else (chunked prefill, prefix-cache hits, prefill mixed with decodes): the Triton
+  varlen paged prefill kernel.
+- vision encoder: flash SDPA per image (4-D inputs: the reference's 3-D call takes the math
+  kernel on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistralpy.kernels import triton_attention as ta
+from mistralpy.kernels.attention import AttentionMetadata
+
+
+class CudaPagedAttention:
+    """`PagedAttentionFn` for CUDA: store k, v (T, Hkv, D), attend q (T, Hq, D) -> (T, Hq, D).
+
+    Decode launches use a plan tuned per (batch rows, block-table width) when `tune_decode`
+    measured one (the runner tunes its graph buckets before capture), else the kernel's
+    default. Host-side lookups only: capturable.
+    """
+
+    def __init__(self) -> None:
+        self.decode_plans: dict[tuple[int, int], ta.DecodePlan] = {}
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        ta.store_kv(k, v, kv_cache, attn.slot_mapping)
+        if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
+            plan = self.decode_plans.get((q.shape[0], attn.block_tables.shape[1]))
+            return ta.paged_decode_attention(
+                q, kv_cache, attn.block_tables, attn.seq_lens, scale, plan=plan
+            )
+        if attn.query_lens_cpu == attn.seq_lens_cpu:
+            return fresh_causal_attention(q, k, v, attn.query_lens_cpu, scale)
+        return ta.paged_prefill_attention(
+            q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+            attn.max_query_len, scale,
+        )  # fmt: skip
+
+    def tune_decode(
+        self, kv_cache: torch.Tensor, rows: int, width: int, num_heads: int, context: int
+    ) -> ta.DecodePlan:
+        """Time a few split counts / tile sizes for decode of `rows` sequences of `context`
+        tokens through (rows, width) block tables on this cache; keep the fastest (the
+        default plan is a candidate, so tuning never loses at this context)."""
+        _, num_blocks, page, hkv, d = kv_cache.shape
+        per_seq = -(-context // page)
+        dev = kv_cache.device
+        tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
+        tables[:, :per_seq] = torch.randint(0, num_blocks, (rows, per_seq), device=dev)
+        # random, not zero, K/V (the cache is still unused: nothing else is overwritten)
+        used = tables[:, :per_seq].flatten().long()
+        kv_cache[:, used] = torch.randn_like(kv_cache[:, used])
+        lens = torch.full((rows,), context, dtype=torch.int32, device=dev)
+        q = torch.randn(rows, num_heads, d, dtype=kv_cache.dtype, device=dev)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        default = ta.plan_decode(rows, hkv, width * page, sms)
+        candidates = {default}
+        for block_n in (64, 128):
+            tiles = -(-context // block_n)
+            for waves in (1, 2, 4):
+                splits = max(1, min(tiles, -(-waves * sms // (rows * hkv))))
+                candidates.add(ta.DecodePlan(block_n, splits))
+        best = min(
+            candidates,
+            key=lambda plan: _time_launches(
+                lambda: ta.paged_decode_attention(q, kv_cache, tables, lens, d**-0.5, plan=plan)
+            ),
+        )
+        self.decode_plans[(rows, width)] = best
+        return best
+
+
+def cuda_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """`PagedAttentionFn` with the default decode plans (see `CudaPagedAttention`)."""
+    return CudaPagedAttention()(q, k, v, kv_cache, attn, scale)
+
+
+def _time_launches(fn, repeats: int = 20) -> float:
+    """Median time of `fn` over a few event-timed bursts (after a warm-up that compiles)."""
+    fn()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def fresh_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], scale: float
+) -> torch.Tensor:
+    """Causal GQA attention of packed whole sequences: q (T, Hq, D), k/v (T, Hkv, D),
+    sequence i = the next lens[i] rows -> (T, Hq, D)."""
+    return _per_segment_sdpa(q, k, v, lens, scale, causal=True)
+
+
+def sdpa_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+) -> torch.Tensor:
+    """`VarlenAttentionFn` for CUDA: bidirectional attention within each segment of
+    q, k, v (N, H, D) -> (N, H, D)."""
+    lens = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    return _per_segment_sdpa(q, k, v, lens, scale, causal=False)
+
+
+def _per_segment_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], scale: float, causal: bool
+) -> torch.Tensor:
+    """SDPA over each run of lens[i] rows, as (1, H, L, D) views: flash takes 4-D inputs with
+    a unit last stride and reads GQA heads itself (enable_gqa), no copies of K/V."""
+    if len(lens) == 1:  # the common case: no output copy
+        out = _sdpa_4d(q, k, v, scale, causal)
+        return out[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    start = 0
+    for n in lens:
+        rows = slice(start, start + n)
+        out[rows] = _sdpa_4d(q[rows], k[rows], v[rows], scale, causal)[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def _sdpa_4d(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+    """q (L, Hq, D), k/v (L, Hkv, D) -> (1, Hq, L, D)."""
+    return F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )

@@ -1,0 +1,26 @@
+"""The end-to-end GPU benchmark's CPU smoke mode: every row runs on a tiny config and the JSON
+report holds them, with the engine agreeing with the reference path."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_mode_runs_every_row(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_e2e
+    finally:
+        sys.path.pop(0)
+    assert gpu_e2e.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert len(names) == 6, names  # vision, decode, ttft, prefill, concurrent, long (no isq)
+    assert all(r["value"] is not None for r in report["rows"]), report["rows"]
+    assert report["engine_check"]["ok"], report["engine_check"]
+    long_row = next(r for r in report["rows"] if r["name"] == "128k prompt")
+    assert long_row["ok"]  # a prompt 4x the step's token budget: chunked prefill completes
