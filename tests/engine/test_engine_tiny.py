@@ -143,8 +143,12 @@ def test_batch_of_mixed_requests_is_greedy_like_transformers(ckpt, hf, loaded, s
         image = random_image(rng, 2, 2) if i % 3 == 0 else None
         p = make_prompt(rng, rng.randrange(2, 12), image)
         p.token_ids = system + p.token_ids[1:]  # shared prefix: prefix-cache hits
-        params = SamplingParams(max_tokens=rng.randrange(3, 9), temperature=0.0, ignore_eos=True)
-        reqs.append((f"r{i}", p, params, rng.randrange(0, 6)))
+        # Preemption must happen, whatever the draw: all arrive at once and decode long enough
+        # that 8 sequences cannot fit the 10-block cache together.
+        crowded = scenario == "preemption"
+        max_tokens = rng.randrange(6, 9) if crowded else rng.randrange(3, 9)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        reqs.append((f"r{i}", p, params, 0 if crowded else rng.randrange(0, 6)))
     final, step = {}, 0
     pending = sorted(reqs, key=lambda r: r[3])
     while pending or engine.has_unfinished_requests():
