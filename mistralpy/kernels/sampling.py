@@ -12,10 +12,12 @@ Each row b of the logits is processed in this order (the contract):
   7. top_p               keep the most likely tokens until their mass reaches p: token t is kept
                          iff the mass of tokens strictly more likely than t is < p (ties kept)
   8. min_p               keep p(t) >= min_p * max p (computed as l >= max l + log min_p)
-  9. sample              argmax(l - log E), E ~ Exp(1) i.i.d. per token (the "exponential race",
-                         equivalent to sampling from softmax(l)); E comes from the row's own
-                         torch.Generator when it has one, so a seeded request draws the same
-                         tokens whatever else is in the batch.
+  9. sample              inverse CDF of softmax(l): one uniform u per row, the token is the
+                         first whose cumulative probability exceeds u. u comes from the row's
+                         own torch.Generator when it has one (exactly one draw per step), so a
+                         seeded request draws the same tokens whatever else is in the batch.
+                         One number per row, rather than V (exponential race / Gumbel noise),
+                         keeps seeded rows cheap: a CPU generator costs no device kernel at all.
 
 Reported log-probabilities are log_softmax of the logits after steps 1, 3 and 4: the model's
 distribution with the request's bias and penalties, before temperature, truncation and the
@@ -34,10 +36,6 @@ from dataclasses import dataclass
 import torch
 
 from mistralpy.params import SamplingParams
-
-# Clamp for the exponential noise: torch has produced exact zeros on some devices, and
-# -log(0) = inf would pick a token regardless of its logit (even a masked one).
-_MIN_EXPONENTIAL = 1e-30
 
 
 @dataclass
@@ -198,24 +196,42 @@ def truncation_threshold(logits: torch.Tensor, st: SamplingTensors) -> torch.Ten
     return threshold
 
 
-def exponential_noise(
-    batch: int,
-    vocab_size: int,
-    generators: Sequence[torch.Generator | None],
-    device: torch.device | str,
+def uniform_per_row(
+    generators: Sequence[torch.Generator | None], device: torch.device | str
 ) -> torch.Tensor:
-    """(B, V) float32 i.i.d. Exp(1); row b from generators[b] if set, else the default one.
+    """(B,) float32 uniforms in [0, 1): row b from generators[b] if set, else the default one.
 
-    A seeded row consumes exactly V draws per call from its own generator, so its samples
-    depend only on its seed and its step, never on the other rows of the batch.
+    Each seeded row draws exactly one number per call from its own generator (CPU or device),
+    so its samples depend only on its seed and its step, never on the rest of the batch.
     """
-    noise = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
+    batch = len(generators)
     if any(g is None for g in generators):
-        noise.exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            noise[row].exponential_(generator=generator)
-    return noise.clamp_min_(_MIN_EXPONENTIAL)
+        u = torch.rand(batch, dtype=torch.float32, device=device)
+    else:
+        u = torch.empty(batch, dtype=torch.float32, device=device)
+    seeded = [row for row, g in enumerate(generators) if g is not None]
+    if seeded:
+        draws = [torch.rand(1, generator=generators[row], device=generators[row].device)
+                 for row in seeded]  # fmt: skip
+        if all(d.device == draws[0].device for d in draws):  # usual case: one copy, not B
+            u[seeded] = torch.cat(draws).to(device, non_blocking=True)
+        else:
+            u[seeded] = torch.cat([d.to(device) for d in draws])
+    return u
+
+
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 draws from softmax(logits (B, V)) by inverse CDF at uniforms u (B,).
+
+    Tokens with probability 0 (logit -inf) are never chosen: their CDF step is empty.
+    """
+    probs = logits.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = u[:, None] * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[1] - 1)
+    # Rounding can push the target past the last non-empty step; fall back to the mode there.
+    chosen_prob = probs.gather(1, ids)
+    return torch.where(chosen_prob > 0, ids, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def sample(
@@ -226,7 +242,8 @@ def sample(
 ) -> SamplerOutput:
     """Pick one token per row of `logits` (B, V) float32 (not modified).
 
-    generators: B entries, each on the logits' device or None (default generator).
+    generators: B entries, each None (the default generator of the logits' device) or a
+                torch.Generator on the CPU or on the logits' device.
     allowed_mask: (B, V) bool, False = forbidden by a grammar; None: no row has a grammar.
     """
     batch, vocab_size = logits.shape
@@ -250,8 +267,7 @@ def _choose(
     if st.max_top_k or st.use_top_p or st.use_min_p:
         threshold = truncation_threshold(scaled, st)
         scaled = scaled.masked_fill_(scaled < threshold, float("-inf"))
-    noise = exponential_noise(len(generators), logits.shape[1], generators, logits.device)
-    sampled_ids = (scaled - noise.log_()).argmax(dim=-1)
+    sampled_ids = sample_from_logits(scaled, uniform_per_row(generators, logits.device))
     if greedy_ids is None:
         return sampled_ids
     return torch.where(st.greedy, greedy_ids, sampled_ids)
