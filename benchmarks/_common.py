@@ -85,19 +85,13 @@ def proc_status_kib(field: str) -> int:
 
 
 def ensure_checkpoint(root: Path, preset: str, dtype: str) -> Path:
-    """`root/<preset>-<dtype>`: a random mistral3 checkpoint, written once and reused.
-
-    preprocessor_config.json gets `default_to_square: true`, a key the real Mistral Small 3.1
-    file has and mistral.rs 0.9.5 unwraps (it panics without it) but our generator omits.
-    """
+    """`root/<preset>-<dtype>`: a random mistral3 checkpoint, written once and reused."""
     from mistralpy.testing.tiny_checkpoint import write_checkpoint
 
     target = root / f"{preset}-{dtype}"
     if not (target / "model.safetensors").is_file():
         tmp = root / f".{preset}-{dtype}.tmp"
         write_checkpoint(tmp, preset=preset, dtype=dtype)
-        pre = tmp / "preprocessor_config.json"
-        pre.write_text(json.dumps(json.loads(pre.read_text()) | {"default_to_square": True}))
         tmp.rename(target)
     return target
 

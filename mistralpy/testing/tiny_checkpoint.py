@@ -243,6 +243,8 @@ def _processor_files(preset: Preset) -> dict[str, dict[str, Any]]:
         "image_mean": IMAGE_MEAN,
         "image_std": IMAGE_STD,
         "do_convert_rgb": True,
+        # The hub's Mistral Small 3.1 file carries it; mistral.rs panics on images without it.
+        "default_to_square": True,
     }
     processor = {
         "processor_class": "PixtralProcessor",
