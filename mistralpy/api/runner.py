@@ -92,6 +92,10 @@ class OpenedModel:
             "num_running": len(llm.scheduler.running),
         }
 
+    def resolved_dtype(self) -> str:
+        """The dtype the weights were loaded in (the option may say "auto")."""
+        return str(self.llm.runner.kv_spec.dtype).removeprefix("torch.")
+
 
 def check_isq(isq: str | None) -> str | None:
     """Normalised ISQ name; raises FeatureUnavailable if quantization is not built in."""
