@@ -7,7 +7,8 @@ Directory layout written by `save_quantized(model, out_dir, fmt)`:
 - `quantization.json`: {"quant_method": "mistralpy-isq", "version": 1, "format": <name>,
   "layers": {<path>: {"format": <name>, "shape": [out, in], "bias": bool}}}; a layer's
   format can differ from the requested one (width fallback, see isq.py).
-The caller (CLI) copies config.json, tokenizer files and chat template next to them.
+`copy_model_files(src, out_dir)` copies everything else a model directory needs (config,
+tokenizer, chat template, generation and processor configs) from the source checkpoint.
 
 The loader reads `read_quantization_config(dir)`, and for every path in `config.layers`
 builds the module with `load_prequantized_linear(path, tensors, config)` instead of nn.Linear
@@ -17,6 +18,7 @@ builds the module with `load_prequantized_linear(path, tensors, config)` instead
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,22 @@ def save_quantized(model: nn.Module, out_dir: str | Path, fmt: str) -> Quantizat
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"quant_method": QUANT_METHOD})
     (out / QUANT_CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
     return config
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json")
+
+
+def copy_model_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the non-weight top-level files of a checkpoint (config.json / params.json,
+    tokenizer files, chat template, processor configs, ...) into out_dir; returns their
+    names. Weights and any old quantization.json are left behind."""
+    copied = []
+    for f in sorted(Path(src_dir).iterdir()):
+        if not f.is_file() or f.name == QUANT_CONFIG_FILE or f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(f, Path(out_dir) / f.name)
+        copied.append(f.name)
+    return copied
 
 
 def load_prequantized_linear(
