@@ -153,10 +153,10 @@ def sweep(ctx: Ctx) -> None:
         x = x_of(1, shape[1], ctx.dev)
         nbytes = packed.numel() + shape[1] * 2 + shape[0] * 2
         best = None
-        for (bn, bb, warps, stages), split, words, magic in itertools.product(
-            SWEEP, (1, 4), (False, True), (False, True)
+        for (bn, bb, warps, stages), split, words in itertools.product(
+            SWEEP, (1, 4), (False, True)
         ):
-            cfg = tq.GemvConfig(bn, bb, warps, split, stages, words, magic)
+            cfg = tq.GemvConfig(bn, bb, warps, split, stages, words)
             kern = tq.TritonQ4KMatmul(packed, shape, cfg)
             try:
                 ms = bench_ms(kern, x, rep=30)

@@ -109,15 +109,23 @@ class Int4PackMatmul(QuantMatmul):
         # stay small while a large layer (lm_head) is built.
         assert int4pack_supported(group, bits), (group, bits)
         assert chunk_rows % 64 == 0, chunk_rows
-        self.out_features, self.in_features = shape
-        chunks = [
-            self._pack_rows(*rows(r, min(r + chunk_rows, shape[0])), group, bits)
-            for r in range(0, shape[0], chunk_rows)
-        ]
+        self.out_features, self.in_features = n, k = shape
+        # The results are allocated first and filled in place: chunk results kept in a list
+        # between the chunks' large temporaries fragment glibc's heap (measured: +460 MB RSS
+        # for a 131072 x 512 lm_head, +40 MB this way).
+        n_pad = n + (-n) % 16
         self.gemms = [
-            (torch.cat([c[i][0] for c in chunks]), torch.cat([c[i][1] for c in chunks], dim=1))
-            for i in range(len(chunks[0]))
+            (
+                torch.empty(n_pad, k // 2, dtype=torch.uint8),
+                torch.empty(k // _INT4_GROUP, n_pad, 2, dtype=torch.bfloat16),
+            )
+            for _ in range(1 if bits <= 4 else 2)
         ]
+        for r in range(0, n, chunk_rows):
+            parts = self._pack_rows(*rows(r, min(r + chunk_rows, n)), group, bits)
+            for (packed, sz), (p, z) in zip(self.gemms, parts, strict=True):
+                packed[r : r + p.shape[0]].copy_(p)
+                sz[:, r : r + p.shape[0]].copy_(z)
 
     @staticmethod
     def _pack_rows(codes: Tensor, scale: Tensor, offset: Tensor, group: int, bits: int):

@@ -45,13 +45,6 @@ def _q4k_scale_min(wb_ptr, base, s):
 
 
 @triton.jit
-def _small_int_to_f32(q):
-    """int32 q in [0, 2^23) -> float32 without I2F (a quarter-rate instruction that bounds a
-    dequantizing GEMV on H100): OR the bits into the mantissa of 2^23, subtract 2^23."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
 def _q4k_words_scale_min(w1, w2, w3, s):
     """`_q4k_scale_min` from the header's scale words w1..w3 (int32, bytes 4..15 of the
     block, same shape as s): byte i of the 12 scale bytes is word 1 + i // 4, bits 8 (i % 4)."""
@@ -68,13 +61,12 @@ def _q4k_words_scale_min(w1, w2, w3, s):
 @triton.jit
 def _q4k_tile(
     wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, bend, BB: tl.constexpr,
-    WORDS: tl.constexpr, MAGIC: tl.constexpr,
+    WORDS: tl.constexpr,
 ):  # fmt: skip
     """Decode BB q4_K blocks (from b0, those below bend) of rows (BN,): codes lo/hi
     (BN, 4BB, 32) float32 and their scale/min products (BN, 4BB), for chunk j = 4 * block + c
     holding sub-blocks 2c, 2c+1; rows are nblk blocks long. WORDS: read the 16-byte header
-    as four int32 words (wi_ptr, same buffer) instead of byte by byte. MAGIC: convert codes
-    with `_small_int_to_f32`."""
+    as four int32 words (wi_ptr, same buffer) instead of byte by byte."""
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     blk = b0 + j // 4
@@ -100,12 +92,8 @@ def _q4k_tile(
         dmin = tl.load(wh_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
         sc_lo, m_lo = _q4k_scale_min(wb_ptr, base, s_lo)
         sc_hi, m_hi = _q4k_scale_min(wb_ptr, base, s_lo + 1)
-    if MAGIC:
-        q_lo = _small_int_to_f32(qb & 15)
-        q_hi = _small_int_to_f32(qb >> 4)
-    else:
-        q_lo = (qb & 15).to(tl.float32)
-        q_hi = (qb >> 4).to(tl.float32)
+    q_lo = (qb & 15).to(tl.float32)
+    q_hi = (qb >> 4).to(tl.float32)
     return q_lo, q_hi, d * sc_lo, dmin * m_lo, d * sc_hi, dmin * m_hi
 
 
@@ -113,7 +101,7 @@ def _q4k_tile(
 def _q4k_gemv_kernel(
     x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
     BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    WORDS: tl.constexpr, MAGIC: tl.constexpr,
+    WORDS: tl.constexpr,
 ):  # fmt: skip
     # grid (N / BN, splits, M): split s reduces blocks [s * split_blocks, (s + 1) *
     # split_blocks); PARTIAL (more than one split): float32 partial sums go to y_ptr[s, m, :].
@@ -130,7 +118,7 @@ def _q4k_gemv_kernel(
     acc = tl.zeros((BN,), dtype=tl.float32)
     for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS, MAGIC
+            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS
         )
         blk = b0 + j // 4
         xo = blk * 256 + (j % 4) * 64
@@ -164,7 +152,7 @@ def _q4k_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b0 in range(0, nblk, BB):
         q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wb_ptr, rows, rmask, b0, nblk, nblk, BB, False, True
+            wb_ptr, wh_ptr, wb_ptr, rows, rmask, b0, nblk, nblk, BB, False
         )
         w_lo = s_lo[:, :, None] * q_lo - m_lo[:, :, None]
         w_hi = s_hi[:, :, None] * q_hi - m_hi[:, :, None]
@@ -190,9 +178,7 @@ def _q8_0_tile(wb_ptr, wh_ptr, rows, rmask, g0, ngrp, BG: tl.constexpr):
     base = rows[:, None].to(tl.int64) * (ngrp * 34) + g[None, :] * 34  # (BN, BG)
     lane = tl.arange(0, 32)
     qp = wb_ptr + base[:, :, None] + 2 + lane[None, None, :]
-    # int8 code v = (u ^ 128) - 128 for its byte u: convert without I2F (_small_int_to_f32).
-    u = tl.load(qp, mask=ok[:, :, None], other=0).to(tl.int32)
-    q = _small_int_to_f32(u ^ 128) - 128.0
+    q = tl.load(qp, mask=ok[:, :, None], other=0).to(tl.int8, bitcast=True).to(tl.float32)
     d = tl.load(wh_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
     return q, d
 
@@ -246,8 +232,8 @@ def _affine_tile(c_ptr, s_ptr, o_ptr, rows, rmask, k, K, G, IS_FP8: tl.constexpr
     cp = c_ptr + rows[:, None].to(tl.int64) * K + k[None, :]
     if IS_FP8:
         w = tl.load(cp, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:  # int8 codes from their bytes u, as in _q8_0_tile
-        w = _small_int_to_f32(tl.load(cp, mask=ok, other=0).to(tl.int32) ^ 128) - 128.0
+    else:
+        w = tl.load(cp, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     gp = rows[:, None].to(tl.int64) * (K // G) + k[None, :] // G
     s = tl.load(s_ptr + gp, mask=ok, other=0.0)
     o = tl.load(o_ptr + gp, mask=ok, other=0.0)
@@ -338,7 +324,6 @@ class GemvConfig:
     split: int = 1  # split-K programs per row tile (partials summed by torch)
     stages: int = 1  # software pipelining depth of the block loop
     words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
-    magic: bool = True  # codes to float by mantissa bits, not I2F (see _small_int_to_f32)
 
 
 def q4k_gemv_config(n: int, k: int) -> GemvConfig:
@@ -369,7 +354,7 @@ class TritonQ4KMatmul(_TritonMatmul):
         _q4k_gemv_kernel[(triton.cdiv(self.out_features, cfg.bn), split, 1)](
             x, self.wb, self.wh, self.wi, out, self.out_features, self.in_features, x.stride(0),
             y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1, STAGES=cfg.stages,
-            WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
+            WORDS=cfg.words, num_warps=cfg.warps,
         )  # fmt: skip
         if split > 1:
             y.copy_(out.sum(0))

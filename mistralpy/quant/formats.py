@@ -659,12 +659,17 @@ class QuantFormat:
         rows, cols = w.shape
         if not self.supports(cols):
             raise ValueError(f"{self.name}: cols={cols} is not a multiple of {self.block_size}")
+        if w.device.type == "meta":  # shape-only builds (the 24B layout without memory)
+            return torch.empty(rows, self.bytes_per_row(cols), dtype=torch.uint8, device="meta")
         # Bounded temporaries: a few candidate-sized float32 buffers per chunk of rows.
         # CPU: chunks that stay in cache run the many elementwise passes ~2x faster.
         budget = (1 << 24) if w.device.type == "cuda" else (1 << 18)
         step = max(1, budget // cols)
-        out = [self._quant_rows(w[r : r + step].float()) for r in range(0, rows, step)]
-        return torch.cat(out, 0)
+        # Filled in place (no list + cat): keeps the peak at the result plus one chunk.
+        out = torch.empty(rows, self.bytes_per_row(cols), dtype=torch.uint8, device=w.device)
+        for r in range(0, rows, step):
+            out[r : r + step] = self._quant_rows(w[r : r + step].float())
+        return out
 
     def _quant_rows(self, x: Tensor) -> Tensor:
         """(r, cols) float32 -> (r, bytes_per_row) uint8."""

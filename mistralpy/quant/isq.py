@@ -44,11 +44,11 @@ def _tinygemm_max_m(fmt_name: str, out_features: int) -> int:
     """Largest batch (rows of x) that tinygemm serves; measured on H100 at the 24B shapes
     (benchmarks/quant_gpu.py, section crossover). Above it q4k uses the Triton tl.dot GEMM
     over its GGUF bytes (tinygemm re-reads the weight per 16-row tile: it wins up to M=8 on
-    wide layers, M=32 on 5120-wide ones). q4_0/q4_1 have no native GEMM: tinygemm stays
-    ahead of dequantize + cuBLAS up to M=256 at least."""
+    the 65536-wide gate_up, up to M=32 on the <= 6144-wide layers). q4_0/q4_1 have no native
+    GEMM: tinygemm stays far ahead of dequantize + cuBLAS up to M=256 at least."""
     if fmt_name != "q4k":
         return 256
-    return 32 if out_features <= 5120 else 8
+    return 32 if out_features <= 8192 else 8
 
 
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]

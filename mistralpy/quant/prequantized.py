@@ -21,13 +21,16 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mistralpy.quant.formats import get_format
-from mistralpy.quant.isq import QuantizedLinear
+
+if TYPE_CHECKING:  # isq is imported where needed: reading quantization.json needs no kernels
+    from mistralpy.quant.isq import QuantizedLinear
 
 QUANT_CONFIG_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,6 +91,8 @@ def read_quantization_config(model_dir: str | Path) -> QuantizationConfig | None
 
 def quantization_config_of(model: nn.Module, fmt: str) -> QuantizationConfig:
     """The QuantizationConfig describing the QuantizedLinear modules of `model`."""
+    from mistralpy.quant.isq import QuantizedLinear
+
     layers = {
         name: LayerQuant(m.fmt.name, (m.out_features, m.in_features), m.bias is not None)
         for name, m in model.named_modules()
@@ -138,4 +143,6 @@ def load_prequantized_linear(
     qweight = tensors["qweight"]
     if qweight.dtype != torch.uint8:
         raise PrequantizedFormatError(f"{module_path}.qweight must be uint8, got {qweight.dtype}")
+    from mistralpy.quant.isq import QuantizedLinear
+
     return QuantizedLinear(qweight, layer.format, layer.shape, tensors.get("bias"))
