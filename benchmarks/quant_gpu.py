@@ -1,26 +1,36 @@
-"""CUDA: correctness and speed of the Triton quantized matmuls at Mistral-Small-24B shapes.
+"""CUDA: correctness and speed of the quantized matmuls at Mistral-Small-24B shapes.
 
-    PYTHONPATH=. python benchmarks/quant_gpu.py [--formats q4k,q8_0] [--batches 1,16]
-        [--peak-gbs 2960] [--json out.json]
+    PYTHONPATH=. python benchmarks/quant_gpu.py [--sections check,sweep,crossover,fp8,table]
+        [--formats q4k,q8_0] [--batches 1,16] [--peak-gbs 2960] [--json out.json]
 
-For each decoder-layer shape (out, in) and format: quantize a random bf16 weight on the GPU
-(timed), check the kernel against dequantize + fp32 matmul (relative max error), then time
-it with triton.testing.do_bench_cudagraph (median) and print achieved GB/s (weight bytes
-+ activations + output) and the share of the peak bandwidth; a bf16 F.linear row gives the
-unquantized baseline.
+Sections (each independent; a failure prints its traceback and the others still run):
+- check: every CUDA path (tinygemm q4k/q4_0/q4_1, W8A8 fp8 `_scaled_mm`, fused fp8 row
+  quantizer, split-K q4k GEMV) against the dequantize + fp32 matmul oracle.
+- sweep: q4k batch-1 Triton GEMV launch configs per shape (GB/s, % of peak).
+- crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
+- fp8: W8A8 `_scaled_mm` (fused activation quantizer) vs the Triton weight-only kernel.
+- table: the path QuantizedLinear picks, per format/shape/M, plus the batch-1 whole-model
+  estimate (40 decoder layers + lm_head, weights only).
+Times: triton.testing.do_bench_cudagraph (median); GB/s counts weight bytes as stored by
+the format (GGUF bytes) + activations + output.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import time
+import traceback
 
 import torch
 import triton.testing
 from torch.nn import functional as F
 
-from mistralpy.quant.formats import get_format
+from mistralpy.kernels import quant_matmul as qm
+from mistralpy.kernels import triton_quant as tq
+from mistralpy.quant.formats import fp8_parts, get_format
 from mistralpy.quant.isq import QuantizedLinear, reference_matmul
 
 SHAPES = {  # (out, in) of one Mistral-Small-3.1-24B decoder layer (fused projections)
@@ -29,67 +39,260 @@ SHAPES = {  # (out, in) of one Mistral-Small-3.1-24B decoder layer (fused projec
     "gate_up": (65536, 5120),
     "down": (5120, 32768),
 }
+LM_HEAD = (131072, 5120)
+LAYERS = 40
 
 
-def bench_ms(fn) -> float:
-    """Median milliseconds of fn() replayed in a CUDA graph."""
+def bench_ms(fn, *args, rep: int = 100) -> float:
+    """Median milliseconds of fn(*args) replayed in a CUDA graph."""
+    fn = functools.partial(fn, *args)
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
     except Exception:  # graph capture unsupported: fall back to plain launches
-        return triton.testing.do_bench(fn, rep=200, return_mode="median")
+        return triton.testing.do_bench(fn, rep=rep, return_mode="median")
 
 
-def row(name, shape, fmt, m, ms, nbytes, peak, err=None, kernel=""):
-    gbs = nbytes / ms / 1e6
-    e = "" if err is None else f"{err:9.2e}"
-    print(
-        f"{name:>8} {shape[0]:>6}x{shape[1]:<6} {fmt:>6} M={m:<3} {ms * 1e3:9.1f} us "
-        f"{gbs:8.0f} GB/s {100 * gbs / peak:5.1f}% {e:>9} {kernel}"
-    )
-    return {"layer": name, "shape": shape, "format": fmt, "m": m, "us": ms * 1e3,
-            "gbs": gbs, "pct_peak": 100 * gbs / peak, "rel_err": err, "kernel": kernel}  # fmt: skip
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", default="q4k,q8_0,q6k,fp8")
-    ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--layers", default=",".join(SHAPES))
-    ap.add_argument("--peak-gbs", type=float, default=2960.0)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    out = []
-    batches = [int(b) for b in args.batches.split(",")]
-    for name in args.layers.split(","):
-        shape = SHAPES[name]
-        w = (torch.randn(shape, device=dev) * 0.02).to(torch.bfloat16)
+class Ctx:
+    def __init__(self, args):
+        self.args, self.rows, self.dev = args, [], torch.device("cuda")
+        self.weights: dict = {}
+
+    def weight(self, shape) -> torch.Tensor:
+        if shape not in self.weights:
+            g = torch.Generator(device=self.dev).manual_seed(hash(shape) % 1000)
+            w = torch.randn(shape, device=self.dev, generator=g) * 0.02
+            self.weights[shape] = w.to(torch.bfloat16)
+        return self.weights[shape]
+
+    def record(self, section, name, shape, fmt, m, ms, nbytes, err=None, kernel="", **extra):
+        gbs = nbytes / ms / 1e6
+        pct = 100 * gbs / self.args.peak_gbs
+        e = "" if err is None else f"{err:9.2e}"
+        print(
+            f"{section:>9} {name:>8} {shape[0]:>6}x{shape[1]:<6} {fmt:>6} M={m:<4} "
+            f"{ms * 1e3:9.1f} us {gbs:7.0f} GB/s {pct:5.1f}% {e:>9} {kernel} {extra or ''}",
+            flush=True,
+        )
+        self.rows.append({"section": section, "layer": name, "shape": list(shape),
+                          "format": fmt, "m": m, "us": ms * 1e3, "gbs": gbs, "pct_peak": pct,
+                          "rel_err": err, "kernel": kernel, **extra})  # fmt: skip
+
+
+def x_of(m, k, dev, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed + m)
+    return torch.randn(m, k, device=dev, generator=g).to(dtype)
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+def check(ctx: Ctx) -> None:
+    n, k = 512, 1024
+    w = ctx.weight((n, k)).float()
+    for name in ["q4k", "q4_0", "q4_1", "q8_0", "q6k", "fp8"]:
+        layer = QuantizedLinear.from_float(w, None, name)
+        ref_k = reference_matmul(layer.fmt, layer.packed_weight(), (n, k))
+        for m in [1, 5, 17, 80]:
+            x = x_of(m, k, ctx.dev)
+            ref = ref_k(x.float())
+            err = rel_err(layer(x), ref)
+            print(f"CHECK {name:5} M={m:<3} {type(layer.kernel).__name__:22} rel_err {err:.2e}")
+            ctx.rows.append({"section": "check", "format": name, "m": m, "rel_err": err,
+                             "kernel": type(layer.kernel).__name__})  # fmt: skip
+        if name == "fp8":
+            full = x.float() @ w.T
+            print(
+                f"CHECK fp8 vs unquantized bf16-weight fp32 matmul: {rel_err(layer(x), full):.2e}"
+            )
+            sd = layer.state_dict()
+            print("CHECK fp8 state_dict qweight", tuple(sd["qweight"].shape), layer.qweight)
+    x = x_of(7, 4096, ctx.dev) * torch.logspace(-3, 1, 7, device=ctx.dev)[:, None].bfloat16()
+    for fused, ref_fn in [
+        (tq.fp8_quantize_rows, qm.fp8_quantize_rows),
+        (tq.fp8_quantize_tensor, qm.fp8_quantize_tensor),
+    ]:
+        q, s = fused(x)
+        q_ref, s_ref = ref_fn(x)
+        same = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        print(f"CHECK fused {fused.__name__} bit-equal to the torch reference: {same}")
+    packed = get_format("fp8").quantize(w)
+    codes, scale = fp8_parts(packed, k)
+    ref_k = reference_matmul(get_format("fp8"), packed, (n, k))
+    for tw, fast in itertools.product((0, 1 << 30), (False, True)):
+        kern = qm.ScaledMMFp8Matmul(
+            codes, scale, tq.fp8_quantize_rows, tq.fp8_quantize_tensor, tw, fast
+        )
+        for m in (1, 16):
+            x = x_of(m, k, ctx.dev)
+            err = rel_err(kern(x), ref_k(x.float()))
+            print(f"CHECK fp8 tensorwise={bool(tw)} fast_accum={fast} M={m}: rel_err {err:.2e}")
+    f = get_format("q4k")
+    for shape in [(5120, 32768), (6144, 5120)]:
+        packed = f.quantize(ctx.weight(shape))
+        ref = reference_matmul(f, packed, shape)(x_of(1, shape[1], ctx.dev).float())
+        for cfg in [
+            tq.GemvConfig(4, 4, 2, split=4),
+            tq.GemvConfig(8, 2, 2, split=2, stages=3),
+            tq.GemvConfig(4, 2, 1, split=4, words=True),
+        ]:
+            y = tq.TritonQ4KMatmul(packed, shape, cfg)(x_of(1, shape[1], ctx.dev))
+            print(f"CHECK q4k gemv {shape} {cfg}: rel_err {rel_err(y, ref):.2e}")
+
+
+SWEEP = [(4, 2, 1, 1), (4, 4, 2, 1), (8, 2, 2, 1), (2, 2, 1, 1), (4, 8, 4, 1)]  # bn bb warps st
+
+
+def sweep(ctx: Ctx) -> None:
+    f = get_format("q4k")
+    for name, shape in SHAPES.items():
+        packed = f.quantize(ctx.weight(shape))
+        x = x_of(1, shape[1], ctx.dev)
+        nbytes = packed.numel() + shape[1] * 2 + shape[0] * 2
+        best = None
+        for (bn, bb, warps, stages), split, words in itertools.product(
+            SWEEP, (1, 4), (False, True)
+        ):
+            cfg = tq.GemvConfig(bn, bb, warps, split, stages, words)
+            kern = tq.TritonQ4KMatmul(packed, shape, cfg)
+            try:
+                ms = bench_ms(kern, x, rep=30)
+            except Exception as e:  # a config that does not compile
+                print("sweep", name, cfg, "failed:", str(e)[:200])
+                continue
+            ctx.record("sweep", name, shape, "q4k", 1, ms, nbytes, kernel=str(cfg))
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        print(f"SWEEP BEST {name}: {best[1]} {best[0] * 1e3:.1f} us "
+              f"{nbytes / best[0] / 1e6 / ctx.args.peak_gbs * 100:.1f}%")  # fmt: skip
+        ctx.rows.append({"section": "sweep_best", "layer": name, "us": best[0] * 1e3,
+                         "config": str(best[1])})  # fmt: skip
+
+
+def crossover(ctx: Ctx) -> None:
+    for fmt_name in ctx.args.crossover_formats.split(","):
+        f = get_format(fmt_name)
+        for name, shape in SHAPES.items():
+            if fmt_name == "q4_0" and name not in ("qkv", "gate_up"):
+                continue
+            w = ctx.weight(shape)
+            packed = f.quantize(w)
+            ga = f.group_affine(packed, shape)
+            tiny = qm.TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, None, 1 << 30)
+            del ga
+            other = (
+                tq.TritonQ4KMatmul(packed, shape)
+                if fmt_name == "q4k"
+                else qm.DequantMatmul(_dequant_rows(f, packed, shape[1]), *shape)
+            )
+            for m in [int(b) for b in ctx.args.crossover_m.split(",")]:
+                x = x_of(m, shape[1], ctx.dev)
+                nbytes = packed.numel() + x.numel() * 2 + m * shape[0] * 2
+                t_tiny = bench_ms(tiny, x, rep=30)
+                t_other = bench_ms(other, x, rep=30)
+                t_bf16 = bench_ms(F.linear, x, w, rep=30)
+                ctx.record("crossover", name, shape, fmt_name, m, t_tiny, nbytes,
+                           kernel="tinygemm", other_us=t_other * 1e3,
+                           other=type(other).__name__, bf16_us=t_bf16 * 1e3)  # fmt: skip
+
+
+def _dequant_rows(fmt, packed, k):
+    return lambda a, b, dt: fmt.dequantize(packed[a:b], (b - a, k), dt)
+
+
+def fp8(ctx: Ctx) -> None:
+    f = get_format("fp8")
+    for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
+        w = ctx.weight(shape)
+        packed = f.quantize(w)
+        codes, scale = fp8_parts(packed, shape[1])
+        ref_k = reference_matmul(f, packed, shape)
+        quant = (tq.fp8_quantize_rows, tq.fp8_quantize_tensor)
+        kernels = {
+            "tensorwise_fast": qm.ScaledMMFp8Matmul(codes, scale, *quant, 1 << 30, True),
+            "tensorwise": qm.ScaledMMFp8Matmul(codes, scale, *quant, 1 << 30, False),
+            "rowwise_fast": qm.ScaledMMFp8Matmul(codes, scale, *quant, 0, True),
+            "rowwise": qm.ScaledMMFp8Matmul(codes, scale, *quant, 0, False),
+        }
+        for m in [1, 4, 16, 64]:
+            x = x_of(m, shape[1], ctx.dev)
+            ref = ref_k(x.float())
+            nbytes = codes.numel() + x.numel() * 2 + m * shape[0] * 2
+            for kname, kern in kernels.items():
+                ms = bench_ms(kern, x, rep=30)
+                ctx.record("fp8", name, shape, "fp8", m, ms, nbytes, rel_err(kern(x), ref), kname)
+            ms = bench_ms(tq.fp8_quantize_tensor, x, rep=30)
+            ctx.record("fp8", name, shape, "fp8", m, ms, x.numel() * 3, kernel="act_quant_tensor")
+
+
+def table(ctx: Ctx) -> None:
+    batches = [int(b) for b in ctx.args.batches.split(",")]
+    est = {}
+    for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
+        w = ctx.weight(shape)
         for m in batches:
-            x = torch.randn(m, shape[1], device=dev, dtype=torch.bfloat16)
-            ms = bench_ms(lambda w=w, x=x: F.linear(x, w))
-            out.append(row(name, shape, "bf16", m, ms, w.numel() * 2, args.peak_gbs))
-        for fmt_name in args.formats.split(","):
+            x = x_of(m, shape[1], ctx.dev)
+            ms = bench_ms(F.linear, x, w)
+            ctx.record("table", name, shape, "bf16", m, ms, w.numel() * 2, kernel="cublas")
+            est.setdefault(("bf16", m), []).append((name, ms))
+        for fmt_name in ctx.args.formats.split(","):
             fmt = get_format(fmt_name)
             torch.cuda.synchronize()
             t = time.perf_counter()
             layer = QuantizedLinear.from_float(w, None, fmt)
             torch.cuda.synchronize()
-            print(f"  quantize {name} {fmt.name}: {time.perf_counter() - t:.2f} s")
-            ref_kernel = reference_matmul(fmt, layer.qweight, shape)
-            kernel = type(layer.kernel).__name__
-            wbytes = layer.qweight.numel()
+            print(f"  quantize+build {name} {fmt.name}: {time.perf_counter() - t:.2f} s")
+            ref_kernel = reference_matmul(fmt, layer.packed_weight(), shape)
+            wbytes = layer.packed_weight().numel()
             for m in batches:
-                x = torch.randn(m, shape[1], device=dev, dtype=torch.bfloat16)
-                ref = ref_kernel(x.float())
-                err = ((layer(x).float() - ref).abs().max() / ref.abs().max()).item()
-                ms = bench_ms(lambda layer=layer, x=x: layer(x))
+                x = x_of(m, shape[1], ctx.dev)
+                err = rel_err(layer(x), ref_kernel(x.float())) if name != "lm_head" else None
+                ms = bench_ms(layer, x)
                 nbytes = wbytes + x.numel() * 2 + m * shape[0] * 2
-                out.append(row(name, shape, fmt.name, m, ms, nbytes, args.peak_gbs, err, kernel))
-            del layer
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+                kern = type(layer.kernel).__name__
+                ctx.record("table", name, shape, fmt.name, m, ms, nbytes, err, kern)
+                est.setdefault((fmt.name, m), []).append((name, ms))
+            del layer, ref_kernel
+        del ctx.weights[shape]
+    for (fmt_name, m), parts in est.items():
+        d = dict(parts)
+        if len(d) < 5:
+            continue
+        total = LAYERS * sum(d[n] for n in SHAPES) + d["lm_head"]
+        print(f"ESTIMATE {fmt_name:5} M={m}: {total:.2f} ms per step -> {1000 / total:.0f} tok/s "
+              "(linear layers only)")  # fmt: skip
+        ctx.rows.append({"section": "estimate", "format": fmt_name, "m": m, "ms": total})
+
+
+SECTIONS = {"check": check, "sweep": sweep, "crossover": crossover, "fp8": fp8, "table": table}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="check,table")
+    ap.add_argument("--formats", default="q4k,fp8,q8_0,q6k")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--crossover-formats", default="q4k,q4_0")
+    ap.add_argument("--crossover-m", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--peak-gbs", type=float, default=2960.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ctx = Ctx(args)
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    for sec in args.sections.split(","):
+        t = time.perf_counter()
+        try:
+            SECTIONS[sec](ctx)
+        except Exception:
+            traceback.print_exc()
+        print(f"== section {sec}: {time.perf_counter() - t:.1f} s", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(ctx.rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ Two checkpoint layouts are understood:
   `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`.
 - Mistral native (`params.json` + `consolidated*.safetensors`), whose q/k rows are in the
   interleaved rotary order and are permuted into HF's rotate-half order here.
+A directory with a `quantization.json` (written by `quantize_checkpoint` / `mistralpy
+quantize`) holds our own module names and already-quantized layers: those are rebuilt as
+QuantizedLinear straight from their stored bytes, nothing is quantized again.
 """
 
 from __future__ import annotations
@@ -70,15 +73,29 @@ def load_model(
         return load_dummy_model(config, dtype, device, isq, parallel=parallel)
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not 'auto' or 'dummy'")
+    from mistralpy.quant.prequantized import read_quantization_config  # lazy, as ISQ
+
+    qconfig = read_quantization_config(path)
+    if qconfig is not None:
+        if parallel.world_size > 1:
+            raise CheckpointError(
+                f"{path} is pre-quantized; tensor parallelism needs the full-precision checkpoint "
+                "(load it with --isq instead)"
+            )
+        return _load_prequantized(path, config, qconfig, dtype, torch.device(device), isq)
     files, native = _checkpoint_files(path)
     model = _empty_model(config, dtype, torch.device(device), parallel)
     filler = _Filler(model, _isq_factory(isq))
     plan = _plan(model, files, native)
+    isq_note = f" + ISQ {isq}" if isq else ""
     for file, keys in plan.by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in tqdm(keys, desc=f"Loading {file.name}", unit="tensor", leave=False):
+            bar = tqdm(keys, desc=f"Loading {file.name}{isq_note}", unit="tensor", leave=False)
+            for key in bar:
                 target = plan.targets[key]
                 filler.put(target, _transform(_read(f, key, target.shard), target))
+                if isq:
+                    bar.set_postfix_str(f"quantized {filler.replaced} layers", refresh=False)
     if plan.tie_lm_head:
         filler.tie_lm_head()
     return filler.finish()
@@ -179,6 +196,7 @@ class _Filler:
         self.device = model.language_model.embed_tokens.weight.device
         self.dtype = model.language_model.embed_tokens.weight.dtype
         self.pending: dict[str, _PendingLinear] = {}
+        self.replaced = 0  # Linears the factory swapped (progress display)
 
     def put(self, target: _Target, tensor: torch.Tensor) -> None:
         """Copy `tensor` (any dtype, on CPU) into its place, converting on the way."""
@@ -213,6 +231,7 @@ class _Filler:
         replacement = self.factory(name, weight, bias) if self.factory else None
         if isinstance(replacement, nn.Module):
             self.model.set_submodule(name, replacement)
+            self.replaced += 1
             return
         linear = self.modules[name]
         linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -256,6 +275,78 @@ def _transform(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
         heads = heads * target.shard.size // target.shard.full
     rows, cols = tensor.shape
     return tensor.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-quantized directories
+
+
+def _load_prequantized(
+    path: Path, config: Mistral3Config, qconfig, dtype: torch.dtype, device: torch.device,
+    isq: str | None,
+) -> Mistral3ForConditionalGeneration:  # fmt: skip
+    """Model of a `quantization.json` directory: stored QuantizedLinear bytes go to the
+    device as they are (their kernels are built there), other tensors like any checkpoint."""
+    from mistralpy.quant.formats import get_format
+    from mistralpy.quant.prequantized import WEIGHTS_FILE, load_prequantized_linear
+
+    if isq is not None and get_format(isq).name != qconfig.format:
+        raise CheckpointError(
+            f"isq={isq!r}: {path} is already quantized as {qconfig.format}; drop --isq"
+        )
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"pre-quantized checkpoint {path} has no {WEIGHTS_FILE}")
+    model = _empty_model(config, dtype, device)
+    filler = _Filler(model, None)
+    parts: dict[str, dict[str, torch.Tensor]] = {}  # Linear path -> tensors read so far
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        desc = f"Loading {file.name} (pre-quantized {qconfig.format})"
+        for key in tqdm(list(f.keys()), desc=desc, unit="tensor", leave=False):
+            module, param = key.rsplit(".", 1)
+            layer = qconfig.layers.get(module)
+            linear = filler.modules.get(module)
+            if layer is None and not isinstance(linear, nn.Linear):
+                if not _has_param(model, _Target(module, param)):
+                    raise CheckpointError(f"pre-quantized checkpoint: unexpected key {key}")
+                filler.put(_Target(module, param), f.get_tensor(key))
+                continue
+            tensor = f.get_tensor(key)
+            got = parts.setdefault(module, {})
+            got[param] = tensor.to(device) if param == "qweight" else tensor.to(device, dtype)
+            if layer is not None and "qweight" in got and ("bias" in got) == layer.bias:
+                model.set_submodule(module, load_prequantized_linear(module, got, qconfig))
+                del parts[module]
+            elif layer is None and "weight" in got and ("bias" in got) == (linear.bias is not None):
+                filler.finalize(module, got["weight"], got.get("bias"))
+                del parts[module]
+    missing = sorted(parts) + [n for n in qconfig.layers if isinstance(_get(model, n), nn.Linear)]
+    if missing:
+        raise CheckpointError(f"pre-quantized checkpoint: incomplete layers {missing[:5]}")
+    return filler.finish()
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def quantize_checkpoint(
+    path: str | Path, out_dir: str | Path, isq: str, device: torch.device | str = "cpu"
+) -> Path:
+    """Load `path` with ISQ `isq` on `device` and write a complete pre-quantized model
+    directory `out_dir` (weights, quantization.json, config/tokenizer/template files);
+    full-precision tensors keep the checkpoint's stored dtype (bfloat16 if unstated)."""
+    from mistralpy.quant.prequantized import copy_model_files, save_quantized
+
+    path, out = Path(path), Path(out_dir)
+    dtype = getattr(torch, read_config(path).dtype or "bfloat16")
+    model = load_model(path, dtype, device, isq=isq)
+    save_quantized(model, out, isq)
+    copy_model_files(path, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

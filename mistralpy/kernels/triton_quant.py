@@ -20,6 +20,7 @@ meet the matching 32-element slices of x, so no shuffles are needed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,23 +45,53 @@ def _q4k_scale_min(wb_ptr, base, s):
 
 
 @triton.jit
-def _q4k_tile(wb_ptr, wh_ptr, rows, rmask, b0, nblk, BB: tl.constexpr):
-    """Decode BB q4_K blocks of rows (BN,): codes lo/hi (BN, 4BB, 32) float32 and their
-    scale/min products (BN, 4BB), for chunk j = 4 * block + c holding sub-blocks 2c, 2c+1."""
+def _q4k_words_scale_min(w1, w2, w3, s):
+    """`_q4k_scale_min` from the header's scale words w1..w3 (int32, bytes 4..15 of the
+    block, same shape as s): byte i of the 12 scale bytes is word 1 + i // 4, bits 8 (i % 4)."""
+    sh = 8 * (s % 4)
+    low = s < 4
+    b_s = (tl.where(low, w1, w2) >> sh) & 255  # scale byte s
+    b_s4 = (tl.where(low, w2, w3) >> sh) & 255  # scale byte s + 4
+    b_sm4 = (w1 >> sh) & 255  # scale byte s - 4 (used for s >= 4)
+    sc = tl.where(low, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4))
+    mn = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _q4k_tile(
+    wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, bend, BB: tl.constexpr,
+    WORDS: tl.constexpr,
+):  # fmt: skip
+    """Decode BB q4_K blocks (from b0, those below bend) of rows (BN,): codes lo/hi
+    (BN, 4BB, 32) float32 and their scale/min products (BN, 4BB), for chunk j = 4 * block + c
+    holding sub-blocks 2c, 2c+1; rows are nblk blocks long. WORDS: read the 16-byte header
+    as four int32 words (wi_ptr, same buffer) instead of byte by byte."""
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     blk = b0 + j // 4
     c = j % 4
-    ok = rmask[:, None] & (blk < nblk)[None, :]
+    ok = rmask[:, None] & (blk < bend)[None, :]
     base = rows[:, None].to(tl.int64) * (nblk * 144) + blk[None, :] * 144  # (BN, J)
     lane = tl.arange(0, 32)
     qp = wb_ptr + base[:, :, None] + 16 + c[None, :, None] * 32 + lane[None, None, :]
     qb = tl.load(qp, mask=ok[:, :, None], other=0).to(tl.int32)
-    d = tl.load(wh_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
-    dmin = tl.load(wh_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
-    s_lo = tl.zeros_like(base) + 2 * c[None, :]
-    sc_lo, m_lo = _q4k_scale_min(wb_ptr, base, s_lo)
-    sc_hi, m_hi = _q4k_scale_min(wb_ptr, base, s_lo + 1)
+    s_lo = tl.zeros_like(base).to(tl.int32) + 2 * c[None, :]
+    if WORDS:
+        wbase = base // 4
+        w0 = tl.load(wi_ptr + wbase, mask=ok, other=0)
+        w1 = tl.load(wi_ptr + wbase + 1, mask=ok, other=0)
+        w2 = tl.load(wi_ptr + wbase + 2, mask=ok, other=0)
+        w3 = tl.load(wi_ptr + wbase + 3, mask=ok, other=0)
+        d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
+        sc_hi, m_hi = _q4k_words_scale_min(w1, w2, w3, s_lo + 1)
+    else:
+        d = tl.load(wh_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
+        dmin = tl.load(wh_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
+        sc_lo, m_lo = _q4k_scale_min(wb_ptr, base, s_lo)
+        sc_hi, m_hi = _q4k_scale_min(wb_ptr, base, s_lo + 1)
     q_lo = (qb & 15).to(tl.float32)
     q_hi = (qb >> 4).to(tl.float32)
     return q_lo, q_hi, d * sc_lo, dmin * m_lo, d * sc_hi, dmin * m_hi
@@ -68,22 +99,30 @@ def _q4k_tile(wb_ptr, wh_ptr, rows, rmask, b0, nblk, BB: tl.constexpr):
 
 @triton.jit
 def _q4k_gemv_kernel(
-    x_ptr, wb_ptr, wh_ptr, y_ptr, N, K, stride_xm, stride_ym,
-    BN: tl.constexpr, BB: tl.constexpr,
+    x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
+    BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
+    WORDS: tl.constexpr,
 ):  # fmt: skip
-    m = tl.program_id(1)
+    # grid (N / BN, splits, M): split s reduces blocks [s * split_blocks, (s + 1) *
+    # split_blocks); PARTIAL (more than one split): float32 partial sums go to y_ptr[s, m, :].
+    s = tl.program_id(1)
+    m = tl.program_id(2)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     nblk = K // 256
+    b_start = s * split_blocks
+    b_end = tl.minimum(b_start + split_blocks, nblk)
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     lane = tl.arange(0, 32)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for b0 in range(0, nblk, BB):
-        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(wb_ptr, wh_ptr, rows, rmask, b0, nblk, BB)
+    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
+        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
+            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS
+        )
         blk = b0 + j // 4
         xo = blk * 256 + (j % 4) * 64
-        xm = (blk < nblk)[:, None]
+        xm = (blk < b_end)[:, None]
         xp = x_ptr + m * stride_xm + xo[:, None] + lane[None, :]
         x_lo = tl.load(xp, mask=xm, other=0.0).to(tl.float32)  # (J, 32)
         x_hi = tl.load(xp + 32, mask=xm, other=0.0).to(tl.float32)
@@ -92,7 +131,10 @@ def _q4k_gemv_kernel(
         part = s_lo * dot_lo - m_lo * tl.sum(x_lo, axis=1)[None, :]
         part += s_hi * dot_hi - m_hi * tl.sum(x_hi, axis=1)[None, :]
         acc += tl.sum(part, axis=1)
-    tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+    if not PARTIAL:
+        tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, acc, mask=rmask)
 
 
 @triton.jit
@@ -109,7 +151,9 @@ def _q4k_gemm_kernel(
     lane = tl.arange(0, 32)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b0 in range(0, nblk, BB):
-        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(wb_ptr, wh_ptr, rows, rmask, b0, nblk, BB)
+        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
+            wb_ptr, wh_ptr, wb_ptr, rows, rmask, b0, nblk, nblk, BB, False
+        )
         w_lo = s_lo[:, :, None] * q_lo - m_lo[:, :, None]
         w_hi = s_hi[:, :, None] * q_hi - m_hi[:, :, None]
         blk = b0 + j // 4
@@ -187,13 +231,13 @@ def _affine_tile(c_ptr, s_ptr, o_ptr, rows, rmask, k, K, G, IS_FP8: tl.constexpr
     ok = rmask[:, None] & (k < K)[None, :]
     cp = c_ptr + rows[:, None].to(tl.int64) * K + k[None, :]
     if IS_FP8:
-        raw = tl.load(cp, mask=ok, other=0).to(tl.float8e4nv, bitcast=True)
+        w = tl.load(cp, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        raw = tl.load(cp, mask=ok, other=0).to(tl.int8, bitcast=True)
+        w = tl.load(cp, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     gp = rows[:, None].to(tl.int64) * (K // G) + k[None, :] // G
     s = tl.load(s_ptr + gp, mask=ok, other=0.0)
     o = tl.load(o_ptr + gp, mask=ok, other=0.0)
-    return raw.to(tl.float32) * s + o
+    return w * s + o
 
 
 @triton.jit
@@ -270,24 +314,50 @@ class _TritonMatmul(QuantMatmul):
         return y
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the q4_K batch-1 kernel."""
+
+    bn: int  # output rows per program
+    bb: int  # 256-weight blocks per loop step
+    warps: int
+    split: int = 1  # split-K programs per row tile (partials summed by torch)
+    stages: int = 1  # software pipelining depth of the block loop
+    words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
+
+
+def q4k_gemv_config(n: int, k: int) -> GemvConfig:
+    """H100-tuned choice by shape (benchmarks/quant_gpu.py, section sweep): split long rows
+    (down_proj) so every SM has enough bytes in flight; header words help short rows."""
+    if k >= 16384:
+        return GemvConfig(4, 2, 1, split=4)
+    if n <= 8192:
+        return GemvConfig(4, 4, 2, words=True)
+    return GemvConfig(4, 2, 1)
+
+
 class TritonQ4KMatmul(_TritonMatmul):
     """q4_K straight from GGUF bytes (N, K / 256 * 144)."""
 
     gemm_bb = 1
 
-    def __init__(self, packed: Tensor, shape: tuple[int, int]):
+    def __init__(self, packed: Tensor, shape: tuple[int, int], gemv: GemvConfig | None = None):
         self.out_features, self.in_features = shape
-        self.wb, self.wh = packed, packed.view(torch.float16)
-        # Tuned on H100 at the 24B shapes (benchmarks/quant_gpu.py): few warps and several
-        # blocks per step keep more independent loads in flight per thread.
-        long_k = self.in_features >= 16384
-        self.gemv_bb, self.gemv_warps = (4, 2) if long_k else (2, 1)
+        self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
+        self.gemv = gemv or q4k_gemv_config(*shape)
 
     def _gemv(self, grid, x, y):
-        _q4k_gemv_kernel[grid](
-            x, self.wb, self.wh, y, self.out_features, self.in_features, x.stride(0), y.stride(0),
-            BN=self.gemv_bn, BB=self.gemv_bb, num_warps=self.gemv_warps,
+        cfg, nblk = self.gemv, self.in_features // 256
+        split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
+        split = triton.cdiv(nblk, split_blocks)
+        out = y if split == 1 else torch.empty(split, 1, self.out_features, device=y.device)
+        _q4k_gemv_kernel[(triton.cdiv(self.out_features, cfg.bn), split, 1)](
+            x, self.wb, self.wh, self.wi, out, self.out_features, self.in_features, x.stride(0),
+            y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1, STAGES=cfg.stages,
+            WORDS=cfg.words, num_warps=cfg.warps,
         )  # fmt: skip
+        if split > 1:
+            y.copy_(out.sum(0))
 
     def _gemm(self, grid, x, y, bm):
         _q4k_gemm_kernel[grid](
@@ -347,6 +417,58 @@ class TritonAffineMatmul(_TritonMatmul):
         )  # fmt: skip
 
 
+@triton.jit
+def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, rows_per_prog, BK: tl.constexpr):
+    """Rows [p R, p R + R) of x (R = rows_per_prog) -> e4m3 codes q and one float32 scale
+    s[p] = their absmax / 448 (R = 1: per token; R = M: one scale for the whole tensor)."""
+    p = tl.program_id(0)
+    m0 = p * rows_per_prog
+    m1 = tl.minimum(m0 + rows_per_prog, M)
+    amax = tl.zeros((BK,), dtype=tl.float32)
+    for m in range(m0, m1):
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    tl.store(s_ptr + p, scale)
+    for m in range(m0, m1):
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -448.0, 448.0)
+            tl.store(q_ptr + m * K + k, q.to(tl.float8e4nv), mask=k < K)
+
+
+def _fp8_quantize(x: Tensor, rows_per_prog: int, scales: int) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(scales, 1, dtype=torch.float32, device=x.device)
+    bk = min(4096, triton.next_power_of_2(k))
+    _fp8_quant_kernel[(scales,)](
+        x, q, scale, m, k, x.stride(0), rows_per_prog, BK=bk, num_warps=8 if bk >= 2048 else 4
+    )
+    return q, scale
+
+
+def fp8_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused `quant_matmul.fp8_quantize_rows`: x (M, K) -> (codes (M, K) e4m3, scale (M, 1))."""
+    return _fp8_quantize(x, 1, x.shape[0])
+
+
+def fp8_quantize_tensor(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused `quant_matmul.fp8_quantize_tensor`: one program (meant for small M) -> codes
+    (M, K) e4m3 and scale (1, 1) float32."""
+    return _fp8_quantize(x, x.shape[0], 1)
+
+
+def fp8_weight_parts(packed: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """mistralpy fp8 rows (N, K + 4) -> (codes (N, K) float8_e4m3fn contiguous, scale (N,))."""
+    k = shape[1]
+    codes = packed[:, :k].contiguous().view(torch.float8_e4m3fn)
+    return codes, packed[:, k:].contiguous().view(torch.float32).reshape(-1)
+
+
 def build(fmt: str, packed: Tensor, shape: tuple[int, int], affine) -> QuantMatmul | None:
     """Kernel for format name `fmt` given its GGUF bytes, or (other formats) its
     GroupAffine form `affine` (codes, scale, offset, group); None for nothing suitable."""
@@ -355,10 +477,11 @@ def build(fmt: str, packed: Tensor, shape: tuple[int, int], affine) -> QuantMatm
     if fmt == "q8_0":
         return TritonQ8_0Matmul(packed, shape)
     if fmt == "fp8":
-        n, k = shape
-        codes = packed[:, :k].contiguous()
-        scale = packed[:, k:].contiguous().view(torch.float32)
-        return TritonAffineMatmul(codes, scale, torch.zeros_like(scale), k, fp8=True)
+        codes, scale = fp8_weight_parts(packed, shape)
+        return TritonAffineMatmul(
+            codes.view(torch.uint8), scale[:, None], torch.zeros_like(scale[:, None]), shape[1],
+            fp8=True,
+        )  # fmt: skip
     if affine is None:
         return None
     return TritonAffineMatmul(affine.codes, affine.scale, affine.offset, affine.group, False)

@@ -24,15 +24,32 @@ from mistralpy.kernels.quant_matmul import (
     DequantMatmul,
     Int4PackMatmul,
     QuantMatmul,
+    ScaledMMFp8Matmul,
+    TinyGemmInt4Matmul,
     int4pack_supported,
+    scaled_mm_fp8_supported,
+    tinygemm_supported,
 )
-from mistralpy.quant.formats import QuantFormat, get_format
+from mistralpy.quant.formats import QuantFormat, fp8_pack, fp8_parts, get_format
 
 log = logging.getLogger(__name__)
 
 _FALLBACK = {"q2k": "q4_0", "q3k": "q4_0", "q4k": "q4_0", "q5k": "q5_0", "q6k": "q8_0"}
 _FALLBACK["q8k"] = "q8_0"
 _VISION_PARTS = ("vision_tower", "multi_modal_projector")
+_TINYGEMM_FORMATS = ("q4k", "q4_0", "q4_1")  # 4-bit codes in groups of 32
+
+
+def _tinygemm_max_m(fmt_name: str, out_features: int) -> int:
+    """Largest batch (rows of x) that tinygemm serves; measured on H100 at the 24B shapes
+    (benchmarks/quant_gpu.py, section crossover). Above it q4k uses the Triton tl.dot GEMM
+    over its GGUF bytes (tinygemm re-reads the weight per 16-row tile: it wins up to M=8 on
+    the 65536-wide gate_up, up to M=32 on the <= 6144-wide layers). q4_0/q4_1 have no native
+    GEMM: tinygemm stays far ahead of dequantize + cuBLAS up to M=256 at least."""
+    if fmt_name != "q4k":
+        return 256
+    return 32 if out_features <= 8192 else 8
+
 
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
 
@@ -46,6 +63,16 @@ def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
     return rows
 
 
+def _affine_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
+    """(start, stop) -> GroupAffine (codes, scale, offset) of rows start:stop."""
+
+    def rows(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        ga = fmt.group_affine(packed[start:stop], (stop - start, in_features))
+        return ga.codes, ga.scale, ga.offset
+
+    return rows
+
+
 def reference_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul:
     """The plain-PyTorch oracle: dequantize all of W, then matmul (tests only)."""
     return DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape, tile_bytes=None)
@@ -54,28 +81,63 @@ def reference_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -
 def build_quant_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul:
     """Pick, once, the fastest faithful kernel for `fmt` on packed's device.
 
-    CUDA: Triton fused kernels (mistralpy.kernels.triton_quant) when Triton imports, else
-    tiled dequantize + matmul. CPU: torch's int4 kernels for formats whose groups are
-    multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q8k), tiled dequantize + fp32
-    matmul for the 16-element-group K-quants (q2k, q3k, q6k) and fp8.
+    CUDA: tinygemm int4 for small batches of q4k/q4_0/q4_1 (bf16 scale/zero), W8A8
+    `_scaled_mm` for fp8 on sm90, Triton fused kernels (mistralpy.kernels.triton_quant)
+    otherwise, tiled dequantize + matmul without Triton. CPU: torch's int4 kernels for formats
+    whose groups are multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q8k), tiled
+    dequantize + fp32 matmul for the 16-element-group K-quants (q2k, q3k, q6k) and fp8.
     """
     if packed.device.type == "cuda":
-        try:
-            from mistralpy.kernels import triton_quant
-        except ImportError:  # no Triton: the tiled fallback still runs on CUDA
-            log.warning("triton not importable; %s uses dequantize + matmul", fmt.name)
-        else:
-            ga = (
-                None if fmt.name in triton_quant.NATIVE_FORMATS else fmt.group_affine(packed, shape)
+        return _cuda_matmul(fmt, packed, shape)
+    if packed.device.type == "cpu" and fmt.ggml_type is not None:
+        group = fmt.group_affine(packed[:1], (1, shape[1]))
+        if int4pack_supported(group.group, group.bits):
+            return Int4PackMatmul(
+                _affine_rows_fn(fmt, packed, shape[1]), shape, group.group, group.bits
             )
-            kernel = triton_quant.build(fmt.name, packed, shape, ga)
-            if kernel is not None:
-                return kernel
-    elif packed.device.type == "cpu":
-        ga = fmt.group_affine(packed, shape)
-        if ga is not None and int4pack_supported(ga.group, ga.bits):
-            return Int4PackMatmul(ga.codes, ga.scale, ga.offset, ga.group, ga.bits)
     return DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
+
+
+def _cuda_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul:
+    """CUDA kernel choice of `build_quant_matmul` (fp8: see `_cuda_fp8_matmul`)."""
+    tiled = DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
+    if fmt.name in _TINYGEMM_FORMATS and tinygemm_supported(*shape, 32, fmt.bits):
+        ga = fmt.group_affine(packed, shape)
+        assert ga is not None and ga.group == 32
+        triton = _triton_matmul(fmt, packed, shape) if fmt.name == "q4k" else None
+        # Batch 1 of long rows (down_proj): the split-K Triton GEMV beats tinygemm.
+        gemv = triton if shape[1] >= 16384 else None
+        max_m = _tinygemm_max_m(fmt.name, shape[0])
+        return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, triton or tiled, max_m, gemv)
+    return _triton_matmul(fmt, packed, shape) or tiled
+
+
+def _triton_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul | None:
+    """The Triton fused kernel for `fmt`, or None when Triton does not import."""
+    try:
+        from mistralpy.kernels import triton_quant
+    except ImportError:  # no Triton: the tiled fallback still runs on CUDA
+        log.warning("triton not importable; %s uses dequantize + matmul", fmt.name)
+        return None
+    native = fmt.name in triton_quant.NATIVE_FORMATS or fmt.name == "fp8"
+    ga = None if native else fmt.group_affine(packed, shape)
+    return triton_quant.build(fmt.name, packed, shape, ga)
+
+
+def _cuda_fp8_matmul(codes: Tensor, scale: Tensor) -> QuantMatmul:
+    """fp8 on CUDA from codes (N, K) e4m3 and row scales (N,): W8A8 `_scaled_mm` on sm90,
+    else the Triton weight-only kernel (dequantize in registers, bf16 tl.dot / GEMV)."""
+    from mistralpy.kernels import triton_quant  # fp8 on CUDA needs Triton either way
+
+    if scaled_mm_fp8_supported(codes.device):
+        return ScaledMMFp8Matmul(
+            codes, scale, triton_quant.fp8_quantize_rows, triton_quant.fp8_quantize_tensor
+        )
+    k = codes.shape[1]
+    s = scale.reshape(-1, 1)
+    return triton_quant.TritonAffineMatmul(
+        codes.view(torch.uint8), s, torch.zeros_like(s), k, fp8=True
+    )
 
 
 class QuantizedLinear(nn.Module):
@@ -83,6 +145,9 @@ class QuantizedLinear(nn.Module):
 
     The kernel is chosen at construction for the buffer's device; build the module on the
     device it will run on (moving it later would leave the kernel's own packing behind).
+    fp8 on CUDA keeps only the kernel's contiguous codes + scales (a lossless re-layout):
+    `qweight` is then rebuilt on demand for `state_dict()` / saving, so the weight is held
+    once (1 byte per weight), not twice.
     """
 
     def __init__(
@@ -94,9 +159,16 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = shape
         if qweight.shape != (shape[0], self.fmt.bytes_per_row(shape[1])):
             raise ValueError(f"qweight shape {tuple(qweight.shape)} does not fit {self.fmt.name}")
-        self.register_buffer("qweight", qweight)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.kernel = build_quant_matmul(self.fmt, qweight, (self.out_features, self.in_features))
+        self._fp8: tuple[Tensor, Tensor] | None = None
+        if self.fmt.name == "fp8" and qweight.device.type == "cuda":
+            self._fp8 = fp8_parts(qweight, shape[1])
+            self.register_buffer("qweight", None)
+            self._register_state_dict_hook(_add_fp8_qweight)
+            self.kernel = _cuda_fp8_matmul(*self._fp8)
+        else:
+            self.register_buffer("qweight", qweight)
+            self.kernel = build_quant_matmul(self.fmt, qweight, shape)
 
     @classmethod
     def from_float(
@@ -106,9 +178,14 @@ class QuantizedLinear(nn.Module):
         f = get_format(fmt)
         return cls(f.quantize(weight), f, tuple(weight.shape), bias)
 
+    def packed_weight(self) -> Tensor:
+        """(out, bytes_per_row(in)) uint8: the format's bytes, whichever way they are held."""
+        return fp8_pack(*self._fp8) if self._fp8 is not None else self.qweight
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """(out, in) dense weight, for checks and export."""
-        return self.fmt.dequantize(self.qweight, (self.out_features, self.in_features), dtype)
+        shape = (self.out_features, self.in_features)
+        return self.fmt.dequantize(self.packed_weight(), shape, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_features) -> (..., out_features) in x.dtype."""
@@ -120,6 +197,11 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         kernel = type(self.kernel).__name__
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt.name}, kernel={kernel}"
+
+
+def _add_fp8_qweight(module: QuantizedLinear, state_dict: dict, prefix: str, _meta) -> None:
+    """state_dict hook: the fp8 bytes of a module that holds only its kernel's copy."""
+    state_dict[prefix + "qweight"] = module.packed_weight()
 
 
 def should_quantize(module_path: str, quantize_vision: bool = False) -> bool:

@@ -7,7 +7,8 @@ Directory layout written by `save_quantized(model, out_dir, fmt)`:
 - `quantization.json`: {"quant_method": "mistralpy-isq", "version": 1, "format": <name>,
   "layers": {<path>: {"format": <name>, "shape": [out, in], "bias": bool}}}; a layer's
   format can differ from the requested one (width fallback, see isq.py).
-The caller (CLI) copies config.json, tokenizer files and chat template next to them.
+`copy_model_files(src, out_dir)` copies everything else a model directory needs (config,
+tokenizer, chat template, generation and processor configs) from the source checkpoint.
 
 The loader reads `read_quantization_config(dir)`, and for every path in `config.layers`
 builds the module with `load_prequantized_linear(path, tensors, config)` instead of nn.Linear
@@ -17,15 +18,19 @@ builds the module with `load_prequantized_linear(path, tensors, config)` instead
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mistralpy.quant.formats import get_format
-from mistralpy.quant.isq import QuantizedLinear
+
+if TYPE_CHECKING:  # isq is imported where needed: reading quantization.json needs no kernels
+    from mistralpy.quant.isq import QuantizedLinear
 
 QUANT_CONFIG_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -86,6 +91,8 @@ def read_quantization_config(model_dir: str | Path) -> QuantizationConfig | None
 
 def quantization_config_of(model: nn.Module, fmt: str) -> QuantizationConfig:
     """The QuantizationConfig describing the QuantizedLinear modules of `model`."""
+    from mistralpy.quant.isq import QuantizedLinear
+
     layers = {
         name: LayerQuant(m.fmt.name, (m.out_features, m.in_features), m.bias is not None)
         for name, m in model.named_modules()
@@ -107,6 +114,22 @@ def save_quantized(model: nn.Module, out_dir: str | Path, fmt: str) -> Quantizat
     return config
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json")
+
+
+def copy_model_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the non-weight top-level files of a checkpoint (config.json / params.json,
+    tokenizer files, chat template, processor configs, ...) into out_dir; returns their
+    names. Weights and any old quantization.json are left behind."""
+    copied = []
+    for f in sorted(Path(src_dir).iterdir()):
+        if not f.is_file() or f.name == QUANT_CONFIG_FILE or f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(f, Path(out_dir) / f.name)
+        copied.append(f.name)
+    return copied
+
+
 def load_prequantized_linear(
     module_path: str, tensors: dict[str, Tensor], config: QuantizationConfig
 ) -> QuantizedLinear:
@@ -120,4 +143,6 @@ def load_prequantized_linear(
     qweight = tensors["qweight"]
     if qweight.dtype != torch.uint8:
         raise PrequantizedFormatError(f"{module_path}.qweight must be uint8, got {qweight.dtype}")
+    from mistralpy.quant.isq import QuantizedLinear
+
     return QuantizedLinear(qweight, layer.format, layer.shape, tensors.get("bias"))

@@ -394,17 +394,13 @@ def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    import importlib.util
+    from mistralpy.checkpoint.hub import resolve_model_path
+    from mistralpy.checkpoint.loader import quantize_checkpoint
+    from mistralpy.runner.model_runner import resolve_device
 
-    if importlib.util.find_spec("mistralpy.quant.prequantized") is None:
-        print(
-            "error: `quantize` needs mistralpy.quant.prequantized, which this build lacks",
-            file=sys.stderr,
-        )
-        return 2
-    from mistralpy.quant.prequantized import save_quantized
-
-    save_quantized(args.model, args.isq.lower(), Path(args.output))
+    check_isq(args.isq)
+    src = resolve_model_path(args.model)
+    quantize_checkpoint(src, Path(args.output), args.isq.lower(), resolve_device("auto"))
     print(f"wrote {args.output}")
     return 0
 

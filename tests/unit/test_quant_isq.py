@@ -154,3 +154,18 @@ def test_save_and_reload_prequantized(tmp_path, vision):
         xi = x[:, : layer.shape[1]]
         torch.testing.assert_close(loaded(xi), original(xi), rtol=0, atol=0)
     assert read_quantization_config(tmp_path / "nope") is None
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5k"])  # one and two int4 GEMMs
+def test_int4pack_built_in_chunks_equals_one_piece(name):
+    from mistralpy.quant.isq import _affine_rows_fn
+
+    fmt = get_format(name)
+    n, k = 200, 256  # 200: chunks of 64 leave a ragged, padded last chunk
+    packed = fmt.quantize(_rand(n, k, seed=8, scale=0.05))
+    group, bits = (32, 4) if name == "q4_0" else (32, 5)
+    rows = _affine_rows_fn(fmt, packed, k)
+    whole = Int4PackMatmul(rows, (n, k), group, bits)
+    chunked = Int4PackMatmul(rows, (n, k), group, bits, chunk_rows=64)
+    x = _rand(3, k, seed=9)
+    assert torch.equal(whole(x), chunked(x))
