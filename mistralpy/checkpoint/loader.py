@@ -297,7 +297,7 @@ def _load_prequantized(
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"pre-quantized checkpoint {path} has no {WEIGHTS_FILE}")
-    model = _empty_model(config, dtype, device)
+    model = _empty_model(config, dtype, device, SINGLE)
     filler = _Filler(model, None)
     parts: dict[str, dict[str, torch.Tensor]] = {}  # Linear path -> tensors read so far
     with safe_open(str(file), framework="pt", device="cpu") as f:
