@@ -56,6 +56,7 @@ class ModelOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     served_model_name: str | None = None
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
 
 
 @dataclass
@@ -129,6 +130,7 @@ def engine_config(options: ModelOptions) -> Any:
         max_num_seqs=options.max_num_seqs,
         enable_prefix_caching=options.enable_prefix_caching,
         tensor_parallel_size=options.tensor_parallel_size,
+        enforce_eager=options.enforce_eager,
         **extra,
     )
 

@@ -33,6 +33,7 @@ class EngineConfig:
     encoder_cache_size: int = 16384  # image-embedding rows kept by the encoder-output LRU
     seed: int = 0  # seeds requests that carry no seed of their own
     tensor_parallel_size: int = 1  # ranks the decoder is split over (one process per device)
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs / tuned GEMVs (debugging, A/B)
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a path, hub id or 'demo'")

@@ -349,8 +349,11 @@ class LLMEngine:
             spec = None
             if sid in sampling:
                 grammar = self._state(self._seq_group[sid], sid).grammar
+                # a request without a seed of its own samples from the device's default
+                # generator: no per-sequence generator to create and draw from
+                seed = req.seed if req.params.seed is not None else None
                 spec = SampleSpec(
-                    req.params, req.prompt_token_ids, req.output_token_ids, req.seed, grammar
+                    req.params, req.prompt_token_ids, req.output_token_ids, seed, grammar
                 )
             seqs.append(
                 SeqWork(
@@ -510,6 +513,7 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
         num_kv_blocks=config.num_kv_blocks,
         encoder_cache_size=config.encoder_cache_size,
+        enforce_eager=config.enforce_eager,
     )
 
 

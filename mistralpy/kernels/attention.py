@@ -49,10 +49,12 @@ def write_kv_cache(
 ) -> None:
     """Store k_new/v_new (T, Hkv, D) at the flat slots `slot_mapping` (T,); slot -1 is skipped."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv = torch.stack((k_new, v_new)).to(kv_cache.dtype)  # (2, T, Hkv, D): one indexed write
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = k_new[keep].to(kv_cache.dtype)
-    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = v_new[keep].to(kv_cache.dtype)
+    if slots.shape[0] != slot_mapping.shape[0]:  # padding rows (CUDA graph buckets)
+        kv = kv[:, keep]
+    kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slots] = kv
 
 
 def gather_kv(
@@ -61,9 +63,9 @@ def gather_kv(
     """Keys and values (seq_len, Hkv, D) of one sequence, read through its block table row."""
     block_size = kv_cache.shape[2]
     blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
-    keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-    return keys, values
+    # one gather for keys and values; index_select is ~4x faster than [:, blocks] on the CPU
+    kv = kv_cache.index_select(1, blocks).flatten(1, 2)[:, :seq_len]
+    return kv[0], kv[1]
 
 
 def paged_attention(
@@ -88,8 +90,11 @@ def paged_attention(
             continue
         keys, values = gather_kv(kv_cache, attn.block_tables[b], seq_len)
         q_b = q[start : start + query_len]
-        out[start : start + query_len] = _sdpa(q_b, keys.to(q.dtype), values.to(q.dtype), scale,
-                                               causal_offset=seq_len - query_len)  # fmt: skip
+        if query_len == 1:
+            out[start] = _decode_attention(q_b[0], keys, values, scale)
+        else:
+            out[start : start + query_len] = _sdpa(q_b, keys.to(q.dtype), values.to(q.dtype),
+                                                   scale, causal_offset=seq_len - query_len)  # fmt: skip
         start += query_len
     return out
 
@@ -108,24 +113,47 @@ def varlen_attention(
     return out
 
 
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token q (Hq, D) over all of its sequence's keys/values (L, Hkv, D) -> (Hq, D).
+
+    Two batched matmuls per KV head in float32 (no mask: every key is visible), which on the
+    CPU beats SDPA's math fallback for a single query and needs no repeat of K/V per group.
+    Query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
+    """
+    num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    qg = q.float().view(num_kv_heads, -1, head_dim)  # (Hkv, G, D)
+    scores = torch.bmm(qg, keys.float().permute(1, 2, 0)).mul_(scale)  # (Hkv, G, L)
+    probs = scores.softmax(dim=-1)
+    out = torch.bmm(probs, values.float().transpose(0, 1))  # (Hkv, G, D)
+    return out.view(q.shape).to(q.dtype)
+
+
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None
 ) -> torch.Tensor:
     """q (Lq, Hq, D), k/v (Lk, Hkv, D) -> (Lq, Hq, D); causal with key j visible to query i
-    iff j <= causal_offset + i (None: no mask)."""
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if num_heads != num_kv_heads:
-        # GQA: query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    iff j <= causal_offset + i (None: no mask). GQA: query head h reads kv head
+    h // (Hq / Hkv), as transformers' repeat_kv does (SDPA's enable_gqa, without the copy)."""
     mask = None
-    if causal_offset is not None and q.shape[0] > 1:
+    causal = False
+    if causal_offset == 0:
+        causal = q.shape[0] > 1
+    elif causal_offset is not None and q.shape[0] > 1:
         q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
         mask = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos
+    # 4-D (1, H, L, D) inputs: the CPU flash kernel takes those, the 3-D form falls back to math
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def build_metadata(

@@ -273,19 +273,24 @@ def sample(
     st: SamplingTensors,
     generators: Sequence[torch.Generator | None],
     allowed_mask: torch.Tensor | None = None,
+    mask_rows: torch.Tensor | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` (B, V) float32 (not modified).
 
     generators: B entries, each None (the default generator of the logits' device) or a
                 torch.Generator on the CPU or on the logits' device.
     allowed_mask: (B, V) bool, False = forbidden by a grammar; None: no row has a grammar.
+                  With `mask_rows` (G,) int64: (G, V), the masks of those rows only (the
+                  other rows have no grammar and are not touched).
     """
     batch, vocab_size = logits.shape
     assert len(generators) == batch
     logits = apply_penalties(logits.float(), st)
     raw_logprobs = logits.log_softmax(dim=-1) if st.need_logprobs else None
-    if allowed_mask is not None:
+    if allowed_mask is not None and mask_rows is None:
         logits = logits.masked_fill_(~allowed_mask, float("-inf"))
+    elif allowed_mask is not None:
+        logits[mask_rows] = logits[mask_rows].masked_fill_(~allowed_mask, float("-inf"))
     token_ids = _choose(logits, st, generators)
     return _with_logprobs(token_ids, raw_logprobs, st)
 

@@ -39,7 +39,7 @@ class SampleSpec:
     params: SamplingParams
     prompt_ids: list[int]  # for repetition penalties
     output_ids: list[int]  # generated so far
-    seed: int  # seeds the sequence's generator the first time it samples
+    seed: int | None  # seeds the sequence's generator the first time it samples (None: none)
     grammar: Any = None  # processing.grammar.GrammarMatcher: restricts the next token
 
 

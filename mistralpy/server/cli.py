@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("model", nargs="?", default="demo", help="dir, hub id, or 'demo'")
     _add_model_flags(serve)
+    serve.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     _add_server_flags(serve)
     run = sub.add_parser("run", help="interactive chat in the terminal")
     run.add_argument("model", nargs="?", default="demo")
@@ -141,6 +142,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
         served_model_name=args.served_model_name,
+        enforce_eager=getattr(args, "enforce_eager", False),
     )
 
 

@@ -143,10 +143,12 @@ def test_batch_of_mixed_requests_is_greedy_like_transformers(ckpt, hf, loaded, s
         image = random_image(rng, 2, 2) if i % 3 == 0 else None
         p = make_prompt(rng, rng.randrange(2, 12), image)
         p.token_ids = system + p.token_ids[1:]  # shared prefix: prefix-cache hits
-        # Preemption must happen, whatever the draw: all arrive at once and decode long enough
-        # that 8 sequences cannot fit the 10-block cache together.
+        # Preemption must happen, whatever the draw: all arrive at once and each decodes over
+        # at least two more 8-token blocks, so the sequences admitted into the full 10-block
+        # cache must grow past it. (With 6-8 tokens a decode could stay inside the prompt's
+        # last block; about 1 draw in 10 then finished without any preemption.)
         crowded = scenario == "preemption"
-        max_tokens = rng.randrange(6, 9) if crowded else rng.randrange(3, 9)
+        max_tokens = rng.randrange(17, 25) if crowded else rng.randrange(3, 9)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         reqs.append((f"r{i}", p, params, 0 if crowded else rng.randrange(0, 6)))
     final, step = {}, 0
