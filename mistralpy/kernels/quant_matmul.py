@@ -243,6 +243,8 @@ class ScaledMMFp8Matmul(QuantMatmul):
         quantize_tensor: Fp8Quantizer = fp8_quantize_tensor,
         tensorwise_max_m: int = 4,
         fast_accum: bool = False,
+        gemv: Callable[..., Tensor | None] | None = None,
+        gemv_config: object = None,
     ):
         # codes (N, K) float8_e4m3fn contiguous; scale (N,) float32 per output channel;
         # quantize_*: activation quantizers (fused Triton kernels on CUDA).
@@ -254,9 +256,17 @@ class ScaledMMFp8Matmul(QuantMatmul):
         self.one = torch.ones(1, 1, dtype=torch.float32, device=codes.device)
         self.quantize_rows, self.quantize_tensor = quantize_rows, quantize_tensor
         self.tensorwise_max_m, self.fast_accum = tensorwise_max_m, fast_accum
+        # gemv: optional one-kernel weight-only path for a single row (decode at batch 1),
+        # used with `gemv_config` (chosen by timing at load); None keeps the W8A8 path.
+        self.gemv = gemv if gemv_config is not None else None
+        self.gemv_config = gemv_config
 
     def __call__(self, x: Tensor) -> Tensor:
         fast = self.fast_accum
+        if self.gemv is not None and x.shape[0] == 1:
+            y = self.gemv(x, self.codes, self.scale, self.gemv_config)
+            if y is not None:
+                return y
         if x.shape[0] <= self.tensorwise_max_m:
             xq, sx = self.quantize_tensor(x)
             y = torch._scaled_mm(

@@ -485,3 +485,62 @@ def build(fmt: str, packed: Tensor, shape: tuple[int, int], affine) -> QuantMatm
     if affine is None:
         return None
     return TritonAffineMatmul(affine.codes, affine.scale, affine.offset, affine.group, False)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n_rows, n_cols, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Program: BLOCK_N outputs y[r] = scale[r] * sum_k w[r, k] x[k] over e4m3 weights."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + cols)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    scale = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    y = tl.sum(acc, 1) * scale
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+FP8_GEMV_BLOCK_K = 1024
+# (block_n, num_warps) candidates; `tune_fp8_gemv` times them per weight on the GPU.
+FP8_GEMV_CONFIGS = ((16, 8), (8, 8), (8, 4), (4, 4))
+
+
+def fp8_gemv(
+    x: Tensor, codes: Tensor, scale: Tensor, config: tuple[int, int] = FP8_GEMV_CONFIGS[0]
+) -> Tensor | None:
+    """Weight-only fp8 GEMV for one row: x (1, K) @ (codes (N, K) e4m3 * scale (N,)[:, None]).T
+    -> (1, N) in x's dtype, in one kernel (no activation quantization, no separate scale
+    multiply). None when the shape does not fit the kernel (K not a multiple of its block)."""
+    n, k = codes.shape
+    if x.shape != (1, k) or k % FP8_GEMV_BLOCK_K or x.stride(1) != 1:
+        return None
+    block_n, warps = config
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, codes, scale, y, n, k, codes.stride(0),
+        BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def tune_fp8_gemv(codes: Tensor, scale: Tensor, baseline) -> tuple[int, int] | None:
+    """The fastest `fp8_gemv` config for this weight at one row, or None when `baseline`
+    (the W8A8 path, a callable of x) is faster or the shape does not fit. CUDA only; runs once
+    per layer at load (a few ms), timed with CUDA graphs so launch gaps count as in decode."""
+    import triton.testing
+
+    k = codes.shape[1]
+    if not codes.is_cuda or k % FP8_GEMV_BLOCK_K:
+        return None
+    x = torch.randn(1, k, device=codes.device, dtype=torch.bfloat16)
+    best, best_t = None, triton.testing.do_bench_cudagraph(lambda: baseline(x), rep=5)
+    for config in FP8_GEMV_CONFIGS:
+        t = triton.testing.do_bench_cudagraph(lambda c=config: fp8_gemv(x, codes, scale, c), rep=5)
+        if t < best_t:
+            best, best_t = config, t
+    return best

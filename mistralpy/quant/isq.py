@@ -130,8 +130,14 @@ def _cuda_fp8_matmul(codes: Tensor, scale: Tensor) -> QuantMatmul:
     from mistralpy.kernels import triton_quant  # fp8 on CUDA needs Triton either way
 
     if scaled_mm_fp8_supported(codes.device):
+        quantizers = (triton_quant.fp8_quantize_rows, triton_quant.fp8_quantize_tensor)
+        w8a8 = ScaledMMFp8Matmul(codes, scale, *quantizers)
+        # At one row a weight-only GEMV can beat W8A8's three kernels; keep it where it does.
+        config = triton_quant.tune_fp8_gemv(codes, w8a8.scale, w8a8)
+        if config is None:
+            return w8a8
         return ScaledMMFp8Matmul(
-            codes, scale, triton_quant.fp8_quantize_rows, triton_quant.fp8_quantize_tensor
+            codes, scale, *quantizers, gemv=triton_quant.fp8_gemv, gemv_config=config
         )
     k = codes.shape[1]
     s = scale.reshape(-1, 1)
