@@ -50,9 +50,10 @@ SKINNY_CANDIDATES = (
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Program: BLOCK_N outputs y[r] = sum_k w[r, k] x[k], float32 accumulation."""
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n_rows, n_cols, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):  # fmt: skip
+    """Program: BLOCK_N outputs y[r] = sum_k w[r, k] x[k], float32 accumulation, times a
+    per-row scale s[r] when HAS_SCALE (fp8 weights: `triton_quant.fp8_gemv`)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
@@ -62,7 +63,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_w,
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
         x = tl.load(x_ptr + cols)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=row_mask)
+    y = tl.sum(acc, 1)
+    if HAS_SCALE:
+        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig) -> torch.Tensor:
@@ -72,8 +76,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig) -> torch.Ten
         raise ValueError(f"gemv: x {tuple(x.shape)} / weight {tuple(weight.shape)} unsupported")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, y, n, k, weight.stride(0),
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        x, weight, x, y, n, k, weight.stride(0),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_SCALE=False,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return y
 

@@ -487,24 +487,6 @@ def build(fmt: str, packed: Tensor, shape: tuple[int, int], affine) -> QuantMatm
     return TritonAffineMatmul(affine.codes, affine.scale, affine.offset, affine.group, False)
 
 
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n_rows, n_cols, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Program: BLOCK_N outputs y[r] = scale[r] * sum_k w[r, k] x[k] over e4m3 weights."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
-        x = tl.load(x_ptr + cols)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    scale = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-    y = tl.sum(acc, 1) * scale
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-
-
 FP8_GEMV_BLOCK_K = 1024
 # (block_n, num_warps) candidates; `tune_fp8_gemv` times them per weight on the GPU.
 FP8_GEMV_CONFIGS = ((16, 8), (8, 8), (8, 4), (4, 4))
@@ -521,9 +503,11 @@ def fp8_gemv(
         return None
     block_n, warps = config
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+    from mistralpy.kernels.triton_gemv import _gemv_kernel  # the same loop, with row scales
+
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes, scale, y, n, k, codes.stride(0),
-        BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, HAS_SCALE=True, num_warps=warps,
     )  # fmt: skip
     return y
 
