@@ -171,7 +171,7 @@ def test_batch_of_mixed_requests_is_greedy_like_transformers(ckpt, hf, loaded, s
 
 def test_repeated_long_system_prompt_is_not_recomputed(ckpt, loaded):
     """A repeated ~2k-token system prompt is served from the prefix cache: only the tokens
-    after its last full block are computed again, and the second prefill is much faster."""
+    after its last full block are computed again."""
     rng = random.Random()
     engine = make_engine(ckpt, loaded, max_model_len=4096, num_kv_blocks=300)
     system = make_prompt(rng, 2040).token_ids  # BOS + 2040 tokens
@@ -192,8 +192,9 @@ def test_repeated_long_system_prompt_is_not_recomputed(ckpt, loaded):
     assert second_computed == len(system) + 1 - full_blocks + 1
     assert first_computed == len(system) + 1 + 1
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in (first, second)]
+    # Printed, not asserted: wall times on a shared 2-core CI box are noise; the computed-token
+    # counts above are the proof that nothing was recomputed.
     print(f"2k system prompt: TTFT first {ttft[0] * 1e3:.1f} ms, repeated {ttft[1] * 1e3:.1f} ms")
-    assert ttft[1] < ttft[0]
 
 
 @pytest.mark.parametrize(
