@@ -330,7 +330,7 @@ def test_hostile_responses(server, path, error):
     started = time.monotonic()
     with pytest.raises(error):
         load_image(server + path, policy)
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 4.0  # timeout_s plus slack for a loaded CI box
 
 
 def test_lying_small_content_length_reads_only_what_it_declared(server):
@@ -400,7 +400,7 @@ def test_slow_server_bounded_by_timeout(server, path):
     started = time.monotonic()
     with pytest.raises(ImageFetchError, match="timed out"):
         load_image(server + path, policy)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0  # timeout_s plus slack for a loaded CI box
 
 
 def test_hanging_dns_bounded_by_timeout(monkeypatch):
@@ -414,7 +414,7 @@ def test_hanging_dns_bounded_by_timeout(monkeypatch):
     started = time.monotonic()
     with pytest.raises(ImageFetchError, match="timed out"):
         load_image("http://slow-dns.test/x.png", ImagePolicy(timeout_s=0.5))
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.5  # well before the 5 s hang ends
     release.set()
 
 
