@@ -30,10 +30,21 @@ class Architecture(str, enum.Enum):
 
 
 class IsqType(str, enum.Enum):
+    """ISQ formats, named as mistral.rs names them (values are our format names)."""
+
     Q4_0 = "q4_0"
-    Q4K = "q4k"
+    Q4_1 = "q4_1"
+    Q5_0 = "q5_0"
+    Q5_1 = "q5_1"
     Q8_0 = "q8_0"
+    Q2K = "q2k"
+    Q3K = "q3k"
+    Q4K = "q4k"
+    Q5K = "q5k"
+    Q6K = "q6k"
+    Q8K = "q8k"
     FP8 = "fp8"
+    F8E4M3 = "fp8"  # mistral.rs's name for the same format (an alias of FP8)
 
 
 class ModelDType(str, enum.Enum):
