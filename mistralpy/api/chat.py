@@ -410,10 +410,14 @@ class ChatService:
         with _grammar_errors_name(grammar_param(body)):
             final = await self._run_to_end(request_id, prompt, params)
         choices = [self._chat_choice(o, tools_active, params.logprobs) for o in final.outputs]
+        return self._response_body(request_id, "chat.completion", choices, final)
+
+    def _response_body(self, request_id: str, kind: str, choices: list[dict], final: Any) -> dict:
+        """The whole (non-streamed) OpenAI response around `choices` of a finished request."""
         completion_tokens = sum(len(o.token_ids) for o in final.outputs)
         return {
             "id": request_id,
-            "object": "chat.completion",
+            "object": kind,
             "created": int(time.time()),
             "model": self.served_model_name,
             "system_fingerprint": None,
@@ -524,16 +528,7 @@ class ChatService:
             }
             for o in final.outputs
         ]
-        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.served_model_name,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage_dict(len(final.prompt_token_ids), completion_tokens, final.metrics),
-        }
+        return self._response_body(request_id, "text_completion", choices, final)
 
     async def stream_completion(
         self, body: dict, request_id: str | None = None
