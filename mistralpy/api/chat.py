@@ -236,6 +236,12 @@ def _default(value: Any, default: Any) -> Any:
 # --- engine outputs → OpenAI dicts --------------------------------------------------------
 
 
+def final_usage(final: Any) -> dict:
+    """The usage block of a request's last RequestOutput (all n choices' tokens counted)."""
+    completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    return usage_dict(len(final.prompt_token_ids), completion_tokens, final.metrics)
+
+
 def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: Any) -> dict:
     """OpenAI usage plus mistral.rs's timing fields, from the engine's RequestMetrics."""
     now = time.monotonic()
@@ -414,7 +420,6 @@ class ChatService:
 
     def _response_body(self, request_id: str, kind: str, choices: list[dict], final: Any) -> dict:
         """The whole (non-streamed) OpenAI response around `choices` of a finished request."""
-        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
         return {
             "id": request_id,
             "object": kind,
@@ -422,7 +427,7 @@ class ChatService:
             "model": self.served_model_name,
             "system_fingerprint": None,
             "choices": choices,
-            "usage": usage_dict(len(final.prompt_token_ids), completion_tokens, final.metrics),
+            "usage": final_usage(final),
         }
 
     def _chat_choice(self, out: Any, tools_active: bool, logprobs: bool) -> dict:
@@ -472,9 +477,7 @@ class ChatService:
                 if choices:
                     yield chunk.make(choices)
             if include_usage:
-                completion_tokens = sum(len(o.token_ids) for o in last.outputs)
-                usage = usage_dict(len(last.prompt_token_ids), completion_tokens, last.metrics)
-                yield chunk.make([], usage=usage)
+                yield chunk.make([], usage=final_usage(last))
             done = True
         finally:
             await self._close(outputs, request_id, done)
@@ -568,9 +571,7 @@ class ChatService:
                 if choices:
                     yield chunk.make(choices)
             if include_usage:
-                completion_tokens = sum(len(o.token_ids) for o in last.outputs)
-                usage = usage_dict(len(last.prompt_token_ids), completion_tokens, last.metrics)
-                yield chunk.make([], usage=usage)
+                yield chunk.make([], usage=final_usage(last))
             done = True
         finally:
             await self._close(outputs, request_id, done)

@@ -9,10 +9,8 @@ softmax in float64.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 # triton decides interpreter-or-compiler when each @jit function is defined, its own standard
 # library (tl.sum, tl.cdiv, ...) included, so TRITON_INTERPRET must be set before triton is
@@ -23,6 +21,8 @@ if FRESH:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.triton_interp import rerun_in_interpreter  # noqa: E402
 
 pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
@@ -37,11 +37,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @pytest.mark.skipif(FRESH, reason="the cases below run in this process")
 def test_cases_in_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    rerun_in_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")

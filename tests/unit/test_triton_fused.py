@@ -8,9 +8,7 @@ the last place, since the kernels round at the same steps as the reference.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 FRESH = "triton" not in sys.modules
 if FRESH:
@@ -18,6 +16,8 @@ if FRESH:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.triton_interp import rerun_in_interpreter  # noqa: E402
 
 pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
@@ -33,11 +33,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.mark.skipif(FRESH, reason="the cases below run in this process")
 def test_cases_in_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    rerun_in_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")
