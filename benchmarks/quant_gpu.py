@@ -7,6 +7,9 @@ Sections (each independent; a failure prints its traceback and the others still 
 - check: every CUDA path (tinygemm q4k/q4_0/q4_1, W8A8 fp8 `_scaled_mm`, fused fp8 row
   quantizer, split-K q4k GEMV) against the dequantize + fp32 matmul oracle.
 - sweep: q4k batch-1 Triton GEMV launch configs per shape (GB/s, % of peak).
+- words: the word-code q4k GEMV (every tuning candidate, the load-time tuner's pick) vs
+  tinygemm vs the byte-wise GEMV, each streaming its weight from HBM (timed over enough
+  copies to defeat the 50 MB L2, as in a decode step).
 - crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
 - fp8: W8A8 `_scaled_mm` (fused activation quantizer) vs the Triton weight-only kernel.
 - table: the path QuantizedLinear picks, per format/shape/M, plus the batch-1 whole-model
@@ -172,6 +175,128 @@ def sweep(ctx: Ctx) -> None:
                          "config": str(best[1])})  # fmt: skip
 
 
+def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) -> float:
+    """Milliseconds per call of make(packed copy)(x), cycling through enough copies of the
+    weight (>= 256 MB together) that each call streams it from HBM, not from L2."""
+    copies = max(1, min(16, -(-(256 << 20) // packed.numel())))
+    kernels = [make(packed if i == 0 else packed.clone()) for i in range(copies)]
+    return bench_ms(lambda: [k(x) for k in kernels], rep=rep) / copies
+
+
+# the byte-wise GEMV's per-shape choice before the word-code kernel (session 1, H100-tuned)
+def _old_gemv_config(n: int, k: int) -> tq.GemvConfig:
+    if k >= 16384:
+        return tq.GemvConfig(4, 2, 1, split=4)
+    if n <= 8192:
+        return tq.GemvConfig(4, 4, 2, words=True)
+    return tq.GemvConfig(4, 2, 1)
+
+
+def ir_stats(ctx: Ctx) -> None:
+    """Counts in the compiled GEMV variants (layout conversions through shared memory,
+    barriers, vector loads, int-to-float conversions) for one 24B shape."""
+    import re
+
+    shape = SHAPES["gate_up"]
+    packed = get_format("q4k").quantize(ctx.weight(shape)[:4096].contiguous())
+    x = x_of(1, shape[1], ctx.dev)
+    variants = {
+        "bytes": tq.GemvConfig(8, 2, 1, words=True),
+        "bytes_magic": tq.GemvConfig(8, 2, 1, words=True, magic=True),
+        "half_chunks": tq.GemvConfig(8, 2, 2, half_chunks=True),
+    }
+    for cfg in variants.values():
+        tq.TritonQ4KMatmul(packed, (4096, shape[1]), cfg)(x)
+    kernels = {
+        "bytes": tq._q4k_gemv_kernel,
+        "half_chunks": tq._q4k_gemv_half_chunk_kernel,
+    }
+    for kname, kern in kernels.items():
+        for dev_cache in kern.device_caches.values():
+            for key, compiled in dev_cache[0].items():
+                ttgir, ptx = compiled.asm.get("ttgir", ""), compiled.asm.get("ptx", "")
+                stats = {
+                    "convert_layout": ttgir.count("convert_layout"),
+                    "local_alloc": ttgir.count("local_alloc"),
+                    "bar.sync": len(re.findall(r"bar\.sync|barrier\.sync", ptx)),
+                    "ld.global.v4": len(re.findall(r"ld\.global[^\n]*\.v4", ptx)),
+                    "ld.global.v2": len(re.findall(r"ld\.global[^\n]*\.v2", ptx)),
+                    "ld.global scalar": len(re.findall(r"ld\.global(?![^\n]*\.v[24])", ptx)),
+                    "cvt.rn.f32.s32/u32": len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)),
+                    "shfl": ptx.count("shfl.sync"),
+                    "regs": getattr(compiled, "n_regs", None),
+                    "spills": getattr(compiled, "n_spills", None),
+                }
+                print(f"IR {kname} {str(key)[:80]}: {stats}", flush=True)
+                ctx.rows.append({"section": "ir", "kernel": kname, **stats})
+
+
+def words(ctx: Ctx) -> None:
+    try:
+        ir_stats(ctx)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        traceback.print_exc()
+    total = {"tinygemm": 0.0, "bytes": 0.0, "words": 0.0, "tuned": 0.0}
+    for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
+        times = _words_shape(ctx, name, shape)
+        for key, t in times.items():
+            total[key] += (LAYERS if name != "lm_head" else 1) * t
+        del ctx.weights[shape]
+    for key, ms in total.items():
+        print(f"ESTIMATE q4k linears per decode step ({key}): {ms:.2f} ms -> "
+              f"{1000 / ms:.0f} tok/s (linear layers only)", flush=True)  # fmt: skip
+        ctx.rows.append({"section": "words_estimate", "kernel": key, "ms": ms})
+
+
+def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float]:
+    """One weight shape of section `words`; returns ms per kernel kind at M = 1."""
+    f = get_format("q4k")
+    packed = f.quantize(ctx.weight(shape))
+    n, k = shape
+    x = x_of(1, k, ctx.dev)
+    ref = reference_matmul(f, packed, shape)(x.float())
+    nbytes = packed.numel() + k * 2 + n * 2
+
+    def tiny(p):
+        ga = f.group_affine(p, shape)
+        return qm.TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, None, 1 << 30)
+
+    t_tiny = bench_stream_ms(tiny, packed, x)
+    ctx.record("words", name, shape, "q4k", 1, t_tiny, nbytes, rel_err(tiny(packed)(x), ref),
+               "tinygemm")  # fmt: skip
+    old = _old_gemv_config(n, k)
+    t_old = bench_stream_ms(lambda p: tq.TritonQ4KMatmul(p, shape, old), packed, x)
+    y = tq.TritonQ4KMatmul(packed, shape, old)(x)
+    ctx.record("words", name, shape, "q4k", 1, t_old, nbytes, rel_err(y, ref), f"bytes {old}")
+    best = (float("inf"), None)
+    for cfg in tq.Q4K_GEMV_CANDIDATES:
+        kern = tq.TritonQ4KMatmul(packed, shape, cfg)
+        try:
+            err = rel_err(kern(x), ref)
+            t = bench_stream_ms(lambda p, c=cfg: tq.TritonQ4KMatmul(p, shape, c), packed, x)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile
+            print("words", name, cfg, "failed:", str(e)[:300])
+            continue
+        ctx.record("words", name, shape, "q4k", 1, t, nbytes, err, f"words {cfg}")
+        best = min(best, (t, cfg), key=lambda b: b[0])
+    t0 = time.perf_counter()
+    tuned = tq.tune_q4k_gemv(packed, shape)
+    tune_s = time.perf_counter() - t0
+    t_tuned = bench_stream_ms(lambda p: tq.TritonQ4KMatmul(p, shape, tuned), packed, x)
+    ctx.record("words", name, shape, "q4k", 1, t_tuned, nbytes, None, f"tuned {tuned}",
+               tune_s=tune_s)  # fmt: skip
+    print(f"WORDS BEST {name}: {best[1]} {best[0] * 1e3:.1f} us "
+          f"{nbytes / best[0] / 1e6 / ctx.args.peak_gbs * 100:.1f}% of peak; tinygemm "
+          f"{t_tiny * 1e3:.1f} us, bytes GEMV {t_old * 1e3:.1f} us, tuned pick {tuned} "
+          f"{t_tuned * 1e3:.1f} us (tuning {tune_s:.1f} s)", flush=True)  # fmt: skip
+    ctx.rows.append({"section": "words_best", "layer": name, "us": best[0] * 1e3,
+                     "config": str(best[1]), "tinygemm_us": t_tiny * 1e3,
+                     "bytes_us": t_old * 1e3, "tuned_us": t_tuned * 1e3,
+                     "tuned": str(tuned), "pct_peak": nbytes / best[0] / 1e6 /
+                     ctx.args.peak_gbs * 100})  # fmt: skip
+    return {"tinygemm": t_tiny, "bytes": t_old, "words": best[0], "tuned": t_tuned}
+
+
 def crossover(ctx: Ctx) -> None:
     for fmt_name in ctx.args.crossover_formats.split(","):
         f = get_format(fmt_name)
@@ -267,7 +392,14 @@ def table(ctx: Ctx) -> None:
         ctx.rows.append({"section": "estimate", "format": fmt_name, "m": m, "ms": total})
 
 
-SECTIONS = {"check": check, "sweep": sweep, "crossover": crossover, "fp8": fp8, "table": table}
+SECTIONS = {
+    "check": check,
+    "sweep": sweep,
+    "words": words,
+    "crossover": crossover,
+    "fp8": fp8,
+    "table": table,
+}
 
 
 def main() -> None:

@@ -301,6 +301,7 @@ def _load_prequantized(
     """Model of a `quantization.json` directory: stored QuantizedLinear bytes go to the
     device as they are (their kernels are built there), other tensors like any checkpoint."""
     from mistralpy.quant.formats import get_format
+    from mistralpy.quant.isq import KernelTuning
     from mistralpy.quant.prequantized import WEIGHTS_FILE, load_prequantized_linear
 
     if isq is not None and get_format(isq).name != qconfig.format:
@@ -313,6 +314,7 @@ def _load_prequantized(
     model = _empty_model(config, dtype, device, SINGLE)
     filler = _Filler(model, None)
     parts: dict[str, dict[str, torch.Tensor]] = {}  # Linear path -> tensors read so far
+    tuning = KernelTuning()
     with safe_open(str(file), framework="pt", device="cpu") as f:
         desc = f"Loading {file.name} (pre-quantized {qconfig.format})"
         for key in tqdm(list(f.keys()), desc=desc, unit="tensor", leave=False):
@@ -328,7 +330,7 @@ def _load_prequantized(
             got = parts.setdefault(module, {})
             got[param] = tensor.to(device) if param == "qweight" else tensor.to(device, dtype)
             if layer is not None and "qweight" in got and ("bias" in got) == layer.bias:
-                model.set_submodule(module, load_prequantized_linear(module, got, qconfig))
+                model.set_submodule(module, load_prequantized_linear(module, got, qconfig, tuning))
                 del parts[module]
             elif layer is None and "weight" in got and ("bias" in got) == (linear.bias is not None):
                 filler.finalize(module, got["weight"], got.get("bias"))

@@ -59,14 +59,30 @@ def _q4k_words_scale_min(w1, w2, w3, s):
 
 
 @triton.jit
+def _q4k_header(wi_ptr, wbase, ok, s_lo):
+    """From the 16-byte headers (four int32 words at word index wbase, masked by ok) of the
+    q4_K blocks: d, dmin and the 6-bit (scale, min) of sub-blocks s_lo and s_lo + 1."""
+    w0 = tl.load(wi_ptr + wbase, mask=ok, other=0)
+    w1 = tl.load(wi_ptr + wbase + 1, mask=ok, other=0)
+    w2 = tl.load(wi_ptr + wbase + 2, mask=ok, other=0)
+    w3 = tl.load(wi_ptr + wbase + 3, mask=ok, other=0)
+    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
+    sc_hi, m_hi = _q4k_words_scale_min(w1, w2, w3, s_lo + 1)
+    return d, dmin, sc_lo, m_lo, sc_hi, m_hi
+
+
+@triton.jit
 def _q4k_tile(
     wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, bend, BB: tl.constexpr,
-    WORDS: tl.constexpr,
+    WORDS: tl.constexpr, MAGIC: tl.constexpr = False,
 ):  # fmt: skip
     """Decode BB q4_K blocks (from b0, those below bend) of rows (BN,): codes lo/hi
     (BN, 4BB, 32) float32 and their scale/min products (BN, 4BB), for chunk j = 4 * block + c
     holding sub-blocks 2c, 2c+1; rows are nblk blocks long. WORDS: read the 16-byte header
-    as four int32 words (wi_ptr, same buffer) instead of byte by byte."""
+    as four int32 words (wi_ptr, same buffer) instead of byte by byte. MAGIC: codes come
+    back as 1 + q / 16 (the bit trick of `_q4k_gemv_half_chunk_kernel`)."""
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     blk = b0 + j // 4
@@ -78,47 +94,57 @@ def _q4k_tile(
     qb = tl.load(qp, mask=ok[:, :, None], other=0).to(tl.int32)
     s_lo = tl.zeros_like(base).to(tl.int32) + 2 * c[None, :]
     if WORDS:
-        wbase = base // 4
-        w0 = tl.load(wi_ptr + wbase, mask=ok, other=0)
-        w1 = tl.load(wi_ptr + wbase + 1, mask=ok, other=0)
-        w2 = tl.load(wi_ptr + wbase + 2, mask=ok, other=0)
-        w3 = tl.load(wi_ptr + wbase + 3, mask=ok, other=0)
-        d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
-        sc_hi, m_hi = _q4k_words_scale_min(w1, w2, w3, s_lo + 1)
+        d, dmin, sc_lo, m_lo, sc_hi, m_hi = _q4k_header(wi_ptr, base // 4, ok, s_lo)
     else:
         d = tl.load(wh_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
         dmin = tl.load(wh_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
         sc_lo, m_lo = _q4k_scale_min(wb_ptr, base, s_lo)
         sc_hi, m_hi = _q4k_scale_min(wb_ptr, base, s_lo + 1)
-    q_lo = (qb & 15).to(tl.float32)
-    q_hi = (qb >> 4).to(tl.float32)
+    if MAGIC:
+        q_lo = (((qb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        q_hi = (((qb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:
+        q_lo = (qb & 15).to(tl.float32)
+        q_hi = (qb >> 4).to(tl.float32)
     return q_lo, q_hi, d * sc_lo, dmin * m_lo, d * sc_hi, dmin * m_hi
+
+
+@triton.jit
+def _q4k_split_program(N, K, split_blocks, BN: tl.constexpr):
+    """This GEMV program's split s, row m of x, output rows (BN,) and their mask, blocks per
+    row and its block range [b_start, b_end) on the grid (N / BN, splits, M)."""
+    s = tl.program_id(1)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    nblk = K // 256
+    b_start = s * split_blocks
+    return (
+        s,
+        tl.program_id(2),
+        rows,
+        rows < N,
+        nblk,
+        b_start,
+        tl.minimum(b_start + split_blocks, nblk),
+    )
 
 
 @triton.jit
 def _q4k_gemv_kernel(
     x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
     BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    WORDS: tl.constexpr,
+    WORDS: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     # grid (N / BN, splits, M): split s reduces blocks [s * split_blocks, (s + 1) *
     # split_blocks); PARTIAL (more than one split): float32 partial sums go to y_ptr[s, m, :].
-    s = tl.program_id(1)
-    m = tl.program_id(2)
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    nblk = K // 256
-    b_start = s * split_blocks
-    b_end = tl.minimum(b_start + split_blocks, nblk)
+    # MAGIC: codes decoded as f = 1 + q/16, so sum(q x) = 16 (sum(f x) - sum(x)).
+    s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     lane = tl.arange(0, 32)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS
+            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS, MAGIC
         )
         blk = b0 + j // 4
         xo = blk * 256 + (j % 4) * 64
@@ -128,13 +154,71 @@ def _q4k_gemv_kernel(
         x_hi = tl.load(xp + 32, mask=xm, other=0.0).to(tl.float32)
         dot_lo = tl.sum(q_lo * x_lo[None, :, :], axis=2)  # (BN, J)
         dot_hi = tl.sum(q_hi * x_hi[None, :, :], axis=2)
-        part = s_lo * dot_lo - m_lo * tl.sum(x_lo, axis=1)[None, :]
-        part += s_hi * dot_hi - m_hi * tl.sum(x_hi, axis=1)[None, :]
+        xs_lo = tl.sum(x_lo, axis=1)[None, :]
+        xs_hi = tl.sum(x_hi, axis=1)[None, :]
+        if MAGIC:
+            dot_lo = 16.0 * (dot_lo - xs_lo)
+            dot_hi = 16.0 * (dot_hi - xs_hi)
+        part = s_lo * dot_lo - m_lo * xs_lo
+        part += s_hi * dot_hi - m_hi * xs_hi
         acc += tl.sum(part, axis=1)
     if not PARTIAL:
         tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
     else:
         tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, acc, mask=rmask)
+
+
+@triton.jit
+def _q4k_gemv_half_chunk_kernel(
+    x_ptr, wb_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
+    BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Batch-1 q4_K GEMV whose per-step sums stay inside a thread: codes are read as
+    (BN, J, 2, 16) bytes (16 contiguous bytes = one 16-byte load per half of a 32-byte
+    chunk), so the dot products over the innermost 16 need no shuffles, and the scales are
+    applied to (BN, J, 2) partial sums. Codes decode as f = 1 + q/16 by a bit trick (the
+    code shifted to the top of a float32 mantissa under exponent 0: no int-to-float
+    conversion, a quarter-rate instruction on Hopper); a sub-block adds A S - (A + dmin m) X
+    with A = 16 d sc, S = sum(f x), X = sum(x). Grid (N / BN, splits, M); PARTIAL as
+    `_q4k_gemv_kernel`. On H100 the fastest q4k GEMV for the large 24B shapes
+    (benchmarks/quant_gpu.py, section words)."""
+    s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
+    J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes) per step
+    j = tl.arange(0, J)
+    h = tl.arange(0, 2)
+    e = tl.arange(0, 16)
+    in_chunk = (16 * h)[:, None] + e[None, :]  # (2, 16) byte (and low-nibble weight) in chunk
+    row_bytes = rows.to(tl.int64) * (nblk * 144)
+    acc = tl.zeros((BN, J, 2), dtype=tl.float32)
+    x_row = x_ptr + m * stride_xm
+    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
+        blk = b0 + j // 4
+        c = j % 4
+        ok_j = blk < b_end
+        ok = rmask[:, None] & ok_j[None, :]
+        base = row_bytes[:, None] + blk[None, :] * 144  # (BN, J) block start byte
+        qp = wb_ptr + (base + 16 + c[None, :] * 32)[:, :, None, None] + in_chunk[None, None]
+        qb = tl.load(qp, mask=ok[:, :, None, None], other=0).to(tl.int32)  # (BN, J, 2, 16)
+        xo = (blk * 256 + c * 64)[:, None, None] + in_chunk[None]  # (J, 2, 16)
+        x_lo = tl.load(x_row + xo, mask=ok_j[:, None, None], other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + xo + 32, mask=ok_j[:, None, None], other=0.0).to(tl.float32)
+        f_lo = (((qb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        f_hi = (((qb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        s_lo = tl.sum(f_lo * x_lo[None], axis=3)  # (BN, J, 2)
+        s_hi = tl.sum(f_hi * x_hi[None], axis=3)
+        xs_lo = tl.sum(x_lo, axis=2)[None]  # (1, J, 2)
+        xs_hi = tl.sum(x_hi, axis=2)[None]
+        sub = 2 * c[None, :] + tl.zeros((BN, J), dtype=tl.int32)
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header(wi_ptr, base // 4, ok, sub)
+        a_lo = (16.0 * d * sc_lo)[:, :, None]
+        a_hi = (16.0 * d * sc_hi)[:, :, None]
+        acc += a_lo * s_lo - (a_lo + (dmin * mn_lo)[:, :, None]) * xs_lo
+        acc += a_hi * s_hi - (a_hi + (dmin * mn_hi)[:, :, None]) * xs_hi
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if not PARTIAL:
+        tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, out, mask=rmask)
 
 
 @triton.jit
@@ -300,11 +384,14 @@ class _TritonMatmul(QuantMatmul):
     def _out(self, x: Tensor) -> Tensor:
         return torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
 
+    def _gemv_max_m(self) -> int:
+        return 1
+
     def __call__(self, x: Tensor) -> Tensor:
         x = x.contiguous()
         y = self._out(x)
         m = x.shape[0]
-        if m == 1:
+        if m <= self._gemv_max_m():
             grid = (triton.cdiv(self.out_features, self.gemv_bn), 1)
             self._gemv(grid, x, y)
         else:
@@ -324,16 +411,62 @@ class GemvConfig:
     split: int = 1  # split-K programs per row tile (partials summed by torch)
     stages: int = 1  # software pipelining depth of the block loop
     words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
+    magic: bool = False  # byte kernel: codes to float by bit trick, not int-to-float cvt
+    half_chunks: bool = False  # `_q4k_gemv_half_chunk_kernel` (in-thread 16-byte sums)
+    max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
 def q4k_gemv_config(n: int, k: int) -> GemvConfig:
-    """H100-tuned choice by shape (benchmarks/quant_gpu.py, section sweep): split long rows
-    (down_proj) so every SM has enough bytes in flight; header words help short rows."""
-    if k >= 16384:
-        return GemvConfig(4, 2, 1, split=4)
-    if n <= 8192:
-        return GemvConfig(4, 4, 2, words=True)
-    return GemvConfig(4, 2, 1)
+    """Untimed default (CPU interpreter, or when no timing is wanted): the half-chunk kernel,
+    split-K for long rows (down_proj) so every SM has enough bytes in flight."""
+    return GemvConfig(16, 1, 1, split=4 if k >= 16384 else 1, half_chunks=True)
+
+
+# Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the
+# winners per 24B shape on H100 of a 100-config sweep (benchmarks/quant_gpu.py, section
+# words; the half-chunk kernel for the large shapes, the byte kernel for the small ones).
+Q4K_GEMV_CANDIDATES = tuple(
+    GemvConfig(bn, bb, 1, split=split, half_chunks=True)
+    for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
+    for split in (1, 4)
+) + tuple(
+    GemvConfig(bn, bb, warps, words=True, magic=True)
+    for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
+)
+_TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
+
+
+def tune_q4k_gemv(
+    packed: Tensor, shape: tuple[int, int], candidates=Q4K_GEMV_CANDIDATES
+) -> GemvConfig:
+    """The fastest batch-1 GEMV config among `candidates` for this q4_K weight shape. CUDA
+    only; run once per distinct shape at load (`mistralpy.quant.isq.KernelTuning`).
+
+    Timed as decode runs it: CUDA-graph replays over enough copies of the weight to stream
+    from HBM (a 17 MB qkv weight timed alone sits in L2 and would favour other configs)."""
+    import triton.testing
+
+    n, k = shape
+    copies = max(1, min(16, -(-_TUNE_STREAM_BYTES // packed.numel())))
+    weights = [packed] + [packed.clone() for _ in range(copies - 1)]
+    x = torch.randn(1, k, device=packed.device, dtype=torch.bfloat16)
+
+    def bench(kernels) -> float:
+        fn = lambda: [kern(x) for kern in kernels]  # noqa: E731
+        return triton.testing.do_bench_cudagraph(fn, rep=10) / len(kernels)
+
+    best, best_t = q4k_gemv_config(n, k), float("inf")
+    split_useful = k >= 8192
+    for cfg in candidates:
+        if cfg.split > 1 and not split_useful:
+            continue
+        try:
+            t = bench([TritonQ4KMatmul(w, shape, cfg) for w in weights])
+        except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    return best
 
 
 class TritonQ4KMatmul(_TritonMatmul):
@@ -346,16 +479,27 @@ class TritonQ4KMatmul(_TritonMatmul):
         self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
         self.gemv = gemv or q4k_gemv_config(*shape)
 
+    def _gemv_max_m(self) -> int:
+        return self.gemv.max_m
+
     def _gemv(self, grid, x, y):
-        cfg, nblk = self.gemv, self.in_features // 256
+        cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
         split = triton.cdiv(nblk, split_blocks)
-        out = y if split == 1 else torch.empty(split, 1, self.out_features, device=y.device)
-        _q4k_gemv_kernel[(triton.cdiv(self.out_features, cfg.bn), split, 1)](
-            x, self.wb, self.wh, self.wi, out, self.out_features, self.in_features, x.stride(0),
-            y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1, STAGES=cfg.stages,
-            WORDS=cfg.words, num_warps=cfg.warps,
-        )  # fmt: skip
+        out = y if split == 1 else torch.empty(split, m, self.out_features, device=y.device)
+        grid = (triton.cdiv(self.out_features, cfg.bn), split, m)
+        if cfg.half_chunks:
+            _q4k_gemv_half_chunk_kernel[grid](
+                x, self.wb, self.wi, out, self.out_features, self.in_features, x.stride(0),
+                y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1,
+                STAGES=cfg.stages, num_warps=cfg.warps,
+            )  # fmt: skip
+        else:
+            _q4k_gemv_kernel[grid](
+                x, self.wb, self.wh, self.wi, out, self.out_features, self.in_features,
+                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1,
+                STAGES=cfg.stages, WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
+            )  # fmt: skip
         if split > 1:
             y.copy_(out.sum(0))
 
@@ -469,11 +613,14 @@ def fp8_weight_parts(packed: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Te
     return codes, packed[:, k:].contiguous().view(torch.float32).reshape(-1)
 
 
-def build(fmt: str, packed: Tensor, shape: tuple[int, int], affine) -> QuantMatmul | None:
+def build(
+    fmt: str, packed: Tensor, shape: tuple[int, int], affine, gemv: GemvConfig | None = None
+) -> QuantMatmul | None:
     """Kernel for format name `fmt` given its GGUF bytes, or (other formats) its
-    GroupAffine form `affine` (codes, scale, offset, group); None for nothing suitable."""
+    GroupAffine form `affine` (codes, scale, offset, group); None for nothing suitable.
+    gemv: the q4k batch-1 launch config (`tune_q4k_gemv`), else `q4k_gemv_config`."""
     if fmt == "q4k":
-        return TritonQ4KMatmul(packed, shape)
+        return TritonQ4KMatmul(packed, shape, gemv)
     if fmt == "q8_0":
         return TritonQ8_0Matmul(packed, shape)
     if fmt == "fp8":

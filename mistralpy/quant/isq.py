@@ -54,6 +54,20 @@ def _tinygemm_max_m(fmt_name: str, out_features: int) -> int:
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
 
 
+class KernelTuning:
+    """Launch configs chosen by timing on the GPU, memoised per format and weight shape for one
+    model load: the 24B decoder has 161 quantized linears but five distinct shapes, so each
+    shape is timed once (timing every layer added ~25 s to an fp8 load)."""
+
+    def __init__(self) -> None:
+        self._chosen: dict[tuple, object] = {}
+
+    def get(self, key: tuple, tune: Callable[[], object]) -> object:
+        if key not in self._chosen:
+            self._chosen[key] = tune()
+        return self._chosen[key]
+
+
 def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
     """(start, stop, dtype) -> dense rows start:stop of the packed weight."""
 
@@ -78,17 +92,20 @@ def reference_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -
     return DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape, tile_bytes=None)
 
 
-def build_quant_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul:
+def build_quant_matmul(
+    fmt: QuantFormat, packed: Tensor, shape: tuple[int, int], tuning: KernelTuning | None = None
+) -> QuantMatmul:
     """Pick, once, the fastest faithful kernel for `fmt` on packed's device.
 
-    CUDA: tinygemm int4 for small batches of q4k/q4_0/q4_1 (bf16 scale/zero), W8A8
+    CUDA: for q4k at one row a Triton GEMV over the GGUF bytes (config timed per shape
+    through `tuning`); tinygemm int4 for small batches of q4k/q4_0/q4_1 (bf16 scale/zero), W8A8
     `_scaled_mm` for fp8 on sm90, Triton fused kernels (mistralpy.kernels.triton_quant)
     otherwise, tiled dequantize + matmul without Triton. CPU: torch's int4 kernels for formats
     whose groups are multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q8k), tiled
     dequantize + fp32 matmul for the 16-element-group K-quants (q2k, q3k, q6k) and fp8.
     """
     if packed.device.type == "cuda":
-        return _cuda_matmul(fmt, packed, shape)
+        return _cuda_matmul(fmt, packed, shape, tuning or KernelTuning())
     if packed.device.type == "cpu" and fmt.ggml_type is not None:
         group = fmt.group_affine(packed[:1], (1, shape[1]))
         if int4pack_supported(group.group, group.bits):
@@ -98,21 +115,26 @@ def build_quant_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int])
     return DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
 
 
-def _cuda_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul:
+def _cuda_matmul(
+    fmt: QuantFormat, packed: Tensor, shape: tuple[int, int], tuning: KernelTuning
+) -> QuantMatmul:
     """CUDA kernel choice of `build_quant_matmul` (fp8: see `_cuda_fp8_matmul`)."""
     tiled = DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
     if fmt.name in _TINYGEMM_FORMATS and tinygemm_supported(*shape, 32, fmt.bits):
         ga = fmt.group_affine(packed, shape)
         assert ga is not None and ga.group == 32
-        triton = _triton_matmul(fmt, packed, shape) if fmt.name == "q4k" else None
-        # Batch 1 of long rows (down_proj): the split-K Triton GEMV beats tinygemm.
-        gemv = triton if shape[1] >= 16384 else None
+        triton = _triton_matmul(fmt, packed, shape, tuning) if fmt.name == "q4k" else None
+        # Batch 1: the Triton GEMV (config timed per shape) streams q4k at a higher share of
+        # HBM bandwidth than tinygemm (benchmarks/quant_gpu.py, section words); tinygemm
+        # keeps small batches, the tl.dot GEMM larger ones.
         max_m = _tinygemm_max_m(fmt.name, shape[0])
-        return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, triton or tiled, max_m, gemv)
-    return _triton_matmul(fmt, packed, shape) or tiled
+        return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, triton or tiled, max_m, triton)
+    return _triton_matmul(fmt, packed, shape, tuning) or tiled
 
 
-def _triton_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul | None:
+def _triton_matmul(
+    fmt: QuantFormat, packed: Tensor, shape: tuple[int, int], tuning: KernelTuning
+) -> QuantMatmul | None:
     """The Triton fused kernel for `fmt`, or None when Triton does not import."""
     try:
         from mistralpy.kernels import triton_quant
@@ -121,10 +143,13 @@ def _triton_matmul(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> 
         return None
     native = fmt.name in triton_quant.NATIVE_FORMATS or fmt.name == "fp8"
     ga = None if native else fmt.group_affine(packed, shape)
-    return triton_quant.build(fmt.name, packed, shape, ga)
+    gemv = None
+    if fmt.name == "q4k":
+        gemv = tuning.get(("q4k", shape), lambda: triton_quant.tune_q4k_gemv(packed, shape))
+    return triton_quant.build(fmt.name, packed, shape, ga, gemv)
 
 
-def _cuda_fp8_matmul(codes: Tensor, scale: Tensor) -> QuantMatmul:
+def _cuda_fp8_matmul(codes: Tensor, scale: Tensor, tuning: KernelTuning) -> QuantMatmul:
     """fp8 on CUDA from codes (N, K) e4m3 and row scales (N,): W8A8 `_scaled_mm` on sm90,
     else the Triton weight-only kernel (dequantize in registers, bf16 tl.dot / GEMV)."""
     from mistralpy.kernels import triton_quant  # fp8 on CUDA needs Triton either way
@@ -133,7 +158,10 @@ def _cuda_fp8_matmul(codes: Tensor, scale: Tensor) -> QuantMatmul:
         quantizers = (triton_quant.fp8_quantize_rows, triton_quant.fp8_quantize_tensor)
         w8a8 = ScaledMMFp8Matmul(codes, scale, *quantizers)
         # At one row a weight-only GEMV can beat W8A8's three kernels; keep it where it does.
-        config = triton_quant.tune_fp8_gemv(codes, w8a8.scale, w8a8)
+        config = tuning.get(
+            ("fp8", tuple(codes.shape)),
+            lambda: triton_quant.tune_fp8_gemv(codes, w8a8.scale, w8a8),
+        )
         if config is None:
             return w8a8
         return ScaledMMFp8Matmul(
@@ -157,9 +185,15 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(
-        self, qweight: Tensor, fmt: str | QuantFormat, shape: tuple[int, int], bias: Tensor | None
+        self,
+        qweight: Tensor,
+        fmt: str | QuantFormat,
+        shape: tuple[int, int],
+        bias: Tensor | None,
+        tuning: KernelTuning | None = None,
     ):
-        # qweight (out, bytes_per_row(in)) uint8; shape = (out_features, in_features).
+        # qweight (out, bytes_per_row(in)) uint8; shape = (out_features, in_features);
+        # tuning: launch configs shared by the layers of one load (one timing per shape).
         super().__init__()
         self.fmt = get_format(fmt)
         self.out_features, self.in_features = shape
@@ -171,18 +205,22 @@ class QuantizedLinear(nn.Module):
             self._fp8 = fp8_parts(qweight, shape[1])
             self.register_buffer("qweight", None)
             self._register_state_dict_hook(_add_fp8_qweight)
-            self.kernel = _cuda_fp8_matmul(*self._fp8)
+            self.kernel = _cuda_fp8_matmul(*self._fp8, tuning or KernelTuning())
         else:
             self.register_buffer("qweight", qweight)
-            self.kernel = build_quant_matmul(self.fmt, qweight, shape)
+            self.kernel = build_quant_matmul(self.fmt, qweight, shape, tuning)
 
     @classmethod
     def from_float(
-        cls, weight: Tensor, bias: Tensor | None, fmt: str | QuantFormat
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        fmt: str | QuantFormat,
+        tuning: KernelTuning | None = None,
     ) -> QuantizedLinear:
         """Quantize a (out, in) float weight on its own device."""
         f = get_format(fmt)
-        return cls(f.quantize(weight), f, tuple(weight.shape), bias)
+        return cls(f.quantize(weight), f, tuple(weight.shape), bias, tuning)
 
     def packed_weight(self) -> Tensor:
         """(out, bytes_per_row(in)) uint8: the format's bytes, whichever way they are held."""
@@ -234,6 +272,7 @@ def isq_linear_factory(fmt: str, quantize_vision: bool = False) -> LinearFactory
     Raises UnknownQuantFormatError (a ValueError) at once for an unknown `fmt`.
     """
     base = get_format(fmt)
+    tuning = KernelTuning()  # one load: each weight shape is timed once
 
     def factory(module_path: str, weight: Tensor, bias: Tensor | None) -> nn.Module | None:
         if not should_quantize(module_path, quantize_vision):
@@ -248,6 +287,6 @@ def isq_linear_factory(fmt: str, quantize_vision: bool = False) -> LinearFactory
             log.info(
                 "ISQ %s: %s in=%d uses %s", base.name, module_path, weight.shape[1], chosen.name
             )
-        return QuantizedLinear.from_float(weight, bias, chosen)
+        return QuantizedLinear.from_float(weight, bias, chosen, tuning)
 
     return factory

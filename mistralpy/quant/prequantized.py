@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from mistralpy.quant.formats import get_format
 
 if TYPE_CHECKING:  # isq is imported where needed: reading quantization.json needs no kernels
-    from mistralpy.quant.isq import QuantizedLinear
+    from mistralpy.quant.isq import KernelTuning, QuantizedLinear
 
 QUANT_CONFIG_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -131,10 +131,14 @@ def copy_model_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
 
 
 def load_prequantized_linear(
-    module_path: str, tensors: dict[str, Tensor], config: QuantizationConfig
+    module_path: str,
+    tensors: dict[str, Tensor],
+    config: QuantizationConfig,
+    tuning: KernelTuning | None = None,
 ) -> QuantizedLinear:
     """Build the stored layer `module_path` from its tensors ("qweight", optional "bias"),
-    already on the target device; the kernel is chosen for that device."""
+    already on the target device; the kernel is chosen for that device (launch configs timed
+    once per shape through `tuning`, shared by the layers of one load)."""
     layer = config.layers.get(module_path)
     if layer is None:
         raise PrequantizedFormatError(f"{module_path} is not a quantized layer")
@@ -145,4 +149,4 @@ def load_prequantized_linear(
         raise PrequantizedFormatError(f"{module_path}.qweight must be uint8, got {qweight.dtype}")
     from mistralpy.quant.isq import QuantizedLinear
 
-    return QuantizedLinear(qweight, layer.format, layer.shape, tensors.get("bias"))
+    return QuantizedLinear(qweight, layer.format, layer.shape, tensors.get("bias"), tuning)

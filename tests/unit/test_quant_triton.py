@@ -89,10 +89,22 @@ for cfg in [
     tq.GemvConfig(8, 2, 2, split=3, stages=2),
     tq.GemvConfig(4, 2, 1, words=True),
     tq.GemvConfig(2, 1, 1, split=2, words=True),
+    tq.GemvConfig(4, 2, 1, words=True, magic=True),
+    tq.GemvConfig(8, 2, 2, split=3, words=True, magic=True),
+    tq.GemvConfig(16, 1, 1, half_chunks=True),
+    tq.GemvConfig(4, 2, 2, split=2, stages=2, half_chunks=True),
+    tq.GemvConfig(8, 1, 1, split=3, half_chunks=True, max_m=4),
 ]:
     y = tq.TritonQ4KMatmul(packed, (n, k), cfg)(x)
     print(json.dumps({"case": "split", "err": (y - ref).abs().max().item(),
                       "scale": ref.abs().max().item()}))
+# several rows through the GEMV (one program column per row of x)
+x3 = torch.randn(3, k, generator=g)
+y = tq.TritonQ4KMatmul(packed, (n, k), tq.GemvConfig(8, 1, 1, split=2, half_chunks=True,
+                                                       max_m=4))(x3)
+ref3 = reference_matmul(f, packed, (n, k))(x3)
+print(json.dumps({"case": "split", "err": (y - ref3).abs().max().item(),
+                  "scale": ref3.abs().max().item()}))
 xa = torch.randn(3, 2000, generator=g) * torch.tensor([[1.0], [1e-3], [0.0]])
 for fused, ref_fn in [(tq.fp8_quantize_rows, fp8_quantize_rows),
                       (tq.fp8_quantize_tensor, fp8_quantize_tensor)]:
@@ -117,7 +129,7 @@ def test_split_k_gemv_and_fp8_row_quantizer():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     splits = [r for r in rows if r["case"] == "split"]
-    assert len(splits) == 4
+    assert len(splits) == 10
     for r in splits:
         assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
     fp8 = [r for r in rows if r["case"] == "fp8rows"]
