@@ -2,8 +2,8 @@
 
 Decode on the CPU streams every weight once per token, so it is bound by memory bandwidth and
 by the instructions each weight costs. torch's int4 CPU kernel can hold 8-bit codes only as two
-int4 passes with bf16 activations and a repacked copy (about 3x slower on the `small` preset's
-131072 x 512 lm_head); this kernel reads the layer's own GGUF blocks (`QuantizedLinear.qweight`,
+int4 passes with bf16 activations and a repacked copy (1.7-3.4x slower on the `small` preset's
+131072 x 512 lm_head, by run); this kernel reads the layer's own GGUF blocks (`QuantizedLinear.qweight`,
 no second copy) at about the host's memory bandwidth and takes float32 activations as they are.
 
 Numerics: each weight is dequantized exactly as gguf does (fp16 block scale widened to float32,
@@ -17,8 +17,8 @@ horizontally per 32-weight block or vectorizes the block loop with gathers, ~15x
 each row's dot product is a small LLVM IR function (a `<32 x float>` accumulator, `half` scale
 loads, one horizontal sum per row) that numba links into an `@njit(parallel=True)` driver
 looping over rows with `prange`. LLVM picks the instructions for the host (AVX-512 on Zen 4,
-AVX2 elsewhere); nothing here is x86-specific. numba's OpenMP layer runs on torch's own libgomp
-pool (checked: no extra threads), so the two do not fight over the cores. Compiled objects are
+AVX2 elsewhere); nothing here is x86-specific. numba's OpenMP layer ran on torch's own libgomp
+pool when checked (no extra threads appeared), so the two share one set of workers. Compiled objects are
 cached on disk (`cache=True`); `available()` compiles when the first layer is built, never on
 the first request.
 
