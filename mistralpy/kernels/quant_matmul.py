@@ -14,6 +14,9 @@ Paths (all compute y (M, N) in x.dtype from x (M, K)):
   Faithful up to bf16 rounding of activations, scales, zeros and the output (relative
   error ~2^-9 per term, far below the quantization error itself). The bf16 kernel is the
   only fast one in torch's CPU int4 family (its fp32/fp16 variants are ~50x slower).
+- `SmallBatchMatmul`: one kernel for batches of at most `max_m` rows (decode), another for
+  larger ones; on the CPU q8_0 pairs the numba GEMV on its GGUF bytes (`cpu_gguf`, float32
+  activations) with `Int4PackMatmul` for prefill.
 - `TinyGemmInt4Matmul` (CUDA, sm80+): torch's tinygemm `_weight_int4pack_mm` for codes of at
   most 4 bits in groups of 32 (q4k, q4_0, q4_1): w = (u - 8) * scale + zero with bf16 scale
   and zero, the same affine form. It is the fastest decode (small M) path; above `max_m`
@@ -150,6 +153,20 @@ class Int4PackMatmul(QuantMatmul):
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, _INT4_GROUP, sz)
             y = part.float() if y is None else y.add_(part.float())
         return y[:, : self.out_features].to(x.dtype)
+
+
+class SmallBatchMatmul(QuantMatmul):
+    """Batches of at most `max_m` rows (decode) go to `small`, larger ones (prefill) to
+    `large`: a GEMV streams each weight once per call, a GEMM kernel reuses it across rows."""
+
+    def __init__(self, small: Callable[[Tensor], Tensor], large: QuantMatmul, max_m: int):
+        self.small, self.large, self.max_m = small, large, max_m
+        self.out_features, self.in_features = large.out_features, large.in_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.max_m:
+            return self.large(x)
+        return self.small(x).to(x.dtype)
 
 
 def tinygemm_supported(n: int, k: int, group: int, bits: int) -> bool:

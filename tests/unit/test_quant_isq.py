@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mistralpy.kernels.quant_matmul import DequantMatmul, Int4PackMatmul
+from mistralpy.kernels.quant_matmul import DequantMatmul, Int4PackMatmul, SmallBatchMatmul
 from mistralpy.quant.formats import FORMATS, UnknownQuantFormatError, get_format
 from mistralpy.quant.isq import (
     QuantizedLinear,
@@ -36,7 +36,11 @@ def test_kernel_matches_reference(name):
     w, x = _rand(n, k, seed=1, scale=0.05), _rand(3, k, seed=2)
     layer = QuantizedLinear.from_float(w, None, name)
     expected_kernel = Int4PackMatmul if name in INT4_PATH else DequantMatmul
-    assert isinstance(layer.kernel, expected_kernel)
+    kernel = layer.kernel
+    if isinstance(kernel, SmallBatchMatmul):  # q8_0 + numba: 3 rows still take the int4 GEMM
+        assert name == "q8_0" and kernel.max_m < 3
+        kernel = kernel.large
+    assert isinstance(kernel, expected_kernel)
     fmt = get_format(name)
     ref = reference_matmul(fmt, layer.qweight, (n, k))(x)
     y = layer(x)
