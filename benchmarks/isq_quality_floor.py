@@ -24,20 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mistralpy.checkpoint.loader import load_model  # noqa: E402
-from mistralpy.kernels.attention import build_metadata  # noqa: E402
-from mistralpy.model.mistral3 import allocate_kv_caches  # noqa: E402
 from mistralpy.quant.isq import QuantizedLinear  # noqa: E402
-
-
-def prefill_logits(model, ids: list[int], block: int = 16) -> torch.Tensor:
-    """(T, vocab) float32 logits of one prefill through a fresh paged cache."""
-    emb = model.language_model.embed_tokens.weight
-    blocks = -(-len(ids) // block)
-    caches = allocate_kv_caches(model.config.text_config, blocks, block, emb.dtype, emb.device)
-    attn = build_metadata([len(ids)], [len(ids)], [list(range(blocks))], block, emb.device)
-    with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(len(ids)), attn, caches, None)
-        return model.compute_logits(hidden)
+from mistralpy.testing.probes import prefill_logits  # noqa: E402
 
 
 def main() -> None:

@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from mistralpy.checkpoint.loader import CheckpointError, load_model, quantize_checkpoint
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import allocate_kv_caches
 from mistralpy.quant.formats import QuantFormat
 from mistralpy.quant.isq import QuantizedLinear
 from mistralpy.quant.prequantized import read_quantization_config
+from mistralpy.testing.probes import prefill_logits
 from mistralpy.testing.tiny_checkpoint import write_checkpoint
 
 REPO_ROOT = Path(__file__).parents[2]
@@ -32,17 +31,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(11)
     return [torch.randint(1000, 131072, (40,), generator=g).tolist() for _ in range(4)]
-
-
-def _logits(model, ids: list[int], block: int = 16) -> torch.Tensor:
-    """(T, vocab) float32 logits of one prefill through a fresh paged cache."""
-    emb = model.language_model.embed_tokens.weight
-    blocks = -(-len(ids) // block)
-    caches = allocate_kv_caches(model.config.text_config, blocks, block, emb.dtype, emb.device)
-    attn = build_metadata([len(ids)], [len(ids)], [list(range(blocks))], block, emb.device)
-    with torch.no_grad():
-        hidden = model(torch.tensor(ids), torch.arange(len(ids)), attn, caches, None)
-        return model.compute_logits(hidden)
 
 
 def _no_quantizing(monkeypatch) -> None:
@@ -70,7 +58,9 @@ def test_prequantized_roundtrip_is_exact_and_never_requantizes(
     quantized = {n for n, m in reloaded.named_modules() if isinstance(m, QuantizedLinear)}
     assert quantized == set(qconfig.layers)
     for ids in prompts[:2]:
-        torch.testing.assert_close(_logits(reloaded, ids), _logits(isq_model, ids), rtol=0, atol=0)
+        torch.testing.assert_close(
+            prefill_logits(reloaded, ids), prefill_logits(isq_model, ids), rtol=0, atol=0
+        )
     # the vision tower and projector survive (full precision, as ISQ leaves them)
     ours = dict(reloaded.named_parameters())
     for name, p in isq_model.named_parameters():
@@ -161,7 +151,9 @@ def test_quality_against_float32(fmt, tiny_dir, float_model, prompts):
     assert 0 < worst <= max_err, (fmt, worst)
     same = total = 0
     for ids in prompts:
-        same += (_logits(model, ids).argmax(-1) == _logits(float_model, ids).argmax(-1)).sum()
+        same += (
+            prefill_logits(model, ids).argmax(-1) == prefill_logits(float_model, ids).argmax(-1)
+        ).sum()
         total += len(ids)
     assert same / total >= min_agree, (fmt, float(same / total))
 
@@ -250,4 +242,4 @@ def test_isq_dummy_build_on_cpu(tiny_dir, prompts):
 
     model = load_dummy_model(read_config(tiny_dir), torch.float32, "cpu", isq="q8_0")
     assert isinstance(model.lm_head, QuantizedLinear)
-    assert torch.isfinite(_logits(model, prompts[0])).all()
+    assert torch.isfinite(prefill_logits(model, prompts[0])).all()
