@@ -1,28 +1,39 @@
-"""CPU GEMV / skinny GEMM straight on q8_0 GGUF bytes, compiled with numba.
+"""CPU GEMV / skinny GEMM straight on q8_0 and q4k GGUF bytes, compiled with numba.
 
 Decode on the CPU streams every weight once per token, so it is bound by memory bandwidth and
 by the instructions each weight costs. torch's int4 CPU kernel can hold 8-bit codes only as two
 int4 passes with bf16 activations and a repacked copy (1.7-3.4x slower on the `small` preset's
-131072 x 512 lm_head, by run); this kernel reads the layer's own GGUF blocks (`QuantizedLinear.qweight`,
-no second copy) at about the host's memory bandwidth and takes float32 activations as they are.
+131072 x 512 lm_head, by run); these kernels read the layer's own GGUF blocks
+(`QuantizedLinear.qweight`, no second copy) at about the host's memory bandwidth.
 
-Numerics: each weight is dequantized exactly as gguf does (fp16 block scale widened to float32,
-times the int8 code) and multiplied by the float32 activation with float32 accumulation. Unlike
-GGML's CPU path (and mistral.rs's), the activation is *not* rounded to int8 blocks (q8_0 x
-q8_0), so the only difference from the dequantize-then-matmul reference is the float32
-summation order.
+q8_0 numerics: each weight is dequantized exactly as gguf does (fp16 block scale widened to
+float32, times the int8 code) and multiplied by the float32 activation with float32
+accumulation. Unlike GGML's CPU path (and mistral.rs's), the activation is *not* rounded to int8
+blocks (q8_0 x q8_0), so the only difference from the dequantize-then-matmul reference is the
+float32 summation order.
+
+q4k numerics (GGML's q4_K x q8_K, AVX-512 VNNI only): the activation row *is* rounded, once per
+call, to int8 codes per 256-block with step amax / 127 (`q8k_round_activations`, |error| <=
+step / 2 per element: an extra error of at most sum_i |w_i| * step / 2 per output, relative
+~2^-8 of a block's largest activation, far below q4k's own weight error). On those codes
+the result equals the dequantize-then-matmul reference up to float32 rounding: the 4-bit x
+int8 products and their 6-bit-scaled sums per super-block are exact int32 (vpdpbusd), then
+scaled by d * dx, minus dmin * dx * sum(m * code sums). float32 activations spent ~4x more
+instructions per weight (nibble -> float, fma) and ran well below memory bandwidth.
 
 How: numba's loop vectorizer cannot be steered into per-lane vector accumulators (it reduces
 horizontally per 32-weight block or vectorizes the block loop with gathers, ~15x slower), so
-each row's dot product is a small LLVM IR function (a `<32 x float>` accumulator, `half` scale
-loads, one horizontal sum per row) that numba links into an `@njit(parallel=True)` driver
-looping over rows with `prange`. LLVM picks the instructions for the host (AVX-512 on Zen 4,
-AVX2 elsewhere); nothing here is x86-specific. numba's OpenMP layer ran on torch's own libgomp
-pool when checked (no extra threads appeared), so the two share one set of workers. Compiled objects are
-cached on disk (`cache=True`); `available()` compiles when the first layer is built, never on
-the first request.
+each row's dot product is a small LLVM IR function (vector accumulators, `half` scale loads,
+one horizontal sum per row) that numba links into an `@njit(parallel=True)` driver looping
+over rows with `prange`. LLVM picks the instructions for the host; the q8_0 IR is generic
+(AVX-512 on Zen 4, AVX2 elsewhere), the q4k IR calls `llvm.x86.avx512.vpdpbusd.512` and is
+used only when LLVM reports avx512f/bw/vnni on the host (LLVM does not form VNNI from generic
+IR); elsewhere q4k keeps torch's int4 kernel. numba's OpenMP layer ran on torch's own libgomp
+pool when checked (no extra threads appeared), so the two share one set of workers. Compiled
+objects are cached on disk (`cache=True`); `available()` / `q4k_available()` compile when the
+first layer is built, never on the first request.
 
-numba is imported lazily: without it (or if compiling fails) `available()` is False and the
+numba is imported lazily: without it (or if compiling fails) the checks are False and the
 caller keeps its pure-PyTorch kernel.
 """
 
@@ -78,27 +89,30 @@ declare float @llvm.vector.reduce.fadd.v32f32(float, <32 x float>)
 """
 
 
-def _q8_0_row_intrinsic() -> Any:
-    """numba intrinsic q8_0_row(row_address, x_address, nb) -> float32 calling the IR above,
-    which is compiled as its own library and linked into each caller (numba marks it
-    linkonce_odr there, so LLVM may inline it into the driver loop)."""
+def _row_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
+    """numba intrinsic name(i64 x nargs) -> float32 calling the IR function `name` in
+    `ir_text`, which is compiled as its own library and linked into each caller (numba marks
+    it linkonce_odr there, so LLVM may inline it into the driver loop)."""
     import llvmlite.binding as llvm
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
 
-    name = "mistralpy_q8_0_row"
-
     def codegen(context, builder, signature, args):
         lib = context.codegen().create_library(name)
-        lib.add_llvm_module(llvm.parse_assembly(_Q8_0_ROW_IR))
+        lib.add_llvm_module(llvm.parse_assembly(ir_text))
         context.active_code_library.add_linking_library(lib)
-        fnty = ir.FunctionType(ir.FloatType(), [ir.IntType(64)] * 3)
+        fnty = ir.FunctionType(ir.FloatType(), [ir.IntType(64)] * nargs)
         fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
         return builder.call(fn, args)
 
-    sig = types.float32(types.int64, types.int64, types.int64)
-    return intrinsic(lambda typingctx, row, x, nb: (sig, codegen))
+    sig = types.float32(*[types.int64] * nargs)
+    # numba types an intrinsic through its Python signature: one named argument per operand.
+    typers = {
+        3: lambda typingctx, a, b, c: (sig, codegen),
+        5: lambda typingctx, a, b, c, d, e: (sig, codegen),
+    }
+    return intrinsic(typers[nargs])
 
 
 @functools.cache
@@ -109,7 +123,7 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
         from numba import njit, prange
     except ImportError:
         return None
-    q8_0_row = _q8_0_row_intrinsic()
+    q8_0_row = _row_intrinsic("mistralpy_q8_0_row", _Q8_0_ROW_IR, 3)
 
     @njit(parallel=True, cache=True)
     def q8_0(w, x, y):  # pragma: no cover - compiled
@@ -125,6 +139,182 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
                     y[i, r] = q8_0_row(w.ctypes.data + r * row_bytes, xa, k // 32)
 
     return q8_0
+
+
+# One q4_K row against q8_K-style activations (AVX-512 VNNI). Per super-block of 256 weights
+# (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles), w =
+# d * sc[s] * q - dmin * m[s] for sub-block s of 32. The activation block is int8 codes xq
+# (scale dx) stored in nibble order (sub-blocks 0 2 1 3 4 6 5 7: the low nibbles of the
+# first 64 code bytes are sub-blocks 0 and 2, their high nibbles 1 and 3, ...), with its
+# per-sub-block code sums bs (i32, natural order). Each vpdpbusd gives 16 i32 lanes, lanes
+# 0-7 from one sub-block and 8-15 from another; they are multiplied by their 6-bit scales
+# (integers, exact), summed, converted once per super-block and scaled by d * dx. The min
+# term sums m[s] * bs[s] (exact) times dmin * dx in 8 float lanes.
+_Q4K_ROW_IR = """
+define float @mistralpy_q4k_row(i64 %rowa, i64 %xqa, i64 %dxa, i64 %bsa, i64 %nb) {
+entry:
+  %row = inttoptr i64 %rowa to ptr
+  %xq = inttoptr i64 %xqa to ptr
+  %dx = inttoptr i64 %dxa to ptr
+  %bs = inttoptr i64 %bsa to ptr
+  br label %loop
+loop:
+  %b = phi i64 [0, %entry], [%b1, %loop]
+  %acc = phi <16 x float> [zeroinitializer, %entry], [%acc1, %loop]
+  %accm = phi <8 x float> [zeroinitializer, %entry], [%accm1, %loop]
+  %off = mul i64 %b, 144
+  %p = getelementptr i8, ptr %row, i64 %off
+  %dh = load half, ptr %p, align 1
+  %d = fpext half %dh to float
+  %pm = getelementptr i8, ptr %p, i64 2
+  %dmh = load half, ptr %pm, align 1
+  %dmin = fpext half %dmh to float
+  %p4 = getelementptr i8, ptr %p, i64 4
+  %u0 = load i32, ptr %p4, align 1
+  %p8 = getelementptr i8, ptr %p, i64 8
+  %u1 = load i32, ptr %p8, align 1
+  %p12 = getelementptr i8, ptr %p, i64 12
+  %u2 = load i32, ptr %p12, align 1
+  %sclo = and i32 %u0, 1061109567
+  %mlo = and i32 %u1, 1061109567
+  %u2lo = and i32 %u2, 252645135
+  %u0s = lshr i32 %u0, 2
+  %u0h = and i32 %u0s, 808464432
+  %schi = or i32 %u2lo, %u0h
+  %u2s = lshr i32 %u2, 4
+  %u2hi = and i32 %u2s, 252645135
+  %u1s = lshr i32 %u1, 2
+  %u1h = and i32 %u1s, 808464432
+  %mhi = or i32 %u2hi, %u1h
+  %sc0 = insertelement <2 x i32> poison, i32 %sclo, i64 0
+  %sc1 = insertelement <2 x i32> %sc0, i32 %schi, i64 1
+  %scb = bitcast <2 x i32> %sc1 to <8 x i8>
+  %sc = zext <8 x i8> %scb to <8 x i32>
+  %m0 = insertelement <2 x i32> poison, i32 %mlo, i64 0
+  %m1 = insertelement <2 x i32> %m0, i32 %mhi, i64 1
+  %mb = bitcast <2 x i32> %m1 to <8 x i8>
+  %mn = zext <8 x i8> %mb to <8 x i32>
+  %sv0 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2>
+  %sv1 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3>
+  %sv2 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6>
+  %sv3 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7>
+  %pq0 = getelementptr i8, ptr %p, i64 16
+  %q0 = load <64 x i8>, ptr %pq0, align 1
+  %pq1 = getelementptr i8, ptr %p, i64 80
+  %q1 = load <64 x i8>, ptr %pq1, align 1
+  %lo0 = and <64 x i8> %q0, splat (i8 15)
+  %hi0 = lshr <64 x i8> %q0, splat (i8 4)
+  %lo1 = and <64 x i8> %q1, splat (i8 15)
+  %hi1 = lshr <64 x i8> %q1, splat (i8 4)
+  %xo = mul i64 %b, 256
+  %px0 = getelementptr i8, ptr %xq, i64 %xo
+  %x0 = load <64 x i8>, ptr %px0, align 1
+  %px1 = getelementptr i8, ptr %px0, i64 64
+  %x1 = load <64 x i8>, ptr %px1, align 1
+  %px2 = getelementptr i8, ptr %px0, i64 128
+  %x2 = load <64 x i8>, ptr %px2, align 1
+  %px3 = getelementptr i8, ptr %px0, i64 192
+  %x3 = load <64 x i8>, ptr %px3, align 1
+  %t0 = call <16 x i32> @mistralpy_dp(<64 x i8> %lo0, <64 x i8> %x0)
+  %t1 = call <16 x i32> @mistralpy_dp(<64 x i8> %hi0, <64 x i8> %x1)
+  %t2 = call <16 x i32> @mistralpy_dp(<64 x i8> %lo1, <64 x i8> %x2)
+  %t3 = call <16 x i32> @mistralpy_dp(<64 x i8> %hi1, <64 x i8> %x3)
+  %s0 = mul <16 x i32> %t0, %sv0
+  %s1 = mul <16 x i32> %t1, %sv1
+  %s2 = mul <16 x i32> %t2, %sv2
+  %s3 = mul <16 x i32> %t3, %sv3
+  %s01 = add <16 x i32> %s0, %s1
+  %s23 = add <16 x i32> %s2, %s3
+  %s = add <16 x i32> %s01, %s23
+  %sf = sitofp <16 x i32> %s to <16 x float>
+  %dxp = getelementptr float, ptr %dx, i64 %b
+  %dxb = load float, ptr %dxp, align 4
+  %dd = fmul float %d, %dxb
+  %dd0 = insertelement <16 x float> poison, float %dd, i64 0
+  %ddv = shufflevector <16 x float> %dd0, <16 x float> poison, <16 x i32> zeroinitializer
+  %acc1 = call <16 x float> @llvm.fma.v16f32(<16 x float> %sf, <16 x float> %ddv, <16 x float> %acc)
+  %bo = mul i64 %b, 8
+  %bsp = getelementptr i32, ptr %bs, i64 %bo
+  %bsv = load <8 x i32>, ptr %bsp, align 4
+  %mm = mul <8 x i32> %mn, %bsv
+  %mf = sitofp <8 x i32> %mm to <8 x float>
+  %dm = fmul float %dmin, %dxb
+  %dm0 = insertelement <8 x float> poison, float %dm, i64 0
+  %dmv = shufflevector <8 x float> %dm0, <8 x float> poison, <8 x i32> zeroinitializer
+  %accm1 = call <8 x float> @llvm.fma.v8f32(<8 x float> %mf, <8 x float> %dmv, <8 x float> %accm)
+  %b1 = add i64 %b, 1
+  %done = icmp eq i64 %b1, %nb
+  br i1 %done, label %exit, label %loop
+exit:
+  %sa = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %acc1)
+  %sm = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> %accm1)
+  %y = fsub float %sa, %sm
+  ret float %y
+}
+define internal <16 x i32> @mistralpy_dp(<64 x i8> %u, <64 x i8> %s) alwaysinline {
+  %ui = bitcast <64 x i8> %u to <16 x i32>
+  %si = bitcast <64 x i8> %s to <16 x i32>
+  %r = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> zeroinitializer, <16 x i32> %ui, <16 x i32> %si)
+  ret <16 x i32> %r
+}
+declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
+declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+"""
+
+# Sub-block order of the activation codes within a 256-block (see _Q4K_ROW_IR).
+_Q4K_X_ORDER = (0, 2, 1, 3, 4, 6, 5, 7)
+
+
+@functools.cache
+def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """driver(w, x, y) filling y = x8 @ dequant(w).T with x8 the activation rounded to int8
+    per 256-block (compiled on first call), or None without numba."""
+    try:
+        from numba import njit, prange
+    except ImportError:
+        return None
+    q4k_row = _row_intrinsic("mistralpy_q4k_row", _Q4K_ROW_IR, 5)
+    order = np.array(_Q4K_X_ORDER, np.int64)
+
+    @njit(parallel=True, cache=True)
+    def q4k(w, x, y):  # pragma: no cover - compiled
+        # w (N, K/256*144) uint8 GGUF rows; x (M, K) float32; y (M, N) float32, C-contiguous.
+        n, row_bytes = w.shape
+        m, k = x.shape
+        nb = k // 256
+        xq = np.empty((m, k), np.int8)
+        dx = np.empty((m, nb), np.float32)
+        bs = np.empty((m, nb * 8), np.int32)
+        for i in range(m):
+            for b in range(nb):
+                amax = np.float32(0.0)
+                for j in range(b * 256, b * 256 + 256):
+                    amax = max(amax, abs(x[i, j]))
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                dx[i, b] = amax / np.float32(127.0)
+                for s in range(8):
+                    src = b * 256 + s * 32
+                    dst = b * 256 + order[s] * 32
+                    total = 0
+                    for j in range(32):
+                        q = np.int32(np.rint(x[i, src + j] * inv))
+                        xq[i, dst + j] = q
+                        total += q
+                    bs[i, b * 8 + s] = total
+        tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for t in prange(tasks):  # x rows inner: a task's weight rows stay in L1 across them
+            stop = min(n, (t + 1) * ROWS_PER_TASK)
+            for i in range(m):
+                xa = xq.ctypes.data + i * k
+                da = dx.ctypes.data + i * nb * 4
+                ba = bs.ctypes.data + i * nb * 32
+                for r in range(t * ROWS_PER_TASK, stop):
+                    y[i, r] = q4k_row(w.ctypes.data + r * row_bytes, xa, da, ba, nb)
+
+    return q4k
 
 
 @functools.cache
@@ -152,3 +342,77 @@ def q8_0_matmul(w: Tensor, x: Tensor) -> Tensor:
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     driver(w.numpy(), xf.numpy(), y.numpy())
     return y
+
+
+_Q4K_FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # the IR's vpdpbusd, byte ops on zmm
+
+
+def _host_has(features: tuple[str, ...]) -> bool:
+    """True when LLVM reports every one of `features` on this CPU (numba compiles for it)."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return False
+    host = llvm.get_host_cpu_features()
+    return all(host.get(f, False) for f in features)
+
+
+def _q4k_check_block() -> np.ndarray:
+    """One q4_K super-block with d = dmin = 1, every 6-bit scale and min 1 and every code 3:
+    each weight is 1 * 1 * 3 - 1 * 1 = 2."""
+    block = np.zeros((1, 144), np.uint8)
+    block[0, 0:4] = (0x00, 0x3C, 0x00, 0x3C)  # fp16 1.0 twice
+    block[0, 4:12] = 1  # sc[0:4], m[0:4]
+    block[0, 12:16] = 0x11  # low nibbles sc[4:8], high nibbles m[4:8]
+    block[0, 16:] = 0x33
+    return block
+
+
+@functools.cache
+def q4k_available() -> bool:
+    """True when the host has AVX-512 VNNI, numba imports and the q4k kernel compiles (or loads
+    from cache) and gives 2 * 256 for one block of weights 2 against activations of ones."""
+    if not _host_has(_Q4K_FEATURES):
+        return False
+    driver = _q4k_driver()
+    if driver is None:
+        return False
+    y = np.zeros((1, 1), np.float32)
+    try:
+        driver(_q4k_check_block(), np.ones((1, 256), np.float32), y)
+    except Exception as e:  # e.g. a host LLVM cannot target: keep the torch kernels
+        log.warning("numba q4k kernel unavailable (%s: %s)", type(e).__name__, e)
+        return False
+    return bool(abs(y[0, 0] - 512.0) < 1e-3)
+
+
+def q8k_round_activations(x: Tensor) -> Tensor:
+    """x (M, K) float -> float32 (M, K): the activation `q4k_matmul` actually multiplies, each
+    256-block rounded to int8 codes times amax / 127 (the plain-PyTorch reference of the
+    kernel's quantizer, same float32 operations; |error| <= about amax / 254 per element)."""
+    xb = x.detach().float().reshape(x.shape[0], -1, 256)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
+
+
+def q4k_matmul(w: Tensor, x: Tensor) -> Tensor:
+    """y = x8 @ dequant(w).T: w (N, K / 256 * 144) uint8 q4_K GGUF rows on the CPU, x (M, K)
+    float -> (M, N) float32, with x8 = `q8k_round_activations(x)` (see the module doc for
+    the numerics). Needs `q4k_available()`."""
+    driver = _q4k_driver()
+    assert driver is not None and w.shape[1] * 256 == x.shape[1] * 144, (w.shape, x.shape)
+    xf = x.detach().to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    driver(w.numpy(), xf.numpy(), y.numpy())
+    return y
+
+
+def gemv(fmt_name: str) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The decode kernel (w_bytes, x) -> y for GGUF format `fmt_name` when this host can run
+    one (compiling it now, or loading it from numba's cache), else None."""
+    if fmt_name == "q8_0" and available():
+        return q8_0_matmul
+    if fmt_name == "q4k" and q4k_available():
+        return q4k_matmul
+    return None

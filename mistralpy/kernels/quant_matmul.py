@@ -15,8 +15,8 @@ Paths (all compute y (M, N) in x.dtype from x (M, K)):
   error ~2^-9 per term, far below the quantization error itself). The bf16 kernel is the
   only fast one in torch's CPU int4 family (its fp32/fp16 variants are ~50x slower).
 - `SmallBatchMatmul`: one kernel for batches of at most `max_m` rows (decode), another for
-  larger ones; on the CPU q8_0 pairs the numba GEMV on its GGUF bytes (`cpu_gguf`, float32
-  activations) with `Int4PackMatmul` for prefill.
+  larger ones; on the CPU q8_0 and q4k pair the numba GEMVs on their GGUF bytes (`cpu_gguf`:
+  float32 activations for q8_0, int8-rounded per 256 for q4k) with `Int4PackMatmul` for prefill.
 - `TinyGemmInt4Matmul` (CUDA, sm80+): torch's tinygemm `_weight_int4pack_mm` for codes of at
   most 4 bits in groups of 32 (q4k, q4_0, q4_1): w = (u - 8) * scale + zero with bf16 scale
   and zero, the same affine form. It is the fastest decode (small M) path; above `max_m`

@@ -40,9 +40,10 @@ _FALLBACK = {"q2k": "q4_0", "q3k": "q4_0", "q4k": "q4_0", "q5k": "q5_0", "q6k": 
 _FALLBACK["q8k"] = "q8_0"
 _VISION_PARTS = ("vision_tower", "multi_modal_projector")
 _TINYGEMM_FORMATS = ("q4k", "q4_0", "q4_1")  # 4-bit codes in groups of 32
-# Batches up to this many rows take the numba q8_0 GEMV, larger ones torch's int4 GEMM (the
-# GEMV's cost grows linearly with the rows). Measured on the `small` preset's shapes (2 Zen 4
-# cores): the GEMV is ~1.7-2.1x faster at M=1, 1.3-1.4x at M=2, level or behind from M=4.
+# Batches up to this many rows take the numba q8_0 / q4k GEMVs, larger ones torch's int4 GEMM
+# (the GEMV's cost grows linearly with the rows). Measured on the `small` preset's shapes (2
+# Zen 4 cores): q8_0 ~1.7-2.1x faster at M=1, 1.3-1.4x at M=2, level or behind from M=4; q4k
+# 2.3-2.8x at M=1, ~1.5x at M=2 on the decoder layers.
 CPU_GEMV_MAX_M = 2
 
 
@@ -108,8 +109,9 @@ def build_quant_matmul(
     `_scaled_mm` for fp8 on sm90, Triton fused kernels (mistralpy.kernels.triton_quant)
     otherwise, tiled dequantize + matmul without Triton. CPU: torch's int4 kernels for formats
     whose groups are multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q8k), with
-    q8_0's decode-sized batches on the numba GEMV over its GGUF bytes (mistralpy.kernels.
-    cpu_gguf) when numba is installed; tiled dequantize + fp32 matmul for the
+    decode-sized batches of q8_0 (numba installed) and q4k (numba and AVX-512 VNNI) on the
+    numba GEMVs over their GGUF bytes (mistralpy.kernels.cpu_gguf; q4k rounds activations to
+    int8 per 256 as GGML does); tiled dequantize + fp32 matmul for the
     16-element-group K-quants (q2k, q3k, q6k) and fp8.
     """
     if packed.device.type == "cuda":
@@ -129,9 +131,10 @@ def _with_cpu_gemv(fmt: QuantFormat, packed: Tensor, gemm: QuantMatmul) -> Quant
     exists for `fmt` and numba is installed (mistralpy.kernels.cpu_gguf)."""
     from mistralpy.kernels import cpu_gguf
 
-    if fmt.name != "q8_0" or not packed.is_contiguous() or not cpu_gguf.available():
+    kernel = cpu_gguf.gemv(fmt.name) if packed.is_contiguous() else None
+    if kernel is None:
         return gemm
-    return SmallBatchMatmul(functools.partial(cpu_gguf.q8_0_matmul, packed), gemm, CPU_GEMV_MAX_M)
+    return SmallBatchMatmul(functools.partial(kernel, packed), gemm, CPU_GEMV_MAX_M)
 
 
 def _cuda_matmul(

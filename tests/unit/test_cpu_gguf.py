@@ -1,4 +1,5 @@
-"""numba q8_0 GEMV on GGUF bytes vs the dequantize-then-matmul oracle; dispatch; fallback."""
+"""numba q8_0 / q4k GEMVs on GGUF bytes vs the dequantize-then-matmul oracle; dispatch;
+fallback."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ SEEDS = fresh_seeds(6, "cpu-gguf")
 U = 2.0**-24  # float32 unit roundoff
 
 needs_numba = pytest.mark.skipif(not cpu_gguf.available(), reason="numba kernel unavailable")
+needs_q4k = pytest.mark.skipif(not cpu_gguf.q4k_available(), reason="no AVX-512 VNNI / numba")
 
 
 def _weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -52,22 +54,99 @@ def test_q8_0_gemv_matches_reference(seed):
     assert ((y.double() - ref.double()).abs() <= bound).all(), (y - ref).abs().max()
 
 
-@needs_numba
-def test_quantized_linear_dispatch_by_batch_rows():
+@pytest.mark.parametrize(
+    ("fmt", "gemv"),
+    [
+        pytest.param("q8_0", cpu_gguf.q8_0_matmul, marks=needs_numba),
+        pytest.param("q4k", cpu_gguf.q4k_matmul, marks=needs_q4k),
+    ],
+)
+def test_quantized_linear_dispatch_by_batch_rows(fmt, gemv):
     gen = torch.Generator().manual_seed(SEEDS[0])
-    layer = QuantizedLinear.from_float(_weight(40, 256, gen), None, "q8_0")
+    layer = QuantizedLinear.from_float(_weight(40, 256, gen), None, fmt)
     kernel = layer.kernel
     assert isinstance(kernel, SmallBatchMatmul) and isinstance(kernel.large, Int4PackMatmul)
     for m in (1, CPU_GEMV_MAX_M, CPU_GEMV_MAX_M + 1):
         x = torch.randn(m, 256, generator=gen).bfloat16()
         y = layer(x)
         assert y.dtype == torch.bfloat16 and y.shape == (m, 40)
-        expected = cpu_gguf.q8_0_matmul(layer.qweight, x) if m <= CPU_GEMV_MAX_M else None
+        expected = gemv(layer.qweight, x) if m <= CPU_GEMV_MAX_M else None
         if expected is not None:
             assert torch.equal(y, expected.bfloat16())
 
 
-def test_without_numba_q8_0_keeps_the_torch_kernel(monkeypatch):
-    monkeypatch.setattr(cpu_gguf, "available", lambda: False)
+@pytest.mark.parametrize(("fmt", "check"), [("q8_0", "available"), ("q4k", "q4k_available")])
+def test_without_the_numba_kernel_the_torch_kernel_stays(monkeypatch, fmt, check):
+    monkeypatch.setattr(cpu_gguf, check, lambda: False)
     w = torch.randn(40, 256, generator=torch.Generator().manual_seed(SEEDS[1])) * 0.05
-    assert isinstance(QuantizedLinear.from_float(w, None, "q8_0").kernel, Int4PackMatmul)
+    assert isinstance(QuantizedLinear.from_float(w, None, fmt).kernel, Int4PackMatmul)
+
+
+def test_q4k_needs_avx512_vnni(monkeypatch):
+    monkeypatch.setattr(cpu_gguf, "_host_has", lambda features: False)
+    assert cpu_gguf.q4k_available.__wrapped__() is False
+
+
+def _q4k_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """q4k bytes of a random (n, k) weight (some 256-blocks tiny or zero) and x (m, k) with
+    a random magnitude, some all-zero 256-blocks and a few outliers."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=gen))
+    k = 256 * int(torch.randint(1, 7, (1,), generator=gen))
+    m = int(torch.randint(1, 4, (1,), generator=gen))
+    w = torch.randn(n, k, generator=gen) * 0.05
+    pick = torch.rand(n, k // 256, 1, generator=gen)
+    blocks = w.view(n, k // 256, 256)
+    blocks.mul_(torch.where(pick < 0.1, 1e-4, 1.0)).masked_fill_(pick > 0.95, 0.0)
+    x = torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+    xb = x.view(m, k // 256, 256)
+    xb.masked_fill_(torch.rand(m, k // 256, 1, generator=gen) < 0.1, 0.0)
+    x.view(-1)[torch.randint(0, m * k, (3,), generator=gen)] *= 50
+    return get_format("q4k").quantize(w), x, (n, k)
+
+
+def _q4k_term_bound(packed: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
+    """sum_i (|d sc q| + |dmin m|)_i |x_i| (M, N) in float64: the kernel sums the scale and
+    min terms of w = d sc q - dmin m separately, so its rounding scales with both."""
+    ga = get_format("q4k").group_affine(packed, shape)
+    scale = ga.scale.double().repeat_interleave(32, 1)
+    offset = ga.offset.double().repeat_interleave(32, 1)
+    codes = ga.codes.double() + 8  # the stored nibbles
+    terms = (scale * codes).abs() + (offset - 8 * scale).abs()
+    return x.double().abs() @ terms.T
+
+
+@needs_q4k
+@pytest.mark.parametrize("seed", SEEDS)
+def test_q4k_gemv_is_exact_on_its_int8_activations(seed):
+    # The reference on the activation the kernel multiplies: only float32 rounding differs.
+    packed, x, (n, k) = _q4k_inputs(seed)
+    fmt = get_format("q4k")
+    y = cpu_gguf.q4k_matmul(packed, x)
+    xr = cpu_gguf.q8k_round_activations(x)
+    ref = reference_matmul(fmt, packed, (n, k))(xr)
+    bound = 2 * (k + 4) * U * _q4k_term_bound(packed, xr, (n, k))
+    assert y.shape == (x.shape[0], n) and y.dtype == torch.float32
+    assert ((y.double() - ref.double()).abs() <= bound).all(), (y - ref).abs().max()
+
+
+@needs_q4k
+@pytest.mark.parametrize("seed", SEEDS)
+def test_q4k_gemv_error_is_bounded_by_activation_rounding(seed):
+    # Each 256-block of x is rounded to int8 codes of step amax / 127: |dx| <= step / 2 (plus
+    # float32 slack), so |y - x @ W.T| <= sum |w| |dx| + the float32 summation bounds.
+    packed, x, (n, k) = _q4k_inputs(seed)
+    fmt = get_format("q4k")
+    m = x.shape[0]
+    w = fmt.dequantize(packed, (n, k)).double()
+    step = x.abs().reshape(m, -1, 256).amax(-1).double() / 127
+    half_step = (step / 2 * (1 + 8 * U)).repeat_interleave(256, 1)  # (M, K)
+    xr = cpu_gguf.q8k_round_activations(x)
+    assert ((xr.double() - x.double()).abs() <= half_step).all()
+    y = cpu_gguf.q4k_matmul(packed, x)
+    ref = reference_matmul(fmt, packed, (n, k))(x)
+    rounding = half_step @ w.abs().T
+    summation = (
+        2 * (k + 4) * U * (_q4k_term_bound(packed, xr, (n, k)) + x.double().abs() @ w.abs().T)
+    )
+    assert ((y.double() - ref.double()).abs() <= rounding + summation).all(), (y - ref).abs().max()

@@ -37,8 +37,8 @@ def test_kernel_matches_reference(name):
     layer = QuantizedLinear.from_float(w, None, name)
     expected_kernel = Int4PackMatmul if name in INT4_PATH else DequantMatmul
     kernel = layer.kernel
-    if isinstance(kernel, SmallBatchMatmul):  # q8_0 + numba: 3 rows still take the int4 GEMM
-        assert name == "q8_0" and kernel.max_m < 3
+    if isinstance(kernel, SmallBatchMatmul):  # numba GEMV: 3 rows still take the int4 GEMM
+        assert name in ("q8_0", "q4k") and kernel.max_m < 3
         kernel = kernel.large
     assert isinstance(kernel, expected_kernel)
     fmt = get_format(name)
