@@ -28,6 +28,9 @@ class AttentionMetadata:
     max_seq_len: int  # max of seq_lens
     query_lens_cpu: list[int]  # host copy of the per-sequence new-token counts
     seq_lens_cpu: list[int]  # host copy of seq_lens
+    # host, per sequence: its first block when its table is one run b, b + 1, ... (its cache
+    # is then a slice, no gather needed), else None; the field is None where not computed
+    first_block_if_run: list[int | None] | None = None
 
 
 # Signature every paged-attention backend implements (the reference below, later Triton):
@@ -99,6 +102,48 @@ def paged_attention(
     return out
 
 
+def cpu_paged_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """`paged_attention` with less per-layer work for CPU decode (same contract and numerics):
+    new K/V written with two `index_copy_`, and a sequence whose blocks form one run read as
+    a slice of the cache instead of gathered (`attn.first_block_if_run`)."""
+    if attn.first_block_if_run is None or attn.max_query_len > 1:
+        return paged_attention(q, k_new, v_new, kv_cache, attn, scale)
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    slots = attn.slot_mapping
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k_new)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v_new)
+    if len(attn.seq_lens_cpu) == 1:  # batch 1: no output buffer, no per-row copy
+        keys, values = _cached_kv(kv_cache, attn, 0)
+        return _decode_attention(q[0], keys, values, scale)[None]
+    out = torch.empty_like(q)
+    for b in range(len(attn.seq_lens_cpu)):
+        keys, values = _cached_kv(kv_cache, attn, b)
+        out[b] = _decode_attention(q[b], keys, values, scale)
+    return out
+
+
+def _cached_kv(
+    kv_cache: torch.Tensor, attn: AttentionMetadata, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (seq_len, Hkv, D) of sequence b: a view when its blocks form one run."""
+    seq_len = attn.seq_lens_cpu[b]
+    assert attn.first_block_if_run is not None
+    first = attn.first_block_if_run[b]
+    if first is None:
+        return gather_kv(kv_cache, attn.block_tables[b], seq_len)
+    block_size = kv_cache.shape[2]
+    kv = kv_cache[:, first : first + (seq_len + block_size - 1) // block_size]
+    kv = kv.flatten(1, 2)[:, :seq_len]
+    return kv[0], kv[1]
+
+
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
 ) -> torch.Tensor:
@@ -123,11 +168,13 @@ def _decode_attention(
     Query head h reads kv head h // (Hq / Hkv), as transformers' repeat_kv does.
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
-    qg = q.float().view(num_kv_heads, -1, head_dim)  # (Hkv, G, D)
-    scores = torch.bmm(qg, keys.float().permute(1, 2, 0)).mul_(scale)  # (Hkv, G, L)
-    probs = scores.softmax(dim=-1)
-    out = torch.bmm(probs, values.float().transpose(0, 1))  # (Hkv, G, D)
-    return out.view(q.shape).to(q.dtype)
+    dtype = q.dtype
+    if dtype != torch.float32:  # float32 inputs skip the no-op casts (~1 us of dispatch each)
+        q, keys, values = q.float(), keys.float(), values.float()
+    qg = q.view(num_kv_heads, -1, head_dim)  # (Hkv, G, D)
+    scores = torch.bmm(qg, keys.permute(1, 2, 0)).mul_(scale)  # (Hkv, G, L)
+    out = torch.bmm(scores.softmax(dim=-1), values.transpose(0, 1)).view(q.shape)  # (Hq, D)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _sdpa(

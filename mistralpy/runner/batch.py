@@ -108,6 +108,7 @@ def build_forward_batch(
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
+        first_block_if_run=[_first_block_if_run(s.block_table) for s in seqs],
     )
     return ForwardBatch(
         input_ids=dev(ids, torch.int64),
@@ -117,3 +118,10 @@ def build_forward_batch(
         sample_seqs=[s for s in seqs if s.sample is not None],
         image_slices=[im for s in seqs for im in s.images],
     )
+
+
+def _first_block_if_run(table: list[int]) -> int | None:
+    """table[0] if the table is the run table[0], table[0] + 1, ... (else None)."""
+    if not table or table[-1] - table[0] != len(table) - 1:
+        return None
+    return table[0] if table == list(range(table[0], table[0] + len(table))) else None

@@ -122,6 +122,7 @@ class ModelRunner:
             from mistralpy.runner.cpu_linear import use_onednn_linears
 
             use_onednn_linears(model)
+            use_cpu_kernels(model)
         if device.type == "cuda":
             # before the memory profile: it runs these kernels
             self.cuda_attention = use_cuda_kernels(model)
@@ -446,6 +447,19 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(tokens, device=self.device), attn, caches, None)
         self.model.compute_logits(hidden[: cfg.max_num_seqs])
         del caches, hidden
+
+
+def use_cpu_kernels(model: Any) -> None:
+    """Switch the model to the CPU backends: paged attention that reads a sequence's run of
+    blocks in place, and layer ops with fewer dispatched ops (same numerics up to float32
+    summation order; they matter on a batch-1 decode step of a small model)."""
+    from mistralpy.kernels.attention import cpu_paged_attention
+    from mistralpy.kernels.fused_ops import CPU_OPS
+
+    if not hasattr(model, "set_layer_ops"):  # a test's stand-in model keeps its own
+        return
+    model.set_attention_backend(cpu_paged_attention)
+    model.set_layer_ops(CPU_OPS)
 
 
 def use_cuda_kernels(model: Any) -> Any:
