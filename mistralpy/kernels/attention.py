@@ -60,6 +60,12 @@ def write_kv_cache(
     kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slots] = kv
 
 
+def _first_tokens(kv_blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (seq_len, Hkv, D) from (2, blocks, block_size, Hkv, D) in token order."""
+    kv = kv_blocks.flatten(1, 2)[:, :seq_len]
+    return kv[0], kv[1]
+
+
 def gather_kv(
     kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +73,7 @@ def gather_kv(
     block_size = kv_cache.shape[2]
     blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
     # one gather for keys and values; index_select is ~4x faster than [:, blocks] on the CPU
-    kv = kv_cache.index_select(1, blocks).flatten(1, 2)[:, :seq_len]
-    return kv[0], kv[1]
+    return _first_tokens(kv_cache.index_select(1, blocks), seq_len)
 
 
 def paged_attention(
@@ -139,9 +144,9 @@ def _cached_kv(
     if first is None:
         return gather_kv(kv_cache, attn.block_tables[b], seq_len)
     block_size = kv_cache.shape[2]
-    kv = kv_cache[:, first : first + (seq_len + block_size - 1) // block_size]
-    kv = kv.flatten(1, 2)[:, :seq_len]
-    return kv[0], kv[1]
+    return _first_tokens(
+        kv_cache[:, first : first + (seq_len + block_size - 1) // block_size], seq_len
+    )
 
 
 def varlen_attention(

@@ -129,6 +129,16 @@ def _q4k_split_program(N, K, split_blocks, BN: tl.constexpr):
 
 
 @triton.jit
+def _q4k_store_rows(y_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL: tl.constexpr):
+    """Store a GEMV program's sums: y[m, rows], or (PARTIAL, split-K) the float32 partials
+    y_ptr[s, m, rows] that the caller adds up."""
+    if not PARTIAL:
+        tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, out, mask=rmask)
+
+
+@triton.jit
 def _q4k_gemv_kernel(
     x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
     BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
@@ -162,10 +172,7 @@ def _q4k_gemv_kernel(
         part = s_lo * dot_lo - m_lo * xs_lo
         part += s_hi * dot_hi - m_hi * xs_hi
         acc += tl.sum(part, axis=1)
-    if not PARTIAL:
-        tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
-    else:
-        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, acc, mask=rmask)
+    _q4k_store_rows(y_ptr, acc, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
 @triton.jit
@@ -215,10 +222,7 @@ def _q4k_gemv_half_chunk_kernel(
         acc += a_lo * s_lo - (a_lo + (dmin * mn_lo)[:, :, None]) * xs_lo
         acc += a_hi * s_hi - (a_hi + (dmin * mn_hi)[:, :, None]) * xs_hi
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if not PARTIAL:
-        tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
-    else:
-        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, out, mask=rmask)
+    _q4k_store_rows(y_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
 @triton.jit
