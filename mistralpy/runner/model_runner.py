@@ -31,6 +31,7 @@ from mistralpy.runner.kv_cache import (
 
 if TYPE_CHECKING:
     from mistralpy.kernels.sampling import SamplerOutput
+    from mistralpy.runner.cpu_decode import FusedCpuDecode
     from mistralpy.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class RunnerConfig:
     cpu_kv_cache_bytes: int  # CPU: KV cache size in bytes
     num_kv_blocks: int | None = None  # fixed block count instead of a memory-derived one
     encoder_cache_size: int = 16384  # image-embedding rows kept across steps
-    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
+    enforce_eager: bool = False  # no decode CUDA graphs / fused CPU decode (debugging, A/B)
 
 
 @dataclass
@@ -133,6 +134,11 @@ class ModelRunner:
                 self.gemv_report = use_tuned_gemv(model, batch_buckets(cfg.max_num_seqs))
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
+        self.cpu_decode: FusedCpuDecode | None = None  # CPU: whole decode steps in one call
+        if device.type == "cpu" and not cfg.enforce_eager:
+            from mistralpy.runner.cpu_decode import FusedCpuDecode
+
+            self.cpu_decode = FusedCpuDecode.build(model, self.kv_caches)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)
         self.generators: dict[str, torch.Generator] = {}
         self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
@@ -168,6 +174,8 @@ class ModelRunner:
         """One step: forward over all scheduled tokens, sample where a sequence reached its end."""
         if self.decode_graphs is not None and self._graphable(batch):
             return self._execute_decode(batch.seqs)
+        if self.cpu_decode is not None and self.cpu_decode.accepts(batch.seqs):
+            return self._execute_cpu_decode(batch.seqs)
         self._spec = None  # a step launched ahead is not this one: its result is dropped
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
         masks = self._submit_grammar_masks(fb.sample_seqs)  # computed during the forward
@@ -178,6 +186,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[fb.logits_rows])
         out = self._sample(logits, fb.sample_seqs, self._allowed(masks, logits))
         return self._model_output(out, fb.sample_seqs, out.token_ids.tolist())
+
+    def _execute_cpu_decode(self, seqs: list[SeqWork]) -> ModelOutput:
+        """A CPU decode step through the fused step (`runner.cpu_decode`)."""
+        assert self.cpu_decode is not None
+        masks = self._submit_grammar_masks(seqs)  # computed during the forward
+        logits = self.cpu_decode(seqs, self.cfg.block_size)
+        out = self._sample(logits, seqs, self._allowed(masks, logits))
+        return self._model_output(out, seqs, out.token_ids.tolist())
 
     def _graphable(self, batch: ScheduledBatch) -> bool:
         """A pure decode step (one token per sequence, each sampling, no image rows) that a

@@ -55,13 +55,10 @@ def test_q8_0_gemv_matches_reference(seed):
 
 
 @pytest.mark.parametrize(
-    ("fmt", "gemv"),
-    [
-        pytest.param("q8_0", cpu_gguf.q8_0_matmul, marks=needs_numba),
-        pytest.param("q4k", cpu_gguf.q4k_matmul, marks=needs_q4k),
-    ],
+    "fmt", [pytest.param("q8_0", marks=needs_numba), pytest.param("q4k", marks=needs_q4k)]
 )
-def test_quantized_linear_dispatch_by_batch_rows(fmt, gemv):
+def test_quantized_linear_dispatch_by_batch_rows(fmt):
+    gemv = cpu_gguf.gemv(fmt)
     gen = torch.Generator().manual_seed(SEEDS[0])
     layer = QuantizedLinear.from_float(_weight(40, 256, gen), None, fmt)
     kernel = layer.kernel
@@ -75,16 +72,76 @@ def test_quantized_linear_dispatch_by_batch_rows(fmt, gemv):
             assert torch.equal(y, expected.bfloat16())
 
 
-@pytest.mark.parametrize(("fmt", "check"), [("q8_0", "available"), ("q4k", "q4k_available")])
-def test_without_the_numba_kernel_the_torch_kernel_stays(monkeypatch, fmt, check):
-    monkeypatch.setattr(cpu_gguf, check, lambda: False)
+@pytest.mark.parametrize(
+    ("fmt", "checks"),
+    [("q8_0", ("available", "q8_0_vnni_available")), ("q4k", ("q4k_available",))],
+)
+def test_without_the_numba_kernel_the_torch_kernel_stays(monkeypatch, fmt, checks):
+    for check in checks:
+        monkeypatch.setattr(cpu_gguf, check, lambda: False)
     w = torch.randn(40, 256, generator=torch.Generator().manual_seed(SEEDS[1])) * 0.05
     assert isinstance(QuantizedLinear.from_float(w, None, fmt).kernel, Int4PackMatmul)
 
 
-def test_q4k_needs_avx512_vnni(monkeypatch):
+def test_q4k_and_int8_q8_0_need_avx512_vnni(monkeypatch):
     monkeypatch.setattr(cpu_gguf, "_host_has", lambda features: False)
     assert cpu_gguf.q4k_available.__wrapped__() is False
+    assert cpu_gguf.q8_0_vnni_available.__wrapped__() is False
+
+
+@needs_numba
+def test_q8_0_without_vnni_keeps_the_float_activation_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_gguf, "q8_0_vnni_available", lambda: False)
+    assert cpu_gguf.gemv("q8_0") is cpu_gguf.q8_0_matmul
+
+
+needs_q8_0_vnni = pytest.mark.skipif(
+    not cpu_gguf.q8_0_vnni_available(), reason="no AVX-512 VNNI / numba"
+)
+
+
+def _q8_0_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """q8_0 bytes of a random (n, k) weight (odd and even block counts) and x (m, k) with a
+    random magnitude, some all-zero 32-blocks and a few outliers."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=gen))
+    k = 32 * int(torch.randint(1, 40, (1,), generator=gen))
+    m = int(torch.randint(1, 4, (1,), generator=gen))
+    x = torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+    x.view(m, k // 32, 32).masked_fill_(torch.rand(m, k // 32, 1, generator=gen) < 0.1, 0.0)
+    x.view(-1)[torch.randint(0, m * k, (3,), generator=gen)] *= 50
+    return get_format("q8_0").quantize(_weight(n, k, gen)), x, (n, k)
+
+
+@needs_q8_0_vnni
+@pytest.mark.parametrize("seed", SEEDS)
+def test_q8_0_vnni_gemv_is_exact_on_its_int8_activations(seed):
+    # int8 x int8 block sums are exact; only the float32 scaling and summation round.
+    packed, x, (n, k) = _q8_0_inputs(seed)
+    fmt = get_format("q8_0")
+    y = cpu_gguf.q8_0_vnni_matmul(packed, x)
+    xr = cpu_gguf.q8_0_round_activations(x)
+    ref = reference_matmul(fmt, packed, (n, k))(xr)
+    bound = _summation_bound(xr, fmt.dequantize(packed, (n, k)))
+    assert y.shape == (x.shape[0], n) and y.dtype == torch.float32
+    assert ((y.double() - ref.double()).abs() <= bound).all(), (y - ref).abs().max()
+
+
+@needs_q8_0_vnni
+@pytest.mark.parametrize("seed", SEEDS)
+def test_q8_0_vnni_error_is_bounded_by_activation_rounding(seed):
+    packed, x, (n, k) = _q8_0_inputs(seed)
+    fmt = get_format("q8_0")
+    m = x.shape[0]
+    w = fmt.dequantize(packed, (n, k)).double()
+    step = x.abs().reshape(m, -1, 32).amax(-1).double() / 127
+    half_step = (step / 2 * (1 + 8 * U)).repeat_interleave(32, 1)  # (M, K)
+    xr = cpu_gguf.q8_0_round_activations(x)
+    assert ((xr.double() - x.double()).abs() <= half_step).all()
+    y = cpu_gguf.q8_0_vnni_matmul(packed, x)
+    ref = reference_matmul(fmt, packed, (n, k))(x)
+    bound = half_step @ w.abs().T + _summation_bound(xr, w.float()) + _summation_bound(x, w.float())
+    assert ((y.double() - ref.double()).abs() <= bound).all(), (y - ref).abs().max()
 
 
 def _q4k_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
