@@ -1,7 +1,7 @@
 """CPU generation speed: mistralpy's engine vs transformers' generate vs mistral.rs, one run.
 
     PYTHONPATH=. python benchmarks/cpu_engine.py [--dtype float32|bfloat16] [--json out.json]
-    PYTHONPATH=. python benchmarks/cpu_engine.py --isq [--json out.json]     # ISQ rows
+    PYTHONPATH=. python benchmarks/cpu_engine.py --isq [--rounds 3] [--json out.json]  # ISQ rows
     PYTHONPATH=. python benchmarks/cpu_engine.py --quick                     # seconds, tiny
 
 All three run the same random `small` checkpoint (mistralpy.testing.tiny_checkpoint, stored in
@@ -126,6 +126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-static", action="store_true", help="add transformers with static cache")
     p.add_argument("--isq", action="store_true", help="ISQ rows instead of the float rows")
     p.add_argument("--isq-formats", nargs="+", default=["q4k", "q8_0"])
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="ISQ rows: repeat every (format, implementation) run this many times, the two "
+        "implementations alternating who goes first; tables show medians (this host's speed "
+        "drifts by up to 1.5x between minutes, so a ratio is taken within each round)",
+    )
     p.add_argument("--quality-formats", nargs="+", default=["q8_0", "q6k", "q4k"])
     p.add_argument("--quality-prompts", type=int, default=8)
     p.add_argument("--quality-tokens", type=int, default=32)
@@ -399,45 +407,69 @@ def isq_available() -> bool:
 def _run_isq(
     args: argparse.Namespace, path: Path, workload: dict[str, Any], work: Path
 ) -> dict[str, Any]:
-    """Decode/prefill of float vs each format, mistralpy and mistral.rs; then quality."""
+    """Decode/prefill of float vs each format, mistralpy and mistral.rs, `--rounds` times;
+    then quality."""
     light = dict(workload, concurrent=[], image=None)  # single requests only: short rows
-    raw: dict[str, dict[str, Any]] = {}
-    for fmt in [None, *args.isq_formats]:
-        for impl in ("mistralpy", "mistral.rs"):
-            if impl not in args.impls:
-                continue
-            if fmt is not None and impl == "mistralpy" and not isq_available():
-                raw[f"{impl} {fmt}"] = {"error": "mistralpy.quant.isq not on this branch yet"}
-                continue
-            raw[f"{impl} {fmt or args.dtype}"] = _measure(
-                impl, path, args, light, work, {"isq": fmt, "only_single": True}
-            )
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for r in range(args.rounds):
+        order = ("mistralpy", "mistral.rs") if r % 2 == 0 else ("mistral.rs", "mistralpy")
+        raw: dict[str, dict[str, Any]] = {}
+        for fmt in [None, *args.isq_formats]:
+            for impl in order:
+                if impl not in args.impls:
+                    continue
+                if fmt is not None and impl == "mistralpy" and not isq_available():
+                    raw[f"{impl} {fmt}"] = {"error": "mistralpy.quant.isq not on this branch yet"}
+                    continue
+                raw[f"{impl} {fmt or args.dtype}"] = _measure(
+                    impl, path, args, light, work, {"isq": fmt, "only_single": True}
+                )
+        rounds.append(raw)
     quality = _measure("quality", path, args, workload, work, {"formats": args.quality_formats})
     tables = {
-        f"ISQ, {args.preset} preset, {args.threads} threads": isq_table(raw, args),
+        f"ISQ, {args.preset} preset, {args.threads} threads": isq_table(rounds, args),
         "ISQ quality: teacher-forced top-1 agreement with the float model": quality_table(quality),
     }
-    return {"raw": raw, "quality": quality, "tables": tables}
+    return {"raw": rounds[0], "rounds": rounds, "quality": quality, "tables": tables}
 
 
-def isq_table(raw: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+def isq_table(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    """Per format: medians over rounds; the mistral.rs ratio is the median of the ratios taken
+    within each round (both implementations measured back to back)."""
+
+    def per_round(impl: str, fmt: str, key: str) -> list[float]:
+        values = [_metric(raw.get(f"{impl} {fmt}", {}), "single", key) for raw in rounds]
+        return [v for v in values if v]
+
+    def med(values: list[float]) -> float | None:
+        return median(values) if values else None
+
     rows = []
     for fmt in [args.dtype, *args.isq_formats]:
-        ours, theirs = raw.get(f"mistralpy {fmt}", {}), raw.get(f"mistral.rs {fmt}", {})
-        base = raw.get(f"mistralpy {args.dtype}", {})
         row: dict[str, Any] = {"format": fmt}
-        for name, data in (("mistralpy", ours), ("mistral.rs", theirs)):
-            row[f"{name} decode tok/s"] = _metric(data, "single", "decode_tps")
-            row[f"{name} prefill tok/s"] = _metric(data, "single", "prefill_tps")
-        row["mistralpy model MiB"] = (ours.get("model_bytes") or 0) / 2**20 or None
-        dec, peer, float_dec = (
-            row["mistralpy decode tok/s"],
-            row["mistral.rs decode tok/s"],
-            _metric(base, "single", "decode_tps"),
-        )
-        row["decode vs mistralpy float"] = dec / float_dec if dec and float_dec else None
-        row["decode mistralpy / mistral.rs"] = dec / peer if dec and peer else None
-        row["error"] = ours.get("error") or theirs.get("error")
+        for name in ("mistralpy", "mistral.rs"):
+            row[f"{name} decode tok/s"] = med(per_round(name, fmt, "decode_tps"))
+            row[f"{name} prefill tok/s"] = med(per_round(name, fmt, "prefill_tps"))
+        ours0 = rounds[0].get(f"mistralpy {fmt}", {})
+        row["mistralpy model MiB"] = (ours0.get("model_bytes") or 0) / 2**20 or None
+        ratios_float, ratios_peer = [], []
+        for raw in rounds:
+            dec = _metric(raw.get(f"mistralpy {fmt}", {}), "single", "decode_tps")
+            base = _metric(raw.get(f"mistralpy {args.dtype}", {}), "single", "decode_tps")
+            peer = _metric(raw.get(f"mistral.rs {fmt}", {}), "single", "decode_tps")
+            if dec and base:
+                ratios_float.append(dec / base)
+            if dec and peer:
+                ratios_peer.append(dec / peer)
+        row["decode vs mistralpy float"] = med(ratios_float)
+        row["decode mistralpy / mistral.rs"] = med(ratios_peer)
+        row["ratio per round"] = " ".join(f"{r:.2f}" for r in ratios_peer) or None
+        errors = [
+            raw.get(f"{impl} {fmt}", {}).get("error")
+            for raw in rounds
+            for impl in ("mistralpy", "mistral.rs")
+        ]
+        row["error"] = next((e for e in errors if e), None)
         rows.append(row)
     return format_table(rows, list(rows[0]))
 

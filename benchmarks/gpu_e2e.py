@@ -537,28 +537,71 @@ def row_concurrent(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"conc{i}", p, greedy(out_len))
-    step_times, decode_steps, generated = [], [], 0
+    add_s = time.perf_counter() - t0
+    steps: list[tuple[float, int, int]] = []  # per step: (seconds, generated, computed)
+    generated = 0
+    stats = engine.stats
     while engine.has_unfinished_requests():
+        gen0, comp0 = stats.num_generated_tokens, stats.num_computed_tokens
         s0 = time.perf_counter()
-        before = engine.stats.num_generated_tokens
         outs = engine.step()
         dt = time.perf_counter() - s0
-        step_times.append(dt)
-        if engine.stats.num_generated_tokens - before == n and engine.stats.num_steps > n:
-            decode_steps.append(dt)
+        steps.append((dt, stats.num_generated_tokens - gen0, stats.num_computed_tokens - comp0))
         generated += sum(len(o.outputs[0].delta_token_ids) for o in outs)
     elapsed = time.perf_counter() - t0
     tok_s = generated / elapsed
+    decode_steps = [dt for dt, g, c in steps if g == c == n]
     step = statistics.median(decode_steps) if decode_steps else float("nan")
     ctx = sizes.concurrent_in + out_len // 2
     bytes_step = text_weight_bytes(model) + n * _kv_bytes(model, ctx)
     limit = n * limits["bandwidth"] / bytes_step
-    extra = {"elapsed_s": elapsed, "generated": generated, "steps": len(step_times),
-             "decode_step_ms_median": step * 1e3, "output_len": out_len}  # fmt: skip
+    extra = {"elapsed_s": elapsed, "generated": generated, "steps": len(steps),
+             "decode_step_ms_median": step * 1e3, "output_len": out_len,
+             **step_kinds(steps, n, elapsed, add_s)}  # fmt: skip
     if decode_steps:
         extra.update(decode_breakdown(engine, n, ctx, step))
+        # host time of the full-decode steps, at the median step's host share
+        extra["decode_host_s_est"] = extra.get("host_share", 0.0) * sum(decode_steps)
     return Row(f"{n} x ({sizes.concurrent_in} in / {out_len} out)", tok_s, "out tok/s",
                ">= 1300", tok_s >= 1300, limit, extra=extra)  # fmt: skip
+
+
+def step_kind(generated: int, computed: int, n: int) -> str:
+    """decode: all n rows decode (n tokens generated, n computed); decode_partial: decode
+    only, fewer rows (requests done); prefill: no token generated; mixed: prefill chunks and
+    decodes (or prompts finishing their prefill) in one step; empty: nothing scheduled."""
+    if computed == 0:
+        return "empty"
+    if generated == 0:
+        return "prefill"
+    if generated == computed:
+        return "decode" if generated == n else "decode_partial"
+    return "mixed"
+
+
+def step_kinds(steps: list[tuple[float, int, int]], n: int, elapsed: float, add_s: float) -> dict:
+    """Where the wall time of a concurrent run went: seconds, count and computed tokens per
+    step kind (`step_kind`), the slowest steps, the time outside `engine.step()`, and the
+    full-decode steps' mean vs median."""
+    kinds: dict[str, dict[str, float]] = {}
+    for dt, g, c in steps:
+        k = kinds.setdefault(step_kind(g, c, n), {"s": 0.0, "count": 0, "tokens": 0})
+        k["s"] += dt
+        k["count"] += 1
+        k["tokens"] += c
+    in_steps = sum(dt for dt, _, _ in steps)
+    slowest = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:10]
+    decode = [dt for dt, g, c in steps if g == c == n]
+    out = {"by_kind": kinds, "in_step_s": in_steps, "outside_step_s": elapsed - in_steps,
+           "add_requests_s": add_s, "outside_step_share": (elapsed - in_steps) / elapsed,
+           "slowest_steps": [{"index": i, "ms": steps[i][0] * 1e3, "generated": steps[i][1],
+                              "computed": steps[i][2], "kind": step_kind(*steps[i][1:], n)}
+                             for i in slowest]}  # fmt: skip
+    if decode:
+        out["decode_step_ms_mean"] = 1e3 * sum(decode) / len(decode)
+        out["decode_step_ms_p90"] = 1e3 * sorted(decode)[int(0.9 * (len(decode) - 1))]
+        out["decode_excess_over_median_s"] = sum(decode) - len(decode) * statistics.median(decode)
+    return out
 
 
 def row_long(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> Row:

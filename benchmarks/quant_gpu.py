@@ -1,7 +1,8 @@
 """CUDA: correctness and speed of the quantized matmuls at Mistral-Small-24B shapes.
 
     PYTHONPATH=. python benchmarks/quant_gpu.py [--sections check,sweep,crossover,fp8,table]
-        [--formats q4k,q8_0] [--batches 1,16] [--peak-gbs 2960] [--json out.json]
+        [--formats q4k,q8_0] [--batches 1,16] [--peak-gbs GBPS] [--json out.json]
+        [--baseline OLD_TRITON_QUANT.py]
 
 Sections (each independent; a failure prints its traceback and the others still run):
 - check: every CUDA path (tinygemm q4k/q4_0/q4_1, W8A8 fp8 `_scaled_mm`, fused fp8 row
@@ -15,7 +16,10 @@ Sections (each independent; a failure prints its traceback and the others still 
 - table: the path QuantizedLinear picks, per format/shape/M, plus the batch-1 whole-model
   estimate (40 decoder layers + lm_head, weights only).
 Times: triton.testing.do_bench_cudagraph (median); GB/s counts weight bytes as stored by
-the format (GGUF bytes) + activations + output.
+the format (GGUF bytes) + activations + output; % is of --peak-gbs, by default the copy
+bandwidth (bytes read + written) measured at start. --baseline: an earlier
+mistralpy/kernels/triton_quant.py (e.g. `git show REV:mistralpy/kernels/triton_quant.py`)
+whose load-time q4k pick section words tunes and times too, for a same-run before/after.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import functools
 import itertools
 import json
+import sys
 import time
 import traceback
 
@@ -55,6 +60,14 @@ def bench_ms(fn, *args, rep: int = 100) -> float:
         return triton.testing.do_bench(fn, rep=rep, return_mode="median")
 
 
+def copy_gbs(dev: torch.device) -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second, in GB/s."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
+    return 2 * (1 << 30) / ms / 1e6
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
@@ -63,6 +76,7 @@ class Ctx:
     def __init__(self, args):
         self.args, self.rows, self.dev = args, [], torch.device("cuda")
         self.weights: dict = {}
+        self.baseline = None  # the --baseline triton_quant module, loaded on first use
 
     def weight(self, shape) -> torch.Tensor:
         if shape not in self.weights:
@@ -236,16 +250,61 @@ def words(ctx: Ctx) -> None:
         ir_stats(ctx)
     except Exception:  # noqa: BLE001 - diagnostics only
         traceback.print_exc()
-    total = {"tinygemm": 0.0, "bytes": 0.0, "words": 0.0, "tuned": 0.0}
+    total: dict[str, float] = {}
+    layer: dict[str, float] = {}  # one decoder layer's four GEMVs, ms
+    layer_bytes = 0
     for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
         times = _words_shape(ctx, name, shape)
         for key, t in times.items():
-            total[key] += (LAYERS if name != "lm_head" else 1) * t
+            total[key] = total.get(key, 0.0) + (LAYERS if name != "lm_head" else 1) * t
+            if name != "lm_head":
+                layer[key] = layer.get(key, 0.0) + t
+        if name != "lm_head":
+            layer_bytes += _q4k_gemv_bytes(shape)
         del ctx.weights[shape]
+    for key, ms in layer.items():
+        pct = layer_bytes / ms / 1e6 / ctx.args.peak_gbs * 100
+        print(f"LAYER q4k GEMVs ({key}): {layer_bytes / 1e6:.1f} MB in {ms * 1e3:.1f} us = "
+              f"{pct:.1f}% of {ctx.args.peak_gbs:.0f} GB/s", flush=True)  # fmt: skip
+        ctx.rows.append({"section": "words_layer", "kernel": key, "us": ms * 1e3,
+                         "bytes": layer_bytes, "pct_peak": pct})  # fmt: skip
     for key, ms in total.items():
         print(f"ESTIMATE q4k linears per decode step ({key}): {ms:.2f} ms -> "
               f"{1000 / ms:.0f} tok/s (linear layers only)", flush=True)  # fmt: skip
         ctx.rows.append({"section": "words_estimate", "kernel": key, "ms": ms})
+
+
+def _q4k_gemv_bytes(shape: tuple[int, int]) -> int:
+    """Bytes a batch-1 q4_K GEMV must move: the GGUF weight (144 B per 256) + bf16 x and y."""
+    n, k = shape
+    return n * k // 256 * 144 + k * 2 + n * 2
+
+
+def _baseline_module(path: str):
+    """An earlier triton_quant.py loaded as its own module (its kernels compile separately)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_triton_quant", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _words_baseline(ctx: Ctx, name, shape, packed, x, ref, nbytes) -> dict[str, float]:
+    """The --baseline module's load-time pick for this shape, tuned and timed as ours."""
+    if not ctx.args.baseline:
+        return {}
+    old = ctx.baseline or _baseline_module(ctx.args.baseline)
+    ctx.baseline = old
+    t0 = time.perf_counter()
+    cfg = old.tune_q4k_gemv(packed, shape)
+    tune_s = time.perf_counter() - t0
+    t = bench_stream_ms(lambda p: old.TritonQ4KMatmul(p, shape, cfg), packed, x)
+    err = rel_err(old.TritonQ4KMatmul(packed, shape, cfg)(x), ref)
+    ctx.record("words", name, shape, "q4k", 1, t, nbytes, err, f"baseline {cfg}",
+               tune_s=tune_s)  # fmt: skip
+    return {"baseline": t}
 
 
 def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float]:
@@ -255,7 +314,7 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
     n, k = shape
     x = x_of(1, k, ctx.dev)
     ref = reference_matmul(f, packed, shape)(x.float())
-    nbytes = packed.numel() + k * 2 + n * 2
+    nbytes = _q4k_gemv_bytes(shape)
 
     def tiny(p):
         ga = f.group_affine(p, shape)
@@ -272,12 +331,14 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
     for cfg in tq.Q4K_GEMV_CANDIDATES:
         kern = tq.TritonQ4KMatmul(packed, shape, cfg)
         try:
-            err = rel_err(kern(x), ref)
+            y = kern(x)
+            err, same = rel_err(y, ref), torch.equal(y, kern(x))  # split-K: counters reset
             t = bench_stream_ms(lambda p, c=cfg: tq.TritonQ4KMatmul(p, shape, c), packed, x)
         except Exception as e:  # noqa: BLE001 - a config that does not compile
             print("words", name, cfg, "failed:", str(e)[:300])
             continue
-        ctx.record("words", name, shape, "q4k", 1, t, nbytes, err, f"words {cfg}")
+        ctx.record("words", name, shape, "q4k", 1, t, nbytes, err, f"words {cfg}",
+                   repeat_equal=same)  # fmt: skip
         best = min(best, (t, cfg), key=lambda b: b[0])
     t0 = time.perf_counter()
     tuned = tq.tune_q4k_gemv(packed, shape)
@@ -294,7 +355,8 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
                      "bytes_us": t_old * 1e3, "tuned_us": t_tuned * 1e3,
                      "tuned": str(tuned), "pct_peak": nbytes / best[0] / 1e6 /
                      ctx.args.peak_gbs * 100})  # fmt: skip
-    return {"tinygemm": t_tiny, "bytes": t_old, "words": best[0], "tuned": t_tuned}
+    base = _words_baseline(ctx, name, shape, packed, x, ref, nbytes)
+    return {"tinygemm": t_tiny, "bytes": t_old, "words": best[0], "tuned": t_tuned, **base}
 
 
 def crossover(ctx: Ctx) -> None:
@@ -409,12 +471,21 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--crossover-formats", default="q4k,q4_0")
     ap.add_argument("--crossover-m", default="1,2,4,8,16,32,64,128,256")
-    ap.add_argument("--peak-gbs", type=float, default=2960.0)
+    ap.add_argument("--peak-gbs", type=float, default=None, help="default: measured copy")
+    ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     ctx = Ctx(args)
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    device = torch.cuda.get_device_name()
+    print(device, torch.__version__, triton.__version__, time.strftime("%Y-%m-%d %H:%M:%S"),
+          flush=True)  # fmt: skip
+    if args.peak_gbs is None:
+        args.peak_gbs = copy_gbs(ctx.dev)
+    print(f"peak (copy, read + write): {args.peak_gbs:.0f} GB/s", flush=True)
+    ctx.rows.append({"section": "device", "device": device, "torch": torch.__version__,
+                     "triton": triton.__version__, "peak_gbs": args.peak_gbs,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
     for sec in args.sections.split(","):
         t = time.perf_counter()
         try:

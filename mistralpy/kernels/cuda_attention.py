@@ -57,6 +57,26 @@ class CudaPagedAttention:
             attn.max_query_len, scale,
         )  # fmt: skip
 
+    def warm_up(self, kv_cache: torch.Tensor, num_heads: int) -> None:
+        """Compile the paged prefill kernel now, not in the first step that mixes prefill
+        with decode rows (measured on an H200: that step took 1.31 s vs 0.59 s for the same
+        work later). Triton compiles one variant per tile config (short and long queries)
+        and per block-table stride that is or is not a multiple of 16 (it specializes integer
+        arguments on that); each is launched once here, on a small scratch cache."""
+        _, _, page, hkv, d = kv_cache.shape
+        dev, dtype = kv_cache.device, kv_cache.dtype
+        for qlen in (16, ta.SHORT_QUERY_TOKENS + 16):
+            seq = qlen + page  # one cached block before the new tokens
+            blocks = -(-seq // page)
+            scratch = torch.zeros(2, blocks, page, hkv, d, dtype=dtype, device=dev)
+            q = torch.zeros(qlen, num_heads, d, dtype=dtype, device=dev)
+            qsl = torch.tensor([0, qlen], dtype=torch.int32, device=dev)
+            lens = torch.tensor([seq], dtype=torch.int32, device=dev)
+            for width in (blocks + (16 - blocks % 16) % 16, 16 * (blocks // 16 + 1) + 1):
+                tables = torch.zeros(1, width, dtype=torch.int32, device=dev)
+                tables[0, :blocks] = torch.arange(blocks, device=dev)
+                ta.paged_prefill_attention(q, scratch, qsl, lens, tables, qlen, d**-0.5)
+
     def tune_decode(
         self, kv_cache: torch.Tensor, rows: int, width: int, num_heads: int, context: int
     ) -> ta.DecodePlan:

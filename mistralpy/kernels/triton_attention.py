@@ -445,6 +445,9 @@ def _flash_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
+SHORT_QUERY_TOKENS = 1024  # prefills up to this many query tokens take the smaller tiles
+
+
 def default_tile_config(head_dim: int, device: torch.device, max_query_len: int) -> TileConfig:
     """Tiles measured best on H100 bf16 (benchmarks/gpu_attention.py --sweep, 2026-11-24);
     small tiles on CPU keep the interpreter quick."""
@@ -452,7 +455,7 @@ def default_tile_config(head_dim: int, device: torch.device, max_query_len: int)
         return TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     if head_dim <= 64:  # vision, 12,100 patches: 422 TFLOP/s (w4: 406)
         return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    if max_query_len <= 1024:  # 1k prompt: 193 TFLOP/s vs 173 (more programs, less tail)
+    if max_query_len <= SHORT_QUERY_TOKENS:  # 1k prompt: 193 vs 173 TFLOP/s (less tail)
         return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)  # 8k causal: 375
 

@@ -129,23 +129,42 @@ def _q4k_split_program(N, K, split_blocks, BN: tl.constexpr):
 
 
 @triton.jit
-def _q4k_store_rows(y_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL: tl.constexpr):
-    """Store a GEMV program's sums: y[m, rows], or (PARTIAL, split-K) the float32 partials
-    y_ptr[s, m, rows] that the caller adds up."""
+def _q4k_store_rows(
+    y_ptr, ws_ptr, cnt_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL: tl.constexpr
+):  # fmt: skip
+    """Store a GEMV program's sums (BN,) float32 as y[m, rows]. PARTIAL (split-K over grid
+    axis 1): store them to the float32 workspace ws_ptr[s, m, rows], then count this split in
+    cnt_ptr[m, row tile]; the program that arrives last adds the partials in order s = 0, 1,
+    ... (deterministic), writes y and resets the counter to 0 for the next call or graph
+    replay. No extra kernel: the reduction stays inside this launch."""
     if not PARTIAL:
         tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
     else:
-        tl.store(y_ptr + (s * tl.num_programs(2) + m) * N + rows, out, mask=rmask)
+        nsplit, num_m = tl.num_programs(1), tl.num_programs(2)
+        tl.store(ws_ptr + (s * num_m + m) * N + rows, out, mask=rmask)
+        # every thread's partial is stored before the counter's release (CTA barrier, then a
+        # gpu-scope acq_rel atomic); the last program's acquire orders its reads after it
+        tl.debug_barrier()
+        cnt = cnt_ptr + m * tl.num_programs(0) + tl.program_id(0)
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if arrived == nsplit - 1:
+            total = tl.zeros_like(out)
+            for t in range(0, nsplit):
+                part = ws_ptr + (t * num_m + m) * N + rows
+                total += tl.load(part, mask=rmask, other=0.0, cache_modifier=".cg")  # L2
+            tl.store(y_ptr + m * stride_ym + rows, total.to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.store(cnt, 0)
 
 
 @triton.jit
 def _q4k_gemv_kernel(
-    x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
-    BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
+    x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
+    split_blocks, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
     WORDS: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     # grid (N / BN, splits, M): split s reduces blocks [s * split_blocks, (s + 1) *
-    # split_blocks); PARTIAL (more than one split): float32 partial sums go to y_ptr[s, m, :].
+    # split_blocks); PARTIAL (more than one split): reduced in-kernel (`_q4k_store_rows`).
     # MAGIC: codes decoded as f = 1 + q/16, so sum(q x) = 16 (sum(f x) - sum(x)).
     s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
     J: tl.constexpr = BB * 4
@@ -172,12 +191,12 @@ def _q4k_gemv_kernel(
         part = s_lo * dot_lo - m_lo * xs_lo
         part += s_hi * dot_hi - m_hi * xs_hi
         acc += tl.sum(part, axis=1)
-    _q4k_store_rows(y_ptr, acc, s, m, rows, rmask, N, stride_ym, PARTIAL)
+    _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, acc, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
 @triton.jit
 def _q4k_gemv_half_chunk_kernel(
-    x_ptr, wb_ptr, wi_ptr, y_ptr, N, K, stride_xm, stride_ym, split_blocks,
+    x_ptr, wb_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym, split_blocks,
     BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Batch-1 q4_K GEMV whose per-step sums stay inside a thread: codes are read as
@@ -222,7 +241,7 @@ def _q4k_gemv_half_chunk_kernel(
         acc += a_lo * s_lo - (a_lo + (dmin * mn_lo)[:, :, None]) * xs_lo
         acc += a_hi * s_hi - (a_hi + (dmin * mn_hi)[:, :, None]) * xs_hi
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    _q4k_store_rows(y_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
+    _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
 @triton.jit
@@ -412,7 +431,7 @@ class GemvConfig:
     bn: int  # output rows per program
     bb: int  # 256-weight blocks per loop step
     warps: int
-    split: int = 1  # split-K programs per row tile (partials summed by torch)
+    split: int = 1  # split-K programs per row tile (partials summed in the kernel)
     stages: int = 1  # software pipelining depth of the block loop
     words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
     magic: bool = False  # byte kernel: codes to float by bit trick, not int-to-float cvt
@@ -428,11 +447,13 @@ def q4k_gemv_config(n: int, k: int) -> GemvConfig:
 
 # Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the
 # winners per 24B shape on H100 of a 100-config sweep (benchmarks/quant_gpu.py, section
-# words; the half-chunk kernel for the large shapes, the byte kernel for the small ones).
+# words; the half-chunk kernel for the large shapes, the byte kernel for the small ones),
+# plus split-K 2 / 8 / 16 of the half-chunk kernel (more programs in flight on the small
+# shapes, whose 1-warp programs at BN 4 fill only a part of the SMs' warp slots).
 Q4K_GEMV_CANDIDATES = tuple(
     GemvConfig(bn, bb, 1, split=split, half_chunks=True)
     for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
-    for split in (1, 4)
+    for split in (1, 2, 4, 8, 16)
 ) + tuple(
     GemvConfig(bn, bb, warps, words=True, magic=True)
     for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
@@ -460,9 +481,8 @@ def tune_q4k_gemv(
         return triton.testing.do_bench_cudagraph(fn, rep=10) / len(kernels)
 
     best, best_t = q4k_gemv_config(n, k), float("inf")
-    split_useful = k >= 8192
     for cfg in candidates:
-        if cfg.split > 1 and not split_useful:
+        if cfg.split > 1 and k // 256 // cfg.split < 2:  # splits of under 2 blocks per row
             continue
         try:
             t = bench([TritonQ4KMatmul(w, shape, cfg) for w in weights])
@@ -482,30 +502,44 @@ class TritonQ4KMatmul(_TritonMatmul):
         self.out_features, self.in_features = shape
         self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
         self.gemv = gemv or q4k_gemv_config(*shape)
+        # split-K scratch per (device, rows of x): float32 partials (split, m, N) and int32
+        # arrival counters (m, row tiles), made on first use; the kernel leaves the counters
+        # at 0, so eager calls and CUDA-graph replays reuse them without a memset. One
+        # instance serves one stream at a time (as a model's layers do).
+        self._split_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 
     def _gemv_max_m(self) -> int:
         return self.gemv.max_m
+
+    def _scratch(self, device: torch.device, m: int, split: int, tiles: int):
+        """(workspace (>= split, m, N) float32, counters (m * tiles,) int32 zeros)."""
+        key = (device, m)
+        ws_cnt = self._split_scratch.get(key)
+        if ws_cnt is None or ws_cnt[0].shape[0] < split or ws_cnt[1].numel() < m * tiles:
+            ws = torch.empty(split, m, self.out_features, device=device, dtype=torch.float32)
+            ws_cnt = ws, torch.zeros(m * tiles, device=device, dtype=torch.int32)
+            self._split_scratch[key] = ws_cnt
+        return ws_cnt
 
     def _gemv(self, grid, x, y):
         cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
         split = triton.cdiv(nblk, split_blocks)
-        out = y if split == 1 else torch.empty(split, m, self.out_features, device=y.device)
-        grid = (triton.cdiv(self.out_features, cfg.bn), split, m)
+        tiles = triton.cdiv(self.out_features, cfg.bn)
+        ws, cnt = self._scratch(y.device, m, split, tiles) if split > 1 else (y, y)
+        grid = (tiles, split, m)
         if cfg.half_chunks:
             _q4k_gemv_half_chunk_kernel[grid](
-                x, self.wb, self.wi, out, self.out_features, self.in_features, x.stride(0),
-                y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1,
-                STAGES=cfg.stages, num_warps=cfg.warps,
+                x, self.wb, self.wi, y, ws, cnt, self.out_features, self.in_features,
+                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
+                PARTIAL=split > 1, STAGES=cfg.stages, num_warps=cfg.warps,
             )  # fmt: skip
         else:
             _q4k_gemv_kernel[grid](
-                x, self.wb, self.wh, self.wi, out, self.out_features, self.in_features,
+                x, self.wb, self.wh, self.wi, y, ws, cnt, self.out_features, self.in_features,
                 x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1,
                 STAGES=cfg.stages, WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
             )  # fmt: skip
-        if split > 1:
-            y.copy_(out.sum(0))
 
     def _gemm(self, grid, x, y, bm):
         _q4k_gemm_kernel[grid](

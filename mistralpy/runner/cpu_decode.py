@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.quant.isq import CPU_GEMV_MAX_M, QuantizedLinear
 from mistralpy.runner.batch import SeqWork
 
@@ -104,12 +105,10 @@ class FusedCpuDecode:
 def fused_format(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     """The one GGUF format of every text linear and lm_head when the fused step can run this
     model (float32 CPU weights and caches, SiLU MLP, no tensor parallelism), else None."""
-    text = getattr(getattr(model, "config", None), "text_config", None)
-    lm = getattr(model, "language_model", None)
-    if text is None or lm is None or text.hidden_act != "silu":
+    if not isinstance(model, Mistral3ForConditionalGeneration):  # e.g. a test's stand-in
         return None
-    parallel = getattr(model, "parallel", None)
-    if getattr(model, "vocab_parallel", False) or getattr(parallel, "world_size", 1) != 1:
+    text, lm = model.config.text_config, model.language_model
+    if text.hidden_act != "silu" or model.vocab_parallel or model.parallel.world_size != 1:
         return None
     if any(c.dtype != torch.float32 or c.device.type != "cpu" for c in kv_caches):
         return None

@@ -269,6 +269,7 @@ class ModelRunner:
         from mistralpy.runner.cuda_graphs import DecodeGraphs
 
         text = self.model.config.text_config
+        self.cuda_attention.warm_up(self.kv_caches[0], text.num_attention_heads)
         width = min(self.num_blocks, -(-text.max_position_embeddings // self.cfg.block_size))
         graphs = DecodeGraphs(
             self._decode_forward, self.cfg.max_num_seqs, width, self.cfg.block_size, self.device
