@@ -58,9 +58,10 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_TASK = 16  # output rows per prange task: a 512-row layer still splits over threads
 # Each row kernel prefetches the weight bytes this far ahead of its loads (into every cache
-# level): the hardware prefetchers alone kept one core's stream at ~18 GB/s on the `small`
-# preset's q8_0 lm_head, 2-8 KB ahead gave 30-34 GB/s (same process, alternating runs).
-PREFETCH_BYTES = 4096
+# level): with the hardware prefetchers alone the `small` preset's q8_0 lm_head GEMV (2
+# threads) streamed ~18 GB/s; 4 KB ahead 32-35 GB/s, 8 KB 33-39 GB/s, 16 KB no better (same
+# process, alternating runs, Xeon host of 2026-12-05); q4k gained 3% from 4 to 8 KB.
+PREFETCH_BYTES = 8192
 
 # One q8_0 row: nb blocks of 34 bytes (fp16 d, 32 int8 codes; w = d * q). The 32 lanes of
 # %acc each sum d * q * x over the blocks; one horizontal sum at the end of the row.
