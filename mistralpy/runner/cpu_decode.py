@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
+from mistralpy.params import SamplingParams
 from mistralpy.quant.isq import CPU_GEMV_MAX_M, QuantizedLinear
-from mistralpy.runner.batch import SeqWork
+from mistralpy.runner.batch import SampleSpec, SeqWork
 
 FUSED_FORMATS = ("q4k", "q8_0")
 
@@ -73,7 +74,18 @@ class FusedCpuDecode:
         from mistralpy.kernels.cpu_decode import step_function
 
         step = step_function(fmt)
-        return None if step is None else cls(step, model, fmt, kv_caches)
+        if step is None:
+            return None
+        fused = cls(step, model, fmt, kv_caches)
+        fused.compile()
+        return fused
+
+    def compile(self) -> None:
+        """Compile the step now (numba compiles on the first call, ~1-2 s), not in the first
+        request's first decode step: one step for token 0 at position 0 of block 0. The K/V
+        it writes there are harmless: a sequence reads only positions it has written itself."""
+        spec = SampleSpec(SamplingParams(max_tokens=1), [], [], None)
+        self([SeqWork("compile", [0], 0, [0], [], spec)], block_size=1)
 
     def accepts(self, seqs: Sequence[SeqWork]) -> bool:
         """A pure decode step of at most max_rows sequences, each sampling, no image rows."""

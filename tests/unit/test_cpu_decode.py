@@ -123,6 +123,7 @@ def test_runner_routes_decode_steps_through_the_fused_step(fmt):
     rng = random.Random(seed)
     fused, eager = _runner(fmt, seed), _runner(fmt, seed, eager=True)
     assert eager.cpu_decode is None
+    assert fused.cpu_decode._step.signatures  # compiled when built, not in a first request
     counting = fused.cpu_decode = _Counting(fused.cpu_decode)
     prompt = [rng.randrange(3000) for _ in range(rng.randrange(5, 40))]
     ids, tokens = list(prompt), []
