@@ -138,8 +138,9 @@ def step_function(fmt_name: str) -> Callable[..., None] | None:
     rms_norm, rope, attention = kernels.rms_norm, kernels.rope, kernels.attention
 
     # not cached on disk: numba keys a closure's cache on this file only, so a cached step
-    # could call a stale GEMV driver after cpu_gguf changes (compiling takes ~1 s at load)
-    @njit
+    # could call a stale GEMV driver after cpu_gguf changes (compiling takes ~1 s at load).
+    # nogil: the server's event loop thread keeps running while a step computes.
+    @njit(nogil=True)
     def step(
         ids, pos, tables, embed, inv_freq, in_norms, post_norms, final_norm,
         qkv_w, o_w, gate_up_w, down_w, lm_w, caches,
