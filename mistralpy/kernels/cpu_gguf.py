@@ -505,27 +505,43 @@ def _q8_0_vnni_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] 
 def available() -> bool:
     """True when numba imports and the kernel compiles (or loads from cache) and gives the
     right answer on one block whose scale is 0 (fp16 bytes 00 00): y must be 0."""
-    driver = _q8_0_driver()
-    if driver is None:
+    w = np.zeros((1, 34), np.uint8)
+    return _self_check("q8_0", _q8_0_driver(), w, np.ones((1, 32), np.float32), 0.0, 0.0)
+
+
+def _self_check(
+    name: str, driver_fn: Any, w: np.ndarray, x: np.ndarray, expected: float, tol: float
+) -> bool:
+    """Whether `driver_fn` (None without numba) compiles, or loads from numba's cache, and
+    gives y[0, 0] within `tol` of `expected` for one weight row `w` against `x` (1, K)."""
+    if driver_fn is None:
         return False
-    y = np.ones((1, 1), np.float32)
+    y = np.full((1, 1), np.nan, np.float32)
     try:
-        driver(np.zeros((1, 34), np.uint8), np.ones((1, 32), np.float32), y)
-    except Exception as e:  # e.g. a host LLVM cannot target: keep the torch kernels
-        log.warning("numba q8_0 kernel unavailable (%s: %s)", type(e).__name__, e)
+        driver_fn(w, x, y)
+    except Exception as e:  # e.g. a host LLVM cannot target: keep the other kernels
+        log.warning("numba %s kernel unavailable (%s: %s)", name, type(e).__name__, e)
         return False
-    return bool(y[0, 0] == 0.0)
+    return bool(abs(y[0, 0] - expected) <= tol)
+
+
+def _gguf_matmul(driver_fn: Any, w: Tensor, x: Tensor, block_bytes: int, block: int) -> Tensor:
+    """y (M, N) float32 = `driver_fn` over GGUF rows w (N, K / block * block_bytes) uint8 and
+    x (M, K) float (the torch-facing wrapper of every driver here)."""
+    assert driver_fn is not None and w.shape[1] * block == x.shape[1] * block_bytes, (
+        w.shape,
+        x.shape,
+    )
+    xf = x.detach().to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    driver_fn(w.numpy(), xf.numpy(), y.numpy())
+    return y
 
 
 def q8_0_matmul(w: Tensor, x: Tensor) -> Tensor:
     """y = x @ dequant(w).T: w (N, K / 32 * 34) uint8 q8_0 GGUF rows on the CPU, x (M, K)
     float -> (M, N) float32 (see the module doc for the numerics). Needs `available()`."""
-    driver = _q8_0_driver()
-    assert driver is not None and w.shape[1] * 32 == x.shape[1] * 34, (w.shape, x.shape)
-    xf = x.detach().to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    driver(w.numpy(), xf.numpy(), y.numpy())
-    return y
+    return _gguf_matmul(_q8_0_driver(), w, x, 34, 32)
 
 
 _Q4K_FEATURES = ("avx512f", "avx512bw", "avx512vnni")  # the IR's vpdpbusd, byte ops on zmm
@@ -558,23 +574,21 @@ def q4k_available() -> bool:
     from cache) and gives 2 * 256 for one block of weights 2 against activations of ones."""
     if not _host_has(_Q4K_FEATURES):
         return False
-    driver = _q4k_driver()
-    if driver is None:
-        return False
-    y = np.zeros((1, 1), np.float32)
-    try:
-        driver(_q4k_check_block(), np.ones((1, 256), np.float32), y)
-    except Exception as e:  # e.g. a host LLVM cannot target: keep the torch kernels
-        log.warning("numba q4k kernel unavailable (%s: %s)", type(e).__name__, e)
-        return False
-    return bool(abs(y[0, 0] - 512.0) < 1e-3)
+    x = np.ones((1, 256), np.float32)
+    return _self_check("q4k", _q4k_driver(), _q4k_check_block(), x, 512.0, 1e-3)
 
 
 def q8k_round_activations(x: Tensor) -> Tensor:
     """x (M, K) float -> float32 (M, K): the activation `q4k_matmul` actually multiplies, each
     256-block rounded to int8 codes times amax / 127 (the plain-PyTorch reference of the
     kernel's quantizer, same float32 operations; |error| <= about amax / 254 per element)."""
-    xb = x.detach().float().reshape(x.shape[0], -1, 256)
+    return _round_activations(x, 256)
+
+
+def _round_activations(x: Tensor, block: int) -> Tensor:
+    """x (M, K) float -> float32 (M, K), each `block` of a row rounded to int8 codes times
+    amax / 127, with the float32 operations of the kernels' quantizers."""
+    xb = x.detach().float().reshape(x.shape[0], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, 0.0)
     return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
@@ -584,12 +598,7 @@ def q4k_matmul(w: Tensor, x: Tensor) -> Tensor:
     """y = x8 @ dequant(w).T: w (N, K / 256 * 144) uint8 q4_K GGUF rows on the CPU, x (M, K)
     float -> (M, N) float32, with x8 = `q8k_round_activations(x)` (see the module doc for
     the numerics). Needs `q4k_available()`."""
-    driver = _q4k_driver()
-    assert driver is not None and w.shape[1] * 256 == x.shape[1] * 144, (w.shape, x.shape)
-    xf = x.detach().to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    driver(w.numpy(), xf.numpy(), y.numpy())
-    return y
+    return _gguf_matmul(_q4k_driver(), w, x, 144, 256)
 
 
 _Q8_0_VNNI_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")  # vpdpbusd on ymm
@@ -601,64 +610,50 @@ def q8_0_vnni_available() -> bool:
     compiles and gives 32 * 2 * 3 = 192 for one block of weights 2 (d = 1) against x = 3."""
     if not _host_has(_Q8_0_VNNI_FEATURES):
         return False
-    driver_fn = _q8_0_vnni_driver()
-    if driver_fn is None:
-        return False
     block = np.zeros((1, 34), np.uint8)
     block[0, 0:2] = (0x00, 0x3C)  # fp16 1.0
     block[0, 2:] = 2
-    y = np.zeros((1, 1), np.float32)
-    try:
-        driver_fn(block, np.full((1, 32), 3.0, np.float32), y)
-    except Exception as e:  # e.g. a host LLVM cannot target: keep the float kernel
-        log.warning("numba q8_0 VNNI kernel unavailable (%s: %s)", type(e).__name__, e)
-        return False
-    return bool(abs(y[0, 0] - 192.0) < 1e-3)
+    x = np.full((1, 32), 3.0, np.float32)
+    return _self_check("q8_0 VNNI", _q8_0_vnni_driver(), block, x, 192.0, 1e-3)
 
 
 def q8_0_round_activations(x: Tensor) -> Tensor:
     """x (M, K) float -> float32 (M, K): the activation `q8_0_vnni_matmul` multiplies, each
     32-block rounded to int8 codes times amax / 127 (GGML's q8_0 activation rounding; the same
     float32 operations as the kernel)."""
-    xb = x.detach().float().reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
-    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
+    return _round_activations(x, 32)
 
 
 def q8_0_vnni_matmul(w: Tensor, x: Tensor) -> Tensor:
     """y = x8 @ dequant(w).T: w (N, K / 32 * 34) uint8 q8_0 GGUF rows on the CPU, x (M, K)
     float -> (M, N) float32, with x8 = `q8_0_round_activations(x)`: int8 x int8 products
     summed exactly in int32 per block, then scaled by d * dx. Needs `q8_0_vnni_available()`."""
-    driver_fn = _q8_0_vnni_driver()
-    assert driver_fn is not None and w.shape[1] * 32 == x.shape[1] * 34, (w.shape, x.shape)
-    xf = x.detach().to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    driver_fn(w.numpy(), xf.numpy(), y.numpy())
-    return y
+    return _gguf_matmul(_q8_0_vnni_driver(), w, x, 34, 32)
+
+
+def _kernel(fmt_name: str) -> tuple[Callable, Callable] | None:
+    """(numba driver, torch-facing matmul) this host runs for GGUF format `fmt_name`, or None.
+    q8_0 takes the int8 VNNI kernel where the host has it (2x less time per weight than
+    float activations)."""
+    if fmt_name == "q8_0" and q8_0_vnni_available():
+        return _q8_0_vnni_driver(), q8_0_vnni_matmul
+    if fmt_name == "q8_0" and available():
+        return _q8_0_driver(), q8_0_matmul
+    if fmt_name == "q4k" and q4k_available():
+        return _q4k_driver(), q4k_matmul
+    return None
 
 
 def gemv(fmt_name: str) -> Callable[[Tensor, Tensor], Tensor] | None:
     """The decode kernel (w_bytes, x) -> y for GGUF format `fmt_name` when this host can run
-    one (compiling it now, or loading it from numba's cache), else None. q8_0 takes the int8
-    VNNI kernel where the host has it (2x less time per weight than float activations)."""
-    if fmt_name == "q8_0" and q8_0_vnni_available():
-        return q8_0_vnni_matmul
-    if fmt_name == "q8_0" and available():
-        return q8_0_matmul
-    if fmt_name == "q4k" and q4k_available():
-        return q4k_matmul
-    return None
+    one (compiling it now, or loading it from numba's cache), else None."""
+    kernel = _kernel(fmt_name)
+    return None if kernel is None else kernel[1]
 
 
 def driver(fmt_name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
     """The compiled numba driver(w, x, y) behind `gemv(fmt_name)`, y = x @ dequant(w).T on
     numpy arrays (callable from other numba code, e.g. `cpu_decode`), or None where `gemv`
     would be None."""
-    if fmt_name == "q8_0" and q8_0_vnni_available():
-        return _q8_0_vnni_driver()
-    if fmt_name == "q8_0" and available():
-        return _q8_0_driver()
-    if fmt_name == "q4k" and q4k_available():
-        return _q4k_driver()
-    return None
+    kernel = _kernel(fmt_name)
+    return None if kernel is None else kernel[0]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mistralpy.model.layers import rope_inv_freq
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.params import SamplingParams
 from mistralpy.quant.isq import CPU_GEMV_MAX_M, QuantizedLinear
@@ -38,10 +39,8 @@ class FusedCpuDecode:
         self.fmt = fmt
         self._step = step
         self._embed = lm.embed_tokens.weight.detach().numpy()
-        inv_freq = 1.0 / (
-            text.rope_theta ** (torch.arange(0, text.head_dim, 2).float() / text.head_dim)
-        )  # as layers.rope_inv_freq computes it
-        self._inv_freq = inv_freq.numpy()
+        cpu = torch.device("cpu")
+        self._inv_freq = rope_inv_freq(text.rope_theta, text.head_dim, cpu).numpy()
         self._in_norms = _stack([ly.input_layernorm.weight for ly in layers])
         self._post_norms = _stack([ly.post_attention_layernorm.weight for ly in layers])
         self._final_norm = lm.norm.weight.detach().numpy()
