@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -57,11 +58,42 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 ROWS_PER_TASK = 16  # output rows per prange task: a 512-row layer still splits over threads
-# Each row kernel prefetches the weight bytes this far ahead of its loads (into every cache
-# level): with the hardware prefetchers alone the `small` preset's q8_0 lm_head GEMV (2
-# threads) streamed ~18 GB/s; 4 KB ahead 32-35 GB/s, 8 KB 33-39 GB/s, 16 KB no better (same
-# process, alternating runs, Xeon host of 2026-12-05); q4k gained 3% from 4 to 8 KB.
-PREFETCH_BYTES = 8192
+# Each row kernel prefetches the weight bytes it will read, twice: PREFETCH_FAR_BYTES ahead into
+# L2 (prefetcht1) and PREFETCH_NEAR_BYTES ahead into L1 (prefetcht0). A decode step reads more
+# weight bytes than the last-level cache keeps, so most come from DRAM; the far L2 prefetch
+# keeps many more line requests in flight than L1's few fill buffers allow. On the `small`
+# preset's q8_0 weights (32 layer GEMVs + lm_head, 102 MB, back to back, 2 threads, Xeon host
+# of 2026-12-05): one prefetcht0 8 KB ahead 3.7-4.3 ms, prefetcht1 8 KB ahead 2.9-3.6 ms, both
+# (8 KB into L2, 1 KB into L1) 2.6-2.7 ms; no software prefetch 5.8 ms. Far 4 or 16 KB and
+# near 512 B or 2 KB were no better.
+PREFETCH_FAR_BYTES = 8192
+PREFETCH_NEAR_BYTES = 1024
+
+
+def _expand_prefetch(ir_text: str) -> str:
+    """`ir_text` with each line `PREFETCH(%ptr: off off ...)` replaced by IR prefetching the
+    bytes at %ptr + off for each offset, far into L2 and near into L1 (see
+    PREFETCH_FAR_BYTES); the constants are read now, when a kernel is compiled."""
+
+    def expand(match: re.Match) -> str:
+        return _prefetch_ir(match[1], tuple(int(o) for o in match[2].split()))
+
+    return re.sub(r"^PREFETCH\((%\w+): ([\d ]+)\)$", expand, ir_text, flags=re.M)
+
+
+def _prefetch_ir(ptr: str, line_offsets: tuple[int, ...]) -> str:
+    lines = []
+    tag = ptr.lstrip("%")
+    for i, off in enumerate(line_offsets):
+        for dist, level, kind in (
+            (PREFETCH_FAR_BYTES, 2, "far"),
+            (PREFETCH_NEAR_BYTES, 3, "near"),
+        ):
+            name = f"%pf_{tag}_{kind}{i}"
+            lines.append(f"  {name} = getelementptr i8, ptr {ptr}, i64 {dist + off}")
+            lines.append(f"  call void @llvm.prefetch.p0(ptr {name}, i32 0, i32 {level}, i32 1)")
+    return "\n".join(lines)
+
 
 # One q8_0 row: nb blocks of 34 bytes (fp16 d, 32 int8 codes; w = d * q). The 32 lanes of
 # %acc each sum d * q * x over the blocks; one horizontal sum at the end of the row.
@@ -76,8 +108,7 @@ loop:
   %acc = phi <32 x float> [zeroinitializer, %entry], [%acc1, %loop]
   %off = mul i64 %b, 34
   %dp = getelementptr i8, ptr %row, i64 %off
-  %pf = getelementptr i8, ptr %dp, i64 PREFETCH_AHEAD
-  call void @llvm.prefetch.p0(ptr %pf, i32 0, i32 3, i32 1)
+PREFETCH(%dp: 0)
   %dh = load half, ptr %dp, align 1
   %d = fpext half %dh to float
   %qp = getelementptr i8, ptr %dp, i64 2
@@ -100,13 +131,14 @@ exit:
 declare <32 x float> @llvm.fma.v32f32(<32 x float>, <32 x float>, <32 x float>)
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 declare float @llvm.vector.reduce.fadd.v32f32(float, <32 x float>)
-""".replace("PREFETCH_AHEAD", str(PREFETCH_BYTES))
+"""
 
 
-def _row_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
+def ir_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
     """numba intrinsic name(i64 x nargs) -> float32 calling the IR function `name` in
-    `ir_text`, which is compiled as its own library and linked into each caller (numba marks
-    it linkonce_odr there, so LLVM may inline it into the driver loop)."""
+    `ir_text` (3 to 6 integer or address arguments), which is compiled as its own library and
+    linked into each caller (numba marks it linkonce_odr there, so LLVM may inline it into the
+    driver loop). `PREFETCH(...)` lines in the text are expanded first (`_expand_prefetch`)."""
     import llvmlite.binding as llvm
     from llvmlite import ir
     from numba.core import types
@@ -114,7 +146,7 @@ def _row_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
 
     def codegen(context, builder, signature, args):
         lib = context.codegen().create_library(name)
-        lib.add_llvm_module(llvm.parse_assembly(ir_text))
+        lib.add_llvm_module(llvm.parse_assembly(_expand_prefetch(ir_text)))
         context.active_code_library.add_linking_library(lib)
         fnty = ir.FunctionType(ir.FloatType(), [ir.IntType(64)] * nargs)
         fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
@@ -124,7 +156,9 @@ def _row_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
     # numba types an intrinsic through its Python signature: one named argument per operand.
     typers = {
         3: lambda typingctx, a, b, c: (sig, codegen),
+        4: lambda typingctx, a, b, c, d: (sig, codegen),
         5: lambda typingctx, a, b, c, d, e: (sig, codegen),
+        6: lambda typingctx, a, b, c, d, e, f: (sig, codegen),
     }
     return intrinsic(typers[nargs])
 
@@ -137,7 +171,7 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
         from numba import njit, prange
     except ImportError:
         return None
-    q8_0_row = _row_intrinsic("mistralpy_q8_0_row", _Q8_0_ROW_IR, 3)
+    q8_0_row = ir_intrinsic("mistralpy_q8_0_row", _Q8_0_ROW_IR, 3)
 
     @njit(parallel=True, cache=True)
     def q8_0(w, x, y):  # pragma: no cover - compiled
@@ -178,8 +212,7 @@ pairs:
   %off = mul i64 %b, 34
   %p0 = getelementptr i8, ptr %row, i64 %off
   %p1 = getelementptr i8, ptr %p0, i64 34
-  %pf = getelementptr i8, ptr %p0, i64 PREFETCH_AHEAD
-  call void @llvm.prefetch.p0(ptr %pf, i32 0, i32 3, i32 1)
+PREFETCH(%p0: 0)
   %dh0 = load half, ptr %p0, align 1
   %d0 = fpext half %dh0 to float
   %dh1 = load half, ptr %p1, align 1
@@ -259,7 +292,7 @@ declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 declare float @llvm.fma.f32(float, float, float)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
 declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
-""".replace("PREFETCH_AHEAD", str(PREFETCH_BYTES))
+"""
 
 
 # One q4_K row against q8_K-style activations (AVX-512 VNNI). Per super-block of 256 weights
@@ -285,12 +318,7 @@ loop:
   %accm = phi <8 x float> [zeroinitializer, %entry], [%accm1, %loop]
   %off = mul i64 %b, 144
   %p = getelementptr i8, ptr %row, i64 %off
-  %pf0 = getelementptr i8, ptr %p, i64 PREFETCH_AHEAD
-  call void @llvm.prefetch.p0(ptr %pf0, i32 0, i32 3, i32 1)
-  %pf1 = getelementptr i8, ptr %pf0, i64 64
-  call void @llvm.prefetch.p0(ptr %pf1, i32 0, i32 3, i32 1)
-  %pf2 = getelementptr i8, ptr %pf0, i64 128
-  call void @llvm.prefetch.p0(ptr %pf2, i32 0, i32 3, i32 1)
+PREFETCH(%p: 0 64 128)
   %dh = load half, ptr %p, align 1
   %d = fpext half %dh to float
   %pm = getelementptr i8, ptr %p, i64 2
@@ -390,7 +418,7 @@ declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
-""".replace("PREFETCH_AHEAD", str(PREFETCH_BYTES))
+"""
 
 # Sub-block order of the activation codes within a 256-block (see _Q4K_ROW_IR).
 _Q4K_X_ORDER = (0, 2, 1, 3, 4, 6, 5, 7)
@@ -405,7 +433,7 @@ def _int8_activation_driver(
     scales, sums, K / block)` dots one GGUF weight row with one such activation row."""
     from numba import njit, prange
 
-    row_fn = _row_intrinsic(row_name, row_ir, 5)
+    row_fn = ir_intrinsic(row_name, row_ir, 5)
 
     @njit(parallel=True, cache=True)
     def driver_fn(w, x, y):  # pragma: no cover - compiled

@@ -121,7 +121,10 @@ def fused_format(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     text, lm = model.config.text_config, model.language_model
     if text.hidden_act != "silu" or model.vocab_parallel or model.parallel.world_size != 1:
         return None
-    if any(c.dtype != torch.float32 or c.device.type != "cpu" for c in kv_caches):
+    if any(
+        c.dtype != torch.float32 or c.device.type != "cpu" or not c.is_contiguous()
+        for c in kv_caches
+    ):  # the step's attention reads K/V rows through raw addresses
         return None
     floats = [lm.embed_tokens.weight, lm.norm.weight]
     linears = [model.lm_head]

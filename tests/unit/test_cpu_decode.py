@@ -27,8 +27,10 @@ FORMATS = [
 ]
 
 
-def _config(layers: int = 2):
-    """Real-architecture config with small, block-aligned shapes (K multiples of 256)."""
+def _config(layers: int = 2, heads: int = 8):
+    """Real-architecture config with small, block-aligned shapes (K multiples of 256); 8 query
+    heads of 32 on 2 KV heads take `attention4` (4 per KV head, as the real model), 4 heads
+    of 64 the generic attention; heads * head_dim stays 256 (q4k's block)."""
     cfg = mistral_small_3_1_config()
     text = dataclasses.replace(
         cfg.text_config,
@@ -36,15 +38,16 @@ def _config(layers: int = 2):
         hidden_size=256,
         intermediate_size=768,
         num_hidden_layers=layers,
-        num_attention_heads=8,
+        num_attention_heads=heads,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=256 // heads,
     )
     return dataclasses.replace(cfg, text_config=text)
 
 
-def _runner(fmt: str, seed: int, eager: bool = False) -> ModelRunner:
-    model = load_dummy_model(_config(), torch.float32, "cpu", isq=fmt, seed=seed).eval()
+def _runner(fmt: str, seed: int, eager: bool = False, heads: int = 8) -> ModelRunner:
+    cfg = _config(heads=heads)
+    model = load_dummy_model(cfg, torch.float32, "cpu", isq=fmt, seed=seed).eval()
     gen = torch.Generator().manual_seed(seed)
     lm = model.language_model
     with torch.no_grad():  # O(1) activations and non-trivial norm weights
@@ -68,10 +71,12 @@ def _torch_logits(runner: ModelRunner, seqs: list[SeqWork]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("seed", fresh_seeds(2, "cpu-decode"))
-def test_fused_decode_equals_layer_by_layer(fmt, seed):
+@pytest.mark.parametrize(
+    "seed,heads", [(s, h) for s, h in zip(fresh_seeds(3, "cpu-decode"), (8, 8, 4))]
+)
+def test_fused_decode_equals_layer_by_layer(fmt, seed, heads):
     rng = random.Random(seed)
-    runner = _runner(fmt, seed)
+    runner = _runner(fmt, seed, heads=heads)
     assert runner.cpu_decode is not None and runner.cpu_decode.fmt == fmt
     # two sequences with prompts in scattered (non-consecutive) blocks
     blocks = list(range(64))
@@ -152,3 +157,49 @@ def test_fused_format_needs_one_gguf_format_and_float32():
         assert FusedCpuDecode.build(q8, caches) is None
     q4_0 = load_dummy_model(_config(1), torch.float32, "cpu", isq="q4_0")
     assert fused_format(q4_0, caches) is None  # no fused GEMV for this format
+
+
+def _attention_reference(qkv, cache, tables, pos, n_heads, n_kv, d, scale):
+    """Decode attention in float64 numpy, K/V gathered through the block tables."""
+    import numpy as np
+
+    bs = cache.shape[2]
+    out = np.zeros((qkv.shape[0], n_heads * d))
+    for i in range(qkv.shape[0]):
+        ctx = int(pos[i]) + 1
+        slots = [(tables[i, t // bs], t % bs) for t in range(ctx)]
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv)
+            k = np.array([cache[0, b, o, g] for b, o in slots], np.float64)
+            v = np.array([cache[1, b, o, g] for b, o in slots], np.float64)
+            s = k @ qkv[i, h * d : (h + 1) * d].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[i, h * d : (h + 1) * d] = (p / p.sum()) @ v
+    return out
+
+
+@pytest.mark.skipif(not cpu_gguf.available(), reason="no numba")
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_group4_attention_equals_reference(d):
+    """attention4 (IR block kernels, next block prefetched) and the generic attention against
+    float64 numpy, with scattered block tables and contexts on and around block edges."""
+    import numpy as np
+
+    from mistralpy.kernels.cpu_decode import fits_attention4, layer_kernels
+
+    seed = fresh_seeds(1, f"attention4-{d}")[0]
+    rng = np.random.default_rng(seed)
+    kernels = layer_kernels()
+    n_kv, n_heads, n_blocks = 2, 8, 48
+    assert fits_attention4(n_heads, n_kv, d) and not fits_attention4(4, n_kv, d)
+    cache = rng.standard_normal((2, n_blocks, BLOCK, n_kv, d), dtype=np.float32) * 2
+    tables = np.stack([rng.permutation(n_blocks) for _ in range(2)]).astype(np.int32)
+    scale = d**-0.5
+    for ctx in (1, BLOCK - 1, BLOCK, BLOCK + 1, int(rng.integers(2, n_blocks * BLOCK))):
+        pos = np.array([ctx - 1, int(rng.integers(0, ctx))])
+        qkv = rng.standard_normal((2, (n_heads + 2 * n_kv) * d), dtype=np.float32) * 2
+        ref = _attention_reference(qkv, cache, tables, pos, n_heads, n_kv, d, scale)
+        for kernel in (kernels.attention4, kernels.attention):
+            out = np.full((2, n_heads * d), np.nan, np.float32)
+            kernel(qkv, cache, tables, pos, n_heads, n_kv, d, scale, out)
+            np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
