@@ -239,6 +239,140 @@ declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 """
 
 
+def _f32(value: float) -> str:
+    """An LLVM IR float constant: the double spelling of `value` rounded to float32."""
+    import struct
+
+    (rounded,) = struct.unpack("f", struct.pack("f", value))
+    (bits,) = struct.unpack("<Q", struct.pack("<d", rounded))
+    return f"0x{bits:016X}"
+
+
+def _softmax4_ir() -> str:
+    """IR of mistralpy_softmax4 (see _SOFTMAX4_IR)."""
+    f16, f4 = "<16 x float>", "<4 x float>"
+
+    def splat(value: float) -> str:
+        return f"splat (float {_f32(value)})"
+
+    def lanes4(src: str, dst: str, op: str) -> list[str]:
+        """`dst` = <4 x float> combining the 4 positions' lanes of `src` (16) per head with
+        `op` ("max" or "add")."""
+
+        def combine(n: int, a: str, b: str) -> str:
+            t = f"<{n} x float>"
+            if op == "max":
+                return f"call {t} @llvm.maxnum.v{n}f32({t} {a}, {t} {b})"
+            return f"fadd {t} {a}, {b}"
+
+        f8 = "<8 x float>"
+        return [
+            f"  {dst}a = shufflevector {f16} {src}, {f16} poison, {_mask(list(range(8)))}",
+            f"  {dst}b = shufflevector {f16} {src}, {f16} poison, {_mask(list(range(8, 16)))}",
+            f"  {dst}c = {combine(8, f'{dst}a', f'{dst}b')}",
+            f"  {dst}d = shufflevector {f8} {dst}c, {f8} poison, {_mask([0, 1, 2, 3])}",
+            f"  {dst}e = shufflevector {f8} {dst}c, {f8} poison, {_mask([4, 5, 6, 7])}",
+            f"  {dst} = {combine(4, f'{dst}d', f'{dst}e')}",
+        ]
+
+    rep4 = _mask([0, 1, 2, 3] * 4)
+    # exp(x) for x <= 0 (Cephes expf): x clamped at -87.34 (results below are under 2^-126,
+    # nothing next to a softmax's largest term 1), n = round(x / ln 2), r = x - n ln 2 in two
+    # parts, exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
+    poly = [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+            1.6666665459e-1, 5.0000001201e-1]  # fmt: skip
+    exp_lines = [
+        f"  %low = fcmp olt {f16} %xs, {splat(-87.3365447505531)}",  # false for NaN: kept
+        f"  %xc = select <16 x i1> %low, {f16} {splat(-87.3365447505531)}, {f16} %xs",
+        f"  %nf0 = fmul {f16} %xc, {splat(1.44269504088896341)}",
+        f"  %nf = call {f16} @llvm.rint.v16f32({f16} %nf0)",
+        f"  %r0 = call {f16} @llvm.fma.v16f32({f16} %nf, {f16} {splat(-0.693359375)}, {f16} %xc)",
+        f"  %r = call {f16} @llvm.fma.v16f32({f16} %nf, {f16} {splat(2.12194440e-4)}, {f16} %r0)",
+        f"  %r2 = fmul {f16} %r, %r",
+    ]
+    prev = splat(poly[0])
+    for i, c in enumerate(poly[1:], 1):
+        exp_lines.append(
+            f"  %y{i} = call {f16} @llvm.fma.v16f32({f16} {prev}, {f16} %r, {f16} {splat(c)})"
+        )
+        prev = f"%y{i}"
+    last = len(poly) - 1
+    exp_lines += [
+        f"  %ya = call {f16} @llvm.fma.v16f32({f16} %y{last}, {f16} %r2, {f16} %r)",
+        f"  %yb = fadd {f16} %ya, {splat(1.0)}",
+        "  %ni = fptosi <16 x float> %nf to <16 x i32>",
+        "  %nb = add <16 x i32> %ni, splat (i32 127)",
+        "  %nbits = shl <16 x i32> %nb, splat (i32 23)",
+        f"  %pow = bitcast <16 x i32> %nbits to {f16}",
+        f"  %e = fmul {f16} %yb, %pow",
+    ]
+    lines = [
+        "define float @mistralpy_softmax4(i64 %sa, i64 %nq, i64 %unused0, i64 %unused1) {",
+        "entry:",
+        "  %s = inttoptr i64 %sa to ptr",
+        "  br label %maxl",
+        "maxl:",
+        "  %i = phi i64 [0, %entry], [%i1, %maxl]",
+        f"  %m = phi {f16} [{splat(float('-inf'))}, %entry], [%m1, %maxl]",
+        "  %io = mul i64 %i, 16",
+        "  %ip = getelementptr float, ptr %s, i64 %io",
+        f"  %xv = load {f16}, ptr %ip, align 4",
+        f"  %m1 = call {f16} @llvm.maxnum.v16f32({f16} %m, {f16} %xv)",
+        "  %i1 = add i64 %i, 1",
+        "  %id = icmp eq i64 %i1, %nq",
+        "  br i1 %id, label %maxdone, label %maxl",
+        "maxdone:",
+        *lanes4("%m1", "%best", "max"),
+        f"  %best16 = shufflevector {f4} %best, {f4} poison, {rep4}",
+        "  br label %expl",
+        "expl:",
+        "  %j = phi i64 [0, %maxdone], [%j1, %expl]",
+        f"  %acc = phi {f16} [zeroinitializer, %maxdone], [%acc1, %expl]",
+        "  %jo = mul i64 %j, 16",
+        "  %jp = getelementptr float, ptr %s, i64 %jo",
+        f"  %xj = load {f16}, ptr %jp, align 4",
+        f"  %xs = fsub {f16} %xj, %best16",
+        *exp_lines,
+        f"  store {f16} %e, ptr %jp, align 4",
+        f"  %acc1 = fadd {f16} %acc, %e",
+        "  %j1 = add i64 %j, 1",
+        "  %jd = icmp eq i64 %j1, %nq",
+        "  br i1 %jd, label %expdone, label %expl",
+        "expdone:",
+        *lanes4("%acc1", "%tot", "add"),
+        f"  %inv = fdiv {f4} {splat(1.0)}, %tot",
+        f"  %inv16 = shufflevector {f4} %inv, {f4} poison, {rep4}",
+        "  br label %scl",
+        "scl:",
+        "  %k = phi i64 [0, %expdone], [%k1, %scl]",
+        "  %ko = mul i64 %k, 16",
+        "  %kp = getelementptr float, ptr %s, i64 %ko",
+        f"  %xk = load {f16}, ptr %kp, align 4",
+        f"  %pk = fmul {f16} %xk, %inv16",
+        f"  store {f16} %pk, ptr %kp, align 4",
+        "  %k1 = add i64 %k, 1",
+        "  %kd = icmp eq i64 %k1, %nq",
+        "  br i1 %kd, label %exit, label %scl",
+        "exit:",
+        "  ret float 0.0",
+        "}",
+        f"declare {f16} @llvm.fma.v16f32({f16}, {f16}, {f16})",
+        f"declare {f16} @llvm.maxnum.v16f32({f16}, {f16})",
+        "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)",
+        f"declare {f4} @llvm.maxnum.v4f32({f4}, {f4})",
+        f"declare {f16} @llvm.rint.v16f32({f16})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Softmax in place over the scores of 4 heads, position-major ([t * 4 + head], as _QK4_IR
+# writes them), %nq vectors of 4 positions: per-head maximum, exp(score - max) (a vectorized
+# Cephes expf; probabilities within ~1e-6 relative of float64, tests bound it), sum, scale by
+# 1 / sum. Positions past the context
+# in the last vector must hold -inf (they come out as ~0).
+_SOFTMAX4_IR = _softmax4_ir()
+
+
 def fits_attention4(n_heads: int, n_kv: int, d: int) -> bool:
     """Whether `attention4` serves these head counts (Mistral Small 3.1: 32 / 8 heads of 128)."""
     return n_heads == 4 * n_kv and d % 32 == 0
@@ -334,6 +468,7 @@ def layer_kernels() -> SimpleNamespace | None:
     qk4 = cpu_gguf.ir_intrinsic("mistralpy_attn_qk4", _QK4_IR, 6)
     pv4 = cpu_gguf.ir_intrinsic("mistralpy_attn_pv4", _PV4_IR, 6)
     prefetch_rows = cpu_gguf.ir_intrinsic("mistralpy_prefetch_rows", _PREFETCH_ROWS_IR, 4)
+    softmax4 = cpu_gguf.ir_intrinsic("mistralpy_softmax4", _SOFTMAX4_IR, 4)
 
     @njit(parallel=True, cache=True, fastmath=_REASSOC)
     def attention4(qkv, cache, tables, pos, n_heads, n_kv, d, scale, out):  # pragma: no cover
@@ -358,7 +493,8 @@ def layer_kernels() -> SimpleNamespace | None:
             for r in range(4):
                 for j in range(d):
                     qs[r * d + j] = qkv[i, (g * 4 + r) * d + j] * np.float32(scale)
-            scores = np.empty(nblk * bs * 4, np.float32)  # position-major: [t * 4 + head]
+            # position-major ([t * 4 + head]), room for a last partial vector of 4
+            scores = np.empty((nblk * bs + 3) * 4, np.float32)
             k_head = cache.ctypes.data + g * d * 4
             prefetch_rows(k_head + tables[i, 0] * block_bytes, min(bs, ctx), row_bytes, lines)
             for bi in range(nblk):
@@ -370,18 +506,10 @@ def layer_kernels() -> SimpleNamespace | None:
                 qk4(k_blk, qs.ctypes.data, scores.ctypes.data + bi * bs * 16, n, row_bytes, nc)
             v_head = v_base + g * d * 4
             prefetch_rows(v_head + tables[i, 0] * block_bytes, min(bs, ctx), row_bytes, lines)
-            for r in range(4):
-                best = scores[r]
-                for t in range(1, ctx):
-                    best = max(best, scores[t * 4 + r])
-                total = np.float32(0.0)
-                for t in range(ctx):
-                    e = np.exp(scores[t * 4 + r] - best)
-                    scores[t * 4 + r] = e
-                    total += e
-                inv = np.float32(1.0) / total
-                for t in range(ctx):
-                    scores[t * 4 + r] *= inv
+            nq = (ctx + 3) // 4  # softmax4 works on 4 positions at a time
+            for t in range(ctx * 4, nq * 16):
+                scores[t] = -np.inf
+            softmax4(scores.ctypes.data, nq, 0, 0)
             acc = np.zeros(4 * d, np.float32)
             for bi in range(nblk):
                 if bi + 1 < nblk:

@@ -63,6 +63,7 @@ class FusedCpuDecode:
             float(text.head_dim**-0.5),
         )
         self.vocab_size = text.vocab_size
+        self._logits: dict[int, np.ndarray] = {}
 
     @classmethod
     def build(cls, model: Any, kv_caches: list[torch.Tensor]) -> FusedCpuDecode | None:
@@ -93,7 +94,8 @@ class FusedCpuDecode:
         )
 
     def __call__(self, seqs: Sequence[SeqWork], block_size: int) -> torch.Tensor:
-        """Logits (len(seqs), vocab) float32 of the step; writes each row's K/V at its position."""
+        """Logits (len(seqs), vocab) float32 of the step, valid until the next call (the runner
+        samples from them at once); writes each row's K/V at its position."""
         m = len(seqs)
         ids = np.array([s.token_ids[0] for s in seqs], np.int64)
         pos = np.array([s.start_pos for s in seqs], np.int64)
@@ -104,7 +106,10 @@ class FusedCpuDecode:
             tables[i, : len(s.block_table)] = s.block_table
         if ids.min() < 0 or ids.max() >= self._embed.shape[0]:
             raise ValueError("token id outside the vocabulary")
-        logits = np.empty((m, self._lm.shape[0]), np.float32)
+        logits = self._logits.get(m)
+        if logits is None:  # one buffer per row count, reused: a fresh 512 KB+ array per step
+            # comes from new pages the kernel must fault in and zero (~0.1 ms a step)
+            logits = self._logits[m] = np.empty((m, self._lm.shape[0]), np.float32)
         self._step(
             ids, pos, tables, self._embed, self._inv_freq, self._in_norms, self._post_norms,
             self._final_norm, self._qkv, self._o, self._gate_up, self._down, self._lm,

@@ -181,8 +181,9 @@ def _attention_reference(qkv, cache, tables, pos, n_heads, n_kv, d, scale):
 @pytest.mark.skipif(not cpu_gguf.available(), reason="no numba")
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_group4_attention_equals_reference(d):
-    """attention4 (IR block kernels, next block prefetched) and the generic attention against
-    float64 numpy, with scattered block tables and contexts on and around block edges."""
+    """attention4 (IR block kernels, vectorized exp, next block prefetched) and the generic
+    attention against float64 numpy, with scattered block tables and contexts on and around
+    block edges."""
     import numpy as np
 
     from mistralpy.kernels.cpu_decode import fits_attention4, layer_kernels
@@ -195,11 +196,50 @@ def test_group4_attention_equals_reference(d):
     cache = rng.standard_normal((2, n_blocks, BLOCK, n_kv, d), dtype=np.float32) * 2
     tables = np.stack([rng.permutation(n_blocks) for _ in range(2)]).astype(np.int32)
     scale = d**-0.5
-    for ctx in (1, BLOCK - 1, BLOCK, BLOCK + 1, int(rng.integers(2, n_blocks * BLOCK))):
+    contexts = (1, BLOCK - 1, BLOCK, BLOCK + 1, int(rng.integers(2, n_blocks * BLOCK)))
+    # query scale 40: scores spread over hundreds, most probabilities underflow (exp clamping)
+    for ctx, q_scale in [(c, 2.0) for c in contexts] + [(contexts[-1], 40.0)]:
         pos = np.array([ctx - 1, int(rng.integers(0, ctx))])
-        qkv = rng.standard_normal((2, (n_heads + 2 * n_kv) * d), dtype=np.float32) * 2
+        qkv = rng.standard_normal((2, (n_heads + 2 * n_kv) * d), dtype=np.float32) * q_scale
         ref = _attention_reference(qkv, cache, tables, pos, n_heads, n_kv, d, scale)
         for kernel in (kernels.attention4, kernels.attention):
             out = np.full((2, n_heads * d), np.nan, np.float32)
             kernel(qkv, cache, tables, pos, n_heads, n_kv, d, scale, out)
             np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not cpu_gguf.available(), reason="no numba")
+def test_softmax4_matches_float64():
+    """The IR softmax of attention4 (4 heads interleaved, vectorized exp) against numpy in
+    float64, for short and odd lengths (-inf padding) and score spreads up to 300."""
+    import numba
+    import numpy as np
+
+    from mistralpy.kernels.cpu_decode import _SOFTMAX4_IR
+
+    softmax4 = cpu_gguf.ir_intrinsic("mistralpy_softmax4", _SOFTMAX4_IR, 4)
+
+    @numba.njit
+    def run(scores, nq):  # pragma: no cover - compiled
+        softmax4(scores.ctypes.data, nq, 0, 0)
+
+    rng = np.random.default_rng(fresh_seeds(1, "softmax4")[0])
+    for spread in (0.5, 3.0, 100.0):
+        for n in (1, 3, 4, 5, 64, int(rng.integers(100, 400))):
+            x = (rng.standard_normal(n * 4) * spread).astype(np.float32)
+            nq = (n + 3) // 4
+            scores = np.full(nq * 16, -np.inf, np.float32)
+            scores[: n * 4] = x
+            run(scores, nq)
+            xr = x.reshape(n, 4).astype(np.float64)
+            ref = np.exp(xr - xr.max(0))
+            ref /= ref.sum(0)
+            got = scores[: n * 4].reshape(n, 4)
+            assert np.abs(got - ref).max() < 1e-6
+            if spread < 5:  # inputs exact in float32: the error is the kernel's own
+                np.testing.assert_allclose(got, ref, rtol=4e-6)
+            assert np.all(scores[n * 4 :] < 1e-37)  # padding: ~0, never NaN
+    scores = np.zeros(16, np.float32)
+    scores[4] = np.nan  # head 0 of position 1
+    run(scores, 1)
+    assert np.isnan(scores[0::4]).all() and np.isfinite(scores[1::4]).all()  # NaN stays NaN
