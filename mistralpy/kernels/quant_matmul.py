@@ -15,8 +15,12 @@ Paths (all compute y (M, N) in x.dtype from x (M, K)):
   error ~2^-9 per term, far below the quantization error itself). The bf16 kernel is the
   only fast one in torch's CPU int4 family (its fp32/fp16 variants are ~50x slower).
 - `SmallBatchMatmul`: one kernel for batches of at most `max_m` rows (decode), another for
-  larger ones; on the CPU q8_0 and q4k pair the numba GEMVs on their GGUF bytes (`cpu_gguf`:
-  float32 activations for q8_0, int8-rounded per 256 for q4k) with `Int4PackMatmul` for prefill.
+  larger ones; on the CPU q4k (and q8_0 without AVX-512 VNNI) pairs the numba GEMVs on the
+  GGUF bytes (`cpu_gguf`: int8-rounded activations per 256 for q4k, float32 for q8_0) with
+  `Int4PackMatmul` for prefill.
+- `FunctionMatmul`: one kernel for every batch; on a CPU with AVX-512 VNNI, q8_0 (q8_0 x q8_0
+  numba kernels on the GGUF bytes, one-row for decode, four-row for prefill, faster than two
+  int4 passes and without their repacked copy).
 - `TinyGemmInt4Matmul` (CUDA, sm80+): torch's tinygemm `_weight_int4pack_mm` for codes of at
   most 4 bits in groups of 32 (q4k, q4_0, q4_1): w = (u - 8) * scale + zero with bf16 scale
   and zero, the same affine form. It is the fastest decode (small M) path; above `max_m`
@@ -167,6 +171,17 @@ class SmallBatchMatmul(QuantMatmul):
         if x.shape[0] > self.max_m:
             return self.large(x)
         return self.small(x).to(x.dtype)
+
+
+class FunctionMatmul(QuantMatmul):
+    """A kernel `fn(x) -> y` (float32) that serves every batch size by itself (on the CPU,
+    q8_0 through `cpu_gguf.any_batch_matmul`: no second copy of the weight for prefill)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], out_features: int, in_features: int):
+        self.fn, self.out_features, self.in_features = fn, out_features, in_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x).to(x.dtype)
 
 
 def tinygemm_supported(n: int, k: int, group: int, bits: int) -> bool:

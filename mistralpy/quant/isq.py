@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mistralpy.kernels.quant_matmul import (
     DequantMatmul,
+    FunctionMatmul,
     Int4PackMatmul,
     QuantMatmul,
     ScaledMMFp8Matmul,
@@ -107,16 +108,21 @@ def build_quant_matmul(
     CUDA: for q4k at one row a Triton GEMV over the GGUF bytes (config timed per shape
     through `tuning`); tinygemm int4 for small batches of q4k/q4_0/q4_1 (bf16 scale/zero), W8A8
     `_scaled_mm` for fp8 on sm90, Triton fused kernels (mistralpy.kernels.triton_quant)
-    otherwise, tiled dequantize + matmul without Triton. CPU: torch's int4 kernels for formats
-    whose groups are multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q8k), with
-    decode-sized batches of q8_0 (numba installed) and q4k (numba and AVX-512 VNNI) on the
-    numba GEMVs over their GGUF bytes (mistralpy.kernels.cpu_gguf; q4k rounds activations to
-    int8 per 256 as GGML does); tiled dequantize + fp32 matmul for the
+    otherwise, tiled dequantize + matmul without Triton. CPU: q8_0 with numba and AVX-512 VNNI
+    (K a multiple of 64) runs every batch on numba q8_0 x q8_0 kernels over its GGUF bytes
+    (one-row for decode, four-row for prefill; no second copy); otherwise torch's int4
+    kernels for formats whose groups are multiples of 32 (q4_0, q4_1, q5_0, q5_1, q8_0, q4k,
+    q5k, q8k), with decode-sized batches of q8_0 (numba installed) and q4k (numba and AVX-512
+    VNNI) on the numba GEMVs over their GGUF bytes (mistralpy.kernels.cpu_gguf; q4k rounds
+    activations to int8 per 256 as GGML does); tiled dequantize + fp32 matmul for the
     16-element-group K-quants (q2k, q3k, q6k) and fp8.
     """
     if packed.device.type == "cuda":
         return _cuda_matmul(fmt, packed, shape, tuning or KernelTuning())
     if packed.device.type == "cpu" and fmt.ggml_type is not None:
+        whole = _cpu_any_batch(fmt, packed, shape)
+        if whole is not None:
+            return whole
         group = fmt.group_affine(packed[:1], (1, shape[1]))
         if int4pack_supported(group.group, group.bits):
             int4 = Int4PackMatmul(
@@ -124,6 +130,17 @@ def build_quant_matmul(
             )
             return _with_cpu_gemv(fmt, packed, int4)
     return DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
+
+
+def _cpu_any_batch(fmt: QuantFormat, packed: Tensor, shape: tuple[int, int]) -> QuantMatmul | None:
+    """A numba kernel on the GGUF bytes that is the fastest CPU path for every batch size
+    (mistralpy.kernels.cpu_gguf.any_batch_matmul: q8_0 on AVX-512 VNNI), or None."""
+    from mistralpy.kernels import cpu_gguf
+
+    kernel = cpu_gguf.any_batch_matmul(fmt.name, shape[1]) if packed.is_contiguous() else None
+    if kernel is None:
+        return None
+    return FunctionMatmul(functools.partial(kernel, packed), *shape)
 
 
 def _with_cpu_gemv(fmt: QuantFormat, packed: Tensor, gemm: QuantMatmul) -> QuantMatmul:

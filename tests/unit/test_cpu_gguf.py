@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mistralpy.kernels import cpu_gguf
-from mistralpy.kernels.quant_matmul import Int4PackMatmul, SmallBatchMatmul
+from mistralpy.kernels.quant_matmul import FunctionMatmul, Int4PackMatmul, SmallBatchMatmul
 from mistralpy.quant.formats import get_format
 from mistralpy.quant.isq import CPU_GEMV_MAX_M, QuantizedLinear, reference_matmul
 from tests.seeds import fresh_seeds
@@ -57,7 +57,9 @@ def test_q8_0_gemv_matches_reference(seed):
 @pytest.mark.parametrize(
     "fmt", [pytest.param("q8_0", marks=needs_numba), pytest.param("q4k", marks=needs_q4k)]
 )
-def test_quantized_linear_dispatch_by_batch_rows(fmt):
+def test_quantized_linear_dispatch_by_batch_rows(fmt, monkeypatch):
+    if fmt == "q8_0":  # the pairing of a GEMV with the int4 GEMM, where VNNI is missing
+        monkeypatch.setattr(cpu_gguf, "q8_0_vnni_gemm_available", lambda: False)
     gemv = cpu_gguf.gemv(fmt)
     gen = torch.Generator().manual_seed(SEEDS[0])
     layer = QuantizedLinear.from_float(_weight(40, 256, gen), None, fmt)
@@ -74,7 +76,11 @@ def test_quantized_linear_dispatch_by_batch_rows(fmt):
 
 @pytest.mark.parametrize(
     ("fmt", "checks"),
-    [("q8_0", ("available", "q8_0_vnni_available")), ("q4k", ("q4k_available",))],
+    [
+        ("q8_0", ("available", "q8_0_vnni_available", "q8_0_vnni_gemm_available")),
+        ("q8_0", ("available", "q8_0_vnni_available")),
+        ("q4k", ("q4k_available",)),
+    ],
 )
 def test_without_the_numba_kernel_the_torch_kernel_stays(monkeypatch, fmt, checks):
     for check in checks:
@@ -125,6 +131,36 @@ def test_q8_0_vnni_gemv_is_exact_on_its_int8_activations(seed):
     bound = _summation_bound(xr, fmt.dequantize(packed, (n, k)))
     assert y.shape == (x.shape[0], n) and y.dtype == torch.float32
     assert ((y.double() - ref.double()).abs() <= bound).all(), (y - ref).abs().max()
+
+
+needs_q8_0_gemm = pytest.mark.skipif(
+    not cpu_gguf.q8_0_vnni_gemm_available(), reason="no AVX-512 VNNI / numba"
+)
+
+
+@needs_q8_0_gemm
+@pytest.mark.parametrize("seed", SEEDS)
+def test_q8_0_four_row_kernel_equals_the_one_row_kernel(seed):
+    """Prefill-sized batches (four activation rows per pass, a padded last group) give the
+    one-row kernel's results, which the tests above hold to the reference; and a q8_0 layer
+    on this host serves every batch through them, with no int4 copy of its weight."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=gen))
+    k = 64 * int(torch.randint(1, 24, (1,), generator=gen))
+    m = int(torch.randint(cpu_gguf.Q8_0_GEMM_MIN_M, 40, (1,), generator=gen))
+    x = torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+    x.view(m, k // 32, 32).masked_fill_(torch.rand(m, k // 32, 1, generator=gen) < 0.1, 0.0)
+    packed = get_format("q8_0").quantize(_weight(n, k, gen))
+    y = cpu_gguf.q8_0_vnni_any_matmul(packed, x)
+    one_row = cpu_gguf.q8_0_vnni_matmul(packed, x)
+    assert y.shape == (m, n)
+    torch.testing.assert_close(y, one_row, rtol=1e-6, atol=1e-6 * float(one_row.abs().max()))
+    layer = QuantizedLinear.from_float(_weight(n, k, gen), None, "q8_0")
+    assert isinstance(layer.kernel, FunctionMatmul)
+    for rows in (1, 2, m):
+        xb = x[:rows].bfloat16()
+        assert torch.equal(layer(xb), cpu_gguf.q8_0_vnni_any_matmul(layer.qweight, xb).bfloat16())
+    assert cpu_gguf.any_batch_matmul("q8_0", k + 32) is None  # odd block count: int4 GEMM
 
 
 @needs_q8_0_vnni

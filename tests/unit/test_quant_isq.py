@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mistralpy.kernels.quant_matmul import DequantMatmul, Int4PackMatmul, SmallBatchMatmul
+from mistralpy.kernels import cpu_gguf
+from mistralpy.kernels.quant_matmul import (
+    DequantMatmul,
+    FunctionMatmul,
+    Int4PackMatmul,
+    SmallBatchMatmul,
+)
 from mistralpy.quant.formats import FORMATS, UnknownQuantFormatError, get_format
 from mistralpy.quant.isq import (
     QuantizedLinear,
@@ -40,11 +46,17 @@ def test_kernel_matches_reference(name):
     if isinstance(kernel, SmallBatchMatmul):  # numba GEMV: 3 rows still take the int4 GEMM
         assert name in ("q8_0", "q4k") and kernel.max_m < 3
         kernel = kernel.large
-    assert isinstance(kernel, expected_kernel)
     fmt = get_format(name)
     ref = reference_matmul(fmt, layer.qweight, (n, k))(x)
     y = layer(x)
     assert y.dtype == x.dtype and y.shape == (3, n)
+    if isinstance(kernel, FunctionMatmul):  # q8_0 x q8_0 numba kernels for every batch (VNNI)
+        assert name == "q8_0"
+        xr = cpu_gguf.q8_0_round_activations(x)  # exact int8 sums: only float32 rounding left
+        ref = reference_matmul(fmt, layer.qweight, (n, k))(xr)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        return
+    assert isinstance(kernel, expected_kernel)
     if name in INT4_PATH:
         # Faithful up to bf16 rounding: compare with the oracle's own bf16 rounding error.
         wd = layer.dequantized_weight()
