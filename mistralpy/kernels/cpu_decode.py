@@ -470,7 +470,8 @@ def layer_kernels() -> SimpleNamespace | None:
     prefetch_rows = cpu_gguf.ir_intrinsic("mistralpy_prefetch_rows", _PREFETCH_ROWS_IR, 4)
     softmax4 = cpu_gguf.ir_intrinsic("mistralpy_softmax4", _SOFTMAX4_IR, 4)
 
-    @njit(parallel=True, cache=True, fastmath=_REASSOC)
+    # not cached on disk: closes over the IR intrinsics (see kernels.cpu_gguf's module doc)
+    @njit(parallel=True, fastmath=_REASSOC)
     def attention4(qkv, cache, tables, pos, n_heads, n_kv, d, scale, out):  # pragma: no cover
         # As `attention`, for 4 query heads per KV head and d % 32 == 0 (`fits_attention4`);
         # `cache` C-contiguous. K and V rows are read through the IR block kernels, and the next

@@ -39,9 +39,14 @@ used only when LLVM reports avx512f/bw/vnni on the host (LLVM does not form VNNI
 IR); elsewhere q4k keeps torch's int4 kernel. numba's OpenMP layer links the system libgomp,
 a second thread pool beside torch's (seen in /proc/self/maps on torch 2.13): interleaving
 torch ops with these kernels makes the two pools take turns on the cores, one reason a decode
-step of a q4k/q8_0 model runs whole in numba (`kernels.cpu_decode`). Compiled
-objects are cached on disk (`cache=True`); `available()` / `q4k_available()` compile when the
-first layer is built, never on the first request.
+step of a q4k/q8_0 model runs whole in numba (`kernels.cpu_decode`). Only functions that
+close over no numba object are cached on disk (`cache=True`): numba keys a closure's cache
+entry on the pickles of its closure variables, and an intrinsic's or a dispatcher's pickle
+holds a per-process UUID, so such entries never hit again and only pile up. The drivers
+therefore compile in each process (~1-3 s each); `available()` / `q4k_available()` /
+`q8_0_vnni_gemm_available()` compile when the first layer is built, never on the first
+request. (Moving the kernels to closure-free module-level functions would make them
+cacheable.)
 
 numba is imported lazily: without it (or if compiling fails) the checks are False and the
 caller keeps its pure-PyTorch kernel.
@@ -177,7 +182,8 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
         return None
     q8_0_row = ir_intrinsic("mistralpy_q8_0_row", _Q8_0_ROW_IR, 3)
 
-    @njit(parallel=True, cache=True)
+    # not cached on disk: closes over numba objects, whose pickles differ per process
+    @njit(parallel=True)
     def q8_0(w, x, y):  # pragma: no cover - compiled
         # w (N, K/32*34) uint8 GGUF rows; x (M, K) float32; y (M, N) float32, all C-contiguous.
         n, row_bytes = w.shape
@@ -535,7 +541,8 @@ def _int8_activation_driver(
 
     row_fn = ir_intrinsic(row_name, row_ir, 5)
 
-    @njit(parallel=True, cache=True)
+    # not cached on disk: closes over numba objects, whose pickles differ per process
+    @njit(parallel=True)
     def driver_fn(w, x, y):  # pragma: no cover - compiled
         # w (N, bytes per row) uint8 GGUF rows; x (M, K) float32; y (M, N) float32, C-contiguous.
         n, row_bytes = w.shape
@@ -555,10 +562,49 @@ def _int8_activation_driver(
     return driver_fn
 
 
+def _four_row_driver(
+    row_name: str, row_ir: str, quantize4: Callable[[np.ndarray], tuple], block: int
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """driver(w, x, y) filling y = x8 @ dequant(w).T for prefill-sized batches, four
+    activation rows per pass over a weight row: `quantize4(x)` (numba) rounds the rows to
+    (int8 codes, scales, sums) as the one-row kernel's activation does, with the rows padded
+    to a multiple of 4 (zeros), and the IR kernel `row_name(row, codes, scales, sums,
+    K / block, out)` stores one weight row's dot products with four such rows at out."""
+    from numba import njit, prange
+
+    row4 = ir_intrinsic(row_name, row_ir, 6)
+
+    # not cached on disk: closes over numba objects, whose pickles differ per process
+    @njit(parallel=True)
+    def driver_fn(w, x, y):  # pragma: no cover - compiled
+        # w (N, bytes per row) uint8 GGUF rows; x (M, K) float32; y (M, N) float32, C-contiguous.
+        n, row_bytes = w.shape
+        m, k = x.shape
+        nb = k // block
+        xq, scales, sums = quantize4(x)
+        groups = xq.shape[0] // 4
+        tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for t in prange(tasks):  # activation groups inner: the task's weight rows stay in L1
+            out = np.empty(4, np.float32)
+            stop = min(n, (t + 1) * ROWS_PER_TASK)
+            for g in range(groups):
+                xa = xq.ctypes.data + 4 * g * xq.strides[0]
+                da = scales.ctypes.data + 4 * g * scales.strides[0]
+                sa = sums.ctypes.data + 4 * g * sums.strides[0]
+                rows = min(4, m - 4 * g)
+                for r in range(t * ROWS_PER_TASK, stop):
+                    row4(w.ctypes.data + r * row_bytes, xa, da, sa, nb, out.ctypes.data)
+                    for j in range(rows):
+                        y[4 * g + j, r] = out[j]
+
+    return driver_fn
+
+
 @functools.cache
-def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
-    """driver(w, x, y) filling y = x8 @ dequant(w).T with x8 the activation rounded to int8
-    per 256-block (`q8k_round_activations`), or None without numba."""
+def _q8k_activation_codes() -> Callable[[np.ndarray], tuple] | None:
+    """numba q8k_codes(x) -> (int8 codes (M, K) in nibble order, scales amax / 127 (M, K /
+    256) float32, code sums per 32 (M, K / 32) int32): GGML's q8_K rounding of activation
+    rows for the q4k kernels (see _Q4K_ROW_IR), or None without numba."""
     try:
         from numba import njit
     except ImportError:
@@ -591,7 +637,17 @@ def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None
                     bs[i, b * 8 + s] = total
         return xq, dx, bs
 
-    return _int8_activation_driver("mistralpy_q4k_row", _Q4K_ROW_IR, q8k_codes, 256)
+    return q8k_codes
+
+
+@functools.cache
+def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """driver(w, x, y) filling y = x8 @ dequant(w).T with x8 the activation rounded to int8
+    per 256-block (`q8k_round_activations`), or None without numba."""
+    codes = _q8k_activation_codes()
+    if codes is None:
+        return None
+    return _int8_activation_driver("mistralpy_q4k_row", _Q4K_ROW_IR, codes, 256)
 
 
 @functools.cache
@@ -648,11 +704,10 @@ def _q8_0_vnni_gemm_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], N
     codes = _q8_0_activation_codes()
     if codes is None:
         return None
-    from numba import njit, prange
+    from numba import njit
 
-    row4 = ir_intrinsic("mistralpy_q8_0_vnni_row4", _Q8_0_VNNI_ROW4_IR, 6)
-
-    @njit(cache=True)
+    # not cached on disk: closes over numba objects, whose pickles differ per process
+    @njit
     def q8_0_codes4(x):  # pragma: no cover - compiled
         # q8_0_codes, rows padded to a multiple of 4 (zero codes and scales); per pair of
         # blocks the two scales spread over 16 lanes (dx16) and the two sums in lanes 0 and 8
@@ -671,29 +726,7 @@ def _q8_0_vnni_gemm_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], N
                 cs16[i, b // 2, lane] = cs[i, b]
         return xq, dx16, cs16
 
-    @njit(parallel=True, cache=True)
-    def driver_fn(w, x, y):  # pragma: no cover - compiled
-        # w (N, K/32*34) uint8 GGUF rows; x (M, K) float32; y (M, N) float32, C-contiguous.
-        n, row_bytes = w.shape
-        m, k = x.shape
-        nb = k // 32
-        xq, dx16, cs16 = q8_0_codes4(x)
-        groups = xq.shape[0] // 4
-        tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-        for t in prange(tasks):  # activation groups inner: the task's weight rows stay in L1
-            sums = np.empty(4, np.float32)
-            stop = min(n, (t + 1) * ROWS_PER_TASK)
-            for g in range(groups):
-                xa = xq.ctypes.data + g * 4 * k
-                da = dx16.ctypes.data + g * 4 * nb * 32
-                ca = cs16.ctypes.data + g * 4 * nb * 32
-                rows = min(4, m - 4 * g)
-                for r in range(t * ROWS_PER_TASK, stop):
-                    row4(w.ctypes.data + r * row_bytes, xa, da, ca, nb, sums.ctypes.data)
-                    for j in range(rows):
-                        y[4 * g + j, r] = sums[j]
-
-    return driver_fn
+    return _four_row_driver("mistralpy_q8_0_vnni_row4", _Q8_0_VNNI_ROW4_IR, q8_0_codes4, 32)
 
 
 @functools.cache
@@ -847,34 +880,32 @@ def q8_0_vnni_gemm_available() -> bool:
     return bool(np.all(np.abs(y - 384.0) <= 1e-3))
 
 
-# Batches of at least this many rows take the four-row q8_0 kernel (`_Q8_0_VNNI_ROW4_IR`);
-# smaller ones the one-row kernel, which has no padded rows.
-Q8_0_GEMM_MIN_M = 3
+# Batches of at least this many rows take the four-row kernel (`_Q8_0_VNNI_ROW4_IR`); smaller
+# ones the one-row kernel, which has no padded rows (at 3 rows the two were level on the
+# `small` preset's shapes).
+FOUR_ROW_MIN_M = 3
 
 
 def q8_0_vnni_any_matmul(w: Tensor, x: Tensor) -> Tensor:
     """`q8_0_vnni_matmul` for any batch: decode-sized batches through the one-row kernel,
     larger ones (prefill) through the four-row kernel, the same numerics. K must be a
     multiple of 64 and `q8_0_vnni_gemm_available()` true."""
-    if x.shape[0] < Q8_0_GEMM_MIN_M:
+    if x.shape[0] < FOUR_ROW_MIN_M:
         return q8_0_vnni_matmul(w, x)
     return _gguf_matmul(_q8_0_vnni_gemm_driver(), w, x, 34, 32)
 
 
 def any_batch_matmul(fmt_name: str, in_features: int) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """A kernel (w_bytes, x) -> y for GGUF format `fmt_name` that is the fastest path on this
-    host for every batch size, prefill included, so no other copy of the weight is needed;
-    None where there is none (then `gemv` serves decode and a torch GEMM prefill). Today:
-    q8_0 on AVX-512 VNNI with K a multiple of 64 (on the `small` preset's shapes 1.2-1.5x
-    faster than torch's two int4 passes with the one-row kernel, which also needed a second,
-    repacked copy of ~1.25 bytes per weight)."""
-    if (
-        fmt_name == "q8_0"
-        and in_features % 64 == 0
-        and q8_0_vnni_available()
-        and q8_0_vnni_gemm_available()
-    ):
-        return q8_0_vnni_any_matmul
+    """A kernel (w_bytes, x) -> y for GGUF format `fmt_name` that serves every batch size,
+    prefill included, from the layer's GGUF bytes alone; None where there is none (then
+    `gemv` serves decode and torch's int4 GEMM prefill, over a second, repacked copy of the
+    weight). Today q8_0 on AVX-512 VNNI with K a multiple of 64: on the `small` preset's
+    shapes at 512 rows (2 threads, Xeon host of 2026-12-05) 1.4-2.2x faster than torch's two
+    int4 passes, whose copy was ~1.25 bytes per weight beside the 1.06 of q8_0. A four-row
+    q4k kernel (header and nibbles decoded once per four rows) was tried: within 5% of
+    torch's one-pass int4 GEMM either way, for 5 s more compiling at load; not kept."""
+    if fmt_name == "q8_0" and in_features % 64 == 0 and q8_0_vnni_available():
+        return q8_0_vnni_any_matmul if q8_0_vnni_gemm_available() else None
     return None
 
 

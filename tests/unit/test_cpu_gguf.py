@@ -58,8 +58,8 @@ def test_q8_0_gemv_matches_reference(seed):
     "fmt", [pytest.param("q8_0", marks=needs_numba), pytest.param("q4k", marks=needs_q4k)]
 )
 def test_quantized_linear_dispatch_by_batch_rows(fmt, monkeypatch):
-    if fmt == "q8_0":  # the pairing of a GEMV with the int4 GEMM, where VNNI is missing
-        monkeypatch.setattr(cpu_gguf, "q8_0_vnni_gemm_available", lambda: False)
+    # the pairing of a GEMV with the int4 GEMM, where the four-row kernels are missing
+    monkeypatch.setattr(cpu_gguf, "q8_0_vnni_gemm_available", lambda: False)
     gemv = cpu_gguf.gemv(fmt)
     gen = torch.Generator().manual_seed(SEEDS[0])
     layer = QuantizedLinear.from_float(_weight(40, 256, gen), None, fmt)
@@ -138,29 +138,35 @@ needs_q8_0_gemm = pytest.mark.skipif(
 )
 
 
-@needs_q8_0_gemm
+FOUR_ROW = {  # format: (block of K, one-row kernel, any-batch kernel)
+    "q8_0": (64, cpu_gguf.q8_0_vnni_matmul, cpu_gguf.q8_0_vnni_any_matmul),
+}
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("q8_0", marks=needs_q8_0_gemm)])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_q8_0_four_row_kernel_equals_the_one_row_kernel(seed):
+def test_four_row_kernel_equals_the_one_row_kernel(fmt, seed):
     """Prefill-sized batches (four activation rows per pass, a padded last group) give the
-    one-row kernel's results, which the tests above hold to the reference; and a q8_0 layer
-    on this host serves every batch through them, with no int4 copy of its weight."""
+    one-row kernel's results, which the tests above hold to the reference; and a layer on
+    this host serves every batch through them, with no int4 copy of its weight."""
+    block, one_row_fn, any_fn = FOUR_ROW[fmt]
     gen = torch.Generator().manual_seed(seed)
     n = int(torch.randint(1, 300, (1,), generator=gen))
-    k = 64 * int(torch.randint(1, 24, (1,), generator=gen))
-    m = int(torch.randint(cpu_gguf.Q8_0_GEMM_MIN_M, 40, (1,), generator=gen))
+    k = block * int(torch.randint(1, 1536 // block + 1, (1,), generator=gen))
+    m = int(torch.randint(cpu_gguf.FOUR_ROW_MIN_M, 40, (1,), generator=gen))
     x = torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10)
     x.view(m, k // 32, 32).masked_fill_(torch.rand(m, k // 32, 1, generator=gen) < 0.1, 0.0)
-    packed = get_format("q8_0").quantize(_weight(n, k, gen))
-    y = cpu_gguf.q8_0_vnni_any_matmul(packed, x)
-    one_row = cpu_gguf.q8_0_vnni_matmul(packed, x)
+    packed = get_format(fmt).quantize(_weight(n, k, gen))
+    y = any_fn(packed, x)
+    one_row = one_row_fn(packed, x)
     assert y.shape == (m, n)
     torch.testing.assert_close(y, one_row, rtol=1e-6, atol=1e-6 * float(one_row.abs().max()))
-    layer = QuantizedLinear.from_float(_weight(n, k, gen), None, "q8_0")
+    layer = QuantizedLinear.from_float(_weight(n, k, gen), None, fmt)
     assert isinstance(layer.kernel, FunctionMatmul)
     for rows in (1, 2, m):
         xb = x[:rows].bfloat16()
-        assert torch.equal(layer(xb), cpu_gguf.q8_0_vnni_any_matmul(layer.qweight, xb).bfloat16())
-    assert cpu_gguf.any_batch_matmul("q8_0", k + 32) is None  # odd block count: int4 GEMM
+        assert torch.equal(layer(xb), any_fn(layer.qweight, xb).bfloat16())
+    assert cpu_gguf.any_batch_matmul(fmt, k + 32) is None  # odd block count: int4 GEMM
 
 
 @needs_q8_0_vnni
@@ -245,3 +251,30 @@ def test_q4k_gemv_error_is_bounded_by_activation_rounding(seed):
         2 * (k + 4) * U * (_q4k_term_bound(packed, xr, (n, k)) + x.double().abs() @ w.abs().T)
     )
     assert ((y.double() - ref.double()).abs() <= rounding + summation).all(), (y - ref).abs().max()
+
+
+@needs_numba
+def test_functions_closing_over_numba_objects_are_not_disk_cached():
+    """numba keys a closure's disk-cache entry on the pickles of its closure variables; an
+    intrinsic's or a dispatcher's pickle holds a per-process UUID, so such an entry never
+    hits again and a new file was written at every start (the kernels' __pycache__ grew
+    without bound). Every compiled function we build either closes over no numba object or
+    is not cached on disk."""
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+    from numba.core.extending import _Intrinsic
+
+    from mistralpy.kernels import cpu_decode
+
+    kernels = cpu_decode.layer_kernels()
+    compiled = [cpu_gguf._q8_0_driver(), cpu_gguf._q8_0_activation_codes()]
+    compiled += [getattr(kernels, name) for name in ("rms_norm", "rope", "attention", "attention4")]
+    if cpu_gguf.q8_0_vnni_available():
+        compiled += [cpu_gguf._q8_0_vnni_driver(), cpu_gguf._q8_0_vnni_gemm_driver()]
+    if cpu_gguf.q4k_available():
+        compiled += [cpu_gguf._q4k_driver(), cpu_gguf._q8k_activation_codes()]
+    for fn in compiled:
+        cells = fn.py_func.__closure__ or ()
+        numba_objects = [c for c in cells if isinstance(c.cell_contents, Dispatcher | _Intrinsic)]
+        if numba_objects:
+            assert isinstance(fn._cache, NullCache), fn.py_func.__qualname__

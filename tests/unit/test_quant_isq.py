@@ -50,7 +50,7 @@ def test_kernel_matches_reference(name):
     ref = reference_matmul(fmt, layer.qweight, (n, k))(x)
     y = layer(x)
     assert y.dtype == x.dtype and y.shape == (3, n)
-    if isinstance(kernel, FunctionMatmul):  # q8_0 x q8_0 numba kernels for every batch (VNNI)
+    if isinstance(kernel, FunctionMatmul):  # numba int8 kernels for every batch (VNNI)
         assert name == "q8_0"
         xr = cpu_gguf.q8_0_round_activations(x)  # exact int8 sums: only float32 rounding left
         ref = reference_matmul(fmt, layer.qweight, (n, k))(xr)
