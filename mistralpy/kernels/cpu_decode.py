@@ -154,11 +154,9 @@ def _pv4_ir() -> str:
     for r in heads:  # this chunk pair's accumulators of head r: acc + r * hs + go (+ 16)
         lines.append(f"  %ho{r} = mul i64 %hs, {r}")
         lines.append(f"  %off{r} = add i64 %ho{r}, %go")
-        for h in halves:
-            lines.append(f"  %ap{r}{h} = getelementptr float, ptr %acc, i64 %off{r}")
-            if h:
-                lines[-1] = f"  %ap{r}{h} = getelementptr float, ptr %ap{r}0, i64 16"
-            lines.append(f"  %x{r}{h} = load {f16}, ptr %ap{r}{h}, align 4")
+        lines.append(f"  %ap{r}0 = getelementptr float, ptr %acc, i64 %off{r}")
+        lines.append(f"  %ap{r}1 = getelementptr float, ptr %ap{r}0, i64 16")
+        lines += [f"  %x{r}{h} = load {f16}, ptr %ap{r}{h}, align 4" for h in halves]
     lines += ["  br label %pos", "pos:", "  %t = phi i64 [0, %grp], [%t1, %pos]"]
     for r, h in acc:
         lines.append(f"  %y{r}{h} = phi {f16} [%x{r}{h}, %grp], [%y{r}{h}n, %pos]")
@@ -470,6 +468,14 @@ def layer_kernels() -> SimpleNamespace | None:
     prefetch_rows = cpu_gguf.ir_intrinsic("mistralpy_prefetch_rows", _PREFETCH_ROWS_IR, 4)
     softmax4 = cpu_gguf.ir_intrinsic("mistralpy_softmax4", _SOFTMAX4_IR, 4)
 
+    @njit
+    def prefetch_block(head, table, b, ctx, bs, row_floats, lines):  # pragma: no cover
+        # into L1, the K or V rows (from address `head`, rows of `row_floats` floats) of
+        # block b of a task's table that hold positions below ctx; nothing past the last
+        if b * bs < ctx:
+            rows = min(bs, ctx - b * bs)
+            prefetch_rows(head + table[b] * bs * row_floats * 4, rows, row_floats * 4, lines)
+
     # not cached on disk: closes over the IR intrinsics (see kernels.cpu_gguf's module doc)
     @njit(parallel=True, fastmath=_REASSOC)
     def attention4(qkv, cache, tables, pos, n_heads, n_kv, d, scale, out):  # pragma: no cover
@@ -497,25 +503,21 @@ def layer_kernels() -> SimpleNamespace | None:
             # position-major ([t * 4 + head]), room for a last partial vector of 4
             scores = np.empty((nblk * bs + 3) * 4, np.float32)
             k_head = cache.ctypes.data + g * d * 4
-            prefetch_rows(k_head + tables[i, 0] * block_bytes, min(bs, ctx), row_bytes, lines)
+            prefetch_block(k_head, tables[i], 0, ctx, bs, n_kv * d, lines)
             for bi in range(nblk):
-                if bi + 1 < nblk:
-                    rows = min(bs, ctx - (bi + 1) * bs)
-                    prefetch_rows(k_head + tables[i, bi + 1] * block_bytes, rows, row_bytes, lines)
+                prefetch_block(k_head, tables[i], bi + 1, ctx, bs, n_kv * d, lines)
                 n = min(bs, ctx - bi * bs)
                 k_blk = k_head + tables[i, bi] * block_bytes
                 qk4(k_blk, qs.ctypes.data, scores.ctypes.data + bi * bs * 16, n, row_bytes, nc)
             v_head = v_base + g * d * 4
-            prefetch_rows(v_head + tables[i, 0] * block_bytes, min(bs, ctx), row_bytes, lines)
+            prefetch_block(v_head, tables[i], 0, ctx, bs, n_kv * d, lines)
             nq = (ctx + 3) // 4  # softmax4 works on 4 positions at a time
             for t in range(ctx * 4, nq * 16):
                 scores[t] = -np.inf
             softmax4(scores.ctypes.data, nq, 0, 0)
             acc = np.zeros(4 * d, np.float32)
             for bi in range(nblk):
-                if bi + 1 < nblk:
-                    rows = min(bs, ctx - (bi + 1) * bs)
-                    prefetch_rows(v_head + tables[i, bi + 1] * block_bytes, rows, row_bytes, lines)
+                prefetch_block(v_head, tables[i], bi + 1, ctx, bs, n_kv * d, lines)
                 n = min(bs, ctx - bi * bs)
                 v_blk = v_head + tables[i, bi] * block_bytes
                 pv4(v_blk, scores.ctypes.data + bi * bs * 16, acc.ctypes.data, n, row_bytes, nc)
