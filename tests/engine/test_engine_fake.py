@@ -168,7 +168,8 @@ def test_user_errors_are_typed():
         engine.add_request("a", prompt([]), SamplingParams())
     with pytest.raises(ImageTokenMismatchError):
         engine.add_request("a", prompt([20, IMG, 21]), SamplingParams())
-    engine.add_request("a", prompt(range(20, 51)), SamplingParams())  # 31 + 1 fits
+    # 31 + 1 fits; ignore_eos so that an unseeded sample of EOS cannot end it as "stop"
+    engine.add_request("a", prompt(range(20, 51)), SamplingParams(ignore_eos=True))
     with pytest.raises(DuplicateRequestError):
         engine.add_request("a", prompt([20]), SamplingParams())
     (out,) = engine.step()
