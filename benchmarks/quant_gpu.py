@@ -8,7 +8,8 @@ Sections (each independent; a failure prints its traceback and the others still 
 - check: every CUDA path (tinygemm q4k/q4_0/q4_1, W8A8 fp8 `_scaled_mm`, fused fp8 row
   quantizer, split-K q4k GEMV) against the dequantize + fp32 matmul oracle.
 - sweep: q4k batch-1 Triton GEMV launch configs per shape (GB/s, % of peak).
-- words: the word-code q4k GEMV (every tuning candidate, the load-time tuner's pick) vs
+- words: the word-code q4k GEMV (every tuning candidate, or with --words-candidates dp4a a
+  wider sweep of the int8-activation kernel; the load-time tuner's pick) vs
   tinygemm vs the byte-wise GEMV, each streaming its weight from HBM (timed over enough
   copies to defeat the 50 MB L2, as in a decode step).
 - crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
@@ -197,6 +198,30 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
     return bench_ms(lambda: [k(x) for k in kernels], rep=rep) / copies
 
 
+# --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel
+WORDS_CANDIDATES = {
+    "tuner": tq.Q4K_GEMV_CANDIDATES,
+    "dp4a": tuple(
+        tq.GemvConfig(bn, bb, warps, split=split, stages=stages, dp4a=True, x_inline=inline)
+        for inline in (False, True)
+        for bn, bb, warps in (
+            (4, 1, 1),
+            (8, 1, 1),
+            (8, 2, 1),
+            (16, 1, 1),
+            (16, 1, 2),
+            (16, 2, 2),
+            (32, 1, 2),
+            (32, 1, 4),
+            (64, 1, 4),
+        )
+        for split in (1, 4)
+        for stages in ((1, 2) if (bn, split) == (16, 1) else (1,))
+        if not (inline and bn < 16)
+    ),
+}
+
+
 # the byte-wise GEMV's per-shape choice before the word-code kernel (session 1, H100-tuned)
 def _old_gemv_config(n: int, k: int) -> tq.GemvConfig:
     if k >= 16384:
@@ -218,12 +243,15 @@ def ir_stats(ctx: Ctx) -> None:
         "bytes": tq.GemvConfig(8, 2, 1, words=True),
         "bytes_magic": tq.GemvConfig(8, 2, 1, words=True, magic=True),
         "half_chunks": tq.GemvConfig(8, 2, 2, half_chunks=True),
+        "dp4a": tq.GemvConfig(16, 1, 1, dp4a=True),
+        "dp4a_inline": tq.GemvConfig(32, 1, 2, dp4a=True, x_inline=True),
     }
     for cfg in variants.values():
         tq.TritonQ4KMatmul(packed, (4096, shape[1]), cfg)(x)
     kernels = {
         "bytes": tq._q4k_gemv_kernel,
         "half_chunks": tq._q4k_gemv_half_chunk_kernel,
+        "dp4a": tq._q4k_gemv_dp4a_kernel,
     }
     for kname, kern in kernels.items():
         for dev_cache in kern.device_caches.values():
@@ -238,6 +266,7 @@ def ir_stats(ctx: Ctx) -> None:
                     "ld.global scalar": len(re.findall(r"ld\.global(?![^\n]*\.v[24])", ptx)),
                     "cvt.rn.f32.s32/u32": len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)),
                     "shfl": ptx.count("shfl.sync"),
+                    "dp4a": ptx.count("dp4a"),
                     "regs": getattr(compiled, "n_regs", None),
                     "spills": getattr(compiled, "n_spills", None),
                 }
@@ -328,7 +357,7 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
     y = tq.TritonQ4KMatmul(packed, shape, old)(x)
     ctx.record("words", name, shape, "q4k", 1, t_old, nbytes, rel_err(y, ref), f"bytes {old}")
     best = (float("inf"), None)
-    for cfg in tq.Q4K_GEMV_CANDIDATES:
+    for cfg in WORDS_CANDIDATES[ctx.args.words_candidates]:
         kern = tq.TritonQ4KMatmul(packed, shape, cfg)
         try:
             y = kern(x)
@@ -473,6 +502,7 @@ def main() -> None:
     ap.add_argument("--crossover-m", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--peak-gbs", type=float, default=None, help="default: measured copy")
     ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
+    ap.add_argument("--words-candidates", choices=sorted(WORDS_CANDIDATES), default="tuner")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)

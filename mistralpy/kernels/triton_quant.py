@@ -66,6 +66,23 @@ def _q4k_header(wi_ptr, wbase, ok, s_lo):
     w1 = tl.load(wi_ptr + wbase + 1, mask=ok, other=0)
     w2 = tl.load(wi_ptr + wbase + 2, mask=ok, other=0)
     w3 = tl.load(wi_ptr + wbase + 3, mask=ok, other=0)
+    return _q4k_header_words(w0, w1, w2, w3, s_lo)
+
+
+@triton.jit
+def _q4k_header_v4(wi_ptr, wbase, ok, s_lo):
+    """`_q4k_header` with the four words read by one 16-byte load per header."""
+    hp = wi_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :]
+    hdr = tl.load(hp) if ok is None else tl.load(hp, mask=ok[:, :, None], other=0)
+    w02, w13 = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))
+    w0, w2 = tl.split(w02)
+    w1, w3 = tl.split(w13)
+    return _q4k_header_words(w0, w1, w2, w3, s_lo)
+
+
+@triton.jit
+def _q4k_header_words(w0, w1, w2, w3, s_lo):
+    """`_q4k_header` from the header's four int32 words."""
     d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
@@ -241,6 +258,150 @@ def _q4k_gemv_half_chunk_kernel(
         acc += a_lo * s_lo - (a_lo + (dmin * mn_lo)[:, :, None]) * xs_lo
         acc += a_hi * s_hi - (a_hi + (dmin * mn_hi)[:, :, None]) * xs_hi
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
+
+
+@triton.jit
+def _q8_words(xf):
+    """Float32 x (G, 8, 4), G groups of 32 values -> int8 codes (round half away from zero)
+    packed 4 per int32 word, little-endian (G, 8); per group (G,): the scale with x ~ scale *
+    code, the exact float32 sum and the residual sum(x) - scale sum(code). The activation
+    side of `_q4k_gemv_dp4a_kernel` (as llama.cpp's q8_1 blocks, plus the residual)."""
+    amax = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    v = xf * inv[:, None, None]
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # float-to-int truncates toward 0
+    shift = 8 * tl.arange(0, 4)
+    words = tl.sum((q & 255) << shift[None, None, :], axis=2)  # disjoint bits: sum == or
+    scale = amax / 127.0
+    total = tl.sum(tl.sum(xf, axis=2), axis=1)
+    code_sum = tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32)
+    return words, scale, total, total - scale * code_sum
+
+
+@triton.jit
+def _q8_quant_kernel(x_ptr, xq_ptr, xs_ptr, K, stride_xm, BG: tl.constexpr):
+    """Program (m, p): groups [p BG, (p + 1) BG) of 32 values of row m of x -> words
+    xq[m, 8 g + w] and (scale, sum, residual) xs[m, g, :] (`_q8_words`)."""
+    m = tl.program_id(0)
+    g = tl.program_id(1) * BG + tl.arange(0, BG)
+    ok = g < K // 32
+    w = tl.arange(0, 8)
+    offs = g[:, None, None] * 32 + w[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    xf = tl.load(x_ptr + m * stride_xm + offs, mask=ok[:, None, None], other=0.0)
+    words, scale, total, residual = _q8_words(xf.to(tl.float32))
+    tl.store(xq_ptr + m * (K // 4) + g[:, None] * 8 + w[None, :], words, mask=ok[:, None])
+    xs = xs_ptr + m * (K // 32 * 3) + 3 * g
+    tl.store(xs, scale, mask=ok)
+    tl.store(xs + 1, total, mask=ok)
+    tl.store(xs + 2, residual, mask=ok)
+
+
+@triton.jit
+def _dot4(a, b):
+    """Portable dp4a: sum over the 4 bytes of a (unsigned) times those of b (signed)."""
+    acc = (a & 255) * ((b << 24) >> 24)
+    acc += ((a >> 8) & 255) * ((b << 16) >> 24)
+    acc += ((a >> 16) & 255) * ((b << 8) >> 24)
+    return acc + ((a >> 24) & 255) * (b >> 24)
+
+
+@triton.jit
+def _nibble_dots(codes, x_lo, x_hi, ASM: tl.constexpr):
+    """Per int32 word of q4 code bytes: (dot of its 4 low nibbles with the 4 int8 of x_lo,
+    16 x the dot of its 4 high nibbles with those of x_hi: masked in place, not shifted).
+    ASM: 4 instructions (2 dp4a) per word on CUDA; else the same integers from plain ops
+    (Triton's CPU interpreter has no PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi;
+            and.b32 lo, $2, 0x0F0F0F0F;
+            and.b32 hi, $2, 0xF0F0F0F0;
+            dp4a.u32.s32 $0, lo, $3, 0;
+            dp4a.u32.s32 $1, hi, $4, 0;
+            }""",
+            constraints="=r,=r,r,r,r",
+            args=[codes, x_lo, x_hi],
+            dtype=(tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return _dot4(codes & 0x0F0F0F0F, x_lo), _dot4(codes & -0x0F0F0F10, x_hi)
+
+
+@triton.jit
+def _q4k_gemv_dp4a_kernel(
+    x_ptr, xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
+    split_blocks, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr,
+    STAGES: tl.constexpr, X_INLINE: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Batch-1 q4_K GEMV with integer dot products, as llama.cpp's mmvq: x in int8 groups of
+    32 (one scale and one float sum per group, `_q8_words`) meets the 4-bit codes through
+    dp4a, 4 multiply-adds per instruction, with no code ever converted to float; a
+    sub-block adds d sc (dx dot(q, xq) + 8 r) - dmin m sum(x), r the group's residual: the
+    int8 error then enters as sum((q - 8) e), not sum(q e) (codes centred as in the
+    `group_affine` oracle: half the error). About one instruction per weight against ~4.5
+    for the float kernels, which were instruction-bound on H100. The int8 rounding of x
+    costs ~0.5% relative error in y (q4_K's own is ~5%).
+    X_INLINE: each program quantizes the x slices it reads (no extra launch; the work
+    repeats per row tile); else x comes quantized by `_q8_quant_kernel` in xq (words) and
+    xs (scale, sum per group). Grid (N / BN, splits, M); PARTIAL as `_q4k_gemv_kernel`."""
+    s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
+    J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes = 8 words) per step
+    j = tl.arange(0, J)
+    w8 = tl.arange(0, 8)
+    # rows past N and blocks past b_end are read clamped to the last valid ones (unmasked
+    # loads: no predicates, no zero fills) and contribute nothing: their rows are not stored,
+    # and the x group scales, read masked, are 0 for their blocks
+    row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
+    acc = tl.zeros((BN, J), dtype=tl.float32)
+    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
+        ok_j = b0 + j // 4 < b_end
+        blk = tl.minimum(b0 + j // 4, b_end - 1)
+        c = j % 4
+        wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
+        cp = wi_ptr + (wbase + 4 + c[None, :] * 8)[:, :, None] + w8[None, None, :]
+        codes = tl.load(cp)  # (BN, J, 8)
+        g_lo = blk * 8 + 2 * c  # x group (= sub-block) of the low nibbles; high: g_lo + 1
+        if X_INLINE:
+            e = tl.arange(0, 4)
+            xo = (g_lo * 32)[:, None, None] + w8[None, :, None] * 4 + e[None, None, :]
+            xm = ok_j[:, None, None]
+            x_row = x_ptr + m * stride_xm
+            lo = tl.load(x_row + xo, mask=xm, other=0.0).to(tl.float32)
+            hi = tl.load(x_row + xo + 32, mask=xm, other=0.0).to(tl.float32)
+            xw_lo, xd_lo, xs_lo, xr_lo = _q8_words(lo)
+            xw_hi, xd_hi, xs_hi, xr_hi = _q8_words(hi)
+            xw_lo = tl.broadcast_to(xw_lo[None], codes.shape)
+            xw_hi = tl.broadcast_to(xw_hi[None], codes.shape)
+            xd_lo, xs_lo, xr_lo = xd_lo[None], xs_lo[None], xr_lo[None]
+            xd_hi, xs_hi, xr_hi = xd_hi[None], xs_hi[None], xr_hi[None]
+        else:
+            # read at the codes' shape (rows broadcast through the pointers, L1 hits) so the
+            # x words arrive in the codes' register layout: no shared-memory round trip
+            zero = tl.zeros((BN, J), dtype=tl.int32)
+            xw = xq_ptr + m * (K // 4) + (g_lo * 8 + zero)[:, :, None] + w8[None, None, :]
+            xw_lo = tl.load(xw)  # (BN, J, 8)
+            xw_hi = tl.load(xw + 8)
+            xs = xs_ptr + m * (K // 32 * 3) + 3 * (g_lo + zero)
+            okx = ok_j[None, :] & (zero == 0)
+            xd_lo = tl.load(xs, mask=okx, other=0.0)
+            xs_lo = tl.load(xs + 1, mask=okx, other=0.0)
+            xr_lo = tl.load(xs + 2, mask=okx, other=0.0)
+            xd_hi = tl.load(xs + 3, mask=okx, other=0.0)
+            xs_hi = tl.load(xs + 4, mask=okx, other=0.0)
+            xr_hi = tl.load(xs + 5, mask=okx, other=0.0)
+        dots_lo, dots_hi16 = _nibble_dots(codes, xw_lo, xw_hi, ASM)
+        dot_lo = tl.sum(dots_lo, axis=2).to(tl.float32)  # (BN, J)
+        dot_hi = tl.sum(dots_hi16, axis=2).to(tl.float32) * 0.0625
+        sub = 2 * c[None, :] + tl.zeros((BN, J), dtype=tl.int32)
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(wi_ptr, wbase, None, sub)
+        acc += d * (sc_lo * (xd_lo * dot_lo + 8.0 * xr_lo))
+        acc += d * (sc_hi * (xd_hi * dot_hi + 8.0 * xr_hi))
+        acc -= dmin * (mn_lo * xs_lo + mn_hi * xs_hi)
+    out = tl.sum(acc, axis=1)
     _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
@@ -436,6 +597,8 @@ class GemvConfig:
     words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
     magic: bool = False  # byte kernel: codes to float by bit trick, not int-to-float cvt
     half_chunks: bool = False  # `_q4k_gemv_half_chunk_kernel` (in-thread 16-byte sums)
+    dp4a: bool = False  # `_q4k_gemv_dp4a_kernel` (int8 x, integer dot products)
+    x_inline: bool = False  # dp4a: each program quantizes x itself (no separate launch)
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
@@ -450,14 +613,25 @@ def q4k_gemv_config(n: int, k: int) -> GemvConfig:
 # words; the half-chunk kernel for the large shapes, the byte kernel for the small ones),
 # plus split-K 2 / 8 / 16 of the half-chunk kernel (more programs in flight on the small
 # shapes, whose 1-warp programs at BN 4 fill only a part of the SMs' warp slots).
-Q4K_GEMV_CANDIDATES = tuple(
-    GemvConfig(bn, bb, 1, split=split, half_chunks=True)
-    for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
-    for split in (1, 2, 4, 8, 16)
-) + tuple(
-    GemvConfig(bn, bb, warps, words=True, magic=True)
-    for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
-)
+Q4K_GEMV_CANDIDATES = (
+    tuple(
+        GemvConfig(bn, bb, 1, split=split, half_chunks=True)
+        for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
+        for split in (1, 2, 4, 8, 16)
+    )
+    + tuple(
+        GemvConfig(bn, bb, warps, words=True, magic=True)
+        for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
+    )
+    + tuple(
+        GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline)
+        for bn, bb, warps, split, inline in (
+            (8, 1, 1, 2, False), (16, 1, 1, 1, False), (16, 1, 1, 4, False),
+            (16, 2, 2, 1, False), (32, 1, 2, 1, False), (32, 1, 2, 4, False),
+            (16, 1, 1, 1, True), (32, 1, 2, 1, True), (64, 1, 4, 1, True),
+        )
+    )
+)  # fmt: skip
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
@@ -507,6 +681,7 @@ class TritonQ4KMatmul(_TritonMatmul):
         # at 0, so eager calls and CUDA-graph replays reuse them without a memset. One
         # instance serves one stream at a time (as a model's layers do).
         self._split_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
+        self._x8_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 
     def _gemv_max_m(self) -> int:
         return self.gemv.max_m
@@ -521,6 +696,24 @@ class TritonQ4KMatmul(_TritonMatmul):
             self._split_scratch[key] = ws_cnt
         return ws_cnt
 
+    def _quantized_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (M, K) -> int8 groups for the dp4a GEMV: (words (M, K / 4) int32, (scale, sum,
+        residual) (M, K / 32, 3) float32), in buffers kept per (device, M) like the split-K
+        scratch (one stream at a time)."""
+        m, k = x.shape
+        key = (x.device, m)
+        bufs = self._x8_scratch.get(key)
+        if bufs is None:
+            bufs = (
+                torch.empty(m, k // 4, device=x.device, dtype=torch.int32),
+                torch.empty(m, k // 32, 3, device=x.device, dtype=torch.float32),
+            )
+            self._x8_scratch[key] = bufs
+        groups_per_program = 32
+        grid = (m, triton.cdiv(k // 32, groups_per_program))
+        _q8_quant_kernel[grid](x, *bufs, k, x.stride(0), BG=groups_per_program, num_warps=4)
+        return bufs
+
     def _gemv(self, grid, x, y):
         cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
@@ -528,7 +721,15 @@ class TritonQ4KMatmul(_TritonMatmul):
         tiles = triton.cdiv(self.out_features, cfg.bn)
         ws, cnt = self._scratch(y.device, m, split, tiles) if split > 1 else (y, y)
         grid = (tiles, split, m)
-        if cfg.half_chunks:
+        if cfg.dp4a:
+            xq, xs = (x, x) if cfg.x_inline else self._quantized_x(x)
+            _q4k_gemv_dp4a_kernel[grid](
+                x, xq, xs, self.wi, y, ws, cnt, self.out_features, self.in_features,
+                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
+                PARTIAL=split > 1, STAGES=cfg.stages, X_INLINE=cfg.x_inline,
+                ASM=not self.interpret, num_warps=cfg.warps,
+            )  # fmt: skip
+        elif cfg.half_chunks:
             _q4k_gemv_half_chunk_kernel[grid](
                 x, self.wb, self.wi, y, ws, cnt, self.out_features, self.in_features,
                 x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
