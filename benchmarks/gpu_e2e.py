@@ -748,14 +748,29 @@ def hf_encode(hf: tuple[Any, Any], pixels: torch.Tensor) -> torch.Tensor:
     return proj(feats.squeeze(0), sizes)
 
 
+# --isq-formats "q4k-float": q4k with the load-time GEMV tuner limited to the float-code
+# kernels (those before the dp4a kernel), a same-run baseline for the q4k row
+FLOAT_Q4K_GEMVS = "q4k-float"
+
+
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
             gen: torch.Generator, limits: dict) -> Row:  # fmt: skip
     t0 = time.perf_counter()
-    model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
+    if fmt == FLOAT_Q4K_GEMVS:
+        from mistralpy.kernels import triton_quant as tq
+
+        tune, float_only = tq.tune_q4k_gemv, [c for c in tq.Q4K_GEMV_CANDIDATES if not c.dp4a]
+        tq.tune_q4k_gemv = lambda packed, shape: tune(packed, shape, float_only)
+        try:
+            model = load_dummy_model(config, torch.bfloat16, device, isq="q4k")
+        finally:
+            tq.tune_q4k_gemv = tune
+    else:
+        model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
     load_s = time.perf_counter() - t0
     engine = build_engine(model, sizes, device, 0.9)
     row = row_decode(engine, sizes, gen, limits)
-    target = {"q4k": 150, "fp8": 100}.get(fmt, 0)
+    target = {"q4k": 150, FLOAT_Q4K_GEMVS: 150, "fp8": 100}.get(fmt, 0)
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
     row.extra["load_s"] = load_s
@@ -772,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrent-out", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=470.0)
+    ap.add_argument("--isq-formats", default="q4k,fp8",
+                    help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
     unknown = set(rows_wanted) - set(ALL_ROWS)
@@ -804,53 +821,57 @@ def main(argv: list[str] | None = None) -> int:
     limits = device_limits(device)
     report["limits"] = limits
     log(f"limits: {limits}")
-    t0 = time.perf_counter()
-    model = load_dummy_model(config, dtype, device)
-    sync(device)
-    report["load_s"] = time.perf_counter() - t0
-    log(f"dummy model loaded in {report['load_s']:.1f}s")
-    if device.type == "cuda":
-        from mistralpy.runner.model_runner import use_cuda_kernels
+    engine = model = None  # the bf16 model, only for rows other than isq
+    if any(r != "isq" for r in rows_wanted):
+        t0 = time.perf_counter()
+        model = load_dummy_model(config, dtype, device)
+        sync(device)
+        report["load_s"] = time.perf_counter() - t0
+        log(f"dummy model loaded in {report['load_s']:.1f}s")
+        if device.type == "cuda":
+            from mistralpy.runner.model_runner import use_cuda_kernels
 
-        use_cuda_kernels(model)
-    if "check" in rows_wanted:
-        report["kernel_errors"] = check_kernels(model, device, gen)
-        log(f"kernel errors: {report['kernel_errors']}")
-    if "vision" in rows_wanted and not over_budget("vision"):
-        rows.append(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
-    t0 = time.perf_counter()
-    engine = build_engine(model, sizes, device, 0.95 if device.type == "cuda" else 0.9)
-    report["engine_build_s"] = time.perf_counter() - t0
-    report["kv_blocks"] = engine.runner.num_blocks
-    report["cuda_graphs"] = engine.runner.decode_graphs is not None
-    report["gemv_tuning"] = engine.runner.gemv_report
-    if engine.runner.cuda_attention is not None:
-        plans = engine.runner.cuda_attention.decode_plans
-        report["decode_plans"] = {str(k): str(v) for k, v in plans.items()}
-    log(f"gemv tuning: {report['gemv_tuning']}")
-    log(f"decode plans: {report.get('decode_plans')}")
-    log(f"engine built in {report['engine_build_s']:.1f}s, {engine.runner.num_blocks} KV blocks")
-    if "check" in rows_wanted:
-        report["engine_check"] = check_engine(engine, sizes, gen)
-        log(f"engine check: {report['engine_check']}")
-    steps: list[tuple[str, Callable[[], Row]]] = [
-        ("decode", lambda: row_decode(engine, sizes, gen, limits)),
-        ("ttft", lambda: row_ttft(engine, sizes, gen, limits)),
-        ("prefill", lambda: row_prefill(engine, sizes, gen, limits)),
-        ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
-        ("long", lambda: row_long(engine, sizes, gen)),
-    ]
-    for name, fn in steps:
-        if name in rows_wanted and not over_budget(name):
-            rows.append(_guard(name, fn, log))
-            engine.abort_all()
-            _write(report, rows, args.out)
+            use_cuda_kernels(model)
+        if "check" in rows_wanted:
+            report["kernel_errors"] = check_kernels(model, device, gen)
+            log(f"kernel errors: {report['kernel_errors']}")
+        if "vision" in rows_wanted and not over_budget("vision"):
+            rows.append(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
+        t0 = time.perf_counter()
+        engine = build_engine(model, sizes, device, 0.95 if device.type == "cuda" else 0.9)
+        report["engine_build_s"] = time.perf_counter() - t0
+        report["kv_blocks"] = engine.runner.num_blocks
+        report["cuda_graphs"] = engine.runner.decode_graphs is not None
+        report["gemv_tuning"] = engine.runner.gemv_report
+        if engine.runner.cuda_attention is not None:
+            plans = engine.runner.cuda_attention.decode_plans
+            report["decode_plans"] = {str(k): str(v) for k, v in plans.items()}
+        log(f"gemv tuning: {report['gemv_tuning']}")
+        log(f"decode plans: {report.get('decode_plans')}")
+        log(
+            f"engine built in {report['engine_build_s']:.1f}s, {engine.runner.num_blocks} KV blocks"
+        )
+        if "check" in rows_wanted:
+            report["engine_check"] = check_engine(engine, sizes, gen)
+            log(f"engine check: {report['engine_check']}")
+        steps: list[tuple[str, Callable[[], Row]]] = [
+            ("decode", lambda: row_decode(engine, sizes, gen, limits)),
+            ("ttft", lambda: row_ttft(engine, sizes, gen, limits)),
+            ("prefill", lambda: row_prefill(engine, sizes, gen, limits)),
+            ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
+            ("long", lambda: row_long(engine, sizes, gen)),
+        ]
+        for name, fn in steps:
+            if name in rows_wanted and not over_budget(name):
+                rows.append(_guard(name, fn, log))
+                engine.abort_all()
+                _write(report, rows, args.out)
     if "isq" in rows_wanted and importlib.util.find_spec("mistralpy.quant.isq") is not None:
         del engine, model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for fmt in ("q4k", "fp8"):
+        for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
                 rows.append(_guard(f"isq {fmt}", lambda f=fmt: row_isq(f, sizes, device, config,
                                                                         gen, limits), log))  # fmt: skip
