@@ -70,17 +70,6 @@ def _q4k_header(wi_ptr, wbase, ok, s_lo):
 
 
 @triton.jit
-def _q4k_header_v4(wi_ptr, wbase, ok, s_lo):
-    """`_q4k_header` with the four words read by one 16-byte load per header."""
-    hp = wi_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :]
-    hdr = tl.load(hp) if ok is None else tl.load(hp, mask=ok[:, :, None], other=0)
-    w02, w13 = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))
-    w0, w2 = tl.split(w02)
-    w1, w3 = tl.split(w13)
-    return _q4k_header_words(w0, w1, w2, w3, s_lo)
-
-
-@triton.jit
 def _q4k_header_words(w0, w1, w2, w3, s_lo):
     """`_q4k_header` from the header's four int32 words."""
     d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -88,6 +77,36 @@ def _q4k_header_words(w0, w1, w2, w3, s_lo):
     sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
     sc_hi, m_hi = _q4k_words_scale_min(w1, w2, w3, s_lo + 1)
     return d, dmin, sc_lo, m_lo, sc_hi, m_hi
+
+
+@triton.jit
+def _q4k_header_v4(wi_ptr, wbase, c):
+    """`_q4k_header` for chunk c (sub-blocks 2c, 2c + 1) of the blocks whose headers start at
+    word wbase (BN, J), read unmasked by one 16-byte load per header."""
+    hdr = tl.load(wi_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :])
+    w02, w13 = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))
+    w0, w2 = tl.split(w02)
+    w1, w3 = tl.split(w13)
+    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc_lo, mn_lo, sc_hi, mn_hi = _q4k_pair_scale_min(w1, w2, w3, c + 0 * w1)
+    return d, dmin, sc_lo, mn_lo, sc_hi, mn_hi
+
+
+@triton.jit
+def _q4k_pair_scale_min(w1, w2, w3, c):
+    """The 6-bit (scale, min) of sub-blocks 2c and 2c + 1 (c = 0..3, same shape as the
+    words) from the header's scale words w1..w3, by whole-word masks: the scales of
+    sub-blocks 0-3 are the low 6 bits of w1's bytes, those of 4-7 the low nibbles of w3's
+    with w1's top 2 bits above; mins likewise from w2 and w3's high nibbles."""
+    low = c < 2
+    sc = tl.where(low, w1 & 0x3F3F3F3F, (w3 & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030))
+    mn = tl.where(low, w2 & 0x3F3F3F3F, ((w3 >> 4) & 0x0F0F0F0F) | ((w2 >> 2) & 0x30303030))
+    sh = 16 * (c % 2)
+    sc_lo, sc_hi = (sc >> sh) & 255, (sc >> (sh + 8)) & 255
+    mn_lo, mn_hi = (mn >> sh) & 255, (mn >> (sh + 8)) & 255
+    f = tl.float32
+    return sc_lo.to(f), mn_lo.to(f), sc_hi.to(f), mn_hi.to(f)
 
 
 @triton.jit
@@ -396,8 +415,7 @@ def _q4k_gemv_dp4a_kernel(
         dots_lo, dots_hi16 = _nibble_dots(codes, xw_lo, xw_hi, ASM)
         dot_lo = tl.sum(dots_lo, axis=2).to(tl.float32)  # (BN, J)
         dot_hi = tl.sum(dots_hi16, axis=2).to(tl.float32) * 0.0625
-        sub = 2 * c[None, :] + tl.zeros((BN, J), dtype=tl.int32)
-        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(wi_ptr, wbase, None, sub)
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(wi_ptr, wbase, c[None, :])
         acc += d * (sc_lo * (xd_lo * dot_lo + 8.0 * xr_lo))
         acc += d * (sc_hi * (xd_hi * dot_hi + 8.0 * xr_hi))
         acc -= dmin * (mn_lo * xs_lo + mn_hi * xs_hi)
