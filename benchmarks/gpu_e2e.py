@@ -759,7 +759,7 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     if fmt == FLOAT_Q4K_GEMVS:
         from mistralpy.kernels import triton_quant as tq
 
-        tune, float_only = tq.tune_q4k_gemv, [c for c in tq.Q4K_GEMV_CANDIDATES if not c.dp4a]
+        tune, float_only = tq.tune_q4k_gemv, tq.Q4K_FLOAT_GEMV_CANDIDATES
         tq.tune_q4k_gemv = lambda packed, shape: tune(packed, shape, float_only)
         try:
             model = load_dummy_model(config, torch.bfloat16, device, isq="q4k")

@@ -201,6 +201,7 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
 # --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
+    "float": tq.Q4K_FLOAT_GEMV_CANDIDATES,
     "dp4a": tuple(
         tq.GemvConfig(bn, bb, warps, split=split, stages=stages, dp4a=True, x_inline=inline)
         for inline in (False, True)

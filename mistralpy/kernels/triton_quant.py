@@ -626,28 +626,30 @@ def q4k_gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(16, 1, 1, split=4 if k >= 16384 else 1, half_chunks=True)
 
 
-# Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the
-# winners per 24B shape on H100 of a 100-config sweep (benchmarks/quant_gpu.py, section
-# words; the half-chunk kernel for the large shapes, the byte kernel for the small ones),
-# plus split-K 2 / 8 / 16 of the half-chunk kernel (more programs in flight on the small
-# shapes, whose 1-warp programs at BN 4 fill only a part of the SMs' warp slots).
-Q4K_GEMV_CANDIDATES = (
-    tuple(
-        GemvConfig(bn, bb, 1, split=split, half_chunks=True)
-        for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
-        for split in (1, 2, 4, 8, 16)
-    )
-    + tuple(
-        GemvConfig(bn, bb, warps, words=True, magic=True)
-        for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
-    )
-    + tuple(
-        GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline)
-        for bn, bb, warps, split, inline in (
-            (8, 1, 1, 2, False), (16, 1, 1, 1, False), (16, 1, 1, 4, False),
-            (16, 2, 2, 1, False), (32, 1, 2, 1, False), (32, 1, 2, 4, False),
-            (16, 1, 1, 1, True), (32, 1, 2, 1, True), (64, 1, 4, 1, True),
-        )
+# The float-code GEMVs that the tuner chose from before the dp4a kernel: the winners per
+# 24B shape on H100 of a 100-config sweep (the half-chunk kernel for the large shapes, the
+# byte kernel for the small ones) plus split-K 2 / 8 / 16 of the half-chunk kernel. Exact
+# in x (no int8 rounding), 1.2-1.6x slower on H100; kept as benchmarks' same-run baseline.
+Q4K_FLOAT_GEMV_CANDIDATES = tuple(
+    GemvConfig(bn, bb, 1, split=split, half_chunks=True)
+    for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
+    for split in (1, 2, 4, 8, 16)
+) + tuple(
+    GemvConfig(bn, bb, warps, words=True, magic=True)
+    for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
+)
+# Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the dp4a
+# kernel's best per 24B shape in a 36-config sweep on H100 (benchmarks/quant_gpu.py
+# --sections words --words-candidates dp4a, 2026-12-05: 8-row tiles with x quantized by its
+# own kernel for the large shapes, split-K 4 with x quantized inline for qkv and o) and
+# their neighbours (split 2 / 8, 2 blocks per step).
+Q4K_GEMV_CANDIDATES = tuple(
+    GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline)
+    for bn, bb, warps, split, inline in (
+        (8, 1, 1, 1, False), (8, 1, 1, 2, False), (8, 1, 1, 4, False), (8, 1, 1, 8, False),
+        (8, 2, 1, 1, False), (8, 2, 1, 4, False), (4, 1, 1, 1, False), (16, 1, 1, 4, False),
+        (16, 1, 1, 1, True), (16, 1, 1, 4, True), (16, 1, 1, 8, True), (8, 1, 1, 4, True),
+        (8, 1, 1, 8, True),
     )
 )  # fmt: skip
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
