@@ -26,6 +26,7 @@ whose load-time q4k pick section words tunes and times too, for a same-run befor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -202,6 +203,10 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
     "float": tq.Q4K_FLOAT_GEMV_CANDIDATES,
+    "prefetch": tuple(c for c in tq.Q4K_GEMV_CANDIDATES if not c.x_inline)
+    + tuple(
+        dataclasses.replace(c, prefetch=True) for c in tq.Q4K_GEMV_CANDIDATES if not c.prefetch
+    ),
     "dp4a": tuple(
         tq.GemvConfig(bn, bb, warps, split=split, stages=stages, dp4a=True, x_inline=inline)
         for inline in (False, True)

@@ -82,24 +82,28 @@ def _per_weight(compiled, bn: int, bb: int, warps: int) -> tuple[float, collecti
     return len(ops) / weights_per_lane, collections.Counter(op.split(".")[0] for op in ops)
 
 
-def dp4a_instructions_per_weight(tq_config=(16, 1, 1), x_inline: bool = False) -> float:
+def dp4a_instructions_per_weight(
+    tq_config=(16, 1, 1), x_inline: bool = False, prefetch: bool = False
+) -> float:
     """Main-loop SASS instructions per weight of `_q4k_gemv_dp4a_kernel` (bn, bb, warps)."""
     bn, bb, warps = tq_config
-    const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, "X_INLINE": x_inline, "ASM": True}
+    const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, "X_INLINE": x_inline,
+             "ASM": True, "PREFETCH": prefetch}  # fmt: skip
     compiled = compile_sm90(tq._q4k_gemv_dp4a_kernel, DP4A_SIGNATURE, const, warps)
     return _per_weight(compiled, bn, bb, warps)[0]
 
 
 def main() -> None:
     runs = [("half_chunks", tq._q4k_gemv_half_chunk_kernel, HALF_CHUNK_SIGNATURE, (16, 1, 1), {})]
-    for bn, bb, warps in ((16, 1, 1), (32, 1, 2), (16, 2, 1)):
-        for inline in (False, True):
-            runs.append((f"dp4a x_inline={inline}", tq._q4k_gemv_dp4a_kernel, DP4A_SIGNATURE,
-                         (bn, bb, warps), {"X_INLINE": inline, "ASM": True}))  # fmt: skip
+    for bn, bb, warps in ((8, 1, 1), (16, 1, 1), (32, 1, 2), (16, 2, 1)):
+        for inline, prefetch in ((False, False), (True, False), (False, True)):
+            runs.append((f"dp4a x_inline={inline} prefetch={prefetch}", tq._q4k_gemv_dp4a_kernel,
+                         DP4A_SIGNATURE, (bn, bb, warps),
+                         {"X_INLINE": inline, "ASM": True, "PREFETCH": prefetch}))  # fmt: skip
     for name, fn, sig, (bn, bb, warps), extra in runs:
         const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, **extra}
         per_weight, ops = _per_weight(compile_sm90(fn, sig, const, warps), bn, bb, warps)
-        print(f"{name:22} bn={bn:<3} bb={bb} warps={warps}: {per_weight:.2f} instr/weight "
+        print(f"{name:36} bn={bn:<3} bb={bb} warps={warps}: {per_weight:.2f} instr/weight "
               f"{dict(ops.most_common(10))}", flush=True)  # fmt: skip
 
 

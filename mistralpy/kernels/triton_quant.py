@@ -80,10 +80,9 @@ def _q4k_header_words(w0, w1, w2, w3, s_lo):
 
 
 @triton.jit
-def _q4k_header_v4(wi_ptr, wbase, c):
-    """`_q4k_header` for chunk c (sub-blocks 2c, 2c + 1) of the blocks whose headers start at
-    word wbase (BN, J), read unmasked by one 16-byte load per header."""
-    hdr = tl.load(wi_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :])
+def _q4k_header_v4(hdr, c):
+    """`_q4k_header` for chunk c (sub-blocks 2c, 2c + 1) from the blocks' headers hdr
+    (BN, J, 4) int32, read by one 16-byte load per header."""
     w02, w13 = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))
     w0, w2 = tl.split(w02)
     w1, w3 = tl.split(w13)
@@ -354,19 +353,22 @@ def _nibble_dots(codes, x_lo, x_hi, ASM: tl.constexpr):
 def _q4k_gemv_dp4a_kernel(
     x_ptr, xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
     split_blocks, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr,
-    STAGES: tl.constexpr, X_INLINE: tl.constexpr, ASM: tl.constexpr,
+    STAGES: tl.constexpr, X_INLINE: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Batch-1 q4_K GEMV with integer dot products, as llama.cpp's mmvq: x in int8 groups of
     32 (one scale and one float sum per group, `_q8_words`) meets the 4-bit codes through
     dp4a, 4 multiply-adds per instruction, with no code ever converted to float; a
     sub-block adds d sc (dx dot(q, xq) + 8 r) - dmin m sum(x), r the group's residual: the
     int8 error then enters as sum((q - 8) e), not sum(q e) (codes centred as in the
-    `group_affine` oracle: half the error). About one instruction per weight against ~4.5
-    for the float kernels, which were instruction-bound on H100. The int8 rounding of x
-    costs ~0.5% relative error in y (q4_K's own is ~5%).
+    `group_affine` oracle: half the error). About 2 SASS instructions per weight in the main
+    loop against ~6.3 for the float kernels, which were instruction-bound on H100
+    (benchmarks/sass_count.py). The int8 rounding of x costs ~0.5% relative error in y
+    (q4_K's own is ~5%).
     X_INLINE: each program quantizes the x slices it reads (no extra launch; the work
     repeats per row tile); else x comes quantized by `_q8_quant_kernel` in xq (words) and
-    xs (scale, sum per group). Grid (N / BN, splits, M); PARTIAL as `_q4k_gemv_kernel`."""
+    xs (scale, sum, residual per group). PREFETCH: the next step's codes and headers are
+    loaded before this step's arithmetic (double-buffered in registers: twice the bytes in
+    flight per warp). Grid (N / BN, splits, M); PARTIAL as `_q4k_gemv_kernel`."""
     s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
     J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes = 8 words) per step
     j = tl.arange(0, J)
@@ -376,13 +378,28 @@ def _q4k_gemv_dp4a_kernel(
     # and the x group scales, read masked, are 0 for their blocks
     row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
     acc = tl.zeros((BN, J), dtype=tl.float32)
+    c = j % 4
+    code_words = (4 + c * 8)[None, :, None] + w8[None, None, :]  # (1, J, 8) in a block
+    hdr_words = tl.arange(0, 4)[None, None, :]
+    if PREFETCH:
+        blk = tl.minimum(b_start + j // 4, b_end - 1)
+        wbase = row_words[:, None] + blk[None, :] * 36
+        codes_next = tl.load(wi_ptr + wbase[:, :, None] + code_words)
+        hdr_next = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)
     for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         ok_j = b0 + j // 4 < b_end
         blk = tl.minimum(b0 + j // 4, b_end - 1)
-        c = j % 4
         wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
-        cp = wi_ptr + (wbase + 4 + c[None, :] * 8)[:, :, None] + w8[None, None, :]
-        codes = tl.load(cp)  # (BN, J, 8)
+        if PREFETCH:
+            codes, hdr = codes_next, hdr_next
+            more = tl.zeros((BN, J, 1), tl.int32) + b0 + BB < b_end  # none after the last
+            blk_next = tl.minimum(b0 + BB + j // 4, b_end - 1)
+            wnext = (row_words[:, None] + blk_next[None, :] * 36)[:, :, None]
+            codes_next = tl.load(wi_ptr + wnext + code_words, mask=more, other=0)
+            hdr_next = tl.load(wi_ptr + wnext + hdr_words, mask=more, other=0)
+        else:
+            codes = tl.load(wi_ptr + wbase[:, :, None] + code_words)  # (BN, J, 8)
+            hdr = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)  # (BN, J, 4)
         g_lo = blk * 8 + 2 * c  # x group (= sub-block) of the low nibbles; high: g_lo + 1
         if X_INLINE:
             e = tl.arange(0, 4)
@@ -415,7 +432,7 @@ def _q4k_gemv_dp4a_kernel(
         dots_lo, dots_hi16 = _nibble_dots(codes, xw_lo, xw_hi, ASM)
         dot_lo = tl.sum(dots_lo, axis=2).to(tl.float32)  # (BN, J)
         dot_hi = tl.sum(dots_hi16, axis=2).to(tl.float32) * 0.0625
-        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(wi_ptr, wbase, c[None, :])
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(hdr, c[None, :])
         acc += d * (sc_lo * (xd_lo * dot_lo + 8.0 * xr_lo))
         acc += d * (sc_hi * (xd_hi * dot_hi + 8.0 * xr_hi))
         acc -= dmin * (mn_lo * xs_lo + mn_hi * xs_hi)
@@ -617,6 +634,7 @@ class GemvConfig:
     half_chunks: bool = False  # `_q4k_gemv_half_chunk_kernel` (in-thread 16-byte sums)
     dp4a: bool = False  # `_q4k_gemv_dp4a_kernel` (int8 x, integer dot products)
     x_inline: bool = False  # dp4a: each program quantizes x itself (no separate launch)
+    prefetch: bool = False  # dp4a: load the next step's codes during this step's arithmetic
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
@@ -644,12 +662,16 @@ Q4K_FLOAT_GEMV_CANDIDATES = tuple(
 # own kernel for the large shapes, split-K 4 with x quantized inline for qkv and o) and
 # their neighbours (split 2 / 8, 2 blocks per step).
 Q4K_GEMV_CANDIDATES = tuple(
-    GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline)
-    for bn, bb, warps, split, inline in (
-        (8, 1, 1, 1, False), (8, 1, 1, 2, False), (8, 1, 1, 4, False), (8, 1, 1, 8, False),
-        (8, 2, 1, 1, False), (8, 2, 1, 4, False), (4, 1, 1, 1, False), (16, 1, 1, 4, False),
-        (16, 1, 1, 1, True), (16, 1, 1, 4, True), (16, 1, 1, 8, True), (8, 1, 1, 4, True),
-        (8, 1, 1, 8, True),
+    GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline, prefetch=prefetch)
+    for bn, bb, warps, split, inline, prefetch in (
+        (8, 1, 1, 1, False, False), (8, 1, 1, 2, False, False), (8, 1, 1, 4, False, False),
+        (8, 1, 1, 8, False, False), (8, 2, 1, 1, False, False), (8, 2, 1, 4, False, False),
+        (4, 1, 1, 1, False, False), (16, 1, 1, 4, False, False), (16, 1, 1, 1, True, False),
+        (16, 1, 1, 4, True, False), (16, 1, 1, 8, True, False), (8, 1, 1, 4, True, False),
+        (8, 1, 1, 8, True, False),
+        # the same with the next step's codes prefetched (not yet timed on a GPU)
+        (8, 1, 1, 1, False, True), (8, 1, 1, 4, False, True), (16, 1, 1, 4, False, True),
+        (16, 1, 1, 4, True, True),
     )
 )  # fmt: skip
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
@@ -747,7 +769,7 @@ class TritonQ4KMatmul(_TritonMatmul):
                 x, xq, xs, self.wi, y, ws, cnt, self.out_features, self.in_features,
                 x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
                 PARTIAL=split > 1, STAGES=cfg.stages, X_INLINE=cfg.x_inline,
-                ASM=not self.interpret, num_warps=cfg.warps,
+                ASM=not self.interpret, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
             )  # fmt: skip
         elif cfg.half_chunks:
             _q4k_gemv_half_chunk_kernel[grid](
