@@ -669,11 +669,10 @@ Q4K_GEMV_CANDIDATES = tuple(
         (4, 1, 1, 1, False, False), (16, 1, 1, 4, False, False), (16, 1, 1, 1, True, False),
         (16, 1, 1, 4, True, False), (16, 1, 1, 8, True, False), (8, 1, 1, 4, True, False),
         (8, 1, 1, 8, True, False),
-        # the same with the next step's codes prefetched (not yet timed on a GPU)
-        (8, 1, 1, 1, False, True), (8, 1, 1, 4, False, True), (16, 1, 1, 4, False, True),
-        (16, 1, 1, 4, True, True),
     )
 )  # fmt: skip
+# Not yet timed on a GPU, so not among the tuner's candidates: the prefetching variants
+# (benchmarks/quant_gpu.py --sections words --words-candidates prefetch times them).
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
