@@ -203,9 +203,8 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
     "float": tq.Q4K_FLOAT_GEMV_CANDIDATES,
-    "prefetch": tuple(c for c in tq.Q4K_GEMV_CANDIDATES if not c.x_inline)
-    + tuple(
-        dataclasses.replace(c, prefetch=True) for c in tq.Q4K_GEMV_CANDIDATES if not c.prefetch
+    "prefetch": tuple(
+        cfg for c in tq.Q4K_GEMV_CANDIDATES for cfg in (c, dataclasses.replace(c, prefetch=True))
     ),
     "dp4a": tuple(
         tq.GemvConfig(bn, bb, warps, split=split, stages=stages, dp4a=True, x_inline=inline)
