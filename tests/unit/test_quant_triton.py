@@ -271,3 +271,59 @@ def test_dp4a_gemv_compiles_for_hopper():
     except FileNotFoundError as e:  # a Triton build without the CUDA toolchain
         pytest.skip(str(e))
     assert per_weight < 3.0, per_weight
+
+
+TUNER = r"""
+import json
+import torch
+import triton.testing
+from mistralpy.kernels import triton_quant as tq
+from mistralpy.quant.formats import get_format
+
+g = torch.Generator().manual_seed(3)
+n, k = 16, 512
+packed = get_format("q4k").quantize(torch.randn(n, k, generator=g) * 0.05)
+fast_but_wrong = tq.GemvConfig(4, 1, 1, dp4a=True)
+fast_and_right = tq.GemvConfig(8, 1, 1, dp4a=True)
+slow = tq.GemvConfig(16, 1, 1, dp4a=True, x_inline=True)
+
+
+class Faulty(tq.TritonQ4KMatmul):
+    # the fastest candidate returns twice the product: a miscompiled kernel, say
+    def __call__(self, x):
+        y = super().__call__(x)
+        return 2 * y if self.gemv == fast_but_wrong else y
+
+
+fake_ms = {fast_but_wrong: 1.0, fast_and_right: 2.0, slow: 3.0}
+state = {}
+
+
+def timed(fn, rep):
+    fn()
+    return fake_ms[state["cfg"]]
+
+
+class Recording(Faulty):
+    def __init__(self, packed, shape, gemv=None):
+        super().__init__(packed, shape, gemv)
+        state["cfg"] = gemv
+
+
+tq.TritonQ4KMatmul = Recording
+triton.testing.do_bench_cudagraph = timed
+picked = tq.tune_q4k_gemv(packed, (n, k), (fast_but_wrong, fast_and_right, slow))
+print(json.dumps({"picked": str(picked), "want": str(fast_and_right)}))
+"""
+
+
+def test_tuner_never_picks_a_config_with_wrong_results():
+    """tune_q4k_gemv times candidates by speed but skips one whose output strays from the
+    exact float kernel's (timing faked, kernels in the interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    out = subprocess.run(
+        [sys.executable, "-c", TUNER], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["picked"] == row["want"], row
