@@ -70,24 +70,30 @@ def _q4k_header(wi_ptr, wbase, ok, s_lo):
 
 
 @triton.jit
-def _q4k_header_words(w0, w1, w2, w3, s_lo):
-    """`_q4k_header` from the header's four int32 words."""
+def _q4k_d_dmin(w0):
+    """A q4_K header's fp16 super-scales d and dmin (its first int32 word) as float32."""
     d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return d, dmin
+
+
+@triton.jit
+def _q4k_header_words(w0, w1, w2, w3, s_lo):
+    """`_q4k_header` from the header's four int32 words."""
+    d, dmin = _q4k_d_dmin(w0)
     sc_lo, m_lo = _q4k_words_scale_min(w1, w2, w3, s_lo)
     sc_hi, m_hi = _q4k_words_scale_min(w1, w2, w3, s_lo + 1)
     return d, dmin, sc_lo, m_lo, sc_hi, m_hi
 
 
 @triton.jit
-def _q4k_header_v4(hdr, c):
+def _q4k_chunk_header(hdr, c):
     """`_q4k_header` for chunk c (sub-blocks 2c, 2c + 1) from the blocks' headers hdr
     (BN, J, 4) int32, read by one 16-byte load per header."""
     w02, w13 = tl.split(tl.reshape(hdr, (hdr.shape[0], hdr.shape[1], 2, 2)))
     w0, w2 = tl.split(w02)
     w1, w3 = tl.split(w13)
-    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    d, dmin = _q4k_d_dmin(w0)
     sc_lo, mn_lo, sc_hi, mn_hi = _q4k_pair_scale_min(w1, w2, w3, c + 0 * w1)
     return d, dmin, sc_lo, mn_lo, sc_hi, mn_hi
 
@@ -389,7 +395,6 @@ def _q4k_gemv_dp4a_kernel(
     for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         ok_j = b0 + j // 4 < b_end
         blk = tl.minimum(b0 + j // 4, b_end - 1)
-        wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
         if PREFETCH:
             codes, hdr = codes_next, hdr_next
             more = tl.zeros((BN, J, 1), tl.int32) + b0 + BB < b_end  # none after the last
@@ -398,6 +403,7 @@ def _q4k_gemv_dp4a_kernel(
             codes_next = tl.load(wi_ptr + wnext + code_words, mask=more, other=0)
             hdr_next = tl.load(wi_ptr + wnext + hdr_words, mask=more, other=0)
         else:
+            wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
             codes = tl.load(wi_ptr + wbase[:, :, None] + code_words)  # (BN, J, 8)
             hdr = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)  # (BN, J, 4)
         g_lo = blk * 8 + 2 * c  # x group (= sub-block) of the low nibbles; high: g_lo + 1
@@ -432,7 +438,7 @@ def _q4k_gemv_dp4a_kernel(
         dots_lo, dots_hi16 = _nibble_dots(codes, xw_lo, xw_hi, ASM)
         dot_lo = tl.sum(dots_lo, axis=2).to(tl.float32)  # (BN, J)
         dot_hi = tl.sum(dots_hi16, axis=2).to(tl.float32) * 0.0625
-        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header_v4(hdr, c[None, :])
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_chunk_header(hdr, c[None, :])
         acc += d * (sc_lo * (xd_lo * dot_lo + 8.0 * xr_lo))
         acc += d * (sc_hi * (xd_hi * dot_hi + 8.0 * xr_hi))
         acc -= dmin * (mn_lo * xs_lo + mn_hi * xs_hi)
