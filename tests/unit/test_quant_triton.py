@@ -16,6 +16,18 @@ import pytest
 
 pytest.importorskip("triton")
 
+
+def interpreted_rows(script: str, *args: str) -> list[dict]:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1; its JSON lines, parsed."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 CASES = [
     (fmt, m, n, k)
     for fmt in ["q4k", "q8_0", "q6k", "q4_0", "q5k", "q2k", "fp8"]
@@ -46,16 +58,7 @@ for fmt, m, n, k in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows(SCRIPT, json.dumps(CASES))
     return {tuple(r["case"]): r for r in rows}
 
 
@@ -122,12 +125,7 @@ for fused, ref_fn in [(tq.fp8_quantize_rows, fp8_quantize_rows),
 
 
 def test_split_k_gemv_and_fp8_row_quantizer():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    out = subprocess.run(
-        [sys.executable, "-c", EXTRA], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows(EXTRA)
     splits = [r for r in rows if r["case"] == "split"]
     assert len(splits) == 10
     for r in splits:
@@ -168,12 +166,7 @@ for split in (1, 2, 4, 8):
 def test_split_k_reduces_in_kernel():
     """Every split gives the oracle's result; the in-kernel reduction's counters come back to
     0, so a second call on the same instance (as a graph replay) gives the same bits."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    out = subprocess.run(
-        [sys.executable, "-c", SPLIT_K], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows(SPLIT_K)
     assert len(rows) == 12
     for r in rows:
         assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
@@ -248,12 +241,7 @@ def test_dp4a_gemv_equals_its_int8_oracle():
     ragged and several-row launches, with x quantized by its kernel or inline, with and
     without the next step's codes prefetched; the int8
     rounding of x moves y by well under 1% from the exact product."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    out = subprocess.run(
-        [sys.executable, "-c", DP4A], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows(DP4A)
     assert len(rows) == 7
     for r in rows:
         assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
@@ -320,10 +308,5 @@ print(json.dumps({"picked": str(picked), "want": str(fast_and_right)}))
 def test_tuner_never_picks_a_config_with_wrong_results():
     """tune_q4k_gemv times candidates by speed but skips one whose output strays from the
     exact float kernel's (timing faked, kernels in the interpreter)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    out = subprocess.run(
-        [sys.executable, "-c", TUNER], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    row = json.loads(out.stdout.splitlines()[-1])
+    (row,) = interpreted_rows(TUNER)
     assert row["picked"] == row["want"], row
