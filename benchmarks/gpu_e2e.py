@@ -46,7 +46,8 @@ from mistralpy.processing.chat_template import ProcessedPrompt  # noqa: E402
 from mistralpy.processing.tokenizer import Tokenizer  # noqa: E402
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 
-ALL_ROWS = ("check", "vision", "decode", "ttft", "prefill", "concurrent", "long", "isq")
+ALL_ROWS = ("check", "vision", "decode", "batch", "ttft", "prefill", "concurrent", "long", "isq")
+BATCHES = (1, 8, 32)  # decode-step rows per format (`batch`)
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them
 
 
@@ -412,6 +413,32 @@ def row_decode(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: di
     return Row("decode bs1 @1k ctx", tok_s, "tok/s", ">= 58", tok_s >= 58, limit, extra=extra)
 
 
+def row_batch(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, batch: int,
+              label: str) -> Row:  # fmt: skip
+    """Median decode step with `batch` sequences of decode_ctx-token prompts, all decoding:
+    per-sequence tok/s = 1 / step (the table of the quantized-serving issue)."""
+    vocab = engine.runner.model.config.text_config.vocab_size
+    warm, steps = 4, max(8, sizes.decode_steps // 4)
+    ids = [f"b{batch}_{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, random_prompt(sizes.decode_ctx, vocab, gen),
+                           greedy(steps + warm + 2))  # fmt: skip
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(warm):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    engine.abort_all()
+    step = statistics.median(times)
+    return Row(f"decode step bs{batch} {label}", 1.0 / step, "tok/s per seq", "", None,
+               extra={"step_ms_median": step * 1e3, "batch": batch})  # fmt: skip
+
+
 def _kv_bytes(model: Any, tokens: int) -> int:
     text = model.config.text_config
     el = model.language_model.embed_tokens.weight.element_size()
@@ -754,7 +781,7 @@ FLOAT_Q4K_GEMVS = "q4k-float"
 
 
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
-            gen: torch.Generator, limits: dict) -> Row:  # fmt: skip
+            gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = ()) -> list[Row]:  # fmt: skip
     t0 = time.perf_counter()
     if fmt == FLOAT_Q4K_GEMVS:
         from mistralpy.kernels import triton_quant as tq
@@ -768,13 +795,38 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     else:
         model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
     load_s = time.perf_counter() - t0
+    weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     engine = build_engine(model, sizes, device, 0.9)
     row = row_decode(engine, sizes, gen, limits)
-    target = {"q4k": 150, FLOAT_Q4K_GEMVS: 150, "fp8": 100}.get(fmt, 0)
+    target = {"q4k": 160, FLOAT_Q4K_GEMVS: 160, "fp8": 100}.get(fmt, 0)
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
-    row.extra["load_s"] = load_s
-    return row
+    row.extra.update(load_s=load_s, weights_gb=weights_gb,
+                     bits_per_weight=8e9 * weights_gb / model_params(model))  # fmt: skip
+    rows = [row]
+    if "batch" in extra_rows:
+        rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in BATCHES]
+    if "concurrent" in extra_rows:
+        conc = row_concurrent(engine, sizes, gen, limits)
+        conc.name += f" isq={fmt}"
+        conc.target, conc.ok = ">= 1400", conc.value >= 1400
+        rows.append(conc)
+    return rows
+
+
+def model_params(model: Any) -> int:
+    """Parameters of the model as built in full precision (quantized linears count their
+    logical in x out weights), for bits per weight."""
+    from mistralpy.quant.isq import QuantizedLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.in_features * mod.out_features
+        else:
+            total += sum(p.numel() for p in mod.parameters(recurse=False))
+            total += sum(b.numel() for b in mod.buffers(recurse=False) if b.is_floating_point())
+    return total
 
 
 # ------------------------------------------------------------------------------ main
@@ -789,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=470.0)
     ap.add_argument("--isq-formats", default="q4k,fp8",
                     help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
+    ap.add_argument("--isq-rows", default="decode",
+                    help="rows per isq format: decode (always), batch, concurrent")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
     unknown = set(rows_wanted) - set(ALL_ROWS)
@@ -836,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             report["kernel_errors"] = check_kernels(model, device, gen)
             log(f"kernel errors: {report['kernel_errors']}")
         if "vision" in rows_wanted and not over_budget("vision"):
-            rows.append(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
+            rows.extend(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
         t0 = time.perf_counter()
         engine = build_engine(model, sizes, device, 0.95 if device.type == "cuda" else 0.9)
         report["engine_build_s"] = time.perf_counter() - t0
@@ -854,8 +908,9 @@ def main(argv: list[str] | None = None) -> int:
         if "check" in rows_wanted:
             report["engine_check"] = check_engine(engine, sizes, gen)
             log(f"engine check: {report['engine_check']}")
-        steps: list[tuple[str, Callable[[], Row]]] = [
+        steps: list[tuple[str, Callable[[], Row | list[Row]]]] = [
             ("decode", lambda: row_decode(engine, sizes, gen, limits)),
+            ("batch", lambda: [row_batch(engine, sizes, gen, b, "bf16") for b in BATCHES]),
             ("ttft", lambda: row_ttft(engine, sizes, gen, limits)),
             ("prefill", lambda: row_prefill(engine, sizes, gen, limits)),
             ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
@@ -863,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, fn in steps:
             if name in rows_wanted and not over_budget(name):
-                rows.append(_guard(name, fn, log))
+                rows.extend(_guard(name, fn, log))
                 engine.abort_all()
                 _write(report, rows, args.out)
     if "isq" in rows_wanted and importlib.util.find_spec("mistralpy.quant.isq") is not None:
@@ -871,10 +926,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        isq_rows = tuple(r for r in ("batch", "concurrent") if r in args.isq_rows)
         for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
-                rows.append(_guard(f"isq {fmt}", lambda f=fmt: row_isq(f, sizes, device, config,
-                                                                        gen, limits), log))  # fmt: skip
+                rows.extend(_guard(f"isq {fmt}", lambda f=fmt: row_isq(
+                    f, sizes, device, config, gen, limits, isq_rows), log))  # fmt: skip
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -884,18 +940,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _guard(name: str, fn: Callable[[], Row], log: Callable[[str], None]) -> Row:
-    """Run one row; an exception becomes a failed row (the other rows still run)."""
+def _guard(name: str, fn: Callable[[], Row | list[Row]], log: Callable[[str], None]) -> list[Row]:
+    """Run one row (or a group of rows); an exception becomes a failed row (the other rows
+    still run)."""
     log(f"row {name} ...")
     try:
-        row = fn()
+        got = fn()
     except Exception as exc:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
-        return Row(name, None, "", "", False, notes=f"error: {type(exc).__name__}: {exc}")
-    log(f"row {name}: {row.value} {row.unit} {row.extra}")
-    return row
+        return [Row(name, None, "", "", False, notes=f"error: {type(exc).__name__}: {exc}")]
+    rows = got if isinstance(got, list) else [got]
+    for row in rows:
+        log(f"row {row.name}: {row.value} {row.unit} {row.extra}")
+    return rows
 
 
 def _device_name(device: torch.device) -> str:

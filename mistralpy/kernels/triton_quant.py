@@ -447,36 +447,89 @@ def _q4k_gemv_dp4a_kernel(
 
 
 @triton.jit
-def _q4k_gemm_kernel(
-    x_ptr, wb_ptr, wh_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr,
+def _q4k_gemm_swap_kernel(
+    x_ptr, wb_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+    split_blocks, BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
+    PARTIAL: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    ms = tl.program_id(1) * BM + tl.arange(0, BM)
-    rmask, mmask = rows < N, ms < M
+    """q4_K GEMM for decode-sized batches (2 <= M <= BM <= 64): acc (BN, BM) = W[rows] x^T.
+    The weight's rows fill the matrix unit's M side (64+ rows, what wgmma wants) and the
+    few rows of x its N side (16 is the smallest tile), so a batch of 2-64 rows pads only
+    x, and each program reads its weight tile once for every row of x (the x-major GEMM
+    reads it once per 16 rows). Codes become floats by the bit trick of
+    `_q4k_gemv_kernel`'s MAGIC (f = 1 + q / 16, no int-to-float conversion) and
+    w = 16 s f - (16 s + m) is one FMA. Grid (N / BN, splits); PARTIAL: split-K partials
+    go to ws (split, BM, N) float32 and the last program of a row tile to arrive sums
+    them in order (as `_q4k_store_rows`)."""
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    ms = tl.arange(0, BM)
+    mmask = ms < M
     nblk = K // 256
+    b_start = s * split_blocks
+    b_end = tl.minimum(b_start + split_blocks, nblk)
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     lane = tl.arange(0, 32)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b0 in range(0, nblk, BB):
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wb_ptr, rows, rmask, b0, nblk, nblk, BB, False
+            wb_ptr, wb_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, True, True
         )
-        w_lo = s_lo[:, :, None] * q_lo - m_lo[:, :, None]
-        w_hi = s_hi[:, :, None] * q_hi - m_hi[:, :, None]
+        a_lo = 16.0 * s_lo
+        a_hi = 16.0 * s_hi
+        w_lo = a_lo[:, :, None] * q_lo - (a_lo + m_lo)[:, :, None]  # (BN, J, 32)
+        w_hi = a_hi[:, :, None] * q_hi - (a_hi + m_hi)[:, :, None]
         blk = b0 + j // 4
         xo = blk * 256 + (j % 4) * 64
-        xmask = mmask[:, None, None] & (blk < nblk)[None, :, None]
-        xp = x_ptr + ms[:, None, None] * stride_xm + xo[None, :, None] + lane[None, None, :]
-        x_lo = tl.load(xp, mask=xmask, other=0.0).to(DOT)  # (BM, J, 32)
-        x_hi = tl.load(xp + 32, mask=xmask, other=0.0).to(DOT)
-        w_lo2 = tl.reshape(w_lo.to(DOT), (BN, J * 32))
-        w_hi2 = tl.reshape(w_hi.to(DOT), (BN, J * 32))
-        acc += tl.dot(tl.reshape(x_lo, (BM, J * 32)), tl.trans(w_lo2))
-        acc += tl.dot(tl.reshape(x_hi, (BM, J * 32)), tl.trans(w_hi2))
-    yp = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & rmask[None, :])
+        xmask = (blk < b_end)[:, None, None] & mmask[None, None, :]
+        xp = x_ptr + xo[:, None, None] + lane[None, :, None] + ms[None, None, :] * stride_xm
+        x_lo = tl.reshape(tl.load(xp, mask=xmask, other=0.0).to(DOT), (J * 32, BM))
+        x_hi = tl.reshape(tl.load(xp + 32, mask=xmask, other=0.0).to(DOT), (J * 32, BM))
+        acc += tl.dot(tl.reshape(w_lo.to(DOT), (BN, J * 32)), x_lo)
+        acc += tl.dot(tl.reshape(w_hi.to(DOT), (BN, J * 32)), x_hi)
+    omask = rmask[:, None] & mmask[None, :]
+    yp = y_ptr + ms[None, :] * stride_ym + rows[:, None]
+    if not PARTIAL:
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        nsplit = tl.num_programs(1)
+        tile = ms[None, :] * N + rows[:, None]
+        tl.store(ws_ptr + s * BM * N + tile, acc, mask=omask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if arrived == nsplit - 1:
+            total = tl.zeros_like(acc)
+            for t in range(0, nsplit):
+                total += tl.load(ws_ptr + t * BM * N + tile, mask=omask, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
+            tl.store(yp, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt, 0)
+
+
+@triton.jit
+def _q4k_dequant_kernel(wb_ptr, wi_ptr, out_ptr, N, K, BN: tl.constexpr, BB: tl.constexpr):
+    """Rows [pid0 BN, +BN) x blocks [pid1 BB, +BB) of a q4_K weight -> out (N, K) in out's
+    dtype: the first half of prefill-sized products (dequantize, then a dense GEMM)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    nblk = K // 256
+    b0 = tl.program_id(1) * BB
+    q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
+        wb_ptr, wb_ptr, wi_ptr, rows, rmask, b0, nblk, nblk, BB, True, False
+    )
+    J: tl.constexpr = BB * 4
+    j = tl.arange(0, J)
+    lane = tl.arange(0, 32)
+    col = ((b0 + j // 4) * 256 + (j % 4) * 64)[None, :, None] + lane[None, None, :]
+    op = out_ptr + rows[:, None, None].to(tl.int64) * K + col
+    ok = rmask[:, None, None] & (col < K)
+    ty = out_ptr.dtype.element_ty
+    tl.store(op, (s_lo[:, :, None] * q_lo - m_lo[:, :, None]).to(ty), mask=ok)
+    tl.store(op + 32, (s_hi[:, :, None] * q_hi - m_hi[:, :, None]).to(ty), mask=ok)
 
 
 @triton.jit
@@ -720,28 +773,61 @@ def tune_q4k_gemv(
     return best
 
 
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of `_q4k_gemm_swap_kernel` for one M bucket (BM rows of x)."""
+
+    bn: int  # weight rows per program (the matrix unit's M side: 64+ for wgmma)
+    bb: int = 1  # 256-weight blocks per loop step
+    warps: int = 4
+    stages: int = 2  # software pipelining depth of the block loop
+    split: int = 1  # split-K programs per row tile (partials summed in the kernel)
+
+
+# M buckets of the decode GEMM (rows of x padded to the next); above the last one a
+# product is prefill-sized: dequantize to bf16, then a dense GEMM.
+Q4K_GEMM_BUCKETS = (16, 32, 64)
+
+
+def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
+    """Untimed default of the decode GEMM: 64-row weight tiles; split-K where the row
+    tiles alone would leave most SMs idle (o, qkv and down at 24B have 80-96 tiles)."""
+    tiles = -(-n // 64)
+    split = 1 if tiles >= 512 else 4 if k // 256 >= 16 else 2
+    return GemmConfig(64, 1, 4, 2, split)
+
+
 class TritonQ4KMatmul(_TritonMatmul):
     """q4_K straight from GGUF bytes (N, K / 256 * 144)."""
 
     gemm_bb = 1
 
-    def __init__(self, packed: Tensor, shape: tuple[int, int], gemv: GemvConfig | None = None):
+    def __init__(
+        self,
+        packed: Tensor,
+        shape: tuple[int, int],
+        gemv: GemvConfig | None = None,
+        gemm: dict[int, GemmConfig] | None = None,
+    ):
         self.out_features, self.in_features = shape
         self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
         self.gemv = gemv or q4k_gemv_config(*shape)
+        gemm = gemm or {}
+        self.gemm = {bm: gemm.get(bm) or q4k_gemm_config(*shape, bm) for bm in Q4K_GEMM_BUCKETS}
         # split-K scratch per (device, rows of x): float32 partials (split, m, N) and int32
         # arrival counters (m, row tiles), made on first use; the kernel leaves the counters
         # at 0, so eager calls and CUDA-graph replays reuse them without a memset. One
         # instance serves one stream at a time (as a model's layers do).
-        self._split_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
+        self._split_scratch: dict[tuple[torch.device, str, int], tuple[Tensor, Tensor]] = {}
         self._x8_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 
     def _gemv_max_m(self) -> int:
         return self.gemv.max_m
 
-    def _scratch(self, device: torch.device, m: int, split: int, tiles: int):
-        """(workspace (>= split, m, N) float32, counters (m * tiles,) int32 zeros)."""
-        key = (device, m)
+    def _scratch(self, device: torch.device, m: int, split: int, tiles: int, kind: str = "gemv"):
+        """(workspace (>= split, m, N) float32, counters (m * tiles,) int32 zeros), one per
+        kernel kind and m (a CUDA graph keeps the pointers it captured)."""
+        key = (device, kind, m)
         ws_cnt = self._split_scratch.get(key)
         if ws_cnt is None or ws_cnt[0].shape[0] < split or ws_cnt[1].numel() < m * tiles:
             ws = torch.empty(split, m, self.out_features, device=device, dtype=torch.float32)
@@ -795,10 +881,42 @@ class TritonQ4KMatmul(_TritonMatmul):
                 STAGES=cfg.stages, WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
             )  # fmt: skip
 
-    def _gemm(self, grid, x, y, bm):
-        _q4k_gemm_kernel[grid](
-            x, self.wb, self.wh, y, x.shape[0], self.out_features, self.in_features,
-            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BB=self.gemm_bb, DOT=self._dot(x), num_warps=self.gemm_warps,
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        m = x.shape[0]
+        if m > Q4K_GEMM_BUCKETS[-1]:
+            return x @ self.dequantize(x.dtype).T
+        y = self._out(x)
+        if m <= self.gemv.max_m:
+            self._gemv(None, x, y)
+        else:
+            self._gemm_decode(x, y)
+        return y
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The whole weight (N, K) in `dtype`: prefill-sized products run as a dense GEMM
+        on it (the dequantize pass costs ~ (0.56 + 2 + 2) bytes per weight, small beside
+        the GEMM's 2 M flops per weight once M is in the hundreds)."""
+        n, k = self.out_features, self.in_features
+        w = torch.empty(n, k, dtype=dtype, device=self.wb.device)
+        bn, bb = 32, 2
+        grid = (triton.cdiv(n, bn), triton.cdiv(k // 256, bb))
+        _q4k_dequant_kernel[grid](self.wb, self.wi, w, n, k, BN=bn, BB=bb, num_warps=4)
+        return w
+
+    def _gemm_decode(self, x: Tensor, y: Tensor) -> None:
+        m = x.shape[0]
+        bm = next(b for b in Q4K_GEMM_BUCKETS if b >= m)
+        cfg = self.gemm[bm]
+        nblk = self.in_features // 256
+        split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
+        split = triton.cdiv(nblk, split_blocks)
+        tiles = triton.cdiv(self.out_features, cfg.bn)
+        ws, cnt = self._scratch(y.device, bm, split, tiles, "gemm") if split > 1 else (y, y)
+        _q4k_gemm_swap_kernel[(tiles, split)](
+            x, self.wb, self.wi, y, ws, cnt, m, self.out_features, self.in_features,
+            x.stride(0), y.stride(0), split_blocks, BM=bm, BN=cfg.bn, BB=cfg.bb,
+            PARTIAL=split > 1, STAGES=cfg.stages, DOT=self._dot(x), num_warps=cfg.warps,
         )  # fmt: skip
 
 
