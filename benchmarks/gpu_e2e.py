@@ -130,7 +130,7 @@ def build_engine(model: Any, sizes: Sizes, device: torch.device, util: float) ->
         gpu_memory_utilization=util,
         cpu_kv_cache_bytes=256 << 20,
     )
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     runner = ModelRunner(model, rcfg, device, dtype)
     text = model.config.text_config
     max_len = min(text.max_position_embeddings, runner.num_blocks * cfg.block_size)
@@ -188,9 +188,10 @@ def text_weight_bytes(model: Any) -> int:
     layer holds two layouts of one weight)."""
     parts = [model.language_model, model.lm_head]
     tensors = [t for m in parts for t in (*m.parameters(), *m.buffers())]
-    return sum(t.numel() * t.element_size() for t in tensors) - (
-        model.language_model.embed_tokens.weight.numel()
-        * model.language_model.embed_tokens.weight.element_size()
+    emb = model.language_model.embed_tokens
+    table = [*emb.parameters(), *emb.buffers()]  # a step reads a few rows of it, not all
+    return sum(t.numel() * t.element_size() for t in tensors) - sum(
+        t.numel() * t.element_size() for t in table
     )
 
 
@@ -219,7 +220,7 @@ def check_kernels(model: Any, device: torch.device, gen: torch.Generator) -> dic
 
     fast = ref_ops.triton_layer_ops()
     text = model.config.text_config
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     errs: dict[str, float] = {}
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -278,7 +279,7 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
     from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
 
     model = engine.runner.model
-    device = model.language_model.embed_tokens.weight.device
+    device = model.language_model.norm.weight.device
     text = model.config.text_config
     prompt = random_prompt(sizes.check_prompt, text.vocab_size, gen)
     out = engine.generate([prompt], greedy(sizes.check_tokens))[0].outputs[0].token_ids
@@ -287,9 +288,9 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
 
     def forward_logits(depth: int) -> torch.Tensor:
         nb = -(-len(ids) // 16)
-        caches = allocate_kv_caches(
-            text, nb, 16, model.language_model.embed_tokens.weight.dtype, device
-        )[:depth]
+        caches = allocate_kv_caches(text, nb, 16, model.language_model.norm.weight.dtype, device)[
+            :depth
+        ]
         attn = build_metadata([len(ids)], [len(ids)], [list(range(nb))], 16, device)
         model.language_model.layers = layers[:depth]
         try:
@@ -441,7 +442,7 @@ def row_batch(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, batch: int,
 
 def _kv_bytes(model: Any, tokens: int) -> int:
     text = model.config.text_config
-    el = model.language_model.embed_tokens.weight.element_size()
+    el = model.language_model.norm.weight.element_size()
     return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * el * tokens
 
 
@@ -463,7 +464,7 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     t_graph = time_fn(lambda: graphs.replay(bucket), device, 20)
     engine.block_manager.reset_prefix_cache()  # those blocks were written: forget any keys
     text = model.config.text_config
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     lin = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
            and (n.startswith("language_model") or n == "lm_head")]  # fmt: skip
     xs = {
@@ -664,9 +665,7 @@ def row_vision(model: Any, sizes: Sizes, device: torch.device, limits: dict) -> 
     """Our encoder + projector on one image vs transformers' eager (and sdpa) modules holding
     the same weights."""
     side = sizes.image_side - sizes.image_side % 28
-    pixels = torch.randn(
-        3, side, side, device=device, dtype=model.language_model.embed_tokens.weight.dtype
-    )
+    pixels = torch.randn(3, side, side, device=device, dtype=model.language_model.norm.weight.dtype)
     with torch.inference_mode():
         ours_out = model.encode_images([pixels])[0]
         t_ours = time_fn(lambda: model.encode_images([pixels]), device, sizes.repeats)
@@ -734,7 +733,7 @@ def hf_vision(model: Any, device: torch.device) -> tuple[Any, Any]:
         projector_hidden_act=cfg.projector_hidden_act,
         multimodal_projector_bias=cfg.multimodal_projector_bias,
     )  # fmt: skip
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     with torch.device(device):
         tower = transformers.PixtralVisionModel(hf_cfg.vision_config).to(dtype).eval()
         proj = transformers.models.mistral3.modeling_mistral3.Mistral3MultiModalProjector(hf_cfg)

@@ -307,8 +307,8 @@ def greedy_generate(
 
     A quick-generation helper for tests and smoke checks; the engine does the real batching.
     """
-    device = model.language_model.embed_tokens.weight.device
-    dtype = model.language_model.embed_tokens.weight.dtype
+    device = model.language_model.norm.weight.device  # the embedding may be quantized
+    dtype = model.language_model.norm.weight.dtype
     total = len(prompt_ids) + max_new_tokens
     num_blocks = -(-total // block_size)
     caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)

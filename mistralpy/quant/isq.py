@@ -275,6 +275,40 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt.name}, kernel={kernel}"
 
 
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding whose table stays in a GGUF block format (`qweight`, persistent): a
+    lookup gathers the rows it needs and dequantizes only those. On the GPU this keeps the
+    24B model's 131072 x 5120 table at 0.38 GB in q4k instead of 1.34 GB in bf16 (llama.cpp
+    quantizes token_embd too); a decode step reads a few rows, so it costs nothing there."""
+
+    def __init__(self, qweight: Tensor, fmt: str | QuantFormat, shape: tuple[int, int],
+                 dtype: torch.dtype):  # fmt: skip
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.num_embeddings, self.embedding_dim = shape
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (...) int64 -> (..., embedding_dim) in self.dtype."""
+        rows = self.qweight.index_select(0, ids.reshape(-1))
+        out = self.fmt.dequantize(rows, (rows.shape[0], self.embedding_dim), self.dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt.name}"
+
+
+def quantize_embedding(emb: nn.Embedding, fmt: str) -> nn.Module:
+    """`emb` as a QuantizedEmbedding in `fmt` (or its width fallback); as is when neither
+    fits its width."""
+    chosen = compatible_format(get_format(fmt), emb.embedding_dim)
+    if chosen is None:
+        return emb
+    weight = emb.weight.detach()
+    return QuantizedEmbedding(chosen.quantize(weight), chosen, tuple(weight.shape), weight.dtype)
+
+
 def _add_fp8_qweight(module: QuantizedLinear, state_dict: dict, prefix: str, _meta) -> None:
     """state_dict hook: the fp8 bytes of a module that holds only its kernel's copy."""
     state_dict[prefix + "qweight"] = module.packed_weight()
