@@ -782,6 +782,8 @@ FLOAT_Q4K_GEMVS = "q4k-float"
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
             gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = ()) -> list[Row]:  # fmt: skip
     t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if fmt == FLOAT_Q4K_GEMVS:
         from mistralpy.kernels import triton_quant as tq
 
@@ -794,13 +796,16 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     else:
         model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
     load_s = time.perf_counter() - t0
-    weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    weights_gb = load_peak_gb = 0.0
+    if device.type == "cuda":
+        weights_gb = torch.cuda.memory_allocated(device) / 1e9
+        load_peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     engine = build_engine(model, sizes, device, 0.9)
     row = row_decode(engine, sizes, gen, limits)
     target = {"q4k": 160, FLOAT_Q4K_GEMVS: 160, "fp8": 100}.get(fmt, 0)
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
-    row.extra.update(load_s=load_s, weights_gb=weights_gb,
+    row.extra.update(load_s=load_s, weights_gb=weights_gb, load_peak_gb=load_peak_gb,
                      bits_per_weight=8e9 * weights_gb / model_params(model))  # fmt: skip
     rows = [row]
     if "batch" in extra_rows:
@@ -810,7 +815,34 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
         conc.name += f" isq={fmt}"
         conc.target, conc.ok = ">= 1400", conc.value >= 1400
         rows.append(conc)
+    if "budget" in extra_rows and device.type == "cuda":
+        del engine  # its KV cache and graphs go before the budget engine is built
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row_budget(model, sizes, device, gen, fmt))
     return rows
+
+
+BUDGET_GIB = 22  # a 24 GB card, less what a desktop and the CUDA context keep
+
+
+def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator,
+               fmt: str) -> Row:  # fmt: skip
+    """The model on a 22 GiB budget (gpu_memory_utilization = 22 GiB / this card): the KV
+    tokens that fit beside it, and a short greedy run that proves it serves."""
+    torch.cuda.reset_peak_memory_stats(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    util = BUDGET_GIB * 2**30 / total
+    small = build_engine(model, sizes, device, util)
+    kv_tokens = small.runner.num_blocks * small.config.block_size
+    vocab = model.config.text_config.vocab_size
+    small.add_request("budget", random_prompt(sizes.decode_ctx, vocab, gen), greedy(16))
+    while small.has_unfinished_requests():
+        small.step()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return Row(f"{BUDGET_GIB} GiB budget isq={fmt}: KV tokens", kv_tokens, "tokens",
+               ">= 32768", kv_tokens >= 32768,
+               extra={"util": util, "peak_gib": peak, "served": True})  # fmt: skip
 
 
 def model_params(model: Any) -> int:
@@ -841,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isq-formats", default="q4k,fp8",
                     help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
     ap.add_argument("--isq-rows", default="decode",
-                    help="rows per isq format: decode (always), batch, concurrent")  # fmt: skip
+                    help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
     unknown = set(rows_wanted) - set(ALL_ROWS)
@@ -925,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        isq_rows = tuple(r for r in ("batch", "concurrent") if r in args.isq_rows)
+        isq_rows = tuple(r for r in ("batch", "concurrent", "budget") if r in args.isq_rows)
         for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
                 rows.extend(_guard(f"isq {fmt}", lambda f=fmt: row_isq(
