@@ -758,8 +758,14 @@ Q4K_GEMV_CANDIDATES = tuple(
         (8, 1, 1, 8, True, False),
     )
 )  # fmt: skip
-# Not yet timed on a GPU, so not among the tuner's candidates: the prefetching variants
-# (benchmarks/quant_gpu.py --sections words --words-candidates prefetch times them).
+# The prefetching variants of the three split-K-free large-shape winners join them: the
+# tuner times every candidate on the device at load and keeps a faster one only if its
+# output is right (benchmarks/quant_gpu.py --sections words --words-candidates prefetch
+# times them all).
+Q4K_GEMV_CANDIDATES += tuple(
+    GemvConfig(bn, bb, 1, split=split, dp4a=True, prefetch=True)
+    for bn, bb, split in ((8, 1, 1), (8, 2, 1), (8, 1, 4))
+)
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 

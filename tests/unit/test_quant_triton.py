@@ -354,3 +354,45 @@ def test_q4k_decode_gemm_and_prefill_dequant_match_the_oracle():
     for r in rows:
         assert r["shape"][1] == 72, r
         assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
+
+
+GEMM_TUNER = r"""
+import json
+import torch
+from mistralpy.kernels import triton_quant as tq
+from mistralpy.quant.formats import get_format
+
+g = torch.Generator().manual_seed(4)
+n, k = 64, 512
+packed = get_format("q4k").quantize(torch.randn(n, k, generator=g) * 0.05)
+wrong, right, slow = (tq.GemmConfig(64, 1, 4, 2, 1), tq.GemmConfig(32, 1, 4, 2, 1),
+                      tq.GemmConfig(16, 1, 4, 2, 2))
+fake_ms = {wrong: 1.0, right: 2.0, slow: 3.0}
+tq.q4k_gemm_candidates = lambda n, k: [wrong, right, slow]
+
+
+class Faulty(tq.TritonQ4KMatmul):
+    # the fastest candidate returns twice the product: a miscompiled kernel, say
+    def __call__(self, x):
+        y = super().__call__(x)
+        return 2 * y if wrong in self.gemm.values() else y
+
+
+def timed(kernels, x):
+    (cfg,) = {kern.gemm[b] for kern in kernels for b in kern.gemm if kern.gemm[b] in fake_ms}
+    return fake_ms[cfg]
+
+
+tq.TritonQ4KMatmul = Faulty
+tq._stream_ms = timed
+picked = tq.tune_q4k_gemm(packed, (n, k))
+print(json.dumps({"picked": {str(b): str(c) for b, c in picked.items()}, "want": str(right)}))
+"""
+
+
+def test_gemm_tuner_never_picks_a_config_with_wrong_results():
+    """tune_q4k_gemm picks the fastest candidate per M bucket but skips one whose output
+    strays from dequantize + matmul (timing faked, kernels in the interpreter)."""
+    (row,) = interpreted_rows(GEMM_TUNER)
+    assert set(row["picked"]) == {"16", "32", "64"}
+    assert set(row["picked"].values()) == {row["want"]}, row
