@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,11 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when this process dies (Linux prctl), so a killed
-    benchmark never leaves a server holding the GPU."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec_fn that has the child SIGTERMed when this process dies (Linux prctl
+    PR_SET_PDEATHSIG), so a killed benchmark never leaves a server holding the GPU. libc is
+    loaded here, in the parent: no dlopen between fork and exec."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
@@ -93,7 +97,7 @@ def running_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent_hook())  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(proc, url, start_timeout_s)
