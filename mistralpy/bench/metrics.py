@@ -21,6 +21,7 @@ class RequestResult:
     e2e_s: float
     itl_s: list[float] = field(default_factory=list)  # one per token after the first delivery
     error: str | None = None  # set when the request failed; its figures are left out
+    counted: bool = True  # False: the server sent no usage, output_tokens counts chunks
 
     @property
     def ok(self) -> bool:
@@ -87,6 +88,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float | 
         "request_throughput": len(done) / wall_s if wall_s > 0 else 0.0,
         "output_tok_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
         "total_tok_per_s": (in_tokens + out_tokens) / wall_s if wall_s > 0 else 0.0,
+        "chunk_counted": sum(not r.counted for r in done),  # should be 0: see RequestResult
     }
     summary.update(_stats_ms("ttft", [r.ttft_s for r in done if r.ttft_s is not None]))
     summary.update(_stats_ms("tpot", tpots))

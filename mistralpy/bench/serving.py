@@ -162,9 +162,8 @@ async def read_stream(response: httpx.Response) -> _Stream:
 
 
 def result_from_stream(s: _Stream, start: float, end: float, asked_prompt: int) -> RequestResult:
-    """Real counts from usage; ITL spreads each chunk gap over the tokens per chunk."""
-    if s.error is None and s.usage is None:
-        s.error = "no usage block in the stream (server ignores stream_options.include_usage)"
+    """Real counts from usage (chunk counts only if the server sent none, flagged); ITL spreads
+    each chunk gap over the tokens per chunk."""
     usage = s.usage or {}
     n_out = int(usage.get("completion_tokens", len(s.chunk_times)))
     per_chunk = n_out / len(s.chunk_times) if s.chunk_times else 0.0
@@ -175,7 +174,12 @@ def result_from_stream(s: _Stream, start: float, end: float, asked_prompt: int) 
         e2e_s=end - start,
         itl_s=spread_itl(s.chunk_times, [per_chunk] * len(s.chunk_times)),
         error=s.error,
+        counted=s.usage is not None,
     )
+
+
+def failed(start: float, message: str) -> RequestResult:
+    return RequestResult(0, 0, None, time.perf_counter() - start, error=message)
 
 
 async def one_request(
@@ -183,25 +187,15 @@ async def one_request(
 ) -> RequestResult:
     """Send one streaming request and time it; failures become a result with `error`."""
     start = time.perf_counter()
+    body = request_body(cfg, text, max_tokens)
     try:
-        async with client.stream(
-            "POST", ENDPOINTS[cfg.endpoint], json=request_body(cfg, text, max_tokens)
-        ) as response:
+        async with client.stream("POST", ENDPOINTS[cfg.endpoint], json=body) as response:
             if response.status_code != 200:
-                body = (await response.aread()).decode(errors="replace")[:300]
-                return RequestResult(
-                    0,
-                    0,
-                    None,
-                    time.perf_counter() - start,
-                    [],
-                    f"HTTP {response.status_code}: {body}",
-                )
+                detail = (await response.aread()).decode(errors="replace")[:300]
+                return failed(start, f"HTTP {response.status_code}: {detail}")
             stream = await read_stream(response)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return RequestResult(
-            0, 0, None, time.perf_counter() - start, [], f"{type(e).__name__}: {e}"
-        )
+        return failed(start, f"{type(e).__name__}: {e}")
     return result_from_stream(stream, start, time.perf_counter(), cfg.input_len)
 
 

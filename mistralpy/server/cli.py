@@ -451,6 +451,12 @@ def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
     for row in rows:
         for err in row.get("errors") or []:
             print(f"error: {err}", file=sys.stderr)
+        if row.get("chunk_counted"):
+            print(
+                f"warning: {row['chunk_counted']} streams had no usage block; their output "
+                "tokens are chunk counts",
+                file=sys.stderr,
+            )
     target = args.url or options.model_id
     Path(args.output).write_text(json.dumps({"model": target, "rows": rows}, indent=2))
     print(f"wrote {args.output}")

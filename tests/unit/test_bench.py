@@ -66,8 +66,9 @@ class FakeOpenAI:
     """Counts words as tokens (+1 for BOS); streams `max_tokens` tokens two per chunk; chat
     streams start with a role-only chunk; the last chunk carries usage."""
 
-    def __init__(self, tokenize: bool = True):
+    def __init__(self, tokenize: bool = True, usage: bool = True):
         self.tokenize = tokenize
+        self.usage = usage
         self.prompts: list[str] = []
 
     @staticmethod
@@ -97,8 +98,9 @@ class FakeOpenAI:
             piece = "xy"[: min(2, n - i)]
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"text": piece}
             yield _sse({"choices": [choice], "usage": None})
-        usage = {"prompt_tokens": self.count(text), "completion_tokens": n}
-        yield _sse({"choices": [], "usage": usage})
+        if self.usage:
+            usage = {"prompt_tokens": self.count(text), "completion_tokens": n}
+            yield _sse({"choices": [], "usage": usage})
         yield _sse("[DONE]")
 
 
@@ -135,6 +137,12 @@ def test_serving_without_tokenize_route_reports_usage_counts():
     assert run["summary"]["completed"] == 4
     # sized one word per token; the report has the server's count (words + BOS)
     assert [r["prompt_tokens"] for r in run["requests"]] == [FakeOpenAI.count(fake.prompts[1])] * 4
+
+
+def test_serving_without_usage_falls_back_to_chunks_and_says_so():
+    run = _run(FakeOpenAI(usage=False), input_len=12, output_len=4)
+    s = run["summary"]
+    assert (s["completed"], s["chunk_counted"], s["total_output_tokens"]) == (4, 4, 4 * 2)
 
 
 def test_fit_prompt_hits_the_length_exactly():
