@@ -1030,8 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine.abort_all()
                 _write(report, rows, args.out)
         if "serving" in rows_wanted and not over_budget("serving"):
-            rows.extend(_guard("serving: engine",
-                               lambda: row_serving_engine(engine, sizes, gen, limits), log))  # fmt: skip
+            engine_fn = lambda: row_serving_engine(engine, sizes, gen, limits)  # noqa: E731
+            rows.extend(_guard("serving: engine", engine_fn, log))
             engine = model = None  # the server below needs this GPU memory
             report["serving_parent_gpu_bytes"] = release_device(device)
             rows.extend(_guard("serving", lambda: row_serving(rows[-1], sizes, device, args.out),

@@ -88,16 +88,31 @@ def running_server(
     """`mistralpy serve SERVE_ARGS --host 127.0.0.1 --port P` in a subprocess (output to
     `log_path`); yields its base URL once healthy; stops it on exit, whatever happened."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mistralpy.server.cli", "serve", *serve_args,
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mistralpy.server.cli",
+        "serve",
+        *serve_args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_parent_hook())  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent_hook(),
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(proc, url, start_timeout_s)
@@ -114,10 +129,19 @@ def log_tail(path: Path, chars: int = 2000) -> str:
 
 
 def bench_config(args: argparse.Namespace, url: str) -> ServingConfig:
-    return ServingConfig(base_url=url, input_len=args.input_len, output_len=args.output_len,
-                         num_requests=args.num_requests, concurrency=args.concurrency,
-                         endpoint=args.endpoint, model=args.model, api_key=args.api_key,
-                         ignore_eos=args.ignore_eos, seed=args.seed, warmup=args.warmup)  # fmt: skip
+    return ServingConfig(
+        base_url=url,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        endpoint=args.endpoint,
+        model=args.model,
+        api_key=args.api_key,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+        warmup=args.warmup,
+    )
 
 
 def run_bounded(cfg: ServingConfig, limit_s: float) -> dict:

@@ -43,11 +43,13 @@ async def engine_request(
     start = time.perf_counter()
     times: list[float] = []
     counts: list[int] = []
+    cached = 0
     async for out in engine.generate(request_id, ProcessedPrompt(token_ids=ids, images=[]), params):
         k = sum(len(o.delta_token_ids) for o in out.outputs)
         if k:
             times.append(time.perf_counter())
             counts.append(k)
+        cached = out.metrics.num_cached_tokens
     end = time.perf_counter()
     return RequestResult(
         prompt_tokens=len(ids),
@@ -55,6 +57,7 @@ async def engine_request(
         ttft_s=times[0] - start if times else None,
         e2e_s=end - start,
         itl_s=spread_itl(times, [float(c) for c in counts]),
+        cached_tokens=cached,
     )
 
 

@@ -22,6 +22,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)  # one per token after the first delivery
     error: str | None = None  # set when the request failed; its figures are left out
     counted: bool = True  # False: the server sent no usage, output_tokens counts chunks
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (0 when unreported)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +90,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float | 
         "output_tok_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
         "total_tok_per_s": (in_tokens + out_tokens) / wall_s if wall_s > 0 else 0.0,
         "chunk_counted": sum(not r.counted for r in done),  # should be 0: see RequestResult
+        "cached_prompt_tokens": sum(r.cached_tokens for r in done),  # fresh prompts: 0
     }
     summary.update(_stats_ms("ttft", [r.ttft_s for r in done if r.ttft_s is not None]))
     summary.update(_stats_ms("tpot", tpots))

@@ -175,6 +175,7 @@ def result_from_stream(s: _Stream, start: float, end: float, asked_prompt: int) 
         itl_s=spread_itl(s.chunk_times, [per_chunk] * len(s.chunk_times)),
         error=s.error,
         counted=s.usage is not None,
+        cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
     )
 
 

@@ -11,8 +11,9 @@ from mistralpy.server.cli import main
 
 
 def test_serving_bench_against_demo_server(demo_server):
-    cfg = ServingConfig(base_url=demo_server, input_len=32, output_len=8, num_requests=4,
-                        concurrency=4)  # fmt: skip
+    cfg = ServingConfig(
+        base_url=demo_server, input_len=32, output_len=8, num_requests=4, concurrency=4
+    )
     run = asyncio.run(run_serving_bench(cfg))
     s = run["summary"]
     assert (s["completed"], s["failed"]) == (4, 0), run["errors"]
@@ -25,8 +26,23 @@ def test_serving_bench_against_demo_server(demo_server):
 
 def test_bench_url_cli_chat_endpoint(demo_server, tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--url", demo_server, "--endpoint", "chat", "--input-len", "40",
-            "--output-len", "6", "--num-requests", "3", "--concurrency", "2", "-o", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "--url",
+        demo_server,
+        "--endpoint",
+        "chat",
+        "--input-len",
+        "40",
+        "--output-len",
+        "6",
+        "--num-requests",
+        "3",
+        "--concurrency",
+        "2",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["completed"], row["total_output_tokens"]) == (3, 18)
@@ -35,9 +51,24 @@ def test_bench_url_cli_chat_endpoint(demo_server, tmp_path):
 
 def test_engine_bench_cli_demo(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "demo", "--device", "cpu", "--max-model-len", "256", "--prompt-len", "16",
-            "--gen-len", "4", "--iterations", "2", "-o", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "demo",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "256",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--iterations",
+        "2",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["completed"], row["total_output_tokens"], row["total_input_tokens"]) == (2, 8, 32)
     assert row["ttft_ms_p50"] > 0 and row["itl_ms_p50"] > 0
+    assert row["cached_prompt_tokens"] == 0  # prefix caching is on; every prompt is new

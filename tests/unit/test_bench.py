@@ -198,8 +198,15 @@ class TwoTokenEngine:
 
 
 def _bench_args(**kw) -> Namespace:
-    base = {"prompt_len": [24], "gen_len": 6, "iterations": 3, "warmup": 1, "concurrency": None,
-            "num_requests": None, "seed": None}  # fmt: skip
+    base = {
+        "prompt_len": [24],
+        "gen_len": 6,
+        "iterations": 3,
+        "warmup": 1,
+        "concurrency": None,
+        "num_requests": None,
+        "seed": None,
+    }
     return Namespace(**{**base, **kw})
 
 
