@@ -26,23 +26,8 @@ def test_serving_bench_against_demo_server(demo_server):
 
 def test_bench_url_cli_chat_endpoint(demo_server, tmp_path):
     out = tmp_path / "bench.json"
-    argv = [
-        "bench",
-        "--url",
-        demo_server,
-        "--endpoint",
-        "chat",
-        "--input-len",
-        "40",
-        "--output-len",
-        "6",
-        "--num-requests",
-        "3",
-        "--concurrency",
-        "2",
-        "-o",
-        str(out),
-    ]
+    flags = "--endpoint chat --input-len 40 --output-len 6 --num-requests 3 --concurrency 2"
+    argv = ["bench", "--url", demo_server, *flags.split(), "-o", str(out)]
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["completed"], row["total_output_tokens"]) == (3, 18)
@@ -51,24 +36,10 @@ def test_bench_url_cli_chat_endpoint(demo_server, tmp_path):
 
 def test_engine_bench_cli_demo(tmp_path):
     out = tmp_path / "bench.json"
-    argv = [
-        "bench",
-        "demo",
-        "--device",
-        "cpu",
-        "--max-model-len",
-        "256",
-        "--prompt-len",
-        "16",
-        "--gen-len",
-        "4",
-        "--iterations",
-        "2",
-        "-o",
-        str(out),
-    ]
+    flags = "--device cpu --max-model-len 256 --prompt-len 40 --gen-len 4 --iterations 2"
+    argv = ["bench", "demo", *flags.split(), "-o", str(out)]
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert (row["completed"], row["total_output_tokens"], row["total_input_tokens"]) == (2, 8, 32)
+    assert (row["completed"], row["total_output_tokens"], row["total_input_tokens"]) == (2, 8, 80)
     assert row["ttft_ms_p50"] > 0 and row["itl_ms_p50"] > 0
     assert row["cached_prompt_tokens"] == 0  # prefix caching is on; every prompt is new

@@ -197,17 +197,9 @@ class TwoTokenEngine:
         pass
 
 
-def _bench_args(**kw) -> Namespace:
-    base = {
-        "prompt_len": [24],
-        "gen_len": 6,
-        "iterations": 3,
-        "warmup": 1,
-        "concurrency": None,
-        "num_requests": None,
-        "seed": None,
-    }
-    return Namespace(**{**base, **kw})
+def _bench_args(flags: str = "") -> Namespace:
+    """`mistralpy bench` flags as the CLI parses them (its defaults included)."""
+    return cli.build_parser().parse_args(["bench", *f"--prompt-len 24 --gen-len 6 {flags}".split()])
 
 
 def _fake_opened(monkeypatch) -> TwoTokenEngine:
@@ -235,7 +227,7 @@ def test_engine_bench_counts_tokens_not_outputs(monkeypatch):
 
 def test_engine_bench_sends_fresh_prompts(monkeypatch):
     engine = _fake_opened(monkeypatch)
-    asyncio.run(cli.bench_async(None, _bench_args(prompt_len=[24, 40], concurrency=4)))
+    asyncio.run(cli.bench_async(None, _bench_args("--prompt-len 24 40 --concurrency 4")))
     assert len(engine.prompts) == 2 * (1 + 4)  # per length: warm-up + 4 timed
     assert len({tuple(p) for p in engine.prompts}) == len(engine.prompts)
     assert sorted({len(p) for p in engine.prompts}) == [24, 40]
