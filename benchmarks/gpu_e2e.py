@@ -916,11 +916,13 @@ def row_serving(engine_row: Row, sizes: Sizes, device: torch.device, out: str) -
         model_dir = write_config_files(Path(tmp) / "model", shapes, dtype)
         t0 = time.perf_counter()
         try:
-            with running_server(serving_flags(model_dir, sizes, device), log, 420.0) as url:
+            # bounded: start-up (load, GEMV tuning, graph capture) and the load run must fit
+            # one 10-minute device command with the engine row before them
+            with running_server(serving_flags(model_dir, sizes, device), log, 300.0) as url:
                 start_s = time.perf_counter() - t0
                 cfg = ServingConfig(url, sizes.concurrent_in, sizes.concurrent_out,
                                     sizes.concurrent, sizes.concurrent)  # fmt: skip
-                run = run_bounded(cfg, 300.0)
+                run = run_bounded(cfg, 240.0)
         except Exception as exc:
             raise RuntimeError(f"{exc}; server log tail:\n{log_tail(log)}") from exc
     s = run["summary"]
