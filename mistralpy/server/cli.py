@@ -98,7 +98,8 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
         default=None,
-        help="benchmark this OpenAI-compatible server over HTTP (no model is loaded)",
+        help="benchmark this OpenAI-compatible server over HTTP, e.g. http://127.0.0.1:1234 "
+        "(no model is loaded; model name: --served-model-name, else its GET /v1/models)",
     )
     p.add_argument(
         "--endpoint",
@@ -115,7 +116,14 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         default=[128, 512],
         help="prompt tokens; one row per value",
     )
-    p.add_argument("--gen-len", "--output-len", dest="gen_len", type=int, default=128)
+    p.add_argument(
+        "--gen-len",
+        "--output-len",
+        dest="gen_len",
+        type=int,
+        default=128,
+        help="tokens generated per request (max_tokens, ignore_eos)",
+    )
     p.add_argument(
         "--concurrency", type=int, default=None, help="requests in flight at once (default 1)"
     )
@@ -128,7 +136,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--iterations", type=int, default=3, help="sequential requests (no --concurrency)"
     )
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed short requests per row")
     p.add_argument("--api-key", default=None, help="--url: bearer token (or OPENAI_API_KEY)")
     p.add_argument(
         "--no-ignore-eos",
@@ -136,8 +144,10 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="--url: do not send ignore_eos (servers that reject the field)",
     )
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("-o", "--output", "--out", dest="output", default="bench.json")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="--url: seconds")
+    p.add_argument(
+        "-o", "--output", "--out", dest="output", default="bench.json", help="JSON report"
+    )
 
 
 def build_legacy_parser() -> argparse.ArgumentParser:
