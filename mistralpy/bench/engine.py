@@ -1,7 +1,7 @@
 """Engine-level benchmark: `mistralpy bench MODEL` (no HTTP, no chat service).
 
-Requests go straight to the AsyncEngine, each with a fresh random prompt of token ids (distinct
-from its first token, so a prefix cache never serves a timed prompt), greedy with ignore_eos.
+Requests go straight to the AsyncEngine, each with a fresh random prompt of token ids (so a
+prefix cache never serves a timed prompt), greedy with ignore_eos.
 Tokens are counted from the engine's outputs (`delta_token_ids`), so a step that delivers
 several tokens, or a token whose text is empty, is counted as what it is.
 """
@@ -18,21 +18,15 @@ from mistralpy.params import SamplingParams
 from mistralpy.processing.chat_template import ProcessedPrompt
 
 
-def random_prompt_ids(
-    rng: random.Random, n: int, vocab_size: int, special: frozenset[int]
-) -> list[int]:
-    """`n` uniform ids of regular tokens (specials such as BOS/EOS/[IMG] left out)."""
-    low = max(special, default=-1) + 1  # Tekken puts every special token below the first regular
-    return [rng.randrange(low, vocab_size) for _ in range(n)]
-
-
 def fresh_prompts(
     tokenizer: Any, rng: random.Random, n_prompts: int, length: int
 ) -> list[list[int]]:
-    """`n_prompts` random prompts: over a 131k vocabulary no two share even one KV block's
-    worth of leading tokens, so the prefix cache serves none of them."""
+    """`n_prompts` prompts of uniform random regular-token ids (no BOS/EOS/[IMG] ...): over a
+    131k vocabulary no two share even one KV block's worth of leading tokens, so the prefix
+    cache serves none of them."""
     special = frozenset(tokenizer.special_token_ids)
-    return [random_prompt_ids(rng, length, tokenizer.vocab_size, special) for _ in range(n_prompts)]
+    regular = [i for i in range(tokenizer.vocab_size) if i not in special]
+    return [rng.choices(regular, k=length) for _ in range(n_prompts)]
 
 
 async def engine_request(
