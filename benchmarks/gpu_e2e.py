@@ -3,6 +3,7 @@
     python benchmarks/gpu_e2e.py [--rows check,decode,ttft,prefill,concurrent,vision,long,isq]
                                  [--concurrent-out 1024] [--out DIR] [--budget-s 470]
     python benchmarks/gpu_e2e.py --quick      # CPU smoke run on a tiny config (tests call it)
+    python benchmarks/gpu_e2e.py --rows serving  # opt-in: engine vs `mistralpy serve` over HTTP
 
 Random weights (load_format="dummy", initialised on the GPU), bf16. Checks correctness first
 (fused ops and attention backends vs the references; engine greedy tokens vs a plain eager
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E40
 
 ALL_ROWS = ("check", "vision", "decode", "batch", "ttft", "prefill", "concurrent", "long", "isq")
 BATCHES = (1, 8, 32)  # decode-step rows per format (`batch`)
+OPT_IN_ROWS = ("serving",)  # only when named: it starts a server (FastAPI, uvicorn, ... needed)
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them
 
 
@@ -860,6 +863,82 @@ def model_params(model: Any) -> int:
     return total
 
 
+# ------------------------------------------------------------------------------ serving
+
+
+def row_serving_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: dict) -> Row:
+    """The engine-level figure the HTTP row is held to: row_concurrent, after the same warm-up
+    the HTTP run gets (one request, 8 tokens)."""
+    vocab = engine.runner.model.config.text_config.vocab_size
+    engine.add_request("serving-warm", random_prompt(sizes.concurrent_in, vocab, gen), greedy(8))
+    while engine.has_unfinished_requests():
+        engine.step()
+    row = row_concurrent(engine, sizes, gen, limits)
+    row.name = f"serving: engine {row.name}"
+    return row
+
+
+def release_device(device: torch.device) -> int:
+    """Free what this process cached on the GPU; returns the bytes still in use on it (by any
+    process), for the report."""
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def serving_flags(model_dir: Path, sizes: Sizes, device: torch.device) -> list[str]:
+    """`mistralpy serve` flags for the engine build_engine makes: dummy weights of the same
+    shapes and dtype, the same batch limits and memory share, prefix caching on (the bench's
+    prompts are fresh, so it serves none of them)."""
+    flags = [str(model_dir), "--load-format", "dummy", "--max-num-seqs", str(sizes.concurrent),
+             "--max-num-batched-tokens", str(sizes.max_num_batched_tokens)]  # fmt: skip
+    if device.type == "cuda":
+        return [*flags, "--dtype", "bf16", "--gpu-memory-utilization", "0.95"]
+    return [*flags, "--device", "cpu", "--dtype", "f32", "--max-model-len", "512"]
+
+
+def row_serving(engine_row: Row, sizes: Sizes, device: torch.device, out: str) -> Row:
+    """The same load through HTTP: `mistralpy serve` of a config-only directory (the real 24B
+    shapes; the tiny preset on CPU) on loopback, `sizes.concurrent` streaming requests of fresh
+    prompts; output tok/s vs the engine's, TTFT and ITL p50/p99. The server is always stopped."""
+    from benchmarks.serving import log_tail, run_bounded, running_server
+    from mistralpy.bench.serving import ServingConfig
+    from mistralpy.testing.tiny_checkpoint import REAL_SHAPES, get_preset, write_config_files
+
+    log = Path(out) / "serve.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes, dtype = (
+            (REAL_SHAPES, "bfloat16") if device.type == "cuda" else (get_preset("tiny"), "float32")
+        )
+        model_dir = write_config_files(Path(tmp) / "model", shapes, dtype)
+        t0 = time.perf_counter()
+        try:
+            # bounded: start-up (load, GEMV tuning, graph capture) and the load run must fit
+            # one 10-minute device command with the engine row before them
+            with running_server(serving_flags(model_dir, sizes, device), log, 300.0) as url:
+                start_s = time.perf_counter() - t0
+                cfg = ServingConfig(url, sizes.concurrent_in, sizes.concurrent_out,
+                                    sizes.concurrent, sizes.concurrent)  # fmt: skip
+                run = run_bounded(cfg, 240.0)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}; server log tail:\n{log_tail(log)}") from exc
+    s = run["summary"]
+    engine_tok_s = engine_row.value
+    ratio = s["output_tok_per_s"] / engine_tok_s if engine_tok_s else None
+    keys = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_mean", "completed",
+            "failed", "total_output_tokens", "wall_s")  # fmt: skip
+    extra = {"http_over_engine": ratio, "engine_out_tok_s": engine_tok_s, "server_start_s": start_s,
+             **{k: s[k] for k in keys}, "summary": s, "errors": run["errors"]}  # fmt: skip
+    ok = ratio is not None and ratio >= 0.95 and s["failed"] == 0
+    return Row(f"serving HTTP {sizes.concurrent} x ({sizes.concurrent_in} in / "
+               f"{sizes.concurrent_out} out)", s["output_tok_per_s"], "out tok/s",
+               ">= 0.95 x engine", ok, engine_tok_s, extra=extra,
+               notes="limit = the engine-level figure above; ratio = HTTP / engine")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -876,9 +955,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
-    unknown = set(rows_wanted) - set(ALL_ROWS)
+    unknown = set(rows_wanted) - set(ALL_ROWS) - set(OPT_IN_ROWS)
     if unknown:
-        ap.error(f"unknown rows {sorted(unknown)}; choose from {ALL_ROWS}")
+        ap.error(f"unknown rows {sorted(unknown)}; choose from {ALL_ROWS + OPT_IN_ROWS}")
     t_start = time.perf_counter()
     if args.quick:
         device, config, sizes, dtype = torch.device("cpu"), tiny_config(), QUICK, torch.float32
@@ -952,6 +1031,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(_guard(name, fn, log))
                 engine.abort_all()
                 _write(report, rows, args.out)
+        if "serving" in rows_wanted and not over_budget("serving"):
+            engine_fn = lambda: row_serving_engine(engine, sizes, gen, limits)  # noqa: E731
+            rows.extend(_guard("serving: engine", engine_fn, log))
+            engine = model = None  # the server below needs this GPU memory
+            report["serving_parent_gpu_bytes"] = release_device(device)
+            rows.extend(_guard("serving", lambda: row_serving(rows[-1], sizes, device, args.out),
+                               log))  # fmt: skip
+            _write(report, rows, args.out)
     if "isq" in rows_wanted and importlib.util.find_spec("mistralpy.quant.isq") is not None:
         del engine, model
         gc.collect()
