@@ -417,6 +417,11 @@ def row_decode(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: di
     return Row("decode bs1 @1k ctx", tok_s, "tok/s", ">= 58", tok_s >= 58, limit, extra=extra)
 
 
+def batches(sizes: Sizes) -> list[int]:
+    """The batch rows' sizes, capped at the engine's max_num_seqs (the quick run's 4)."""
+    return sorted({min(b, sizes.concurrent) for b in BATCHES})
+
+
 def row_batch(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, batch: int,
               label: str) -> Row:  # fmt: skip
     """Median decode step with `batch` sequences of decode_ctx-token prompts, all decoding:
@@ -812,7 +817,7 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
                      bits_per_weight=8e9 * weights_gb / model_params(model))  # fmt: skip
     rows = [row]
     if "batch" in extra_rows:
-        rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in BATCHES]
+        rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in batches(sizes)]
     if "concurrent" in extra_rows:
         conc = row_concurrent(engine, sizes, gen, limits)
         conc.name += f" isq={fmt}"
@@ -1020,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"engine check: {report['engine_check']}")
         steps: list[tuple[str, Callable[[], Row | list[Row]]]] = [
             ("decode", lambda: row_decode(engine, sizes, gen, limits)),
-            ("batch", lambda: [row_batch(engine, sizes, gen, b, "bf16") for b in BATCHES]),
+            ("batch", lambda: [row_batch(engine, sizes, gen, b, "bf16") for b in batches(sizes)]),
             ("ttft", lambda: row_ttft(engine, sizes, gen, limits)),
             ("prefill", lambda: row_prefill(engine, sizes, gen, limits)),
             ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
