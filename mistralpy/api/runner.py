@@ -57,6 +57,7 @@ class ModelOptions:
     gpu_memory_utilization: float | None = None
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3": 2x the KV tokens
 
 
 @dataclass
@@ -95,6 +96,10 @@ class OpenedModel:
 
     def resolved_dtype(self) -> str:
         """The dtype the weights were loaded in (the option may say "auto")."""
+        return str(self.llm.runner.dtype).removeprefix("torch.")
+
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's storage dtype (the model's, or float8_e4m3fn)."""
         return str(self.llm.runner.kv_spec.dtype).removeprefix("torch.")
 
 
@@ -131,6 +136,7 @@ def engine_config(options: ModelOptions) -> Any:
         enable_prefix_caching=options.enable_prefix_caching,
         tensor_parallel_size=options.tensor_parallel_size,
         enforce_eager=options.enforce_eager,
+        kv_cache_dtype=options.kv_cache_dtype,
         **extra,
     )
 
