@@ -74,6 +74,22 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.float() * scale
 
 
+def kv_bytes_view(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or for an fp8 tensor the same memory as uint8: indexing kernels (index_put,
+    index_select, index_copy_, fill) lack fp8 on some devices and torch builds, and a byte
+    copy is all they do."""
+    return x.view(torch.uint8) if x.dtype == FP8_KV_DTYPE else x
+
+
+def zeros_kv_cache(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A zeroed cache of `dtype` (fp8 zeroed as bytes: e4m3 0x00 is +0.0)."""
+    if dtype == FP8_KV_DTYPE:
+        return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def kv_scales_or_unit(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
     """(2,) float32 scales of an fp8 cache: the given ones, or 1.0 and 1.0."""
     if kv_scale is not None:
@@ -107,7 +123,7 @@ def write_kv_cache(
     slots = slot_mapping[keep]
     if slots.shape[0] != slot_mapping.shape[0]:  # padding rows (CUDA graph buckets)
         kv = kv[:, keep]
-    kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slots] = kv
+    kv_bytes_view(kv_cache).view(2, -1, num_kv_heads, head_dim)[:, slots] = kv_bytes_view(kv)
 
 
 def _first_tokens(kv_blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +139,8 @@ def gather_kv(
     block_size = kv_cache.shape[2]
     blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
     # one gather for keys and values; index_select is ~4x faster than [:, blocks] on the CPU
-    return _first_tokens(kv_cache.index_select(1, blocks), seq_len)
+    kv = kv_bytes_view(kv_cache).index_select(1, blocks).view(kv_cache.dtype)
+    return _first_tokens(kv, seq_len)
 
 
 def paged_attention(
@@ -176,12 +193,11 @@ def cpu_paged_attention(
         return paged_attention(q, k_new, v_new, kv_cache, attn, scale, kv_scale)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     slots = attn.slot_mapping
-    store = kv_cache
-    if is_fp8_cache(kv_cache):  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+    if is_fp8_cache(kv_cache):
         scales = kv_scales_or_unit(kv_cache, kv_scale)
-        k_new = quantize_kv(k_new, scales[0]).view(torch.uint8)
-        v_new = quantize_kv(v_new, scales[1]).view(torch.uint8)
-        store = kv_cache.view(torch.uint8)
+        k_new = kv_bytes_view(quantize_kv(k_new, scales[0]))
+        v_new = kv_bytes_view(quantize_kv(v_new, scales[1]))
+    store = kv_bytes_view(kv_cache)
     store[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k_new)
     store[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v_new)
     if len(attn.seq_lens_cpu) == 1:  # batch 1: no output buffer, no per-row copy

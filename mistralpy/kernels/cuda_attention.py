@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralpy.kernels import triton_attention as ta
-from mistralpy.kernels.attention import AttentionMetadata
+from mistralpy.kernels.attention import AttentionMetadata, kv_bytes_view, zeros_kv_cache
 
 
 class CudaPagedAttention:
@@ -72,7 +72,7 @@ class CudaPagedAttention:
         for qlen in (16, ta.SHORT_QUERY_TOKENS + 16):
             seq = qlen + page  # one cached block before the new tokens
             blocks = -(-seq // page)
-            scratch = torch.zeros(2, blocks, page, hkv, d, dtype=dtype, device=dev)
+            scratch = zeros_kv_cache((2, blocks, page, hkv, d), dtype, dev)
             q = torch.zeros(qlen, num_heads, d, dtype=q_dtype, device=dev)
             qsl = torch.tensor([0, qlen], dtype=torch.int32, device=dev)
             lens = torch.tensor([seq], dtype=torch.int32, device=dev)
@@ -102,7 +102,8 @@ class CudaPagedAttention:
         # random, not zero, K/V (the cache is still unused: nothing else is overwritten)
         used = tables[:, :per_seq].flatten().long()
         # (drawn in float32 and cast: randn has no fp8 kernel; unit scales read them back)
-        kv_cache[:, used] = torch.randn(kv_cache[:, used].shape, device=dev).to(kv_cache.dtype)
+        fill = torch.randn((2, used.numel(), *kv_cache.shape[2:]), device=dev).to(kv_cache.dtype)
+        kv_bytes_view(kv_cache)[:, used] = kv_bytes_view(fill)
         lens = torch.full((rows,), context, dtype=torch.int32, device=dev)
         q = torch.randn(rows, num_heads, d, dtype=q_dtype, device=dev)
         unit = torch.ones(2, dtype=torch.float32, device=dev)  # an fp8 cache's scales

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistralpy.kernels.attention import FP8_KV_DTYPE
+from mistralpy.kernels.attention import FP8_KV_DTYPE, zeros_kv_cache
 
 # --kv-cache-dtype names (vLLM's): "auto" is the model dtype; both fp8 names are e4m3
 _KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
@@ -78,7 +78,7 @@ def allocate_kv_caches(
 ) -> list[torch.Tensor]:
     """Zeroed per-layer caches, (2, num_blocks, block_size, num_kv_heads, head_dim) each."""
     shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    return [zeros_kv_cache(shape, spec.dtype, device) for _ in range(spec.num_layers)]
 
 
 def allocate_kv_scales(spec: KVCacheSpec, device: torch.device) -> list[torch.Tensor] | None:
