@@ -40,6 +40,8 @@ from mistralpy.kernels.attention import (
 )
 
 _LOG2E = 1.4426950408889634
+# a constexpr: a jit function may read a module global only as one (plain floats fail to compile)
+_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def _to_e4m3(x, scale, FP8_TY: tl.constexpr):
     inf). Division, not a multiply by 1/scale, as the reference. The rounding is done here in
     float32, so the cast only meets e4m3 values and any conversion path is exact (the CPU
     interpreter's truncating one turns 124 into 64 on its own)."""
-    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -FP8_E4M3_MAX), FP8_E4M3_MAX)
+    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -_E4M3_MAX), _E4M3_MAX)
     # normal range: keep 3 of float32's 23 mantissa bits, ties to even (a carry may bump the
     # exponent, as rounding up should)
     bits = y.to(tl.uint32, bitcast=True)
