@@ -115,14 +115,14 @@ def write_kv_cache(
     An fp8 cache stores them quantized by kv_scale (2,)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     kv = torch.stack((k_new, v_new))  # (2, T, Hkv, D): one indexed write
-    if is_fp8_cache(kv_cache):
-        kv = quantize_kv(kv, kv_scales_or_unit(kv_cache, kv_scale).view(2, 1, 1, 1))
-    else:
-        kv = kv.to(kv_cache.dtype)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     if slots.shape[0] != slot_mapping.shape[0]:  # padding rows (CUDA graph buckets)
         kv = kv[:, keep]
+    if is_fp8_cache(kv_cache):
+        kv = quantize_kv(kv, kv_scales_or_unit(kv_cache, kv_scale).view(2, 1, 1, 1))
+    else:
+        kv = kv.to(kv_cache.dtype)
     kv_bytes_view(kv_cache).view(2, -1, num_kv_heads, head_dim)[:, slots] = kv_bytes_view(kv)
 
 

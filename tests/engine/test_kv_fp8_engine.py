@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from mistralpy.api.runner import ModelOptions, engine_config
+from mistralpy.api.runner import ModelOptions, VisionModelBuilder, engine_config
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -79,6 +79,8 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config():
     options = model_options(args)
     assert options.kv_cache_dtype == "fp8"
     assert engine_config(options).kv_cache_dtype == "fp8"
+    builder = VisionModelBuilder("demo").with_kv_cache_dtype("fp8_e4m3")
+    assert engine_config(builder._options).kv_cache_dtype == "fp8_e4m3"
     assert engine_config(ModelOptions("demo")).kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "demo", "--kv-cache-dtype", "int8"])
