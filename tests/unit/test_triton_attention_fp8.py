@@ -170,14 +170,25 @@ def test_fp8_prefill_reads_the_stored_values(ta, dtype):
 # ----------------------------------------------------------------------------- one step
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_fp8_step_matches_the_cpu_reference(ta, decode):
-    """Store then attend (the model's step) equals `kernels.attention.paged_attention` on the
-    same fp8 cache, a new key past 448 * k_scale included (saturated, never inf/NaN)."""
+STEPS = {  # (query_lens, seq_lens) of a decode step, a fresh prefill, a chunk on a prefix
+    "decode": ([1, 1], [23, 40]),
+    "fresh": ([6, 17], [6, 17]),
+    "chunked": ([6, 17], [6, 30]),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", list(STEPS))
+def test_fp8_step_matches_the_cpu_reference(ta, kind, backend):
+    """Store then attend (the model's step: `triton_attention.paged_attention`, or the CUDA
+    backend's dispatch, here on the interpreter) equals `kernels.attention.paged_attention` on
+    the same fp8 cache, a new key past 448 * k_scale included (saturated, never inf/NaN). The
+    CUDA backend's fresh prefill attends over the unrounded K/V (flash SDPA): close, not equal."""
+    from mistralpy.kernels.cuda_attention import CudaPagedAttention
+
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     page, hkv, d = 16, 2, 64
-    query_lens = [1, 1] if decode else [6, 17]
-    seq_lens = [23, 40] if decode else [6, 30]
+    query_lens, seq_lens = STEPS[kind]
     c = to_fp8(make_case(g, query_lens, seq_lens, hkv, 2, d, page, torch.float32), torch.ones(2))
     slots = [
         int(c.block_tables[b, pos // page]) * page + pos % page
@@ -187,21 +198,27 @@ def test_fp8_step_matches_the_cpu_reference(ta, decode):
     k = torch.randn(sum(query_lens), hkv, d, generator=g)
     v = torch.randn(sum(query_lens), hkv, d, generator=g)
     scales = random_scales(g)
-    k[0, 0, 0] = 1e6 * scales[0]
-    v[-1, 1, 3] = -1e6 * scales[1]
+    unrounded = backend == "cuda" and kind == "fresh"
+    if not unrounded:  # (flash SDPA would see the raw outliers)
+        k[0, 0, 0] = 1e6 * scales[0]
+        v[-1, 1, 3] = -1e6 * scales[1]
     attn = AttentionMetadata(
         query_start_loc=c.query_start_loc, seq_lens=c.seq_lens, block_tables=c.block_tables,
         slot_mapping=torch.tensor(slots), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )  # fmt: skip
     ref_cache = c.kv_cache.clone()
-    out = ta.paged_attention(c.q, k, v, c.kv_cache, attn, c.scale, scales)
+    step = ta.paged_attention if backend == "triton" else CudaPagedAttention()
+    out = step(c.q, k, v, c.kv_cache, attn, c.scale, scales)
     ref = reference_paged_attention(c.q, k, v, ref_cache, attn, c.scale, scales)
     assert torch.isfinite(out).all()
+    assert torch.equal(fp8_bits(c.kv_cache), fp8_bits(ref_cache))
+    if unrounded:
+        assert rel_error(out, ref) < FP8_VS_BF16_REL
+        return
     flat = c.kv_cache.view(2, -1, hkv, d).float()
     assert flat[0, slots[0], 0, 0] == FP8_E4M3_MAX and flat[1, slots[-1], 1, 3] == -FP8_E4M3_MAX
-    assert torch.equal(fp8_bits(c.kv_cache), fp8_bits(ref_cache))
-    check(out, ref.double(), torch.float32, "fp8 step vs the CPU reference")
+    check(out, ref.double(), torch.float32, f"fp8 {kind} step ({backend}) vs the CPU reference")
 
 
 def test_rejects_bad_scales(ta):
