@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from mistralpy.api.runner import ModelOptions, VisionModelBuilder, engine_config
+from mistralpy.checkpoint.loader import load_dummy_model
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
+from mistralpy.kernels import cpu_gguf
 from mistralpy.params import InvalidParameter, SamplingParams
-from mistralpy.runner.model_runner import ModelRunner
+from mistralpy.runner.cpu_decode import fused_format
+from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
 from mistralpy.server.cli import build_parser, model_options
 
 # the tiny checkpoint, transformers' model and ours: that module's fixtures, shared
@@ -72,6 +75,22 @@ def test_fp8_engine_generates_like_transformers(ckpt, hf, loaded):  # noqa: F811
             worst = max(worst, gap)
     print(f"fp8 KV: worst logit gap to transformers' argmax {worst:.4f} of the row's range")
     assert worst <= FP8_TIE
+
+
+@pytest.mark.slow  # the q8_0 load JIT-compiles numba kernels (~30 s of CPU)
+@pytest.mark.skipif(not cpu_gguf.available(), reason="no numba")
+def test_fp8_cache_keeps_the_layer_path_where_fused_decode_would_run():
+    """A q8_0 float32 model takes the fused numba decode with a float32 cache; that step reads
+    float32 K/V rows, so an fp8 cache keeps the layer-by-layer path."""
+    from tests.unit.test_cpu_decode import _config
+
+    model = load_dummy_model(_config(), torch.float32, "cpu", isq="q8_0").eval()
+    cfg = RunnerConfig(16, 512, 4, 0.9, 0, num_kv_blocks=8, kv_cache_dtype="fp8")
+    runner = ModelRunner(model, cfg, torch.device("cpu"), torch.float32)
+    assert runner.cpu_decode is None
+    assert fused_format(model, runner.kv_caches) is None
+    float_caches = [c.float() for c in runner.kv_caches]
+    assert fused_format(model, float_caches) == "q8_0"  # what "auto" would have run
 
 
 def test_kv_cache_dtype_flag_reaches_the_engine_config():
