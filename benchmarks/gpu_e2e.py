@@ -1,9 +1,15 @@
 """End-to-end GPU benchmark of the engine on the real Mistral Small 3.1 (24B) shapes.
 
-    python benchmarks/gpu_e2e.py [--rows check,decode,ttft,prefill,concurrent,vision,long,isq]
+    python benchmarks/gpu_e2e.py [--rows check,decode,ttft,prefill,concurrent,vision,long,isq,
+                                         kv_logits]
                                  [--concurrent-out 1024] [--out DIR] [--budget-s 470]
+                                 [--kv-cache-dtypes auto,fp8]
     python benchmarks/gpu_e2e.py --quick      # CPU smoke run on a tiny config (tests call it)
     python benchmarks/gpu_e2e.py --rows serving  # opt-in: engine vs `mistralpy serve` over HTTP
+
+--kv-cache-dtypes auto,fp8: after the rows on a cache in the model dtype, the decode and
+concurrent rows run again on a second engine with an fp8 (e4m3) KV cache, same weights, named
+"... kv=fp8". The kv_logits row compares fp8 KV with bf16 KV on one 4k-token prompt.
 
 Random weights (load_format="dummy", initialised on the GPU), bf16. Checks correctness first
 (fused ops and attention backends vs the references; engine greedy tokens vs a plain eager
@@ -35,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mistralpy.checkpoint.loader import load_dummy_model  # noqa: E402
-from mistralpy.engine.config import EngineConfig  # noqa: E402
+from mistralpy.engine.config import KV_CACHE_DTYPES, EngineConfig  # noqa: E402
 from mistralpy.engine.engine import LLMEngine  # noqa: E402
 from mistralpy.model.config import (  # noqa: E402
     Mistral3Config,
@@ -48,9 +54,11 @@ from mistralpy.processing.chat_template import ProcessedPrompt  # noqa: E402
 from mistralpy.processing.tokenizer import Tokenizer  # noqa: E402
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 
-ALL_ROWS = ("check", "vision", "decode", "batch", "ttft", "prefill", "concurrent", "long", "isq")
+ALL_ROWS = ("check", "vision", "kv_logits", "decode", "batch", "ttft", "prefill", "concurrent",
+            "long", "isq")  # fmt: skip
 BATCHES = (1, 8, 32)  # decode-step rows per format (`batch`)
 OPT_IN_ROWS = ("serving",)  # only when named: it starts a server (FastAPI, uvicorn, ... needed)
+KV_DTYPE_ROWS = ("decode", "concurrent")  # rows run again per extra --kv-cache-dtypes entry
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them
 
 
@@ -71,9 +79,11 @@ class Sizes:
     check_prompt: int = 64
     check_tokens: int = 8
     repeats: int = 5
+    kv_logits_prompt: int = 4096  # context of the fp8-vs-bf16 KV logits row
+    kv_logits_tokens: int = 32  # decode positions compared after it (top-1 agreement)
 
 
-QUICK = Sizes(64, 8, 48, 200, 4, 32, 8, 56, 480, 128, 16, 4, 2)
+QUICK = Sizes(64, 8, 48, 200, 4, 32, 8, 56, 480, 128, 16, 4, 2, 160, 4)
 
 
 @dataclass
@@ -118,13 +128,16 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def build_engine(model: Any, sizes: Sizes, device: torch.device, util: float) -> LLMEngine:
+def build_engine(
+    model: Any, sizes: Sizes, device: torch.device, util: float, kv_cache_dtype: str = "auto"
+) -> LLMEngine:
     """LLMEngine over an already-loaded model (no checkpoint directory needed)."""
     cfg = EngineConfig(
         max_num_seqs=sizes.concurrent,
         max_num_batched_tokens=sizes.max_num_batched_tokens,
         gpu_memory_utilization=util,
         enable_prefix_caching=True,
+        kv_cache_dtype=kv_cache_dtype,
     )
     rcfg = RunnerConfig(
         block_size=cfg.block_size,
@@ -132,6 +145,7 @@ def build_engine(model: Any, sizes: Sizes, device: torch.device, util: float) ->
         max_num_seqs=cfg.max_num_seqs,
         gpu_memory_utilization=util,
         cpu_kv_cache_bytes=256 << 20,
+        kv_cache_dtype=kv_cache_dtype,
     )
     dtype = model.language_model.norm.weight.dtype
     runner = ModelRunner(model, rcfg, device, dtype)
@@ -262,6 +276,12 @@ def check_kernels(model: Any, device: torch.device, gen: torch.Generator) -> dic
         want = ref_attn.paged_attention(q, kn, vn, cache.clone(), attn, d**-0.5)
         got = cuda_paged_attention(q, kn, vn, cache.clone(), attn, d**-0.5)
         errs[name] = rel(got, want)
+        # the same step on an e4m3 cache (scales != 1): Triton vs the reference reading it
+        scales = torch.tensor([0.5, 2.0], device=device)
+        cache8 = ref_attn.quantize_kv(cache, scales.view(2, 1, 1, 1, 1))
+        want = ref_attn.paged_attention(q, kn, vn, cache8.clone(), attn, d**-0.5, scales)
+        got = cuda_paged_attention(q, kn, vn, cache8.clone(), attn, d**-0.5, scales)
+        errs[f"{name}_fp8"] = rel(got, want)
     vq = torch.randn(200, 16, 64, device=device, dtype=dtype)
     vk, vv = torch.randn_like(vq), torch.randn_like(vq)
     cu = [0, 144, 200]
@@ -304,17 +324,13 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
         finally:
             model.language_model.layers = layers
 
-    def ulp_noise(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(output.shape, generator=gen).to(output.device, output.dtype)
-        return output * (1 + 2**-8 * noise)  # ~ one bf16 rounding step on every embedding
-
     depths = (2, len(layers))
     fast = [forward_logits(d) for d in depths]
     model.set_attention_backend(paged_attention, varlen_attention)
     model.set_layer_ops(REFERENCE_OPS)
     try:
         ref = [forward_logits(d) for d in depths]
-        hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise)
+        hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise(gen))
         try:
             noisy = [forward_logits(d) for d in depths]
         finally:
@@ -346,6 +362,16 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
         and result["graph_vs_eager_rel_err"] < 1e-3
     )
     return result
+
+
+def ulp_noise(gen: torch.Generator) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook that perturbs its module's output by ~ one bf16 rounding step."""
+
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(output.shape, generator=gen).to(output.device, output.dtype)
+        return output * (1 + 2**-8 * noise)
+
+    return hook
 
 
 def check_graph_replay(engine: LLMEngine, gen: torch.Generator) -> float:
@@ -409,7 +435,7 @@ def row_decode(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: di
     engine.abort_all()
     step = statistics.median(times)
     tok_s = 1.0 / step
-    bytes_step = text_weight_bytes(model) + _kv_bytes(model, sizes.decode_ctx + warm)
+    bytes_step = text_weight_bytes(model) + _kv_bytes(engine, sizes.decode_ctx + warm)
     limit = limits["bandwidth"] / bytes_step  # bytes per s that a copy moves (read + write)
     extra = {"step_ms_median": step * 1e3, "step_ms_mean": 1e3 * sum(times) / len(times),
              "weight_gb": bytes_step / 1e9}  # fmt: skip
@@ -448,10 +474,10 @@ def row_batch(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, batch: int,
                extra={"step_ms_median": step * 1e3, "batch": batch})  # fmt: skip
 
 
-def _kv_bytes(model: Any, tokens: int) -> int:
-    text = model.config.text_config
-    el = model.language_model.norm.weight.element_size()
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * el * tokens
+def _kv_bytes(engine: LLMEngine, tokens: int) -> int:
+    """KV-cache bytes `tokens` tokens take in the engine's cache (half for fp8 vs bf16)."""
+    spec = engine.runner.kv_spec
+    return spec.bytes_per_block * tokens // spec.block_size
 
 
 def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> dict[str, float]:
@@ -485,11 +511,14 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
 
     plan = runner.cuda_attention.decode_plans.get((bucket, graphs.width))
 
+    scales = runner.kv_scales or [None] * len(runner.kv_caches)
+
     def attention() -> None:
-        for cache in runner.kv_caches:
+        for cache, kv_scale in zip(runner.kv_caches, scales):
             ta.paged_decode_attention(
-                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5, plan=plan
-            )
+                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5,
+                kv_scale=kv_scale, plan=plan,
+            )  # fmt: skip
 
     t_attn = _graph_time(attention, device)
     return {"gpu_step_ms": t_graph * 1e3, "linears_ms": t_lin * 1e3, "attention_ms": t_attn * 1e3,
@@ -589,7 +618,7 @@ def row_concurrent(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits
     decode_steps = [dt for dt, g, c in steps if g == c == n]
     step = statistics.median(decode_steps) if decode_steps else float("nan")
     ctx = sizes.concurrent_in + out_len // 2
-    bytes_step = text_weight_bytes(model) + n * _kv_bytes(model, ctx)
+    bytes_step = text_weight_bytes(model) + n * _kv_bytes(engine, ctx)
     limit = n * limits["bandwidth"] / bytes_step
     extra = {"elapsed_s": elapsed, "generated": generated, "steps": len(steps),
              "decode_step_ms_median": step * 1e3, "output_len": out_len,
@@ -638,6 +667,75 @@ def step_kinds(steps: list[tuple[float, int, int]], n: int, elapsed: float, add_
         out["decode_step_ms_p90"] = 1e3 * sorted(decode)[int(0.9 * (len(decode) - 1))]
         out["decode_excess_over_median_s"] = sum(decode) - len(decode) * statistics.median(decode)
     return out
+
+
+def row_kv_logits(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator) -> Row:
+    """fp8 (e4m3) KV cache vs one in the model dtype: same weights, same prompt. value: the
+    rel. error ||a - b|| / ||b|| of the logits at the prompt's final position, computed by a
+    decode step that reads the whole context from the cache (`kv_run_logits`); extra: the same
+    at each next position (both runs fed the bf16 run's greedy tokens, so positions match),
+    top-1 agreement over them, and the bf16 run against itself with one-ulp noise on the
+    embeddings (a random-weight model amplifies any rounding: that says what the error is
+    worth)."""
+    text = model.config.text_config
+    ids = random_prompt(sizes.kv_logits_prompt, text.vocab_size, gen).token_ids
+    steps = sizes.kv_logits_tokens
+    base = kv_run_logits(model, ids, "auto", steps, None)
+    forced = base.argmax(-1).tolist()
+    fp8 = kv_run_logits(model, ids, "fp8", steps, forced)
+    hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise(gen))
+    try:
+        noisy = kv_run_logits(model, ids, "auto", steps, forced)
+    finally:
+        hook.remove()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        return ((a - b).norm(dim=-1) / b.norm(dim=-1)).tolist()
+
+    errs, noise = rel(fp8, base), rel(noisy, base)
+    top1 = (fp8.argmax(-1) == base.argmax(-1)).float().mean().item()
+    extra = {"prompt_tokens": len(ids), "positions": steps + 1, "top1_agreement": top1,
+             "rel_err_per_position": errs, "rel_err_mean": statistics.mean(errs),
+             "bf16_ulp_noise_rel_err_final": noise[0],
+             "bf16_ulp_noise_rel_err_mean": statistics.mean(noise),
+             "ulp_noise_top1_agreement": (noisy.argmax(-1) == base.argmax(-1)).float().mean().item()}  # fmt: skip
+    return Row(f"fp8 KV logits vs bf16 KV @{len(ids)} ctx", errs[0], "rel err", "reported",
+               None, extra=extra)  # fmt: skip
+
+
+@torch.inference_mode()
+def kv_run_logits(
+    model: Any, ids: list[int], kv_cache_dtype: str, steps: int, forced: list[int] | None
+) -> torch.Tensor:
+    """Logits (steps + 1, V) float32: the prompt's first n - 1 tokens prefilled into a fresh
+    cache of `kv_cache_dtype`, then its last token and `steps` more run as decode steps (each
+    reads the whole context from the cache: on CUDA the Triton decode kernel, which reads fp8
+    directly; the prefill itself attends over the fresh K/V). Step i + 1 is fed forced[i], or
+    the argmax of step i."""
+    from mistralpy.kernels.attention import build_metadata
+    from mistralpy.runner import kv_cache as kvc
+
+    weight = model.language_model.embed_tokens.weight
+    device, text, bs = weight.device, model.config.text_config, 16
+    spec = kvc.KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, bs,
+                           kvc.resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype))  # fmt: skip
+    nb = -(-(len(ids) + steps) // bs)
+    caches, scales = kvc.allocate_kv_caches(spec, nb, device), kvc.allocate_kv_scales(spec, device)
+    if scales is not None:
+        model.set_kv_scales(scales)
+    table = [list(range(nb))]
+    n = len(ids) - 1
+    attn = build_metadata([n], [n], table, bs, device)
+    model(torch.tensor(ids[:n], device=device), torch.arange(n, device=device), attn, caches, None)
+    rows, token = [], ids[-1]
+    for i in range(steps + 1):
+        attn = build_metadata([1], [n + i + 1], table, bs, device)
+        pos = torch.tensor([n + i], device=device)
+        logits = model.compute_logits(model(torch.tensor([token], device=device), pos, attn,
+                                            caches, None))[0]  # fmt: skip
+        rows.append(logits)
+        token = forced[i] if forced is not None and i < len(forced) else int(logits.argmax())
+    return torch.stack(rows)
 
 
 def row_long(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> Row:
@@ -958,11 +1056,17 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
     ap.add_argument("--isq-rows", default="decode",
                     help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help=f"KV caches of the engine rows, in order; entries after the first rerun "
+                         f"{'/'.join(KV_DTYPE_ROWS)} (e.g. auto,fp8)")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
     unknown = set(rows_wanted) - set(ALL_ROWS) - set(OPT_IN_ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; choose from {ALL_ROWS + OPT_IN_ROWS}")
+    kv_dtypes = [k for k in args.kv_cache_dtypes.split(",") if k]
+    if not kv_dtypes or set(kv_dtypes) - set(KV_CACHE_DTYPES):
+        ap.error(f"--kv-cache-dtypes: a list of {KV_CACHE_DTYPES}")
     t_start = time.perf_counter()
     if args.quick:
         device, config, sizes, dtype = torch.device("cpu"), tiny_config(), QUICK, torch.float32
@@ -1006,10 +1110,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kernel errors: {report['kernel_errors']}")
         if "vision" in rows_wanted and not over_budget("vision"):
             rows.extend(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
+        if "kv_logits" in rows_wanted and not over_budget("kv_logits"):  # before an engine
+            # takes the memory
+            rows.extend(_guard("kv_logits", lambda: row_kv_logits(model, sizes, device, gen), log))
         t0 = time.perf_counter()
-        engine = build_engine(model, sizes, device, 0.95 if device.type == "cuda" else 0.9)
+        util = 0.95 if device.type == "cuda" else 0.9
+        engine = build_engine(model, sizes, device, util, kv_dtypes[0])
         report["engine_build_s"] = time.perf_counter() - t0
         report["kv_blocks"] = engine.runner.num_blocks
+        report["kv_cache_dtype"] = str(engine.runner.kv_spec.dtype)
         report["cuda_graphs"] = engine.runner.decode_graphs is not None
         report["gemv_tuning"] = engine.runner.gemv_report
         if engine.runner.cuda_attention is not None:
@@ -1031,11 +1140,28 @@ def main(argv: list[str] | None = None) -> int:
             ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
             ("long", lambda: row_long(engine, sizes, gen)),
         ]
-        for name, fn in steps:
-            if name in rows_wanted and not over_budget(name):
-                rows.extend(_guard(name, fn, log))
-                engine.abort_all()
-                _write(report, rows, args.out)
+        for i, kv_dtype in enumerate(kv_dtypes):
+            if i > 0:  # the same rows on a fresh engine with this KV cache
+                engine = None  # frees the last engine's cache before the next one sizes its own
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                engine = build_engine(model, sizes, device, util, kv_dtype)
+                report[f"kv={kv_dtype}"] = {
+                    "kv_blocks": engine.runner.num_blocks,
+                    "kv_capacity_tokens": engine.runner.num_blocks * engine.config.block_size,
+                    "graph_vs_eager_rel_err": check_graph_replay(engine, gen),
+                }
+                log(f"engine kv={kv_dtype}: {report[f'kv={kv_dtype}']}")
+            suffix = "" if kv_dtype == "auto" else f" kv={kv_dtype}"
+            for name, fn in steps:
+                wanted = name in rows_wanted and (i == 0 or name in KV_DTYPE_ROWS)
+                if wanted and not over_budget(name + suffix):
+                    for row in _guard(name + suffix, fn, log):
+                        row.name += "" if row.name.endswith(suffix) else suffix
+                        rows.append(row)
+                    engine.abort_all()
+                    _write(report, rows, args.out)
         if "serving" in rows_wanted and not over_budget("serving"):
             engine_fn = lambda: row_serving_engine(engine, sizes, gen, limits)  # noqa: E731
             rows.extend(_guard("serving: engine", engine_fn, log))
@@ -1097,7 +1223,13 @@ def _table(report: dict[str, Any], rows: list[Row]) -> str:
     lines = [f"device: {report['device']}  torch {report['torch']}  {report['date']}",
              f"{'row':40} {'value':>12} {'unit':10} {'target':20} {'limit':>10} {'ratio':>6} ok"]  # fmt: skip
     for r in rows:
-        value = f"{r.value:.1f}" if r.value is not None else "-"
+        value = (
+            "-"
+            if r.value is None
+            else f"{r.value:.4f}"
+            if r.unit == "rel err"
+            else f"{r.value:.1f}"
+        )
         limit = f"{r.limit:.1f}" if r.limit else "-"
         ratio = "-"
         if r.value and r.limit:

@@ -19,6 +19,7 @@ from typing import Any
 
 from mistralpy.api.runner import ModelOptions, OpenedModel, check_isq, open_model
 from mistralpy.api.types import dtype_name
+from mistralpy.engine.config import KV_CACHE_DTYPES
 
 DEFAULT_PORT = 1234
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
@@ -53,6 +54,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
+    )
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--served-model-name", default=None)
 
@@ -196,6 +203,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
         served_model_name=args.served_model_name,
         enforce_eager=getattr(args, "enforce_eager", False),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
 
 
@@ -243,6 +251,7 @@ def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
     url = f"http://{host}:{cfg.port}"
     stats = opened.stats()
     kv = stats.get("kv_capacity_tokens")
+    kv_dtype = opened.kv_cache_dtype()
     key = cfg.api_key or "none"
     auth = f' -H "Authorization: Bearer {key}"' if cfg.api_key else ""
     body = json.dumps(
@@ -255,7 +264,7 @@ def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
             f"  dtype:         {opened.resolved_dtype()}",
             f"  quantization:  {opened.options.isq or 'none'}",
             f"  context:       {opened.max_model_len} tokens",
-            f"  KV cache:      {int(kv) if kv else 'unknown'} tokens",
+            f"  KV cache:      {int(kv) if kv else 'unknown'} tokens ({kv_dtype})",
             "",
             "Try it:",
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
