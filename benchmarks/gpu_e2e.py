@@ -715,7 +715,7 @@ def kv_run_logits(
     from mistralpy.kernels.attention import build_metadata
     from mistralpy.runner import kv_cache as kvc
 
-    weight = model.language_model.embed_tokens.weight
+    weight = model.language_model.norm.weight  # (the embedding may be quantized)
     device, text, bs = weight.device, model.config.text_config, 16
     spec = kvc.KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, bs,
                            kvc.resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype))  # fmt: skip
