@@ -886,7 +886,8 @@ FLOAT_Q4K_GEMVS = "q4k-float"
 
 
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
-            gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = ()) -> list[Row]:  # fmt: skip
+            gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = (),
+            kv_dtypes: tuple[str, ...] = ("auto",)) -> list[Row]:  # fmt: skip
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -925,7 +926,10 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
         del engine  # its KV cache and graphs go before the budget engine is built
         gc.collect()
         torch.cuda.empty_cache()
-        rows.append(row_budget(model, sizes, device, gen, fmt))
+        for kv_dtype in kv_dtypes:
+            rows.append(row_budget(model, sizes, device, gen, fmt, kv_dtype))
+            gc.collect()
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -933,20 +937,20 @@ BUDGET_GIB = 22  # a 24 GB card, less what a desktop and the CUDA context keep
 
 
 def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator,
-               fmt: str) -> Row:  # fmt: skip
+               fmt: str, kv_dtype: str = "auto") -> Row:  # fmt: skip
     """The model on a 22 GiB budget (gpu_memory_utilization = 22 GiB / this card): the KV
     tokens that fit beside it, and a short greedy run that proves it serves."""
     torch.cuda.reset_peak_memory_stats(device)
     total = torch.cuda.get_device_properties(device).total_memory
     util = BUDGET_GIB * 2**30 / total
-    small = build_engine(model, sizes, device, util)
+    small = build_engine(model, sizes, device, util, kv_dtype)
     kv_tokens = small.runner.num_blocks * small.config.block_size
     vocab = model.config.text_config.vocab_size
     small.add_request("budget", random_prompt(sizes.decode_ctx, vocab, gen), greedy(16))
     while small.has_unfinished_requests():
         small.step()
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return Row(f"{BUDGET_GIB} GiB budget isq={fmt}: KV tokens", kv_tokens, "tokens",
+    return Row(f"{BUDGET_GIB} GiB budget isq={fmt} kv={kv_dtype}: KV tokens", kv_tokens, "tokens",
                ">= 32768", kv_tokens >= 32768,
                extra={"util": util, "peak_gib": peak, "served": True})  # fmt: skip
 
@@ -954,12 +958,14 @@ def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Genera
 def model_params(model: Any) -> int:
     """Parameters of the model as built in full precision (quantized linears count their
     logical in x out weights), for bits per weight."""
-    from mistralpy.quant.isq import QuantizedLinear
+    from mistralpy.quant.isq import QuantizedEmbedding, QuantizedLinear
 
     total = 0
     for mod in model.modules():
         if isinstance(mod, QuantizedLinear):
             total += mod.in_features * mod.out_features
+        elif isinstance(mod, QuantizedEmbedding):
+            total += mod.num_embeddings * mod.embedding_dim
         else:
             total += sum(p.numel() for p in mod.parameters(recurse=False))
             total += sum(b.numel() for b in mod.buffers(recurse=False) if b.is_floating_point())
@@ -1179,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
                 rows.extend(_guard(f"isq {fmt}", lambda f=fmt: row_isq(
-                    f, sizes, device, config, gen, limits, isq_rows), log))  # fmt: skip
+                    f, sizes, device, config, gen, limits, isq_rows, tuple(kv_dtypes)), log))  # fmt: skip
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
