@@ -10,8 +10,10 @@ to its image's [IMG]*cols + [IMG_BREAK] rows grid, the last row ending in [IMG_E
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +37,7 @@ _NEXT_ROLES = {
     "tool": {"assistant", "tool", "user"},
 }
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_ID_CHARS = string.ascii_letters + string.digits
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # Escape for user strings: a noncharacter inserted after every "[" and "<" so that no special
 # token string can start inside user text; an existing one is doubled. Undone after rendering.
@@ -333,6 +336,63 @@ def _image_source(where: str, part: Mapping[str, Any]) -> str:
         if isinstance(value, str) and value:
             return value
     raise InvalidChatError(f"{where}: image part without a url (image_url.url, url, image)")
+
+
+def openai_chat_to_mistral(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> ones mistral-common's rules accept, for chats from any client.
+
+    "developer" (newer OpenAI SDKs) is a system message. Tool-call ids that are not Mistral's
+    9 alphanumerics (OpenAI's `call_...`) are mapped to 9 characters by a hash of the id, so a
+    call and the tool result naming it stay paired and the same chat renders the same ids
+    (prefix caching). Tool-call arguments given as text must be JSON (llama.cpp's rule): the
+    model would otherwise learn to emit broken calls from its own history.
+    """
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            out.append(message)
+            continue
+        m = dict(message)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [
+                _openai_call(f"messages[{i}].tool_calls[{j}]", c)
+                for j, c in enumerate(m["tool_calls"])
+            ]
+        out.append(m)
+    return out
+
+
+def mistral_call_id(call_id: str) -> str:
+    """`call_id` itself if it is 9 alphanumerics, else 9 alphanumerics derived from its hash."""
+    if _CALL_ID.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    chars = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_CHARS))
+        chars.append(_ID_CHARS[digit])
+    return "".join(chars)
+
+
+def _openai_call(where: str, call: Any) -> Any:
+    if not isinstance(call, Mapping):
+        return call
+    call = dict(call)
+    if isinstance(call.get("id"), str):
+        call["id"] = mistral_call_id(call["id"])
+    arguments = (call.get("function") or {}).get("arguments")
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise InvalidChatError(
+                f"{where}.function.arguments: not valid JSON ({e.msg} at {e.pos})"
+            ) from None
+    return call
 
 
 # ---------------------------------------------------------------------------------------------

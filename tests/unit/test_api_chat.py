@@ -43,8 +43,9 @@ def test_chat_completion_shape_and_usage():
 
 def test_stream_equals_whole_and_role_first():
     svc = make_fake_service()
-    body = {"messages": USER, "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {"messages": USER, "temperature": 0}
     whole = run(svc.create_chat_completion(dict(body)))
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
     chunks = run(collect(svc.stream_chat_completion(dict(body))))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
