@@ -453,7 +453,9 @@ class ChatService:
         if tools_active:
             parsed = parse_tool_calls(out.text)
             tool_calls = [c.to_openai() for c in parsed.tool_calls]
-            message["content"] = parsed.content if tool_calls else out.text
+            # parsed.content: an unfinished call (cut by max_tokens) leaves no `[TOOL_CALLS]`
+            # text behind; with no calls at all the content is "" rather than null
+            message["content"] = parsed.content if tool_calls else parsed.content or ""
         if tool_calls:
             message["tool_calls"] = tool_calls
         return {

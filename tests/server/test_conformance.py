@@ -197,3 +197,25 @@ def test_head_health_and_lower_case_bearer():
         assert client.get("/v1/models", headers=headers).status_code == 200, scheme
     for header in ("bearer wrong", "Basic sekret", "sekret", "bearersekret"):
         assert_error(client.get("/v1/models", headers={"Authorization": header}), 401)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_cut_by_max_tokens_leaks_no_control_text(client, stream):
+    body = {
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": TOOLS,
+        "max_tokens": 20,  # the fake tokenizer is byte-level: cut inside the call's JSON
+        "stream": stream,
+    }
+    if not stream:
+        choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        content, finish = choice["message"]["content"], choice["finish_reason"]
+        assert not choice["message"].get("tool_calls")
+    else:
+        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: {")]
+        deltas = [json.loads(line)["choices"][0] for line in lines]
+        content = "".join(d["delta"].get("content") or "" for d in deltas)
+        finish = deltas[-1]["finish_reason"]
+    assert finish == "length"
+    assert "TOOL_CALLS" not in content and "{" not in content
