@@ -137,18 +137,33 @@ def engine_config(options: ModelOptions) -> Any:
 
 def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
     """Tokenizer (the engine's unless overridden), chat template and image settings."""
-    from mistralpy.processing.chat_template import ChatTemplate
     from mistralpy.processing.images import ImageProcessorConfig
     from mistralpy.processing.tokenizer import Tokenizer
 
     if options.tokenizer_json:
         tokenizer = Tokenizer.from_tokenizer_json(options.tokenizer_json)
+    template = load_template(path, options, tokenizer)
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+
+
+def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
+    """The chat template: --jinja-explicit, else the checkpoint's (with the bundled tool
+    template for tool chats when it ignores `tools`), else --chat-template or the bundled one."""
+    from mistralpy.processing.chat_template import ChatTemplate, needs_tool_template
+
     template = ChatTemplate.from_dir(path, options.jinja_explicit or None)
     if options.chat_template and not options.jinja_explicit:
         has_own = any((path / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
         if not has_own:
             template = ChatTemplate.from_dir(path, options.chat_template)
-    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+    if not options.jinja_explicit and needs_tool_template(template, tokenizer):
+        log.warning(
+            "the chat template of %s ignores `tools`: chats with tools or tool calls are "
+            "rendered with mistralpy's bundled Mistral tool template (--jinja-explicit overrides)",
+            path,
+        )
+        template = template.with_tool_template()
+    return template
 
 
 def load_engine(config: Any) -> Any:

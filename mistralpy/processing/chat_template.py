@@ -83,9 +83,8 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _compile(source: str):
-    """Compile a template in transformers' sandbox settings."""
-    from jinja2 import TemplateError
+def _environment():
+    """A Jinja environment with transformers' sandbox settings and helpers."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -95,10 +94,23 @@ def _compile(source: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _compile(source: str):
+    """Compile a template in transformers' sandbox settings."""
+    from jinja2 import TemplateError
+
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except TemplateError as e:
         raise ChatTemplateError(f"chat template does not compile: {e}") from e
+
+
+def _reads_tools(source: str) -> bool:
+    from jinja2 import meta
+
+    return "tools" in meta.find_undeclared_variables(_environment().parse(source))
 
 
 @dataclass
@@ -142,6 +154,19 @@ class ChatTemplate:
             return cls({"default": packaged_template_path().read_text(encoding="utf-8")}, bos, eos)
         return cls(found, bos, eos)
 
+    def reads_tools(self) -> bool:
+        """Whether some template reads `tools` (the HF repo's Mistral Small 3.1 one does not:
+        it drops tools silently and fails on an assistant turn with tool_calls and no content)."""
+        return any(_reads_tools(source) for source in self.templates.values())
+
+    def with_tool_template(self) -> ChatTemplate:
+        """This template for plain chats, the bundled Mistral tool template ("tool_use") for
+        chats with tools, tool calls or tool results."""
+        tool_use = packaged_template_path().read_text(encoding="utf-8")
+        return ChatTemplate(
+            {**self.templates, "tool_use": tool_use}, self.bos_token, self.eos_token
+        )
+
     def _select(self, name: str | None, has_tools: bool):
         if name is not None:
             if name not in self._compiled:
@@ -168,7 +193,7 @@ class ChatTemplate:
         **template_vars: Any,
     ) -> str:
         """Render to text. template_vars are extra template variables (chat_template_kwargs)."""
-        template = self._select(template_name, bool(tools))
+        template = self._select(template_name, bool(tools) or _has_tool_turns(messages))
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **template_vars}
         try:
             return template.render(
@@ -179,6 +204,21 @@ class ChatTemplate:
             )
         except Exception as e:  # anything a template does wrong is the template's error
             raise ChatTemplateError(f"chat template error: {e}") from e
+
+
+def _has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(
+        isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool")
+        for m in messages
+    )
+
+
+def needs_tool_template(template: ChatTemplate, tokenizer: Tokenizer) -> bool:
+    """True when the tokenizer has Mistral's tool control tokens (Tekken v7) but the template
+    never reads `tools`: such chats are then rendered with the bundled tool template."""
+    controls = ("[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]")
+    has_controls = all(c in tokenizer.special_tokens for c in controls)
+    return has_controls and not template.reads_tools()
 
 
 def _special_strings(config_file: Path) -> tuple[str, str]:
