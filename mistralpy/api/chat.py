@@ -354,6 +354,7 @@ class ChatService:
         max_model_len: int,
         tool_parser: Callable[[], ToolCallStreamParser] = ToolCallStreamParser,
         model_aliases: tuple[str, ...] = (),
+        default_max_tokens: int | None = None,
     ):
         self.engine = engine  # AsyncEngine: generate(request_id, prompt, params), abort(id)
         self.tokenizer = tokenizer
@@ -363,6 +364,9 @@ class ChatService:
         self.tool_parser = tool_parser
         # Other names accepted in `model` (e.g. the model id, "default", mistral.rs' "mistral3").
         self.model_names = {served_model_name, "default", *model_aliases}
+        # Reply limit of requests that set none (interactive use: `run`, the builder), cut to
+        # the room left in the context; None keeps OpenAI's "until the context is full".
+        self.default_max_tokens = default_max_tokens
 
     # -- preparation --
 
@@ -380,7 +384,7 @@ class ChatService:
             params = self._without_tool_calls(params)
         prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
         self._check_length(prompt, params)
-        return prompt, params, tools_active
+        return prompt, self._with_default_limit(prompt, params), tools_active
 
     async def _prepare_completion(self, body: dict) -> tuple[list[Any], SamplingParams]:
         """The prompts of a completions body (one, or a batch) and their shared params."""
@@ -392,6 +396,8 @@ class ChatService:
             prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
             self._check_length(prompt, params)
             prompts.append(prompt)
+        if len(prompts) == 1:
+            params = self._with_default_limit(prompts[0], params)
         return prompts, params
 
     def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
@@ -403,6 +409,12 @@ class ChatService:
             return params
         bias = {**params.logit_bias, token: NO_TOOL_CALL_BIAS}
         return dataclasses.replace(params, logit_bias=bias)
+
+    def _with_default_limit(self, prompt: Any, params: SamplingParams) -> SamplingParams:
+        if params.max_tokens is not None or self.default_max_tokens is None:
+            return params
+        room = self.max_model_len - len(prompt.token_ids)  # >= 1 once _check_length passed
+        return dataclasses.replace(params, max_tokens=min(self.default_max_tokens, room))
 
     def _check_length(self, prompt: Any, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
