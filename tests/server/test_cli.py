@@ -308,12 +308,32 @@ def test_quantize_resolves_demo_like_serve(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quantize_demo(tmp_path, capsys):
-    """`quantize demo` resolves "demo" as `serve demo` does; the result says it is q8_0."""
+def test_quantize_demo(tmp_path, monkeypatch):
+    """`quantize demo` works as `serve demo` does; while its first layer is quantized the bar
+    says kernels are being compiled; the result reports itself as pre-quantized q8_0."""
+    import mistralpy.checkpoint.loader as loader
     from mistralpy.api.runner import ModelOptions, OpenedModel
     from mistralpy.server.cli import main
 
+    notes = []
+
+    class Bar(loader.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            notes.append(s)
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(loader, "tqdm", Bar)
     out = tmp_path / "q8"
     assert main(["quantize", "demo", "--isq", "q8_0", "-o", str(out)]) == 0
+    assert notes[0] == loader.FIRST_QUANTIZED_NOTE and "quantized 1 layers" in notes
     opened = OpenedModel(None, None, None, None, None, out, 512, ModelOptions(str(out)))
     assert opened.quantization() == "q8_0 (pre-quantized)"
+
+
+def test_readme_activates_the_venv_before_its_examples():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    activate = readme.index("source .venv/bin/activate")
+    for example in ("mistralpy-server --port", "mistralpy serve MODEL", "from mistralpy import"):
+        assert activate < readme.index(example), example
