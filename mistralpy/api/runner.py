@@ -122,12 +122,13 @@ def check_isq(isq: str | None) -> str | None:
     if isq is None:
         return None
     name = isq.value if isinstance(isq, IsqType) else str(isq).lower()
-    if name not in ISQ_NAMES:
-        raise ValueError(f"unknown ISQ format {isq!r}; choose one of {', '.join(ISQ_NAMES)}")
     if importlib.util.find_spec("mistralpy.quant.isq") is None:
         raise FeatureUnavailable(
             f"in-situ quantization ({name}) needs mistralpy.quant.isq, which this build lacks"
         )
+    from mistralpy.quant.formats import get_format
+
+    get_format(name)  # an unknown name fails here, before any weight is read
     return name
 
 

@@ -44,14 +44,18 @@ class ServeConfig:
 
 
 def _isq_name(value: str) -> str:
-    """argparse type of --isq: a known format name, in any case."""
-    name = value.lower()
-    if name not in ISQ_NAMES:
-        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(ISQ_NAMES)}")
-    return name
+    """argparse type of --isq: a format as mistral.rs spells it too ("Q4K", "q4_k", "4")."""
+    from mistralpy.quant.formats import get_format
+
+    try:
+        get_format(value)
+    except ValueError:
+        names = ", ".join(ISQ_NAMES)
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {names}") from None
+    return value.lower()
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--isq",
         "--in-situ-quant",
@@ -61,6 +65,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="FORMAT",
         help=f"quantize the weights while loading: {', '.join(ISQ_NAMES)}",
     )
+    p.add_argument("-j", "--jinja-explicit", default=None, help="chat template overriding all")
+    p.add_argument(
+        "-c", "--chat-template", default=None, help="chat template when the model has none"
+    )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    _add_isq_and_template_flags(p)
     p.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32 (auto: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument(
@@ -80,10 +92,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="new tokens in one step"
-    )
-    p.add_argument("-j", "--jinja-explicit", default=None, help="chat template overriding all")
-    p.add_argument(
-        "-c", "--chat-template", default=None, help="chat template when the model has none"
     )
     p.add_argument("-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
@@ -187,24 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_legacy_parser() -> argparse.ArgumentParser:
     """mistral.rs ≤ 0.6's `mistralrs-server [global flags] vision-plain -m ID -a ARCH`."""
-    parser = argparse.ArgumentParser(prog="mistralpy-server")
+    parser = argparse.ArgumentParser(
+        prog="mistralpy-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"mistralpy {__version__}")
     _add_server_flags(parser)
-    parser.add_argument("--isq", "--in-situ-quant", dest="isq", default=None)
-    parser.add_argument("-j", "--jinja-explicit", default=None)
-    parser.add_argument("-c", "--chat-template", default=None)
-    parser.add_argument("--max-seqs", dest="max_num_seqs", type=int, default=32)
-    parser.add_argument("--max-model-len", "--max-seq-len", dest="max_model_len", type=int)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--served-model-name", default=None)
-    sub = parser.add_subparsers(dest="selector", required=True)
+    _add_isq_and_template_flags(parser)
+    parser.add_argument(
+        "--max-seqs", dest="max_num_seqs", type=int, default=32, help="sequences per step"
+    )
+    parser.add_argument(
+        "--max-model-len",
+        "--max-seq-len",
+        dest="max_model_len",
+        type=int,
+        help="context length in tokens (default: the model's)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
+    parser.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
+    )
+    sub = parser.add_subparsers(
+        dest="selector", required=True, metavar="SELECTOR", help="model kind, as mistral.rs"
+    )
     for name in LEGACY_SUBCOMMANDS:
-        sel = sub.add_parser(name)
-        sel.add_argument("-m", "--model-id", dest="model", required=True)
-        sel.add_argument("-a", "--arch", default=None)
-        sel.add_argument("-d", "--dtype", default="auto")
-        sel.add_argument("-t", "--tokenizer-json", default=None)
+        sel = sub.add_parser(
+            name,
+            help="a mistral3 model (all selectors load the same way)",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sel.add_argument("-m", "--model-id", dest="model", required=True, help="dir or hub id")
+        sel.add_argument("-a", "--arch", default=None, help="mistral3 (the only one served)")
+        sel.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32")
+        sel.add_argument(
+            "-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead"
+        )
+    parser.set_defaults(subcommands=sub.choices)
     return parser
 
 
@@ -595,7 +623,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> A
     reports it with the top-level one, which lists no flags)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command = getattr(args, "subcommands", {}).get(getattr(args, "command", None), parser)
+        name = getattr(args, "command", None) or getattr(args, "selector", None)
+        command = getattr(args, "subcommands", {}).get(name, parser)
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
@@ -620,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """`mistralpy-server --port 1234 --isq q4k vision-plain -m ID -a mistral3`."""
-    args = build_legacy_parser().parse_args(argv)
+    args = parse_args(build_legacy_parser(), argv)
     try:
         return _serve(model_options(args), serve_config(args))
     except (ValueError, NotImplementedError) as e:

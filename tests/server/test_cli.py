@@ -195,6 +195,17 @@ def test_help_describes_every_flag_and_lists_isq_values(command, capsys):
         assert "(default: " in text
 
 
+def test_legacy_help_describes_every_flag_and_accepts_mistralrs_isq_spellings():
+    parser = build_legacy_parser()
+    subs = parser.parse_args(["plain", "-m", "x"]).subcommands
+    for p in (parser, subs["vision-plain"]):
+        for action in p._actions:
+            assert action.help, action.option_strings
+    for spelling in ("Q4K", "q4_k", "4", "Q8_0"):
+        assert parser.parse_args(["--isq", spelling, "plain", "-m", "x"]).isq == spelling.lower()
+    assert model_options(parser.parse_args(["--isq", "Q4K", "plain", "-m", "x"])).isq == "q4k"
+
+
 def test_version_and_a_misspelled_flag_shows_the_subcommand_usage(capsys):
     from mistralpy import __version__
     from mistralpy.server.cli import main
