@@ -4,6 +4,8 @@ Every case first checks the kernel against a float32 reference on the same input
 through shuffled block tables), then times it with triton.testing.do_bench (median), decode
 also replayed from a captured CUDA graph. The yardstick is torch SDPA on contiguous tensors.
 Text model: 32 query heads, 8 KV heads, head_dim 128, bf16. Vision: 16 heads, head_dim 64.
+Cases marked "fp8 KV" read an e4m3 cache (scales 0.5 / 2.0) against the reference over the
+dequantized cache; their GB/s count the e4m3 bytes actually read.
 
     python benchmarks/gpu_attention.py [--json out.json] [--sweep] [--smoke]
 
@@ -209,24 +211,39 @@ class Bench:
         decode_cases = [(1, 64), (1, 300), (4, 64)] if s else [
             (1, 1024), (1, 8192), (1, 32768), (1, 131072), (32, 1024)]  # fmt: skip
         out += [partial(self.decode, bsz, ctx) for bsz, ctx in decode_cases]
+        fp8_cases = [(1, 300), (4, 64)] if s else [(1, 8192), (1, 131072), (32, 1024), (32, 2048)]
+        out += [partial(self.decode, bsz, ctx, fp8=True) for bsz, ctx in fp8_cases]
         out.append(partial(self.decode, 1, 64 if s else 1024, table_tokens=512 if s else 131072))
         out.append(partial(self.store_kv, 40 if s else 8192))
         out += [partial(self.prefill, n, 0) for n in ([40, 70] if s else [1024, 8192])]
         out.append(partial(self.prefill, *((24, 60) if s else (2048, 126976))))
+        out.append(partial(self.prefill, *((24, 60) if s else (2048, 126976)), fp8=True))
         out.append(partial(self.vision, 50 if s else 12100))
         if self.args.sweep:
             out += self.sweep_cases()
         return out
 
-    def decode(self, bsz, ctx, table_tokens=None, plan=None, label=None):
+    def fp8_cache(self, cache):
+        """(e4m3 cache, its (2,) scales, the float32 cache it reads back as)."""
+        from mistralpy.kernels.attention import dequantize_kv, quantize_kv
+
+        scales = self.torch.tensor([0.5, 2.0], device=self.dev)
+        cache8 = quantize_kv(cache, scales.view(2, 1, 1, 1, 1))
+        return cache8, scales, dequantize_kv(cache8, scales.view(2, 1, 1, 1, 1))
+
+    def decode(self, bsz, ctx, table_tokens=None, plan=None, label=None, fp8=False):
         ta, scale = self.ta, D**-0.5
         cache, bt, lens = self.paged_cache([ctx] * bsz, table_tokens)
+        seen, kv_scale = cache, None  # what the reference reads
+        if fp8:
+            cache, kv_scale, seen = self.fp8_cache(cache)
         q = self.randn(bsz, HQ, D, scale=2 * scale)
-        fn = lambda: ta.paged_decode_attention(q, cache, bt, lens, scale, plan=plan)  # noqa: E731
+        fn = lambda: ta.paged_decode_attention(q, cache, bt, lens, scale, kv_scale=kv_scale,  # noqa: E731
+                                               plan=plan)  # fmt: skip
         fn()  # compile outside the graph capture
         ms, out = self.time_graph(fn)  # checks the graph-replayed output
         err = max(
-            self.rel_err(out[b : b + 1], self.reference(q[b : b + 1], *self.gather(cache, bt[b], ctx), None, scale))
+            self.rel_err(out[b : b + 1], self.reference(q[b : b + 1], *self.gather(seen, bt[b], ctx), None, scale))
             for b in range(bsz)
         )  # fmt: skip
         gbytes = bsz * ctx * HKV * D * 2 * cache.element_size() / 1e9
@@ -236,9 +253,9 @@ class Bench:
             note += f" table={table_tokens}"
         case = label or f"decode B={bsz} ctx={ctx}" + (
             f" (table {table_tokens})" if table_tokens else ""
-        )
+        ) + (" fp8 KV" if fp8 else "")
         self.rows.append(Row(case, "triton graph", ms, err, gbs=gbytes / ms * 1e3, note=note))
-        if label:
+        if label or fp8:
             return
         k, v = self.gather(cache, bt[0], ctx)
         kk, vv = k.unsqueeze(0).expand(bsz, -1, -1, -1), v.unsqueeze(0).expand(bsz, -1, -1, -1)
@@ -271,26 +288,31 @@ class Bench:
             Row(f"store_kv T={t}", "torch index_copy_", ms, None, gbs=gbytes / ms * 1e3)
         )
 
-    def prefill(self, q_len, prefix, config=None, label=None):
+    def prefill(self, q_len, prefix, config=None, label=None, fp8=False):
         torch, ta, scale = self.torch, self.ta, D**-0.5
         n = prefix + q_len
         cache, bt, lens = self.paged_cache([n])
+        seen, kv_scale = cache, None  # what the reference reads
+        if fp8:
+            cache, kv_scale, seen = self.fp8_cache(cache)
         q = self.randn(q_len, HQ, D, scale=2 * scale)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=self.dev)
 
         def fn():
-            return ta.paged_prefill_attention(q, cache, qsl, lens, bt, q_len, scale, config=config)
+            return ta.paged_prefill_attention(q, cache, qsl, lens, bt, q_len, scale,
+                                              kv_scale=kv_scale, config=config)  # fmt: skip
 
         out = fn()
-        k, v = self.gather(cache, bt[0], n)
+        k, v = self.gather(seen, bt[0], n)
         err = self.rel_err(out, self.reference(q, k, v, prefix, scale))
         ms = self.time_ms(fn)
         flops = 4 * D * HQ * (q_len * prefix + q_len * (q_len + 1) / 2)
         case = f"prefill {q_len}" + (f" on {prefix} cached" if prefix else "")
+        case += " fp8 KV" if fp8 else ""
         cfg = config or ta.default_tile_config(D, q.device, q_len)
         note = f"bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} s={cfg.num_stages}"
         self.rows.append(Row(label or case, "triton", ms, err, tflops=flops / ms / 1e9, note=note))
-        if label:
+        if label or fp8:
             return
         ms = self.time_ms(self.sdpa(q, k, v, prefix))
         self.rows.append(Row(case, "torch sdpa (contig)", ms, None, tflops=flops / ms / 1e9))

@@ -1,8 +1,15 @@
 """End-to-end GPU benchmark of the engine on the real Mistral Small 3.1 (24B) shapes.
 
-    python benchmarks/gpu_e2e.py [--rows check,decode,ttft,prefill,concurrent,vision,long,isq]
+    python benchmarks/gpu_e2e.py [--rows check,decode,ttft,prefill,concurrent,vision,long,isq,
+                                         kv_logits]
                                  [--concurrent-out 1024] [--out DIR] [--budget-s 470]
+                                 [--kv-cache-dtypes auto,fp8]
     python benchmarks/gpu_e2e.py --quick      # CPU smoke run on a tiny config (tests call it)
+    python benchmarks/gpu_e2e.py --rows serving  # opt-in: engine vs `mistralpy serve` over HTTP
+
+--kv-cache-dtypes auto,fp8: after the rows on a cache in the model dtype, the decode and
+concurrent rows run again on a second engine with an fp8 (e4m3) KV cache, same weights, named
+"... kv=fp8". The kv_logits row compares fp8 KV with bf16 KV on one 4k-token prompt.
 
 Random weights (load_format="dummy", initialised on the GPU), bf16. Checks correctness first
 (fused ops and attention backends vs the references; engine greedy tokens vs a plain eager
@@ -20,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mistralpy.checkpoint.loader import load_dummy_model  # noqa: E402
-from mistralpy.engine.config import EngineConfig  # noqa: E402
+from mistralpy.engine.config import KV_CACHE_DTYPES, EngineConfig  # noqa: E402
 from mistralpy.engine.engine import LLMEngine  # noqa: E402
 from mistralpy.model.config import (  # noqa: E402
     Mistral3Config,
@@ -46,7 +54,11 @@ from mistralpy.processing.chat_template import ProcessedPrompt  # noqa: E402
 from mistralpy.processing.tokenizer import Tokenizer  # noqa: E402
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 
-ALL_ROWS = ("check", "vision", "decode", "ttft", "prefill", "concurrent", "long", "isq")
+ALL_ROWS = ("check", "vision", "kv_logits", "decode", "batch", "ttft", "prefill", "concurrent",
+            "long", "isq")  # fmt: skip
+BATCHES = (1, 8, 32)  # decode-step rows per format (`batch`)
+OPT_IN_ROWS = ("serving",)  # only when named: it starts a server (FastAPI, uvicorn, ... needed)
+KV_DTYPE_ROWS = ("decode", "concurrent")  # rows run again per extra --kv-cache-dtypes entry
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them
 
 
@@ -67,9 +79,11 @@ class Sizes:
     check_prompt: int = 64
     check_tokens: int = 8
     repeats: int = 5
+    kv_logits_prompt: int = 4096  # context of the fp8-vs-bf16 KV logits row
+    kv_logits_tokens: int = 32  # decode positions compared after it (top-1 agreement)
 
 
-QUICK = Sizes(64, 8, 48, 200, 4, 32, 8, 56, 480, 128, 16, 4, 2)
+QUICK = Sizes(64, 8, 48, 200, 4, 32, 8, 56, 480, 128, 16, 4, 2, 160, 4)
 
 
 @dataclass
@@ -114,13 +128,16 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def build_engine(model: Any, sizes: Sizes, device: torch.device, util: float) -> LLMEngine:
+def build_engine(
+    model: Any, sizes: Sizes, device: torch.device, util: float, kv_cache_dtype: str = "auto"
+) -> LLMEngine:
     """LLMEngine over an already-loaded model (no checkpoint directory needed)."""
     cfg = EngineConfig(
         max_num_seqs=sizes.concurrent,
         max_num_batched_tokens=sizes.max_num_batched_tokens,
         gpu_memory_utilization=util,
         enable_prefix_caching=True,
+        kv_cache_dtype=kv_cache_dtype,
     )
     rcfg = RunnerConfig(
         block_size=cfg.block_size,
@@ -128,8 +145,9 @@ def build_engine(model: Any, sizes: Sizes, device: torch.device, util: float) ->
         max_num_seqs=cfg.max_num_seqs,
         gpu_memory_utilization=util,
         cpu_kv_cache_bytes=256 << 20,
+        kv_cache_dtype=kv_cache_dtype,
     )
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     runner = ModelRunner(model, rcfg, device, dtype)
     text = model.config.text_config
     max_len = min(text.max_position_embeddings, runner.num_blocks * cfg.block_size)
@@ -187,9 +205,10 @@ def text_weight_bytes(model: Any) -> int:
     layer holds two layouts of one weight)."""
     parts = [model.language_model, model.lm_head]
     tensors = [t for m in parts for t in (*m.parameters(), *m.buffers())]
-    return sum(t.numel() * t.element_size() for t in tensors) - (
-        model.language_model.embed_tokens.weight.numel()
-        * model.language_model.embed_tokens.weight.element_size()
+    emb = model.language_model.embed_tokens
+    table = [*emb.parameters(), *emb.buffers()]  # a step reads a few rows of it, not all
+    return sum(t.numel() * t.element_size() for t in tensors) - sum(
+        t.numel() * t.element_size() for t in table
     )
 
 
@@ -218,7 +237,7 @@ def check_kernels(model: Any, device: torch.device, gen: torch.Generator) -> dic
 
     fast = ref_ops.triton_layer_ops()
     text = model.config.text_config
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     errs: dict[str, float] = {}
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -257,6 +276,12 @@ def check_kernels(model: Any, device: torch.device, gen: torch.Generator) -> dic
         want = ref_attn.paged_attention(q, kn, vn, cache.clone(), attn, d**-0.5)
         got = cuda_paged_attention(q, kn, vn, cache.clone(), attn, d**-0.5)
         errs[name] = rel(got, want)
+        # the same step on an e4m3 cache (scales != 1): Triton vs the reference reading it
+        scales = torch.tensor([0.5, 2.0], device=device)
+        cache8 = ref_attn.quantize_kv(cache, scales.view(2, 1, 1, 1, 1))
+        want = ref_attn.paged_attention(q, kn, vn, cache8.clone(), attn, d**-0.5, scales)
+        got = cuda_paged_attention(q, kn, vn, cache8.clone(), attn, d**-0.5, scales)
+        errs[f"{name}_fp8"] = rel(got, want)
     vq = torch.randn(200, 16, 64, device=device, dtype=dtype)
     vk, vv = torch.randn_like(vq), torch.randn_like(vq)
     cu = [0, 144, 200]
@@ -277,7 +302,7 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
     from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
 
     model = engine.runner.model
-    device = model.language_model.embed_tokens.weight.device
+    device = model.language_model.norm.weight.device
     text = model.config.text_config
     prompt = random_prompt(sizes.check_prompt, text.vocab_size, gen)
     out = engine.generate([prompt], greedy(sizes.check_tokens))[0].outputs[0].token_ids
@@ -286,9 +311,9 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
 
     def forward_logits(depth: int) -> torch.Tensor:
         nb = -(-len(ids) // 16)
-        caches = allocate_kv_caches(
-            text, nb, 16, model.language_model.embed_tokens.weight.dtype, device
-        )[:depth]
+        caches = allocate_kv_caches(text, nb, 16, model.language_model.norm.weight.dtype, device)[
+            :depth
+        ]
         attn = build_metadata([len(ids)], [len(ids)], [list(range(nb))], 16, device)
         model.language_model.layers = layers[:depth]
         try:
@@ -299,17 +324,13 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
         finally:
             model.language_model.layers = layers
 
-    def ulp_noise(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(output.shape, generator=gen).to(output.device, output.dtype)
-        return output * (1 + 2**-8 * noise)  # ~ one bf16 rounding step on every embedding
-
     depths = (2, len(layers))
     fast = [forward_logits(d) for d in depths]
     model.set_attention_backend(paged_attention, varlen_attention)
     model.set_layer_ops(REFERENCE_OPS)
     try:
         ref = [forward_logits(d) for d in depths]
-        hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise)
+        hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise(gen))
         try:
             noisy = [forward_logits(d) for d in depths]
         finally:
@@ -341,6 +362,16 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
         and result["graph_vs_eager_rel_err"] < 1e-3
     )
     return result
+
+
+def ulp_noise(gen: torch.Generator) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook that perturbs its module's output by ~ one bf16 rounding step."""
+
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(output.shape, generator=gen).to(output.device, output.dtype)
+        return output * (1 + 2**-8 * noise)
+
+    return hook
 
 
 def check_graph_replay(engine: LLMEngine, gen: torch.Generator) -> float:
@@ -404,7 +435,7 @@ def row_decode(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: di
     engine.abort_all()
     step = statistics.median(times)
     tok_s = 1.0 / step
-    bytes_step = text_weight_bytes(model) + _kv_bytes(model, sizes.decode_ctx + warm)
+    bytes_step = text_weight_bytes(model) + _kv_bytes(engine, sizes.decode_ctx + warm)
     limit = limits["bandwidth"] / bytes_step  # bytes per s that a copy moves (read + write)
     extra = {"step_ms_median": step * 1e3, "step_ms_mean": 1e3 * sum(times) / len(times),
              "weight_gb": bytes_step / 1e9}  # fmt: skip
@@ -412,10 +443,41 @@ def row_decode(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: di
     return Row("decode bs1 @1k ctx", tok_s, "tok/s", ">= 58", tok_s >= 58, limit, extra=extra)
 
 
-def _kv_bytes(model: Any, tokens: int) -> int:
-    text = model.config.text_config
-    el = model.language_model.embed_tokens.weight.element_size()
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * el * tokens
+def batches(sizes: Sizes) -> list[int]:
+    """The batch rows' sizes, capped at the engine's max_num_seqs (the quick run's 4)."""
+    return sorted({min(b, sizes.concurrent) for b in BATCHES})
+
+
+def row_batch(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, batch: int,
+              label: str) -> Row:  # fmt: skip
+    """Median decode step with `batch` sequences of decode_ctx-token prompts, all decoding:
+    per-sequence tok/s = 1 / step (the table of the quantized-serving issue)."""
+    vocab = engine.runner.model.config.text_config.vocab_size
+    warm, steps = 4, max(8, sizes.decode_steps // 4)
+    ids = [f"b{batch}_{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, random_prompt(sizes.decode_ctx, vocab, gen),
+                           greedy(steps + warm + 2))  # fmt: skip
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(warm):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    engine.abort_all()
+    step = statistics.median(times)
+    return Row(f"decode step bs{batch} {label}", 1.0 / step, "tok/s per seq", "", None,
+               extra={"step_ms_median": step * 1e3, "batch": batch})  # fmt: skip
+
+
+def _kv_bytes(engine: LLMEngine, tokens: int) -> int:
+    """KV-cache bytes `tokens` tokens take in the engine's cache (half for fp8 vs bf16)."""
+    spec = engine.runner.kv_spec
+    return spec.bytes_per_block * tokens // spec.block_size
 
 
 def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> dict[str, float]:
@@ -436,7 +498,7 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     t_graph = time_fn(lambda: graphs.replay(bucket), device, 20)
     engine.block_manager.reset_prefix_cache()  # those blocks were written: forget any keys
     text = model.config.text_config
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     lin = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
            and (n.startswith("language_model") or n == "lm_head")]  # fmt: skip
     xs = {
@@ -449,11 +511,14 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
 
     plan = runner.cuda_attention.decode_plans.get((bucket, graphs.width))
 
+    scales = runner.kv_scales or [None] * len(runner.kv_caches)
+
     def attention() -> None:
-        for cache in runner.kv_caches:
+        for cache, kv_scale in zip(runner.kv_caches, scales):
             ta.paged_decode_attention(
-                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5, plan=plan
-            )
+                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5,
+                kv_scale=kv_scale, plan=plan,
+            )  # fmt: skip
 
     t_attn = _graph_time(attention, device)
     return {"gpu_step_ms": t_graph * 1e3, "linears_ms": t_lin * 1e3, "attention_ms": t_attn * 1e3,
@@ -553,7 +618,7 @@ def row_concurrent(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits
     decode_steps = [dt for dt, g, c in steps if g == c == n]
     step = statistics.median(decode_steps) if decode_steps else float("nan")
     ctx = sizes.concurrent_in + out_len // 2
-    bytes_step = text_weight_bytes(model) + n * _kv_bytes(model, ctx)
+    bytes_step = text_weight_bytes(model) + n * _kv_bytes(engine, ctx)
     limit = n * limits["bandwidth"] / bytes_step
     extra = {"elapsed_s": elapsed, "generated": generated, "steps": len(steps),
              "decode_step_ms_median": step * 1e3, "output_len": out_len,
@@ -604,6 +669,75 @@ def step_kinds(steps: list[tuple[float, int, int]], n: int, elapsed: float, add_
     return out
 
 
+def row_kv_logits(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator) -> Row:
+    """fp8 (e4m3) KV cache vs one in the model dtype: same weights, same prompt. value: the
+    rel. error ||a - b|| / ||b|| of the logits at the prompt's final position, computed by a
+    decode step that reads the whole context from the cache (`kv_run_logits`); extra: the same
+    at each next position (both runs fed the bf16 run's greedy tokens, so positions match),
+    top-1 agreement over them, and the bf16 run against itself with one-ulp noise on the
+    embeddings (a random-weight model amplifies any rounding: that says what the error is
+    worth)."""
+    text = model.config.text_config
+    ids = random_prompt(sizes.kv_logits_prompt, text.vocab_size, gen).token_ids
+    steps = sizes.kv_logits_tokens
+    base = kv_run_logits(model, ids, "auto", steps, None)
+    forced = base.argmax(-1).tolist()
+    fp8 = kv_run_logits(model, ids, "fp8", steps, forced)
+    hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise(gen))
+    try:
+        noisy = kv_run_logits(model, ids, "auto", steps, forced)
+    finally:
+        hook.remove()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        return ((a - b).norm(dim=-1) / b.norm(dim=-1)).tolist()
+
+    errs, noise = rel(fp8, base), rel(noisy, base)
+    top1 = (fp8.argmax(-1) == base.argmax(-1)).float().mean().item()
+    extra = {"prompt_tokens": len(ids), "positions": steps + 1, "top1_agreement": top1,
+             "rel_err_per_position": errs, "rel_err_mean": statistics.mean(errs),
+             "bf16_ulp_noise_rel_err_final": noise[0],
+             "bf16_ulp_noise_rel_err_mean": statistics.mean(noise),
+             "ulp_noise_top1_agreement": (noisy.argmax(-1) == base.argmax(-1)).float().mean().item()}  # fmt: skip
+    return Row(f"fp8 KV logits vs bf16 KV @{len(ids)} ctx", errs[0], "rel err", "reported",
+               None, extra=extra)  # fmt: skip
+
+
+@torch.inference_mode()
+def kv_run_logits(
+    model: Any, ids: list[int], kv_cache_dtype: str, steps: int, forced: list[int] | None
+) -> torch.Tensor:
+    """Logits (steps + 1, V) float32: the prompt's first n - 1 tokens prefilled into a fresh
+    cache of `kv_cache_dtype`, then its last token and `steps` more run as decode steps (each
+    reads the whole context from the cache: on CUDA the Triton decode kernel, which reads fp8
+    directly; the prefill itself attends over the fresh K/V). Step i + 1 is fed forced[i], or
+    the argmax of step i."""
+    from mistralpy.kernels.attention import build_metadata
+    from mistralpy.runner import kv_cache as kvc
+
+    weight = model.language_model.norm.weight  # (the embedding may be quantized)
+    device, text, bs = weight.device, model.config.text_config, 16
+    spec = kvc.KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, bs,
+                           kvc.resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype))  # fmt: skip
+    nb = -(-(len(ids) + steps) // bs)
+    caches, scales = kvc.allocate_kv_caches(spec, nb, device), kvc.allocate_kv_scales(spec, device)
+    if scales is not None:
+        model.set_kv_scales(scales)
+    table = [list(range(nb))]
+    n = len(ids) - 1
+    attn = build_metadata([n], [n], table, bs, device)
+    model(torch.tensor(ids[:n], device=device), torch.arange(n, device=device), attn, caches, None)
+    rows, token = [], ids[-1]
+    for i in range(steps + 1):
+        attn = build_metadata([1], [n + i + 1], table, bs, device)
+        pos = torch.tensor([n + i], device=device)
+        logits = model.compute_logits(model(torch.tensor([token], device=device), pos, attn,
+                                            caches, None))[0]  # fmt: skip
+        rows.append(logits)
+        token = forced[i] if forced is not None and i < len(forced) else int(logits.argmax())
+    return torch.stack(rows)
+
+
 def row_long(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> Row:
     model = engine.runner.model
     vocab = model.config.text_config.vocab_size
@@ -637,9 +771,7 @@ def row_vision(model: Any, sizes: Sizes, device: torch.device, limits: dict) -> 
     """Our encoder + projector on one image vs transformers' eager (and sdpa) modules holding
     the same weights."""
     side = sizes.image_side - sizes.image_side % 28
-    pixels = torch.randn(
-        3, side, side, device=device, dtype=model.language_model.embed_tokens.weight.dtype
-    )
+    pixels = torch.randn(3, side, side, device=device, dtype=model.language_model.norm.weight.dtype)
     with torch.inference_mode():
         ours_out = model.encode_images([pixels])[0]
         t_ours = time_fn(lambda: model.encode_images([pixels]), device, sizes.repeats)
@@ -707,7 +839,7 @@ def hf_vision(model: Any, device: torch.device) -> tuple[Any, Any]:
         projector_hidden_act=cfg.projector_hidden_act,
         multimodal_projector_bias=cfg.multimodal_projector_bias,
     )  # fmt: skip
-    dtype = model.language_model.embed_tokens.weight.dtype
+    dtype = model.language_model.norm.weight.dtype
     with torch.device(device):
         tower = transformers.PixtralVisionModel(hf_cfg.vision_config).to(dtype).eval()
         proj = transformers.models.mistral3.modeling_mistral3.Mistral3MultiModalProjector(hf_cfg)
@@ -754,8 +886,10 @@ FLOAT_Q4K_GEMVS = "q4k-float"
 
 
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
-            gen: torch.Generator, limits: dict) -> Row:  # fmt: skip
+            gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = ()) -> list[Row]:  # fmt: skip
     t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if fmt == FLOAT_Q4K_GEMVS:
         from mistralpy.kernels import triton_quant as tq
 
@@ -768,13 +902,144 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     else:
         model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
     load_s = time.perf_counter() - t0
+    weights_gb = load_peak_gb = 0.0
+    if device.type == "cuda":
+        weights_gb = torch.cuda.memory_allocated(device) / 1e9
+        load_peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     engine = build_engine(model, sizes, device, 0.9)
     row = row_decode(engine, sizes, gen, limits)
-    target = {"q4k": 150, FLOAT_Q4K_GEMVS: 150, "fp8": 100}.get(fmt, 0)
+    target = {"q4k": 160, FLOAT_Q4K_GEMVS: 160, "fp8": 100}.get(fmt, 0)
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
-    row.extra["load_s"] = load_s
+    row.extra.update(load_s=load_s, weights_gb=weights_gb, load_peak_gb=load_peak_gb,
+                     bits_per_weight=8e9 * weights_gb / model_params(model))  # fmt: skip
+    rows = [row]
+    if "batch" in extra_rows:
+        rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in batches(sizes)]
+    if "concurrent" in extra_rows:
+        conc = row_concurrent(engine, sizes, gen, limits)
+        conc.name += f" isq={fmt}"
+        conc.target, conc.ok = ">= 1400", conc.value >= 1400
+        rows.append(conc)
+    if "budget" in extra_rows and device.type == "cuda":
+        del engine  # its KV cache and graphs go before the budget engine is built
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row_budget(model, sizes, device, gen, fmt))
+    return rows
+
+
+BUDGET_GIB = 22  # a 24 GB card, less what a desktop and the CUDA context keep
+
+
+def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator,
+               fmt: str) -> Row:  # fmt: skip
+    """The model on a 22 GiB budget (gpu_memory_utilization = 22 GiB / this card): the KV
+    tokens that fit beside it, and a short greedy run that proves it serves."""
+    torch.cuda.reset_peak_memory_stats(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    util = BUDGET_GIB * 2**30 / total
+    small = build_engine(model, sizes, device, util)
+    kv_tokens = small.runner.num_blocks * small.config.block_size
+    vocab = model.config.text_config.vocab_size
+    small.add_request("budget", random_prompt(sizes.decode_ctx, vocab, gen), greedy(16))
+    while small.has_unfinished_requests():
+        small.step()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return Row(f"{BUDGET_GIB} GiB budget isq={fmt}: KV tokens", kv_tokens, "tokens",
+               ">= 32768", kv_tokens >= 32768,
+               extra={"util": util, "peak_gib": peak, "served": True})  # fmt: skip
+
+
+def model_params(model: Any) -> int:
+    """Parameters of the model as built in full precision (quantized linears count their
+    logical in x out weights), for bits per weight."""
+    from mistralpy.quant.isq import QuantizedLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.in_features * mod.out_features
+        else:
+            total += sum(p.numel() for p in mod.parameters(recurse=False))
+            total += sum(b.numel() for b in mod.buffers(recurse=False) if b.is_floating_point())
+    return total
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+def row_serving_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator, limits: dict) -> Row:
+    """The engine-level figure the HTTP row is held to: row_concurrent, after the same warm-up
+    the HTTP run gets (one request, 8 tokens)."""
+    vocab = engine.runner.model.config.text_config.vocab_size
+    engine.add_request("serving-warm", random_prompt(sizes.concurrent_in, vocab, gen), greedy(8))
+    while engine.has_unfinished_requests():
+        engine.step()
+    row = row_concurrent(engine, sizes, gen, limits)
+    row.name = f"serving: engine {row.name}"
     return row
+
+
+def release_device(device: torch.device) -> int:
+    """Free what this process cached on the GPU; returns the bytes still in use on it (by any
+    process), for the report."""
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def serving_flags(model_dir: Path, sizes: Sizes, device: torch.device) -> list[str]:
+    """`mistralpy serve` flags for the engine build_engine makes: dummy weights of the same
+    shapes and dtype, the same batch limits and memory share, prefix caching on (the bench's
+    prompts are fresh, so it serves none of them)."""
+    flags = [str(model_dir), "--load-format", "dummy", "--max-num-seqs", str(sizes.concurrent),
+             "--max-num-batched-tokens", str(sizes.max_num_batched_tokens)]  # fmt: skip
+    if device.type == "cuda":
+        return [*flags, "--dtype", "bf16", "--gpu-memory-utilization", "0.95"]
+    return [*flags, "--device", "cpu", "--dtype", "f32", "--max-model-len", "512"]
+
+
+def row_serving(engine_row: Row, sizes: Sizes, device: torch.device, out: str) -> Row:
+    """The same load through HTTP: `mistralpy serve` of a config-only directory (the real 24B
+    shapes; the tiny preset on CPU) on loopback, `sizes.concurrent` streaming requests of fresh
+    prompts; output tok/s vs the engine's, TTFT and ITL p50/p99. The server is always stopped."""
+    from benchmarks.serving import log_tail, run_bounded, running_server
+    from mistralpy.bench.serving import ServingConfig
+    from mistralpy.testing.tiny_checkpoint import REAL_SHAPES, get_preset, write_config_files
+
+    log = Path(out) / "serve.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes, dtype = (
+            (REAL_SHAPES, "bfloat16") if device.type == "cuda" else (get_preset("tiny"), "float32")
+        )
+        model_dir = write_config_files(Path(tmp) / "model", shapes, dtype)
+        t0 = time.perf_counter()
+        try:
+            # bounded: start-up (load, GEMV tuning, graph capture) and the load run must fit
+            # one 10-minute device command with the engine row before them
+            with running_server(serving_flags(model_dir, sizes, device), log, 300.0) as url:
+                start_s = time.perf_counter() - t0
+                cfg = ServingConfig(url, sizes.concurrent_in, sizes.concurrent_out,
+                                    sizes.concurrent, sizes.concurrent)  # fmt: skip
+                run = run_bounded(cfg, 240.0)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}; server log tail:\n{log_tail(log)}") from exc
+    s = run["summary"]
+    engine_tok_s = engine_row.value
+    ratio = s["output_tok_per_s"] / engine_tok_s if engine_tok_s else None
+    keys = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_mean", "completed",
+            "failed", "total_output_tokens", "wall_s")  # fmt: skip
+    extra = {"http_over_engine": ratio, "engine_out_tok_s": engine_tok_s, "server_start_s": start_s,
+             **{k: s[k] for k in keys}, "summary": s, "errors": run["errors"]}  # fmt: skip
+    ok = ratio is not None and ratio >= 0.95 and s["failed"] == 0
+    return Row(f"serving HTTP {sizes.concurrent} x ({sizes.concurrent_in} in / "
+               f"{sizes.concurrent_out} out)", s["output_tok_per_s"], "out tok/s",
+               ">= 0.95 x engine", ok, engine_tok_s, extra=extra,
+               notes="limit = the engine-level figure above; ratio = HTTP / engine")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ main
@@ -789,11 +1054,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=470.0)
     ap.add_argument("--isq-formats", default="q4k,fp8",
                     help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
+    ap.add_argument("--isq-rows", default="decode",
+                    help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help=f"KV caches of the engine rows, in order; entries after the first rerun "
+                         f"{'/'.join(KV_DTYPE_ROWS)} (e.g. auto,fp8)")  # fmt: skip
     args = ap.parse_args(argv)
     rows_wanted = [r for r in args.rows.split(",") if r]
-    unknown = set(rows_wanted) - set(ALL_ROWS)
+    unknown = set(rows_wanted) - set(ALL_ROWS) - set(OPT_IN_ROWS)
     if unknown:
-        ap.error(f"unknown rows {sorted(unknown)}; choose from {ALL_ROWS}")
+        ap.error(f"unknown rows {sorted(unknown)}; choose from {ALL_ROWS + OPT_IN_ROWS}")
+    kv_dtypes = [k for k in args.kv_cache_dtypes.split(",") if k]
+    if not kv_dtypes or set(kv_dtypes) - set(KV_CACHE_DTYPES):
+        ap.error(f"--kv-cache-dtypes: a list of {KV_CACHE_DTYPES}")
     t_start = time.perf_counter()
     if args.quick:
         device, config, sizes, dtype = torch.device("cpu"), tiny_config(), QUICK, torch.float32
@@ -836,11 +1109,16 @@ def main(argv: list[str] | None = None) -> int:
             report["kernel_errors"] = check_kernels(model, device, gen)
             log(f"kernel errors: {report['kernel_errors']}")
         if "vision" in rows_wanted and not over_budget("vision"):
-            rows.append(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
+            rows.extend(_guard("vision", lambda: row_vision(model, sizes, device, limits), log))
+        if "kv_logits" in rows_wanted and not over_budget("kv_logits"):  # before an engine
+            # takes the memory
+            rows.extend(_guard("kv_logits", lambda: row_kv_logits(model, sizes, device, gen), log))
         t0 = time.perf_counter()
-        engine = build_engine(model, sizes, device, 0.95 if device.type == "cuda" else 0.9)
+        util = 0.95 if device.type == "cuda" else 0.9
+        engine = build_engine(model, sizes, device, util, kv_dtypes[0])
         report["engine_build_s"] = time.perf_counter() - t0
         report["kv_blocks"] = engine.runner.num_blocks
+        report["kv_cache_dtype"] = str(engine.runner.kv_spec.dtype)
         report["cuda_graphs"] = engine.runner.decode_graphs is not None
         report["gemv_tuning"] = engine.runner.gemv_report
         if engine.runner.cuda_attention is not None:
@@ -854,27 +1132,54 @@ def main(argv: list[str] | None = None) -> int:
         if "check" in rows_wanted:
             report["engine_check"] = check_engine(engine, sizes, gen)
             log(f"engine check: {report['engine_check']}")
-        steps: list[tuple[str, Callable[[], Row]]] = [
+        steps: list[tuple[str, Callable[[], Row | list[Row]]]] = [
             ("decode", lambda: row_decode(engine, sizes, gen, limits)),
+            ("batch", lambda: [row_batch(engine, sizes, gen, b, "bf16") for b in batches(sizes)]),
             ("ttft", lambda: row_ttft(engine, sizes, gen, limits)),
             ("prefill", lambda: row_prefill(engine, sizes, gen, limits)),
             ("concurrent", lambda: row_concurrent(engine, sizes, gen, limits)),
             ("long", lambda: row_long(engine, sizes, gen)),
         ]
-        for name, fn in steps:
-            if name in rows_wanted and not over_budget(name):
-                rows.append(_guard(name, fn, log))
-                engine.abort_all()
-                _write(report, rows, args.out)
+        for i, kv_dtype in enumerate(kv_dtypes):
+            if i > 0:  # the same rows on a fresh engine with this KV cache
+                engine = None  # frees the last engine's cache before the next one sizes its own
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                engine = build_engine(model, sizes, device, util, kv_dtype)
+                report[f"kv={kv_dtype}"] = {
+                    "kv_blocks": engine.runner.num_blocks,
+                    "kv_capacity_tokens": engine.runner.num_blocks * engine.config.block_size,
+                    "graph_vs_eager_rel_err": check_graph_replay(engine, gen),
+                }
+                log(f"engine kv={kv_dtype}: {report[f'kv={kv_dtype}']}")
+            suffix = "" if kv_dtype == "auto" else f" kv={kv_dtype}"
+            for name, fn in steps:
+                wanted = name in rows_wanted and (i == 0 or name in KV_DTYPE_ROWS)
+                if wanted and not over_budget(name + suffix):
+                    for row in _guard(name + suffix, fn, log):
+                        row.name += "" if row.name.endswith(suffix) else suffix
+                        rows.append(row)
+                    engine.abort_all()
+                    _write(report, rows, args.out)
+        if "serving" in rows_wanted and not over_budget("serving"):
+            engine_fn = lambda: row_serving_engine(engine, sizes, gen, limits)  # noqa: E731
+            rows.extend(_guard("serving: engine", engine_fn, log))
+            engine = model = None  # the server below needs this GPU memory
+            report["serving_parent_gpu_bytes"] = release_device(device)
+            rows.extend(_guard("serving", lambda: row_serving(rows[-1], sizes, device, args.out),
+                               log))  # fmt: skip
+            _write(report, rows, args.out)
     if "isq" in rows_wanted and importlib.util.find_spec("mistralpy.quant.isq") is not None:
         del engine, model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        isq_rows = tuple(r for r in ("batch", "concurrent", "budget") if r in args.isq_rows)
         for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
-                rows.append(_guard(f"isq {fmt}", lambda f=fmt: row_isq(f, sizes, device, config,
-                                                                        gen, limits), log))  # fmt: skip
+                rows.extend(_guard(f"isq {fmt}", lambda f=fmt: row_isq(
+                    f, sizes, device, config, gen, limits, isq_rows), log))  # fmt: skip
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -884,18 +1189,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _guard(name: str, fn: Callable[[], Row], log: Callable[[str], None]) -> Row:
-    """Run one row; an exception becomes a failed row (the other rows still run)."""
+def _guard(name: str, fn: Callable[[], Row | list[Row]], log: Callable[[str], None]) -> list[Row]:
+    """Run one row (or a group of rows); an exception becomes a failed row (the other rows
+    still run)."""
     log(f"row {name} ...")
     try:
-        row = fn()
+        got = fn()
     except Exception as exc:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
-        return Row(name, None, "", "", False, notes=f"error: {type(exc).__name__}: {exc}")
-    log(f"row {name}: {row.value} {row.unit} {row.extra}")
-    return row
+        return [Row(name, None, "", "", False, notes=f"error: {type(exc).__name__}: {exc}")]
+    rows = got if isinstance(got, list) else [got]
+    for row in rows:
+        log(f"row {row.name}: {row.value} {row.unit} {row.extra}")
+    return rows
 
 
 def _device_name(device: torch.device) -> str:
@@ -915,7 +1223,13 @@ def _table(report: dict[str, Any], rows: list[Row]) -> str:
     lines = [f"device: {report['device']}  torch {report['torch']}  {report['date']}",
              f"{'row':40} {'value':>12} {'unit':10} {'target':20} {'limit':>10} {'ratio':>6} ok"]  # fmt: skip
     for r in rows:
-        value = f"{r.value:.1f}" if r.value is not None else "-"
+        value = (
+            "-"
+            if r.value is None
+            else f"{r.value:.4f}"
+            if r.unit == "rel err"
+            else f"{r.value:.1f}"
+        )
         limit = f"{r.limit:.1f}" if r.limit else "-"
         ratio = "-"
         if r.value and r.limit:

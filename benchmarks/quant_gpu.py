@@ -420,6 +420,88 @@ def crossover(ctx: Ctx) -> None:
                            other=type(other).__name__, bf16_us=t_bf16 * 1e3)  # fmt: skip
 
 
+# the decode GEMM's sweep (--sections gemm): (bn, bb, warps, stages) x split-K
+GEMM_SWEEP = tuple(
+    (bn, bb, warps, stages)
+    for bn, bb, warps, stages in (
+        (64, 1, 4, 2), (64, 1, 4, 3), (64, 2, 4, 2), (64, 1, 8, 2),
+        (128, 1, 4, 2), (128, 1, 8, 2), (128, 2, 8, 2), (128, 1, 8, 3),
+    )
+)  # fmt: skip
+
+
+def _q4k_gemm_kernel_of(packed, shape, gemm):
+    return tq.TritonQ4KMatmul(packed, shape, gemm=gemm)
+
+
+def gemm(ctx: Ctx) -> None:
+    """q4k decode GEMM (swap-AB tl.dot over the GGUF bytes) per shape and M bucket: every
+    sweep config, streaming from HBM, vs tinygemm (the old small-batch path, a second copy
+    of the weight) and bf16 cuBLAS at the same M; then prefill-sized M: dequantize + dense
+    GEMM vs bf16 (and the swap kernel with a 128-row bucket at M = 128)."""
+    f = get_format("q4k")
+    buckets = tuple(int(b) for b in ctx.args.gemm_buckets.split(","))
+    tq.Q4K_GEMM_BUCKETS = buckets  # the sweep may try a 128 bucket
+    best: dict = {}
+    for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
+        w = ctx.weight(shape)
+        packed = f.quantize(w)
+        ref_w = f.dequantize(packed, shape, torch.float32)
+        ga = f.group_affine(packed, shape)
+        tiny = qm.TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, None, 1 << 30)
+        del ga
+        n, k = shape
+        for bm in buckets:
+            x = x_of(bm, k, ctx.dev)
+            ref = x.float() @ ref_w.T
+            nbytes = packed.numel() + x.numel() * 2 + bm * n * 2
+            t_tiny = bench_ms(tiny, x, rep=30)
+            t_bf16 = bench_stream_ms(lambda p: functools.partial(F.linear, weight=p), w, x)
+            ctx.record("gemm", name, shape, "tinygemm", bm, t_tiny, nbytes, kernel="tinygemm")
+            ctx.record("gemm", name, shape, "bf16", bm, t_bf16, w.numel() * 2, kernel="cublas")
+            results = []
+            for bn, bb, warps, stages in GEMM_SWEEP:
+                for split in (1, 2, 4, 8):
+                    tiles = -(-n // bn)
+                    if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
+                        continue
+                    if split == 1 and tiles < 66:
+                        continue
+                    cfg = tq.GemmConfig(bn, bb, warps, stages, split)
+                    make = functools.partial(_q4k_gemm_kernel_of, shape=shape, gemm={bm: cfg})
+                    try:
+                        err = rel_err(make(packed)(x), ref)
+                        t = bench_stream_ms(make, packed, x)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"gemm {name} bm={bm} {cfg}: {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    results.append((t, cfg, err))
+                    ctx.record("gemm", name, shape, "q4k", bm, t, nbytes, err, str(cfg))
+            t, cfg, err = min(results, key=lambda r: r[0])
+            best[(name, bm)] = (t, cfg, err, t_tiny, t_bf16)
+            print(f"GEMM BEST {name} bm={bm}: {cfg} {t * 1e3:.1f} us "
+                  f"({nbytes / t / 1e6 / ctx.args.peak_gbs * 100:.0f}% of peak, err {err:.1e}); "
+                  f"tinygemm {t_tiny * 1e3:.1f} us, bf16 {t_bf16 * 1e3:.1f} us", flush=True)  # fmt: skip
+            ctx.rows.append({"section": "gemm_best", "layer": name, "bm": bm, "us": t * 1e3,
+                             "config": str(cfg), "rel_err": err, "tinygemm_us": t_tiny * 1e3,
+                             "bf16_us": t_bf16 * 1e3})  # fmt: skip
+        for m in (128, 512, 2048, 8192):
+            if m in buckets:
+                continue
+            x = x_of(m, k, ctx.dev)
+            kern = tq.TritonQ4KMatmul(packed, shape)
+            err = rel_err(kern(x), x.float() @ ref_w.T)
+            t_deq = bench_ms(kern, x, rep=30)
+            t_bf16 = bench_ms(F.linear, x, w, rep=30)
+            ctx.record("prefill", name, shape, "q4k", m, t_deq, packed.numel(), err,
+                       "dequant+cublas", bf16_us=t_bf16 * 1e3)  # fmt: skip
+        del packed, ref_w, tiny
+        torch.cuda.empty_cache()
+    print("\nGEMM summary (us per call, streaming): shape bm best tinygemm bf16 config")
+    for (name, bm), (t, cfg, _err, t_tiny, t_bf16) in best.items():
+        print(f"  {name:>8} {bm:>4} {t * 1e3:8.1f} {t_tiny * 1e3:8.1f} {t_bf16 * 1e3:8.1f} {cfg}")
+
+
 def _dequant_rows(fmt, packed, k):
     return lambda a, b, dt: fmt.dequantize(packed[a:b], (b - a, k), dt)
 
@@ -493,6 +575,7 @@ SECTIONS = {
     "sweep": sweep,
     "words": words,
     "crossover": crossover,
+    "gemm": gemm,
     "fp8": fp8,
     "table": table,
 }
@@ -508,6 +591,7 @@ def main() -> None:
     ap.add_argument("--peak-gbs", type=float, default=None, help="default: measured copy")
     ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
     ap.add_argument("--words-candidates", choices=sorted(WORDS_CANDIDATES), default="tuner")
+    ap.add_argument("--gemm-buckets", default="16,32,64,128")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -60,6 +60,7 @@ class ModelOptions:
     gpu_memory_utilization: float | None = None
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3": 2x the KV tokens
 
 
 @dataclass
@@ -114,6 +115,10 @@ class OpenedModel:
 
     def resolved_dtype(self) -> str:
         """The dtype the weights were loaded in (the option may say "auto")."""
+        return str(self.llm.runner.dtype).removeprefix("torch.")
+
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's storage dtype (the model's, or float8_e4m3fn)."""
         return str(self.llm.runner.kv_spec.dtype).removeprefix("torch.")
 
 
@@ -153,6 +158,7 @@ def engine_config(options: ModelOptions) -> Any:
         enable_prefix_caching=options.enable_prefix_caching,
         tensor_parallel_size=options.tensor_parallel_size,
         enforce_eager=options.enforce_eager,
+        kv_cache_dtype=options.kv_cache_dtype,
         **extra,
     )
 
@@ -277,6 +283,7 @@ class Runner:
         memory_goal: float | None = None,
         load_format: str = "auto",
         tensor_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
     ):
         options = ModelOptions(
             model_id=which.model_id,
@@ -294,6 +301,7 @@ class Runner:
             load_format=load_format,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=memory_goal,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self._start(options)
 
@@ -443,6 +451,10 @@ class VisionModelBuilder:
 
     def with_device(self, device: str) -> VisionModelBuilder:
         return self._set(device=device)
+
+    def with_kv_cache_dtype(self, kv_cache_dtype: str) -> VisionModelBuilder:
+        """ "auto" (the model dtype) or "fp8" / "fp8_e4m3": twice the KV tokens of bf16."""
+        return self._set(kv_cache_dtype=kv_cache_dtype)
 
     def _set(self, **changes: Any) -> VisionModelBuilder:
         self._options = replace(self._options, **changes)

@@ -101,7 +101,7 @@ def load_model(
                     bar.set_postfix_str(f"quantized {filler.replaced} layers", refresh=False)
     if plan.tie_lm_head:
         filler.tie_lm_head()
-    return filler.finish()
+    return _quantized_embedding(filler.finish(), isq)
 
 
 def load_dummy_model(
@@ -132,7 +132,7 @@ def load_dummy_model(
         weight.normal_(0.0, DUMMY_STD, generator=gen)
         bias = None if linear.bias is None else torch.zeros_like(linear.bias, device=device)
         filler.finalize(name, weight, bias)
-    return filler.finish()
+    return _quantized_embedding(filler.finish(), isq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +343,20 @@ def _load_prequantized(
     missing = sorted(parts) + [n for n in qconfig.layers if isinstance(_get(model, n), nn.Linear)]
     if missing:
         raise CheckpointError(f"pre-quantized checkpoint: incomplete layers {missing[:5]}")
-    return filler.finish()
+    return _quantized_embedding(filler.finish(), qconfig.format)
+
+
+def _quantized_embedding(model: Mistral3ForConditionalGeneration, isq: str | None):
+    """On CUDA, a quantized model's token embedding in the same format (one lookup
+    dequantizes the rows it reads); elsewhere as is (the CPU fused decode reads the float
+    table, and CPU memory is less tight)."""
+    emb = model.language_model.embed_tokens
+    if isq is None or emb.weight.device.type != "cuda":
+        return model
+    from mistralpy.quant.isq import quantize_embedding
+
+    model.language_model.embed_tokens = quantize_embedding(emb, isq)
+    return model
 
 
 # Shown while the first quantized layer loads: it compiles and times the quantized kernels

@@ -10,6 +10,7 @@ from mistralpy.params import InvalidParameter
 DEMO_MODEL = "demo"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; "auto" = the model dtype
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,17 @@ class EngineConfig:
     seed: int = 0  # seeds requests that carry no seed of their own
     tensor_parallel_size: int = 1  # ranks the decoder is split over (one process per device)
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs / tuned GEMVs (debugging, A/B)
+    kv_cache_dtype: str = "auto"  # "fp8"/"fp8_e4m3": e4m3 KV + per-layer scales, 2x the tokens
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a path, hub id or 'demo'")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         _check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {KV_CACHE_DTYPES}",
+        )
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",

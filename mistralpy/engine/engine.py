@@ -514,6 +514,7 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         num_kv_blocks=config.num_kv_blocks,
         encoder_cache_size=config.encoder_cache_size,
         enforce_eager=config.enforce_eager,
+        kv_cache_dtype=config.kv_cache_dtype,
     )
 
 

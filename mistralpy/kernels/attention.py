@@ -5,6 +5,11 @@ Contract shared by the runner (which builds `AttentionMetadata`) and the model (
 `(2, num_blocks, block_size, num_kv_heads, head_dim)`; `[0]` holds keys, `[1]` values.
 Token `i` of a sequence lives in block `block_table[i // block_size]` at offset
 `i % block_size`; its flat slot is `block * block_size + offset`.
+
+The cache is in the model dtype, or in float8 e4m3 (`--kv-cache-dtype fp8`, half the bytes of
+bf16) with one float32 scale per layer for keys and one for values, `kv_scale` (2,) =
+(k_scale, v_scale) as vLLM's: a value x is stored as e4m3(clamp(x / scale, -448, 448)) and read
+back as stored * scale. Saturating (not inf/NaN) keeps one outlier from poisoning a row.
 """
 
 from __future__ import annotations
@@ -33,12 +38,64 @@ class AttentionMetadata:
     first_block_if_run: list[int | None] | None = None
 
 
-# Signature every paged-attention backend implements (the reference below, later Triton):
-# (q (T, Hq, D), k_new (T, Hkv, D), v_new (T, Hkv, D), kv_cache, attn, scale) -> (T, Hq, D).
+# Signature every paged-attention backend implements (the reference below, Triton on CUDA):
+# (q (T, Hq, D), k_new (T, Hkv, D), v_new (T, Hkv, D), kv_cache, attn, scale, kv_scale)
+# -> (T, Hq, D). kv_scale: (2,) float32 on the cache's device, read only by fp8 caches
+# (None there means 1.0, 1.0).
 PagedAttentionFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        AttentionMetadata,
+        float,
+        torch.Tensor | None,
+    ],
     torch.Tensor,
 ]
+
+FP8_KV_DTYPE = torch.float8_e4m3fn  # OCP e4m3 ("fn": no inf, one NaN code), as vLLM's fp8
+FP8_E4M3_MAX = 448.0  # its largest finite value: writes saturate here
+
+
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == FP8_KV_DTYPE
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., D) any float dtype, scale a broadcastable float32 tensor -> e4m3 of x / scale,
+    saturated to +-448 (a plain cast would give NaN past 448: e4m3fn has no inf)."""
+    return (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 x -> float32 x * scale (every e4m3 value is exact in float32)."""
+    return x.float() * scale
+
+
+def kv_bytes_view(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or for an fp8 tensor the same memory as uint8: indexing kernels (index_put,
+    index_select, index_copy_, fill) lack fp8 on some devices and torch builds, and a byte
+    copy is all they do."""
+    return x.view(torch.uint8) if x.dtype == FP8_KV_DTYPE else x
+
+
+def zeros_kv_cache(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A zeroed cache of `dtype` (fp8 zeroed as bytes: e4m3 0x00 is +0.0)."""
+    if dtype == FP8_KV_DTYPE:
+        return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def kv_scales_or_unit(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """(2,) float32 scales of an fp8 cache: the given ones, or 1.0 and 1.0."""
+    if kv_scale is not None:
+        return kv_scale
+    return torch.ones(2, dtype=torch.float32, device=kv_cache.device)
+
 
 # Per-segment bidirectional attention of the vision encoder (`varlen_attention` below):
 # (q, k, v (N, H, D), cu_seqlens [0, n0, n0 + n1, ...], scale) -> (N, H, D).
@@ -48,16 +105,25 @@ VarlenAttentionFn = Callable[
 
 
 def write_kv_cache(
-    k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> None:
-    """Store k_new/v_new (T, Hkv, D) at the flat slots `slot_mapping` (T,); slot -1 is skipped."""
+    """Store k_new/v_new (T, Hkv, D) at the flat slots `slot_mapping` (T,); slot -1 is skipped.
+    An fp8 cache stores them quantized by kv_scale (2,)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv = torch.stack((k_new, v_new)).to(kv_cache.dtype)  # (2, T, Hkv, D): one indexed write
+    kv = torch.stack((k_new, v_new))  # (2, T, Hkv, D): one indexed write
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     if slots.shape[0] != slot_mapping.shape[0]:  # padding rows (CUDA graph buckets)
         kv = kv[:, keep]
-    kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slots] = kv
+    if is_fp8_cache(kv_cache):
+        kv = quantize_kv(kv, kv_scales_or_unit(kv_cache, kv_scale).view(2, 1, 1, 1))
+    else:
+        kv = kv.to(kv_cache.dtype)
+    kv_bytes_view(kv_cache).view(2, -1, num_kv_heads, head_dim)[:, slots] = kv_bytes_view(kv)
 
 
 def _first_tokens(kv_blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +139,8 @@ def gather_kv(
     block_size = kv_cache.shape[2]
     blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
     # one gather for keys and values; index_select is ~4x faster than [:, blocks] on the CPU
-    return _first_tokens(kv_cache.index_select(1, blocks), seq_len)
+    kv = kv_bytes_view(kv_cache).index_select(1, blocks).view(kv_cache.dtype)
+    return _first_tokens(kv, seq_len)
 
 
 def paged_attention(
@@ -83,20 +150,23 @@ def paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference paged attention: write the new K/V, then causal GQA attention per sequence.
 
     q (T, Hq, D), k_new/v_new (T, Hkv, D) -> (T, Hq, D) in q's dtype. A sequence's new tokens
     are the last `query_len` of its `seq_len` cached tokens, so query i may see keys
-    0 .. seq_len - query_len + i.
+    0 .. seq_len - query_len + i. An fp8 cache is dequantized (float32) as it is read, so
+    every query, including a fresh prompt's, sees the K/V as stored.
     """
-    write_kv_cache(k_new, v_new, kv_cache, attn.slot_mapping)
+    write_kv_cache(k_new, v_new, kv_cache, attn.slot_mapping, kv_scale)
     out = torch.empty_like(q)
     start = 0
     for b, (query_len, seq_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu)):
         if query_len == 0:
             continue
-        keys, values = gather_kv(kv_cache, attn.block_tables[b], seq_len)
+        keys, values = _readable(*gather_kv(kv_cache, attn.block_tables[b], seq_len),
+                                 kv_cache, kv_scale)  # fmt: skip
         q_b = q[start : start + query_len]
         if query_len == 1:
             out[start] = _decode_attention(q_b[0], keys, values, scale)
@@ -114,24 +184,41 @@ def cpu_paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with less per-layer work for CPU decode (same contract and numerics):
     new K/V written with two `index_copy_`, and a sequence whose blocks form one run read as
     a slice of the cache instead of gathered (`attn.first_block_if_run`)."""
     if attn.first_block_if_run is None or attn.max_query_len > 1:
-        return paged_attention(q, k_new, v_new, kv_cache, attn, scale)
+        return paged_attention(q, k_new, v_new, kv_cache, attn, scale, kv_scale)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     slots = attn.slot_mapping
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k_new)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v_new)
+    if is_fp8_cache(kv_cache):
+        scales = kv_scales_or_unit(kv_cache, kv_scale)
+        k_new = kv_bytes_view(quantize_kv(k_new, scales[0]))
+        v_new = kv_bytes_view(quantize_kv(v_new, scales[1]))
+    store = kv_bytes_view(kv_cache)
+    store[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k_new)
+    store[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v_new)
     if len(attn.seq_lens_cpu) == 1:  # batch 1: no output buffer, no per-row copy
-        keys, values = _cached_kv(kv_cache, attn, 0)
+        keys, values = _readable(*_cached_kv(kv_cache, attn, 0), kv_cache, kv_scale)
         return _decode_attention(q[0], keys, values, scale)[None]
     out = torch.empty_like(q)
     for b in range(len(attn.seq_lens_cpu)):
-        keys, values = _cached_kv(kv_cache, attn, b)
+        keys, values = _readable(*_cached_kv(kv_cache, attn, b), kv_cache, kv_scale)
         out[b] = _decode_attention(q[b], keys, values, scale)
     return out
+
+
+def _readable(
+    keys: torch.Tensor, values: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (L, Hkv, D) read from `kv_cache` as attention uses them: float32 times
+    the layer's scales for an fp8 cache, else unchanged."""
+    if not is_fp8_cache(kv_cache):
+        return keys, values
+    scales = kv_scales_or_unit(kv_cache, kv_scale)
+    return dequantize_kv(keys, scales[0]), dequantize_kv(values, scales[1])
 
 
 def _cached_kv(

@@ -8,7 +8,9 @@ triton at the top, so only import it on CUDA. Contracts: `kernels.attention`.
   capture it in a CUDA graph.
 - prefill with no cached prefix (every sequence's new tokens are all its tokens): PyTorch's
   flash SDPA per sequence on the fresh contiguous K/V (555 vs 375 TFLOP/s for our Triton
-  prefill at 8k tokens on an H100); K/V are still stored in the cache for later steps.
+  prefill at 8k tokens on an H100); K/V are still stored in the cache for later steps. With
+  an fp8 cache this step attends over the unrounded bf16 K/V (as vLLM's flash path does):
+  they are at hand, and only later steps read the e4m3 copy.
 - anything else (chunked prefill, prefix-cache hits, prefill mixed with decodes): the Triton
   varlen paged prefill kernel.
 - vision encoder: flash SDPA per image (4-D inputs: the reference's 3-D call takes the math
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralpy.kernels import triton_attention as ta
-from mistralpy.kernels.attention import AttentionMetadata
+from mistralpy.kernels.attention import AttentionMetadata, kv_bytes_view, zeros_kv_cache
 
 
 class CudaPagedAttention:
@@ -43,33 +45,35 @@ class CudaPagedAttention:
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ta.store_kv(k, v, kv_cache, attn.slot_mapping)
+        ta.store_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
         if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
             plan = self.decode_plans.get((q.shape[0], attn.block_tables.shape[1]))
             return ta.paged_decode_attention(
-                q, kv_cache, attn.block_tables, attn.seq_lens, scale, plan=plan
+                q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale=kv_scale, plan=plan
             )
         if attn.query_lens_cpu == attn.seq_lens_cpu:
             return fresh_causal_attention(q, k, v, attn.query_lens_cpu, scale)
         return ta.paged_prefill_attention(
             q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-            attn.max_query_len, scale,
+            attn.max_query_len, scale, kv_scale=kv_scale,
         )  # fmt: skip
 
-    def warm_up(self, kv_cache: torch.Tensor, num_heads: int) -> None:
+    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, q_dtype: torch.dtype) -> None:
         """Compile the paged prefill kernel now, not in the first step that mixes prefill
         with decode rows (measured on an H200: that step took 1.31 s vs 0.59 s for the same
         work later). Triton compiles one variant per tile config (short and long queries)
         and per block-table stride that is or is not a multiple of 16 (it specializes integer
-        arguments on that); each is launched once here, on a small scratch cache."""
+        arguments on that); each is launched once here, on a small scratch cache of the
+        cache's dtype (queries in `q_dtype`, the model's: an fp8 cache compiles fp8 variants)."""
         _, _, page, hkv, d = kv_cache.shape
         dev, dtype = kv_cache.device, kv_cache.dtype
         for qlen in (16, ta.SHORT_QUERY_TOKENS + 16):
             seq = qlen + page  # one cached block before the new tokens
             blocks = -(-seq // page)
-            scratch = torch.zeros(2, blocks, page, hkv, d, dtype=dtype, device=dev)
-            q = torch.zeros(qlen, num_heads, d, dtype=dtype, device=dev)
+            scratch = zeros_kv_cache((2, blocks, page, hkv, d), dtype, dev)
+            q = torch.zeros(qlen, num_heads, d, dtype=q_dtype, device=dev)
             qsl = torch.tensor([0, qlen], dtype=torch.int32, device=dev)
             lens = torch.tensor([seq], dtype=torch.int32, device=dev)
             for width in (blocks + (16 - blocks % 16) % 16, 16 * (blocks // 16 + 1) + 1):
@@ -78,11 +82,18 @@ class CudaPagedAttention:
                 ta.paged_prefill_attention(q, scratch, qsl, lens, tables, qlen, d**-0.5)
 
     def tune_decode(
-        self, kv_cache: torch.Tensor, rows: int, width: int, num_heads: int, context: int
+        self,
+        kv_cache: torch.Tensor,
+        rows: int,
+        width: int,
+        num_heads: int,
+        context: int,
+        q_dtype: torch.dtype,
     ) -> ta.DecodePlan:
         """Time a few split counts / tile sizes for decode of `rows` sequences of `context`
-        tokens through (rows, width) block tables on this cache; keep the fastest (the
-        default plan is a candidate, so tuning never loses at this context)."""
+        tokens through (rows, width) block tables on this cache (queries in `q_dtype`, the
+        model's); keep the fastest (the default plan is a candidate, so tuning never loses at
+        this context)."""
         _, num_blocks, page, hkv, d = kv_cache.shape
         per_seq = -(-context // page)
         dev = kv_cache.device
@@ -90,9 +101,12 @@ class CudaPagedAttention:
         tables[:, :per_seq] = torch.randint(0, num_blocks, (rows, per_seq), device=dev)
         # random, not zero, K/V (the cache is still unused: nothing else is overwritten)
         used = tables[:, :per_seq].flatten().long()
-        kv_cache[:, used] = torch.randn_like(kv_cache[:, used])
+        # (drawn in float32 and cast: randn has no fp8 kernel; unit scales read them back)
+        fill = torch.randn((2, used.numel(), *kv_cache.shape[2:]), device=dev).to(kv_cache.dtype)
+        kv_bytes_view(kv_cache)[:, used] = kv_bytes_view(fill)
         lens = torch.full((rows,), context, dtype=torch.int32, device=dev)
-        q = torch.randn(rows, num_heads, d, dtype=kv_cache.dtype, device=dev)
+        q = torch.randn(rows, num_heads, d, dtype=q_dtype, device=dev)
+        unit = torch.ones(2, dtype=torch.float32, device=dev)  # an fp8 cache's scales
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         default = ta.plan_decode(rows, hkv, width * page, sms)
         candidates = {default}
@@ -104,7 +118,9 @@ class CudaPagedAttention:
         best = min(
             candidates,
             key=lambda plan: _time_launches(
-                lambda: ta.paged_decode_attention(q, kv_cache, tables, lens, d**-0.5, plan=plan)
+                lambda: ta.paged_decode_attention(
+                    q, kv_cache, tables, lens, d**-0.5, kv_scale=unit, plan=plan
+                )
             ),
         )
         self.decode_plans[(rows, width)] = best
@@ -118,9 +134,10 @@ def cuda_paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`PagedAttentionFn` with the default decode plans (see `CudaPagedAttention`)."""
-    return CudaPagedAttention()(q, k, v, kv_cache, attn, scale)
+    return CudaPagedAttention()(q, k, v, kv_cache, attn, scale, kv_scale)
 
 
 def _time_launches(fn, repeats: int = 20) -> float:

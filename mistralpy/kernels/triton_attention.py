@@ -15,6 +15,13 @@ Kernels:
   of their sequence (chunked prefill, prefix-cache hits, mixed prefill+decode batches).
 - `varlen_attention`: the same kernel over contiguous K/V (vision encoder, one image per seq).
 Softmax runs in base 2 (scale folded with log2(e)); accumulation is always float32.
+
+fp8 caches (float8 e4m3, `kernels.attention` describes the scales): `store_kv` quantizes as it
+writes; decode and paged prefill load the e4m3 tiles and widen them to the query dtype in
+registers (exact: every e4m3 value is a bf16/fp16 value), so no dequantized copy of the cache
+exists. The layer's scales are not applied per element: k_scale folds into the logits' scale
+(q . (k s) = s (q . k)) and v_scale into the output (sum p (v s) = s sum p v). They are read
+from a device tensor, so a CUDA graph replays with whatever the tensor holds.
 """
 
 from __future__ import annotations
@@ -25,9 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mistralpy.kernels.attention import AttentionMetadata
+from mistralpy.kernels.attention import (
+    FP8_E4M3_MAX,
+    AttentionMetadata,
+    is_fp8_cache,
+    kv_scales_or_unit,
+)
 
 _LOG2E = 1.4426950408889634
+# a constexpr: a jit function may read a module global only as one (plain floats fail to compile)
+_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
 
 
 @dataclass(frozen=True)
@@ -114,11 +128,14 @@ def _store_kv_kernel(
     stride_vt,
     stride_c_blk,
     stride_c_row,
+    kv_scale_ptr,
     PAGE: tl.constexpr,
     ROW: tl.constexpr,
     ROW_PAD: tl.constexpr,
+    FP8: tl.constexpr,
 ):
-    """One program per new token: copy its (Hkv*D) K and V rows to the cache slot."""
+    """One program per new token: copy its (Hkv*D) K and V rows to the cache slot.
+    FP8: store e4m3(clamp(x / scale, +-448)), the layer's (k, v) scales at kv_scale_ptr."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, ROW_PAD)
@@ -127,13 +144,43 @@ def _store_kv_kernel(
     dst = (slot // PAGE) * stride_c_blk + (slot % PAGE) * stride_c_row + offs
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=mask)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=mask)
+    if FP8:
+        k = _to_e4m3(k, tl.load(kv_scale_ptr), kc_ptr.dtype.element_ty)
+        v = _to_e4m3(v, tl.load(kv_scale_ptr + 1), vc_ptr.dtype.element_ty)
     tl.store(kc_ptr + dst, k, mask=mask)
     tl.store(vc_ptr + dst, v, mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+@triton.jit
+def _to_e4m3(x, scale, FP8_TY: tl.constexpr):
+    """e4m3 of x / scale saturated to +-448, rounded to nearest even: the reference's
+    `quantize_kv` bit for bit. The clamp comes first: a cast past 448 is NaN in e4m3fn (no
+    inf). Division, not a multiply by 1/scale, as the reference. The rounding is done here in
+    float32, so the cast only meets e4m3 values and any conversion path is exact (the CPU
+    interpreter's truncating one turns 124 into 64 on its own)."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -_E4M3_MAX), _E4M3_MAX)
+    # normal range: keep 3 of float32's 23 mantissa bits, ties to even (a carry may bump the
+    # exponent, as rounding up should)
+    bits = y.to(tl.uint32, bitcast=True)
+    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    # subnormal range (|y| < 2^-6): multiples of 2^-9; adding 1.5 * 2^14, whose float32 ulp
+    # is 2^-9, rounds to them (ties to even), and subtracting it back is exact; the sign is
+    # put back so that -0.0 and tiny negatives give e4m3's -0 as the reference does
+    sub = ((tl.abs(y) + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    r = tl.where(tl.abs(y) < 0.015625, sub, normal)
+    return r.to(tl.float32, bitcast=True).to(FP8_TY)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+):
     """Write k, v (T, Hkv, D) into kv_cache (2, NB, BS, Hkv, D) at slot_mapping (T,) int;
-    slots < 0 are skipped. In place, no host sync."""
+    slots < 0 are skipped. An fp8 cache stores them quantized by kv_scale (2,) float32
+    (None: 1.0). In place, no host sync."""
     _check_cache(kv_cache)
     _, _, page, hkv, d = kv_cache.shape
     if k.shape != v.shape or k.shape[1:] != (hkv, d):
@@ -144,10 +191,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         return
     k, v = _rows_contiguous(k), _rows_contiguous(v)
     row = hkv * d
+    fp8, scales = _kv_scales(kv_cache, kv_scale)
     _store_kv_kernel[(k.shape[0],)](
         k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
-        kv_cache.stride(1), kv_cache.stride(2),
-        PAGE=page, ROW=row, ROW_PAD=triton.next_power_of_2(row),
+        kv_cache.stride(1), kv_cache.stride(2), scales,
+        PAGE=page, ROW=row, ROW_PAD=triton.next_power_of_2(row), FP8=fp8,
     )  # fmt: skip
 
 
@@ -166,6 +214,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    kv_scale_ptr,
     qk_scale,
     num_splits,
     stride_qb,
@@ -183,9 +232,11 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     F32_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Program (kv_head, split, b): all GROUP query heads of one KV head over one slice of
     the context. SINGLE_SPLIT: write the normalised output; else (out, lse) partials.
+    FP8: the cache is e4m3 with the layer's (k, v) scales at kv_scale_ptr.
     The slices divide this sequence's actual length (read here, on the device), so a grid
     fixed for the longest context still spreads a short one over all its programs."""
     kvh = tl.program_id(0)
@@ -202,6 +253,7 @@ def _decode_split_kernel(
     g_mask = offs_g < GROUP
     q_off = b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=g_mask[:, None], other=0.0)
+    qk_scale, v_scale = _fold_kv_scales(qk_scale, kv_scale_ptr, FP8)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -216,9 +268,11 @@ def _decode_split_kernel(
         k_t = tl.load(kc_head + rows[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
         v = tl.load(vc_head + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         acc, m_i, l_i = _softmax_step(
-            acc, m_i, l_i, q, k_t, v, qk_scale, n_mask[None, :], True, F32_DOT
-        )
+            acc, m_i, l_i, q, k_t.to(q.dtype), v.to(q.dtype), qk_scale, n_mask[None, :], True,
+            F32_DOT,
+        )  # fmt: skip
 
+    acc = acc * v_scale
     if SINGLE_SPLIT:
         # l_i == 0 only for an empty (padding) sequence: write zeros there, never NaN.
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
@@ -230,6 +284,17 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
         p_off = row[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(part_out_ptr + p_off, acc / l_i[:, None], mask=g_mask[:, None])
+
+
+@triton.jit
+def _fold_kv_scales(qk_scale, kv_scale_ptr, FP8: tl.constexpr):
+    """(logit scale, output scale): qk_scale * k_scale and v_scale for an fp8 cache (scales
+    read on the device, so a captured graph sees the tensor's current values), else
+    (qk_scale, 1.0)."""
+    if FP8:
+        return qk_scale * tl.load(kv_scale_ptr), tl.load(kv_scale_ptr + 1)
+    else:
+        return qk_scale, 1.0
 
 
 @triton.jit
@@ -309,6 +374,7 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    kv_scale: torch.Tensor | None = None,
     plan: DecodePlan | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -316,7 +382,8 @@ def paged_decode_attention(
     """q (B, Hq, D) one new token per sequence -> (B, Hq, D) in q's dtype, attending over all
     seq_lens[b] cached tokens (the new token's K/V must already be stored). block_tables
     (B, max_blocks) int32, seq_lens (B,) int32 (0 = padding row, output zeros). Default plan
-    sizes splits for block_tables' full width, so the launch never depends on seq_lens."""
+    sizes splits for block_tables' full width, so the launch never depends on seq_lens.
+    An fp8 cache is read with kv_scale (2,) float32 (None: 1.0)."""
     _check_cache(kv_cache)
     _, _, page, hkv, d = kv_cache.shape
     bsz, hq = _check_query(q, kv_cache, "q")
@@ -331,13 +398,14 @@ def paged_decode_attention(
     part_out = torch.empty((n_part, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((n_part,), dtype=torch.float32, device=q.device)
     q = _rows_contiguous(q)
+    fp8, scales = _kv_scales(kv_cache, kv_scale)
     _decode_split_kernel[(hkv, plan.num_splits, bsz)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse,
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scales,
         scale * _LOG2E, plan.num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=page,
-        BLOCK_N=plan.block_n, SINGLE_SPLIT=single, F32_DOT=_f32_dot(q),
+        BLOCK_N=plan.block_n, SINGLE_SPLIT=single, F32_DOT=_f32_dot(q), FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not single:
@@ -371,6 +439,7 @@ def _flash_kv_loop(
             )
             k_t = tl.load(k_head + rows[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
             v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            k_t, v = k_t.to(q.dtype), v.to(q.dtype)  # fp8 cache: widen in registers
             s_mask = n_mask[None, :]
             if CAUSAL:
                 s_mask = s_mask & (offs_n[None, :] <= pos_m[:, None])
@@ -379,23 +448,25 @@ def _flash_kv_loop(
             rows = _kv_row_offsets(
                 offs_n, offs_n < hi, bt_row, kv_start, stride_blk, stride_row, PAGE, PAGED
             )
-            k_t = tl.load(k_head + rows[None, :] + offs_d[:, None])
-            v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+            k_t = tl.load(k_head + rows[None, :] + offs_d[:, None]).to(q.dtype)
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :]).to(q.dtype)
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_t, v, qk_scale, None, False, F32_DOT)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _flash_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, kv_scale_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_k_blk, stride_k_row, stride_k_h,
     stride_v_blk, stride_v_row, stride_v_h, stride_bt_b,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """Program (head, m_tile, seq): BLOCK_M new tokens of one query head. The q_len new tokens
     of a sequence are its last ones: row i sits at position seq_len - q_len + i. Paged: K/V via
     block tables; else K/V are contiguous rows of the same packed layout as q (seq_len=q_len).
+    FP8: K/V are e4m3 with the layer's (k, v) scales at kv_scale_ptr.
     Heavy (late) m-tiles are launched first for a better causal tail."""
     head = tl.program_id(0)
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -417,6 +488,7 @@ def _flash_kernel(
     tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None], other=0.0)  # fmt: skip
+    qk_scale, v_scale = _fold_kv_scales(qk_scale, kv_scale_ptr, FP8)
 
     kvh = head // GROUP
     k_head = k_ptr + kvh.to(tl.int64) * stride_k_h
@@ -440,7 +512,7 @@ def _flash_kernel(
         acc, m_i, l_i, q, pos_m, k_head, v_head, bt_row, q_start, seq_len, full_end, hi, qk_scale,
         stride_k_blk, stride_k_row, offs_d, PAGE, BLOCK_N, PAGED, True, CAUSAL, F32_DOT,
     )  # fmt: skip
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None] * v_scale
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
@@ -469,11 +541,13 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     *,
+    kv_scale: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """q (T, Hq, D) packed new tokens of B sequences -> (T, Hq, D), causal over each
     sequence's cache (its new tokens are the last query_len of seq_lens[b], already stored).
-    query_start_loc (B+1,) int32, seq_lens (B,) int32, block_tables (B, max_blocks) int32."""
+    query_start_loc (B+1,) int32, seq_lens (B,) int32, block_tables (B, max_blocks) int32.
+    An fp8 cache is read with kv_scale (2,) float32 (None: 1.0)."""
     _check_cache(kv_cache)
     _, _, page, hkv, d = kv_cache.shape
     _check_query(q, kv_cache, "q")
@@ -484,7 +558,7 @@ def paged_prefill_attention(
     strides = (kc.stride(0), kc.stride(1), kc.stride(2))
     layout = _KVLayout(strides, strides, hkv, page, True)
     return _launch_flash(q, kc, vc, query_start_loc, seq_lens, block_tables, max_query_len, scale,
-                         layout, True, config)  # fmt: skip
+                         layout, True, config, _kv_scales(kv_cache, kv_scale))  # fmt: skip
 
 
 def varlen_attention(
@@ -511,7 +585,7 @@ def varlen_attention(
         (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1)), k.shape[1], 1, False
     )
     return _launch_flash(q, k, v, cu_seqlens, cu_seqlens, cu_seqlens, max_seqlen, scale, layout,
-                         causal, config)  # fmt: skip
+                         causal, config, (False, q))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -526,9 +600,11 @@ class _KVLayout:
 
 
 def _launch_flash(
-    q, k, v, qsl, seq_lens, block_tables, max_query_len, scale, layout: _KVLayout, causal, config
+    q, k, v, qsl, seq_lens, block_tables, max_query_len, scale, layout: _KVLayout, causal, config,
+    fp8_scales: tuple[bool, torch.Tensor],
 ):  # fmt: skip
-    """Shared launcher of `_flash_kernel`; returns (T, Hq, D) in q's dtype."""
+    """Shared launcher of `_flash_kernel`; returns (T, Hq, D) in q's dtype. fp8_scales: (K/V
+    are e4m3, their (2,) scales) as `_kv_scales` returns them."""
     out = torch.empty_like(q)
     if q.shape[0] == 0 or max_query_len == 0:
         return out
@@ -536,13 +612,14 @@ def _launch_flash(
     q = _rows_contiguous(q)
     grid = (q.shape[1], triton.cdiv(max_query_len, config.block_m), qsl.shape[0] - 1)
     bt_stride = block_tables.stride(0) if layout.paged else 0
+    fp8, scales = fp8_scales
     _flash_kernel[grid](
-        q, k, v, out, qsl, seq_lens, block_tables, scale * _LOG2E,
+        q, k, v, out, qsl, seq_lens, block_tables, scales, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layout.k_strides,
         *layout.v_strides, bt_stride,
         GROUP=q.shape[1] // layout.num_kv_heads, HEAD_DIM=q.shape[2], PAGE=layout.page,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGED=layout.paged, CAUSAL=causal,
-        F32_DOT=_f32_dot(q), num_warps=config.num_warps, num_stages=config.num_stages,
+        F32_DOT=_f32_dot(q), FP8=fp8, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
 
@@ -559,18 +636,20 @@ def paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
     decode_plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """Store the step's k, v (T, Hkv, D) in kv_cache, then attend: q (T, Hq, D) -> (T, Hq, D).
     A pure-decode step (max_query_len == 1, T == B) takes the split-K decode kernel."""
-    store_kv(k, v, kv_cache, attn.slot_mapping)
+    store_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
     if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
         return paged_decode_attention(
-            q, kv_cache, attn.block_tables, attn.seq_lens, scale, plan=decode_plan
-        )
+            q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale=kv_scale,
+            plan=decode_plan,
+        )  # fmt: skip
     return paged_prefill_attention(
         q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-        attn.max_query_len, scale,
+        attn.max_query_len, scale, kv_scale=kv_scale,
     )  # fmt: skip
 
 
@@ -601,9 +680,20 @@ def _check_query(q: torch.Tensor, kv_cache: torch.Tensor, name: str) -> tuple[in
     hkv, d = kv_cache.shape[3], kv_cache.shape[4]
     if q.dim() != 3 or q.shape[2] != d or q.shape[1] % hkv:
         raise AttentionInputError(f"{name} {tuple(q.shape)} must be (N, k * {hkv}, {d})")
-    if q.dtype != kv_cache.dtype:
+    if q.dtype != kv_cache.dtype and not is_fp8_cache(kv_cache):
         raise AttentionInputError(f"{name} dtype {q.dtype} differs from cache {kv_cache.dtype}")
     return q.shape[0], q.shape[1]
+
+
+def _kv_scales(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
+    """(whether the cache is fp8, the (2,) float32 scales its kernels read). A non-fp8 cache
+    passes itself: the kernels' FP8 branch that would read the pointer is compiled out."""
+    if not is_fp8_cache(kv_cache):
+        return False, kv_cache
+    scales = kv_scales_or_unit(kv_cache, kv_scale)
+    if scales.shape != (2,) or scales.dtype != torch.float32 or scales.device != kv_cache.device:
+        raise AttentionInputError("kv_scale must be (2,) float32 on the cache's device")
+    return True, scales
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -447,36 +447,117 @@ def _q4k_gemv_dp4a_kernel(
 
 
 @triton.jit
-def _q4k_gemm_kernel(
-    x_ptr, wb_ptr, wh_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr,
+def _magic_nibble(words, SHIFT: tl.constexpr):
+    """The 4-bit codes at bits [19 - SHIFT, 23 - SHIFT) of int32 `words` as float32
+    1 + q / 16: moved to mantissa bits 19-22 under the exponent of 1.0 (a shift and one
+    LOP3; no int-to-float conversion). Arithmetic right shifts only smear bits above 27,
+    which the mask drops."""
+    if SHIFT >= 0:
+        moved = words << SHIFT
+    else:
+        moved = words >> (-SHIFT)
+    return ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _q4k_gemm_swap_kernel(
+    x_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_blocks,
+    BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr,
+    STAGES: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    ms = tl.program_id(1) * BM + tl.arange(0, BM)
-    rmask, mmask = rows < N, ms < M
+    """q4_K GEMM for decode-sized batches (2 <= M <= BM <= 64): acc (BN, BM) = W[rows] x^T.
+    The weight's rows fill the matrix unit's M side (64+ rows, what wgmma wants) and the
+    few rows of x its N side (16 is the smallest tile), so a batch of 2-64 rows pads only
+    x, and each program reads its weight tile once for every row of x (an x-major GEMM
+    reads it once per 16 rows).
+    Codes are read as int32 words (8 codes each: byte e of word w of chunk c holds the
+    codes of k = 64c + 4w + e (low nibble) and k + 32 (high)) and never rearranged: the
+    reduction order is permuted instead, one tl.dot per byte position e and nibble, each
+    meeting x at the matching strided columns. A code becomes a float by `_magic_nibble`
+    (f = 1 + q / 16), and w = 16 s f - (16 s + m) is one FMA, so a weight costs a shift,
+    a LOP3, an FMA and half a pack to bf16. Grid (N / BN, splits); PARTIAL: split-K
+    partials go to ws (split, BM, N) float32 and the last program of a row tile to arrive
+    sums them in order (as `_q4k_store_rows`)."""
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    ms = tl.arange(0, BM)
+    mmask = ms < M
     nblk = K // 256
+    b_start = s * split_blocks
+    b_end = tl.minimum(b_start + split_blocks, nblk)
+    J: tl.constexpr = BB * 4  # 64-weight chunks per step
+    j = tl.arange(0, J)
+    c = j % 4
+    w8 = tl.arange(0, 8)
+    # rows past N are read clamped to the last row (no predicated loads) and never stored
+    row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
+    code_words = (4 + c * 8)[None, :, None] + w8[None, None, :]  # (1, J, 8) in a block
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
+        blk = b0 + j // 4
+        ok_j = blk < b_end
+        wbase = row_words[:, None] + tl.minimum(blk, b_end - 1)[None, :] * 36  # (BN, J)
+        codes = tl.load(wi_ptr + wbase[:, :, None] + code_words)  # (BN, J, 8)
+        hdr = tl.load(wi_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :])
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_chunk_header(hdr, c[None, :])
+        # blocks past b_end (a ragged last step) get zero scales: their weights are 0
+        a_lo = tl.where(ok_j[None, :], 16.0 * d * sc_lo, 0.0)
+        a_hi = tl.where(ok_j[None, :], 16.0 * d * sc_hi, 0.0)
+        b_lo = (a_lo + tl.where(ok_j[None, :], dmin * mn_lo, 0.0))[:, :, None]
+        b_hi = (a_hi + tl.where(ok_j[None, :], dmin * mn_hi, 0.0))[:, :, None]
+        a_lo, a_hi = a_lo[:, :, None], a_hi[:, :, None]
+        xcol = (tl.minimum(blk, b_end - 1) * 256 + c * 64)[:, None] + w8[None, :] * 4  # (J, 8)
+        xp = x_ptr + xcol[:, :, None] + ms[None, None, :] * stride_xm  # (J, 8, BM)
+        xmask = mmask[None, None, :] & ok_j[:, None, None]
+        for e in tl.static_range(4):
+            x_lo = tl.load(xp + e, mask=xmask, other=0.0).to(DOT)
+            x_hi = tl.load(xp + (e + 32), mask=xmask, other=0.0).to(DOT)
+            w_lo = a_lo * _magic_nibble(codes, 19 - 8 * e) - b_lo
+            w_hi = a_hi * _magic_nibble(codes, 15 - 8 * e) - b_hi
+            acc += tl.dot(tl.reshape(w_lo.to(DOT), (BN, J * 8)), tl.reshape(x_lo, (J * 8, BM)))
+            acc += tl.dot(tl.reshape(w_hi.to(DOT), (BN, J * 8)), tl.reshape(x_hi, (J * 8, BM)))
+    omask = rmask[:, None] & mmask[None, :]
+    yp = y_ptr + ms[None, :] * stride_ym + rows[:, None]
+    if not PARTIAL:
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        nsplit = tl.num_programs(1)
+        tile = ms[None, :] * N + rows[:, None]
+        tl.store(ws_ptr + s * BM * N + tile, acc, mask=omask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if arrived == nsplit - 1:
+            total = tl.zeros_like(acc)
+            for t in range(0, nsplit):
+                total += tl.load(ws_ptr + t * BM * N + tile, mask=omask, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
+            tl.store(yp, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt, 0)
+
+
+@triton.jit
+def _q4k_dequant_kernel(wb_ptr, wi_ptr, out_ptr, N, K, BN: tl.constexpr, BB: tl.constexpr):
+    """Rows [pid0 BN, +BN) x blocks [pid1 BB, +BB) of a q4_K weight -> out (N, K) in out's
+    dtype: the first half of prefill-sized products (dequantize, then a dense GEMM)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    nblk = K // 256
+    b0 = tl.program_id(1) * BB
+    q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
+        wb_ptr, wb_ptr, wi_ptr, rows, rmask, b0, nblk, nblk, BB, True, False
+    )
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     lane = tl.arange(0, 32)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b0 in range(0, nblk, BB):
-        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wb_ptr, rows, rmask, b0, nblk, nblk, BB, False
-        )
-        w_lo = s_lo[:, :, None] * q_lo - m_lo[:, :, None]
-        w_hi = s_hi[:, :, None] * q_hi - m_hi[:, :, None]
-        blk = b0 + j // 4
-        xo = blk * 256 + (j % 4) * 64
-        xmask = mmask[:, None, None] & (blk < nblk)[None, :, None]
-        xp = x_ptr + ms[:, None, None] * stride_xm + xo[None, :, None] + lane[None, None, :]
-        x_lo = tl.load(xp, mask=xmask, other=0.0).to(DOT)  # (BM, J, 32)
-        x_hi = tl.load(xp + 32, mask=xmask, other=0.0).to(DOT)
-        w_lo2 = tl.reshape(w_lo.to(DOT), (BN, J * 32))
-        w_hi2 = tl.reshape(w_hi.to(DOT), (BN, J * 32))
-        acc += tl.dot(tl.reshape(x_lo, (BM, J * 32)), tl.trans(w_lo2))
-        acc += tl.dot(tl.reshape(x_hi, (BM, J * 32)), tl.trans(w_hi2))
-    yp = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & rmask[None, :])
+    col = ((b0 + j // 4) * 256 + (j % 4) * 64)[None, :, None] + lane[None, None, :]
+    op = out_ptr + rows[:, None, None].to(tl.int64) * K + col
+    ok = rmask[:, None, None] & (col < K)
+    ty = out_ptr.dtype.element_ty
+    tl.store(op, (s_lo[:, :, None] * q_lo - m_lo[:, :, None]).to(ty), mask=ok)
+    tl.store(op + 32, (s_hi[:, :, None] * q_hi - m_hi[:, :, None]).to(ty), mask=ok)
 
 
 @triton.jit
@@ -677,9 +758,24 @@ Q4K_GEMV_CANDIDATES = tuple(
         (8, 1, 1, 8, True, False),
     )
 )  # fmt: skip
-# Not yet timed on a GPU, so not among the tuner's candidates: the prefetching variants
-# (benchmarks/quant_gpu.py --sections words --words-candidates prefetch times them).
+# The prefetching variants of the three split-K-free large-shape winners join them: the
+# tuner times every candidate on the device at load and keeps a faster one only if its
+# output is right (benchmarks/quant_gpu.py --sections words --words-candidates prefetch
+# times them all).
+Q4K_GEMV_CANDIDATES += tuple(
+    GemvConfig(bn, bb, 1, split=split, dp4a=True, prefetch=True)
+    for bn, bb, split in ((8, 1, 1), (8, 2, 1), (8, 1, 4))
+)
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
+
+
+def _stream_ms(kernels: list, x: Tensor) -> float:
+    """Milliseconds per call of each of `kernels` (one per copy of a weight) on x, replayed
+    in a CUDA graph: together they stream from HBM as a decode step does."""
+    import triton.testing
+
+    fn = lambda: [kern(x) for kern in kernels]  # noqa: E731
+    return triton.testing.do_bench_cudagraph(fn, rep=10) / len(kernels)
 
 
 def tune_q4k_gemv(
@@ -692,16 +788,11 @@ def tune_q4k_gemv(
     from HBM (a 17 MB qkv weight timed alone sits in L2 and would favour other configs).
     A candidate whose result on this weight strays from the exact float kernel's by more
     than the int8 rounding of x can explain (2% of the output's norm) is never picked."""
-    import triton.testing
 
     n, k = shape
     copies = max(1, min(16, -(-_TUNE_STREAM_BYTES // packed.numel())))
     weights = [packed] + [packed.clone() for _ in range(copies - 1)]
     x = torch.randn(1, k, device=packed.device, dtype=torch.bfloat16)
-
-    def bench(kernels) -> float:
-        fn = lambda: [kern(x) for kern in kernels]  # noqa: E731
-        return triton.testing.do_bench_cudagraph(fn, rep=10) / len(kernels)
 
     best, best_t = q4k_gemv_config(n, k), float("inf")
     want = TritonQ4KMatmul(packed, shape, best)(x).float()
@@ -712,7 +803,7 @@ def tune_q4k_gemv(
             got = TritonQ4KMatmul(packed, shape, cfg)(x).float()
             if not (got - want).norm() <= 0.02 * want.norm():
                 continue
-            t = bench([TritonQ4KMatmul(w, shape, cfg) for w in weights])
+            t = _stream_ms([TritonQ4KMatmul(w, shape, cfg) for w in weights], x)
         except Exception:  # noqa: BLE001 - a config that does not compile is skipped
             continue
         if t < best_t:
@@ -720,28 +811,107 @@ def tune_q4k_gemv(
     return best
 
 
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of `_q4k_gemm_swap_kernel` for one M bucket (BM rows of x)."""
+
+    bn: int  # weight rows per program (the matrix unit's M side: 64+ for wgmma)
+    bb: int = 1  # 256-weight blocks per loop step
+    warps: int = 4
+    stages: int = 2  # software pipelining depth of the block loop
+    split: int = 1  # split-K programs per row tile (partials summed in the kernel)
+
+
+# M buckets of the decode GEMM (rows of x padded to the next); above the last one a
+# product is prefill-sized: dequantize to bf16, then a dense GEMM.
+Q4K_GEMM_BUCKETS = (16, 32, 64)
+
+
+def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
+    """Untimed default of the decode GEMM: 128-row weight tiles; split-K where the row
+    tiles alone would leave most SMs idle (o, qkv and down at 24B have 40-48 tiles)."""
+    tiles = -(-n // 128)
+    split = 1 if tiles >= 256 else 8 if k // 256 >= 64 else 4
+    return GemmConfig(128, 1, 4, 2, split)
+
+
+def q4k_gemm_candidates(n: int, k: int) -> list[GemmConfig]:
+    """Launch configs `tune_q4k_gemm` times for a weight shape: 64-256-row tiles, split-K
+    between none and 8 where it leaves >= 2 blocks per split and keeps the grid under 4096
+    programs (and none where the row tiles alone fill under half the H100's 132 SMs)."""
+    out = []
+    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        tiles = -(-n // bn)
+        for split in (1, 2, 4, 8):
+            if split == 1 and tiles < 66:
+                continue
+            if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
+                continue
+            out.append(GemmConfig(bn, 1, warps, 2, split))
+    return out
+
+
+def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfig]:
+    """The fastest decode-GEMM config per M bucket for this q4_K weight shape, timed as
+    `tune_q4k_gemv` times (CUDA-graph replays streaming copies of the weight from HBM). A
+    candidate whose output strays from the dequantize + matmul product by more than bf16
+    rounding explains (1% of its norm) is never picked."""
+
+    n, k = shape
+    copies = max(1, min(16, -(-_TUNE_STREAM_BYTES // packed.numel())))
+    weights = [packed] + [packed.clone() for _ in range(copies - 1)]
+    exact = TritonQ4KMatmul(packed, shape).dequantize(torch.float32)
+    chosen = {}
+    for bm in Q4K_GEMM_BUCKETS:
+        x = torch.randn(bm, k, device=packed.device, dtype=torch.bfloat16)
+        want = x.float() @ exact.T
+        best, best_t = q4k_gemm_config(n, k, bm), float("inf")
+        for cfg in q4k_gemm_candidates(n, k):
+            try:
+                got = TritonQ4KMatmul(packed, shape, gemm={bm: cfg})(x).float()
+                if not (got - want).norm() <= 0.01 * want.norm():
+                    continue
+                t = _stream_ms([TritonQ4KMatmul(w, shape, gemm={bm: cfg}) for w in weights], x)
+            except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        chosen[bm] = best
+    del exact
+    return chosen
+
+
 class TritonQ4KMatmul(_TritonMatmul):
     """q4_K straight from GGUF bytes (N, K / 256 * 144)."""
 
     gemm_bb = 1
 
-    def __init__(self, packed: Tensor, shape: tuple[int, int], gemv: GemvConfig | None = None):
+    def __init__(
+        self,
+        packed: Tensor,
+        shape: tuple[int, int],
+        gemv: GemvConfig | None = None,
+        gemm: dict[int, GemmConfig] | None = None,
+    ):
         self.out_features, self.in_features = shape
         self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
         self.gemv = gemv or q4k_gemv_config(*shape)
+        gemm = gemm or {}
+        self.gemm = {bm: gemm.get(bm) or q4k_gemm_config(*shape, bm) for bm in Q4K_GEMM_BUCKETS}
         # split-K scratch per (device, rows of x): float32 partials (split, m, N) and int32
         # arrival counters (m, row tiles), made on first use; the kernel leaves the counters
         # at 0, so eager calls and CUDA-graph replays reuse them without a memset. One
         # instance serves one stream at a time (as a model's layers do).
-        self._split_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
+        self._split_scratch: dict[tuple[torch.device, str, int], tuple[Tensor, Tensor]] = {}
         self._x8_scratch: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 
     def _gemv_max_m(self) -> int:
         return self.gemv.max_m
 
-    def _scratch(self, device: torch.device, m: int, split: int, tiles: int):
-        """(workspace (>= split, m, N) float32, counters (m * tiles,) int32 zeros)."""
-        key = (device, m)
+    def _scratch(self, device: torch.device, m: int, split: int, tiles: int, kind: str = "gemv"):
+        """(workspace (>= split, m, N) float32, counters (m * tiles,) int32 zeros), one per
+        kernel kind and m (a CUDA graph keeps the pointers it captured)."""
+        key = (device, kind, m)
         ws_cnt = self._split_scratch.get(key)
         if ws_cnt is None or ws_cnt[0].shape[0] < split or ws_cnt[1].numel() < m * tiles:
             ws = torch.empty(split, m, self.out_features, device=device, dtype=torch.float32)
@@ -795,10 +965,42 @@ class TritonQ4KMatmul(_TritonMatmul):
                 STAGES=cfg.stages, WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
             )  # fmt: skip
 
-    def _gemm(self, grid, x, y, bm):
-        _q4k_gemm_kernel[grid](
-            x, self.wb, self.wh, y, x.shape[0], self.out_features, self.in_features,
-            x.stride(0), y.stride(0), BM=bm, BN=self.gemm_bn, BB=self.gemm_bb, DOT=self._dot(x), num_warps=self.gemm_warps,
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        m = x.shape[0]
+        if m > Q4K_GEMM_BUCKETS[-1]:
+            return x @ self.dequantize(x.dtype).T
+        y = self._out(x)
+        if m <= self.gemv.max_m:
+            self._gemv(None, x, y)
+        else:
+            self._gemm_decode(x, y)
+        return y
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The whole weight (N, K) in `dtype`: prefill-sized products run as a dense GEMM
+        on it (the dequantize pass costs ~ (0.56 + 2 + 2) bytes per weight, small beside
+        the GEMM's 2 M flops per weight once M is in the hundreds)."""
+        n, k = self.out_features, self.in_features
+        w = torch.empty(n, k, dtype=dtype, device=self.wb.device)
+        bn, bb = 32, 2
+        grid = (triton.cdiv(n, bn), triton.cdiv(k // 256, bb))
+        _q4k_dequant_kernel[grid](self.wb, self.wi, w, n, k, BN=bn, BB=bb, num_warps=4)
+        return w
+
+    def _gemm_decode(self, x: Tensor, y: Tensor) -> None:
+        m = x.shape[0]
+        bm = next(b for b in Q4K_GEMM_BUCKETS if b >= m)
+        cfg = self.gemm[bm]
+        nblk = self.in_features // 256
+        split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
+        split = triton.cdiv(nblk, split_blocks)
+        tiles = triton.cdiv(self.out_features, cfg.bn)
+        ws, cnt = self._scratch(y.device, bm, split, tiles, "gemm") if split > 1 else (y, y)
+        _q4k_gemm_swap_kernel[(tiles, split)](
+            x, self.wi, y, ws, cnt, m, self.out_features, self.in_features,
+            x.stride(0), y.stride(0), split_blocks, BM=bm, BN=cfg.bn, BB=cfg.bb,
+            PARTIAL=split > 1, STAGES=cfg.stages, DOT=self._dot(x), num_warps=cfg.warps,
         )  # fmt: skip
 
 
@@ -906,13 +1108,19 @@ def fp8_weight_parts(packed: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Te
 
 
 def build(
-    fmt: str, packed: Tensor, shape: tuple[int, int], affine, gemv: GemvConfig | None = None
+    fmt: str,
+    packed: Tensor,
+    shape: tuple[int, int],
+    affine,
+    gemv: GemvConfig | None = None,
+    gemm: dict[int, GemmConfig] | None = None,
 ) -> QuantMatmul | None:
     """Kernel for format name `fmt` given its GGUF bytes, or (other formats) its
     GroupAffine form `affine` (codes, scale, offset, group); None for nothing suitable.
-    gemv: the q4k batch-1 launch config (`tune_q4k_gemv`), else `q4k_gemv_config`."""
+    gemv / gemm: the q4k launch configs (`tune_q4k_gemv`, `tune_q4k_gemm`), else the
+    untimed defaults."""
     if fmt == "q4k":
-        return TritonQ4KMatmul(packed, shape, gemv)
+        return TritonQ4KMatmul(packed, shape, gemv, gemm)
     if fmt == "q8_0":
         return TritonQ8_0Matmul(packed, shape)
     if fmt == "fp8":

@@ -59,6 +59,10 @@ class MistralAttention(nn.Module):
         set_shards(self.o_proj, Shard(1, q_rows.start, q_rows.size, q_rows.full))
         self.scale = config.head_dim**-0.5
         self.attn_fn = attn_fn
+        # (k_scale, v_scale) float32 of an fp8 KV cache, on the cache's device (vLLM's
+        # k_scale / v_scale); set by `set_kv_scales`. Not a buffer: it belongs to the cache the
+        # runner allocates, not to the checkpoint. None: a cache in the model dtype.
+        self.kv_scale: torch.Tensor | None = None
         self.parallel = parallel
 
     def forward(
@@ -78,7 +82,7 @@ class MistralAttention(nn.Module):
             sin,
         )
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn_fn(q, k, v, kv_cache, attn, self.scale)
+        out = self.attn_fn(q, k, v, kv_cache, attn, self.scale, self.kv_scale)
         return self.parallel.all_reduce(self.o_proj(out.flatten(1)))
 
 
@@ -235,6 +239,14 @@ class Mistral3ForConditionalGeneration(nn.Module):
                 if isinstance(module, PixtralAttention):
                     module.varlen_fn = varlen_fn
 
+    def set_kv_scales(self, scales: list[torch.Tensor]) -> None:
+        """Layer i's fp8 KV cache holds K / scales[i][0] and V / scales[i][1] (each (2,)
+        float32 on the cache's device; call once, at setup, as the cache is allocated)."""
+        layers = self.language_model.layers
+        assert len(scales) == len(layers), "one (k_scale, v_scale) pair per decoder layer"
+        for layer, kv_scale in zip(layers, scales):
+            layer.self_attn.kv_scale = kv_scale
+
     def set_layer_ops(self, ops: LayerOps) -> None:
         """Use `ops` (norms, SiLU-and-mul, RoPE) in every layer of both towers (once, at setup)."""
         for module in self.modules():
@@ -307,8 +319,8 @@ def greedy_generate(
 
     A quick-generation helper for tests and smoke checks; the engine does the real batching.
     """
-    device = model.language_model.embed_tokens.weight.device
-    dtype = model.language_model.embed_tokens.weight.dtype
+    device = model.language_model.norm.weight.device  # the embedding may be quantized
+    dtype = model.language_model.norm.weight.dtype
     total = len(prompt_ids) + max_new_tokens
     num_blocks = -(-total // block_size)
     caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)

@@ -40,23 +40,12 @@ log = logging.getLogger(__name__)
 _FALLBACK = {"q2k": "q4_0", "q3k": "q4_0", "q4k": "q4_0", "q5k": "q5_0", "q6k": "q8_0"}
 _FALLBACK["q8k"] = "q8_0"
 _VISION_PARTS = ("vision_tower", "multi_modal_projector")
-_TINYGEMM_FORMATS = ("q4k", "q4_0", "q4_1")  # 4-bit codes in groups of 32
+_TINYGEMM_FORMATS = ("q4_0", "q4_1")  # 4-bit codes in groups of 32, no native kernel
 # Batches up to this many rows take the numba q8_0 / q4k GEMVs, larger ones torch's int4 GEMM
 # (the GEMV's cost grows linearly with the rows). Measured on the `small` preset's shapes (2
 # Zen 4 cores): q8_0 ~1.7-2.1x faster at M=1, 1.3-1.4x at M=2, level or behind from M=4; q4k
 # 2.3-2.8x at M=1, ~1.5x at M=2 on the decoder layers.
 CPU_GEMV_MAX_M = 2
-
-
-def _tinygemm_max_m(fmt_name: str, out_features: int) -> int:
-    """Largest batch (rows of x) that tinygemm serves; measured on H100 at the 24B shapes
-    (benchmarks/quant_gpu.py, section crossover). Above it q4k uses the Triton tl.dot GEMM
-    over its GGUF bytes (tinygemm re-reads the weight per 16-row tile: it wins up to M=8 on
-    the 65536-wide gate_up, up to M=32 on the <= 6144-wide layers). q4_0/q4_1 have no native
-    GEMM: tinygemm stays far ahead of dequantize + cuBLAS up to M=256 at least."""
-    if fmt_name != "q4k":
-        return 256
-    return 32 if out_features <= 8192 else 8
 
 
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
@@ -105,8 +94,9 @@ def build_quant_matmul(
 ) -> QuantMatmul:
     """Pick, once, the fastest faithful kernel for `fmt` on packed's device.
 
-    CUDA: for q4k at one row a Triton GEMV over the GGUF bytes (config timed per shape
-    through `tuning`); tinygemm int4 for small batches of q4k/q4_0/q4_1 (bf16 scale/zero), W8A8
+    CUDA: q4k on its GGUF bytes alone (Triton GEMV at one row and swap-AB GEMM for decode
+    batches, configs timed per shape through `tuning`; dequantize + cuBLAS for prefill);
+    tinygemm int4 for q4_0/q4_1 (bf16 scale/zero), W8A8
     `_scaled_mm` for fp8 on sm90, Triton fused kernels (mistralpy.kernels.triton_quant)
     otherwise, tiled dequantize + matmul without Triton. CPU: q8_0 with numba and AVX-512 VNNI
     (K a multiple of 64) runs every batch on numba q8_0 x q8_0 kernels over its GGUF bytes
@@ -159,15 +149,17 @@ def _cuda_matmul(
 ) -> QuantMatmul:
     """CUDA kernel choice of `build_quant_matmul` (fp8: see `_cuda_fp8_matmul`)."""
     tiled = DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
+    if fmt.name == "q4k":
+        # Every batch on the GGUF bytes alone (one copy of the weight): the Triton GEMV at
+        # one row, the swap-AB GEMM for decode batches, dequantize + cuBLAS for prefill;
+        # tinygemm's repack held a second copy and fell 2-5x behind at 16-64 rows
+        # (benchmarks/quant_gpu.py --sections gemm).
+        return _triton_matmul(fmt, packed, shape, tuning) or tiled
     if fmt.name in _TINYGEMM_FORMATS and tinygemm_supported(*shape, 32, fmt.bits):
         ga = fmt.group_affine(packed, shape)
         assert ga is not None and ga.group == 32
-        triton = _triton_matmul(fmt, packed, shape, tuning) if fmt.name == "q4k" else None
-        # Batch 1: the Triton GEMV (config timed per shape) streams q4k at a higher share of
-        # HBM bandwidth than tinygemm (benchmarks/quant_gpu.py, section words); tinygemm
-        # keeps small batches, the tl.dot GEMM larger ones.
-        max_m = _tinygemm_max_m(fmt.name, shape[0])
-        return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, triton or tiled, max_m, triton)
+        # q4_0 / q4_1 have no kernel on their own bytes: tinygemm's repack serves them.
+        return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, tiled, 256)
     return _triton_matmul(fmt, packed, shape, tuning) or tiled
 
 
@@ -182,10 +174,11 @@ def _triton_matmul(
         return None
     native = fmt.name in triton_quant.NATIVE_FORMATS or fmt.name == "fp8"
     ga = None if native else fmt.group_affine(packed, shape)
-    gemv = None
+    gemv = gemm = None
     if fmt.name == "q4k":
         gemv = tuning.get(("q4k", shape), lambda: triton_quant.tune_q4k_gemv(packed, shape))
-    return triton_quant.build(fmt.name, packed, shape, ga, gemv)
+        gemm = tuning.get(("q4k-gemm", shape), lambda: triton_quant.tune_q4k_gemm(packed, shape))
+    return triton_quant.build(fmt.name, packed, shape, ga, gemv, gemm)
 
 
 def _cuda_fp8_matmul(codes: Tensor, scale: Tensor, tuning: KernelTuning) -> QuantMatmul:
@@ -280,6 +273,40 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         kernel = type(self.kernel).__name__
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt.name}, kernel={kernel}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding whose table stays in a GGUF block format (`qweight`, persistent): a
+    lookup gathers the rows it needs and dequantizes only those. On the GPU this keeps the
+    24B model's 131072 x 5120 table at 0.38 GB in q4k instead of 1.34 GB in bf16 (llama.cpp
+    quantizes token_embd too); a decode step reads a few rows, so it costs nothing there."""
+
+    def __init__(self, qweight: Tensor, fmt: str | QuantFormat, shape: tuple[int, int],
+                 dtype: torch.dtype):  # fmt: skip
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.num_embeddings, self.embedding_dim = shape
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (...) int64 -> (..., embedding_dim) in self.dtype."""
+        rows = self.qweight.index_select(0, ids.reshape(-1))
+        out = self.fmt.dequantize(rows, (rows.shape[0], self.embedding_dim), self.dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt.name}"
+
+
+def quantize_embedding(emb: nn.Embedding, fmt: str) -> nn.Module:
+    """`emb` as a QuantizedEmbedding in `fmt` (or its width fallback); as is when neither
+    fits its width."""
+    chosen = compatible_format(get_format(fmt), emb.embedding_dim)
+    if chosen is None:
+        return emb
+    weight = emb.weight.detach()
+    return QuantizedEmbedding(chosen.quantize(weight), chosen, tuple(weight.shape), weight.dtype)
 
 
 def _add_fp8_qweight(module: QuantizedLinear, state_dict: dict, prefix: str, _meta) -> None:

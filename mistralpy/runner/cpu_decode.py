@@ -129,7 +129,8 @@ def fused_format(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     if any(
         c.dtype != torch.float32 or c.device.type != "cpu" or not c.is_contiguous()
         for c in kv_caches
-    ):  # the step's attention reads K/V rows through raw addresses
+    ):  # the step's attention reads float32 K/V rows through raw addresses: an fp8 cache
+        # (e4m3 + scales) would need a decode in its IR block kernels, so it keeps the layer path
         return None
     floats = [lm.embed_tokens.weight, lm.norm.weight]
     linears = [model.lm_head]

@@ -25,8 +25,10 @@ from mistralpy.runner.batch import (
 from mistralpy.runner.kv_cache import (
     KVCacheSpec,
     allocate_kv_caches,
+    allocate_kv_scales,
     cuda_kv_budget,
     num_blocks_for_bytes,
+    resolve_kv_cache_dtype,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class RunnerConfig:
     num_kv_blocks: int | None = None  # fixed block count instead of a memory-derived one
     encoder_cache_size: int = 16384  # image-embedding rows kept across steps
     enforce_eager: bool = False  # no decode CUDA graphs / fused CPU decode (debugging, A/B)
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3" (e4m3 + scales)
 
 
 @dataclass
@@ -111,12 +114,19 @@ class ModelRunner:
         self.model = model
         self.cfg = cfg
         self.device = device
+        self.dtype = dtype  # the model's (weights, activations); the KV cache's is kv_spec.dtype
         text = model.config.text_config
         # A tensor-parallel shard caches only its own KV heads (stand-in models lack the field).
         kv_heads = getattr(model, "num_local_kv_heads", text.num_key_value_heads)
         self.kv_spec = KVCacheSpec(
-            text.num_hidden_layers, kv_heads, text.head_dim, cfg.block_size, dtype
-        )
+            text.num_hidden_layers, kv_heads, text.head_dim, cfg.block_size,
+            resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype),
+        )  # fmt: skip
+        # fp8 cache: per-layer (k_scale, v_scale), stable device tensors the kernels (and the
+        # captured graphs) read; set before the memory profile, which runs an fp8 step
+        self.kv_scales = allocate_kv_scales(self.kv_spec, device)
+        if self.kv_scales is not None:
+            model.set_kv_scales(self.kv_scales)
         self.cuda_attention: Any = None  # kernels.cuda_attention.CudaPagedAttention on CUDA
         self.gemv_report: dict[str, Any] = {}  # per weight shape: GEMV chosen at start-up
         if device.type == "cpu":
@@ -135,7 +145,10 @@ class ModelRunner:
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.cpu_decode: FusedCpuDecode | None = None  # CPU: whole decode steps in one call
-        if device.type == "cpu" and not cfg.enforce_eager:
+        if device.type == "cpu" and not cfg.enforce_eager and self.kv_spec.fp8:
+            # its numba attention reads float32 K/V rows through raw addresses
+            logger.info("fused CPU decode off: the KV cache is fp8; decode takes the layer path")
+        elif device.type == "cpu" and not cfg.enforce_eager:
             from mistralpy.runner.cpu_decode import FusedCpuDecode
 
             self.cpu_decode = FusedCpuDecode.build(model, self.kv_caches)
@@ -269,7 +282,7 @@ class ModelRunner:
         from mistralpy.runner.cuda_graphs import DecodeGraphs
 
         text = self.model.config.text_config
-        self.cuda_attention.warm_up(self.kv_caches[0], text.num_attention_heads)
+        self.cuda_attention.warm_up(self.kv_caches[0], text.num_attention_heads, self.dtype)
         width = min(self.num_blocks, -(-text.max_position_embeddings // self.cfg.block_size))
         graphs = DecodeGraphs(
             self._decode_forward, self.cfg.max_num_seqs, width, self.cfg.block_size, self.device
@@ -277,7 +290,7 @@ class ModelRunner:
         context = min(DECODE_TUNING_CONTEXT, width * self.cfg.block_size - 1)
         for rows in graphs.buckets:
             plan = self.cuda_attention.tune_decode(
-                self.kv_caches[0], rows, width, text.num_attention_heads, context
+                self.kv_caches[0], rows, width, text.num_attention_heads, context, self.dtype
             )
             logger.debug("decode plan for %d rows: %s", rows, plan)
         try:
@@ -332,7 +345,7 @@ class ModelRunner:
             if cached is not None:
                 found[s.key] = cached
             elif s.key not in missing:
-                missing[s.key] = s.pixel_values.to(self.device, self.kv_spec.dtype)
+                missing[s.key] = s.pixel_values.to(self.device, self.dtype)
         if missing:
             for key, embeds in zip(missing, self.model.encode_images(list(missing.values()))):
                 found[key] = embeds
@@ -443,9 +456,7 @@ class ModelRunner:
         side = vision.image_size - vision.image_size % (
             vision.patch_size * self.model.config.spatial_merge_size
         )
-        self.model.encode_images(
-            [torch.zeros(3, side, side, device=self.device, dtype=self.kv_spec.dtype)]
-        )
+        self.model.encode_images([torch.zeros(3, side, side, device=self.device, dtype=self.dtype)])
 
         def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)

@@ -21,6 +21,7 @@ from typing import Any
 from mistralpy import __version__
 from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name
+from mistralpy.engine.config import KV_CACHE_DTYPES
 
 DEFAULT_PORT = 1234
 # Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
@@ -110,6 +111,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CUDA: fraction of GPU memory to use (default 0.9)",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
     p.add_argument(
         "--served-model-name", default=None, help="model name in the API (default: MODEL)"
@@ -174,14 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--temperature", type=float, default=None, help="default: 1.0")
     _add_model_flags(run)
-    bench = sub.add_parser("bench", help="TTFT / prefill / decode benchmark")
+    bench = sub.add_parser(
+        "bench", help="load benchmark: the engine in-process, or any server with --url"
+    )
     bench.add_argument("model", nargs="?", default="demo")
-    bench.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
-    bench.add_argument("--gen-len", type=int, default=128)
-    bench.add_argument("--iterations", type=int, default=3)
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--concurrency", type=int, default=None, help="N parallel requests")
-    bench.add_argument("-o", "--output", default="bench.json")
+    _add_bench_flags(bench)
     _add_model_flags(bench)
     quant = _subcommand(sub, "quantize", "write a pre-quantized checkpoint")
     quant.add_argument("model", help=model_help)
@@ -191,6 +195,62 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("-o", "--output", required=True, help="directory to write")
     parser.set_defaults(subcommands=sub.choices)
     return parser
+
+
+def _add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=None,
+        help="benchmark this OpenAI-compatible server over HTTP, e.g. http://127.0.0.1:1234 "
+        "(no model is loaded; model name: --served-model-name, else its GET /v1/models)",
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="--url: /v1/completions or /v1/chat/completions",
+    )
+    p.add_argument(
+        "--prompt-len",
+        "--input-len",
+        dest="prompt_len",
+        type=int,
+        nargs="+",
+        default=[128, 512],
+        help="prompt tokens; one row per value",
+    )
+    p.add_argument(
+        "--gen-len",
+        "--output-len",
+        dest="gen_len",
+        type=int,
+        default=128,
+        help="tokens generated per request (max_tokens, ignore_eos)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="requests in flight at once (default 1)"
+    )
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="timed requests per row (default: --concurrency, else --iterations)",
+    )
+    p.add_argument(
+        "--iterations", type=int, default=3, help="sequential requests (no --concurrency)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="untimed short requests per row")
+    p.add_argument("--api-key", default=None, help="--url: bearer token (or OPENAI_API_KEY)")
+    p.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="--url: do not send ignore_eos (servers that reject the field)",
+    )
+    p.add_argument("--request-timeout", type=float, default=600.0, help="--url: seconds")
+    p.add_argument(
+        "-o", "--output", "--out", dest="output", default="bench.json", help="JSON report"
+    )
 
 
 def build_legacy_parser() -> argparse.ArgumentParser:
@@ -259,6 +319,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
         served_model_name=args.served_model_name,
         enforce_eager=getattr(args, "enforce_eager", False),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
 
 
@@ -310,6 +371,7 @@ def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
         listen += " (every interface)"
     stats = opened.stats()
     kv = stats.get("kv_capacity_tokens")
+    kv_dtype = opened.kv_cache_dtype()
     auth, key = "", "'none'"
     if cfg.api_key:  # the examples read the key from the environment: it is not printed
         auth = ' -H "Authorization: Bearer $MISTRALPY_API_KEY"'
@@ -323,7 +385,7 @@ def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
         f"  dtype:         {opened.resolved_dtype()}",
         f"  quantization:  {opened.quantization() or 'none'}",
         f"  context:       {opened.max_model_len} tokens",
-        f"  KV cache:      {int(kv) if kv else 'unknown'} tokens",
+        f"  KV cache:      {int(kv) if kv else 'unknown'} tokens ({kv_dtype})",
         f"  auth:          {'API key required' if cfg.api_key else 'none'}",
         "",
         "Try it:",
@@ -520,68 +582,86 @@ def _run(options: ModelOptions, args: argparse.Namespace) -> int:
 # --- bench ----------------------------------------------------------------------------------
 
 
-async def _one_request(service: Any, prompt_len: int, gen_len: int) -> dict:
-    """Time one greedy completion of `prompt_len` tokens → TTFT, prefill and decode rates."""
-    body = {
-        "prompt": [1000 + (i % 1000) for i in range(prompt_len)],
-        "max_tokens": gen_len,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    start = time.perf_counter()
-    first, tokens = None, 0
-    async for chunk in service.stream_completion(body):
-        for choice in chunk["choices"]:
-            if choice["text"]:
-                first = first or time.perf_counter()
-                tokens += 1
-    end = time.perf_counter()
-    first = first or end
-    ttft = first - start
-    return {
-        "prompt_len": prompt_len,
-        "ttft_s": ttft,
-        "prefill_tok_per_s": prompt_len / ttft if ttft > 0 else 0.0,
-        "decode_tok_per_s": (tokens - 1) / (end - first) if end > first else 0.0,
-        "gen_tokens": tokens,
-    }
+def bench_load(args: argparse.Namespace) -> tuple[int, int]:
+    """(timed requests per row, requests in flight) from --num-requests/--concurrency/--iterations."""
+    concurrency = args.concurrency or 1
+    num = args.num_requests or (args.concurrency or args.iterations)
+    return num, concurrency
 
 
 async def bench_async(options: ModelOptions, args: argparse.Namespace) -> list[dict]:
+    """Engine-level rows: the model in-process, requests straight to its AsyncEngine."""
+    from mistralpy.bench.engine import bench_engine
+
     opened = await load_with_progress(options)
-    service = opened.service(None)
+    num, concurrency = bench_load(args)
+    try:
+        return await bench_engine(
+            opened.engine,
+            opened.tokenizer,
+            args.prompt_len,
+            args.gen_len,
+            num,
+            concurrency,
+            args.warmup,
+            args.seed or 0,
+        )
+    finally:
+        opened.engine.shutdown()
+
+
+def bench_url(args: argparse.Namespace) -> list[dict]:
+    """HTTP rows: one serving run per prompt length against `--url`."""
+    from mistralpy.bench.serving import ServingConfig, run_serving_bench
+
+    num, concurrency = bench_load(args)
     rows = []
     for prompt_len in args.prompt_len:
-        for _ in range(args.warmup):
-            await _one_request(service, prompt_len, min(args.gen_len, 8))
-        if args.concurrency:
-            start = time.perf_counter()
-            runs = await asyncio.gather(
-                *[_one_request(service, prompt_len, args.gen_len) for _ in range(args.concurrency)]
-            )
-            wall = time.perf_counter() - start
-            total = sum(r["gen_tokens"] for r in runs)
-            rows.append(
-                {
-                    "prompt_len": prompt_len,
-                    "concurrency": args.concurrency,
-                    "mean_ttft_s": sum(r["ttft_s"] for r in runs) / len(runs),
-                    "output_tok_per_s": total / wall,
-                    "wall_s": wall,
-                }
-            )
-            continue
-        runs = [
-            await _one_request(service, prompt_len, args.gen_len) for _ in range(args.iterations)
-        ]
-        rows.append({k: sum(r[k] for r in runs) / len(runs) for k in runs[0]})
+        cfg = ServingConfig(
+            base_url=args.url,
+            input_len=prompt_len,
+            output_len=args.gen_len,
+            num_requests=num,
+            concurrency=concurrency,
+            endpoint=args.endpoint,
+            model=args.served_model_name,
+            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            ignore_eos=args.ignore_eos,
+            seed=args.seed or 0,
+            request_timeout_s=args.request_timeout,
+            warmup=args.warmup,
+        )
+        run = asyncio.run(run_serving_bench(cfg))
+        rows.append(
+            {
+                "prompt_len": prompt_len,
+                "gen_len": args.gen_len,
+                "concurrency": concurrency,
+                **run["summary"],
+                "errors": run["errors"],
+            }
+        )
     return rows
 
 
-def print_table(rows: list[dict], out=sys.stdout) -> None:
+BENCH_COLUMNS = (
+    "prompt_len",
+    "concurrency",
+    "completed",
+    "failed",
+    "output_tok_per_s",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "itl_ms_p50",
+    "itl_ms_p99",
+    "tpot_ms_mean",
+)
+
+
+def print_table(rows: list[dict], out=sys.stdout, columns: Sequence[str] | None = None) -> None:
     if not rows:
         return
-    keys = list(rows[0])
+    keys = [k for k in (columns or rows[0]) if k in rows[0]]
     out.write(" | ".join(f"{k:>18}" for k in keys) + "\n")
     for row in rows:
         out.write(
@@ -593,9 +673,19 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
 
 
 def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
-    rows = asyncio.run(bench_async(options, args))
-    print_table(rows)
-    Path(args.output).write_text(json.dumps({"model": options.model_id, "rows": rows}, indent=2))
+    rows = bench_url(args) if args.url else asyncio.run(bench_async(options, args))
+    print_table(rows, columns=BENCH_COLUMNS)
+    for row in rows:
+        for err in row.get("errors") or []:
+            print(f"error: {err}", file=sys.stderr)
+        if row.get("chunk_counted"):
+            print(
+                f"warning: {row['chunk_counted']} streams had no usage block; their output "
+                "tokens are chunk counts",
+                file=sys.stderr,
+            )
+    target = args.url or options.model_id
+    Path(args.output).write_text(json.dumps({"model": target, "rows": rows}, indent=2))
     print(f"wrote {args.output}")
     return 0
 

@@ -55,6 +55,9 @@ PRESETS = {
     "tiny": Preset(64, 2, 4, 2, 32, 128, 32, 2, 2, 64, 224, "float32"),
     "small": Preset(512, 8, 8, 2, 128, 1536, 256, 4, 4, 1024, 448, "bfloat16"),
 }
+# Mistral-Small-3.1-24B's own shapes (model.config.mistral_small_3_1_config): for a config-only
+# directory that `serve --load-format dummy` reads; never written with weights (48 GB).
+REAL_SHAPES = Preset(5120, 40, 32, 8, 128, 32768, 1024, 24, 16, 4096, 1540, "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -261,17 +264,34 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer_files(out: str | Path, preset: str = "tiny") -> Path:
+def write_tokenizer_files(out: str | Path, preset: str | Preset = "tiny") -> Path:
     """Only the tokenizer part: tekken.json, tokenizer.json, tokenizer_config.json and
     chat_template.jinja (for tests that need no weights)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     template = packaged_template_path().read_text(encoding="utf-8")
-    tekken = tekken_data(get_preset(preset))
+    tekken = tekken_data(preset if isinstance(preset, Preset) else get_preset(preset))
     _write_json(out / "tekken.json", tekken)
     tekken_to_hf_tokenizer(tekken).save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(template))
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return out
+
+
+def write_config_files(out: str | Path, shapes: Preset, dtype: str) -> Path:
+    """A checkpoint directory without weights (tokenizer, processor, config.json): enough for
+    `load_format="dummy"`, e.g. REAL_SHAPES for a server at full scale without a download."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}, choose from {sorted(_DTYPES)}")
+    out = Path(out)
+    write_tokenizer_files(out, shapes)
+    for name, value in _processor_files(shapes).items():
+        _write_json(out / name, value)
+    _write_json(out / "config.json", model_config(shapes, dtype))
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11},
+    )
     return out
 
 
@@ -283,17 +303,7 @@ def write_checkpoint(
 
     shapes = get_preset(preset)
     dtype = dtype or shapes.dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: unknown {dtype!r}, choose from {sorted(_DTYPES)}")
-    out = Path(out)
-    write_tokenizer_files(out, preset)
-    for name, value in _processor_files(shapes).items():
-        _write_json(out / name, value)
-    _write_json(out / "config.json", model_config(shapes, dtype))
-    _write_json(
-        out / "generation_config.json",
-        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11},
-    )
+    out = write_config_files(out, shapes, dtype)
     weights = random_weights(shapes, _DTYPES[dtype], seed)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

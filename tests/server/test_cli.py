@@ -245,6 +245,9 @@ class BannerModel:
     def resolved_dtype(self):
         return "float32"
 
+    def kv_cache_dtype(self):
+        return "float32"
+
     def quantization(self):
         return self.opened.quantization()
 

@@ -19,8 +19,9 @@ def test_quick_mode_runs_every_row(tmp_path):
     assert gpu_e2e.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_e2e.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    # vision, decode, ttft, prefill, concurrent, long, and decode with isq q4k and fp8
-    assert len(names) == 8, names
+    # vision, kv_logits, decode, batch (bs 1 and 4: capped at the quick engine's 4
+    # sequences), ttft, prefill, concurrent, long, and decode with isq q4k and fp8
+    assert len(names) == 11, names
     assert all(r["value"] is not None for r in report["rows"]), report["rows"]
     assert report["engine_check"]["ok"], report["engine_check"]
     long_row = next(r for r in report["rows"] if r["name"] == "128k prompt")
@@ -41,3 +42,29 @@ def test_isq_only_run_skips_the_bf16_model(tmp_path):
     assert names == ["decode bs1 @1k isq=q4k", "decode bs1 @1k isq=q4k-float"], names
     assert all(r["value"] for r in report["rows"]), report["rows"]
     assert "engine_check" not in report and "load_s" not in report
+
+
+def test_fp8_kv_rows_beside_the_model_dtype_ones(tmp_path):
+    """`--kv-cache-dtypes auto,fp8`: decode and concurrent again on an fp8-cache engine (twice
+    the blocks of a float32 cache... four times: the quick model is float32), and the logits
+    row comparing the two caches on one prompt."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_e2e
+    finally:
+        sys.path.pop(0)
+    argv = ["--quick", "--rows", "kv_logits,decode,concurrent", "--kv-cache-dtypes", "auto,fp8",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert gpu_e2e.main(argv) == 0
+    report = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert len(rows) == 5, list(rows)
+    assert all(r["value"] is not None for r in rows.values()), rows
+    assert {n for n in rows if n.endswith(" kv=fp8")} == {
+        "decode bs1 @1k ctx kv=fp8",
+        "4 x (32 in / 8 out) kv=fp8",
+    }
+    fp8 = report["kv=fp8"]
+    assert fp8["kv_blocks"] == 4 * report["kv_blocks"]  # e4m3 vs a float32 cache, same bytes
+    (logits,) = [r for n, r in rows.items() if n.startswith("fp8 KV logits")]
+    assert 0 < logits["value"] < 0.5 and 0 <= logits["extra"]["top1_agreement"] <= 1

@@ -185,3 +185,25 @@ def test_int4pack_built_in_chunks_equals_one_piece(name):
     chunked = Int4PackMatmul(rows, (n, k), group, bits, chunk_rows=64)
     x = _rand(3, k, seed=9)
     assert torch.equal(whole(x), chunked(x))
+
+
+@pytest.mark.parametrize("fmt", ["q4k", "q8_0", "fp8"])
+def test_quantized_embedding_gathers_dequantized_rows(fmt):
+    """A lookup equals the same rows of the whole dequantized table, in the table's dtype
+    and the ids' shape; a width no block fits keeps the float table."""
+    from mistralpy.quant.isq import QuantizedEmbedding, quantize_embedding
+
+    g = torch.Generator().manual_seed(7)
+    emb = torch.nn.Embedding(40, 512)
+    emb.weight.data = torch.randn(40, 512, generator=g).to(torch.bfloat16)
+    q = quantize_embedding(emb, fmt)
+    assert isinstance(q, QuantizedEmbedding)
+    table = q.fmt.dequantize(q.qweight, (40, 512), torch.bfloat16)
+    ids = torch.randint(0, 40, (3, 5), generator=g)
+    out = q(ids)
+    assert out.shape == (3, 5, 512) and out.dtype == torch.bfloat16
+    assert torch.equal(out, table[ids])
+    err = (table.float() - emb.weight.float()).norm() / emb.weight.float().norm()
+    assert err < 0.1
+    if fmt != "fp8":  # block formats: 20 is no multiple of 32
+        assert isinstance(quantize_embedding(torch.nn.Embedding(4, 20), fmt), torch.nn.Embedding)
