@@ -351,3 +351,70 @@ def test_readme_activates_the_venv_before_its_examples():
     activate = readme.index("source .venv/bin/activate")
     for example in ("mistralpy-server --port", "mistralpy serve MODEL", "from mistralpy import"):
         assert activate < readme.index(example), example
+
+
+REPL_SCRIPT = """
+import sys
+from argparse import Namespace
+from mistralpy.api.runner import Runner
+from mistralpy.server.cli import chat_repl
+from tests.server.fake_stack import make_fake_service
+
+runner = Runner.from_service(make_fake_service(delay=0.05))
+try:
+    code = chat_repl(runner, Namespace(input=None, image=[], temperature=0))
+finally:
+    runner.shutdown()
+print("exit", code, flush=True)
+"""
+
+
+def test_real_ctrl_c_in_a_terminal_chat():
+    """SIGINT as a terminal sends it: the first stops the streaming reply (the loop thread's
+    pending step is cancelled, no traceback) and the chat goes on; one at the prompt exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REPL_SCRIPT],
+        cwd=root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=0,
+    )
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")))
+    reader.start()
+
+    def wait_for(predicate, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not predicate("".join(seen)):
+            assert time.monotonic() < deadline, "".join(seen)
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda t: t.endswith("> "))
+        proc.stdin.write("hello\n")
+        wait_for(lambda t: len(t.rsplit("> ", 1)[-1]) >= 3)  # the reply is streaming
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda t: "[stopped]" in t and t.endswith("> "))
+        proc.stdin.write("again\n")
+        wait_for(lambda t: t.count("> ") == 3)  # a whole reply, then the next prompt
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+    text = "".join(seen)
+    assert "Traceback" not in text and "exit 0" in text
