@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
 from mistralpy.processing.tool_calls import TOOL_CALLS, ToolCallStreamParser, parse_tool_calls
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 GRAMMAR_TYPES = ("regex", "json_schema", "lark", "llguidance", "json_object", "choice")
 # vLLM's request fields -> grammar kind (`guided_grammar` is taken as Lark, as llguidance reads it)
 GUIDED_KINDS = {
@@ -31,6 +31,10 @@ GUIDED_KINDS = {
 }
 # Logit bias that keeps tool_choice "none" from starting a call (a ban at any sane temperature)
 NO_TOOL_CALL_BIAS = -100.0
+# OpenAI's temperature range; SamplingParams allows more for direct engine users.
+MAX_TEMPERATURE = 2.0
+# Prompts in one /v1/completions batch (each is its own engine request, times n).
+MAX_BATCH_PROMPTS = 64
 
 
 class InvalidRequest(ValueError):
@@ -207,6 +211,7 @@ def sampling_params_from_request(body: dict, *, chat: bool, tools_active: bool) 
     logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
     if chat and top_logprobs and not logprobs:
         raise InvalidParameter("top_logprobs", "top_logprobs needs logprobs=true")
+    _check_openai_ranges(body)
     return SamplingParams(
         max_tokens=_first_set(body, "max_completion_tokens", "max_tokens"),
         temperature=_default(body.get("temperature"), 1.0),
@@ -227,6 +232,20 @@ def sampling_params_from_request(body: dict, *, chat: bool, tools_active: bool) 
         skip_special_tokens=not tools_active,
         grammar=grammar_from_request(body),
     )
+
+
+def _check_openai_ranges(body: dict) -> None:
+    """Limits OpenAI sets tighter than SamplingParams (which also serves direct engine users)."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidParameter("temperature", f"temperature must be in [0, {MAX_TEMPERATURE:g}]")
+
+
+def _check_not_streaming(body: dict) -> None:
+    """A whole (non-streamed) response has no use for stream_options: refuse it, as OpenAI
+    and vLLM do, rather than silently ignore what the client thinks it asked for."""
+    if body.get("stream_options") is not None:
+        raise InvalidParameter("stream_options", "stream_options needs stream: true")
 
 
 def _default(value: Any, default: Any) -> Any:
@@ -335,6 +354,7 @@ class ChatService:
         max_model_len: int,
         tool_parser: Callable[[], ToolCallStreamParser] = ToolCallStreamParser,
         model_aliases: tuple[str, ...] = (),
+        default_max_tokens: int | None = None,
     ):
         self.engine = engine  # AsyncEngine: generate(request_id, prompt, params), abort(id)
         self.tokenizer = tokenizer
@@ -344,6 +364,9 @@ class ChatService:
         self.tool_parser = tool_parser
         # Other names accepted in `model` (e.g. the model id, "default", mistral.rs' "mistral3").
         self.model_names = {served_model_name, "default", *model_aliases}
+        # Reply limit of requests that set none (interactive use: `run`, the builder), cut to
+        # the room left in the context; None keeps OpenAI's "until the context is full".
+        self.default_max_tokens = default_max_tokens
 
     # -- preparation --
 
@@ -353,30 +376,29 @@ class ChatService:
 
     async def _prepare_chat(self, body: dict) -> tuple[Any, SamplingParams, bool]:
         self.check_model(body.get("model"))
-        messages = body.get("messages")
-        if isinstance(messages, str):  # mistral.rs accepts a bare string as one user turn
-            messages = [{"role": "user", "content": messages}]
-        _check_messages(messages)
-        tools = body.get("tools") or None
+        messages = _openai_messages(body.get("messages"))
+        tools = _tools(body)
         tools_active = tools is not None and body.get("tool_choice") != "none"
         params = sampling_params_from_request(body, chat=True, tools_active=tools_active)
         if tools is not None and not tools_active:
             params = self._without_tool_calls(params)
         prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
         self._check_length(prompt, params)
-        return prompt, params, tools_active
+        return prompt, self._with_default_limit(prompt, params), tools_active
 
-    async def _prepare_completion(self, body: dict) -> tuple[Any, SamplingParams]:
+    async def _prepare_completion(self, body: dict) -> tuple[list[Any], SamplingParams]:
+        """The prompts of a completions body (one, or a batch) and their shared params."""
         self.check_model(body.get("model"))
-        prompt_in = body.get("prompt")
-        if isinstance(prompt_in, list) and len(prompt_in) == 1 and isinstance(prompt_in[0], str):
-            prompt_in = prompt_in[0]
-        if not prompt_in or not (isinstance(prompt_in, str) or _is_token_list(prompt_in)):
-            raise InvalidRequest("prompt must be a non-empty string or token id list", "prompt")
+        prompts_in = _completion_prompts(body.get("prompt"))
         params = sampling_params_from_request(body, chat=False, tools_active=False)
-        prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
-        self._check_length(prompt, params)
-        return prompt, params
+        prompts = []
+        for prompt_in in prompts_in:
+            prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
+            self._check_length(prompt, params)
+            prompts.append(prompt)
+        if len(prompts) == 1:
+            params = self._with_default_limit(prompts[0], params)
+        return prompts, params
 
     def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
         """tool_choice "none": the tools stay in the prompt (as OpenAI and vLLM do), but the
@@ -387,6 +409,12 @@ class ChatService:
             return params
         bias = {**params.logit_bias, token: NO_TOOL_CALL_BIAS}
         return dataclasses.replace(params, logit_bias=bias)
+
+    def _with_default_limit(self, prompt: Any, params: SamplingParams) -> SamplingParams:
+        if params.max_tokens is not None or self.default_max_tokens is None:
+            return params
+        room = self.max_model_len - len(prompt.token_ids)  # >= 1 once _check_length passed
+        return dataclasses.replace(params, max_tokens=min(self.default_max_tokens, room))
 
     def _check_length(self, prompt: Any, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
@@ -412,6 +440,7 @@ class ChatService:
     async def create_chat_completion(self, body: dict, request_id: str | None = None) -> dict:
         """A whole chat.completion response for an OpenAI chat request body."""
         request_id = request_id or new_request_id("chatcmpl")
+        _check_not_streaming(body)
         prompt, params, tools_active = await self._prepare_chat(body)
         with _grammar_errors_name(grammar_param(body)):
             final = await self._run_to_end(request_id, prompt, params)
@@ -436,7 +465,9 @@ class ChatService:
         if tools_active:
             parsed = parse_tool_calls(out.text)
             tool_calls = [c.to_openai() for c in parsed.tool_calls]
-            message["content"] = parsed.content if tool_calls else out.text
+            # parsed.content: an unfinished call (cut by max_tokens) leaves no `[TOOL_CALLS]`
+            # text behind; with no calls at all the content is "" rather than null
+            message["content"] = parsed.content if tool_calls else parsed.content or ""
         if tool_calls:
             message["tool_calls"] = tool_calls
         return {
@@ -514,44 +545,67 @@ class ChatService:
     # -- completions --
 
     async def create_completion(self, body: dict, request_id: str | None = None) -> dict:
-        """A whole text_completion response for an OpenAI completions body."""
+        """A whole text_completion response for an OpenAI completions body; a batch of
+        prompts gives choices prompt-major: choice k*n + j is prompt k's j-th sample."""
         request_id = request_id or new_request_id("cmpl")
-        prompt, params = await self._prepare_completion(body)
+        _check_not_streaming(body)
+        prompts, params = await self._prepare_completion(body)
+        ids = _batch_ids(request_id, len(prompts))
         with _grammar_errors_name(grammar_param(body)):
-            final = await self._run_to_end(request_id, prompt, params)
-        echo = self.tokenizer.decode(prompt.token_ids) if body.get("echo") else ""
-        choices = [
-            {
-                "index": o.index,
-                "text": echo + o.text,
-                "logprobs": completion_logprobs(o.logprobs or [], len(echo))
-                if params.logprobs
-                else None,
-                "finish_reason": o.finish_reason,
-            }
-            for o in final.outputs
-        ]
-        return self._response_body(request_id, "text_completion", choices, final)
+            finals = await _gather_all(
+                [self._run_to_end(i, p, params) for i, p in zip(ids, prompts)]
+            )
+        choices = []
+        for k, (prompt, final) in enumerate(zip(prompts, finals)):
+            echo = self.tokenizer.decode(prompt.token_ids) if body.get("echo") else ""
+            choices += [
+                {
+                    "index": k * params.n + o.index,
+                    "text": echo + o.text,
+                    "logprobs": completion_logprobs(o.logprobs or [], len(echo))
+                    if params.logprobs
+                    else None,
+                    "finish_reason": o.finish_reason,
+                }
+                for o in final.outputs
+            ]
+        response = self._response_body(request_id, "text_completion", choices, finals[0])
+        response["usage"] = batch_usage(finals)
+        return response
 
     async def stream_completion(
         self, body: dict, request_id: str | None = None
     ) -> AsyncIterator[dict]:
-        """text_completion chunks, then an optional usage chunk."""
+        """text_completion chunks, then an optional usage chunk; a batch's prompts stream
+        side by side, their choices numbered as in `create_completion`."""
         request_id = request_id or new_request_id("cmpl")
-        prompt, params = await self._prepare_completion(body)
+        prompts, params = await self._prepare_completion(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunk = _ChunkFactory(request_id, self.served_model_name, include_usage, "text_completion")
+        ids = _batch_ids(request_id, len(prompts))
+        streams = [
+            self._completion_deltas(i, p, params, k * params.n)
+            for k, (i, p) in enumerate(zip(ids, prompts))
+        ]
+        lasts: dict[str, Any] = {}
+        with _grammar_errors_name(grammar_param(body)):
+            async with contextlib.aclosing(_merge(streams)) as merged:
+                async for out, choices in merged:
+                    lasts[out.request_id] = out
+                    if choices:
+                        yield chunk.make(choices)
+        if include_usage:
+            yield chunk.make([], usage=batch_usage([lasts[i] for i in ids if i in lasts]))
+
+    async def _completion_deltas(
+        self, request_id: str, prompt: Any, params: SamplingParams, first_index: int
+    ) -> AsyncIterator[tuple[Any, list[dict]]]:
+        """(engine output, its new choice deltas) of one completions prompt, as they come."""
         outputs = self.engine.generate(request_id, prompt, params)
         done = False
+        sent = [0] * params.n
         try:
-            with _grammar_errors_name(grammar_param(body)):
-                first = await _first_output(outputs, request_id)
-            chunk = _ChunkFactory(
-                request_id, self.served_model_name, include_usage, "text_completion"
-            )
-            sent = [0] * params.n
-            last = first
-            async for out in _chain(first, outputs):
-                last = out
+            async for out in _chain(await _first_output(outputs, request_id), outputs):
                 choices = []
                 for o in out.outputs:
                     if not o.delta_text and o.finish_reason is None:
@@ -562,16 +616,13 @@ class ChatService:
                         sent[o.index] = len(o.logprobs)
                     choices.append(
                         {
-                            "index": o.index,
+                            "index": first_index + o.index,
                             "text": o.delta_text,
                             "logprobs": lp,
                             "finish_reason": o.finish_reason,
                         }
                     )
-                if choices:
-                    yield chunk.make(choices)
-            if include_usage:
-                yield chunk.make([], usage=final_usage(last))
+                yield out, choices
             done = True
         finally:
             await self._close(outputs, request_id, done)
@@ -610,8 +661,8 @@ class ChatService:
         """{"tokens", "count", "max_model_len"} for `prompt` text or chat `messages`."""
         self.check_model(body.get("model"))
         if body.get("messages") is not None:
-            _check_messages(body["messages"])
-            prompt = await asyncio.to_thread(self.prompts.chat, body["messages"], body.get("tools"))
+            messages = _openai_messages(body["messages"])
+            prompt = await asyncio.to_thread(self.prompts.chat, messages, _tools(body))
             tokens = list(prompt.token_ids)
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True)
@@ -653,6 +704,107 @@ class _ChunkFactory:
         if self.include_usage:
             chunk["usage"] = usage  # null on every chunk but the last, as OpenAI does
         return chunk
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions `prompt`: a string, token ids, or a list of either."""
+    if isinstance(prompt, str) or _is_token_list(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        prompts = prompt
+    else:
+        prompts = []
+    if not prompts or not all(prompts):
+        raise InvalidRequest(
+            "prompt must be a non-empty string, a token id list, or a list of those", "prompt"
+        )
+    if len(prompts) > MAX_BATCH_PROMPTS:
+        raise InvalidRequest(f"at most {MAX_BATCH_PROMPTS} prompts per request", "prompt")
+    return prompts
+
+
+def _batch_ids(request_id: str, count: int) -> list[str]:
+    """Engine request ids of a batch: the response's own id when there is one prompt."""
+    return [request_id] if count == 1 else [f"{request_id}-{k}" for k in range(count)]
+
+
+def batch_usage(finals: list[Any]) -> dict:
+    """One usage block over several requests' last outputs (a completions batch)."""
+    if len(finals) == 1:
+        return final_usage(finals[0])
+    metrics = [f.metrics for f in finals]
+
+    def earliest(name: str) -> float | None:
+        values = [getattr(m, name) for m in metrics if getattr(m, name) is not None]
+        return min(values) if values else None
+
+    finished = [m.finished_time for m in metrics]
+    span = _Span(
+        earliest("arrival_time"),
+        earliest("first_scheduled_time"),
+        earliest("first_token_time"),
+        None if None in finished else max(finished),
+    )
+    prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
+    completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
+    return usage_dict(prompt_tokens, completion_tokens, span)
+
+
+@dataclass
+class _Span:
+    """The RequestMetrics fields usage_dict reads, over a batch: first start, last finish."""
+
+    arrival_time: float | None
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
+async def _gather_all(coros: list[Any]) -> list[Any]:
+    """Await all; if one fails, cancel the others (their engine requests abort) and raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as each comes; an error in one ends all of them."""
+    if len(streams) == 1:  # the common case keeps its plain order and no extra tasks
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(stream: AsyncIterator[Any]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as items:  # cancelled: abort at once
+                async for item in items:
+                    await queue.put(item)
+            await queue.put(end)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is end:
+                left -= 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _choice_delta(index: int, delta: dict) -> dict:
@@ -700,6 +852,26 @@ def _is_token_list(value: Any) -> bool:
         and bool(value)
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
     )
+
+
+def _openai_messages(messages: Any) -> list[dict]:
+    """Checked OpenAI messages in the form the prompt builder takes (see openai_chat_to_mistral).
+
+    A bare string is refused (400), as OpenAI does: mistral.rs took it as one user turn, but a
+    typo'd body (`"messages": ""`) then starts a generation nobody asked for.
+    """
+    from mistralpy.processing.chat_template import openai_chat_to_mistral
+
+    _check_messages(messages)
+    return openai_chat_to_mistral(messages)
+
+
+def _tools(body: dict) -> list[dict] | None:
+    """The request's tools; an empty list is refused as OpenAI does (it is always a mistake)."""
+    tools = body.get("tools")
+    if isinstance(tools, list) and not tools:
+        raise InvalidRequest("tools: [] is too short; omit tools or give at least one", "tools")
+    return tools or None
 
 
 def _check_messages(messages: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from mistralpy.api.chat import ChatService, TemplatePrompts
 from mistralpy.api.types import (
+    DEFAULT_REPLY_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
     IsqType,
@@ -30,6 +31,8 @@ from mistralpy.api.types import (
 )
 
 log = logging.getLogger("mistralpy")
+# --isq values (IsqType's, deduplicated: F8E4M3 is an alias of fp8)
+ISQ_NAMES = tuple(sorted({t.value for t in IsqType}))
 
 
 class FeatureUnavailable(NotImplementedError):
@@ -73,12 +76,19 @@ class OpenedModel:
     max_model_len: int
     options: ModelOptions
 
-    def service(self, image_policy: Any) -> ChatService:
+    def service(self, image_policy: Any, default_max_tokens: int | None = None) -> ChatService:
+        """The chat service; `default_max_tokens` limits replies of requests that set none."""
         name = self.options.served_model_name or self.options.model_id
         prompts = TemplatePrompts(self.tokenizer, self.template, image_policy, self.image_config)
         aliases = (self.options.model_id, "mistral3", self.path.name)
         return ChatService(
-            self.engine, self.tokenizer, prompts, name, self.max_model_len, model_aliases=aliases
+            self.engine,
+            self.tokenizer,
+            prompts,
+            name,
+            self.max_model_len,
+            model_aliases=aliases,
+            default_max_tokens=default_max_tokens,
         )
 
     def stats(self) -> dict[str, float]:
@@ -93,6 +103,15 @@ class OpenedModel:
             "num_waiting": len(llm.scheduler.waiting),
             "num_running": len(llm.scheduler.running),
         }
+
+    def quantization(self) -> str | None:
+        """The weights' quantization: --isq, else the format of a pre-quantized directory."""
+        if self.options.isq:
+            return self.options.isq
+        from mistralpy.quant.prequantized import read_quantization_config
+
+        stored = read_quantization_config(self.path)
+        return f"{stored.format} (pre-quantized)" if stored is not None else None
 
     def resolved_dtype(self) -> str:
         """The dtype the weights were loaded in (the option may say "auto")."""
@@ -112,6 +131,9 @@ def check_isq(isq: str | None) -> str | None:
         raise FeatureUnavailable(
             f"in-situ quantization ({name}) needs mistralpy.quant.isq, which this build lacks"
         )
+    from mistralpy.quant.formats import get_format
+
+    get_format(name)  # an unknown name fails here, before any weight is read
     return name
 
 
@@ -143,18 +165,33 @@ def engine_config(options: ModelOptions) -> Any:
 
 def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
     """Tokenizer (the engine's unless overridden), chat template and image settings."""
-    from mistralpy.processing.chat_template import ChatTemplate
     from mistralpy.processing.images import ImageProcessorConfig
     from mistralpy.processing.tokenizer import Tokenizer
 
     if options.tokenizer_json:
         tokenizer = Tokenizer.from_tokenizer_json(options.tokenizer_json)
+    template = load_template(path, options, tokenizer)
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+
+
+def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
+    """The chat template: --jinja-explicit, else the checkpoint's (with the bundled tool
+    template for tool chats when it ignores `tools`), else --chat-template or the bundled one."""
+    from mistralpy.processing.chat_template import ChatTemplate, needs_tool_template
+
     template = ChatTemplate.from_dir(path, options.jinja_explicit or None)
     if options.chat_template and not options.jinja_explicit:
         has_own = any((path / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
         if not has_own:
             template = ChatTemplate.from_dir(path, options.chat_template)
-    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+    if not options.jinja_explicit and needs_tool_template(template, tokenizer):
+        log.warning(
+            "the chat template of %s ignores `tools`: chats with tools or tool calls are "
+            "rendered with mistralpy's bundled Mistral tool template (--jinja-explicit overrides)",
+            path,
+        )
+        template = template.with_tool_template()
+    return template
 
 
 def load_engine(config: Any) -> Any:
@@ -203,7 +240,14 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting: the coroutine is cancelled on the loop before anything
+            # scheduled after this (an aclose of the same generator) runs
+            future.cancel()
+            raise
 
     def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
         """Pull an async iterator living on the loop from this thread; closing it closes it."""
@@ -261,20 +305,23 @@ class Runner:
         )
         self._start(options)
 
-    def _start(self, options: ModelOptions) -> None:
+    def _start(self, options: ModelOptions, default_max_tokens: int | None = None) -> None:
         self._loop = _LoopThread()
         try:
             self.model = self._loop.run(open_model(options))
         except BaseException:
             self._loop.stop()
             raise
-        self.service = self.model.service(trusted_image_policy())
+        self.service = self.model.service(trusted_image_policy(), default_max_tokens)
 
     @classmethod
-    def from_options(cls, options: ModelOptions) -> Runner:
-        """A Runner on explicit ModelOptions (what the CLI's `run` uses)."""
+    def from_options(
+        cls, options: ModelOptions, default_max_tokens: int | None = DEFAULT_REPLY_MAX_TOKENS
+    ) -> Runner:
+        """A Runner on explicit ModelOptions (what the CLI's `run` uses); replies of requests
+        without max_tokens stop after `default_max_tokens` (None: at the context's end)."""
         runner = cls.__new__(cls)
-        runner._start(options)
+        runner._start(options, default_max_tokens)
         return runner
 
     @classmethod
@@ -359,7 +406,10 @@ def _chat_body(messages: Any) -> dict:
     if isinstance(messages, ChatCompletionRequest):
         return messages.to_body()
     if isinstance(messages, TextMessages):
-        return {"messages": list(messages.messages)}
+        body: dict = {"messages": list(messages.messages)}
+        if messages.max_tokens is not None:
+            body["max_tokens"] = messages.max_tokens
+        return body
     if isinstance(messages, dict):
         return dict(messages)
     return {"messages": list(messages)}
@@ -370,6 +420,15 @@ class VisionModelBuilder:
 
     def __init__(self, model_id: str, arch: VisionArchitecture | str | None = None):
         self._options = ModelOptions(model_id=model_id)
+        self._max_tokens: int | None = DEFAULT_REPLY_MAX_TOKENS
+
+    def with_max_tokens(self, max_tokens: int | None) -> VisionModelBuilder:
+        """Reply limit of requests that set none (default DEFAULT_REPLY_MAX_TOKENS, cut to
+        the room left in the context); None: until the context is full."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1 (or None for no limit)")
+        self._max_tokens = max_tokens
+        return self
 
     def with_isq(self, isq: IsqType | str) -> VisionModelBuilder:
         return self._set(isq=check_isq(isq))
@@ -404,7 +463,7 @@ class VisionModelBuilder:
     async def build(self) -> Model:
         opened = await open_model(self._options)
         log.info("loaded %s (%s tokens of context)", opened.path, opened.max_model_len)
-        return Model(opened.service(trusted_image_policy()), opened)
+        return Model(opened.service(trusted_image_policy(), self._max_tokens), opened)
 
 
 MultimodalModelBuilder = VisionModelBuilder

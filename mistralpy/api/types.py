@@ -290,11 +290,25 @@ def _wrap(value: Any, kind: str) -> Any:
 # --- message builders ------------------------------------------------------------------
 
 
+# Reply limit of the interactive entry points (`mistralpy run`, built models) when a request
+# sets none: a random or looping model otherwise writes until the context is full (26,938
+# tokens in 350 s for the README example). The HTTP server keeps OpenAI's "no limit".
+DEFAULT_REPLY_MAX_TOKENS = 1024
+
+
 @dataclass
 class TextMessages:
-    """`TextMessages().add_message(TextMessageRole.User, "hi")` → OpenAI messages."""
+    """`TextMessages().add_message(TextMessageRole.User, "hi")` → OpenAI messages.
+
+    `max_tokens`: the reply limit of a request made of these messages (None: the model's
+    default, DEFAULT_REPLY_MAX_TOKENS for a built model)."""
 
     messages: list[dict] = field(default_factory=list)
+    max_tokens: int | None = None
+
+    def set_max_tokens(self, max_tokens: int | None) -> TextMessages:
+        self.max_tokens = max_tokens
+        return self
 
     def add_message(self, role: TextMessageRole | str, text: str) -> TextMessages:
         self.messages.append({"role": _role(role), "content": text})

@@ -9,7 +9,9 @@ chat template and processor files.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # Files every layout may need besides the weights.
 _SIDE_FILES = [
@@ -41,11 +43,16 @@ def resolve_model_path(
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
-    tried = [f"local directory {str(local)!r}: does not exist"]
+    if _is_path(model_id):  # "/data/model", "./m", "~/m", "a/b/c": never a hub repo id
+        raise ModelNotFoundError(f"model {model_id!r} not found: no directory {local.absolute()}")
+    tried = [f"local directory {str(local.absolute())!r}: does not exist"]
+    # No network: say so at once, rather than after huggingface_hub's retries (~44 s), and
+    # look in the hub cache only.
+    unreachable = None if _offline() else _hub_unreachable()
+    offline = _offline() or unreachable is not None
     try:
         from huggingface_hub import snapshot_download
 
-        offline = _offline()
         patterns = _SIDE_FILES + _weight_patterns(model_id, revision, token, offline)
         path = snapshot_download(
             model_id,
@@ -55,10 +62,49 @@ def resolve_model_path(
             local_files_only=offline,
         )
     except Exception as e:  # every hub failure becomes one user-facing error
-        mode = "cache only (HF_HUB_OFFLINE)" if _offline() else "download"
-        tried.append(f"hub repo {model_id!r} ({mode}): {type(e).__name__}: {e}")
+        if offline:
+            why = unreachable or "HF_HUB_OFFLINE is set"
+            tried.append(f"hub repo {model_id!r} in the cache {_hub_cache()!r}: not there")
+            raise ModelNotFoundError(
+                f"offline: cannot reach the hub ({why}); model {model_id!r} is not available "
+                "locally; tried " + "; ".join(tried)
+            ) from e
+        tried.append(f"hub repo {model_id!r} (download): {type(e).__name__}: {e}")
         raise ModelNotFoundError(f"model {model_id!r} not found; tried " + "; ".join(tried)) from e
     return Path(path)
+
+
+def _is_path(model_id: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name", one slash at most)."""
+    return (
+        Path(model_id).is_absolute()
+        or model_id.startswith((".", "~"))
+        or (model_id.count("/") > 1 and not model_id.endswith(".gguf"))
+    )
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub's host cannot be reached (no DNS, refused, timeout), or None if it can.
+
+    One TCP connect, so an offline machine learns it in at most `timeout_s`. Behind a proxy
+    the direct connect proves nothing: huggingface_hub's own requests decide then.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or type(e).__name__}"
+    return None
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
 def _offline() -> bool:

@@ -94,6 +94,8 @@ def load_model(
             bar = tqdm(keys, desc=f"Loading {file.name}{isq_note}", unit="tensor", leave=False)
             for key in bar:
                 target = plan.targets[key]
+                if isq and not filler.replaced:
+                    bar.set_postfix_str(FIRST_QUANTIZED_NOTE, refresh=True)
                 filler.put(target, _transform(_read(f, key, target.shard), target))
                 if isq:
                     bar.set_postfix_str(f"quantized {filler.replaced} layers", refresh=False)
@@ -317,7 +319,9 @@ def _load_prequantized(
     tuning = KernelTuning()
     with safe_open(str(file), framework="pt", device="cpu") as f:
         desc = f"Loading {file.name} (pre-quantized {qconfig.format})"
-        for key in tqdm(list(f.keys()), desc=desc, unit="tensor", leave=False):
+        bar = tqdm(list(f.keys()), desc=desc, unit="tensor", leave=False)
+        bar.set_postfix_str(FIRST_QUANTIZED_NOTE, refresh=True)
+        for key in bar:
             module, param = key.rsplit(".", 1)
             layer = qconfig.layers.get(module)
             linear = filler.modules.get(module)
@@ -332,6 +336,7 @@ def _load_prequantized(
             if layer is not None and "qweight" in got and ("bias" in got) == layer.bias:
                 model.set_submodule(module, load_prequantized_linear(module, got, qconfig, tuning))
                 del parts[module]
+                bar.set_postfix_str("", refresh=False)
             elif layer is None and "weight" in got and ("bias" in got) == (linear.bias is not None):
                 filler.finalize(module, got["weight"], got.get("bias"))
                 del parts[module]
@@ -352,6 +357,12 @@ def _quantized_embedding(model: Mistral3ForConditionalGeneration, isq: str | Non
 
     model.language_model.embed_tokens = quantize_embedding(emb, isq)
     return model
+
+
+# Shown while the first quantized layer loads: it compiles and times the quantized kernels
+# (10-20 s on a GPU), which a progress bar would otherwise show as a stall with a
+# many-minute estimate.
+FIRST_QUANTIZED_NOTE = "first quantized layer: compiling and tuning kernels (once per load)"
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:

@@ -10,8 +10,10 @@ to its image's [IMG]*cols + [IMG_BREAK] rows grid, the last row ending in [IMG_E
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +37,7 @@ _NEXT_ROLES = {
     "tool": {"assistant", "tool", "user"},
 }
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_ID_CHARS = string.ascii_letters + string.digits
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # Escape for user strings: a noncharacter inserted after every "[" and "<" so that no special
 # token string can start inside user text; an existing one is doubled. Undone after rendering.
@@ -80,9 +83,8 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _compile(source: str):
-    """Compile a template in transformers' sandbox settings."""
-    from jinja2 import TemplateError
+def _environment():
+    """A Jinja environment with transformers' sandbox settings and helpers."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -92,10 +94,23 @@ def _compile(source: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _compile(source: str):
+    """Compile a template in transformers' sandbox settings."""
+    from jinja2 import TemplateError
+
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except TemplateError as e:
         raise ChatTemplateError(f"chat template does not compile: {e}") from e
+
+
+def _reads_tools(source: str) -> bool:
+    from jinja2 import meta
+
+    return "tools" in meta.find_undeclared_variables(_environment().parse(source))
 
 
 @dataclass
@@ -139,6 +154,19 @@ class ChatTemplate:
             return cls({"default": packaged_template_path().read_text(encoding="utf-8")}, bos, eos)
         return cls(found, bos, eos)
 
+    def reads_tools(self) -> bool:
+        """Whether some template reads `tools` (the HF repo's Mistral Small 3.1 one does not:
+        it drops tools silently and fails on an assistant turn with tool_calls and no content)."""
+        return any(_reads_tools(source) for source in self.templates.values())
+
+    def with_tool_template(self) -> ChatTemplate:
+        """This template for plain chats, the bundled Mistral tool template ("tool_use") for
+        chats with tools, tool calls or tool results."""
+        tool_use = packaged_template_path().read_text(encoding="utf-8")
+        return ChatTemplate(
+            {**self.templates, "tool_use": tool_use}, self.bos_token, self.eos_token
+        )
+
     def _select(self, name: str | None, has_tools: bool):
         if name is not None:
             if name not in self._compiled:
@@ -165,7 +193,7 @@ class ChatTemplate:
         **template_vars: Any,
     ) -> str:
         """Render to text. template_vars are extra template variables (chat_template_kwargs)."""
-        template = self._select(template_name, bool(tools))
+        template = self._select(template_name, bool(tools) or _has_tool_turns(messages))
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **template_vars}
         try:
             return template.render(
@@ -176,6 +204,21 @@ class ChatTemplate:
             )
         except Exception as e:  # anything a template does wrong is the template's error
             raise ChatTemplateError(f"chat template error: {e}") from e
+
+
+def _has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(
+        isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool")
+        for m in messages
+    )
+
+
+def needs_tool_template(template: ChatTemplate, tokenizer: Tokenizer) -> bool:
+    """True when the tokenizer has Mistral's tool control tokens (Tekken v7) but the template
+    never reads `tools`: such chats are then rendered with the bundled tool template."""
+    controls = ("[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]")
+    has_controls = all(c in tokenizer.special_tokens for c in controls)
+    return has_controls and not template.reads_tools()
 
 
 def _special_strings(config_file: Path) -> tuple[str, str]:
@@ -333,6 +376,63 @@ def _image_source(where: str, part: Mapping[str, Any]) -> str:
         if isinstance(value, str) and value:
             return value
     raise InvalidChatError(f"{where}: image part without a url (image_url.url, url, image)")
+
+
+def openai_chat_to_mistral(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> ones mistral-common's rules accept, for chats from any client.
+
+    "developer" (newer OpenAI SDKs) is a system message. Tool-call ids that are not Mistral's
+    9 alphanumerics (OpenAI's `call_...`) are mapped to 9 characters by a hash of the id, so a
+    call and the tool result naming it stay paired and the same chat renders the same ids
+    (prefix caching). Tool-call arguments given as text must be JSON (llama.cpp's rule): the
+    model would otherwise learn to emit broken calls from its own history.
+    """
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            out.append(message)
+            continue
+        m = dict(message)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [
+                _openai_call(f"messages[{i}].tool_calls[{j}]", c)
+                for j, c in enumerate(m["tool_calls"])
+            ]
+        out.append(m)
+    return out
+
+
+def mistral_call_id(call_id: str) -> str:
+    """`call_id` itself if it is 9 alphanumerics, else 9 alphanumerics derived from its hash."""
+    if _CALL_ID.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    chars = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_CHARS))
+        chars.append(_ID_CHARS[digit])
+    return "".join(chars)
+
+
+def _openai_call(where: str, call: Any) -> Any:
+    if not isinstance(call, Mapping):
+        return call
+    call = dict(call)
+    if isinstance(call.get("id"), str):
+        call["id"] = mistral_call_id(call["id"])
+    arguments = (call.get("function") or {}).get("arguments")
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise InvalidChatError(
+                f"{where}.function.arguments: not valid JSON ({e.msg} at {e.pos})"
+            ) from None
+    return call
 
 
 # ---------------------------------------------------------------------------------------------

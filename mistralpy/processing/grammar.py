@@ -33,9 +33,11 @@ import torch
 
 from mistralpy.params import GrammarSpec
 
-# JSON whitespace the model may put between tokens: enough for pretty-printing, but bounded, so
-# a model stuck emitting newlines cannot run away inside an otherwise finished structure.
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
+# JSON layout the grammars allow: json.dumps' own separators (", " and ": ", the form
+# mistral-common writes tool calls in) and no other whitespace. Any freedom here is a place
+# where a weak or random model can emit whitespace token after token ("{ \t\t...") until
+# max_tokens cuts a tool call or a JSON answer in half.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 TOOL_CHOICE_MODES = ("required", "named", "auto")
 
@@ -127,7 +129,7 @@ def _json_grammar(schema: dict, lenient: bool) -> str:
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(
             schema,
-            defaults={"whitespace_pattern": JSON_WHITESPACE},
+            defaults=JSON_LAYOUT,
             overrides={"lenient": lenient},
         )
     except ValueError as e:
@@ -161,7 +163,7 @@ def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
         "type": "array",
         "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
         "minItems": 1,
-        "x-guidance": {"whitespace_pattern": JSON_WHITESPACE, "lenient": True},
+        "x-guidance": {**JSON_LAYOUT, "lenient": True},
     }
     if mode == "named" or value.get("single"):  # type: ignore[union-attr]
         calls_list["maxItems"] = 1

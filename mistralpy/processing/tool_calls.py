@@ -8,8 +8,9 @@ Streaming and whole-text parsing share one scanner: the streaming parser re-scan
 has so far on every delta (tool-call text is short, so this stays cheap) and emits only what
 is new, so the concatenated deltas equal the whole-text parse. The one exception: a v7 call
 whose model-given `id` comes *after* its arguments started streaming keeps the generated id in
-the stream (OpenAI sends the id in the first delta of a call). Malformed tool-call text becomes
-plain content, never an exception.
+the stream (OpenAI sends the id in the first delta of a call). Malformed or unfinished
+tool-call text (a call cut by max_tokens) is dropped, never an exception: the content is the
+text before its `[TOOL_CALLS]` marker, so control-token text never reaches a client's content.
 """
 
 from __future__ import annotations
@@ -328,6 +329,12 @@ def _scan(text: str, final: bool) -> _Scan:
         i = end
 
 
+def _before_marker(text: str) -> str:
+    """The plain text before the first tool-call marker (all of it when there is none)."""
+    marker = text.find(TOOL_CALLS)
+    return text if marker < 0 else text[:marker]
+
+
 class ToolCallStreamParser:
     """Feeds text deltas of one choice; returns content and OpenAI tool-call deltas."""
 
@@ -337,8 +344,7 @@ class ToolCallStreamParser:
         self._content_sent = 0
         self._ids: list[str] = []  # ids of the calls whose first delta was sent
         self._args_sent: list[int] = []
-        self._failed = False  # malformed: everything streams as plain content
-        self._raw_sent = 0  # in failed mode: chars of self._text sent as content
+        self._failed = False  # malformed: nothing more is sent
 
     @property
     def has_tool_calls(self) -> bool:
@@ -354,7 +360,7 @@ class ToolCallStreamParser:
 
     def _step(self, final: bool) -> StreamDelta:
         if self._failed:
-            return self._flush_raw()
+            return StreamDelta()
         try:
             scan = _scan(self._text, final)
         except _Malformed:
@@ -389,26 +395,22 @@ class ToolCallStreamParser:
         return deltas
 
     def _fail(self) -> StreamDelta:
-        # With no call sent yet, the content sent is a prefix of the text: send the rest as
-        # content, as the whole-text parse would. Once calls went out they cannot be taken
-        # back; the malformed tail is then dropped and later text streams as content.
+        # With no call sent yet, the content sent is a prefix of the text before the first
+        # marker: send the rest of that prefix, as the whole-text parse keeps it. Once calls
+        # went out they cannot be taken back. Either way nothing after the failure is sent.
         self._failed = True
-        self._raw_sent = self._content_sent if not self._ids else len(self._text)
-        return self._flush_raw()
-
-    def _flush_raw(self) -> StreamDelta:
-        new = self._text[self._raw_sent :]
-        self._raw_sent = len(self._text)
-        return StreamDelta(content=new)
+        if self._ids:
+            return StreamDelta()
+        return StreamDelta(content=_before_marker(self._text)[self._content_sent :])
 
 
 def parse_tool_calls(
     text: str, id_factory: Callable[[], str] = generate_tool_call_id
 ) -> ParsedToolOutput:
-    """Parse a whole model output; malformed tool-call text comes back as plain content."""
+    """Parse a whole model output; malformed tool-call text is dropped with what follows it."""
     try:
         scan = _scan(text, final=True)
     except _Malformed:
-        return ParsedToolOutput(content=text or None, tool_calls=[])
+        return ParsedToolOutput(content=_before_marker(text) or None, tool_calls=[])
     calls = [ToolCall(c.id or id_factory(), c.name or "", c.args) for c in scan.calls]
     return ParsedToolOutput(content=scan.content or None, tool_calls=calls)

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
 from mistralpy.server.protocol import (
+    ERROR_RESPONSES,
     MAX_BODY_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -141,7 +142,8 @@ def create_app(
     """The FastAPI app serving `service`; `stats` feeds the KV-cache and queue gauges."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(stats)
-    app = FastAPI(title="mistralpy", version="0.1.0")
+    app = FastAPI(title="mistralpy", version="0.1.0", responses=ERROR_RESPONSES)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.service = service
     app.state.metrics = metrics
     _install_middleware(app, settings, metrics)
@@ -150,29 +152,49 @@ def create_app(
     return app
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without its 422 responses: validation errors are answered 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _install_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
-    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+    expected = settings.api_key
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _error(413, "request body too large", "invalid_request_error")
-        if expected is not None and request.url.path not in OPEN_PATHS:
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
-                return _error(
-                    401,
-                    "Incorrect API key provided.",
-                    "invalid_request_error",
-                    None,
-                    "invalid_api_key",
-                )
+        auth = request.headers.get("authorization", "")
+        if expected and request.url.path not in OPEN_PATHS and not bearer_matches(auth, expected):
+            return _error(
+                401,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+            )
         response = await call_next(request)
         route = request.scope.get("route")
         path = route.path if route is not None else "unmatched"
         metrics.requests.labels(path, str(response.status_code)).inc()
         return response
+
+
+def bearer_matches(header: str, api_key: str) -> bool:
+    """`Authorization: Bearer <key>` with the scheme in any case (RFC 7235), in constant time."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -192,7 +214,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # health checkers often send HEAD
     async def health() -> dict:
         return {"status": "ok"}
 
@@ -202,14 +224,13 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {
-            "id": service.served_model_name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "mistralpy",
-            "max_model_len": service.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_model_card(service)]}
+
+    # `:path`: ids hold slashes (`mistralai/Mistral-Small-3.1-24B-Instruct-2503`, local paths)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        service.check_model(model_id)
+        return {**_model_card(service), "id": model_id}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -236,6 +257,16 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         return service.detokenize(to_service_body(req))
+
+
+def _model_card(service: ChatService) -> dict:
+    return {
+        "id": service.served_model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "mistralpy",
+        "max_model_len": service.max_model_len,
+    }
 
 
 async def _whole(coro, request: Request, metrics: ServerMetrics) -> JSONResponse:

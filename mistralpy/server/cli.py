@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mistralpy.api.runner import ModelOptions, OpenedModel, check_isq, open_model
-from mistralpy.api.types import dtype_name
+from mistralpy import __version__
+from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
+from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name
 from mistralpy.engine.config import KV_CACHE_DTYPES
 
 DEFAULT_PORT = 1234
+# Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
+DEFAULT_HOST = "127.0.0.1"
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
 
 
@@ -29,7 +33,7 @@ LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain",
 class ServeConfig:
     """Everything `serve` needs beyond the model: where to listen and what to allow."""
 
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = None
     allow_private_image_urls: bool = False
@@ -40,53 +44,142 @@ class ServeConfig:
 # --- argument parsing -------------------------------------------------------------------
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--isq", "--in-situ-quant", dest="isq", default=None, help="e.g. q4k, q8_0")
-    p.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--max-model-len", "--max-seq-len", dest="max_model_len", type=int)
-    p.add_argument("--max-num-seqs", "--max-seqs", dest="max_num_seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+def _isq_name(value: str) -> str:
+    """argparse type of --isq: a format as mistral.rs spells it too ("Q4K", "q4_k", "4")."""
+    from mistralpy.quant.formats import get_format
+
+    try:
+        get_format(value)
+    except ValueError:
+        names = ", ".join(ISQ_NAMES)
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {names}") from None
+    return value.lower()
+
+
+def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--isq",
+        "--in-situ-quant",
+        dest="isq",
+        type=_isq_name,
+        default=None,
+        metavar="FORMAT",
+        help=f"quantize the weights while loading: {', '.join(ISQ_NAMES)}",
+    )
     p.add_argument("-j", "--jinja-explicit", default=None, help="chat template overriding all")
-    p.add_argument("-c", "--chat-template", default=None, help="fallback chat template")
-    p.add_argument("-t", "--tokenizer-json", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument(
+        "-c", "--chat-template", default=None, help="chat template when the model has none"
+    )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    _add_isq_and_template_flags(p)
+    p.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32 (auto: bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument(
+        "--max-model-len",
+        "--max-seq-len",
+        dest="max_model_len",
+        type=int,
+        help="context length in tokens (default: the model's)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        "--max-seqs",
+        dest="max_num_seqs",
+        type=int,
+        default=32,
+        help="sequences decoded together in one step",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="new tokens in one step"
+    )
+    p.add_argument("-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead")
+    p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    p.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="dummy: random weights of the model's shapes (benchmarks)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to split the model over"
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="CUDA: fraction of GPU memory to use (default 0.9)",
+    )
     p.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
         default="auto",
         help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
     )
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
+    )
 
 
 def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT) -> None:
-    p.add_argument("--host", "--serve-ip", dest="host", default="0.0.0.0")
-    p.add_argument("-p", "--port", type=int, default=port_default)
-    p.add_argument("--api-key", default=None, help="or MISTRALPY_API_KEY")
-    p.add_argument("--allow-private-image-urls", action="store_true")
-    p.add_argument("--allowed-local-media-path", default=None)
-    p.add_argument("--max-images-per-request", type=int, default=None)
+    p.add_argument(
+        "--host",
+        "--serve-ip",
+        dest="host",
+        default=DEFAULT_HOST,
+        help="address to listen on; 0.0.0.0 for every interface (set --api-key then)",
+    )
+    p.add_argument("-p", "--port", type=int, default=port_default, help="port to listen on")
+    p.add_argument(
+        "--api-key", default=None, help="require `Bearer KEY` (or set MISTRALPY_API_KEY)"
+    )
+    p.add_argument(
+        "--allow-private-image-urls",
+        action="store_true",
+        help="fetch image URLs of private and loopback addresses",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="directory whose files requests may name as images",
+    )
+    p.add_argument(
+        "--max-images-per-request", type=int, default=None, help="default: the model's limit"
+    )
+
+
+def _subcommand(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistralpy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model", nargs="?", default="demo", help="dir, hub id, or 'demo'")
+    parser.add_argument("--version", action="version", version=f"mistralpy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "a local directory, a Hugging Face hub id, or 'demo' (tiny random model)"
+    serve = _subcommand(sub, "serve", "OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default="demo", help=model_help)
     _add_model_flags(serve)
     serve.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     _add_server_flags(serve)
-    run = sub.add_parser("run", help="interactive chat in the terminal")
-    run.add_argument("model", nargs="?", default="demo")
+    run = _subcommand(sub, "run", "interactive chat in the terminal")
+    run.add_argument("model", nargs="?", default="demo", help=model_help)
     run.add_argument("-i", "--input", default=None, help="one-shot prompt, then exit")
     run.add_argument("--image", action="append", default=[], help="image for the -i prompt")
-    run.add_argument("--max-tokens", type=int, default=None)
-    run.add_argument("--temperature", type=float, default=None)
+    run.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_REPLY_MAX_TOKENS,
+        help="longest reply in tokens, cut to the room left in the context (0: no limit)",
+    )
+    run.add_argument("--temperature", type=float, default=None, help="default: 1.0")
     _add_model_flags(run)
     bench = sub.add_parser(
         "bench", help="load benchmark: the engine in-process, or any server with --url"
@@ -94,10 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", nargs="?", default="demo")
     _add_bench_flags(bench)
     _add_model_flags(bench)
-    quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint")
-    quant.add_argument("model")
-    quant.add_argument("--isq", required=True)
-    quant.add_argument("-o", "--output", required=True)
+    quant = _subcommand(sub, "quantize", "write a pre-quantized checkpoint")
+    quant.add_argument("model", help=model_help)
+    quant.add_argument(
+        "--isq", type=_isq_name, required=True, metavar="FORMAT", help=", ".join(ISQ_NAMES)
+    )
+    quant.add_argument("-o", "--output", required=True, help="directory to write")
+    parser.set_defaults(subcommands=sub.choices)
     return parser
 
 
@@ -159,24 +255,44 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 def build_legacy_parser() -> argparse.ArgumentParser:
     """mistral.rs ≤ 0.6's `mistralrs-server [global flags] vision-plain -m ID -a ARCH`."""
-    parser = argparse.ArgumentParser(prog="mistralpy-server")
+    parser = argparse.ArgumentParser(
+        prog="mistralpy-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"mistralpy {__version__}")
     _add_server_flags(parser)
-    parser.add_argument("--isq", "--in-situ-quant", dest="isq", default=None)
-    parser.add_argument("-j", "--jinja-explicit", default=None)
-    parser.add_argument("-c", "--chat-template", default=None)
-    parser.add_argument("--max-seqs", dest="max_num_seqs", type=int, default=32)
-    parser.add_argument("--max-model-len", "--max-seq-len", dest="max_model_len", type=int)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--served-model-name", default=None)
-    sub = parser.add_subparsers(dest="selector", required=True)
+    _add_isq_and_template_flags(parser)
+    parser.add_argument(
+        "--max-seqs", dest="max_num_seqs", type=int, default=32, help="sequences per step"
+    )
+    parser.add_argument(
+        "--max-model-len",
+        "--max-seq-len",
+        dest="max_model_len",
+        type=int,
+        help="context length in tokens (default: the model's)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
+    parser.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
+    )
+    sub = parser.add_subparsers(
+        dest="selector", required=True, metavar="SELECTOR", help="model kind, as mistral.rs"
+    )
     for name in LEGACY_SUBCOMMANDS:
-        sel = sub.add_parser(name)
-        sel.add_argument("-m", "--model-id", dest="model", required=True)
-        sel.add_argument("-a", "--arch", default=None)
-        sel.add_argument("-d", "--dtype", default="auto")
-        sel.add_argument("-t", "--tokenizer-json", default=None)
+        sel = sub.add_parser(
+            name,
+            help="a mistral3 model (all selectors load the same way)",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sel.add_argument("-m", "--model-id", dest="model", required=True, help="dir or hub id")
+        sel.add_argument("-a", "--arch", default=None, help="mistral3 (the only one served)")
+        sel.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32")
+        sel.add_argument(
+            "-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead"
+        )
+    parser.set_defaults(subcommands=sub.choices)
     return parser
 
 
@@ -246,40 +362,89 @@ async def load_with_progress(options: ModelOptions) -> OpenedModel:
 
 
 def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
-    """What the server prints once ready: where, what, and two examples that work as printed."""
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    url = f"http://{host}:{cfg.port}"
+    """What the server prints once ready: where it listens, what it serves, and two examples
+    that work as printed (the API key is read from the environment, never printed)."""
+    everywhere = cfg.host in ("0.0.0.0", "::", "")
+    url = f"http://{'127.0.0.1' if everywhere else _url_host(cfg.host)}:{cfg.port}"
+    listen = f"http://{_url_host(cfg.host)}:{cfg.port}"
+    if everywhere:
+        listen += " (every interface)"
     stats = opened.stats()
     kv = stats.get("kv_capacity_tokens")
     kv_dtype = opened.kv_cache_dtype()
-    key = cfg.api_key or "none"
-    auth = f' -H "Authorization: Bearer {key}"' if cfg.api_key else ""
+    auth, key = "", "'none'"
+    if cfg.api_key:  # the examples read the key from the environment: it is not printed
+        auth = ' -H "Authorization: Bearer $MISTRALPY_API_KEY"'
+        key = "os.environ['MISTRALPY_API_KEY']"
     body = json.dumps(
         {"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
     )
-    return "\n".join(
-        [
-            f"mistralpy serving {name} at {url}",
-            f"  model:         {opened.path}",
-            f"  dtype:         {opened.resolved_dtype()}",
-            f"  quantization:  {opened.options.isq or 'none'}",
-            f"  context:       {opened.max_model_len} tokens",
-            f"  KV cache:      {int(kv) if kv else 'unknown'} tokens ({kv_dtype})",
-            "",
-            "Try it:",
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-            f"    -d '{body}'",
-            "",
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
-            f"api_key='{key}'); print(c.chat.completions.create(model='{name}', "
-            f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
-            f'.choices[0].message.content)"',
-        ]
-    )
+    lines = [
+        f"mistralpy serving {name} on {listen}",
+        f"  model:         {opened.path}",
+        f"  dtype:         {opened.resolved_dtype()}",
+        f"  quantization:  {opened.quantization() or 'none'}",
+        f"  context:       {opened.max_model_len} tokens",
+        f"  KV cache:      {int(kv) if kv else 'unknown'} tokens ({kv_dtype})",
+        f"  auth:          {'API key required' if cfg.api_key else 'none'}",
+        "",
+        "Try it:",
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+        f"    -d '{body}'",
+        "",
+        f"  python -c \"import os; from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+        f"api_key={key}); print(c.chat.completions.create(model='{name}', "
+        f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
+        f'.choices[0].message.content)"',
+    ]
+    return "\n".join(lines)
 
 
-async def serve_async(options: ModelOptions, cfg: ServeConfig) -> None:
-    """Load the model, then serve it until interrupted (engine and server share one loop)."""
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class PortUnavailable(ValueError):
+    """The address to listen on cannot be bound (in use, not local, no permission)."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before the (slow) model load, so that a busy port fails
+    at once. Not listening yet: until the model is ready, clients are refused, not queued."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is fine
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def preflight(options: ModelOptions) -> None:
+    """What can be checked before loading the model: ISQ name and template files."""
+    from mistralpy.processing.chat_template import ChatTemplate
+
+    check_isq(options.isq)
+    for flag, file in (
+        ("--jinja-explicit", options.jinja_explicit),
+        ("--chat-template", options.chat_template),
+    ):
+        if file is None:
+            continue
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"{flag}: no such file {file}")
+        try:
+            ChatTemplate.from_string(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{flag} {file}: {e}") from None
+
+
+async def serve_async(options: ModelOptions, cfg: ServeConfig, sock: socket.socket) -> None:
+    """Load the model, then serve it on `sock` until interrupted (engine and server share
+    one loop)."""
     import uvicorn
 
     from mistralpy.server.app import ServerSettings, create_app
@@ -291,80 +456,123 @@ async def serve_async(options: ModelOptions, cfg: ServeConfig) -> None:
     print(banner(opened, cfg, service.served_model_name), flush=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning")
     try:
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         opened.engine.shutdown()
 
 
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
-    check_isq(options.isq)
-    asyncio.run(serve_async(options, cfg))
+    preflight(options)
+    sock = bind_socket(cfg.host, cfg.port)
+    try:
+        asyncio.run(serve_async(options, cfg, sock))
+    finally:
+        sock.close()
     return 0
 
 
 # --- run (interactive) --------------------------------------------------------------------
 
 
-def chat_repl(runner: Any, args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout) -> int:
-    """Terminal chat: history, `/image SRC`, `/reset`, `/exit`; streams replies."""
-    from mistralpy.api.types import ChatCompletionRequest
+REPL_HELP = "commands: /image PATH_OR_URL, /reset, /exit (Ctrl-C stops a reply)"
 
+
+def chat_repl(runner: Any, args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout) -> int:
+    """Terminal chat: history, `/image SRC`, `/reset`, `/exit`; streams replies.
+
+    Ctrl-C during a reply stops it (its turn is dropped) and returns to the prompt; Ctrl-C at
+    the prompt exits. Replies are as long as the runner's default limit allows.
+    """
     history: list[dict] = []
     images: list[str] = []
-
-    def ask(text: str) -> None:
-        content: Any = text
-        if images:
-            content = [{"type": "image_url", "image_url": {"url": s}} for s in images]
-            content.append({"type": "text", "text": text})
-            images.clear()
-        history.append({"role": "user", "content": content})
-        req = ChatCompletionRequest(
-            messages=list(history),
-            stream=True,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-        )
-        reply = ""
-        try:
-            for chunk in runner.send_chat_completion_request(req):
-                for choice in chunk.choices:
-                    piece = choice.delta.content or ""
-                    reply += piece
-                    out.write(piece)
-                    out.flush()
-        except ValueError as e:
-            history.pop()
-            out.write(f"error: {e}\n")
-            return
-        out.write("\n")
-        history.append({"role": "assistant", "content": reply})
-
     if args.input is not None:
         images.extend(args.image)
-        ask(args.input)
+        _ask(runner, args, history, images, args.input, out)
         return 0
-    out.write("mistralpy chat: /image PATH_OR_URL, /reset, /exit\n")
+    out.write(f"mistralpy chat: {REPL_HELP}\n")
     while True:
         out.write("> ")
         out.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
             return 0
-        line = line.strip()
-        if line == "/reset":
-            history.clear()
-            images.clear()
-        elif line.startswith("/image "):
-            images.append(line[len("/image ") :].strip())
+        line = line.strip() if line else "/exit"
+        if line == "/exit":
+            return 0
+        if line.startswith("/"):
+            out.write(_command(line, history, images) + "\n")
         elif line:
-            ask(line)
+            _ask(runner, args, history, images, line, out)
+
+
+def _command(line: str, history: list[dict], images: list[str]) -> str:
+    """Run a /command; returns what to print (every command says what it did)."""
+    name, _, arg = line.partition(" ")
+    if name == "/reset":
+        history.clear()
+        images.clear()
+        return "history and pending images cleared"
+    if name == "/image":
+        source = arg.strip()
+        problem = _image_problem(source)
+        if problem:
+            return f"error: {problem}"
+        images.append(source)
+        return f"image {len(images)} attached to your next message: {source}"
+    return f"unknown command {name}; {REPL_HELP}"
+
+
+def _image_problem(source: str) -> str | None:
+    """Why `source` cannot be an image, when that is known without fetching it."""
+    if not source:
+        return "/image needs a path or URL"
+    if source.startswith(("http://", "https://", "data:")):
+        return None
+    if not Path(source).expanduser().is_file():
+        return f"no such file: {source}"
+    return None
+
+
+def _ask(runner: Any, args: Any, history: list, images: list, text: str, out: Any) -> None:
+    """Send one user turn and stream the reply; the turn is dropped on an error or Ctrl-C."""
+    from mistralpy.api.types import ChatCompletionRequest
+
+    content: Any = text
+    if images:
+        content = [{"type": "image_url", "image_url": {"url": s}} for s in images]
+        content.append({"type": "text", "text": text})
+        images.clear()
+    history.append({"role": "user", "content": content})
+    req = ChatCompletionRequest(messages=list(history), stream=True, temperature=args.temperature)
+    reply = ""
+    chunks = runner.send_chat_completion_request(req)
+    try:
+        for chunk in chunks:
+            for choice in chunk.choices:
+                piece = choice.delta.content or ""
+                reply += piece
+                out.write(piece)
+                out.flush()
+    except ValueError as e:
+        history.pop()
+        out.write(f"error: {e}\n")
+        return
+    except KeyboardInterrupt:
+        chunks.close()  # aborts the engine request
+        history.pop()
+        out.write("\n[stopped]\n")
+        return
+    out.write("\n")
+    history.append({"role": "assistant", "content": reply})
 
 
 def _run(options: ModelOptions, args: argparse.Namespace) -> int:
     from mistralpy.api.runner import Runner
 
-    runner = Runner.from_options(options)
+    preflight(options)
+    runner = Runner.from_options(options, args.max_tokens or None)
     try:
         return chat_repl(runner, args)
     finally:
@@ -486,8 +694,8 @@ def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from mistralpy.checkpoint.hub import resolve_model_path
     from mistralpy.checkpoint.loader import quantize_checkpoint
+    from mistralpy.engine.config import resolve_model_path  # the one that knows "demo"
     from mistralpy.runner.model_runner import resolve_device
 
     check_isq(args.isq)
@@ -500,8 +708,19 @@ def _quantize(args: argparse.Namespace) -> int:
 # --- entry points -----------------------------------------------------------------------------
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Any:
+    """Parsed arguments; an unknown flag is reported with its subcommand's usage (argparse
+    reports it with the top-level one, which lists no flags)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = getattr(args, "command", None) or getattr(args, "selector", None)
+        command = getattr(args, "subcommands", {}).get(name, parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         if args.command == "quantize":
             return _quantize(args)
@@ -520,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """`mistralpy-server --port 1234 --isq q4k vision-plain -m ID -a mistral3`."""
-    args = build_legacy_parser().parse_args(argv)
+    args = parse_args(build_legacy_parser(), argv)
     try:
         return _serve(model_options(args), serve_config(args))
     except (ValueError, NotImplementedError) as e:

@@ -49,7 +49,7 @@ class ToolCallIn(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer = system
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -123,7 +123,7 @@ class _SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] | str
+    messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -134,7 +134,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
+    # one prompt (text or token ids) or a batch of them: one choice per prompt (x n)
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -145,6 +146,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # counted as the chat would render them
     add_special_tokens: bool = True
 
 
@@ -162,6 +164,29 @@ def to_service_body(req: BaseModel) -> dict:
             if part.get("type") == "image_url" and isinstance(part["image_url"], str):
                 part["image_url"] = {"url": part["image_url"]}
     return body
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, as the OpenAPI document describes it."""
+
+    error: ErrorDetail
+
+
+# What every route may answer besides 200, each with an OpenAI error body: the OpenAPI
+# document lists these (not FastAPI's default 422, which the server never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (also malformed JSON)"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model or route"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None):

@@ -31,3 +31,40 @@ def test_malformed_id_is_a_model_not_found_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="not found"):
         resolve_model_path("not a valid//repo id")
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: connecting is refused
+
+
+def test_unreachable_hub_says_offline_at_once_and_names_the_paths_tried(tmp_path, monkeypatch):
+    """No network (here: a refused endpoint) is found out with one connect, not 5 retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model_path("some-org/some-model")
+    assert time.monotonic() - start < 5
+    msg = str(err.value)
+    assert msg.startswith("offline: cannot reach the hub") and "127.0.0.1" in msg
+    assert "some-model" in msg and str(tmp_path / "hub") in msg  # the cache looked in
+    assert "local directory" in msg
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such", "a/b/c"])
+def test_a_missing_path_is_not_a_hub_id(path, monkeypatch):
+    import mistralpy.checkpoint.hub as hub
+
+    def no_network():
+        raise AssertionError("a path must not be looked up on the hub")
+
+    monkeypatch.setattr(hub, "_hub_unreachable", no_network)
+    with pytest.raises(ModelNotFoundError, match="no directory"):
+        resolve_model_path(path)

@@ -101,7 +101,7 @@ BAD = [
         400,
         "messages",
     ),
-    ({"messages": "just a string"}, 200, None),
+    ({"messages": "just a string"}, 400, "messages"),
 ]
 
 

@@ -130,3 +130,32 @@ def test_soak_real(demo_server):
 
 def test_small_concurrency_matches_alone(demo_server):
     soak(demo_server, clients=8, max_tokens=8, seed=1)
+
+
+def test_completion_batches_and_chat_conformance_on_the_real_stack(demo_server):
+    """A prompt batch gives each prompt's own greedy answer; `developer` renders as `system`;
+    /tokenize counts tools as the chat does; HEAD /health answers."""
+    c, name = client(demo_server), model_name(demo_server)
+    prompts = [[1, 1500, 1600, 1700], [1, 2000, 2100]]
+    batch = c.completions.create(model=name, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2, 3]
+    for k, prompt in enumerate(prompts):
+        alone = c.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+        assert {ch.text for ch in batch.choices[2 * k : 2 * k + 2]} == {alone.choices[0].text}
+    assert batch.usage.prompt_tokens == 7
+    ask = [{"role": "user", "content": "hi"}]
+    usage = {
+        role: c.chat.completions.create(
+            model=name, messages=[{"role": role, "content": "Be brief."}, *ask], max_tokens=1
+        ).usage.prompt_tokens
+        for role in ("system", "developer")
+    }
+    assert usage["system"] == usage["developer"]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    counts = [
+        httpx.post(demo_server + "/tokenize", json={"messages": ask, **extra}).json()["count"]
+        for extra in ({}, {"tools": tools})
+    ]
+    chat = c.chat.completions.create(model=name, messages=ask, tools=tools, max_tokens=1)
+    assert counts[1] > counts[0] and counts[1] == chat.usage.prompt_tokens
+    assert httpx.head(demo_server + "/health").status_code == 200

@@ -197,9 +197,10 @@ def test_required_many_samples_and_parallel_tool_calls_false(demo_server):
         check_calls(choice.message.tool_calls, tools, names)
 
 
-def test_tool_choice_none_bans_calls_and_auto_keeps_malformed_text_as_content(demo_server):
+def test_tool_choice_none_bans_calls_and_auto_drops_malformed_call_text(demo_server):
     """A +100 bias makes the model emit [TOOL_CALLS] at every step: under "none" it still may
-    not; under "auto" the marker soup is not a valid call and comes back as plain content."""
+    not; under "auto" the marker soup is not a valid call, and its control-token text does not
+    leak into the content."""
     c, name = client(demo_server), model_name(demo_server)
     tools = [random_tool(random.Random(SEEDS[2]), "get_weather")]
     kw = dict(
@@ -217,11 +218,34 @@ def test_tool_choice_none_bans_calls_and_auto_keeps_malformed_text_as_content(de
     auto = c.chat.completions.create(**kw, tool_choice="auto")
     choice = auto.choices[0]
     assert choice.finish_reason == "length" and not choice.message.tool_calls
-    assert choice.message.content.startswith("[TOOL_CALLS][TOOL_CALLS]")
+    assert choice.message.content == ""
     text, calls, finish, _ = merge_stream(
         c.chat.completions.create(**kw, tool_choice="auto", stream=True)
     )
     assert (text, calls, finish) == (choice.message.content, [], "length")
+
+
+def test_required_call_cut_by_max_tokens_leaks_no_marker_and_ends_when_room(demo_server):
+    """Random weights under a forced call: the grammar allows no whitespace runs, so a call of
+    a bounded tool ends in a few dozen tokens; cut shorter, no `[TOOL_CALLS]` text remains."""
+    c, name = client(demo_server), model_name(demo_server)
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Nice"]}, "days": {"type": "boolean"}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    kw = dict(model=name, messages=ASK, tools=tools, tool_choice="required", temperature=0)
+    kw["parallel_tool_calls"] = False
+    cut = c.chat.completions.create(**kw, max_tokens=6).choices[0]
+    assert cut.finish_reason == "length" and not cut.message.tool_calls
+    assert "[TOOL_CALLS]" not in (cut.message.content or "")
+    text, _, finish, _ = merge_stream(c.chat.completions.create(**kw, max_tokens=6, stream=True))
+    assert finish == "length" and "[TOOL_CALLS]" not in text
+    whole = c.chat.completions.create(**kw, max_tokens=64).choices[0]
+    assert whole.finish_reason == "tool_calls", whole.message.content
+    jsonschema.validate(json.loads(whole.message.tool_calls[0].function.arguments), params)
 
 
 def test_response_format_json_schema_on_random_schemas(demo_server):

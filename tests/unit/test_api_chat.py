@@ -43,8 +43,9 @@ def test_chat_completion_shape_and_usage():
 
 def test_stream_equals_whole_and_role_first():
     svc = make_fake_service()
-    body = {"messages": USER, "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {"messages": USER, "temperature": 0}
     whole = run(svc.create_chat_completion(dict(body)))
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
     chunks = run(collect(svc.stream_chat_completion(dict(body))))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
@@ -142,3 +143,33 @@ def test_completions_and_tokenizer_roundtrip():
     assert svc.detokenize({"tokens": toks["tokens"]})["prompt"] == "héllo"
     with pytest.raises(InvalidRequest):
         svc.detokenize({"tokens": [10**9]})
+
+
+def test_default_max_tokens_limits_replies_within_the_context():
+    """`run` and built models set a reply limit for requests that give none (cut to the room
+    left, so it never turns a request into a context-length error); the server sets none."""
+    svc = make_fake_service(max_model_len=48)
+    body = {"messages": USER, "temperature": 0, "ignore_eos": True}
+    svc.default_max_tokens = 5
+    res = run(svc.create_chat_completion(dict(body)))
+    assert res["usage"]["completion_tokens"] == 5 and res["choices"][0]["finish_reason"] == "length"
+    assert (
+        run(svc.create_chat_completion({**body, "max_tokens": 7}))["usage"]["completion_tokens"]
+        == 7
+    )
+    chunks = run(collect(svc.stream_completion({"prompt": "abc", "temperature": 0})))
+    assert sum(len(c["choices"][0]["text"]) for c in chunks if c["choices"]) <= 5
+    svc.default_max_tokens = 10**6
+    res = run(svc.create_chat_completion(dict(body)))
+    assert res["usage"]["total_tokens"] == 48  # up to the end of the context, no error
+
+
+def test_messages_carry_their_own_max_tokens():
+    from mistralpy.api.runner import Model
+    from mistralpy.api.types import TextMessageRole, VisionMessages
+
+    svc = make_fake_service()
+    svc.default_max_tokens = 50
+    msgs = VisionMessages().add_message(TextMessageRole.User, "hi").set_max_tokens(3)
+    res = run(Model(svc).send_chat_request(msgs))
+    assert res.usage.completion_tokens == 3

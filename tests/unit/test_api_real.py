@@ -72,6 +72,7 @@ def test_async_builder():
             VisionModelBuilder("demo", VisionArchitecture.Mistral3)
             .with_device("cpu")
             .with_max_model_len(256)
+            .with_max_tokens(6)
             .with_logging()
             .build()
         )
@@ -87,4 +88,5 @@ def test_async_builder():
 
     res, chunks = asyncio.run(go())
     assert res.choices[0].message.content is not None
+    assert res.usage.completion_tokens <= 6  # the builder's reply limit (default 1024)
     assert chunks[0].choices[0].delta.role == "assistant"

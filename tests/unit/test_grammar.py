@@ -318,3 +318,52 @@ def test_masker_rows_without_grammar_allow_everything_and_submit_matches(ll_tok,
     assert 0 < int(allowed[1].sum()) < vocab
     wider = bitmask_to_allowed(bitmask, vocab + 40, "cpu")
     assert wider.shape == (4, vocab + 40) and not wider[:, vocab:].any()
+
+
+def accepts(compiled, hf_tokenizer, text: str, prefix: tuple[int, ...] = ()) -> bool:
+    m = compiled.matcher()
+    return consume_all(m, [*prefix, *hf_tokenizer.encode(text, add_special_tokens=False).ids])
+
+
+BOUNDED = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["x"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "spec, prefix, good, bad",
+    [
+        (
+            GrammarSpec("tool_calls", {"tools": [tool("f", BOUNDED)], "mode": "required"}),
+            (TOOL_CALLS_ID,),
+            '[{"name": "f", "arguments": {"x": 1}}]',
+            ['[{ "name"', '[{"name":  "f"', '[{"name": "f",\n', '[\t{"name"'],
+        ),
+        (
+            GrammarSpec("json_schema", {"type": "object", "properties": {"a": {"type": "array"}}}),
+            (),
+            '{"a": [1, {"b": 2}]}',
+            ['{ "a"', '{"a":\n', '{"a": [1,  2', '{"a": [1] }'],
+        ),
+    ],
+)
+def test_json_whitespace_is_only_json_dumps_separators(
+    ll_tok, hf_tokenizer, spec, prefix, good, bad
+):
+    """A random model cannot spend its tokens on whitespace inside a call or a JSON answer."""
+    compiled = compile_grammar(spec, ll_tok)
+    assert accepts(compiled, hf_tokenizer, good, prefix)
+    for text in bad:
+        assert not accepts(compiled, hf_tokenizer, text, prefix), text
+
+
+def test_forced_tool_call_of_a_uniform_random_model_ends_soon(ll_tok, hf_tokenizer, masker, vocab):
+    """No whitespace bias this time: the grammar alone must bring the call to its end."""
+    spec = GrammarSpec("tool_calls", {"tools": [tool("f", BOUNDED)], "mode": "required"})
+    specs = [spec] * 4
+    outs = generate([compile_grammar(s, ll_tok) for s in specs], masker, torch.zeros(vocab), 3, 200)
+    for ids in outs:
+        assert parse_tool_calls(ids, hf_tokenizer)[0]["name"] == "f"

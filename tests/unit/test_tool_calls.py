@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistralpy.processing.tool_calls import (
+    TOOL_CALLS,
     ToolCallStreamParser,
     generate_tool_call_id,
     parse_tool_calls,
@@ -114,12 +115,14 @@ def test_random_text_never_raises_and_streams_like_whole(text, cuts):
 
 @settings(max_examples=100, deadline=None)
 @given(CALLS, st.integers(1, 10_000), st.lists(st.integers(0, 10_000), max_size=8))
-def test_truncated_calls_become_content(calls, cut, cuts):
+def test_truncated_calls_leave_no_marker_text(calls, cut, cuts):
+    """A call cut by max_tokens: no call, and none of its text (the marker is a control token)."""
     text = render_v7(calls)
-    text = text[: cut % len(text)]
+    marker = len(TOOL_CALLS)  # one token: a cut never splits it
+    text = "Sure. " + text[: marker + cut % (len(text) - marker)]
     whole = parse_tool_calls(text)
-    assert whole.tool_calls == [] and whole.content == (text or None)
-    stream(text, cuts)  # never raises
+    assert whole.tool_calls == [] and whole.content == "Sure. "
+    assert stream(text, cuts)[0] == "Sure. "  # (a stream may have sent a partial call)
 
 
 def test_arguments_arrive_in_pieces():
@@ -150,7 +153,7 @@ def test_lenient_forms():
     assert out.tool_calls[0].arguments == "{}"
 
 
-def test_malformed_is_content():
+def test_malformed_call_text_is_dropped():
     for text in [
         "[TOOL_CALLS]",
         "[TOOL_CALLS]not a call",
@@ -160,8 +163,8 @@ def test_malformed_is_content():
         '[TOOL_CALLS][{"name": 3, "arguments": {}}]',
         "[TOOL_CALLS]f[ARGS][1]",
     ]:
-        out = parse_tool_calls(text)
-        assert out.tool_calls == [] and out.content == text
+        out = parse_tool_calls("Hi " + text + " tail")
+        assert out.tool_calls == [] and out.content == "Hi "
 
 
 def test_generated_ids():
