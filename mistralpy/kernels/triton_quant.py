@@ -837,12 +837,13 @@ def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
 
 def q4k_gemm_candidates(n: int, k: int) -> list[GemmConfig]:
     """Launch configs `tune_q4k_gemm` times for a weight shape: 64-256-row tiles, split-K
-    between none and 8 where it leaves >= 2 blocks per split and keeps the grid under 4096
-    programs (and none where the row tiles alone fill under half the H100's 132 SMs)."""
+    between none and 16 where it leaves >= 2 blocks per split and keeps the grid under 4096
+    programs (and none where the row tiles alone fill under half the H100's 132 SMs). The
+    splits share one compiled kernel per tile shape: more of them cost only timing."""
     out = []
     for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
         tiles = -(-n // bn)
-        for split in (1, 2, 4, 8):
+        for split in (1, 2, 4, 8, 16):
             if split == 1 and tiles < 66:
                 continue
             if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
