@@ -373,6 +373,11 @@ class ChatService:
             prompt_in = prompt_in[0]
         if not prompt_in or not (isinstance(prompt_in, str) or _is_token_list(prompt_in)):
             raise InvalidRequest("prompt must be a non-empty string or token id list", "prompt")
+        if isinstance(prompt_in, list) and max(prompt_in) >= self.tokenizer.vocab_size:
+            raise InvalidRequest(
+                f"prompt token ids must be below the vocabulary size {self.tokenizer.vocab_size}",
+                "prompt",
+            )
         params = sampling_params_from_request(body, chat=False, tools_active=False)
         prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
         self._check_length(prompt, params)

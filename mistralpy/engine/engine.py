@@ -47,6 +47,7 @@ from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
 from mistralpy.runner.kv_cache import KVCacheTooSmallError
 from mistralpy.runner.model_runner import (
+    ModelOutput,
     ModelRunner,
     RunnerConfig,
     SampledToken,
@@ -184,6 +185,7 @@ class LLMEngine:
             raise EmptyPromptError()
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), self.max_model_len)
+        _check_prompt_ids(prompt_ids, self.runner.vocab_size)
         params.check_vocab(self.runner.vocab_size)
         grammar = self._compile_grammar(params)
         room = self.max_model_len - len(prompt_ids)
@@ -255,12 +257,9 @@ class LLMEngine:
         self.stats.num_computed_tokens += sched.total_tokens
         self.stats.num_preemptions += len(sched.preempted_ids)
         self.stats.num_generated_tokens += len(sched.sample_ids)
-        try:
-            result = self.runner.execute(self._batch(sched))
-        except Exception as exc:  # a failed forward fails the requests in it, not the engine
-            logger.exception("model step failed")
-            return outputs + self._fail_groups(touched, exc)
-        self.scheduler.on_step_done(sched)
+        result, failed = self._execute_isolated(self._batch(sched), touched)
+        outputs += failed
+        self.scheduler.on_step_done(sched)  # skips the sequences of failed requests
         changed = []
         for sid, token in result.sampled.items():
             group = self._seq_group[sid]
@@ -278,6 +277,31 @@ class LLMEngine:
                 if group.finished:
                     self._forget(group)
         return outputs
+
+    def _execute_isolated(
+        self, batch: ScheduledBatch, groups: list[_Group]
+    ) -> tuple[ModelOutput, list[RequestOutput]]:
+        """Run the step; if it fails, run each request's share alone, so that only the
+        requests whose own share fails are failed (one bad request never fails the others).
+        Returns the merged results and the failed requests' final outputs."""
+        try:
+            return self.runner.execute(batch), []
+        except Exception as exc:  # noqa: BLE001 - isolated below, never fatal to the engine
+            if len(groups) == 1:
+                logger.exception("model step failed for request %s", groups[0].request_id)
+                return ModelOutput({}), self._fail_groups(groups, exc)
+            logger.warning("model step failed (%s); retrying request by request", exc)
+        sampled: dict[str, SampledToken] = {}
+        failed: list[RequestOutput] = []
+        for group in groups:
+            ids = {s.req.seq_id for s in group.seqs}
+            share = ScheduledBatch([w for w in batch.seqs if w.seq_id in ids])
+            try:
+                sampled.update(self.runner.execute(share).sampled)
+            except Exception as exc:  # noqa: BLE001 - only this request fails
+                logger.exception("model step failed for request %s", group.request_id)
+                failed += self._fail_groups([group], exc)
+        return ModelOutput(sampled), failed
 
     def generate(
         self, prompts: list[ProcessedPrompt], params: SamplingParams | list[SamplingParams]
@@ -470,6 +494,15 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for s in group.seqs:
             self._seq_group.pop(s.req.seq_id, None)
+
+
+def _check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """Every prompt token must index the embedding table (an id beyond it fails the step)."""
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameter(
+            "prompt", f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+        )
 
 
 def _hf_tokenizer_json(path: Path) -> str:

@@ -202,8 +202,8 @@ def _decode_base64(text: str, policy: ImagePolicy, param: str) -> bytes:
         raise ImageDecodeError("malformed base64 image data (bad length)", param)
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageDecodeError(f"malformed base64 image data: {exc}", param) from None
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("malformed base64 image data", param) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +214,8 @@ def _file_url_path(url: str, param: str) -> str:
     """The local path named by a `file:` URL; remote hosts are refused."""
     try:
         parts = urlsplit(url)
-    except ValueError as exc:
-        raise ImageFetchError(f"invalid file URL: {exc}", param) from None
+    except ValueError:
+        raise ImageFetchError("invalid file URL", param) from None
     if parts.netloc not in ("", "localhost"):
         raise ImageSourceForbiddenError(f"file URL host {parts.netloc!r} is not local", param)
     path = unquote(parts.path)
@@ -422,7 +422,7 @@ _HTTPCORE_ERRORS = (
 def _fetch_failure(exc: Exception, deadline: _Deadline, param: str) -> ImageFetchError:
     if isinstance(exc, httpcore.TimeoutException | httpx.TimeoutException):
         return ImageFetchError(f"image download timed out ({deadline.seconds}s limit)", param)
-    return ImageFetchError(f"image download failed: {type(exc).__name__}: {exc}", param)
+    return ImageFetchError(f"image download failed ({type(exc).__name__})", param)
 
 
 class _CoreBody(httpx.SyncByteStream):
@@ -487,8 +487,8 @@ def _check_http_url(url: str, param: str) -> httpx.URL:
     """Parse an http(s) URL with a host and no credentials (every redirect hop passes here)."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise ImageFetchError(f"invalid image URL: {exc}", param) from None
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ImageFetchError("invalid image URL", param) from None
     if parsed.scheme not in ("http", "https"):
         raise ImageSourceForbiddenError(f"URL scheme {parsed.scheme!r} is not allowed", param)
     if not parsed.host:
@@ -521,8 +521,8 @@ def _join_url(base: httpx.URL, location: str, param: str) -> str:
     """A redirect's Location resolved against the URL that sent it."""
     try:
         return str(base.join(location))
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise ImageFetchError(f"invalid redirect location: {exc}", param) from None
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ImageFetchError("invalid redirect location", param) from None
 
 
 def _read_body(response: httpx.Response, policy: ImagePolicy, param: str) -> bytes:
@@ -555,10 +555,10 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy, param: str = "image_url
     try:
         probe.verify()  # structural check (PNG CRCs, chunk order); leaves `probe` unusable
         image.load()  # decodes the current frame = the first; truncation raises here
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large: {exc}", param) from None
-    except Exception as exc:  # decoders of hostile bytes raise many types (OSError, SyntaxError...)
-        raise ImageDecodeError(f"image data is corrupt or truncated: {exc}", param) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError("image is too large (decompression bomb)", param) from None
+    except Exception:  # decoders of hostile bytes raise many types (OSError, SyntaxError...)
+        raise ImageDecodeError("image data is corrupt or truncated", param) from None
     return image
 
 
@@ -566,11 +566,11 @@ def _open_checked(data: bytes, policy: ImagePolicy, param: str) -> Image.Image:
     """Parse just the header of an accepted format and enforce the pixel cap."""
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large: {exc}", param) from None
-    except Exception as exc:  # UnidentifiedImageError, SyntaxError, struct.error...
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError("image is too large (decompression bomb)", param) from None
+    except Exception:  # UnidentifiedImageError, SyntaxError, struct.error...
         raise ImageDecodeError(
-            f"not a decodable image (accepted: {', '.join(ACCEPTED_FORMATS)}): {exc}", param
+            f"not a decodable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param
         ) from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -726,8 +726,8 @@ def to_rgb(image: Image.Image, param: str = "image_url") -> Image.Image:
         canvas = Image.new("RGBA", image.size, "WHITE")
         canvas.paste(rgba, (0, 0), rgba)
         return canvas.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {exc}", param) from None
+    except (ValueError, OSError):
+        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB", param) from None
 
 
 _BAND_ROWS = 256

@@ -1,0 +1,158 @@
+"""Issue #17 on the real stack: `mistralpy serve demo` (tiny checkpoint, CPU) attacked as a
+hostile client would, loopback only, each test bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.server.hostile import json_request, port_of, wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def gauges(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    names = ("mistralpy_num_requests_running", "mistralpy_num_requests_waiting")
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(names)
+    }
+
+
+def busy(base: str) -> float:
+    return sum(gauges(base).values())
+
+
+async def _stream_finish_reason(client: httpx.AsyncClient, base: str) -> str | None:
+    body = {
+        "messages": [{"role": "user", "content": "count"}],
+        "stream": True,
+        "max_tokens": 40,
+        "ignore_eos": True,
+    }
+    reason = None
+    async with client.stream("POST", base + CHAT, json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                for choice in chunk["choices"]:
+                    reason = choice.get("finish_reason") or reason
+    return reason
+
+
+BAD_BODIES = [
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "seed": 2**64}),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}),
+    ("/v1/completions", {"prompt": [1, 131072]}),
+    ("/v1/completions", {"prompt": [1, 2**63]}),
+    ("/v1/completions", {"prompt": [1, 2**64 + 5]}),
+]
+
+
+def test_bad_seed_or_token_id_is_a_400_and_harms_nobody(demo_server):
+    """Item 1: these failed inside the model step and took the whole step down."""
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as client:
+            streams = [
+                asyncio.ensure_future(_stream_finish_reason(client, demo_server)) for _ in range(3)
+            ]
+            await asyncio.sleep(0.3)
+            bad = await asyncio.gather(
+                *[
+                    client.post(demo_server + path, json={**body, "max_tokens": 4})
+                    for path, body in BAD_BODIES
+                ]
+            )
+            return bad, await asyncio.gather(*streams)
+
+    bad, reasons = asyncio.run(go())
+    for resp in bad:
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] in ("seed", "prompt")
+    assert reasons == ["length"] * 3
+
+
+def test_abandoned_non_streaming_requests_stop(demo_server):
+    """Item 3: non-streaming requests kept generating after their clients left."""
+    assert wait_until(lambda: busy(demo_server) == 0, 30)
+    payload = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 480,
+        "ignore_eos": True,
+    }
+    socks = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", port_of(demo_server)))
+        sock.sendall(json_request(CHAT, payload))
+        socks.append(sock)
+    assert wait_until(lambda: busy(demo_server) >= 4, 20)
+    for sock in socks:
+        sock.close()
+    start = time.monotonic()
+    assert wait_until(lambda: busy(demo_server) == 0, 5), gauges(demo_server)
+    assert time.monotonic() - start < 5
+
+
+def _nested_json(depth: int) -> str:
+    """A schema nested `depth` deep, as JSON text (json.dumps itself would recurse too far)."""
+    return '{"type": "object", "properties": {"a": ' * depth + '{"type": "object"}' + "}}" * depth
+
+
+def post_raw(base: str, path: str, body: dict, marker: str, raw: str) -> httpx.Response:
+    """POST `body` as JSON with the string `marker` replaced by the JSON text `raw`."""
+    text = json.dumps(body).replace(json.dumps(marker), raw)
+    headers = {"content-type": "application/json"}
+    return httpx.post(base + path, content=text.encode(), headers=headers, timeout=30)
+
+
+SURROGATE = '"a\\ud800b"'  # JSON text: a lone surrogate escape
+USER_X = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "S"}], "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "S", "max_tokens": 2}),
+        ("/tokenize", {"prompt": "S"}),
+        (CHAT, {"messages": USER_X, "stop": ["S"]}),
+    ],
+)
+def test_lone_surrogate_is_a_400(demo_server, path, body):
+    """Item 9: a lone surrogate reached the tokenizer and came back as a 500."""
+    resp = post_raw(demo_server, path, body, "S", SURROGATE)
+    assert resp.status_code == 400, resp.text
+    assert "surrogate" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("depth", [100, 500])
+def test_deep_tool_schema_is_a_400(demo_server, depth):
+    """Item 9: parameters nested 500 deep raised RecursionError (500)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": "P"}}
+    body = {"messages": USER_X, "max_tokens": 2, "tools": [tool]}
+    resp = post_raw(demo_server, CHAT, body, "P", _nested_json(depth))
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["error"]["message"]
+    assert "nested" in message or "parsing the body" in message  # the JSON parser's own limit
+
+
+def test_error_messages_carry_no_object_reprs(demo_server):
+    """Item 9: `<_io.BytesIO object at 0x…>` and raw exception text reached the client."""
+    junk = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    content = [{"type": "image_url", "image_url": {"url": junk}}, {"type": "text", "text": "?"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    resp = httpx.post(demo_server + CHAT, json=body, timeout=30)
+    assert resp.status_code == 400
+    message = resp.json()["error"]["message"]
+    assert " at 0x" not in message and "<_io" not in message, message
