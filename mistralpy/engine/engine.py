@@ -42,6 +42,7 @@ from mistralpy.engine.request import (
 )
 from mistralpy.engine.scheduler import Scheduler, SchedulerOutput
 from mistralpy.engine.stop import StopChecker
+from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
 from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
@@ -61,6 +62,10 @@ if TYPE_CHECKING:
     from mistralpy.processing.chat_template import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
+
+# Outputs a request's reader may leave unread before it is cut off (a stalled client): at
+# one output per step, minutes of generation, while memory stays one merged output.
+DEFAULT_MAX_UNREAD_OUTPUTS = 4096
 
 _FINISH_STATUS = {
     "stop": RequestStatus.FINISHED_STOPPED,
@@ -571,17 +576,18 @@ class AsyncEngine:
     """Drives an LLMEngine from a background thread; `generate` streams outputs to asyncio.
 
     All engine calls happen on the background thread: `generate` and `abort` only queue
-    commands. Outputs go back to each request's asyncio queue through
-    `loop.call_soon_threadsafe`. A request that fails raises `RequestFailedError` from its
+    commands. Outputs go back to each request's `OutputStream` (merged while unread, bounded)
+    through `loop.call_soon_threadsafe`. A request that fails raises `RequestFailedError` from its
     own `generate`; the others continue.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_unread_outputs: int = DEFAULT_MAX_UNREAD_OUTPUTS):
         self.engine = engine
+        self.max_unread_outputs = max_unread_outputs  # a reader this far behind is cut off
         self._commands: list[tuple[str, tuple, concurrent.futures.Future | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mistralpy-engine", daemon=True)
         self._thread.start()
@@ -602,15 +608,15 @@ class AsyncEngine:
         RequestFailedError if it fails inside the engine, EngineDeadError after shutdown.
         Closing the iterator early (client gone) aborts the request."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
             raise DuplicateRequestError(request_id)
-        self._streams[request_id] = (loop, queue)
+        stream = OutputStream(self.max_unread_outputs, lambda: self.abort(request_id))
+        self._streams[request_id] = (loop, stream)
         finished = False
         try:
             await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
             while not finished:
-                item = await queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -689,10 +695,10 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        loop, queue = stream
+        loop, outputs = stream
         # RuntimeError: the caller's loop is closed, nobody is listening.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(outputs.put, item)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ import pytest
 
 from mistralpy.engine.engine import AsyncEngine
 from mistralpy.params import InvalidParameter, SamplingParams
-from tests.engine.fakes import VOCAB
+from tests.engine.fakes import VOCAB, FakeTokenizer
 from tests.engine.test_engine_fake import make_engine, prompt, run
 
 POISON = 77  # a token id the monkeypatched runner refuses, as an out-of-range id would
@@ -99,3 +99,97 @@ def test_async_engine_isolates_a_failing_request(monkeypatch):
     assert isinstance(bad, RuntimeError)
     assert not isinstance(good, BaseException)
     assert good.finished and good.outputs[0].finish_reason == "length"
+
+
+def _stalled_reader(max_unread: int, max_tokens: int, read_first: int = 1):
+    """Read `read_first` outputs of a request with top-20 logprobs, then stop reading while
+    the engine runs on. Returns (traced memory growth while stalled, the reader's next item,
+    whether the engine still runs the request)."""
+    import tracemalloc
+
+    engine = make_engine(max_model_len=max_tokens + 64, num_blocks=max_tokens // 4 + 64)
+    params = SamplingParams(
+        max_tokens=max_tokens, logprobs=True, top_logprobs=20, seed=1, ignore_eos=True
+    )
+
+    async def go():
+        aeng = AsyncEngine(engine, max_unread_outputs=max_unread)
+        try:
+            outputs = aeng.generate("slow", prompt(range(20, 30)), params)
+            for _ in range(read_first):
+                await outputs.__anext__()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            deadline = asyncio.get_running_loop().time() + 20
+            while (
+                engine.stats.num_generated_tokens < max_tokens and engine.has_unfinished_requests()
+            ):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            running = engine.has_unfinished_requests()
+            try:
+                nxt = await outputs.__anext__()
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                nxt = exc
+            await outputs.aclose()
+            return grown, nxt, running
+        finally:
+            aeng.shutdown()
+
+    return asyncio.run(go())
+
+
+def test_stalled_reader_costs_one_merged_output():
+    """Item 2: unread outputs were queued one per step, each a copy of the cumulative
+    token/logprob lists: memory grew quadratically with the length of the reply."""
+    half, _, _ = _stalled_reader(max_unread=10_000, max_tokens=300)
+    grown, nxt, _ = _stalled_reader(max_unread=10_000, max_tokens=600)
+    # the request's own logprobs grow linearly (x1.9 here); queued cumulative copies grew
+    # quadratically (measured before the fix: 2.8 MB at 300 tokens, 7.4 MB at 600: x2.6)
+    assert grown < 2.3 * half, (half, grown)
+    out = nxt.outputs[0]
+    assert out.finish_reason == "length" and len(out.delta_token_ids) == 599
+    assert len(out.logprobs) == 600
+    assert out.delta_text == FakeTokenizer().decode(out.delta_token_ids)
+
+
+def test_reader_far_behind_is_cut_off_and_its_request_aborted():
+    from mistralpy.engine.errors import ReaderTooSlowError
+
+    _, nxt, running = _stalled_reader(max_unread=40, max_tokens=400)
+    assert isinstance(nxt, ReaderTooSlowError)
+    assert not running
+
+
+def _output(ids: list[int], finished: bool = False):
+    from mistralpy.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+
+    text = "".join(f"w{i} " for i in ids)
+    comp = CompletionOutput(0, ids, text, text[-4:], ids[-1:], None, None, None)
+    return RequestOutput("r", [1], [comp], finished, RequestMetrics(0.0))
+
+
+def test_output_stream_merges_unread_outputs():
+    from mistralpy.engine.stream import OutputStream
+
+    overruns = []
+    stream = OutputStream(max_unread=3, on_overrun=lambda: overruns.append(1))
+
+    async def go():
+        stream.put(_output([21]))
+        first = await stream.get()
+        for n in range(2, 4):
+            stream.put(_output(list(range(21, 21 + n))))
+        merged = await stream.get()
+        return first, merged
+
+    first, merged = asyncio.run(go())
+    assert first.outputs[0].delta_token_ids == [21]
+    assert merged.outputs[0].delta_token_ids == [22, 23]
+    assert merged.outputs[0].delta_text == "w22 w23 " and merged.outputs[0].token_ids[-1] == 23
+    for n in range(4):  # a fourth unread output overruns the bound of 3
+        stream.put(_output([21] * (n + 1)))
+    assert overruns == [1]
