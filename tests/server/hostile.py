@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from mistralpy.server.app import ServerSettings, create_app
+from mistralpy.server.connections import DrainingServer
 from tests.server.conftest import free_port
 from tests.server.fake_stack import make_fake_service
 
@@ -20,15 +21,15 @@ from tests.server.fake_stack import make_fake_service
 @contextlib.contextmanager
 def serve_fake(
     delay: float = 0.0, settings: ServerSettings | None = None, **uvicorn_options
-) -> Iterator[tuple[str, object]]:
-    """(base URL, ChatService) of a fake-engine server in a thread; stopped on exit."""
+) -> Iterator[tuple[str, object, DrainingServer]]:
+    """(base URL, ChatService, server) of a fake-engine server in a thread; stopped on exit."""
     service = make_fake_service(delay=delay)
     app = create_app(service, settings or ServerSettings(), service.engine.stats)
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="error", lifespan="off", **uvicorn_options
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.admission)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -36,7 +37,7 @@ def serve_fake(
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", service
+        yield f"http://127.0.0.1:{port}", service, server
     finally:
         server.should_exit = True
         thread.join(10)
