@@ -93,6 +93,19 @@ class TemplatePrompts:
         return preprocess_image(load_image(source, self.image_policy), self.image_processor_config)
 
 
+def _message_chars(messages: list[dict]) -> int:
+    """Characters of text in `messages` (string contents and text parts)."""
+    total = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            texts = (p.get("text") for p in content if isinstance(p, dict))
+            total += sum(len(t) for t in texts if isinstance(t, str))
+    return total
+
+
 def _count_images(messages: list[dict]) -> int:
     return sum(
         1
@@ -362,6 +375,7 @@ class ChatService:
         params = sampling_params_from_request(body, chat=True, tools_active=tools_active)
         if tools is not None and not tools_active:
             params = self._without_tool_calls(params)
+        self._check_text_size(_message_chars(messages), "messages")
         prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
         self._check_length(prompt, params)
         return prompt, params, tools_active
@@ -379,6 +393,8 @@ class ChatService:
                 "prompt",
             )
         params = sampling_params_from_request(body, chat=False, tools_active=False)
+        if isinstance(prompt_in, str):
+            self._check_text_size(len(prompt_in), "prompt")
         prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
         self._check_length(prompt, params)
         return prompt, params
@@ -392,6 +408,18 @@ class ChatService:
             return params
         bias = {**params.logit_bias, token: NO_TOOL_CALL_BIAS}
         return dataclasses.replace(params, logit_bias=bias)
+
+    def _check_text_size(self, num_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text that cannot fit: N characters are at least
+        N / max_token_bytes tokens (tokenizing 10 MB takes seconds of a core)."""
+        per_token = getattr(self.tokenizer, "max_token_bytes", None)
+        if per_token is not None and num_chars // per_token >= self.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt's {num_chars} characters are more than that.",
+                param,
+                "context_length_exceeded",
+            )
 
     def _check_length(self, prompt: Any, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
@@ -616,11 +644,15 @@ class ChatService:
         self.check_model(body.get("model"))
         if body.get("messages") is not None:
             _check_messages(body["messages"])
+            self._check_text_size(_message_chars(body["messages"]), "messages")
             prompt = await asyncio.to_thread(self.prompts.chat, body["messages"], body.get("tools"))
             tokens = list(prompt.token_ids)
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True)
-            tokens = self.tokenizer.encode(body["prompt"], bool(add_special))
+            self._check_text_size(len(body["prompt"]), "prompt")
+            tokens = await asyncio.to_thread(
+                self.tokenizer.encode, body["prompt"], bool(add_special)
+            )
         else:
             raise InvalidRequest("give `prompt` (string) or `messages`", "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len}

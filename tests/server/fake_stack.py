@@ -24,6 +24,7 @@ class FakeTokenizer:
     """Byte-level: token id = byte + OFFSET; ids 1 and 2 are BOS/EOS."""
 
     vocab_size = 256 + OFFSET
+    max_token_bytes = 1
     bos_token_id = 1
     eos_token_id = 2
 

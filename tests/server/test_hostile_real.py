@@ -156,3 +156,35 @@ def test_error_messages_carry_no_object_reprs(demo_server):
     assert resp.status_code == 400
     message = resp.json()["error"]["message"]
     assert " at 0x" not in message and "<_io" not in message, message
+
+
+def test_huge_prompts_do_not_freeze_the_server(demo_server):
+    """Item 4: three 10 MB prompts froze /health for 30 s (tokenized on the event loop, all
+    of it, though a few KB already overflow the context)."""
+    big = "lorem ipsum " * (10_000_000 // 12)
+    bodies = [
+        ("/tokenize", {"prompt": big}),
+        ("/v1/completions", {"prompt": big, "max_tokens": 2}),
+        (CHAT, {"messages": [{"role": "user", "content": big}], "max_tokens": 2}),
+    ]
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as client:
+            start = time.monotonic()
+            sent = [
+                asyncio.ensure_future(client.post(demo_server + path, json=body))
+                for path, body in bodies
+            ]
+            worst = 0.0
+            while not all(task.done() for task in sent):
+                t0 = time.monotonic()
+                assert (await client.get(demo_server + "/health")).status_code == 200
+                worst = max(worst, time.monotonic() - t0)
+                await asyncio.sleep(0.05)
+            return [task.result() for task in sent], worst, time.monotonic() - start
+
+    replies, worst, total = asyncio.run(go())
+    for resp in replies:
+        assert resp.status_code == 400 and "context length" in resp.json()["error"]["message"]
+    assert worst < 1.0, f"/health took {worst:.2f} s"
+    assert total < 20, f"the 400s took {total:.1f} s"
