@@ -151,7 +151,7 @@ def test_stalled_reader_costs_one_merged_output():
     token/logprob lists: memory grew quadratically with the length of the reply."""
     grown, nxt, _ = _stalled_reader(max_unread=10_000, max_tokens=600)
     # before the fix: ~2 per unread output (its token ids and logprobs, copied whole), ~1000
-    assert grown <= 8, f"{grown} reply-sized lists held for a stalled reader"
+    assert grown < 100, f"{grown} reply-sized lists held for a stalled reader"  # 3 here
     out = nxt.outputs[0]
     assert out.finish_reason == "length" and len(out.delta_token_ids) == 599
     assert len(out.logprobs) == 600
