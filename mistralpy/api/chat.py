@@ -9,12 +9,13 @@ worker thread so the event loop keeps serving other streams.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
@@ -58,9 +59,18 @@ class EngineRequestError(RuntimeError):
 class PromptBuilder(Protocol):
     """Turns request content into a ProcessedPrompt (token ids + preprocessed images)."""
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> Any: ...
+    async def load_images(self, messages: list[dict]) -> dict[str, Any]: ...
+
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]
+    ) -> Any: ...
 
     def text(self, prompt: str | list[int]) -> Any: ...
+
+
+# Image downloads and decodes at once, over all requests: their own pool, so that slow image
+# URLs never hold the threads that template text-only chats (asyncio's default executor).
+IMAGE_WORKERS = 4
 
 
 @dataclass
@@ -71,15 +81,37 @@ class TemplatePrompts:
     template: Any  # processing.chat_template.ChatTemplate
     image_policy: Any  # processing.images.ImagePolicy
     image_processor_config: Any  # what processing.images.preprocess_image takes
+    image_pool: concurrent.futures.Executor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            IMAGE_WORKERS, thread_name_prefix="mistralpy-images"
+        )
+    )
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> Any:
-        from mistralpy.processing.chat_template import build_chat_prompt
+    async def load_images(self, messages: list[dict]) -> dict[str, Any]:
+        """source -> ProcessedImage for every distinct image of `messages`, loaded in the
+        image pool; cancelling the caller (client gone) drops the loads not yet started."""
+        from mistralpy.processing.chat_template import image_sources
         from mistralpy.processing.errors import TooManyImagesError
 
+        sources = list(dict.fromkeys(image_sources(messages)))  # the same image loads once
         limit = getattr(self.image_policy, "max_images_per_request", None)
         if limit is not None and _count_images(messages) > limit:
             raise TooManyImagesError(f"at most {limit} images per request", "messages")
-        return build_chat_prompt(self.tokenizer, self.template, messages, tools, self._load_image)
+        loop = asyncio.get_running_loop()
+        loads = [loop.run_in_executor(self.image_pool, self._load_image, s) for s in sources]
+        try:
+            return dict(zip(sources, await asyncio.gather(*loads)))
+        finally:
+            for load in loads:  # after a failure or a cancellation: the rest is moot
+                load.cancel()
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]) -> Any:
+        from mistralpy.processing.chat_template import build_chat_prompt
+
+        def loaded(source: str) -> Any:
+            return images[source] if source in images else self._load_image(source)
+
+        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loaded)
 
     def text(self, prompt: str | list[int]) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt
@@ -376,7 +408,7 @@ class ChatService:
         if tools is not None and not tools_active:
             params = self._without_tool_calls(params)
         self._check_text_size(_message_chars(messages), "messages")
-        prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
+        prompt = await self._chat_prompt(messages, tools)
         self._check_length(prompt, params)
         return prompt, params, tools_active
 
@@ -398,6 +430,11 @@ class ChatService:
         prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
         self._check_length(prompt, params)
         return prompt, params
+
+    async def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> Any:
+        """Images first (their own pool), then the template in a worker thread."""
+        images = await self.prompts.load_images(messages)
+        return await asyncio.to_thread(self.prompts.chat, messages, tools, images)
 
     def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
         """tool_choice "none": the tools stay in the prompt (as OpenAI and vLLM do), but the
@@ -645,7 +682,7 @@ class ChatService:
         if body.get("messages") is not None:
             _check_messages(body["messages"])
             self._check_text_size(_message_chars(body["messages"]), "messages")
-            prompt = await asyncio.to_thread(self.prompts.chat, body["messages"], body.get("tools"))
+            prompt = await self._chat_prompt(body["messages"], body.get("tools"))
             tokens = list(prompt.token_ids)
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True)

@@ -48,7 +48,10 @@ class FakePrompts:
     def __init__(self, tokenizer: FakeTokenizer):
         self.tokenizer = tokenizer
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> FakePrompt:
+    async def load_images(self, messages: list[dict]) -> dict:
+        return {}  # image URLs stay strings in the fake prompt
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict) -> FakePrompt:
         lines, images = [], []
         for m in messages:
             content = m.get("content") or ""
