@@ -156,14 +156,24 @@ def _read_bare(text: str, policy: ImagePolicy, param: str) -> bytes:
     """Raw base64 or a local path: base64 that opens with an image signature wins, then a path."""
     if _looks_like_base64_image(text):
         return _decode_base64(text, policy, param)
+    if policy.allowed_local_media_path is not None:
+        # decided by the text alone: asking the disk would tell what exists outside the dir
+        if _path_like(text):
+            return _read_local(text, policy, param)
+        return _decode_base64(text, policy, param)
     if policy.local_paths_allowed:
         compact = _WHITESPACE.sub("", text)
         if os.path.lexists(text) or not _BASE64_TEXT.match(compact):
             return _read_local(text, policy, param)
         return _decode_base64(text, policy, param)
-    if text.startswith(("/", "./", "../", "~")) or "." in text or "\\" in text:
+    if _path_like(text):
         raise ImageSourceForbiddenError("local file paths are not allowed", param)
     return _decode_base64(text, policy, param)
+
+
+def _path_like(text: str) -> bool:
+    """Text that reads as a file path rather than base64 (which has no '.' or '\\')."""
+    return text.startswith(("/", "./", "../", "~")) or "." in text or "\\" in text
 
 
 def _looks_like_base64_image(text: str) -> bool:
@@ -224,17 +234,80 @@ def _file_url_path(url: str, param: str) -> str:
     return path
 
 
+# Every refusal of a path under --allowed-local-media-path reads the same, whether the file is
+# outside, missing, unreadable, a symlink or a directory: answers reveal nothing about the disk.
+LOCAL_REFUSED = "local image path is not an allowed, readable image file"
+_OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _read_local(path_text: str, policy: ImagePolicy, param: str) -> bytes:
     """Read a regular file the policy allows, at most `max_download_bytes`, never blocking."""
-    path = _allowed_local_path(path_text, policy, param)
+    if not policy.local_paths_allowed:
+        raise ImageSourceForbiddenError("local file paths are not allowed", param)
+    root = policy.allowed_local_media_path
+    if root is None:
+        fd = _open_trusted(path_text, param)
+    else:
+        fd = _open_under(Path(root), path_text, param)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the last component
-        # must not have become a symlink since it was resolved.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageFetchError(f"cannot open local image: {exc.strerror}", param) from None
+        return _read_regular(fd, policy, param, refused=root is not None)
+    finally:
+        os.close(fd)
+
+
+def _open_trusted(path_text: str, param: str) -> int:
+    """A trusted caller's path (the Python API): any file the process can read."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        return os.open(path_text, _OPEN_FILE & ~os.O_NOFOLLOW)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "invalid path"
+        raise ImageFetchError(f"cannot open local image: {reason}", param) from None
+
+
+def _open_under(root: Path, path_text: str, param: str) -> int:
+    """Open `path_text` inside `root` one component at a time from the root's descriptor,
+    refusing every symlink (O_NOFOLLOW per component): a directory swapped for a symlink
+    between a check and the open cannot lead outside, as there is no separate check."""
+    parts = _parts_under(root, path_text)
+    if parts is None:
+        raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
+    fds = []
+    try:
+        fds.append(os.open(root, _OPEN_DIR))
+        for part in parts[:-1]:
+            fds.append(os.open(part, _OPEN_DIR, dir_fd=fds[-1]))
+        return os.open(parts[-1], _OPEN_FILE, dir_fd=fds[-1])
+    except (OSError, ValueError):  # missing, a symlink, not a directory, NUL byte...
+        raise ImageSourceForbiddenError(LOCAL_REFUSED, param) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _parts_under(root: Path, path_text: str) -> list[str] | None:
+    """The components of `path_text` below `root` (absolute paths must start with it), or
+    None if it names nothing strictly inside. Lexical only: the open refuses symlinks."""
+    path = os.path.normpath(path_text)
+    if os.path.isabs(path):
+        try:
+            path = os.path.relpath(path, root)
+        except ValueError:
+            return None
+    parts = [p for p in Path(path).parts if p not in ("", ".")]
+    if not parts or parts[0] == ".." or os.path.isabs(path):
+        return None
+    return parts
+
+
+def _read_regular(fd: int, policy: ImagePolicy, param: str, refused: bool) -> bytes:
+    """The bytes of the regular file open at `fd`; refused: the allowed-directory policy,
+    whose refusals all read LOCAL_REFUSED."""
     try:
         info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) and refused:
+            raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
         if not stat.S_ISREG(info.st_mode):
             raise ImageFetchError("local image path is not a regular file", param)
         if info.st_size > policy.max_download_bytes:
@@ -245,29 +318,9 @@ def _read_local(path_text: str, policy: ImagePolicy, param: str) -> bytes:
         data = os.read(fd, policy.max_download_bytes + 1)
     except OSError as exc:
         raise ImageFetchError(f"cannot read local image: {exc.strerror}", param) from None
-    finally:
-        os.close(fd)
     if len(data) > policy.max_download_bytes:
         raise ImageTooLargeError(f"local image exceeds {policy.max_download_bytes} bytes", param)
     return data
-
-
-def _allowed_local_path(path_text: str, policy: ImagePolicy, param: str) -> Path:
-    """The resolved path (symlinks and '..' gone) if the policy allows reading it."""
-    if not policy.local_paths_allowed:
-        raise ImageSourceForbiddenError("local file paths are not allowed", param)
-    root = policy.allowed_local_media_path
-    try:
-        # Relative paths are taken from the allowed directory (a server's cwd means nothing).
-        path = Path(path_text) if root is None else Path(root) / path_text
-        resolved = path.resolve()
-        inside = root is None or resolved.is_relative_to(Path(root).resolve())
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop...
-        raise ImageFetchError(f"invalid local path: {type(exc).__name__}", param) from None
-    # Decided before existence, so answers never reveal what exists outside the directory.
-    if not inside:
-        raise ImageSourceForbiddenError("path is outside the allowed local media directory", param)
-    return resolved
 
 
 # ----------------------------------------------------------------------------------------------
