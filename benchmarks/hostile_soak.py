@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from mistralpy.testing import server_process
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
 
@@ -62,38 +64,12 @@ class Figures:
 # --- the server -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "mistralpy.server.cli", "serve", "demo", "--host", "127.0.0.1"]
+    args = ["-m", "mistralpy.server.cli", "serve", "demo", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--device", "cpu", "--max-model-len", "512"]
-    args += ["--max-num-seqs", "16", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return server_process.start_server(
+        [*args, "--max-num-seqs", "16", *extra], port, ROOT, timeout=300, quiet=True
+    )
 
 
 def rss_mib(pid: int) -> float:
@@ -329,12 +305,12 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     args = ap.parse_args()
-    port = free_port()
+    port = server_process.free_port()
     proc = start_server(port, args.server_arg)
     try:
         figs = asyncio.run(soak(port, proc.pid, args.duration, args.seed))
     finally:
-        stop_server(proc)
+        server_process.stop_server(proc, timeout=30)
     print(table(figs))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(figs), indent=2))
