@@ -45,6 +45,7 @@ class ServerSettings:
     api_key: str | None = None  # when set, every route but /health needs `Bearer <key>`
     # generation requests in flight (running + queued) beyond which new ones get a 429
     max_requests_in_flight: int | None = None
+    send_stall_timeout_s: float = 60.0  # a client reading nothing this long is dropped
 
 
 class ServerMetrics:
@@ -162,6 +163,7 @@ def _install_middleware(
         max_body_bytes=MAX_BODY_BYTES,
         api_key=settings.api_key,
         max_queue_len=settings.max_requests_in_flight,
+        send_stall_timeout_s=settings.send_stall_timeout_s,
     )
     app.add_middleware(
         TransportGuard,
@@ -267,11 +269,23 @@ async def _stream(
     except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
         await chunks.aclose()
         return error_response(exc)
-    return StreamingResponse(
+    return _EventStream(
         _sse_body(first, chunks, request_id, service, metrics, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
     )
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends: a send
+    that raises (client gone, client stalled) leaves it suspended otherwise, its engine
+    request running until garbage collection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _sse_body(first, chunks, request_id, service, metrics, start) -> AsyncIterator[bytes]:

@@ -49,6 +49,13 @@ class TransportLimits:
     api_key: str | None = None  # when set, every route but OPEN_PATHS needs `Bearer <key>`
     max_queue_len: int | None = None  # generation requests in flight beyond this: 429
     retry_after_s: int = 1  # the `Retry-After` of a 429/503
+    # a client that reads nothing of its response for this long is dropped: its route (and
+    # so its engine request) is cancelled and the connection closed
+    send_stall_timeout_s: float = 60.0
+
+
+class ClientStalled(Exception):
+    """The client stopped reading its response (the send buffer stayed full)."""
 
 
 class AdmissionState:
@@ -123,8 +130,9 @@ class _Receiver:
 class _Sender:
     """The app's `send`: remembers the status and whether the body was started or ended."""
 
-    def __init__(self, send: Send):
+    def __init__(self, send: Send, stall_timeout_s: float):
         self._send = send
+        self._stall_timeout_s = stall_timeout_s
         self.status: int | None = None
         self.streaming = False  # text/event-stream: a shutdown ends it with an error event
         self.ended = False
@@ -136,7 +144,11 @@ class _Sender:
             self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.ended = True
-        await self._send(message)
+        try:
+            async with asyncio.timeout(self._stall_timeout_s):  # waits only on a full buffer
+                await self._send(message)
+        except TimeoutError:
+            raise ClientStalled() from None
 
     async def end_stream_with_error(self, message: str) -> None:
         """Close an SSE body that the route can no longer finish."""
@@ -213,7 +225,7 @@ class TransportGuard:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> _Sender:
         """Run the route as a task that a disconnect cancels; map what it raises."""
-        sender = _Sender(send)
+        sender = _Sender(send, self.limits.send_stall_timeout_s)
         # `task` is bound before the route can read its body, hence before any disconnect.
         receiver = _Receiver(receive, self.limits.max_body_bytes, lambda: task.cancel())
         task = asyncio.ensure_future(self.app(scope, receiver, sender))
@@ -223,6 +235,10 @@ class TransportGuard:
             if not receiver.disconnected.is_set():  # the server is stopping, not the client
                 await self._cut_by_shutdown(sender)
                 raise
+        except ClientStalled:
+            # nothing more can reach this client; returning with the response unfinished
+            # makes uvicorn close the connection
+            logger.info("dropped a client that stopped reading its response")
         except Exception as exc:  # noqa: BLE001 - mapped to an error response below
             await self._send_mapped(exc, sender)
         finally:

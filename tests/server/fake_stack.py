@@ -152,7 +152,9 @@ class FakeEngine:
         ]
         self.active.add(request_id)
         try:
-            for step in range(max(len(r) for r in replies) + 1):
+            # ignore_eos repeats the reply up to the limit ("length"), as a model would go on
+            steps = limit if params.ignore_eos else max(len(r) for r in replies)
+            for step in range(steps + 1):
                 await asyncio.sleep(self.delay)
                 if request_id in self.aborted:
                     for o in outs:

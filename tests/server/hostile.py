@@ -20,10 +20,13 @@ from tests.server.fake_stack import make_fake_service
 
 @contextlib.contextmanager
 def serve_fake(
-    delay: float = 0.0, settings: ServerSettings | None = None, **uvicorn_options
+    delay: float = 0.0,
+    settings: ServerSettings | None = None,
+    max_model_len: int = 512,
+    **uvicorn_options,
 ) -> Iterator[tuple[str, object, DrainingServer]]:
     """(base URL, ChatService, server) of a fake-engine server in a thread; stopped on exit."""
-    service = make_fake_service(delay=delay)
+    service = make_fake_service(max_model_len, delay)
     app = create_app(service, settings or ServerSettings(), service.engine.stats)
     port = free_port()
     config = uvicorn.Config(

@@ -230,3 +230,21 @@ def test_shutdown_drains_then_ends_streams_with_an_error_event():
     events = [line for line in received.split(b"\n") if line.startswith(b"data: ")]
     assert events[-1] == b"data: [DONE]", events[-3:]
     assert b"server_shutdown" in events[-2]
+
+
+def test_client_that_stops_reading_is_dropped_and_its_request_aborted():
+    """Item 2 at the transport: a client that stays connected but reads nothing held its
+    engine request and connection for as long as it liked."""
+    settings = ServerSettings(send_stall_timeout_s=1.0)
+    with serve_fake(settings=settings, max_model_len=100_000) as (base, service, _):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", port_of(base)))
+        # ~10 MB of events: more than the socket buffers hold
+        body = {**LONG, "max_tokens": 8_000, "stream": True, "logprobs": True, "top_logprobs": 20}
+        sock.sendall(json_request("/v1/chat/completions", body))
+        assert wait_until(lambda: service.engine.active, 5)
+        assert wait_until(lambda: not service.engine.active, 8), "still generating"
+        assert not service.engine.finished_ids  # cut off, not run to its end
+        assert _closed_within(sock, 5)  # the server closed the connection
+        sock.close()
