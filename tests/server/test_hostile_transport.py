@@ -248,3 +248,34 @@ def test_client_that_stops_reading_is_dropped_and_its_request_aborted():
         assert not service.engine.finished_ids  # cut off, not run to its end
         assert _closed_within(sock, 5)  # the server closed the connection
         sock.close()
+
+
+def _asgi_call(guard, path: str) -> list[dict]:
+    """Messages `guard` sends for a bodiless POST to `path`."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "headers": [], "method": "POST"}
+    asyncio.run(guard(scope, receive, send))
+    return sent
+
+
+def test_draining_server_refuses_new_work_but_answers_health():
+    from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    admission = AdmissionState()
+    admission.draining = True
+    guard = TransportGuard(app, TransportLimits(max_body_bytes=10), admission, lambda e: (500, b""))
+    refused = _asgi_call(guard, "/v1/chat/completions")
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert b"server_shutdown" in refused[1]["body"]
+    assert _asgi_call(guard, "/health")[0]["status"] == 200
