@@ -102,10 +102,10 @@ def test_async_engine_isolates_a_failing_request(monkeypatch):
     assert good.finished and good.outputs[0].finish_reason == "length"
 
 
-def _stalled_reader(max_unread: int, max_tokens: int, read_first: int = 1):
-    """Read `read_first` outputs of a request with top-20 logprobs, then stop reading while
-    the engine runs on. Returns (long lists that appeared while stalled, the reader's next
-    item, whether the engine still runs the request)."""
+def _stalled_reader(max_unread: int, max_tokens: int):
+    """Read the first output of a request with top-20 logprobs, then stop reading while the
+    engine runs on. Returns (long lists that appeared while stalled, the reader's next item,
+    whether the engine still runs the request, the tokens the first output carried)."""
 
     engine = make_engine(max_model_len=max_tokens + 64, num_blocks=max_tokens // 4 + 64)
     params = SamplingParams(
@@ -116,8 +116,7 @@ def _stalled_reader(max_unread: int, max_tokens: int, read_first: int = 1):
         aeng = AsyncEngine(engine, max_unread_outputs=max_unread)
         try:
             outputs = aeng.generate("slow", prompt(range(20, 30)), params)
-            for _ in range(read_first):
-                await outputs.__anext__()
+            first = await outputs.__anext__()  # may carry a few steps, merged
             before = _long_lists()
             deadline = asyncio.get_running_loop().time() + 20
             while (
@@ -133,7 +132,7 @@ def _stalled_reader(max_unread: int, max_tokens: int, read_first: int = 1):
             except Exception as exc:  # noqa: BLE001 - the test inspects it
                 nxt = exc
             await outputs.aclose()
-            return grown, nxt, running
+            return grown, nxt, running, len(first.outputs[0].token_ids)
         finally:
             aeng.shutdown()
 
@@ -149,11 +148,12 @@ def _long_lists() -> int:
 def test_stalled_reader_costs_one_merged_output():
     """Item 2: unread outputs were queued one per step, each a copy of the cumulative
     token/logprob lists: memory grew quadratically with the length of the reply."""
-    grown, nxt, _ = _stalled_reader(max_unread=10_000, max_tokens=600)
+    grown, nxt, _, first = _stalled_reader(max_unread=10_000, max_tokens=600)
     # before the fix: ~2 per unread output (its token ids and logprobs, copied whole), ~1000
     assert grown < 100, f"{grown} reply-sized lists held for a stalled reader"  # 3 here
     out = nxt.outputs[0]
-    assert out.finish_reason == "length" and len(out.delta_token_ids) == 599
+    assert out.finish_reason == "length" and len(out.delta_token_ids) == 600 - first
+    assert out.token_ids[first:] == out.delta_token_ids
     assert len(out.logprobs) == 600
     assert out.delta_text == FakeTokenizer().decode(out.delta_token_ids)
 
@@ -161,7 +161,7 @@ def test_stalled_reader_costs_one_merged_output():
 def test_reader_far_behind_is_cut_off_and_its_request_aborted():
     from mistralpy.engine.errors import ReaderTooSlowError
 
-    _, nxt, running = _stalled_reader(max_unread=40, max_tokens=400)
+    _, nxt, running, _ = _stalled_reader(max_unread=40, max_tokens=400)
     assert isinstance(nxt, ReaderTooSlowError)
     assert not running
 
