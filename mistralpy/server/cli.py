@@ -278,9 +278,9 @@ def _server(app: Any, cfg: ServeConfig) -> Any:
         log_level="warning",
         http=guarded_h11(limits),
         timeout_keep_alive=int(max(1, cfg.keep_alive_timeout_s)),
-        timeout_graceful_shutdown=int(max(1, cfg.shutdown_timeout_s)),
+        timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) + 5,  # a backstop only
     )
-    return DrainingServer(config, app.state.admission)
+    return DrainingServer(config, app.state.admission, cfg.shutdown_timeout_s)
 
 
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:

@@ -126,13 +126,20 @@ def raise_fd_limit() -> int:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that marks `admission` draining as soon as shutdown starts, so that
-    requests arriving on kept-alive connections during the drain get a clean 503."""
+    """uvicorn's server with a bounded drain: once shutdown starts, new requests get a 503;
+    after `drain_s` the routes still running end (streams with an error event and [DONE])
+    and their connections close cleanly, before the process exits. uvicorn's own
+    `timeout_graceful_shutdown`, later than `drain_s`, only backs this up."""
 
-    def __init__(self, config: uvicorn.Config, admission: AdmissionState):
+    def __init__(self, config: uvicorn.Config, admission: AdmissionState, drain_s: float):
         super().__init__(config)
         self.admission = admission
+        self.drain_s = drain_s
 
     async def shutdown(self, sockets: list | None = None) -> None:
         self.admission.draining = True
-        await super().shutdown(sockets)
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self.admission.drain_over.set)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()

@@ -63,7 +63,8 @@ class AdmissionState:
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.draining = False
+        self.draining = False  # shutdown started: new requests get a 503
+        self.drain_over = asyncio.Event()  # the drain time is up: routes still running end
 
 
 async def send_error(
@@ -224,26 +225,40 @@ class TransportGuard:
         return hmac.compare_digest(headers.get(b"authorization", b""), self._expected)
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> _Sender:
-        """Run the route as a task that a disconnect cancels; map what it raises."""
+        """Run the route as a task that a disconnect or the end of a drain cancels; map what
+        it raises."""
         sender = _Sender(send, self.limits.send_stall_timeout_s)
         # `task` is bound before the route can read its body, hence before any disconnect.
         receiver = _Receiver(receive, self.limits.max_body_bytes, lambda: task.cancel())
         task = asyncio.ensure_future(self.app(scope, receiver, sender))
         try:
-            await task
-        except asyncio.CancelledError:
-            if not receiver.disconnected.is_set():  # the server is stopping, not the client
+            await self._until_done_or_drained(task)
+        finally:
+            receiver.close()
+        if task.cancelled():
+            if not receiver.disconnected.is_set():  # the drain is over, the client is there
                 await self._cut_by_shutdown(sender)
-                raise
-        except ClientStalled:
+        elif isinstance(task.exception(), ClientStalled):
             # nothing more can reach this client; returning with the response unfinished
             # makes uvicorn close the connection
             logger.info("dropped a client that stopped reading its response")
-        except Exception as exc:  # noqa: BLE001 - mapped to an error response below
-            await self._send_mapped(exc, sender)
-        finally:
-            receiver.close()
+        elif task.exception() is not None:
+            await self._send_mapped(task.exception(), sender)
         return sender
+
+    async def _until_done_or_drained(self, task: asyncio.Task) -> None:
+        """Wait for the route; cancel it if the drain ends first (or we are cancelled)."""
+        over = asyncio.ensure_future(self.admission.drain_over.wait())
+        try:
+            await asyncio.wait({task, over}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            over.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
     async def _send_mapped(self, exc: Exception, sender: _Sender) -> None:
         status, body = self._map_error(exc)

@@ -32,7 +32,8 @@ def serve_fake(
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="error", lifespan="off", **uvicorn_options
     )
-    server = DrainingServer(config, app.state.admission)
+    drain_s = uvicorn_options.get("timeout_graceful_shutdown") or 10
+    server = DrainingServer(config, app.state.admission, drain_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -188,3 +188,34 @@ def test_huge_prompts_do_not_freeze_the_server(demo_server):
         assert resp.status_code == 400 and "context length" in resp.json()["error"]["message"]
     assert worst < 1.0, f"/health took {worst:.2f} s"
     assert total < 20, f"the 400s took {total:.1f} s"
+
+
+def test_sigterm_drains_then_ends_running_streams_with_an_error_event():
+    """Item 12 through the CLI: SIGTERM, a bounded drain, then an error event and [DONE]
+    for the stream still running (not a cut connection), and the process exits."""
+    from mistralpy.testing.server_process import free_port, start_server, stop_server
+    from tests.server.conftest import ROOT
+
+    port = free_port()
+    args = ["-m", "mistralpy.server.cli", "serve", "demo", "--host", "127.0.0.1", "--port"]
+    args += [str(port), "--device", "cpu", "--max-model-len", "1024", "--shutdown-timeout", "1"]
+    proc = start_server(args, port, ROOT, timeout=300, quiet=True)
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "go on"}],
+            "stream": True,
+            "max_tokens": 1000,
+            "ignore_eos": True,
+        }
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}{CHAT}", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                if len(events) == 3:
+                    proc.terminate()  # SIGTERM while the stream runs
+        assert events[-1] == "data: [DONE]"
+        assert "server_shutdown" in events[-2], events[-2]
+        assert proc.wait(timeout=30) is not None
+    finally:
+        stop_server(proc)
