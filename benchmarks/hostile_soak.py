@@ -118,7 +118,9 @@ async def stream_text(client: httpx.AsyncClient, base: str, body: dict, cut: int
 
 async def disconnect_rounds(base: str, end: float, figs: Figures, rng: random.Random) -> None:
     prompts = [f"question number {i}" for i in range(8)]
-    limits = httpx.Limits(max_connections=80)
+    # idle connections are dropped before the server's 5 s keep-alive timeout would close
+    # them under a request being sent (a client-side race, not a server loss)
+    limits = httpx.Limits(max_connections=80, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         alone = {p: await stream_text(client, base, stream_body(p), None) for p in prompts}
         while time.monotonic() < end:
@@ -199,7 +201,7 @@ async def drip(reader, writer, data: bytes, end: float) -> bool:
             try:
                 if await asyncio.wait_for(reader.read(1), 1.0) == b"":
                     return True
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
         return await reader.read(1) == b""  # all sent: wait for the body deadline
     except OSError:
@@ -208,17 +210,22 @@ async def drip(reader, writer, data: bytes, end: float) -> bool:
 
 async def big_prompts(base: str, end: float, figs: Figures, period_s: float = 15.0) -> None:
     big = "lorem ipsum " * (10_000_000 // 12)
-    bodies = [
-        ("/v1/completions", {"prompt": big, "max_tokens": 2}),
-        (CHAT, {"messages": [{"role": "user", "content": big}], "max_tokens": 2}),
-        ("/tokenize", {"prompt": big}),
+    bodies = [  # encoded once: json.dumps of 10 MB would stall this (the attackers') loop
+        (path, json.dumps(body).encode())
+        for path, body in [
+            ("/v1/completions", {"prompt": big, "max_tokens": 2}),
+            (CHAT, {"messages": [{"role": "user", "content": big}], "max_tokens": 2}),
+            ("/tokenize", {"prompt": big}),
+        ]
     ]
+    headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(timeout=300) as client:
         while time.monotonic() < end:
             for path, body in bodies:
                 start = time.monotonic()
                 try:
-                    status = str((await client.post(base + path, json=body)).status_code)
+                    reply = await client.post(base + path, content=body, headers=headers)
+                    status = str(reply.status_code)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 figs.big_prompts += 1
@@ -227,22 +234,24 @@ async def big_prompts(base: str, end: float, figs: Figures, period_s: float = 15
             await asyncio.sleep(period_s)
 
 
-async def monitor(base: str, pid: int, end: float, figs: Figures) -> list[float]:
-    """RSS, fds and /health latency once a second; returns the latencies (ms)."""
+def monitor(base: str, pid: int, end: float, figs: Figures) -> list[float]:
+    """RSS, fds and /health latency once a second; returns the latencies (ms). Runs in a
+    thread of its own, with a blocking client: the attackers' event loop, busy with 64
+    streams, must not delay (and so inflate) the latency it measures."""
     latencies = []
-    async with httpx.AsyncClient(timeout=10) as client:
+    with httpx.Client(timeout=10) as client:
         while time.monotonic() < end:
             figs.rss_mib.append(round(rss_mib(pid), 1))
             figs.fds.append(open_fds(pid))
             start = time.monotonic()
             try:
-                ok = (await client.get(base + "/health")).status_code == 200
+                ok = client.get(base + "/health").status_code == 200
             except httpx.HTTPError:
                 ok = False
             latencies.append((time.monotonic() - start) * 1000)
             figs.health_checks += 1
             figs.health_failures += not ok
-            await asyncio.sleep(1.0)
+            time.sleep(1.0)
     return latencies
 
 
@@ -252,7 +261,7 @@ async def soak(port: int, pid: int, duration: float, seed: int) -> Figures:
     end = start + duration
     rng = random.Random(seed)
     latencies, *_ = await asyncio.gather(
-        monitor(base, pid, end, figs),
+        asyncio.to_thread(monitor, base, pid, end, figs),
         disconnect_rounds(base, end, figs, rng),
         stalled_readers(port, end, figs),
         slow_loris(port, end, figs),

@@ -8,6 +8,7 @@ engine request.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from mistralpy.server.protocol import (
     to_service_body,
 )
 from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ async def _stream(
         first = await chunks.__anext__()
     except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
         await chunks.aclose()
+        _log_unexpected(exc, request_id)
         return error_response(exc)
     return _EventStream(
         _sse_body(first, chunks, request_id, service, metrics, start),
@@ -304,6 +308,7 @@ async def _sse_body(first, chunks, request_id, service, metrics, start) -> Async
         finished = True
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
         finished = True
+        _log_unexpected(exc, request_id)
         yield _sse(error_response_body(exc))
     finally:
         if not finished:  # client went away (cancelled): free the engine's slot at once
@@ -311,6 +316,12 @@ async def _sse_body(first, chunks, request_id, service, metrics, start) -> Async
         await chunks.aclose()
     metrics.record_usage(usage)
     yield _sse("[DONE]")
+
+
+def _log_unexpected(exc: BaseException, request_id: str) -> None:
+    """Log what is not the user's fault: its text goes to the log, not to the client."""
+    if not isinstance(exc, ValueError):
+        logger.error("request %s failed", request_id, exc_info=exc)
 
 
 def error_response_body(exc: BaseException) -> dict:

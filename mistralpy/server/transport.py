@@ -145,10 +145,9 @@ class _Sender:
             self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.ended = True
-        try:
-            async with asyncio.timeout(self._stall_timeout_s):  # waits only on a full buffer
-                await self._send(message)
-        except TimeoutError:
+        try:  # uvicorn's send waits only while the socket's buffer is full
+            await asyncio.wait_for(self._send(message), self._stall_timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ClientStalled() from None
 
     async def end_stream_with_error(self, message: str) -> None:
