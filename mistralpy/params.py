@@ -15,6 +15,8 @@ LOGIT_BIAS_LIMIT = 100.0
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# Seeds are int64, as OpenAI and vLLM take them (a torch generator takes no wider value).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark", "choice", "tool_calls")
 
 
@@ -114,7 +116,11 @@ class SamplingParams:
             "top_logprobs",
             f"must be in [0, {MAX_TOP_LOGPROBS}]",
         )
-        _check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        _check(
+            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            "seed",
+            "must be an integer in [-2**63, 2**63 - 1]",
+        )
 
     def _check_floats(self) -> None:
         _check_range(self.temperature, "temperature", 0.0, 100.0, "must be in [0, 100]")
@@ -137,6 +143,8 @@ class SamplingParams:
         """
         for token in self.logit_bias:
             _check(token < vocab_size, "logit_bias", f"token id {token} >= vocab size")
+        for token in self.stop_token_ids:
+            _check(token < vocab_size, "stop_token_ids", f"token id {token} >= vocab size")
 
 
 def _is_int(value: object) -> bool:

@@ -9,12 +9,13 @@ worker thread so the event loop keeps serving other streams.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
@@ -62,9 +63,18 @@ class EngineRequestError(RuntimeError):
 class PromptBuilder(Protocol):
     """Turns request content into a ProcessedPrompt (token ids + preprocessed images)."""
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> Any: ...
+    async def load_images(self, messages: list[dict]) -> dict[str, Any]: ...
+
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]
+    ) -> Any: ...
 
     def text(self, prompt: str | list[int]) -> Any: ...
+
+
+# Image downloads and decodes at once, over all requests: their own pool, so that slow image
+# URLs never hold the threads that template text-only chats (asyncio's default executor).
+IMAGE_WORKERS = 4
 
 
 @dataclass
@@ -75,15 +85,37 @@ class TemplatePrompts:
     template: Any  # processing.chat_template.ChatTemplate
     image_policy: Any  # processing.images.ImagePolicy
     image_processor_config: Any  # what processing.images.preprocess_image takes
+    image_pool: concurrent.futures.Executor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            IMAGE_WORKERS, thread_name_prefix="mistralpy-images"
+        )
+    )
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> Any:
-        from mistralpy.processing.chat_template import build_chat_prompt
+    async def load_images(self, messages: list[dict]) -> dict[str, Any]:
+        """source -> ProcessedImage for every distinct image of `messages`, loaded in the
+        image pool; cancelling the caller (client gone) drops the loads not yet started."""
+        from mistralpy.processing.chat_template import image_sources
         from mistralpy.processing.errors import TooManyImagesError
 
+        sources = list(dict.fromkeys(image_sources(messages)))  # the same image loads once
         limit = getattr(self.image_policy, "max_images_per_request", None)
         if limit is not None and _count_images(messages) > limit:
             raise TooManyImagesError(f"at most {limit} images per request", "messages")
-        return build_chat_prompt(self.tokenizer, self.template, messages, tools, self._load_image)
+        loop = asyncio.get_running_loop()
+        loads = [loop.run_in_executor(self.image_pool, self._load_image, s) for s in sources]
+        try:
+            return dict(zip(sources, await asyncio.gather(*loads)))
+        finally:
+            for load in loads:  # after a failure or a cancellation: the rest is moot
+                load.cancel()
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]) -> Any:
+        from mistralpy.processing.chat_template import build_chat_prompt
+
+        def loaded(source: str) -> Any:
+            return images[source] if source in images else self._load_image(source)
+
+        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loaded)
 
     def text(self, prompt: str | list[int]) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt
@@ -95,6 +127,19 @@ class TemplatePrompts:
         from mistralpy.processing.images import load_image, preprocess_image
 
         return preprocess_image(load_image(source, self.image_policy), self.image_processor_config)
+
+
+def _message_chars(messages: list[dict]) -> int:
+    """Characters of text in `messages` (string contents and text parts)."""
+    total = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            texts = (p.get("text") for p in content if isinstance(p, dict))
+            total += sum(len(t) for t in texts if isinstance(t, str))
+    return total
 
 
 def _count_images(messages: list[dict]) -> int:
@@ -382,7 +427,8 @@ class ChatService:
         params = sampling_params_from_request(body, chat=True, tools_active=tools_active)
         if tools is not None and not tools_active:
             params = self._without_tool_calls(params)
-        prompt = await asyncio.to_thread(self.prompts.chat, messages, tools)
+        self._check_text_size(_message_chars(messages), "messages")
+        prompt = await self._chat_prompt(messages, tools)
         self._check_length(prompt, params)
         return prompt, self._with_default_limit(prompt, params), tools_active
 
@@ -393,12 +439,29 @@ class ChatService:
         params = sampling_params_from_request(body, chat=False, tools_active=False)
         prompts = []
         for prompt_in in prompts_in:
+            self._check_prompt_input(prompt_in)
             prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
             self._check_length(prompt, params)
             prompts.append(prompt)
         if len(prompts) == 1:
             params = self._with_default_limit(prompts[0], params)
         return prompts, params
+
+    def _check_prompt_input(self, prompt_in: str | list[int]) -> None:
+        """Text that cannot fit is refused before tokenizing it; token ids must be ids of
+        this vocabulary (an id past it would fail the whole model step)."""
+        if isinstance(prompt_in, str):
+            self._check_text_size(len(prompt_in), "prompt")
+        elif max(prompt_in) >= self.tokenizer.vocab_size:
+            raise InvalidRequest(
+                f"prompt token ids must be below the vocabulary size {self.tokenizer.vocab_size}",
+                "prompt",
+            )
+
+    async def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> Any:
+        """Images first (their own pool), then the template in a worker thread."""
+        images = await self.prompts.load_images(messages)
+        return await asyncio.to_thread(self.prompts.chat, messages, tools, images)
 
     def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
         """tool_choice "none": the tools stay in the prompt (as OpenAI and vLLM do), but the
@@ -415,6 +478,18 @@ class ChatService:
             return params
         room = self.max_model_len - len(prompt.token_ids)  # >= 1 once _check_length passed
         return dataclasses.replace(params, max_tokens=min(self.default_max_tokens, room))
+
+    def _check_text_size(self, num_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text that cannot fit: N characters are at least
+        N / max_token_bytes tokens (tokenizing 10 MB takes seconds of a core)."""
+        per_token = getattr(self.tokenizer, "max_token_bytes", None)
+        if per_token is not None and num_chars // per_token >= self.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt's {num_chars} characters are more than that.",
+                param,
+                "context_length_exceeded",
+            )
 
     def _check_length(self, prompt: Any, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
@@ -662,11 +737,15 @@ class ChatService:
         self.check_model(body.get("model"))
         if body.get("messages") is not None:
             messages = _openai_messages(body["messages"])
-            prompt = await asyncio.to_thread(self.prompts.chat, messages, _tools(body))
+            self._check_text_size(_message_chars(messages), "messages")
+            prompt = await self._chat_prompt(messages, _tools(body))
             tokens = list(prompt.token_ids)
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True)
-            tokens = self.tokenizer.encode(body["prompt"], bool(add_special))
+            self._check_text_size(len(body["prompt"]), "prompt")
+            tokens = await asyncio.to_thread(
+                self.tokenizer.encode, body["prompt"], bool(add_special)
+            )
         else:
             raise InvalidRequest("give `prompt` (string) or `messages`", "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len}

@@ -195,10 +195,15 @@ def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
 
 
 def load_engine(config: Any) -> Any:
-    """The synchronous LLMEngine (slow: reads and maybe quantizes weights)."""
+    """The synchronous LLMEngine (slow: reads and maybe quantizes weights), with its grammar
+    tokenizer built now: built by the first grammar request instead, it would hold the GIL
+    for seconds and pause every running stream."""
     from mistralpy.engine.engine import LLMEngine
 
-    return LLMEngine.from_config(config)
+    engine = LLMEngine.from_config(config)
+    if importlib.util.find_spec("llguidance") is not None:
+        engine.grammar_tokenizer()
+    return engine
 
 
 def wrap_async(llm_engine: Any) -> Any:

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,11 +43,13 @@ from mistralpy.engine.request import (
 )
 from mistralpy.engine.scheduler import Scheduler, SchedulerOutput
 from mistralpy.engine.stop import StopChecker
+from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
 from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
 from mistralpy.runner.kv_cache import KVCacheTooSmallError
 from mistralpy.runner.model_runner import (
+    ModelOutput,
     ModelRunner,
     RunnerConfig,
     SampledToken,
@@ -60,6 +63,11 @@ if TYPE_CHECKING:
     from mistralpy.processing.chat_template import ProcessedPrompt
 
 logger = logging.getLogger(__name__)
+
+# Outputs a request's reader may leave unread before it is cut off (a stalled client): at
+# one output per step, minutes of generation, while memory stays one merged output.
+DEFAULT_MAX_UNREAD_OUTPUTS = 4096
+GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept (clients repeat their schemas)
 
 _FINISH_STATUS = {
     "stop": RequestStatus.FINISHED_STOPPED,
@@ -140,7 +148,9 @@ class LLMEngine:
         self._rng = random.Random(config.seed)  # seeds requests that bring no seed
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.model_path: Path | None = None  # set by from_config; grammars need its tokenizer
-        self._ll_tokenizer: Any = None  # llguidance tokenizer, built on the first grammar
+        self._ll_tokenizer: Any = None  # llguidance tokenizer, built once (grammar_tokenizer)
+        self._ll_lock = threading.Lock()  # grammars compile on other threads (AsyncEngine)
+        self._grammars: OrderedDict[str, Any] = OrderedDict()  # spec key -> CompiledGrammar
         self.stats = EngineStats()
 
     @classmethod
@@ -174,9 +184,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        matchers: list[Any] | None = None,
+    ) -> None:
         """Queue a request. Raises a ValueError subclass for a prompt or parameter the engine
-        cannot serve (too long, empty, image/token mismatch, duplicate id, bad token ids)."""
+        cannot serve (too long, empty, image/token mismatch, duplicate id, bad token ids).
+        matchers: `grammar_matchers(params)` made ahead on another thread (None: made here)."""
         if request_id in self._groups:
             raise DuplicateRequestError(request_id)
         prompt_ids = list(prompt.token_ids)
@@ -184,8 +201,10 @@ class LLMEngine:
             raise EmptyPromptError()
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), self.max_model_len)
+        _check_prompt_ids(prompt_ids, self.runner.vocab_size)
         params.check_vocab(self.runner.vocab_size)
-        grammar = self._compile_grammar(params)
+        if matchers is None:
+            matchers = self.grammar_matchers(params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         arrival = next(self._arrivals)
@@ -206,7 +225,7 @@ class LLMEngine:
             )
             if index > 0 and self.config.enable_prefix_caching:
                 req.wait_for = seqs[0].req
-            seqs.append(self._seq_state(req, grammar))
+            seqs.append(self._seq_state(req, matchers[index] if matchers else None))
         metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
         group = _Group(request_id, prompt_ids, seqs, metrics)
         self._groups[request_id] = group
@@ -255,12 +274,9 @@ class LLMEngine:
         self.stats.num_computed_tokens += sched.total_tokens
         self.stats.num_preemptions += len(sched.preempted_ids)
         self.stats.num_generated_tokens += len(sched.sample_ids)
-        try:
-            result = self.runner.execute(self._batch(sched))
-        except Exception as exc:  # a failed forward fails the requests in it, not the engine
-            logger.exception("model step failed")
-            return outputs + self._fail_groups(touched, exc)
-        self.scheduler.on_step_done(sched)
+        result, failed = self._execute_isolated(self._batch(sched), touched)
+        outputs += failed
+        self.scheduler.on_step_done(sched)  # skips the sequences of failed requests
         changed = []
         for sid, token in result.sampled.items():
             group = self._seq_group[sid]
@@ -279,6 +295,31 @@ class LLMEngine:
                     self._forget(group)
         return outputs
 
+    def _execute_isolated(
+        self, batch: ScheduledBatch, groups: list[_Group]
+    ) -> tuple[ModelOutput, list[RequestOutput]]:
+        """Run the step; if it fails, run each request's share alone, so that only the
+        requests whose own share fails are failed (one bad request never fails the others).
+        Returns the merged results and the failed requests' final outputs."""
+        try:
+            return self.runner.execute(batch), []
+        except Exception as exc:  # noqa: BLE001 - isolated below, never fatal to the engine
+            if len(groups) == 1:
+                logger.exception("model step failed for request %s", groups[0].request_id)
+                return ModelOutput({}), self._fail_groups(groups, exc)
+            logger.warning("model step failed (%s); retrying request by request", exc)
+        sampled: dict[str, SampledToken] = {}
+        failed: list[RequestOutput] = []
+        for group in groups:
+            ids = {s.req.seq_id for s in group.seqs}
+            share = ScheduledBatch([w for w in batch.seqs if w.seq_id in ids])
+            try:
+                sampled.update(self.runner.execute(share).sampled)
+            except Exception as exc:  # noqa: BLE001 - only this request fails
+                logger.exception("model step failed for request %s", group.request_id)
+                failed += self._fail_groups([group], exc)
+        return ModelOutput(sampled), failed
+
     def generate(
         self, prompts: list[ProcessedPrompt], params: SamplingParams | list[SamplingParams]
     ) -> list[RequestOutput]:
@@ -296,26 +337,55 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _compile_grammar(self, params: SamplingParams) -> Any:
-        """The request's compiled grammar (None without one); raises GrammarError (ValueError)."""
+    def grammar_matchers(self, params: SamplingParams) -> list[Any] | None:
+        """One fresh GrammarMatcher per sequence of the request (None without a grammar).
+        Seconds for a large schema (llguidance builds the matcher's parser), though without
+        the GIL: AsyncEngine calls this off the engine thread; raises GrammarError."""
+        compiled = self.compile_grammar(params)
+        return None if compiled is None else [compiled.matcher() for _ in range(params.n)]
+
+    def compile_grammar(self, params: SamplingParams) -> Any:
+        """The request's compiled grammar (None without one), from a small LRU keyed by the
+        spec; raises GrammarError (ValueError). Thread-safe: AsyncEngine calls it off the
+        engine thread, so a slow compile pauses no running stream."""
         if params.grammar is None:
             return None
-        from mistralpy.processing.grammar import compile_grammar, ll_tokenizer_from_hf
+        from mistralpy.processing.grammar import compile_grammar
 
-        if self._ll_tokenizer is None:
-            if self.model_path is None:
-                raise InvalidParameter("grammar", "this engine has no tokenizer for grammars")
-            self._ll_tokenizer = ll_tokenizer_from_hf(
-                _hf_tokenizer_json(self.model_path),
-                sorted(self.eos_token_ids),
-                self.runner.vocab_size,
-            )
-        return compile_grammar(params.grammar, self._ll_tokenizer)
+        key = _grammar_key(params.grammar)
+        with self._ll_lock:
+            if key is not None and key in self._grammars:
+                self._grammars.move_to_end(key)
+                return self._grammars[key]
+        compiled = compile_grammar(params.grammar, self.grammar_tokenizer())
+        if key is not None:
+            with self._ll_lock:
+                self._grammars[key] = compiled
+                while len(self._grammars) > GRAMMAR_CACHE_SIZE:
+                    self._grammars.popitem(last=False)
+        return compiled
 
-    def _seq_state(self, req: Request, grammar: Any) -> _SeqState:
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer of this model, built on first use. The build holds the GIL
+        for seconds (a full vocabulary), pausing every thread: servers call this at start-up
+        (`api.runner.load_engine`), before any stream runs."""
+        from mistralpy.processing.grammar import ll_tokenizer_from_hf
+
+        with self._ll_lock:
+            if self._ll_tokenizer is None:
+                if self.model_path is None:
+                    raise InvalidParameter("grammar", "this engine has no tokenizer for grammars")
+                self._ll_tokenizer = ll_tokenizer_from_hf(
+                    _hf_tokenizer_json(self.model_path),
+                    sorted(self.eos_token_ids),
+                    self.runner.vocab_size,
+                )
+            return self._ll_tokenizer
+
+    def _seq_state(self, req: Request, matcher: Any) -> _SeqState:
         p = req.params
         return _SeqState(
-            grammar=grammar.matcher() if grammar is not None else None,
+            grammar=matcher,
             req=req,
             detok=IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, p.skip_special_tokens
@@ -472,6 +542,23 @@ class LLMEngine:
             self._seq_group.pop(s.req.seq_id, None)
 
 
+def _grammar_key(spec: Any) -> str | None:
+    """A cache key naming the grammar spec exactly (None: not JSON, not cached)."""
+    try:
+        return json.dumps([spec.kind, spec.value, spec.strict], sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """Every prompt token must index the embedding table (an id beyond it fails the step)."""
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameter(
+            "prompt", f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+        )
+
+
 def _hf_tokenizer_json(path: Path) -> str:
     """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json if need be)."""
     if (path / "tokenizer.json").is_file():
@@ -539,18 +626,23 @@ class AsyncEngine:
     """Drives an LLMEngine from a background thread; `generate` streams outputs to asyncio.
 
     All engine calls happen on the background thread: `generate` and `abort` only queue
-    commands. Outputs go back to each request's asyncio queue through
-    `loop.call_soon_threadsafe`. A request that fails raises `RequestFailedError` from its
+    commands. Outputs go back to each request's `OutputStream` (merged while unread, bounded)
+    through `loop.call_soon_threadsafe`. A request that fails raises `RequestFailedError` from its
     own `generate`; the others continue.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_unread_outputs: int = DEFAULT_MAX_UNREAD_OUTPUTS):
         self.engine = engine
+        self.max_unread_outputs = max_unread_outputs  # a reader this far behind is cut off
         self._commands: list[tuple[str, tuple, concurrent.futures.Future | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
         self._stopping = False
+        # grammars compile here, not on the engine thread (llguidance releases the GIL)
+        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="mistralpy-grammar"
+        )
         self._thread = threading.Thread(target=self._run, name="mistralpy-engine", daemon=True)
         self._thread.start()
 
@@ -570,15 +662,20 @@ class AsyncEngine:
         RequestFailedError if it fails inside the engine, EngineDeadError after shutdown.
         Closing the iterator early (client gone) aborts the request."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
             raise DuplicateRequestError(request_id)
-        self._streams[request_id] = (loop, queue)
+        stream = OutputStream(self.max_unread_outputs, lambda: self.abort(request_id))
+        self._streams[request_id] = (loop, stream)
         finished = False
         try:
-            await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
+            grammar = None
+            if params.grammar is not None:
+                grammar = await loop.run_in_executor(
+                    self._grammar_pool, self.engine.grammar_matchers, params
+                )
+            await asyncio.wrap_future(self._submit("add", (request_id, prompt, params, grammar)))
             while not finished:
-                item = await queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -598,6 +695,7 @@ class AsyncEngine:
         """Stop the loop after the current step; pending requests fail with EngineDeadError."""
         self._stopping = True
         self._wake.set()
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -657,10 +755,10 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        loop, queue = stream
+        loop, outputs = stream
         # RuntimeError: the caller's loop is closed, nobody is listening.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(outputs.put, item)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

@@ -55,3 +55,13 @@ class RequestFailedError(RuntimeError):
     def __init__(self, request_id: str, message: str):
         super().__init__(f"request {request_id!r} failed: {message}")
         self.request_id = request_id
+
+
+class ReaderTooSlowError(RuntimeError):
+    """The request's reader fell too far behind its outputs (a client that stopped reading);
+    the request was aborted so that it holds no engine slot for nobody."""
+
+    def __init__(self, max_unread: int):
+        super().__init__(
+            f"the client did not read its stream ({max_unread} outputs behind); request aborted"
+        )

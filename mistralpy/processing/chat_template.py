@@ -367,6 +367,19 @@ def _validate_tool_call_counts(messages: Sequence[Mapping[str, Any]]) -> None:
         raise InvalidChatError("messages: tool calls and tool results do not match up")
 
 
+def image_sources(messages: Any) -> list[str]:
+    """The sources of the image parts of `messages`, in order; parts of a bad shape are
+    skipped here (`validate_chat` reports them)."""
+    sources = []
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, Mapping) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS:
+                with contextlib.suppress(InvalidChatError):
+                    sources.append(_image_source(f"messages[{i}].content[{j}]", part))
+    return sources
+
+
 def _image_source(where: str, part: Mapping[str, Any]) -> str:
     """The URL / path / data URI of an image part, in any of the accepted spellings."""
     for key in ("image_url", "url", "image", "path"):
@@ -556,13 +569,7 @@ def build_chat_prompt(
         and (not add_generation_prompt or bool(last.get("prefix")))
     )
     validate_chat(messages, tools, continue_final)
-    sources = [
-        _image_source(f"messages[{i}].content[{j}]", part)
-        for i, m in enumerate(messages)
-        if isinstance(m.get("content"), list)
-        for j, part in enumerate(m["content"])
-        if part.get("type") in _IMAGE_PARTS
-    ]
+    sources = image_sources(messages)
     if sources and image_loader is None:
         raise InvalidChatError("messages: images given but this model has no image loader")
     prepared = [

@@ -156,14 +156,24 @@ def _read_bare(text: str, policy: ImagePolicy, param: str) -> bytes:
     """Raw base64 or a local path: base64 that opens with an image signature wins, then a path."""
     if _looks_like_base64_image(text):
         return _decode_base64(text, policy, param)
+    if policy.allowed_local_media_path is not None:
+        # decided by the text alone: asking the disk would tell what exists outside the dir
+        if _path_like(text):
+            return _read_local(text, policy, param)
+        return _decode_base64(text, policy, param)
     if policy.local_paths_allowed:
         compact = _WHITESPACE.sub("", text)
         if os.path.lexists(text) or not _BASE64_TEXT.match(compact):
             return _read_local(text, policy, param)
         return _decode_base64(text, policy, param)
-    if text.startswith(("/", "./", "../", "~")) or "." in text or "\\" in text:
+    if _path_like(text):
         raise ImageSourceForbiddenError("local file paths are not allowed", param)
     return _decode_base64(text, policy, param)
+
+
+def _path_like(text: str) -> bool:
+    """Text that reads as a file path rather than base64 (which has no '.' or '\\')."""
+    return text.startswith(("/", "./", "../", "~")) or "." in text or "\\" in text
 
 
 def _looks_like_base64_image(text: str) -> bool:
@@ -202,8 +212,8 @@ def _decode_base64(text: str, policy: ImagePolicy, param: str) -> bytes:
         raise ImageDecodeError("malformed base64 image data (bad length)", param)
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageDecodeError(f"malformed base64 image data: {exc}", param) from None
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("malformed base64 image data", param) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +224,8 @@ def _file_url_path(url: str, param: str) -> str:
     """The local path named by a `file:` URL; remote hosts are refused."""
     try:
         parts = urlsplit(url)
-    except ValueError as exc:
-        raise ImageFetchError(f"invalid file URL: {exc}", param) from None
+    except ValueError:
+        raise ImageFetchError("invalid file URL", param) from None
     if parts.netloc not in ("", "localhost"):
         raise ImageSourceForbiddenError(f"file URL host {parts.netloc!r} is not local", param)
     path = unquote(parts.path)
@@ -224,17 +234,80 @@ def _file_url_path(url: str, param: str) -> str:
     return path
 
 
+# Every refusal of a path under --allowed-local-media-path reads the same, whether the file is
+# outside, missing, unreadable, a symlink or a directory: answers reveal nothing about the disk.
+LOCAL_REFUSED = "local image path is not an allowed, readable image file"
+_OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _read_local(path_text: str, policy: ImagePolicy, param: str) -> bytes:
     """Read a regular file the policy allows, at most `max_download_bytes`, never blocking."""
-    path = _allowed_local_path(path_text, policy, param)
+    if not policy.local_paths_allowed:
+        raise ImageSourceForbiddenError("local file paths are not allowed", param)
+    root = policy.allowed_local_media_path
+    if root is None:
+        fd = _open_trusted(path_text, param)
+    else:
+        fd = _open_under(Path(root), path_text, param)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the last component
-        # must not have become a symlink since it was resolved.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageFetchError(f"cannot open local image: {exc.strerror}", param) from None
+        return _read_regular(fd, policy, param, refused=root is not None)
+    finally:
+        os.close(fd)
+
+
+def _open_trusted(path_text: str, param: str) -> int:
+    """A trusted caller's path (the Python API): any file the process can read."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        return os.open(path_text, _OPEN_FILE & ~os.O_NOFOLLOW)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "invalid path"
+        raise ImageFetchError(f"cannot open local image: {reason}", param) from None
+
+
+def _open_under(root: Path, path_text: str, param: str) -> int:
+    """Open `path_text` inside `root` one component at a time from the root's descriptor,
+    refusing every symlink (O_NOFOLLOW per component): a directory swapped for a symlink
+    between a check and the open cannot lead outside, as there is no separate check."""
+    parts = _parts_under(root, path_text)
+    if parts is None:
+        raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
+    fds = []
+    try:
+        fds.append(os.open(root, _OPEN_DIR))
+        for part in parts[:-1]:
+            fds.append(os.open(part, _OPEN_DIR, dir_fd=fds[-1]))
+        return os.open(parts[-1], _OPEN_FILE, dir_fd=fds[-1])
+    except (OSError, ValueError):  # missing, a symlink, not a directory, NUL byte...
+        raise ImageSourceForbiddenError(LOCAL_REFUSED, param) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _parts_under(root: Path, path_text: str) -> list[str] | None:
+    """The components of `path_text` below `root` (absolute paths must start with it), or
+    None if it names nothing strictly inside. Lexical only: the open refuses symlinks."""
+    path = os.path.normpath(path_text)
+    if os.path.isabs(path):
+        try:
+            path = os.path.relpath(path, root)
+        except ValueError:
+            return None
+    parts = [p for p in Path(path).parts if p not in ("", ".")]
+    if not parts or parts[0] == ".." or os.path.isabs(path):
+        return None
+    return parts
+
+
+def _read_regular(fd: int, policy: ImagePolicy, param: str, refused: bool) -> bytes:
+    """The bytes of the regular file open at `fd`; refused: the allowed-directory policy,
+    whose refusals all read LOCAL_REFUSED."""
     try:
         info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) and refused:
+            raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
         if not stat.S_ISREG(info.st_mode):
             raise ImageFetchError("local image path is not a regular file", param)
         if info.st_size > policy.max_download_bytes:
@@ -245,29 +318,9 @@ def _read_local(path_text: str, policy: ImagePolicy, param: str) -> bytes:
         data = os.read(fd, policy.max_download_bytes + 1)
     except OSError as exc:
         raise ImageFetchError(f"cannot read local image: {exc.strerror}", param) from None
-    finally:
-        os.close(fd)
     if len(data) > policy.max_download_bytes:
         raise ImageTooLargeError(f"local image exceeds {policy.max_download_bytes} bytes", param)
     return data
-
-
-def _allowed_local_path(path_text: str, policy: ImagePolicy, param: str) -> Path:
-    """The resolved path (symlinks and '..' gone) if the policy allows reading it."""
-    if not policy.local_paths_allowed:
-        raise ImageSourceForbiddenError("local file paths are not allowed", param)
-    root = policy.allowed_local_media_path
-    try:
-        # Relative paths are taken from the allowed directory (a server's cwd means nothing).
-        path = Path(path_text) if root is None else Path(root) / path_text
-        resolved = path.resolve()
-        inside = root is None or resolved.is_relative_to(Path(root).resolve())
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop...
-        raise ImageFetchError(f"invalid local path: {type(exc).__name__}", param) from None
-    # Decided before existence, so answers never reveal what exists outside the directory.
-    if not inside:
-        raise ImageSourceForbiddenError("path is outside the allowed local media directory", param)
-    return resolved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +475,7 @@ _HTTPCORE_ERRORS = (
 def _fetch_failure(exc: Exception, deadline: _Deadline, param: str) -> ImageFetchError:
     if isinstance(exc, httpcore.TimeoutException | httpx.TimeoutException):
         return ImageFetchError(f"image download timed out ({deadline.seconds}s limit)", param)
-    return ImageFetchError(f"image download failed: {type(exc).__name__}: {exc}", param)
+    return ImageFetchError(f"image download failed ({type(exc).__name__})", param)
 
 
 class _CoreBody(httpx.SyncByteStream):
@@ -487,8 +540,8 @@ def _check_http_url(url: str, param: str) -> httpx.URL:
     """Parse an http(s) URL with a host and no credentials (every redirect hop passes here)."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise ImageFetchError(f"invalid image URL: {exc}", param) from None
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ImageFetchError("invalid image URL", param) from None
     if parsed.scheme not in ("http", "https"):
         raise ImageSourceForbiddenError(f"URL scheme {parsed.scheme!r} is not allowed", param)
     if not parsed.host:
@@ -521,8 +574,8 @@ def _join_url(base: httpx.URL, location: str, param: str) -> str:
     """A redirect's Location resolved against the URL that sent it."""
     try:
         return str(base.join(location))
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise ImageFetchError(f"invalid redirect location: {exc}", param) from None
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ImageFetchError("invalid redirect location", param) from None
 
 
 def _read_body(response: httpx.Response, policy: ImagePolicy, param: str) -> bytes:
@@ -555,10 +608,10 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy, param: str = "image_url
     try:
         probe.verify()  # structural check (PNG CRCs, chunk order); leaves `probe` unusable
         image.load()  # decodes the current frame = the first; truncation raises here
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large: {exc}", param) from None
-    except Exception as exc:  # decoders of hostile bytes raise many types (OSError, SyntaxError...)
-        raise ImageDecodeError(f"image data is corrupt or truncated: {exc}", param) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError("image is too large (decompression bomb)", param) from None
+    except Exception:  # decoders of hostile bytes raise many types (OSError, SyntaxError...)
+        raise ImageDecodeError("image data is corrupt or truncated", param) from None
     return image
 
 
@@ -566,11 +619,11 @@ def _open_checked(data: bytes, policy: ImagePolicy, param: str) -> Image.Image:
     """Parse just the header of an accepted format and enforce the pixel cap."""
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large: {exc}", param) from None
-    except Exception as exc:  # UnidentifiedImageError, SyntaxError, struct.error...
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError("image is too large (decompression bomb)", param) from None
+    except Exception:  # UnidentifiedImageError, SyntaxError, struct.error...
         raise ImageDecodeError(
-            f"not a decodable image (accepted: {', '.join(ACCEPTED_FORMATS)}): {exc}", param
+            f"not a decodable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param
         ) from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -726,8 +779,8 @@ def to_rgb(image: Image.Image, param: str = "image_url") -> Image.Image:
         canvas = Image.new("RGBA", image.size, "WHITE")
         canvas.paste(rgba, (0, 0), rgba)
         return canvas.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {exc}", param) from None
+    except (ValueError, OSError):
+        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB", param) from None
 
 
 _BAND_ROWS = 256

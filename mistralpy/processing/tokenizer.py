@@ -144,6 +144,9 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = dict(specials)  # special string -> id
         self._special_strings = {i: s for s, i in specials.items()}
         self.special_token_ids: frozenset[int] = frozenset(self._special_strings)
+        # No token spans more bytes than this: a text of N characters has at least
+        # N / max_token_bytes tokens, a bound checked before tokenizing a huge text.
+        self.max_token_bytes = max((len(b) for b in token_bytes), default=1) or 1
         self._regular_ids = {
             b: i for i, b in enumerate(token_bytes) if i not in self._special_strings
         }

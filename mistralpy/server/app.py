@@ -7,9 +7,8 @@ engine request.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
@@ -35,18 +35,21 @@ from mistralpy.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check_plain_json,
     error_body,
     to_service_body,
 )
+from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
 
-# How often a non-streaming request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.5
-OPEN_PATHS = ("/health",)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     api_key: str | None = None  # when set, every route but /health needs `Bearer <key>`
+    # generation requests in flight (running + queued) beyond which new ones get a 429
+    max_requests_in_flight: int | None = None
+    send_stall_timeout_s: float = 60.0  # a client reading nothing this long is dropped
 
 
 class ServerMetrics:
@@ -104,7 +107,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         code = getattr(exc, "code", None)
         message = getattr(exc, "message", None) or str(exc)
         return _error(400, message, "invalid_request_error", param, code)
-    return _error(500, f"internal error: {exc}", "internal_error", None, None)
+    # The exception's text is for the log (the transport guard logs it), not for the client.
+    return _error(500, "internal server error", "internal_error", None, None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -146,7 +150,8 @@ def create_app(
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.service = service
     app.state.metrics = metrics
-    _install_middleware(app, settings, metrics)
+    app.state.admission = AdmissionState()
+    _install_middleware(app, settings, metrics, app.state.admission)
     _install_error_handlers(app)
     _install_routes(app, service, metrics)
     return app
@@ -165,36 +170,31 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def _install_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
-    expected = settings.api_key
+def _install_middleware(
+    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, admission: AdmissionState
+) -> None:
+    def on_response(scope: dict, status: int) -> None:
+        route = scope.get("route")
+        metrics.requests.labels(route.path if route is not None else "unmatched", str(status)).inc()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "request body too large", "invalid_request_error")
-        auth = request.headers.get("authorization", "")
-        if expected and request.url.path not in OPEN_PATHS and not bearer_matches(auth, expected):
-            return _error(
-                401,
-                "Incorrect API key provided.",
-                "invalid_request_error",
-                None,
-                "invalid_api_key",
-            )
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
-
-def bearer_matches(header: str, api_key: str) -> bool:
-    """`Authorization: Bearer <key>` with the scheme in any case (RFC 7235), in constant time."""
-    scheme, _, token = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
+    limits = TransportLimits(
+        max_body_bytes=MAX_BODY_BYTES,
+        api_key=settings.api_key,
+        max_queue_len=settings.max_requests_in_flight,
+        send_stall_timeout_s=settings.send_stall_timeout_s,
     )
+    app.add_middleware(
+        TransportGuard,
+        limits=limits,
+        admission=admission,
+        map_error=_mapped_error,
+        on_response=on_response,
+    )
+
+
+def _mapped_error(exc: BaseException) -> tuple[int, bytes]:
+    response = error_response(exc)
+    return response.status_code, bytes(response.body)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -207,10 +207,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_http(_request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error(exc.status_code, str(exc.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def on_any(_request: Request, exc: Exception):
-        return error_response(exc)
 
 
 def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) -> None:
@@ -234,29 +230,29 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        body = to_service_body(req)
+        body = _service_body(req)
         request_id = new_request_id("chatcmpl")
         if req.stream:
             chunks = service.stream_chat_completion(body, request_id)
             return await _stream(chunks, request_id, service, metrics)
-        return await _whole(service.create_chat_completion(body, request_id), request, metrics)
+        return await _whole(service.create_chat_completion(body, request_id), metrics)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        body = to_service_body(req)
+        body = _service_body(req)
         request_id = new_request_id("cmpl")
         if req.stream:
             chunks = service.stream_completion(body, request_id)
             return await _stream(chunks, request_id, service, metrics)
-        return await _whole(service.create_completion(body, request_id), request, metrics)
+        return await _whole(service.create_completion(body, request_id), metrics)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        return await service.tokenize(to_service_body(req))
+        return await service.tokenize(_service_body(req))
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        return service.detokenize(to_service_body(req))
+        return service.detokenize(_service_body(req))
 
 
 def _model_card(service: ChatService) -> dict:
@@ -269,19 +265,20 @@ def _model_card(service: ChatService) -> dict:
     }
 
 
-async def _whole(coro, request: Request, metrics: ServerMetrics) -> JSONResponse:
-    """Run a non-streaming request; cancelling it (client gone) aborts the engine request."""
-    task = asyncio.ensure_future(coro)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            break
-        if await request.is_disconnected():
-            task.cancel()
-            return _error(499, "client disconnected", "invalid_request_error")
-    if task.exception() is not None:
-        return error_response(task.exception())
-    result = task.result()
+def _service_body(req: BaseModel) -> dict:
+    """The service's dict of a parsed request, refused (400) if a layer below cannot take it."""
+    body = to_service_body(req)
+    check_plain_json(body)
+    return body
+
+
+async def _whole(coro, metrics: ServerMetrics) -> JSONResponse:
+    """Run a non-streaming request. A client that goes away cancels this route (the transport
+    guard watches for it), and the cancellation aborts the engine request."""
+    try:
+        result = await coro
+    except ValueError as exc:  # a user error: the usual 4xx
+        return error_response(exc)
     usage = result.get("usage")
     metrics.record_usage(usage)
     if usage:
@@ -298,12 +295,25 @@ async def _stream(
         first = await chunks.__anext__()
     except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
         await chunks.aclose()
+        _log_unexpected(exc, request_id)
         return error_response(exc)
-    return StreamingResponse(
+    return _EventStream(
         _sse_body(first, chunks, request_id, service, metrics, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
     )
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends: a send
+    that raises (client gone, client stalled) leaves it suspended otherwise, its engine
+    request running until garbage collection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _sse_body(first, chunks, request_id, service, metrics, start) -> AsyncIterator[bytes]:
@@ -322,6 +332,7 @@ async def _sse_body(first, chunks, request_id, service, metrics, start) -> Async
         finished = True
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
         finished = True
+        _log_unexpected(exc, request_id)
         yield _sse(error_response_body(exc))
     finally:
         if not finished:  # client went away (cancelled): free the engine's slot at once
@@ -329,6 +340,12 @@ async def _sse_body(first, chunks, request_id, service, metrics, start) -> Async
         await chunks.aclose()
     metrics.record_usage(usage)
     yield _sse("[DONE]")
+
+
+def _log_unexpected(exc: BaseException, request_id: str) -> None:
+    """Log what is not the user's fault: its text goes to the log, not to the client."""
+    if not isinstance(exc, ValueError):
+        logger.error("request %s failed", request_id, exc_info=exc)
 
 
 def error_response_body(exc: BaseException) -> dict:

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ class ServeConfig:
     allow_private_image_urls: bool = False
     allowed_local_media_path: str | None = None
     max_images_per_request: int | None = None
+    max_queue_len: int = 256  # requests waiting beyond max_num_seqs running; more get a 429
+    max_connections: int = 1024  # open connections; more are closed on accept
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 60.0  # and its body within this after the headers
+    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
+    shutdown_timeout_s: float = 10.0  # drain time on SIGTERM; streams still running then
+    # end with an error event
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -147,6 +154,44 @@ def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PO
     )
     p.add_argument(
         "--max-images-per-request", type=int, default=None, help="default: the model's limit"
+    )
+
+    p.add_argument(
+        "--max-queue-len",
+        type=int,
+        default=256,
+        help="generation requests that may wait beyond --max-num-seqs; more get 429 + Retry-After",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1024, help="open connections before refusing"
+    )
+    p.add_argument(
+        "--header-timeout",
+        dest="header_timeout_s",
+        type=float,
+        default=10.0,
+        help="seconds a client may take to send its request headers",
+    )
+    p.add_argument(
+        "--body-timeout",
+        dest="body_timeout_s",
+        type=float,
+        default=60.0,
+        help="seconds a client may take to send its request body",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        dest="keep_alive_timeout_s",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        dest="shutdown_timeout_s",
+        type=float,
+        default=10.0,
+        help="seconds to drain on SIGTERM before running streams end with an error event",
     )
 
 
@@ -324,14 +369,10 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("MISTRALPY_API_KEY") or None,
-        allow_private_image_urls=args.allow_private_image_urls,
-        allowed_local_media_path=args.allowed_local_media_path,
-        max_images_per_request=args.max_images_per_request,
-    )
+    """ServeConfig from parsed flags: each field from the flag of the same name."""
+    given = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    given["api_key"] = args.api_key or os.environ.get("MISTRALPY_API_KEY") or None
+    return ServeConfig(**given)
 
 
 # --- serve ------------------------------------------------------------------------------
@@ -445,20 +486,55 @@ def preflight(options: ModelOptions) -> None:
 async def serve_async(options: ModelOptions, cfg: ServeConfig, sock: socket.socket) -> None:
     """Load the model, then serve it on `sock` until interrupted (engine and server share
     one loop)."""
-    import uvicorn
 
     from mistralpy.server.app import ServerSettings, create_app
 
     policy = server_image_policy(cfg)
     opened = await load_with_progress(options)
     service = opened.service(policy)
-    app = create_app(service, ServerSettings(api_key=cfg.api_key), opened.stats)
+    settings = ServerSettings(
+        api_key=cfg.api_key,
+        max_requests_in_flight=options.max_num_seqs + cfg.max_queue_len,
+    )
+    app = create_app(service, settings, opened.stats)
     print(banner(opened, cfg, service.served_model_name), flush=True)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning")
     try:
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await _server(app, cfg).serve(sockets=[sock])
     finally:
         opened.engine.shutdown()
+
+
+def _server(app: Any, cfg: ServeConfig) -> Any:
+    """uvicorn with connection deadlines, a connection cap, a bounded drain and throttled
+    repeating logs (a flood of failed accepts once filled a disk)."""
+    import logging
+
+    import uvicorn
+
+    from mistralpy.server.connections import (
+        ConnectionLimits,
+        DrainingServer,
+        RepeatFilter,
+        guarded_h11,
+        raise_fd_limit,
+    )
+
+    fds = raise_fd_limit()
+    # keep descriptors for the model files, logs and image downloads
+    max_connections = max(16, min(cfg.max_connections, fds - 64))
+    limits = ConnectionLimits(cfg.header_timeout_s, cfg.body_timeout_s, max_connections)
+    for name in ("asyncio", "uvicorn.error"):
+        logging.getLogger(name).addFilter(RepeatFilter())
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        http=guarded_h11(limits),
+        timeout_keep_alive=int(max(1, cfg.keep_alive_timeout_s)),
+        timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) + 5,  # a backstop only
+    )
+    return DrainingServer(config, app.state.admission, cfg.shutdown_timeout_s)
 
 
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:

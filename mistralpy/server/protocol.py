@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Request bodies beyond this are refused before parsing (413); images come as URLs or base64.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# JSON nesting beyond this (e.g. a tool's `parameters` schema) is refused: templates, schema
+# compilers and pydantic recurse over it, and Python's recursion limit is ~1000 frames.
+MAX_JSON_DEPTH = 64
 
 
 class _Strict(BaseModel):
@@ -192,3 +195,39 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None):
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class UnsafeValue(ValueError):
+    """A string or nesting the layers below cannot take (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
+
+
+def check_plain_json(body: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse text with lone UTF-16 surrogates (JSON allows `"\\ud800"`; no tokenizer can
+    encode it) and nesting deeper than `max_depth`. Iterative: deep input cannot recurse."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > max_depth:
+            raise UnsafeValue(f"{path or 'body'}: nested deeper than {max_depth} levels", path)
+        if isinstance(value, str):
+            if not value.isascii() and _has_surrogate(value):
+                message = f"{path or 'body'}: text contains a lone UTF-16 surrogate"
+                raise UnsafeValue(message, path or None)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path, depth + 1))
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

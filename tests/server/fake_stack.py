@@ -24,6 +24,7 @@ class FakeTokenizer:
     """Byte-level: token id = byte + OFFSET; ids 1 and 2 are BOS/EOS."""
 
     vocab_size = 256 + OFFSET
+    max_token_bytes = 1
     bos_token_id = 1
     eos_token_id = 2
 
@@ -47,7 +48,10 @@ class FakePrompts:
     def __init__(self, tokenizer: FakeTokenizer):
         self.tokenizer = tokenizer
 
-    def chat(self, messages: list[dict], tools: list[dict] | None) -> FakePrompt:
+    async def load_images(self, messages: list[dict]) -> dict:
+        return {}  # image URLs stay strings in the fake prompt
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict) -> FakePrompt:
         lines, images = [], []
         for m in messages:
             content = m.get("content") or ""
@@ -148,7 +152,9 @@ class FakeEngine:
         ]
         self.active.add(request_id)
         try:
-            for step in range(max(len(r) for r in replies) + 1):
+            # ignore_eos repeats the reply up to the limit ("length"), as a model would go on
+            steps = limit if params.ignore_eos else max(len(r) for r in replies)
+            for step in range(steps + 1):
                 await asyncio.sleep(self.delay)
                 if request_id in self.aborted:
                     for o in outs:
