@@ -223,14 +223,6 @@ class TransportGuard:
         header = headers.get(b"authorization", b"").decode("latin-1")
         return bearer_matches(header, self._expected)
 
-
-def bearer_matches(header: str, api_key: str) -> bool:
-    """`Authorization: Bearer <key>` with the scheme in any case (RFC 7235), in constant time."""
-    scheme, _, token = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )
-
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> _Sender:
         """Run the route as a task that a disconnect or the end of a drain cancels; map what
         it raises."""
@@ -284,3 +276,11 @@ def bearer_matches(header: str, api_key: str) -> bool:
                 )
         elif sender.streaming and not sender.ended:
             await sender.end_stream_with_error("the server shut down before this reply ended")
+
+
+def bearer_matches(header: str, api_key: str) -> bool:
+    """`Authorization: Bearer <key>` with the scheme in any case (RFC 7235), in constant time."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
