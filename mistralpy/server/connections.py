@@ -138,7 +138,7 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list | None = None) -> None:
         self.admission.draining = True
-        timer = asyncio.get_running_loop().call_later(self.drain_s, self.admission.drain_over.set)
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self.admission.end_drain)
         try:
             await super().shutdown(sockets)
         finally:

@@ -64,7 +64,25 @@ class AdmissionState:
     def __init__(self) -> None:
         self.in_flight = 0
         self.draining = False  # shutdown started: new requests get a 503
-        self.drain_over = asyncio.Event()  # the drain time is up: routes still running end
+        self._drain_over = False  # the drain time is up: routes still running end
+        self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+
+    def drain_over(self) -> asyncio.Event:
+        """The running loop's "drain is over" event. One per loop: an asyncio.Event binds to
+        the first loop that waits on it, and a test client may run each request on its own."""
+        loop = asyncio.get_running_loop()
+        event = self._events.get(loop)
+        if event is None:
+            self._events = {lp: ev for lp, ev in self._events.items() if not lp.is_closed()}
+            event = self._events[loop] = asyncio.Event()
+            if self._drain_over:
+                event.set()
+        return event
+
+    def end_drain(self) -> None:
+        self._drain_over = True
+        for event in self._events.values():
+            event.set()
 
 
 async def send_error(
@@ -247,7 +265,7 @@ class TransportGuard:
 
     async def _until_done_or_drained(self, task: asyncio.Task) -> None:
         """Wait for the route; cancel it if the drain ends first (or we are cancelled)."""
-        over = asyncio.ensure_future(self.admission.drain_over.wait())
+        over = asyncio.ensure_future(self.admission.drain_over().wait())
         try:
             await asyncio.wait({task, over}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:

@@ -32,9 +32,9 @@ class RecordingPrompts(FakePrompts):
         super().__init__(tokenizer)
         self.seen: list[list[dict]] = []
 
-    def chat(self, messages, tools):
+    def chat(self, messages, tools, images):
         self.seen.append(messages)
-        return super().chat(messages, tools)
+        return super().chat(messages, tools, images)
 
 
 @pytest.fixture
