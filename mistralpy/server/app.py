@@ -38,6 +38,7 @@ from mistralpy.server.protocol import (
     error_body,
     to_service_body,
 )
+from mistralpy.server.responses import install_responses_routes
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
@@ -149,6 +150,9 @@ def create_app(
     _install_middleware(app, settings, metrics)
     _install_error_handlers(app)
     _install_routes(app, service, metrics)
+    app.state.responses = install_responses_routes(
+        app, service, error_response, metrics.record_usage
+    )
     return app
 
 
