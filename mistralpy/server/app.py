@@ -28,6 +28,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.server.chat_page import CHAT_PAGE_PATH, install_chat_page
 from mistralpy.server.protocol import (
     ERROR_RESPONSES,
     MAX_BODY_BYTES,
@@ -42,7 +43,7 @@ from mistralpy.server.responses import install_responses_routes
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", CHAT_PAGE_PATH)  # the chat page asks for the key itself
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ def create_app(
     app.state.responses = install_responses_routes(
         app, service, error_response, metrics.record_usage
     )
+    install_chat_page(app)
     return app
 
 
