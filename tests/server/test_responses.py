@@ -4,6 +4,8 @@ function tools, stored conversations and errors."""
 
 import base64
 import io
+import re
+import time
 
 import httpx
 import openai
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mistralpy.server.responses import ResponseStore
+from tests.server.conftest import free_port, start_server, stop_server
 
 TOOLS = [
     {
@@ -195,3 +198,29 @@ def test_store_is_a_bounded_lru():
     store.put({"id": "big"}, [{"role": "user", "content": "x" * 20_000}])
     assert len(store) == 1 and store.get("big")  # the byte bound drops older ones first
     assert store.delete("big") and not store.delete("big") and len(store) == 0
+
+
+def test_client_gone_mid_stream_aborts_the_engine_request():
+    port = free_port()
+    proc = start_server(
+        ["-m", "tests.server.fake_stack", "--port", str(port), "--delay", "0.05"], port
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        body = {"model": "fake-model", "input": "tell me a story", "stream": True}
+        with httpx.stream("POST", base + "/v1/responses", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            while "response.output_text.delta" not in next(lines):
+                pass
+            assert running(base) == 1
+        deadline = time.monotonic() + 2  # a whole answer takes ~3.5 s
+        while running(base) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(base) == 0
+    finally:
+        stop_server(proc)
+
+
+def running(base: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    return float(re.search(r"^mistralpy_num_requests_running (\S+)$", text, re.M).group(1))
