@@ -148,3 +148,27 @@ def test_markdown_rendering_is_xss_safe(page):
     )
     time.sleep(0.2)
     assert page.evaluate("window.pwned === undefined")
+
+
+def test_png_on_the_real_demo_model(browser, demo_server, tmp_path):
+    """The PNG goes through the real image path (decode, resize, vision tower) and back."""
+    from PIL import Image
+
+    path = tmp_path / "tile.png"
+    Image.new("RGB", (40, 30), (20, 120, 220)).save(path)
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(demo_server)
+        expect(pg.locator("#model-name")).not_to_be_empty()
+        pg.fill("#max-tokens", "8")
+        pg.set_input_files("#file", str(path))
+        expect(pg.locator("#attachments img")).to_have_count(1)
+        send(pg, "Describe the image.")
+        reply = pg.locator(".msg.assistant").last
+        expect(reply).not_to_have_class(re.compile("streaming"))
+        assert "error" not in reply.get_attribute("class")
+        expect(pg.locator("#speed")).to_have_text(re.compile(r"^8 tokens"))
+    finally:
+        context.close()

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from mistralpy.server.responses import ResponseStore
+from mistralpy.server.responses import ResponsesRequest, ResponseStore, chat_body, input_messages
 from tests.server.conftest import free_port, start_server, stop_server
 
 TOOLS = [
@@ -224,3 +224,37 @@ def test_client_gone_mid_stream_aborts_the_engine_request():
 def running(base: str) -> float:
     text = httpx.get(base + "/metrics").text
     return float(re.search(r"^mistralpy_num_requests_running (\S+)$", text, re.M).group(1))
+
+
+def test_input_items_become_chat_messages():
+    req = ResponsesRequest.model_validate(
+        {
+            "input": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Let me look."}],
+                },
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "one"},
+                {"type": "function_call_output", "call_id": "c2", "output": "two"},
+            ],
+            "instructions": "You are terse.",
+            "max_output_tokens": 7,
+            "tool_choice": {"type": "function", "name": "f"},
+            "tools": TOOLS,
+        }
+    )
+    messages = input_messages(req.input)
+    assert [m["role"] for m in messages] == ["developer", "user", "assistant", "tool", "tool"]
+    assert messages[1]["content"] == [{"type": "text", "text": "hi"}]
+    assert messages[2]["content"] == "Let me look."  # one assistant turn with both calls
+    assert [c["id"] for c in messages[2]["tool_calls"]] == ["c1", "c2"]
+    body = chat_body(req, [{"role": "user", "content": "earlier"}], messages)
+    assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert body["messages"][1]["content"] == "earlier" and body["max_completion_tokens"] == 7
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert body["tools"][0]["function"]["name"] == "get_weather" and "stream" not in body
