@@ -26,6 +26,7 @@ from mistralpy.server.dropin_flags import (
     LOAD_FORMATS,
     add_mistralrs_flags,
     add_vllm_flags,
+    group_like_vllm,
     load_format,
 )
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     _add_server_flags(serve)
     add_vllm_flags(serve)
+    group_like_vllm(serve)
     add_mistralrs_flags(serve, model_flag=True)
     run = _subcommand(sub, "run", "interactive chat in the terminal")
     run.add_argument("model", nargs="?", default="demo", help=model_help)

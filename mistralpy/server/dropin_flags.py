@@ -82,17 +82,15 @@ def _block_size(value: str) -> int:
 
 
 def add_vllm_flags(p: argparse.ArgumentParser) -> None:
-    """vLLM's names for what `serve` does that it did not take already (groups as vLLM's)."""
-    model = p.add_argument_group("ModelConfig (vLLM names)")
+    """vLLM's names for what `serve` does that it did not take already."""
     for flag, what in FILE_FORMAT_FLAGS:
-        model.add_argument(
+        p.add_argument(
             flag,
             type=_only("auto", "mistral", "hf", instead="use auto, mistral or hf"),
             default="auto",
             help=f"accepted: {what}",
         )
-    mm = p.add_argument_group("MultiModalConfig (vLLM names)")
-    mm.add_argument(
+    p.add_argument(
         "--limit-mm-per-prompt",
         dest="max_images_per_request",
         type=_image_limit,
@@ -100,13 +98,12 @@ def add_vllm_flags(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='images per request, as {"image": N} (same as --max-images-per-request)',
     )
-    tools = p.add_argument_group("Frontend: tool calling (vLLM names)")
-    tools.add_argument(
+    p.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help="accepted: requests with tools always get their calls parsed (tool_choice auto)",
     )
-    tools.add_argument(
+    p.add_argument(
         "--tool-call-parser",
         type=_only("mistral", instead="mistralpy parses Mistral's [TOOL_CALLS] format only"),
         default="mistral",
@@ -146,3 +143,52 @@ def add_mistralrs_flags(p: argparse.ArgumentParser, model_flag: bool) -> None:
         default=None,
         help=f"KV cache block size: only {KV_BLOCK_SIZE} (always paged)",
     )
+
+
+# `vllm serve --help` groups its flags by the config each one sets; ours, by dest
+VLLM_GROUPS = {
+    "ModelConfig": (
+        "dtype",
+        "max_model_len",
+        "seed",
+        "served_model_name",
+        "tokenizer_mode",
+        "config_format",
+        "tokenizer_json",
+        "isq",
+        "enforce_eager",
+        "allowed_local_media_path",
+    ),
+    "LoadConfig": ("load_format",),
+    "ParallelConfig": ("tensor_parallel_size",),
+    "CacheConfig": ("gpu_memory_utilization", "kv_cache_dtype", "no_prefix_caching"),
+    "MultiModalConfig": ("max_images_per_request", "allow_private_image_urls"),
+    "SchedulerConfig": ("max_num_seqs", "max_num_batched_tokens"),
+    "DeviceConfig": ("device",),
+    "Frontend": (
+        "host",
+        "port",
+        "api_key",
+        "chat_template",
+        "jinja_explicit",
+        "enable_auto_tool_choice",
+        "tool_call_parser",
+    ),
+}
+
+
+def group_like_vllm(p: argparse.ArgumentParser) -> None:
+    """Move `p`'s ungrouped flags into vLLM's help groups.
+
+    Done after the flags are defined, so the shared definitions in cli.py (used by `run` and
+    `bench` too) stay as they are; argparse has no public API to regroup, hence the private
+    lists (stable since Python 3.2).
+    """
+    groups = {name: p.add_argument_group(name) for name in VLLM_GROUPS}
+    group_of = {dest: groups[name] for name, dests in VLLM_GROUPS.items() for dest in dests}
+    ungrouped = p._optionals._group_actions
+    for action in list(ungrouped):
+        group = group_of.get(action.dest)
+        if group is not None:
+            ungrouped.remove(action)
+            group._group_actions.append(action)

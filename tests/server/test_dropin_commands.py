@@ -84,6 +84,11 @@ def test_help_lists_the_dropin_flags_with_defaults(capsys, monkeypatch):
     for flag in ("--limit-mm-per-prompt", "--tool-call-parser", "--pa-gpu-mem", "--model-id"):
         assert flag in out
     assert "MultiModalConfig" in out and "(default: mistral)" in out
+    # every flag sits in one of vLLM's groups (or mistral.rs's): only -h is left ungrouped
+    ungrouped = out.split("\noptions:\n")[1].split("\n\n")[0].strip().splitlines()
+    assert len(ungrouped) == 1 and ungrouped[0].startswith("-h, --help")
+    for group in ("ModelConfig", "CacheConfig", "SchedulerConfig", "Frontend", "mistral.rs"):
+        assert f"\n{group}" in out
 
 
 def run_and_ask(program: list[str], command: str) -> None:
