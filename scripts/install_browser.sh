@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
-if ! command -v chromium >/dev/null; then
+if ! command -v chromium >/dev/null && ! command -v apt-get >/dev/null; then
+  # not Debian-like: the browser tests skip, saying chromium is missing
+  echo "install_browser.sh: no apt-get; install chromium yourself for pytest -m browser" >&2
+elif ! command -v chromium >/dev/null; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -q
