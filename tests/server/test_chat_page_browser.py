@@ -172,3 +172,34 @@ def test_png_on_the_real_demo_model(browser, demo_server, tmp_path):
         expect(pg.locator("#speed")).to_have_text(re.compile(r"^8 tokens"))
     finally:
         context.close()
+
+
+PASTE_PNG = """b64 => {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+  document.getElementById("prompt").dispatchEvent(
+    new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+}"""
+
+
+def test_pasted_image_and_image_url(page):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), (10, 200, 10)).save(buf, format="PNG")
+    page.evaluate(PASTE_PNG, base64.b64encode(buf.getvalue()).decode())
+    expect(page.locator("#attachments img")).to_have_count(1)
+    page.fill("#image-url", "https://images.example/cat.png")
+    page.click("#add-url")
+    expect(page.locator("#attachments .chip")).to_have_count(2)
+    send(page, "Compare these.")
+    user = page.locator(".msg.user").last
+    expect(user.locator("img")).to_have_count(1)
+    expect(user).to_contain_text("image: https://images.example/cat.png")
+    reply = page.locator(".msg.assistant").last
+    expect(reply).not_to_have_class(re.compile("streaming"))
+    assert "error" not in reply.get_attribute("class")
