@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash scripts/install_browser.sh  # chromium + playwright for the chat page's browser tests
 PY=.venv/bin/python
 "$PY" -m ruff check mistralpy tests benchmarks
 "$PY" -m ruff format --check mistralpy tests benchmarks

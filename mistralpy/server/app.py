@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.server.chat_page import install_chat_page
 from mistralpy.server.protocol import (
     ERROR_RESPONSES,
     MAX_BODY_BYTES,
@@ -39,6 +40,7 @@ from mistralpy.server.protocol import (
     error_body,
     to_service_body,
 )
+from mistralpy.server.responses import install_responses_routes
 from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
 
 logger = logging.getLogger(__name__)
@@ -154,6 +156,10 @@ def create_app(
     _install_middleware(app, settings, metrics, app.state.admission)
     _install_error_handlers(app)
     _install_routes(app, service, metrics)
+    app.state.responses = install_responses_routes(
+        app, service, error_response, metrics.record_usage
+    )
+    install_chat_page(app)
     return app
 
 

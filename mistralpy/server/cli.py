@@ -22,6 +22,13 @@ from mistralpy import __version__
 from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name
 from mistralpy.engine.config import KV_CACHE_DTYPES
+from mistralpy.server.dropin_flags import (
+    LOAD_FORMATS,
+    add_mistralrs_flags,
+    add_vllm_flags,
+    group_like_vllm,
+    load_format,
+)
 
 DEFAULT_PORT = 1234
 # Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
@@ -105,9 +112,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
     p.add_argument(
         "--load-format",
-        choices=("auto", "dummy"),
+        choices=LOAD_FORMATS,
         default="auto",
-        help="dummy: random weights of the model's shapes (benchmarks)",
+        help="dummy: random weights of the model's shapes (benchmarks); mistral, safetensors: "
+        "same as auto (HF shards or consolidated.safetensors, whichever the model has)",
     )
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to split the model over"
@@ -214,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(serve)
     serve.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     _add_server_flags(serve)
+    add_vllm_flags(serve)
+    group_like_vllm(serve)
+    add_mistralrs_flags(serve, model_flag=True)
     run = _subcommand(sub, "run", "interactive chat in the terminal")
     run.add_argument("model", nargs="?", default="demo", help=model_help)
     run.add_argument("-i", "--input", default=None, help="one-shot prompt, then exit")
@@ -322,6 +333,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--served-model-name", default=None, help="model name in the API (default: MODEL)"
     )
+    add_mistralrs_flags(parser, model_flag=False)
     sub = parser.add_subparsers(
         dest="selector", required=True, metavar="SELECTOR", help="model kind, as mistral.rs"
     )
@@ -347,7 +359,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     if arch is not None and arch.lower() not in ("mistral3", "mistral"):
         raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3 models only")
     return ModelOptions(
-        model_id=args.model,
+        model_id=getattr(args, "model_id", None) or args.model,  # `serve -m ID` as mistral.rs
         dtype=dtype_name(args.dtype),
         device=args.device,
         isq=args.isq.lower() if args.isq else None,
@@ -359,7 +371,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         chat_template=args.chat_template,
         tokenizer_json=getattr(args, "tokenizer_json", None),
         seed=args.seed,
-        load_format=getattr(args, "load_format", "auto"),
+        load_format=load_format(getattr(args, "load_format", "auto")),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
         served_model_name=args.served_model_name,

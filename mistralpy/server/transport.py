@@ -36,9 +36,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Routes that start generation: the ones admission control counts.
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # Routes that stay open without an API key and through a drain (load balancers probe them).
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/")  # "/": the chat page, which asks for the key itself
 
 
 @dataclass(frozen=True)

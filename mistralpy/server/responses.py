@@ -1,0 +1,723 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on top of the chat service.
+
+A Responses request is rewritten into a chat-completions body (instructions → system message,
+`input_text`/`input_image` parts → chat parts, function tools → chat tools, function call
+items and their outputs → assistant tool calls and tool messages); the chat service does the
+work, and its result or its stream of chunks is rewritten into a response object or the
+Responses event sequence. Stored responses (`store`, on by default as in OpenAI) keep their
+conversation in a bounded LRU owned by the app, so `previous_response_id` continues it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Discriminator, Field, Tag
+
+from mistralpy.api.chat import ChatService, InvalidRequest
+from mistralpy.server.protocol import _Strict, error_body
+
+# How often a non-streamed request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+# The store keeps at most this many responses and roughly this many bytes of conversation
+# (images come as base64 data URLs, so a count alone would not bound memory).
+STORE_CAPACITY = 256
+STORE_MAX_BYTES = 256 * 1024 * 1024
+
+# --- request schema ----------------------------------------------------------------------
+
+
+class InputText(_Strict):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(_Strict):
+    type: Literal["input_image"]
+    image_url: str | None = None  # https URL or data URL
+    file_id: str | None = None  # OpenAI's Files API: not served here (a clear 400)
+    detail: str | None = None
+
+
+class OutputText(_Strict):
+    """Assistant text in a replayed conversation."""
+
+    type: Literal["output_text"]
+    text: str
+
+
+class Refusal(_Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[InputText | InputImage | OutputText | Refusal, Field(discriminator="type")]
+
+
+class MessageItem(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+def _item_type(item: Any) -> str:
+    """Messages may omit `type` (OpenAI's "easy input message")."""
+    if isinstance(item, dict):
+        return item.get("type", "message")
+    return getattr(item, "type", "message")
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]  # built-in tools (web_search, file_search...) are not served
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Strict):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    background: bool = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+# --- request → chat body ------------------------------------------------------------------
+
+
+def input_messages(items: str | list[Any]) -> list[dict]:
+    """The chat messages of a Responses `input` (a string is one user message)."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        if isinstance(item, MessageItem):
+            messages.append(_message(item, i))
+        elif isinstance(item, FunctionCallItem):
+            _add_call(messages, item)
+        else:
+            messages.append(
+                {"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)}
+            )
+    return messages
+
+
+def _message(item: MessageItem, index: int) -> dict:
+    if isinstance(item.content, str) or item.role == "assistant":
+        # templates take an assistant turn as plain text
+        content = item.content if isinstance(item.content, str) else _text(item.content)
+        return {"role": item.role, "content": content}
+    return {"role": item.role, "content": [_chat_part(p, index) for p in item.content]}
+
+
+def _chat_part(part: Any, index: int) -> dict:
+    if isinstance(part, InputImage):
+        if not part.image_url:
+            raise InvalidRequest(
+                "input_image needs image_url (an https or data: URL); file_id is not served "
+                "here, as there is no Files API",
+                f"input[{index}].content",
+            )
+        return {"type": "image_url", "image_url": {"url": part.image_url}}
+    return {"type": "text", "text": _part_text(part)}
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, Refusal):
+        return part.refusal
+    if isinstance(part, InputImage):
+        raise InvalidRequest("images are only accepted in user messages", "input")
+    return part.text
+
+
+def _text(content: str | list[Any]) -> str:
+    return content if isinstance(content, str) else "".join(_part_text(p) for p in content)
+
+
+def _add_call(messages: list[dict], item: FunctionCallItem) -> None:
+    """A function_call joins the assistant turn just before it, else starts one."""
+    call = {
+        "id": item.call_id,
+        "type": "function",
+        "function": {"name": item.name, "arguments": item.arguments},
+    }
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        last.setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def chat_body(req: ResponsesRequest, history: list[dict], new_messages: list[dict]) -> dict:
+    """The chat-completions body that serves `req` after the stored `history`."""
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    body: dict[str, Any] = {
+        "messages": system + history + new_messages,
+        "model": req.model,
+        "max_completion_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "user": req.user,
+        "response_format": _response_format(req.text),
+        "tools": _chat_tools(req.tools),
+        "tool_choice": _chat_tool_choice(req.tool_choice),
+    }
+    if req.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _chat_tools(tools: list[FunctionTool] | None) -> list[dict] | None:
+    if tools is None:
+        return None
+    return [
+        {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+        for t in tools
+    ]
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, ToolChoiceFunction):
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice
+
+
+def _response_format(text: TextConfig | None) -> dict | None:
+    fmt = text.format if text is not None else None
+    if fmt is None or fmt.type != "json_schema":
+        return None if fmt is None else {"type": fmt.type}
+    schema = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}
+    return {
+        "type": "json_schema",
+        "json_schema": {k: v for k, v in schema.items() if v is not None},
+    }
+
+
+# --- chat result → response object --------------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": [_output_text(text)] if status == "completed" else [],
+    }
+
+
+def _output_text(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def output_items(message: dict) -> list[dict]:
+    """A chat choice's message as Responses output items: its text, then its calls."""
+    calls = message.get("tool_calls") or []
+    items = []
+    if message.get("content") or not calls:
+        items.append(message_item(_new_id("msg"), message.get("content") or ""))
+    for c in calls:
+        fn = c["function"]
+        items.append(call_item(_new_id("fc"), c["id"], fn["name"], fn["arguments"], "completed"))
+    return items
+
+
+def responses_usage(usage: dict | None) -> dict | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+@dataclass
+class ResponseShell:
+    """What a response object says about its request, fixed before generation starts."""
+
+    id: str
+    req: ResponsesRequest
+    model: str
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def object(
+        self,
+        status: str,
+        output: list[dict],
+        usage: dict | None = None,
+        finish_reason: str | None = None,
+        error: dict | None = None,
+    ) -> dict:
+        req = self.req
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "text": {"format": {"type": "text"}} if req.text is None else _dump(req.text),
+            "tool_choice": _dump(req.tool_choice) if req.tool_choice is not None else "auto",
+            "tools": [_dump(t) for t in req.tools or []],
+            "truncation": "disabled",
+            "store": req.store,
+            "metadata": req.metadata or {},
+            "user": req.user,
+            "usage": responses_usage(usage),
+        }
+
+
+def _dump(value: Any) -> Any:
+    return (
+        value.model_dump(exclude_none=True, by_alias=True)
+        if hasattr(value, "model_dump")
+        else value
+    )
+
+
+def status_of(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def output_conversation(output: list[dict]) -> list[dict]:
+    """The chat messages a response's output adds to its conversation (one assistant turn)."""
+    text = "".join(
+        part["text"] for item in output if item["type"] == "message" for part in item["content"]
+    )
+    calls = [
+        {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        for item in output
+        if item["type"] == "function_call"
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    return [message] if text or calls else []
+
+
+# --- the stored conversations -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: dict  # the response object as the client got it
+    conversation: list[dict]  # chat messages up to and including its output (no instructions)
+    size: int  # bytes of the conversation as JSON (what the store's byte bound counts)
+
+
+class ResponseStore:
+    """An LRU of stored responses bounded in count and bytes; one per app."""
+
+    def __init__(self, capacity: int = STORE_CAPACITY, max_bytes: int = STORE_MAX_BYTES):
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        stored = self._items.get(response_id)
+        if stored is not None:
+            self._items.move_to_end(response_id)
+        return stored
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        size = len(json.dumps(conversation, ensure_ascii=False))
+        self.delete(response["id"])
+        self._items[response["id"]] = StoredResponse(response, conversation, size)
+        self._bytes += size
+        while len(self._items) > self.capacity or (
+            self._bytes > self.max_bytes and len(self._items) > 1
+        ):
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= dropped.size
+
+    def delete(self, response_id: str) -> bool:
+        stored = self._items.pop(response_id, None)
+        if stored is not None:
+            self._bytes -= stored.size
+        return stored is not None
+
+
+# --- chat chunks → Responses events ------------------------------------------------------
+
+
+@dataclass
+class _OpenItem:
+    index: int  # position in `output`
+    item: dict  # the item as it stands (status in_progress)
+    text: str = ""  # output text, or the call's arguments so far
+    chat_index: int | None = None  # the chat tool-call index it comes from
+
+
+@dataclass
+class EventStream:
+    """Turns chat.completion.chunk dicts into Responses events, numbered in order."""
+
+    shell: ResponseShell
+    output: list[dict] = field(default_factory=list)
+    seq: int = 0
+    open: _OpenItem | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+    def event(self, type_: str, **fields: Any) -> dict:
+        self.seq += 1
+        return {"type": type_, "sequence_number": self.seq - 1, **fields}
+
+    def start(self) -> list[dict]:
+        response = self.shell.object("in_progress", [])
+        return [
+            self.event("response.created", response=response),
+            self.event("response.in_progress", response=response),
+        ]
+
+    def chunk(self, chunk: dict) -> list[dict]:
+        self.usage = chunk.get("usage") or self.usage
+        events: list[dict] = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                events += self._text(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                events += self._call(call)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        return events
+
+    def finish(self) -> tuple[list[dict], dict]:
+        """The closing events and the final response object."""
+        events = self._close()
+        if not self.output:  # an empty answer is still one (empty) message
+            events += self._open_message() + self._close()
+        status = status_of(self.finish_reason)
+        response = self.shell.object(status, self.output, self.usage)
+        kind = "response.incomplete" if status == "incomplete" else "response.completed"
+        return [*events, self.event(kind, response=response)], response
+
+    def fail(self, error: dict) -> list[dict]:
+        """An error after the stream began: OpenAI's `error` event, then `response.failed`."""
+        detail = error.get("error", {})
+        failed = {"code": detail.get("code") or "server_error", "message": detail.get("message")}
+        response = self.shell.object("failed", self.output, self.usage, error=failed)
+        return [
+            self.event("error", code=failed["code"], message=failed["message"], param=None),
+            self.event("response.failed", response=response),
+        ]
+
+    def _text(self, text: str) -> list[dict]:
+        events = []
+        if self.open is None or self.open.item["type"] != "message":
+            events = self._close() + self._open_message()
+        item = self.open
+        item.text += text
+        ids = {"item_id": item.item["id"], "output_index": item.index, "content_index": 0}
+        return [*events, self.event("response.output_text.delta", **ids, delta=text, logprobs=[])]
+
+    def _open_message(self) -> list[dict]:
+        item = message_item(_new_id("msg"), "", "in_progress")
+        self.open = _OpenItem(len(self.output), item)
+        self.output.append(item)
+        part = _output_text("")
+        ids = {"item_id": item["id"], "output_index": self.open.index, "content_index": 0}
+        return [
+            self.event("response.output_item.added", output_index=self.open.index, item=item),
+            self.event("response.content_part.added", **ids, part=part),
+        ]
+
+    def _call(self, call: dict) -> list[dict]:
+        fn = call.get("function") or {}
+        events = []
+        if self.open is None or self.open.chat_index != call.get("index"):
+            events = self._close()
+            item = call_item(
+                _new_id("fc"), call.get("id", ""), fn.get("name", ""), "", "in_progress"
+            )
+            self.open = _OpenItem(len(self.output), item, chat_index=call.get("index"))
+            self.output.append(item)
+            events.append(
+                self.event("response.output_item.added", output_index=self.open.index, item=item)
+            )
+        if fn.get("arguments"):
+            self.open.text += fn["arguments"]
+            events.append(
+                self.event(
+                    "response.function_call_arguments.delta",
+                    item_id=self.open.item["id"],
+                    output_index=self.open.index,
+                    delta=fn["arguments"],
+                )
+            )
+        return events
+
+    def _close(self) -> list[dict]:
+        """Finish the open item: its done events, and its final form in `output`."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        at = {"item_id": item.item["id"], "output_index": item.index}
+        if item.item["type"] == "message":
+            done = message_item(item.item["id"], item.text)
+            events = [
+                self.event(
+                    "response.output_text.done", **at, content_index=0, text=item.text, logprobs=[]
+                ),
+                self.event(
+                    "response.content_part.done",
+                    **at,
+                    content_index=0,
+                    part=_output_text(item.text),
+                ),
+            ]
+        else:
+            done = {**item.item, "arguments": item.text, "status": "completed"}
+            events = [
+                self.event(
+                    "response.function_call_arguments.done",
+                    **at,
+                    arguments=item.text,
+                    name=done["name"],
+                )
+            ]
+        self.output[item.index] = done
+        return [
+            *events,
+            self.event("response.output_item.done", output_index=item.index, item=done),
+        ]
+
+
+def _sse_event(event: dict) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+# --- routes -------------------------------------------------------------------------------
+
+ErrorMapper = Callable[[BaseException], JSONResponse]
+UsageSink = Callable[[dict | None], None]
+
+
+def _not_found(response_id: str, param: str | None = None) -> JSONResponse:
+    message = f"Response with id '{response_id}' not found."
+    body = error_body(message, "invalid_request_error", param, "not_found")
+    return JSONResponse(body, status_code=404)
+
+
+@dataclass
+class ResponsesRoutes:
+    """`/v1/responses` over one chat service; errors mapped by the app's `on_error`."""
+
+    service: ChatService
+    on_error: ErrorMapper
+    on_usage: UsageSink
+    store: ResponseStore
+
+    async def create(self, req: ResponsesRequest, request: Request) -> Response:
+        if req.background:
+            return self.on_error(
+                InvalidRequest("background responses are not supported", "background")
+            )
+        history: list[dict] = []
+        if req.previous_response_id is not None:
+            stored = self.store.get(req.previous_response_id)
+            if stored is None:
+                return _not_found(req.previous_response_id, "previous_response_id")
+            history = stored.conversation
+        try:
+            new_messages = input_messages(req.input)
+        except InvalidRequest as exc:
+            return self.on_error(exc)
+        shell = ResponseShell(_new_id("resp"), req, self.service.served_model_name)
+        body = chat_body(req, history, new_messages)
+        turn = history + new_messages
+        if req.stream:
+            return await self._stream(shell, body, turn)
+        return await self._whole(shell, body, turn, request)
+
+    def _keep(self, shell: ResponseShell, response: dict, turn: list[dict]) -> None:
+        if shell.req.store and response["status"] != "failed":
+            self.store.put(response, turn + output_conversation(response["output"]))
+
+    async def _whole(
+        self, shell: ResponseShell, body: dict, turn: list[dict], request: Request
+    ) -> Response:
+        task = asyncio.ensure_future(self.service.create_chat_completion(body, shell.id))
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():  # cancelling aborts the engine request
+                task.cancel()
+                return JSONResponse(
+                    error_body("client disconnected", "invalid_request_error"), status_code=499
+                )
+        if task.exception() is not None:
+            return self.on_error(task.exception())
+        result = task.result()
+        self.on_usage(result.get("usage"))
+        choice = result["choices"][0]
+        status = status_of(choice["finish_reason"])
+        response = shell.object(status, output_items(choice["message"]), result.get("usage"))
+        self._keep(shell, response, turn)
+        return JSONResponse(response)
+
+    async def _stream(self, shell: ResponseShell, body: dict, turn: list[dict]) -> Response:
+        chunks = self.service.stream_chat_completion(body, shell.id)
+        try:  # errors before the first chunk are a plain HTTP error
+            first = await chunks.__anext__()
+        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
+            await chunks.aclose()
+            return self.on_error(exc)
+        return StreamingResponse(
+            self._events(shell, first, chunks, turn),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": shell.id},
+        )
+
+    async def _events(
+        self, shell: ResponseShell, first: dict, chunks: AsyncIterator[dict], turn: list[dict]
+    ) -> AsyncIterator[bytes]:
+        stream = EventStream(shell)
+        finished = False
+        try:
+            for event in stream.start() + stream.chunk(first):
+                yield _sse_event(event)
+            async for chunk in chunks:
+                for event in stream.chunk(chunk):
+                    yield _sse_event(event)
+            events, response = stream.finish()
+            finished = True
+            self._keep(shell, response, turn)
+            for event in events:
+                yield _sse_event(event)
+        except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+            finished = True
+            for event in stream.fail(json.loads(self.on_error(exc).body)):
+                yield _sse_event(event)
+        finally:
+            if not finished:  # the client went away: free the engine's slot at once
+                self.service.abort(shell.id)
+            await chunks.aclose()
+        self.on_usage(stream.usage)
+
+    def retrieve(self, response_id: str) -> Response:
+        stored = self.store.get(response_id)
+        return JSONResponse(stored.response) if stored else _not_found(response_id)
+
+    def delete(self, response_id: str) -> Response:
+        if not self.store.delete(response_id):
+            return _not_found(response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+def install_responses_routes(
+    app: FastAPI,
+    service: ChatService,
+    on_error: ErrorMapper,
+    on_usage: UsageSink,
+    store: ResponseStore | None = None,
+) -> ResponseStore:
+    """Add `/v1/responses` (create, retrieve, delete) to `app`; returns its store."""
+    routes = ResponsesRoutes(service, on_error, on_usage, store or ResponseStore())
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, request: Request) -> Response:
+        return await routes.create(req, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        return routes.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        return routes.delete(response_id)
+
+    return routes.store
