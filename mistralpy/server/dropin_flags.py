@@ -173,6 +173,12 @@ VLLM_GROUPS = {
         "jinja_explicit",
         "enable_auto_tool_choice",
         "tool_call_parser",
+        "max_queue_len",
+        "max_connections",
+        "header_timeout_s",
+        "body_timeout_s",
+        "keep_alive_timeout_s",
+        "shutdown_timeout_s",
     ),
 }
 
