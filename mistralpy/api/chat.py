@@ -70,7 +70,7 @@ class TemplatePrompts:
     tokenizer: Any  # processing.tokenizer.Tokenizer
     template: Any  # processing.chat_template.ChatTemplate
     image_policy: Any  # processing.images.ImagePolicy
-    image_processor_config: Any  # what processing.images.preprocess_image takes
+    image_processor_config: Any  # what processing.images.preprocess_image takes; None: no images
 
     def chat(self, messages: list[dict], tools: list[dict] | None) -> Any:
         from mistralpy.processing.chat_template import build_chat_prompt
@@ -79,7 +79,8 @@ class TemplatePrompts:
         limit = getattr(self.image_policy, "max_images_per_request", None)
         if limit is not None and _count_images(messages) > limit:
             raise TooManyImagesError(f"at most {limit} images per request", "messages")
-        return build_chat_prompt(self.tokenizer, self.template, messages, tools, self._load_image)
+        loader = self._load_image if self.image_processor_config is not None else None
+        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader)
 
     def text(self, prompt: str | list[int]) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt

@@ -40,7 +40,7 @@ class FeatureUnavailable(NotImplementedError):
 class ModelOptions:
     """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`."""
 
-    model_id: str  # local dir, hub id, or "demo"
+    model_id: str  # local dir or .gguf file, named model ("smollm2"), hub id, or "demo"
     dtype: str = "auto"
     device: str = "auto"
     isq: str | None = None  # e.g. "q4k"
@@ -136,7 +136,9 @@ def engine_config(options: ModelOptions) -> Any:
 
 
 def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """Tokenizer (the engine's unless overridden), chat template and image settings."""
+    """Tokenizer (the engine's unless overridden), chat template and image settings (None
+    for a text-only model)."""
+    from mistralpy.model.config import read_config
     from mistralpy.processing.chat_template import ChatTemplate
     from mistralpy.processing.images import ImageProcessorConfig
     from mistralpy.processing.tokenizer import Tokenizer
@@ -148,7 +150,10 @@ def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[
         has_own = any((path / n).is_file() for n in ("chat_template.jinja", "chat_template.json"))
         if not has_own:
             template = ChatTemplate.from_dir(path, options.chat_template)
-    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+    # a text-only decoder takes no images: no image settings to read (requests with images
+    # are refused as invalid chats)
+    vision = read_config(path).has_vision
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path) if vision else None
 
 
 def load_engine(config: Any) -> Any:

