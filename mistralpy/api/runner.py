@@ -93,6 +93,18 @@ class OpenedModel:
             "num_running": len(llm.scheduler.running),
         }
 
+    def quantization(self) -> str:
+        """The ISQ format asked for, else the block formats the weights are served in (a
+        GGUF model's own, e.g. "q4_1, q8_0"), else "none"."""
+        if self.options.isq:
+            return self.options.isq
+        from mistralpy.quant.isq import QuantizedLinear
+
+        model = getattr(self.llm.runner, "model", None)  # tensor-parallel runners hold none
+        modules = model.modules() if model is not None else []
+        fmts = sorted({m.fmt.name for m in modules if isinstance(m, QuantizedLinear)})
+        return ", ".join(fmts) or "none"
+
     def resolved_dtype(self) -> str:
         """The dtype the weights were loaded in (the option may say "auto")."""
         return str(self.llm.runner.kv_spec.dtype).removeprefix("torch.")

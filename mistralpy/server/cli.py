@@ -207,7 +207,7 @@ def banner(opened: OpenedModel, cfg: ServeConfig, name: str) -> str:
             f"mistralpy serving {name} at {url}",
             f"  model:         {opened.path}",
             f"  dtype:         {opened.resolved_dtype()}",
-            f"  quantization:  {opened.options.isq or 'none'}",
+            f"  quantization:  {opened.quantization()}",
             f"  context:       {opened.max_model_len} tokens",
             f"  KV cache:      {int(kv) if kv else 'unknown'} tokens",
             "",
