@@ -15,7 +15,8 @@ fused parts sliced before they are placed), so the ISQ hook sees the rank's shar
 Two checkpoint layouts are understood:
 - HF (`config.json` + `*.safetensors` [+ index]); keys either `language_model.model.*` /
   `language_model.lm_head.*` / `vision_tower.*` / `multi_modal_projector.*` or transformers-5
-  `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`.
+  `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`;
+  text-only `LlamaForCausalLM` / `MistralForCausalLM`: `model.*` / `lm_head.*`.
 - Mistral native (`params.json` + `consolidated*.safetensors`), whose q/k rows are in the
   interleaved rotary order and are permuted into HF's rotate-half order here.
 A directory with a `quantization.json` (written by `quantize_checkpoint` / `mistralpy
@@ -524,6 +525,7 @@ _HF_PREFIXES = (
     ("lm_head.", "lm_head."),
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.", "language_model."),  # text-only LlamaForCausalLM / MistralForCausalLM
 )
 
 # Mistral-native key patterns -> HF-style (unfused) names under our prefixes.

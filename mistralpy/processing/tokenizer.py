@@ -242,7 +242,9 @@ class Tokenizer:
             pattern = None
             if (path / "tekken.json").is_file():
                 pattern = json.loads((path / "tekken.json").read_text("utf-8"))["config"]["pattern"]
-            return cls.from_tokenizer_json(path / "tokenizer.json", split_pattern=pattern)
+            return cls.from_tokenizer_json(
+                path / "tokenizer.json", pattern, path / "tokenizer_config.json"
+            )
         if (path / "tekken.json").is_file():
             return cls.from_tekken(path / "tekken.json")
         raise TokenizerError(f"no tokenizer.json or tekken.json in {path}")
@@ -268,11 +270,15 @@ class Tokenizer:
         return cls(encode, table, specials, int(bos), int(eos), add_bos)
 
     @classmethod
-    def from_tokenizer_json(cls, file: str | Path, split_pattern: str | None = None) -> Tokenizer:
-        """Fast path: a byte-level BPE tokenizer.json (as converted from Tekken).
+    def from_tokenizer_json(
+        cls, file: str | Path, split_pattern: str | None = None, config_file: Path | None = None
+    ) -> Tokenizer:
+        """Fast path: a byte-level BPE tokenizer.json (as converted from Tekken, or a llama one).
 
         split_pattern: Tekken's pre-tokenizer regex; when given it replaces the file's Split
         regex (some hub tokenizer.json files of Mistral Small 3.1 carry a wrong one).
+        config_file: a tokenizer_config.json whose bos/eos tokens apply (a llama vocabulary
+        has no "<s>"); Mistral's "<s>" / "</s>" otherwise.
         """
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -286,7 +292,9 @@ class Tokenizer:
         hf.encode_special_tokens = True  # special strings in text are plain text
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         table = _byte_table(hf, specials, str(file))
-        return cls(lambda text: hf.encode(text, add_special_tokens=False).ids, table, specials)
+        bos, eos = _config_specials(config_file, specials)
+        encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
+        return cls(encode, table, specials, bos, eos)
 
     @classmethod
     def from_tekken(cls, file: str | Path) -> Tokenizer:
@@ -357,6 +365,24 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         """Special-token string, or the token's text (U+FFFD where it is a partial character)."""
         return self.token_bytes(token_id, skip_special_tokens=False).decode("utf-8", "replace")
+
+
+def _config_specials(
+    config_file: Path | None, specials: dict[str, int]
+) -> tuple[int | None, int | None]:
+    """(bos id, eos id) stated by a tokenizer_config.json; None where not stated. (Its
+    add_bos_token is not read: Mistral's says false because the template writes BOS, while a
+    text prompt to /v1/completions gets BOS as mistral-common encodes it.)"""
+    if config_file is None or not config_file.is_file():
+        return None, None
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+
+    def special(key: str) -> int | None:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return specials.get(value) if isinstance(value, str) else None
+
+    return special("bos_token"), special("eos_token")
 
 
 def _byte_table(hf, specials: dict[str, int], source: str) -> list[bytes]:

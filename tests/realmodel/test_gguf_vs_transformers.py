@@ -148,3 +148,12 @@ def test_gguf_types_path_agrees_with_float(tokenizer, ours_gguf_types, ours_f32)
     agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert agree >= 0.9 and kl < 0.05, (agree, kl)
+
+
+def test_hf_layout_tokenizer_of_the_same_vocabulary(tmp_path, tokenizer, hf_tokenizer):
+    """tokenizer.json + tokenizer_config.json (a text-only HF checkpoint's files, written by
+    transformers from the GGUF): same ids, BOS/EOS from the config (no "<s>" here)."""
+    hf_tokenizer.save_pretrained(tmp_path)
+    from_json = Tokenizer.from_dir(tmp_path)
+    assert from_json.encode(TEXT) == tokenizer.encode(TEXT)
+    assert (from_json.bos_token_id, from_json.eos_token_id) == (1, 2)
