@@ -155,6 +155,9 @@ GGUF_PRE_TOKENIZERS: dict[str, str | None] = {
 }
 
 
+_IGNORE_MERGES = ("tekken", "llama-bpe", "llama3")
+
+
 def gguf_bpe_tokenizer(metadata: dict[str, Any]):
     """A `tokenizers.Tokenizer` (byte-level BPE) from GGUF tokenizer metadata: the vocabulary
     and merges as stored; token_type 3 (control) special, 4 (user-defined) added, matched
@@ -173,7 +176,11 @@ def gguf_bpe_tokenizer(metadata: dict[str, Any]):
     tokens = list(metadata["tokenizer.ggml.tokens"])
     types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-    tok = HFTokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    model = BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
+    # tiktoken-style vocabularies take a whole pre-token found in the vocabulary as one token
+    # (Tekken, llama 3), as their tokenizer.json files (and llama.cpp) do
+    model.ignore_merges = pre in _IGNORE_MERGES
+    tok = HFTokenizer(model)
     split = GGUF_PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)]
     if split is not None:

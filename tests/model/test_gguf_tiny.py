@@ -135,3 +135,39 @@ def test_unsupported_architecture_is_a_config_error(tmp_path):
     file = write_tiny_gguf(tmp_path / "tiny.gguf", 3, {}, arch="qwen2")
     with pytest.raises(ConfigError, match="qwen2"):
         read_config(file)
+
+
+def test_tekken_vocabulary_as_gguf_bpe(tmp_path):
+    """A Tekken vocabulary written as llama.cpp writes Mistral's (gpt2 model, pre "tekken",
+    byte-level tokens, merges, control types): encodes as mistral-common's Tekkenizer."""
+    import json
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    from mistralpy.processing.tokenizer import Tokenizer
+    from mistralpy.testing.tiny_checkpoint import write_tokenizer_files
+
+    src = write_tokenizer_files(tmp_path / "tok")
+    hf = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {**hf["model"]["vocab"], **{t["content"]: t["id"] for t in hf["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["content"] for t in hf["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in hf["model"]["merges"]]
+    w = GGUFWriter(str(tmp_path / "tekken.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("tekken")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["</s>"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = Tokenizer.from_dir(tmp_path / "tekken.gguf")
+    tekken = Tekkenizer.from_file(str(src / "tekken.json"))
+    for text in ["Hello, world!", "  spaces\n\nand 12345 digits", "naïve café 東京 😀 [INST]"]:
+        assert ours.encode(text) == tekken.encode(text, bos=False, eos=False), text
+        assert ours.decode(ours.encode(text)) == text
+    assert (ours.bos_token_id, ours.eos_token_id) == (tekken.bos_id, tekken.eos_id)
