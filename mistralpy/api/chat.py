@@ -84,7 +84,7 @@ class TemplatePrompts:
     tokenizer: Any  # processing.tokenizer.Tokenizer
     template: Any  # processing.chat_template.ChatTemplate
     image_policy: Any  # processing.images.ImagePolicy
-    image_processor_config: Any  # what processing.images.preprocess_image takes
+    image_processor_config: Any  # what processing.images.preprocess_image takes; None: no images
     image_pool: concurrent.futures.Executor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
             IMAGE_WORKERS, thread_name_prefix="mistralpy-images"
@@ -101,6 +101,8 @@ class TemplatePrompts:
         limit = getattr(self.image_policy, "max_images_per_request", None)
         if limit is not None and _count_images(messages) > limit:
             raise TooManyImagesError(f"at most {limit} images per request", "messages")
+        if self.image_processor_config is None:  # a text-only model: build_chat_prompt refuses
+            return {}
         loop = asyncio.get_running_loop()
         loads = [loop.run_in_executor(self.image_pool, self._load_image, s) for s in sources]
         try:
@@ -115,7 +117,8 @@ class TemplatePrompts:
         def loaded(source: str) -> Any:
             return images[source] if source in images else self._load_image(source)
 
-        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loaded)
+        loader = loaded if self.image_processor_config is not None else None
+        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader)
 
     def text(self, prompt: str | list[int]) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt

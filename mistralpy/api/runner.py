@@ -43,7 +43,7 @@ class FeatureUnavailable(NotImplementedError):
 class ModelOptions:
     """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`."""
 
-    model_id: str  # local dir, hub id, or "demo"
+    model_id: str  # local dir or .gguf file, named model ("smollm2"), hub id, or "demo"
     dtype: str = "auto"
     device: str = "auto"
     isq: str | None = None  # e.g. "q4k"
@@ -105,13 +105,20 @@ class OpenedModel:
         }
 
     def quantization(self) -> str | None:
-        """The weights' quantization: --isq, else the format of a pre-quantized directory."""
+        """--isq, else the format of a pre-quantized directory, else the block formats a GGUF
+        model's weights are served in (e.g. "q4_1, q8_0"); None for full precision."""
         if self.options.isq:
             return self.options.isq
+        from mistralpy.quant.isq import QuantizedLinear
         from mistralpy.quant.prequantized import read_quantization_config
 
-        stored = read_quantization_config(self.path)
-        return f"{stored.format} (pre-quantized)" if stored is not None else None
+        stored = read_quantization_config(self.path) if self.path.is_dir() else None
+        if stored is not None:
+            return f"{stored.format} (pre-quantized)"
+        model = getattr(self.llm.runner, "model", None)  # tensor-parallel runners hold none
+        modules = model.modules() if model is not None else []
+        fmts = sorted({m.fmt.name for m in modules if isinstance(m, QuantizedLinear)})
+        return ", ".join(fmts) or None
 
     def resolved_dtype(self) -> str:
         """The dtype the weights were loaded in (the option may say "auto")."""
@@ -164,14 +171,19 @@ def engine_config(options: ModelOptions) -> Any:
 
 
 def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """Tokenizer (the engine's unless overridden), chat template and image settings."""
+    """Tokenizer (the engine's unless overridden), chat template and image settings (None
+    for a text-only model)."""
+    from mistralpy.model.config import read_config
     from mistralpy.processing.images import ImageProcessorConfig
     from mistralpy.processing.tokenizer import Tokenizer
 
     if options.tokenizer_json:
         tokenizer = Tokenizer.from_tokenizer_json(options.tokenizer_json)
     template = load_template(path, options, tokenizer)
-    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
+    # a text-only decoder takes no images: no image settings to read (requests with images
+    # are refused as invalid chats)
+    vision = read_config(path).has_vision
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path) if vision else None
 
 
 def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:

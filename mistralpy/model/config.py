@@ -1,8 +1,9 @@
-"""Model configuration for mistral3 (Pixtral vision encoder + projector + Mistral decoder).
+"""Model configuration for mistral3 (Pixtral vision encoder + projector + Mistral decoder),
+and for the text-only decoders that share its decoder (`llama` / `mistral`: no vision tower).
 
-Every value is read from the checkpoint's `config.json` (HF layout) or `params.json` (Mistral's
-native layout); nothing the file states is derived. Values we cannot honour raise `ConfigError`
-at load time instead of silently producing a different model.
+Every value is read from the checkpoint's `config.json` (HF layout), `params.json` (Mistral's
+native layout) or GGUF metadata; nothing the file states is derived. Values we cannot honour
+raise `ConfigError` at load time instead of silently producing a different model.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class Mistral3Config:
     """The whole model: vision tower, projector, language model."""
 
     text_config: TextConfig
-    vision_config: VisionConfig
+    vision_config: VisionConfig | None  # None: a text-only decoder (llama / mistral)
     spatial_merge_size: int
-    image_token_index: int
+    image_token_index: int | None  # None for a text-only decoder
     projector_hidden_act: str
     multimodal_projector_bias: bool
     vision_feature_layer: int = -1
@@ -89,10 +90,26 @@ class Mistral3Config:
         """Config from a parsed Mistral-native `params.json` (with a `vision_encoder` section)."""
         return _from_mistral_params(params)
 
+    @classmethod
+    def text_only(
+        cls, text: TextConfig, tie_word_embeddings: bool, dtype: str | None = None
+    ) -> Mistral3Config:
+        """A decoder without vision tower or projector (their fields are unused)."""
+        return cls(text, None, 1, None, "gelu", False, -1, tie_word_embeddings, dtype)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_config is not None
+
 
 def read_config(path: str | Path) -> Mistral3Config:
-    """Config of the checkpoint directory `path` (config.json, else params.json) or of a file."""
+    """Config of the checkpoint directory `path` (config.json, else params.json) or of a file
+    (a config.json / params.json, or a GGUF model)."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from mistralpy.model.gguf_file import open_gguf
+
+        return config_from_gguf(open_gguf(path))
     if path.is_dir():
         if (path / "config.json").is_file():
             path = path / "config.json"
@@ -150,10 +167,18 @@ def mistral_small_3_1_config() -> Mistral3Config:
 # HF config.json
 
 
+# HF model types served by the text-only decoder (same layers, names under `model.`)
+TEXT_ONLY_MODEL_TYPES = ("llama", "mistral")
+
+
 def _from_hf_dict(cfg: dict[str, Any]) -> Mistral3Config:
     model_type = cfg.get("model_type")
+    if model_type in TEXT_ONLY_MODEL_TYPES:
+        return _hf_text_only(cfg)
     if model_type != "mistral3":
-        raise ConfigError(f"model_type is {model_type!r}; only 'mistral3' is supported")
+        raise ConfigError(
+            f"model_type is {model_type!r}; supported: 'mistral3', {TEXT_ONLY_MODEL_TYPES}"
+        )
     text = _require(cfg, "text_config", "config")
     vision = _require(cfg, "vision_config", "config")
     if not isinstance(text, dict) or not isinstance(vision, dict):
@@ -172,21 +197,37 @@ def _from_hf_dict(cfg: dict[str, Any]) -> Mistral3Config:
     )
 
 
-def _hf_text(text: dict[str, Any]) -> TextConfig:
-    where = "text_config"
-    if text.get("model_type", "mistral") != "mistral":
-        raise ConfigError(f"text_config.model_type is {text.get('model_type')!r}, not 'mistral'")
+def _hf_text_only(cfg: dict[str, Any]) -> Mistral3Config:
+    """`LlamaForCausalLM` / `MistralForCausalLM` config.json: the decoder fields at top level."""
+    for key, unsupported in (("attention_bias", True), ("mlp_bias", True)):
+        if cfg.get(key, False) == unsupported:
+            raise ConfigError(f"{key}={unsupported} is not supported (bias-free linears only)")
+    if cfg.get("pretraining_tp", 1) != 1:
+        raise ConfigError("pretraining_tp != 1 is not supported")
+    text = _hf_text(cfg, where="config", model_type=cfg["model_type"])
+    tie = bool(cfg.get("tie_word_embeddings", cfg["model_type"] == "llama"))
+    return Mistral3Config.text_only(text, tie, cfg.get("dtype", cfg.get("torch_dtype")))
+
+
+def _hf_text(
+    text: dict[str, Any], where: str = "text_config", model_type: str = "mistral"
+) -> TextConfig:
+    if text.get("model_type", model_type) != model_type:
+        raise ConfigError(f"{where}.model_type is {text.get('model_type')!r}, not {model_type!r}")
     _check_no_sliding_window(text.get("sliding_window"), text.get("max_position_embeddings"))
-    if text.get("layer_types") is not None:
-        raise ConfigError("text_config.layer_types (mixed attention kinds) is not supported")
+    if text.get("layer_types") is not None and set(text["layer_types"]) != {"full_attention"}:
+        raise ConfigError(f"{where}.layer_types (mixed attention kinds) is not supported")
+    heads = _int(text, "num_attention_heads", where)
     return TextConfig(
         vocab_size=_int(text, "vocab_size", where),
         hidden_size=_int(text, "hidden_size", where),
         intermediate_size=_int(text, "intermediate_size", where),
         num_hidden_layers=_int(text, "num_hidden_layers", where),
-        num_attention_heads=_int(text, "num_attention_heads", where),
-        num_key_value_heads=_int(text, "num_key_value_heads", where),
-        head_dim=_int(text, "head_dim", where),
+        num_attention_heads=heads,
+        num_key_value_heads=_int(text, "num_key_value_heads", where)
+        if "num_key_value_heads" in text or model_type == "mistral"
+        else heads,  # transformers' llama default: no GQA
+        head_dim=_head_dim(text, where, heads),
         rms_norm_eps=_float(text, "rms_norm_eps", where),
         rope_theta=_rope_theta(text, where, ("default",)),
         max_position_embeddings=_int(text, "max_position_embeddings", where),
@@ -220,6 +261,17 @@ def _hf_vision(vision: dict[str, Any]) -> VisionConfig:
         rope_theta=_rope_theta(vision, where, ("default", "axial")),
         hidden_act=str(_require(vision, "hidden_act", where)),
     )
+
+
+def _head_dim(text: dict[str, Any], where: str, heads: int) -> int:
+    """Stated head_dim; a text-only config.json may omit it, meaning hidden / heads there
+    (mistral3's text_config must state it: 128 for Mistral Small 3.1, not 5120 / 32)."""
+    if text.get("head_dim") is not None or where == "text_config":
+        return _int(text, "head_dim", where)
+    hidden = _int(text, "hidden_size", where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: no head_dim and hidden_size {hidden} % heads {heads} != 0")
+    return hidden // heads
 
 
 def _rope_theta(section: dict[str, Any], where: str, allowed_types: tuple[str, ...]) -> float:
@@ -315,12 +367,78 @@ def _native_vision(vision: dict[str, Any]) -> VisionConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF metadata (llama.cpp keys: `<arch>.block_count`, `<arch>.attention.head_count`, ...)
+
+GGUF_ARCHITECTURES = ("llama",)  # llama.cpp writes Mistral (Small 3.1 text too) as `llama`
+
+
+def config_from_gguf(model: Any) -> Mistral3Config:
+    """Text-only config of a parsed GGUF model (a `model.gguf_file.GGUFModelFile`).
+
+    Defaults are llama.cpp's for keys a file may omit: KV heads = heads, head_dim = hidden /
+    heads (`key_length` states it otherwise: 128 for Mistral Small 3.1), RoPE base 10000.
+    Tied embeddings: the file has no `output.weight`.
+    """
+    arch = model.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported ({GGUF_ARCHITECTURES})")
+    meta = {k.removeprefix(f"{arch}."): v for k, v in model.metadata.items()}
+    where = f"GGUF {arch}"
+    heads = _int(meta, "attention.head_count", where)
+    hidden = _int(meta, "embedding_length", where)
+    head_dim = int(meta.get("attention.key_length", hidden // heads))
+    if int(meta.get("attention.value_length", head_dim)) != head_dim:
+        raise ConfigError(f"{where}: value_length != key_length is not supported")
+    if int(meta.get("rope.dimension_count", head_dim)) != head_dim:
+        raise ConfigError(f"{where}: partial rotary (rope.dimension_count) is not supported")
+    if meta.get("rope.scaling.type", "none") not in ("none", None) or "rope_freqs.weight" in (
+        model.tensors
+    ):
+        raise ConfigError(f"{where}: RoPE scaling is not supported")
+    tokens = model.metadata.get("tokenizer.ggml.tokens")
+    vocab = meta.get("vocab_size", len(tokens) if tokens is not None else None)
+    text = TextConfig(
+        vocab_size=_int({"vocab_size": vocab}, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_int(meta, "feed_forward_length", where),
+        num_hidden_layers=_int(meta, "block_count", where),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=_float(meta, "attention.layer_norm_rms_epsilon", where),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        max_position_embeddings=_int(meta, "context_length", where),
+    )
+    return Mistral3Config.text_only(text, tie_word_embeddings="output.weight" not in model.tensors)
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation and typed field readers
 
 
 def _validate(cfg: Mistral3Config) -> None:
     text, vision = cfg.text_config, cfg.vision_config
-    for name, value in [*vars(text).items(), *vars(vision).items()]:
+    _validate_text(text)
+    if vision is None:
+        return
+    for name, value in vars(vision).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{name}={value} must be positive")
+    if vision.head_dim % 4:
+        raise ConfigError("vision head_dim must be a multiple of 4 (2-D RoPE)")
+    for name, act in (("vision_config.hidden_act", vision.hidden_act),
+                      ("projector_hidden_act", cfg.projector_hidden_act)):  # fmt: skip
+        if act not in SUPPORTED_ACTS:
+            raise ConfigError(f"{name} {act!r} is not one of {SUPPORTED_ACTS}")
+    if cfg.spatial_merge_size < 1:
+        raise ConfigError(f"spatial_merge_size={cfg.spatial_merge_size} must be >= 1")
+    if cfg.image_token_index is None or not 0 <= cfg.image_token_index < text.vocab_size:
+        raise ConfigError(f"image_token_index {cfg.image_token_index} is outside the vocabulary")
+
+
+def _validate_text(text: TextConfig) -> None:
+    """The decoder's own checks (a text-only model has nothing else)."""
+    for name, value in vars(text).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{name}={value} must be positive")
     if text.num_attention_heads % text.num_key_value_heads:
@@ -328,18 +446,10 @@ def _validate(cfg: Mistral3Config) -> None:
             f"num_attention_heads {text.num_attention_heads} is not a multiple of "
             f"num_key_value_heads {text.num_key_value_heads}"
         )
-    if text.head_dim % 2 or vision.head_dim % 4:
-        raise ConfigError("head_dim must be even (text) and a multiple of 4 (vision, 2-D RoPE)")
+    if text.head_dim % 2:
+        raise ConfigError("head_dim must be even")
     if text.hidden_act != "silu":
         raise ConfigError(f"text_config.hidden_act {text.hidden_act!r} unsupported (silu only)")
-    for name, act in (("vision_config.hidden_act", vision.hidden_act),
-                      ("projector_hidden_act", cfg.projector_hidden_act)):  # fmt: skip
-        if act not in SUPPORTED_ACTS:
-            raise ConfigError(f"{name} {act!r} is not one of {SUPPORTED_ACTS}")
-    if cfg.spatial_merge_size < 1:
-        raise ConfigError(f"spatial_merge_size={cfg.spatial_merge_size} must be >= 1")
-    if not 0 <= cfg.image_token_index < text.vocab_size:
-        raise ConfigError(f"image_token_index {cfg.image_token_index} is outside the vocabulary")
 
 
 def _require(section: dict[str, Any], key: str, where: str) -> Any:

@@ -215,8 +215,12 @@ class Mistral3ForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.parallel = parallel
-        self.vision_tower = PixtralVisionModel(config.vision_config)
-        self.multi_modal_projector = Mistral3MultiModalProjector(config)
+        # a text-only config (llama / mistral decoders) has neither
+        self.vision_tower: PixtralVisionModel | None = None
+        self.multi_modal_projector: Mistral3MultiModalProjector | None = None
+        if config.vision_config is not None:
+            self.vision_tower = PixtralVisionModel(config.vision_config)
+            self.multi_modal_projector = Mistral3MultiModalProjector(config)
         text = config.text_config
         self.language_model = MistralModel(text, attn_fn or paged_attention, parallel)
         self.vocab_parallel = parallel.world_size > 1 and text.vocab_size % parallel.world_size == 0
@@ -234,7 +238,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
         for the vision encoder's per-image attention (call once, at setup)."""
         for layer in self.language_model.layers:
             layer.self_attn.attn_fn = attn_fn
-        if varlen_fn is not None:
+        if varlen_fn is not None and self.vision_tower is not None:
             for module in self.vision_tower.modules():
                 if isinstance(module, PixtralAttention):
                     module.varlen_fn = varlen_fn
@@ -257,6 +261,8 @@ class Mistral3ForConditionalGeneration(nn.Module):
         """Images (3, H, W) -> per image (rows*cols, text_hidden) embeddings, in one pass."""
         if not pixel_values:
             return []
+        if self.vision_tower is None or self.multi_modal_projector is None:
+            raise ValueError("this model is text-only: it has no vision encoder for images")
         features, sizes = self.vision_tower(pixel_values)
         embeds = self.multi_modal_projector(features, sizes)
         m = self.config.spatial_merge_size
@@ -276,7 +282,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
         config.image_token_index (the caller guarantees the counts match).
         """
         embeds = self.language_model.embed_tokens(input_ids)
-        if image_embeds is not None:
+        if image_embeds is not None and self.config.image_token_index is not None:
             mask = (input_ids == self.config.image_token_index)[:, None]
             embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
         return self.language_model(embeds, positions, attn, kv_caches)

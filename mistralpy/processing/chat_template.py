@@ -143,12 +143,11 @@ class ChatTemplate:
         """Template of a checkpoint dir, by priority: jinja_explicit file, chat_template.jinja,
         chat_template.json, tokenizer_config.json's chat_template; else the packaged default."""
         path = Path(path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path, jinja_explicit)
         bos, eos = _special_strings(path / "tokenizer_config.json")
         if jinja_explicit is not None:
-            explicit = Path(jinja_explicit)
-            if not explicit.is_file():
-                raise ChatTemplateError(f"jinja_explicit: no such file {explicit}")
-            return cls({"default": explicit.read_text(encoding="utf-8")}, bos, eos)
+            return cls({"default": _read_explicit(jinja_explicit)}, bos, eos)
         found = _templates_in_dir(path)
         if found is None:
             return cls({"default": packaged_template_path().read_text(encoding="utf-8")}, bos, eos)
@@ -166,6 +165,28 @@ class ChatTemplate:
         return ChatTemplate(
             {**self.templates, "tool_use": tool_use}, self.bos_token, self.eos_token
         )
+
+    @classmethod
+    def from_gguf(cls, file: str | Path, jinja_explicit: str | Path | None = None) -> ChatTemplate:
+        """The GGUF model's `tokenizer.chat_template` (or the jinja_explicit file), with its
+        BOS/EOS token strings; a file without a template gets the packaged default."""
+        from mistralpy.model.gguf_file import open_gguf
+
+        meta = open_gguf(file).metadata
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+
+        def token(key: str, default: str) -> str:
+            index = meta.get(key)
+            return tokens[index] if index is not None and 0 <= index < len(tokens) else default
+
+        bos = token("tokenizer.ggml.bos_token_id", "<s>")
+        eos = token("tokenizer.ggml.eos_token_id", "</s>")
+        if jinja_explicit is not None:
+            return cls({"default": _read_explicit(jinja_explicit)}, bos, eos)
+        source = meta.get("tokenizer.chat_template")
+        if not isinstance(source, str):
+            source = packaged_template_path().read_text(encoding="utf-8")
+        return cls({"default": source}, bos, eos)
 
     def _select(self, name: str | None, has_tools: bool):
         if name is not None:
@@ -219,6 +240,13 @@ def needs_tool_template(template: ChatTemplate, tokenizer: Tokenizer) -> bool:
     controls = ("[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]")
     has_controls = all(c in tokenizer.special_tokens for c in controls)
     return has_controls and not template.reads_tools()
+
+
+def _read_explicit(jinja_explicit: str | Path) -> str:
+    explicit = Path(jinja_explicit)
+    if not explicit.is_file():
+        raise ChatTemplateError(f"jinja_explicit: no such file {explicit}")
+    return explicit.read_text(encoding="utf-8")
 
 
 def _special_strings(config_file: Path) -> tuple[str, str]:
@@ -571,7 +599,7 @@ def build_chat_prompt(
     validate_chat(messages, tools, continue_final)
     sources = image_sources(messages)
     if sources and image_loader is None:
-        raise InvalidChatError("messages: images given but this model has no image loader")
+        raise InvalidChatError("messages: images given but this model takes no images")
     prepared = [
         _prepare_message(i, m, continue_final and i == len(messages) - 1)
         for i, m in enumerate(messages)

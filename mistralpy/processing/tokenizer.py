@@ -1,5 +1,7 @@
 """Tekken tokenizer: encode/decode with a `tokenizers` backend (tokenizer.json) or mistral-common
 (tekken.json), plus an incremental detokenizer that is exact across split UTF-8 characters.
+GGUF models bring their byte-level BPE vocabulary in metadata (GPT-2 style, or Tekken written as
+BPE); `Tokenizer.from_gguf` builds the same `tokenizers` BPE from it.
 
 Decoding is done here, byte-exact, from one id -> bytes table for both backends, so the streamed
 deltas of `IncrementalDetokenizer` always add up to `Tokenizer.decode` of the same ids.
@@ -130,15 +132,90 @@ def _with_split_pattern(tokenizer_json: str, pattern: str) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
+# GGUF `tokenizer.ggml.pre` -> the regex llama.cpp splits text with before BPE (None: GPT-2's
+# own, applied by ByteLevel). "smollm" first isolates every digit, as SmolLM2's tokenizer.json
+# (Digits(individual_digits)) and llama.cpp do.
+_GPT2_SPLIT = None
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_PRE_TOKENIZERS: dict[str, str | None] = {
+    "default": _GPT2_SPLIT,
+    "gpt-2": _GPT2_SPLIT,
+    "smollm": _GPT2_SPLIT,  # plus individual digits, see gguf_bpe_tokenizer
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+}
+
+
+_IGNORE_MERGES = ("tekken", "llama-bpe", "llama3")
+
+
+def gguf_bpe_tokenizer(metadata: dict[str, Any]):
+    """A `tokenizers.Tokenizer` (byte-level BPE) from GGUF tokenizer metadata: the vocabulary
+    and merges as stored; token_type 3 (control) special, 4 (user-defined) added, matched
+    whole in text as llama.cpp does."""
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 BPE only)")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"GGUF pre-tokenizer {pre!r} unknown; known: {sorted(GGUF_PRE_TOKENIZERS)}"
+        )
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    model = BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
+    # tiktoken-style vocabularies take a whole pre-token found in the vocabulary as one token
+    # (Tekken, llama 3), as their tokenizer.json files (and llama.cpp) do
+    model.ignore_merges = pre in _IGNORE_MERGES
+    tok = HFTokenizer(model)
+    split = GGUF_PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)]
+    if split is not None:
+        steps.insert(0, pre_tokenizers.Split(Regex(split), behavior="isolated"))
+    if pre == "smollm":
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
+    )
+    return tok
+
+
 class Tokenizer:
-    """Text <-> ids for a Tekken vocabulary (Mistral Small 3.1: 131072 ids, 1000 special).
+    """Text <-> ids for a byte-level BPE vocabulary: Tekken (Mistral Small 3.1: 131072 ids,
+    1000 special) or a GGUF model's.
 
     `encode` treats its text as plain text by default: "[INST]" typed by a user becomes ordinary
     tokens, as mistral-common does. Only `parse_special=True` maps special-token strings to ids.
     """
 
-    def __init__(self, encode_plain, token_bytes: list[bytes], specials: dict[str, int]):
-        # encode_plain: str -> list[int] without special-token parsing
+    def __init__(
+        self,
+        encode_plain,
+        token_bytes: list[bytes],
+        specials: dict[str, int],
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        add_bos: bool = True,
+    ):
+        # encode_plain: str -> list[int] without special-token parsing; bos/eos ids: None
+        # means Mistral's "<s>" / "</s>"; add_bos: encode(add_special_tokens=True) prepends BOS
         self._encode_plain = encode_plain
         self._token_bytes = token_bytes  # id -> bytes of a regular token (b"" for specials)
         self.special_tokens: dict[str, int] = dict(specials)  # special string -> id
@@ -150,8 +227,9 @@ class Tokenizer:
         self._regular_ids = {
             b: i for i, b in enumerate(token_bytes) if i not in self._special_strings
         }
-        self.bos_token_id = self._required("<s>")
-        self.eos_token_id = self._required("</s>")
+        self.bos_token_id = self._required("<s>") if bos_token_id is None else bos_token_id
+        self.eos_token_id = self._required("</s>") if eos_token_id is None else eos_token_id
+        self.add_bos = add_bos
         self.unk_token_id = specials.get("<unk>")
         self.pad_token_id = specials.get("<pad>")
         self.image_token_id = specials.get("[IMG]")
@@ -165,23 +243,52 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load from a checkpoint directory: tokenizer.json if present, else tekken.json."""
+        """Load from a checkpoint directory (tokenizer.json if present, else tekken.json) or
+        from a GGUF model file's metadata."""
         path = Path(path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path)
         if (path / "tokenizer.json").is_file():
             pattern = None
             if (path / "tekken.json").is_file():
                 pattern = json.loads((path / "tekken.json").read_text("utf-8"))["config"]["pattern"]
-            return cls.from_tokenizer_json(path / "tokenizer.json", split_pattern=pattern)
+            return cls.from_tokenizer_json(
+                path / "tokenizer.json", pattern, path / "tokenizer_config.json"
+            )
         if (path / "tekken.json").is_file():
             return cls.from_tekken(path / "tekken.json")
         raise TokenizerError(f"no tokenizer.json or tekken.json in {path}")
 
     @classmethod
-    def from_tokenizer_json(cls, file: str | Path, split_pattern: str | None = None) -> Tokenizer:
-        """Fast path: a byte-level BPE tokenizer.json (as converted from Tekken).
+    def from_gguf(cls, file: str | Path) -> Tokenizer:
+        """The vocabulary in a GGUF model's metadata (BOS/EOS ids and add_bos as stated)."""
+        from mistralpy.model.gguf_file import open_gguf
+
+        meta = open_gguf(file).metadata
+        if "tokenizer.ggml.tokens" not in meta:
+            raise TokenizerError(f"{file}: GGUF file without a tokenizer")
+        hf = gguf_bpe_tokenizer(meta)
+        hf.encode_special_tokens = True  # special strings in text are plain text
+        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        table = _byte_table(hf, specials, str(file))
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        if bos is None or eos is None:
+            raise TokenizerError(f"{file}: GGUF tokenizer states no BOS or EOS token id")
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
+        return cls(encode, table, specials, int(bos), int(eos), add_bos)
+
+    @classmethod
+    def from_tokenizer_json(
+        cls, file: str | Path, split_pattern: str | None = None, config_file: Path | None = None
+    ) -> Tokenizer:
+        """Fast path: a byte-level BPE tokenizer.json (as converted from Tekken, or a llama one).
 
         split_pattern: Tekken's pre-tokenizer regex; when given it replaces the file's Split
         regex (some hub tokenizer.json files of Mistral Small 3.1 carry a wrong one).
+        config_file: a tokenizer_config.json whose bos/eos tokens apply (a llama vocabulary
+        has no "<s>"); Mistral's "<s>" / "</s>" otherwise.
         """
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -194,19 +301,10 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {file}: {e}") from e
         hf.encode_special_tokens = True  # special strings in text are plain text
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        pieces = hf.get_vocab(with_added_tokens=False)  # byte-level string -> id
-        stray = set().union(*pieces) - set(unicode_to_byte())
-        if stray:
-            raise TokenizerError(
-                f"{file}: not a byte-level BPE vocabulary (chars {sorted(stray)[:5]})"
-            )
-        as_latin1 = str.maketrans({c: chr(b) for c, b in unicode_to_byte().items()})
-        table = [b""] * hf.get_vocab_size(with_added_tokens=True)
-        special_ids = set(specials.values())
-        for piece, i in pieces.items():
-            if i not in special_ids:
-                table[i] = piece.translate(as_latin1).encode("latin-1")
-        return cls(lambda text: hf.encode(text, add_special_tokens=False).ids, table, specials)
+        table = _byte_table(hf, specials, str(file))
+        bos, eos = _config_specials(config_file, specials)
+        encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
+        return cls(encode, table, specials, bos, eos)
 
     @classmethod
     def from_tekken(cls, file: str | Path) -> Tokenizer:
@@ -227,8 +325,9 @@ class Tokenizer:
     def encode(
         self, text: str, add_special_tokens: bool = False, parse_special: bool = False
     ) -> list[int]:
-        """Text -> ids. add_special_tokens prepends BOS; parse_special maps "[INST]" etc. to ids."""
-        ids = [self.bos_token_id] if add_special_tokens else []
+        """Text -> ids. add_special_tokens prepends BOS where the vocabulary adds one (add_bos);
+        parse_special maps "[INST]" etc. to ids."""
+        ids = [self.bos_token_id] if add_special_tokens and self.add_bos else []
         if not parse_special:
             return ids + self._encode_plain(text)
         for piece in self.split_special(text):
@@ -276,6 +375,42 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         """Special-token string, or the token's text (U+FFFD where it is a partial character)."""
         return self.token_bytes(token_id, skip_special_tokens=False).decode("utf-8", "replace")
+
+
+def _config_specials(
+    config_file: Path | None, specials: dict[str, int]
+) -> tuple[int | None, int | None]:
+    """(bos id, eos id) stated by a tokenizer_config.json; None where not stated. (Its
+    add_bos_token is not read: Mistral's says false because the template writes BOS, while a
+    text prompt to /v1/completions gets BOS as mistral-common encodes it.)"""
+    if config_file is None or not config_file.is_file():
+        return None, None
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+
+    def special(key: str) -> int | None:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return specials.get(value) if isinstance(value, str) else None
+
+    return special("bos_token"), special("eos_token")
+
+
+def _byte_table(hf, specials: dict[str, int], source: str) -> list[bytes]:
+    """id -> bytes of every regular token of a byte-level BPE `tokenizers.Tokenizer`
+    (b"" for special ids); raises TokenizerError for a vocabulary that is not byte-level."""
+    pieces = hf.get_vocab(with_added_tokens=False)  # byte-level string -> id
+    stray = set().union(*pieces) - set(unicode_to_byte())
+    if stray:
+        raise TokenizerError(
+            f"{source}: not a byte-level BPE vocabulary (chars {sorted(stray)[:5]})"
+        )
+    as_latin1 = str.maketrans({c: chr(b) for c, b in unicode_to_byte().items()})
+    table = [b""] * hf.get_vocab_size(with_added_tokens=True)
+    special_ids = set(specials.values())
+    for piece, i in pieces.items():
+        if i not in special_ids:
+            table[i] = piece.translate(as_latin1).encode("latin-1")
+    return table
 
 
 class IncrementalDetokenizer:

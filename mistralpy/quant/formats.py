@@ -747,6 +747,12 @@ def get_format(name: str | int | QuantFormat) -> QuantFormat:
     return fmt
 
 
+def format_of_ggml_type(ggml_type: int) -> QuantFormat | None:
+    """Our block format for a GGUF tensor type id (GGMLQuantizationType); None for types we
+    have no format for (float types, IQ*, ...)."""
+    return next((f for f in FORMATS.values() if f.ggml_type == ggml_type), None)
+
+
 def quantize(w: Tensor, fmt: str | QuantFormat) -> Tensor:
     """(rows, cols) float -> (rows, bytes_per_row) uint8 in `fmt`'s GGUF block layout."""
     return get_format(fmt).quantize(w)

@@ -309,6 +309,22 @@ def quantize_embedding(emb: nn.Embedding, fmt: str) -> nn.Module:
     return QuantizedEmbedding(chosen.quantize(weight), chosen, tuple(weight.shape), weight.dtype)
 
 
+class ConcatLinear(nn.Module):
+    """Projections of one input whose outputs are concatenated: a fused Linear (qkv_proj,
+    gate_up_proj) whose parts a GGUF file stores in different formats (Q4_K_M files keep some
+    attn_v / ffn_down in Q6_K). Each part keeps its own bytes and kernel."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in_features) -> (..., out_features)."""
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def _add_fp8_qweight(module: QuantizedLinear, state_dict: dict, prefix: str, _meta) -> None:
     """state_dict hook: the fp8 bytes of a module that holds only its kernel's copy."""
     state_dict[prefix + "qweight"] = module.packed_weight()

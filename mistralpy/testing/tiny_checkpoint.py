@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mistralpy.checkpoint.named_models import mistralpy_cache_dir
 from mistralpy.processing.chat_template import packaged_template_path
 from mistralpy.processing.tokenizer import tekken_special_tokens, tekken_to_hf_tokenizer
 
@@ -309,18 +310,10 @@ def write_checkpoint(
     return out
 
 
-def demo_cache_root(cache_dir: str | Path | None = None) -> Path:
-    """cache_dir, else $MISTRALPY_CACHE, else ~/.cache/mistralpy."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MISTRALPY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "mistralpy"
-
-
 def ensure_demo_checkpoint(preset: str = "tiny", cache_dir: str | Path | None = None) -> Path:
     """The demo checkpoint `<cache>/demo-<preset>`, built once (atomically) and reused."""
     get_preset(preset)
-    root = demo_cache_root(cache_dir)
+    root = mistralpy_cache_dir(cache_dir)
     target = root / f"demo-{preset}"
     if (target / "model.safetensors").is_file():
         return target
