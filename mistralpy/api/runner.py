@@ -115,7 +115,8 @@ class OpenedModel:
         stored = read_quantization_config(self.path) if self.path.is_dir() else None
         if stored is not None:
             return f"{stored.format} (pre-quantized)"
-        model = getattr(self.llm.runner, "model", None)  # tensor-parallel runners hold none
+        runner = getattr(self.llm, "runner", None)
+        model = getattr(runner, "model", None)  # tensor-parallel runners hold none
         modules = model.modules() if model is not None else []
         fmts = sorted({m.fmt.name for m in modules if isinstance(m, QuantizedLinear)})
         return ", ".join(fmts) or None

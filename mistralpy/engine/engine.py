@@ -560,7 +560,13 @@ def _check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
 
 
 def _hf_tokenizer_json(path: Path) -> str:
-    """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json if need be)."""
+    """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json or from a
+    GGUF file's vocabulary if need be)."""
+    if path.suffix == ".gguf":
+        from mistralpy.model.gguf_file import open_gguf
+        from mistralpy.processing.tokenizer import gguf_bpe_tokenizer
+
+        return gguf_bpe_tokenizer(open_gguf(path).metadata).to_str()
     if (path / "tokenizer.json").is_file():
         return (path / "tokenizer.json").read_text("utf-8")
     from mistralpy.processing.tokenizer import tekken_to_hf_tokenizer
