@@ -563,10 +563,14 @@ def _hf_tokenizer_json(path: Path) -> str:
     """The model's tokenizer as HF tokenizers JSON text (converted from tekken.json or from a
     GGUF file's vocabulary if need be)."""
     if path.suffix == ".gguf":
+        from tokenizers import decoders
+
         from mistralpy.model.gguf_file import open_gguf
         from mistralpy.processing.tokenizer import gguf_bpe_tokenizer
 
-        return gguf_bpe_tokenizer(open_gguf(path).metadata).to_str()
+        hf = gguf_bpe_tokenizer(open_gguf(path).metadata)
+        hf.decoder = decoders.ByteLevel()  # llguidance reads the token bytes off the decoder
+        return hf.to_str()
     if (path / "tokenizer.json").is_file():
         return (path / "tokenizer.json").read_text("utf-8")
     from mistralpy.processing.tokenizer import tekken_to_hf_tokenizer

@@ -10,6 +10,7 @@ logit_bias move the choice away from what greedy picks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -126,3 +127,17 @@ def test_penalties_reduce_repetition(server):
     count = lambda s: s.lower().count("cat")  # noqa: E731
     assert count(penalised["message"]["content"]) < count(plain), (plain, penalised)
     assert count(repeated["message"]["content"]) < count(plain), (plain, repeated)
+
+
+def test_json_schema_answer_on_a_gguf_vocabulary(server):
+    """A grammar-constrained request on the GGUF model (its llguidance tokenizer is built
+    from the file's vocabulary at start-up): the answer parses and fits the schema."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    got = chat(server, FRANCE, temperature=0, max_tokens=24, response_format=fmt)
+    assert set(json.loads(got["message"]["content"])) == {"city"}
