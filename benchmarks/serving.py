@@ -22,17 +22,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mistralpy.bench.serving import ServingConfig, run_serving_bench  # noqa: E402
+from mistralpy.testing.server_process import wait_healthy  # noqa: E402
 
 STOP_GRACE_S = 20.0  # SIGTERM, then SIGKILL after this long
 
@@ -52,21 +50,6 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
     return lambda: prctl(1, signal.SIGTERM)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    """Until GET /health answers 200; raises if the server exits or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before /health answered")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> int | None:

@@ -26,17 +26,27 @@ def start_server(
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.DEVNULL if quiet else None
     proc = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=out)
-    deadline = time.monotonic() + timeout
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError("server did not become healthy") from None
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Until GET /health answers 200; raises if the server exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            raise RuntimeError(f"server exited with {proc.returncode} before /health answered")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
