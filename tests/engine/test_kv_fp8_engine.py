@@ -18,6 +18,7 @@ from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
 from mistralpy.kernels import cpu_gguf
 from mistralpy.params import InvalidParameter, SamplingParams
+from mistralpy.runner.batch import SeqWork
 from mistralpy.runner.cpu_decode import fused_format
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
 from mistralpy.server.cli import build_parser, model_options
@@ -105,3 +106,29 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config():
         build_parser().parse_args(["serve", "demo", "--kv-cache-dtype", "int8"])
     with pytest.raises(InvalidParameter, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8_e5m2")
+
+
+@pytest.mark.timeout(240)
+@torch.no_grad()
+def test_fp8_cache_under_tensor_parallelism(ckpt):  # noqa: F811
+    """tp=2 workers build their own fp8 caches and scales from the runner config: a prefill and
+    a decode step give tp=1's fp8 logits (each rank quantizes its own heads' K/V alike; a
+    value may round to the other e4m3 neighbour where the ranks' float sums differ)."""
+    from tests.engine.test_tensor_parallel import step_logits
+
+    rng = random.Random()
+    cfg = dict(kv_cache_dtype="fp8", max_num_batched_tokens=48)
+    tp1 = LLMEngine.from_config(tiny_config(ckpt, **cfg))
+    tp2 = LLMEngine.from_config(tiny_config(ckpt, tensor_parallel_size=2, **cfg))
+    try:
+        assert tp2.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+        assert tp2.runner.num_blocks == tp1.runner.num_blocks
+        prompt = make_prompt(rng, 20).token_ids
+        sample = object()  # any non-None SampleSpec marks the sequence's last row for logits
+        steps = [[SeqWork("a", prompt, 0, [0, 1], [], sample)],
+                 [SeqWork("a", [rng.randrange(1000, 9000)], len(prompt), [0, 1], [], sample)]]  # fmt: skip
+        for seqs in steps:
+            want, got = step_logits(tp1.runner, seqs, None), step_logits(tp2.runner, seqs, None)
+            assert ((got - want).norm() / want.norm()) < 1e-2
+    finally:
+        tp2.shutdown()
