@@ -15,9 +15,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
 
-from mistralpy.engine.request import Request
+from mistralpy.engine.sequence import Sequence
 
 
 def chain_hash(parent: bytes | None, token_ids: list[int], image_hashes: tuple[str, ...]) -> bytes:
@@ -52,24 +51,26 @@ class BlockManager:
     def block_table(self, seq_id: str) -> list[int]:
         return self.tables.get(seq_id, [])
 
-    def find_cached_prefix(self, req: Request) -> list[int]:
-        """Blocks holding the longest cached prefix of `req` (at most num_tokens - 1 tokens, so
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding the longest cached prefix of `seq` (at most num_tokens - 1 tokens, so
         that at least the last token is computed and yields logits)."""
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for key in self._keys(req, max_blocks):
+        for key in self._keys(seq, max_blocks):
             block = self.cached.get(key)
             if block is None:
                 break
             hits.append(block)
         return hits
 
-    def allocate(self, req: Request, num_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
-        """Grow `req`'s table to hold `num_tokens` tokens, first taking `cached_prefix` (only for
+    def allocate(
+        self, seq: Sequence, num_tokens: int, cached_prefix: list[int] | tuple[int, ...] = ()
+    ) -> bool:
+        """Grow `seq`'s table to hold `num_tokens` tokens, first taking `cached_prefix` (only for
         a sequence with an empty table). Returns False, changing nothing, if blocks run out."""
-        table = self.tables.get(req.seq_id, [])
+        table = self.tables.get(seq.seq_id, [])
         assert not cached_prefix or not table, "a cached prefix only starts a new table"
         needed = -(-num_tokens // self.block_size) - len(table) - len(cached_prefix)
         reclaimed = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)
@@ -79,18 +80,18 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
-        table = self.tables.setdefault(req.seq_id, table)
+        table = self.tables.setdefault(seq.seq_id, table)
         table.extend(cached_prefix)
-        if req.seq_id not in self.num_keyed:
-            self.num_keyed[req.seq_id] = len(cached_prefix)
+        if seq.seq_id not in self.num_keyed:
+            self.num_keyed[seq.seq_id] = len(cached_prefix)
         for _ in range(max(0, needed)):
             table.append(self._take_free_block())
         return True
 
-    def free(self, req: Request) -> None:
-        """Release all blocks of `req`; keyed ones stay cached until reused."""
-        table = self.tables.pop(req.seq_id, [])
-        self.num_keyed.pop(req.seq_id, None)
+    def free(self, seq: Sequence) -> None:
+        """Release all blocks of `seq`; keyed ones stay cached until reused."""
+        table = self.tables.pop(seq.seq_id, [])
+        self.num_keyed.pop(seq.seq_id, None)
         # Reverse order: a sequence's later blocks are evicted before its earlier ones, which
         # are shared by more prompts.
         for block in reversed(table):
@@ -101,21 +102,21 @@ class BlockManager:
                 if self.block_keys[block] is None:
                     self.free_blocks.move_to_end(block, last=False)
 
-    def cache_computed_blocks(self, req: Request) -> None:
-        """Key every full block of `req` whose tokens are all computed (call after each step)."""
-        if not self.enable_prefix_caching or req.seq_id not in self.tables:
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Key every full block of `seq` whose tokens are all computed (call after each step)."""
+        if not self.enable_prefix_caching or seq.seq_id not in self.tables:
             return
-        table = self.tables[req.seq_id]
-        done = self.num_keyed[req.seq_id]
-        full = min(req.num_computed_tokens // self.block_size, len(table))
-        for i, key in enumerate(self._keys(req, full)[done:], start=done):
+        table = self.tables[seq.seq_id]
+        done = self.num_keyed[seq.seq_id]
+        full = min(seq.num_computed_tokens // self.block_size, len(table))
+        for i, key in enumerate(self._keys(seq, full)[done:], start=done):
             block = table[i]
             # Another sequence may have computed the same block at the same time: keep the
             # first copy cached, leave this one unkeyed.
             if self.block_keys[block] is None and key not in self.cached:
                 self.block_keys[block] = key
                 self.cached[key] = block
-        self.num_keyed[req.seq_id] = max(done, full)
+        self.num_keyed[seq.seq_id] = max(done, full)
 
     def reset_prefix_cache(self) -> None:
         """Forget all keys of unreferenced blocks (e.g. after new weights are loaded)."""
@@ -134,18 +135,18 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _keys(self, req: Request, num_blocks: int) -> list[bytes]:
-        """Chain keys of the first `num_blocks` full blocks of `req`, extending its memo."""
-        keys = req.block_hashes
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Chain keys of the first `num_blocks` full blocks of `seq`, extending its memo."""
+        keys = seq.block_hashes
         bs = self.block_size
         while len(keys) < num_blocks:
             i = len(keys)
             start, end = i * bs, (i + 1) * bs
-            assert end <= req.num_tokens
+            assert end <= seq.num_tokens
             image_hashes = tuple(
-                req.images[j].content_hash for j, _, _ in req.images_in(start, end)
+                seq.images[j].content_hash for j, _, _ in seq.images_in(start, end)
             )
             keys.append(
-                chain_hash(keys[-1] if keys else None, req.all_token_ids[start:end], image_hashes)
+                chain_hash(keys[-1] if keys else None, seq.all_token_ids[start:end], image_hashes)
             )
         return keys[:num_blocks]

@@ -32,16 +32,16 @@ from mistralpy.engine.errors import (
     PromptTooLongError,
     RequestFailedError,
 )
-from mistralpy.engine.request import (
+from mistralpy.engine.scheduler import Scheduler, SchedulerOutput
+from mistralpy.engine.sequence import (
     CompletionOutput,
-    Request,
     RequestMetrics,
     RequestOutput,
-    RequestStatus,
+    Sequence,
+    SequenceStatus,
     TokenLogprob,
     now,
 )
-from mistralpy.engine.scheduler import Scheduler, SchedulerOutput
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -70,10 +70,10 @@ DEFAULT_MAX_UNREAD_OUTPUTS = 4096
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept (clients repeat their schemas)
 
 _FINISH_STATUS = {
-    "stop": RequestStatus.FINISHED_STOPPED,
-    "length": RequestStatus.FINISHED_LENGTH,
-    "abort": RequestStatus.FINISHED_ABORTED,
-    "error": RequestStatus.FINISHED_ERROR,
+    "stop": SequenceStatus.FINISHED_STOPPED,
+    "length": SequenceStatus.FINISHED_LENGTH,
+    "abort": SequenceStatus.FINISHED_ABORTED,
+    "error": SequenceStatus.FINISHED_ERROR,
 }
 
 
@@ -91,7 +91,7 @@ class EngineStats:
 class _SeqState:
     """Output-side state of one sequence: text so far and what the next output carries."""
 
-    req: Request
+    seq: Sequence
     detok: IncrementalDetokenizer
     stop: StopChecker
     text: str = ""
@@ -104,7 +104,7 @@ class _SeqState:
 
 
 @dataclass
-class _Group:
+class _Request:
     """One user request: its n sequences and metrics."""
 
     request_id: str
@@ -141,8 +141,8 @@ class LLMEngine:
         )
         self.image_token_id: int | None = runner.model.config.image_token_index
         self.eos_token_ids = frozenset([tokenizer.eos_token_id])
-        self._groups: dict[str, _Group] = {}
-        self._seq_group: dict[str, _Group] = {}
+        self._requests: dict[str, _Request] = {}
+        self._request_of: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._rng = random.Random(config.seed)  # seeds requests that bring no seed
@@ -194,7 +194,7 @@ class LLMEngine:
         """Queue a request. Raises a ValueError subclass for a prompt or parameter the engine
         cannot serve (too long, empty, image/token mismatch, duplicate id, bad token ids).
         matchers: `grammar_matchers(params)` made ahead on another thread (None: made here)."""
-        if request_id in self._groups:
+        if request_id in self._requests:
             raise DuplicateRequestError(request_id)
         prompt_ids = list(prompt.token_ids)
         if not prompt_ids:
@@ -211,7 +211,7 @@ class LLMEngine:
         seqs = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-            req = Request(
+            seq = Sequence(
                 f"seq{next(self._seq_ids)}",
                 prompt_ids,
                 params,
@@ -224,42 +224,42 @@ class LLMEngine:
                 index=index,
             )
             if index > 0 and self.config.enable_prefix_caching:
-                req.wait_for = seqs[0].req
-            seqs.append(self._seq_state(req, matchers[index] if matchers else None))
+                seq.wait_for = seqs[0].seq
+            seqs.append(self._seq_state(seq, matchers[index] if matchers else None))
         metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
-        group = _Group(request_id, prompt_ids, seqs, metrics)
-        self._groups[request_id] = group
+        request = _Request(request_id, prompt_ids, seqs, metrics)
+        self._requests[request_id] = request
         for s in seqs:
-            self._seq_group[s.req.seq_id] = group
-            self.scheduler.add(s.req)
+            self._request_of[s.seq.seq_id] = request
+            self.scheduler.add(s.seq)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; its final output (finish_reason "abort")
         comes out of the next step(). Unknown or finished ids are ignored."""
-        group = self._groups.get(request_id)
-        if group is None:
+        request = self._requests.get(request_id)
+        if request is None:
             return
-        for s in group.seqs:
+        for s in request.seqs:
             if s.finish_reason is None:
                 s.delta_text += s.stop.finish()
                 self._finish(s, "abort", None)
-        self._pending.append(self._output(group))
-        self._forget(group)
+        self._pending.append(self._output(request))
+        self._forget(request)
 
     def abort_all(self) -> list[str]:
         """Abort every unfinished request, dropping their final outputs; returns their ids."""
-        ids = list(self._groups)
+        ids = list(self._requests)
         for rid in ids:
             self.abort_request(rid)
         self._pending.clear()
         return ids
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._pending)
+        return bool(self._requests) or bool(self._pending)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._groups)
+        return len(self._requests)
 
     # ------------------------------------------------------------------ the step
 
@@ -279,24 +279,24 @@ class LLMEngine:
         self.scheduler.on_step_done(sched)  # skips the sequences of failed requests
         changed = []
         for sid, token in result.sampled.items():
-            group = self._seq_group[sid]
+            request = self._request_of[sid]
             try:
-                self._on_token(self._state(group, sid), token)
+                self._on_token(self._state(request, sid), token)
             except Exception as exc:  # e.g. a detokenizer bug: only this request fails
-                logger.exception("request %s failed", group.request_id)
-                outputs += self._fail_groups([group], exc)
+                logger.exception("request %s failed", request.request_id)
+                outputs += self._fail_requests([request], exc)
                 continue
-            if group not in changed:
-                changed.append(group)
-        for group in changed:
-            if group.request_id in self._groups:
-                outputs.append(self._output(group))
-                if group.finished:
-                    self._forget(group)
+            if request not in changed:
+                changed.append(request)
+        for request in changed:
+            if request.request_id in self._requests:
+                outputs.append(self._output(request))
+                if request.finished:
+                    self._forget(request)
         return outputs
 
     def _execute_isolated(
-        self, batch: ScheduledBatch, groups: list[_Group]
+        self, batch: ScheduledBatch, requests: list[_Request]
     ) -> tuple[ModelOutput, list[RequestOutput]]:
         """Run the step; if it fails, run each request's share alone, so that only the
         requests whose own share fails are failed (one bad request never fails the others).
@@ -304,20 +304,20 @@ class LLMEngine:
         try:
             return self.runner.execute(batch), []
         except Exception as exc:  # noqa: BLE001 - isolated below, never fatal to the engine
-            if len(groups) == 1:
-                logger.exception("model step failed for request %s", groups[0].request_id)
-                return ModelOutput({}), self._fail_groups(groups, exc)
+            if len(requests) == 1:
+                logger.exception("model step failed for request %s", requests[0].request_id)
+                return ModelOutput({}), self._fail_requests(requests, exc)
             logger.warning("model step failed (%s); retrying request by request", exc)
         sampled: dict[str, SampledToken] = {}
         failed: list[RequestOutput] = []
-        for group in groups:
-            ids = {s.req.seq_id for s in group.seqs}
+        for request in requests:
+            ids = {s.seq.seq_id for s in request.seqs}
             share = ScheduledBatch([w for w in batch.seqs if w.seq_id in ids])
             try:
                 sampled.update(self.runner.execute(share).sampled)
             except Exception as exc:  # noqa: BLE001 - only this request fails
-                logger.exception("model step failed for request %s", group.request_id)
-                failed += self._fail_groups([group], exc)
+                logger.exception("model step failed for request %s", request.request_id)
+                failed += self._fail_requests([request], exc)
         return ModelOutput(sampled), failed
 
     def generate(
@@ -382,87 +382,87 @@ class LLMEngine:
                 )
             return self._ll_tokenizer
 
-    def _seq_state(self, req: Request, matcher: Any) -> _SeqState:
-        p = req.params
+    def _seq_state(self, seq: Sequence, matcher: Any) -> _SeqState:
+        p = seq.params
         return _SeqState(
             grammar=matcher,
-            req=req,
+            seq=seq,
             detok=IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, p.skip_special_tokens
+                self.tokenizer, seq.prompt_token_ids, p.skip_special_tokens
             ),
             stop=StopChecker(p, self.eos_token_ids, self.max_model_len),
             logprobs=[] if (p.logprobs or p.top_logprobs > 0) else None,
         )
 
-    def _state(self, group: _Group, seq_id: str) -> _SeqState:
-        return next(s for s in group.seqs if s.req.seq_id == seq_id)
+    def _state(self, request: _Request, seq_id: str) -> _SeqState:
+        return next(s for s in request.seqs if s.seq.seq_id == seq_id)
 
-    def _note_scheduled(self, sched: SchedulerOutput) -> list[_Group]:
+    def _note_scheduled(self, sched: SchedulerOutput) -> list[_Request]:
         """Groups in this step; sets their first-scheduled time and prefix-hit count."""
-        groups = []
+        requests = []
         for sid in sched.num_new_tokens:
-            group = self._seq_group[sid]
-            if group.metrics.first_scheduled_time is None:
-                group.metrics.first_scheduled_time = now()
-                group.metrics.num_cached_tokens = group.seqs[0].req.num_cached_tokens or 0
-            if group not in groups:
-                groups.append(group)
-        return groups
+            request = self._request_of[sid]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now()
+                request.metrics.num_cached_tokens = request.seqs[0].seq.num_cached_tokens or 0
+            if request not in requests:
+                requests.append(request)
+        return requests
 
     def _batch(self, sched: SchedulerOutput) -> ScheduledBatch:
         """The runner's view of this step (plain data)."""
         sampling = set(sched.sample_ids)
         seqs = []
         for sid, n in sched.num_new_tokens.items():
-            req = self.scheduler.requests[sid]
-            start = req.num_computed_tokens
+            seq = self.scheduler.requests[sid]
+            start = seq.num_computed_tokens
             spec = None
             if sid in sampling:
-                grammar = self._state(self._seq_group[sid], sid).grammar
+                grammar = self._state(self._request_of[sid], sid).grammar
                 # a request without a seed of its own samples from the device's default
                 # generator: no per-sequence generator to create and draw from
-                seed = req.seed if req.params.seed is not None else None
+                seed = seq.seed if seq.params.seed is not None else None
                 spec = SampleSpec(
-                    req.params, req.prompt_token_ids, req.output_token_ids, seed, grammar
+                    seq.params, seq.prompt_token_ids, seq.output_token_ids, seed, grammar
                 )
             seqs.append(
                 SeqWork(
                     seq_id=sid,
-                    token_ids=req.all_token_ids[start : start + n],
+                    token_ids=seq.all_token_ids[start : start + n],
                     start_pos=start,
                     block_table=list(self.block_manager.block_table(sid)),
-                    images=self._image_slices(req, start, start + n),
+                    images=self._image_slices(seq, start, start + n),
                     sample=spec,
                 )
             )
         return ScheduledBatch(seqs)
 
-    def _image_slices(self, req: Request, start: int, end: int) -> list[ImageSlice]:
+    def _image_slices(self, seq: Sequence, start: int, end: int) -> list[ImageSlice]:
         """Encoder-output rows for the image tokens in positions [start, end); image-token ids
         the model generated itself are ordinary tokens (key None: their own embedding)."""
         slices = [
-            ImageSlice(req.images[i].content_hash, req.images[i].pixel_values, lo, hi)
-            for i, lo, hi in req.images_in(start, end)
+            ImageSlice(seq.images[i].content_hash, seq.images[i].pixel_values, lo, hi)
+            for i, lo, hi in seq.images_in(start, end)
         ]
-        gen_start = max(start, req.num_prompt_tokens)
-        generated = req.all_token_ids[gen_start:end].count(self.image_token_id)
+        gen_start = max(start, seq.num_prompt_tokens)
+        generated = seq.all_token_ids[gen_start:end].count(self.image_token_id)
         if generated:
             slices.append(ImageSlice(None, None, 0, generated))
         return slices
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:
         """Append a sampled token; detokenize, check stop conditions, finish if done."""
-        req, group = s.req, self._seq_group[s.req.seq_id]
-        req.append_token(token.token_id)
-        if group.metrics.first_token_time is None:
-            group.metrics.first_token_time = now()
+        seq, request = s.seq, self._request_of[s.seq.seq_id]
+        seq.append_token(token.token_id)
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now()
         if s.logprobs is not None:
             s.logprobs.append(self._logprob(token))
         s.delta_ids.append(token.token_id)
         delta = s.detok.step([token.token_id])
-        decision = s.stop.step(token.token_id, delta, req.num_output_tokens, req.num_tokens)
+        decision = s.stop.step(token.token_id, delta, seq.num_output_tokens, seq.num_tokens)
         s.delta_text += decision.text
-        assert req.num_tokens <= self.max_model_len
+        assert seq.num_tokens <= self.max_model_len
         if decision.finish_reason is None and self._grammar_done(s, token.token_id):
             s.delta_text += s.stop.finish() + s.detok.flush()
             self._finish(s, "stop", None)
@@ -490,31 +490,31 @@ class LLMEngine:
     def _finish(self, s: _SeqState, reason: str, stop_reason: str | int | None) -> None:
         s.finish_reason = reason
         s.stop_reason = stop_reason
-        self.scheduler.finish(s.req.seq_id, _FINISH_STATUS[reason])
-        self.runner.release([s.req.seq_id])
+        self.scheduler.finish(s.seq.seq_id, _FINISH_STATUS[reason])
+        self.runner.release([s.seq.seq_id])
 
-    def _fail_groups(self, groups: list[_Group], exc: BaseException) -> list[RequestOutput]:
+    def _fail_requests(self, requests: list[_Request], exc: BaseException) -> list[RequestOutput]:
         outs = []
-        for group in groups:
-            if group.request_id not in self._groups:
+        for request in requests:
+            if request.request_id not in self._requests:
                 continue
-            group.error = f"{type(exc).__name__}: {exc}"
-            for s in group.seqs:
+            request.error = f"{type(exc).__name__}: {exc}"
+            for s in request.seqs:
                 if s.finish_reason is None:
                     self._finish(s, "error", None)
-            outs.append(self._output(group))
-            self._forget(group)
+            outs.append(self._output(request))
+            self._forget(request)
         return outs
 
-    def _output(self, group: _Group) -> RequestOutput:
-        """Snapshot of `group` with the deltas accumulated since its last output."""
+    def _output(self, request: _Request) -> RequestOutput:
+        """Snapshot of `request` with the deltas accumulated since its last output."""
         completions = []
-        for s in group.seqs:
+        for s in request.seqs:
             s.text += s.delta_text
             completions.append(
                 CompletionOutput(
-                    index=s.req.index,
-                    token_ids=list(s.req.output_token_ids),
+                    index=s.seq.index,
+                    token_ids=list(s.seq.output_token_ids),
                     text=s.text,
                     delta_text=s.delta_text,
                     delta_token_ids=s.delta_ids,
@@ -524,22 +524,22 @@ class LLMEngine:
                 )
             )
             s.delta_text, s.delta_ids = "", []
-        finished = group.finished
-        if finished and group.metrics.finished_time is None:
-            group.metrics.finished_time = now()
+        finished = request.finished
+        if finished and request.metrics.finished_time is None:
+            request.metrics.finished_time = now()
         return RequestOutput(
-            request_id=group.request_id,
-            prompt_token_ids=group.prompt_token_ids,
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
             outputs=completions,
             finished=finished,
-            metrics=replace(group.metrics),
-            error=group.error,
+            metrics=replace(request.metrics),
+            error=request.error,
         )
 
-    def _forget(self, group: _Group) -> None:
-        self._groups.pop(group.request_id, None)
-        for s in group.seqs:
-            self._seq_group.pop(s.req.seq_id, None)
+    def _forget(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        for s in request.seqs:
+            self._request_of.pop(s.seq.seq_id, None)
 
 
 def _grammar_key(spec: Any) -> str | None:
@@ -582,7 +582,7 @@ def _hf_tokenizer_json(path: Path) -> str:
 def _load_runner(
     config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype
 ) -> ModelRunner:
-    """One device's runner, or rank 0 of a tensor-parallel group (spawns the other ranks)."""
+    """One device's runner, or rank 0 of a tensor-parallel request (spawns the other ranks)."""
     if config.tensor_parallel_size == 1:
         # GGUF: "auto" serves the stored block formats; an explicit dtype dequantizes into it
         dequantize = config.dtype != "auto"

@@ -19,7 +19,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from mistralpy.engine.block_manager import BlockManager
-from mistralpy.engine.request import Request, RequestStatus
+from mistralpy.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -51,15 +51,15 @@ class Scheduler:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
 
-    def add(self, req: Request) -> None:
-        assert req.seq_id not in self.requests and req.num_tokens >= 1
-        self.requests[req.seq_id] = req
-        req.status = RequestStatus.WAITING
-        bisect.insort(self.waiting, req, key=_arrival)
+    def add(self, seq: Sequence) -> None:
+        assert seq.seq_id not in self.requests and seq.num_tokens >= 1
+        self.requests[seq.seq_id] = seq
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_arrival)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -80,26 +80,26 @@ class Scheduler:
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Mark the scheduled tokens computed (their K/V are now in the cache)."""
         for sid, n in out.num_new_tokens.items():
-            req = self.requests.get(sid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            seq = self.requests.get(sid)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
                 continue
-            req.num_computed_tokens += n
-            assert req.num_computed_tokens <= req.num_tokens
-            self.bm.cache_computed_blocks(req)
+            seq.num_computed_tokens += n
+            assert seq.num_computed_tokens <= seq.num_tokens
+            self.bm.cache_computed_blocks(seq)
 
-    def finish(self, seq_id: str, status: RequestStatus) -> Request | None:
+    def finish(self, seq_id: str, status: SequenceStatus) -> Sequence | None:
         """Remove a sequence (stopped, aborted, failed) and free its blocks at once."""
         assert status.finished
-        req = self.requests.pop(seq_id, None)
-        if req is None:
+        seq = self.requests.pop(seq_id, None)
+        if seq is None:
             return None
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        self.bm.free(req)
-        req.status = status
-        return req
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = status
+        return seq
 
     def _budget(self, out: SchedulerOutput) -> int:
         return self.max_num_batched_tokens - out.total_tokens
@@ -108,62 +108,62 @@ class Scheduler:
         order = sorted(
             self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival)
         )
-        for req in order:
+        for seq in order:
             if self._budget(out) <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, self._budget(out))
+            n = min(seq.num_tokens - seq.num_computed_tokens, self._budget(out))
             assert n > 0
-            while not self.bm.allocate(req, req.num_computed_tokens + n):
+            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]  # newest arrival
                 self._preempt(victim, out)
-                if victim is req:
+                if victim is seq:
                     break
-            if req.status == RequestStatus.RUNNING:
-                out.num_new_tokens[req.seq_id] = n
+            if seq.status == SequenceStatus.RUNNING:
+                out.num_new_tokens[seq.seq_id] = n
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
-        for req in list(self.waiting):
+        for seq in list(self.waiting):
             budget = self._budget(out)
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if not _ready(req):
+            if not _ready(seq):
                 continue
-            prefix = self.bm.find_cached_prefix(req)
+            prefix = self.bm.find_cached_prefix(seq)
             num_hit = len(prefix) * self.bm.block_size
-            n = min(req.num_tokens - num_hit, budget)
-            if not self.bm.allocate(req, num_hit + n, prefix):
+            n = min(seq.num_tokens - num_hit, budget)
+            if not self.bm.allocate(seq, num_hit + n, prefix):
                 break  # first come, first served: do not let later arrivals jump ahead
-            self.waiting.remove(req)
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit
-            if req.num_cached_tokens is None:
-                req.num_cached_tokens = num_hit
-            bisect.insort(self.running, req, key=_arrival)
-            out.num_new_tokens[req.seq_id] = n
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = num_hit
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_hit
+            bisect.insort(self.running, seq, key=_arrival)
+            out.num_new_tokens[seq.seq_id] = n
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free all blocks of a running sequence; it is recomputed from scratch when resumed
         (its full blocks usually stay in the prefix cache, so resuming is cheap)."""
-        self.running.remove(req)
-        self.bm.free(req)
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
-        out.num_new_tokens.pop(req.seq_id, None)
-        out.preempted_ids.append(req.seq_id)
-        bisect.insort(self.waiting, req, key=_arrival)
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = 0
+        out.num_new_tokens.pop(seq.seq_id, None)
+        out.preempted_ids.append(seq.seq_id)
+        bisect.insort(self.waiting, seq, key=_arrival)
 
 
-def _arrival(req: Request) -> int:
-    return req.arrival
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
 
 
-def _ready(req: Request) -> bool:
-    """False while `req` waits for a sibling's prompt to be cached (n > 1 prompt sharing)."""
-    leader = req.wait_for
+def _ready(seq: Sequence) -> bool:
+    """False while `seq` waits for a sibling's prompt to be cached (n > 1 prompt sharing)."""
+    leader = seq.wait_for
     if leader is not None and (
         leader.status.finished or leader.num_computed_tokens >= leader.num_prompt_tokens
     ):
-        req.wait_for = leader = None
+        seq.wait_for = leader = None
     return leader is None

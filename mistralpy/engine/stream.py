@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mistralpy.engine.errors import ReaderTooSlowError
-from mistralpy.engine.request import CompletionOutput, RequestOutput
+from mistralpy.engine.sequence import CompletionOutput, RequestOutput
 
 
 def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:

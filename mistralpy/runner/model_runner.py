@@ -156,7 +156,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
         self.decode_graphs: DecodeGraphs | None = None
-        self._spec: _Speculation | None = None  # a decode step launched ahead (CUDA graphs)
+        self._ahead: _LaunchAhead | None = None  # a decode step launched ahead (CUDA graphs)
         if device.type == "cuda" and not cfg.enforce_eager:
             self.decode_graphs = self._capture_decode_graphs()
             self._sampled_host = torch.empty(cfg.max_num_seqs, dtype=torch.int64, pin_memory=True)
@@ -193,7 +193,7 @@ class ModelRunner:
             return self._execute_decode(batch.seqs)
         if self.cpu_decode is not None and self.cpu_decode.accepts(batch.seqs):
             return self._execute_cpu_decode(batch.seqs)
-        self._spec = None  # a step launched ahead is not this one: its result is dropped
+        self._ahead = None  # a step launched ahead is not this one: its result is dropped
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
         masks = self._submit_grammar_masks(fb.sample_seqs)  # computed during the forward
         image_embeds = self._image_embeds(fb.image_slices)
@@ -243,11 +243,11 @@ class ModelRunner:
         if bucket is not None and out.logprobs is None and self._predictable(seqs):
             graphs.advance(n, out.token_ids)
             graphs.replay(bucket)
-            self._spec = _Speculation(seqs, bucket)
+            self._ahead = _LaunchAhead(seqs, bucket)
         self._sampled_event.synchronize()  # this step's tokens only, not the one launched ahead
         token_ids = host.tolist()
-        if self._spec is not None:
-            self._spec.tokens = token_ids
+        if self._ahead is not None:
+            self._ahead.tokens = token_ids
         return self._model_output(out, seqs, token_ids)
 
     def _decode_logits(
@@ -257,13 +257,13 @@ class ModelRunner:
         this batch (or a subset of it, in order), else from a fresh replay. The bucket is
         returned when the graph inputs now hold exactly these rows (the next step may be
         launched ahead from them), else None."""
-        spec, self._spec = self._spec, None
-        if spec is not None:
-            rows = spec.match(seqs)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            rows = ahead.match(seqs)
             if rows is not None:
-                logits = graphs.outputs[spec.bucket][: len(spec.seqs)]
-                if len(rows) == len(spec.seqs):
-                    return logits, spec.bucket
+                logits = graphs.outputs[ahead.bucket][: len(ahead.seqs)]
+                if len(rows) == len(ahead.seqs):
+                    return logits, ahead.bucket
                 return logits[torch.tensor(rows, device=self.device)], None
         bucket = graphs.load(
             [s.token_ids[0] for s in seqs],
@@ -324,7 +324,7 @@ class ModelRunner:
     def discard_lookahead(self) -> None:
         """Forget the decode step launched ahead (call after writing the graph inputs
         directly, e.g. in a benchmark)."""
-        self._spec = None
+        self._ahead = None
 
     def shutdown(self) -> None:
         """Release what outlives this object (nothing on one device; TP workers stop)."""
@@ -545,7 +545,7 @@ def _ends_on_length(seq: SeqWork) -> bool:
     return max_tokens is not None and len(seq.sample.output_ids) + 1 >= max_tokens
 
 
-class _Speculation:
+class _LaunchAhead:
     """A decode step launched ahead: the rows of `seqs`, each one token further."""
 
     def __init__(self, seqs: list[SeqWork], bucket: int):

@@ -167,7 +167,7 @@ def test_reader_far_behind_is_cut_off_and_its_request_aborted():
 
 
 def _output(ids: list[int], finished: bool = False):
-    from mistralpy.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+    from mistralpy.engine.sequence import CompletionOutput, RequestMetrics, RequestOutput
 
     text = "".join(f"w{i} " for i in ids)
     comp = CompletionOutput(0, ids, text, text[-4:], ids[-1:], None, None, None)

@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistralpy.engine.block_manager import BlockManager
-from mistralpy.engine.request import Request
+from mistralpy.engine.sequence import Sequence
 from mistralpy.params import SamplingParams
 
 IMG = 1000  # image token id used by these tests (outside the text ids used)
 
 
 def make_req(sid, prompt, images=(), arrival=0):
-    return Request(
+    return Sequence(
         sid,
         prompt,
         SamplingParams(),
@@ -141,7 +141,7 @@ ops = st.lists(
 @given(ops, st.integers(1, 4), st.integers(2, 12))
 def test_random_operations_never_leak(ops, block_size, num_blocks):
     bm = BlockManager(num_blocks, block_size)
-    live: dict[str, Request] = {}
+    live: dict[str, Sequence] = {}
     for op, slot, tokens in ops:
         sid = f"r{slot}"
         req = live.get(sid)

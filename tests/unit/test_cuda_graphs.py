@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from mistralpy.params import SamplingParams
 from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork, build_forward_batch
 from mistralpy.runner.cuda_graphs import DecodeGraphs, batch_buckets
-from mistralpy.runner.model_runner import _Speculation
+from mistralpy.runner.model_runner import _LaunchAhead
 
 
 @given(st.integers(1, 300))
@@ -113,29 +113,29 @@ def _next(seqs: list[SeqWork], tokens: list[int]) -> list[SeqWork]:
     ]
 
 
-def test_speculation_matches_same_rows_and_ordered_subsets_only():
+def test_launch_ahead_matches_same_rows_and_ordered_subsets_only():
     rng = random.Random(0)
     seqs = _random_decode_batch(rng, 4, 16, 4)
-    spec = _Speculation(seqs, 4)
+    ahead = _LaunchAhead(seqs, 4)
     tokens = [11, 12, 13, 14]
-    spec.tokens = tokens
+    ahead.tokens = tokens
     nxt = _next(seqs, tokens)
-    assert spec.match(nxt) == [0, 1, 2, 3]
-    assert spec.match([nxt[0], nxt[2]]) == [0, 2]  # seqs 1 and 3 finished
-    assert spec.match([nxt[2], nxt[0]]) is None  # order changed
+    assert ahead.match(nxt) == [0, 1, 2, 3]
+    assert ahead.match([nxt[0], nxt[2]]) == [0, 2]  # seqs 1 and 3 finished
+    assert ahead.match([nxt[2], nxt[0]]) is None  # order changed
     wrong_token = _next(seqs, [11, 99, 13, 14])
-    assert spec.match(wrong_token) is None
+    assert ahead.match(wrong_token) is None
     moved = _next(seqs, tokens)
     moved[1].start_pos += 1
-    assert spec.match(moved) is None
+    assert ahead.match(moved) is None
     swapped = _next(seqs, tokens)
     swapped[3].block_table[0] = 10_000  # a block of the launched step was replaced
-    assert spec.match(swapped) is None
+    assert ahead.match(swapped) is None
     grown = _next(seqs, tokens)
     grown[0].block_table.append(10_001)  # a new block past the launched step is fine
-    assert spec.match(grown) == [0, 1, 2, 3]
+    assert ahead.match(grown) == [0, 1, 2, 3]
     extra = SeqWork("new", [5], 0, [7], [], seqs[0].sample)
-    assert spec.match([*nxt, extra]) is None
+    assert ahead.match([*nxt, extra]) is None
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistralpy.engine.block_manager import BlockManager
-from mistralpy.engine.request import Request, RequestStatus
 from mistralpy.engine.scheduler import Scheduler
+from mistralpy.engine.sequence import Sequence, SequenceStatus
 from mistralpy.params import SamplingParams
 
 IMG = 1000
@@ -29,7 +29,7 @@ class Sim:
         self.steps = []
 
     def add(self, sid, prompt, max_tokens=4, images=()):
-        req = Request(
+        req = Sequence(
             sid,
             prompt,
             SamplingParams(),
@@ -66,7 +66,7 @@ class Sim:
             req = self.sched.requests[sid]
             req.append_token(tok)
             if req.num_output_tokens >= req.max_tokens:
-                self.sched.finish(sid, RequestStatus.FINISHED_LENGTH)
+                self.sched.finish(sid, SequenceStatus.FINISHED_LENGTH)
         self.steps.append(out)
         return out
 
@@ -193,7 +193,7 @@ def test_random_arrivals_aborts_and_tiny_caches(
             reqs[sid] = sim.add(sid, prompts[sid], max_tokens[sid])
         if reqs and rng.random() < 0.05:
             sid = rng.choice(list(reqs))
-            if sim.sched.finish(sid, RequestStatus.FINISHED_ABORTED):
+            if sim.sched.finish(sid, SequenceStatus.FINISHED_ABORTED):
                 aborted.add(sid)
         if not pending and not sim.sched.has_unfinished():
             break

@@ -1,6 +1,6 @@
 """Per-sequence state held by the engine, and the outputs it hands to callers.
 
-A `Request` is one sequence. A user request with `n > 1` becomes `n` sequences ("children")
+A `Sequence` is what the scheduler runs: one prompt and one line of output. A user request with `n > 1` becomes `n` sequences ("children")
 that share the prompt: child 0 is admitted first, and the others wait until its prompt is in the
 KV cache, so that with prefix caching they reuse every full prompt block (only the partial last
 block is recomputed). Each child draws its own samples (seed + index when a seed is given).
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from mistralpy.processing.images import ProcessedImage
 
 
-class RequestStatus(enum.Enum):
+class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # blocks freed; waits to be recomputed from scratch
@@ -79,7 +79,7 @@ class RequestOutput:
     error: str | None = None  # set when the request failed inside the engine
 
 
-class Request:
+class Sequence:
     """One sequence: prompt, images, generated tokens and scheduling state."""
 
     def __init__(
@@ -109,10 +109,10 @@ class Request:
         self.image_positions, self.image_starts = _image_layout(
             self.prompt_token_ids, self.images, image_token_id
         )
-        self.status = RequestStatus.WAITING
+        self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_hashes: list[bytes] = []  # hash chain of full blocks, extended lazily
-        self.wait_for: Request | None = None  # n > 1: admit only after this one's prefill
+        self.wait_for: Sequence | None = None  # n > 1: admit only after this one's prefill
         self.stop_reason: str | int | None = None
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
 
