@@ -428,6 +428,32 @@ GEMM_SWEEP = tuple(
         (128, 1, 4, 2), (128, 1, 8, 2), (128, 2, 8, 2), (128, 1, 8, 3),
     )
 )  # fmt: skip
+# the dp4a GEMM's (buckets of at most 16 rows): (bn, warps) x split-K
+GEMM_DP4A_SWEEP = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4))
+
+
+def _gemm_sweep(n: int, k: int, bm: int, best16) -> list:
+    """Configs the sweep times at bucket bm: every swap config with its splits from 16 rows
+    up (below, the swap kernel pads to 16: only the best 16-row config), and the dp4a ones
+    up to Q4K_DP4A_MAX_M."""
+    out = []
+    for bn, bb, warps, stages in GEMM_SWEEP if bm >= 16 or best16 is None else ():
+        for split in (1, 2, 4, 8):
+            tiles = -(-n // bn)
+            if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
+                continue
+            if split == 1 and tiles < 66:
+                continue
+            out.append(tq.GemmConfig(bn, bb, warps, stages, split))
+    if bm < 16 and best16 is not None:
+        out.append(best16)
+    if bm <= tq.Q4K_DP4A_MAX_M:
+        for bn, warps in GEMM_DP4A_SWEEP:
+            for split in (1, 2, 4, 8, 16):
+                if split > 1 and k // 256 // split < 2:
+                    continue
+                out.append(tq.GemmConfig(bn, 1, warps, 1, split, dp4a=True))
+    return out
 
 
 def _q4k_gemm_kernel_of(packed, shape, gemm):
@@ -451,7 +477,7 @@ def gemm(ctx: Ctx) -> None:
         tiny = qm.TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, None, 1 << 30)
         del ga
         n, k = shape
-        for bm in buckets:
+        for bm in sorted(buckets, key=lambda b: (b < 16, -b)):  # 16 before the smaller
             x = x_of(bm, k, ctx.dev)
             ref = x.float() @ ref_w.T
             nbytes = packed.numel() + x.numel() * 2 + bm * n * 2
@@ -460,23 +486,17 @@ def gemm(ctx: Ctx) -> None:
             ctx.record("gemm", name, shape, "tinygemm", bm, t_tiny, nbytes, kernel="tinygemm")
             ctx.record("gemm", name, shape, "bf16", bm, t_bf16, w.numel() * 2, kernel="cublas")
             results = []
-            for bn, bb, warps, stages in GEMM_SWEEP:
-                for split in (1, 2, 4, 8):
-                    tiles = -(-n // bn)
-                    if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
-                        continue
-                    if split == 1 and tiles < 66:
-                        continue
-                    cfg = tq.GemmConfig(bn, bb, warps, stages, split)
-                    make = functools.partial(_q4k_gemm_kernel_of, shape=shape, gemm={bm: cfg})
-                    try:
-                        err = rel_err(make(packed)(x), ref)
-                        t = bench_stream_ms(make, packed, x)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"gemm {name} bm={bm} {cfg}: {type(exc).__name__}: {exc}"[:300])
-                        continue
-                    results.append((t, cfg, err))
-                    ctx.record("gemm", name, shape, "q4k", bm, t, nbytes, err, str(cfg))
+            best16 = best.get((name, 16), (None, None))[1]
+            for cfg in _gemm_sweep(n, k, bm, best16):
+                make = functools.partial(_q4k_gemm_kernel_of, shape=shape, gemm={bm: cfg})
+                try:
+                    err = rel_err(make(packed)(x), ref)
+                    t = bench_stream_ms(make, packed, x)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"gemm {name} bm={bm} {cfg}: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                results.append((t, cfg, err))
+                ctx.record("gemm", name, shape, "q4k", bm, t, nbytes, err, str(cfg))
             t, cfg, err = min(results, key=lambda r: r[0])
             best[(name, bm)] = (t, cfg, err, t_tiny, t_bf16)
             print(f"GEMM BEST {name} bm={bm}: {cfg} {t * 1e3:.1f} us "
@@ -591,7 +611,7 @@ def main() -> None:
     ap.add_argument("--peak-gbs", type=float, default=None, help="default: measured copy")
     ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
     ap.add_argument("--words-candidates", choices=sorted(WORDS_CANDIDATES), default="tuner")
-    ap.add_argument("--gemm-buckets", default="16,32,64,128")
+    ap.add_argument("--gemm-buckets", default="2,4,8,16,32,64")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -460,6 +460,35 @@ def _magic_nibble(words, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _q4k_store_tile(
+    y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N, stride_ym,
+    BM: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Store a GEMM program's tile acc (BN, BM) float32 as y[ms, rows]; PARTIAL: split-K
+    partials go to ws (split, BM, N) float32 and the last program of a row tile to arrive
+    sums them in order (as `_q4k_store_rows`)."""
+    omask = rmask[:, None] & mmask[None, :]
+    yp = y_ptr + ms[None, :] * stride_ym + rows[:, None]
+    if not PARTIAL:
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        nsplit = tl.num_programs(1)
+        tile = ms[None, :] * N + rows[:, None]
+        tl.store(ws_ptr + s * BM * N + tile, acc, mask=omask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if arrived == nsplit - 1:
+            total = tl.zeros_like(acc)
+            for t in range(0, nsplit):
+                total += tl.load(ws_ptr + t * BM * N + tile, mask=omask, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
+            tl.store(yp, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt, 0)
+
+
+@triton.jit
 def _q4k_gemm_swap_kernel(
     x_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_blocks,
     BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr,
@@ -517,25 +546,78 @@ def _q4k_gemm_swap_kernel(
             w_hi = a_hi * _magic_nibble(codes, 15 - 8 * e) - b_hi
             acc += tl.dot(tl.reshape(w_lo.to(DOT), (BN, J * 8)), tl.reshape(x_lo, (J * 8, BM)))
             acc += tl.dot(tl.reshape(w_hi.to(DOT), (BN, J * 8)), tl.reshape(x_hi, (J * 8, BM)))
-    omask = rmask[:, None] & mmask[None, :]
-    yp = y_ptr + ms[None, :] * stride_ym + rows[:, None]
-    if not PARTIAL:
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _q4k_store_tile(y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N,
+                    stride_ym, BM, PARTIAL)  # fmt: skip
+
+
+@triton.jit
+def _q4k_gemm_dp4a_kernel(
+    xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_blocks,
+    BN: tl.constexpr, BM: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    """q4_K GEMM for a few rows of x (2 <= M <= BM <= 16) by integer dot products: the batch-1
+    `_q4k_gemv_dp4a_kernel` with every program meeting its weight tile with all M rows of x
+    (int8 groups from `_q8_quant_kernel`), so the weight is read once per step, not once per
+    row. The codes are split into low and high nibbles once per step, then each row of x is
+    read at the codes' shape (rows broadcast through the pointers, L1 hits: the same
+    register layout, no shared-memory round trip) and dotted; rows past M are read clamped
+    to row M - 1 and never stored. Grid (N / BN, splits); PARTIAL as `_q4k_gemm_swap_kernel`."""
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    ms = tl.arange(0, BM)
+    mmask = ms < M
+    nblk = K // 256
+    b_start = s * split_blocks
+    b_end = tl.minimum(b_start + split_blocks, nblk)
+    c = tl.arange(0, 4)
+    w8 = tl.arange(0, 8)
+    row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
+    code_off = (4 + c * 8)[None, :, None] + w8[None, None, :]  # (1, 4, 8) in a block
+    hdr_off = 0 * c[None, :, None] + tl.arange(0, 4)[None, None, :]  # (1, 4, 4)
+    zero = tl.zeros((BN, 4), dtype=tl.int32)
+    x_words = (zero + 16 * c[None, :])[:, :, None] + w8[None, None, :]  # group 2c, (BN, 4, 8)
+    x_groups = zero + 6 * c[None, :]  # (scale, sum, residual) of group 2c, (BN, 4)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for blk in tl.range(b_start, b_end, num_stages=STAGES):
+        wbase = row_words + blk * 36
+        codes = tl.load(wi_ptr + wbase[:, None, None] + code_off)  # (BN, 4, 8)
+        hdr = tl.load(wi_ptr + wbase[:, None, None] + hdr_off)  # (BN, 4, 4)
+        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_chunk_header(hdr, c[None, :])
+        a_lo, a_hi = d * sc_lo, d * sc_hi
+        b_lo, b_hi = dmin * mn_lo, dmin * mn_hi
+        lo, hi = codes & 0x0F0F0F0F, codes & -0x0F0F0F10
+        for m in tl.static_range(BM):
+            row = tl.minimum(m, M - 1)
+            xw = xq_ptr + row * (K // 4) + blk * 64 + x_words
+            dot_lo = tl.sum(_dp4a(lo, tl.load(xw), ASM), axis=2).to(tl.float32)
+            dot_hi = tl.sum(_dp4a(hi, tl.load(xw + 8), ASM), axis=2).to(tl.float32) * 0.0625
+            xs = xs_ptr + row * (K // 32 * 3) + blk * 24 + x_groups
+            part = a_lo * (tl.load(xs) * dot_lo + 8.0 * tl.load(xs + 2)) - b_lo * tl.load(xs + 1)
+            part += a_hi * (tl.load(xs + 3) * dot_hi + 8.0 * tl.load(xs + 5)) - b_hi * tl.load(
+                xs + 4
+            )
+            acc += tl.where(ms[None, :] == m, tl.sum(part, axis=1)[:, None], 0.0)
+    _q4k_store_tile(y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N,
+                    stride_ym, BM, PARTIAL)  # fmt: skip
+
+
+@triton.jit
+def _dp4a(a, b, ASM: tl.constexpr):
+    """Per int32 word: the dot of a's 4 bytes (unsigned) with b's (signed); one dp4a on CUDA,
+    plain integer ops in Triton's CPU interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="dp4a.u32.s32 $0, $1, $2, 0;",
+            constraints="=r,r,r",
+            args=[a, b],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
     else:
-        nsplit = tl.num_programs(1)
-        tile = ms[None, :] * N + rows[:, None]
-        tl.store(ws_ptr + s * BM * N + tile, acc, mask=omask)
-        tl.debug_barrier()
-        cnt = cnt_ptr + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        tl.debug_barrier()
-        if arrived == nsplit - 1:
-            total = tl.zeros_like(acc)
-            for t in range(0, nsplit):
-                total += tl.load(ws_ptr + t * BM * N + tile, mask=omask, other=0.0,
-                                 cache_modifier=".cg")  # fmt: skip
-            tl.store(yp, total.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.store(cnt, 0)
+        return _dot4(a, b)
 
 
 @triton.jit
@@ -820,11 +902,15 @@ class GemmConfig:
     warps: int = 4
     stages: int = 2  # software pipelining depth of the block loop
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
+    dp4a: bool = False  # `_q4k_gemm_dp4a_kernel` (int8 x, integer dots; buckets <= 16)
 
 
 # M buckets of the decode GEMM (rows of x padded to the next); above the last one a
-# product is prefill-sized: dequantize to bf16, then a dense GEMM.
-Q4K_GEMM_BUCKETS = (16, 32, 64)
+# product is prefill-sized: dequantize to bf16, then a dense GEMM. The swap kernel pads x
+# to at least 16 rows (the matrix unit's smallest N); the dp4a kernel's cost grows with
+# the bucket, so small batches get buckets of their own.
+Q4K_GEMM_BUCKETS = (2, 4, 8, 16, 32, 64)
+Q4K_DP4A_MAX_M = 16
 
 
 def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
@@ -852,6 +938,19 @@ def q4k_gemm_candidates(n: int, k: int) -> list[GemmConfig]:
     return out
 
 
+def q4k_gemm_dp4a_candidates(n: int, k: int) -> list[GemmConfig]:
+    """Launch configs of the dp4a GEMM (buckets up to `Q4K_DP4A_MAX_M` rows) that
+    `tune_q4k_gemm` times beside the swap kernel's: 8-32-row tiles, split-K as there."""
+    out = []
+    for bn, warps in ((8, 1), (16, 2), (32, 4)):
+        tiles = -(-n // bn)
+        for split in (1, 2, 4, 8):
+            if split > 1 and (k // 256 // split < 2 or tiles * split > 8192):
+                continue
+            out.append(GemmConfig(bn, 1, warps, 1, split, dp4a=True))
+    return out
+
+
 def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfig]:
     """The fastest decode-GEMM config per M bucket for this q4_K weight shape, timed as
     `tune_q4k_gemv` times (CUDA-graph replays streaming copies of the weight from HBM). A
@@ -862,12 +961,16 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
     copies = max(1, min(16, -(-_TUNE_STREAM_BYTES // packed.numel())))
     weights = [packed] + [packed.clone() for _ in range(copies - 1)]
     exact = TritonQ4KMatmul(packed, shape).dequantize(torch.float32)
-    chosen = {}
-    for bm in Q4K_GEMM_BUCKETS:
+    chosen: dict[int, GemmConfig] = {}
+    # the swap kernel runs buckets under 16 padded to 16 rows: its best config there is
+    # timed again below 16 rather than every candidate
+    for bm in sorted(Q4K_GEMM_BUCKETS, key=lambda b: (b < 16, -b)):
         x = torch.randn(bm, k, device=packed.device, dtype=torch.bfloat16)
         want = x.float() @ exact.T
         best, best_t = q4k_gemm_config(n, k, bm), float("inf")
-        for cfg in q4k_gemm_candidates(n, k):
+        swap = [chosen[16]] if bm < 16 and 16 in chosen else q4k_gemm_candidates(n, k)
+        dp4a = q4k_gemm_dp4a_candidates(n, k) if bm <= Q4K_DP4A_MAX_M else []
+        for cfg in swap + dp4a:
             try:
                 got = TritonQ4KMatmul(packed, shape, gemm={bm: cfg})(x).float()
                 if not (got - want).norm() <= 0.01 * want.norm():
@@ -997,6 +1100,16 @@ class TritonQ4KMatmul(_TritonMatmul):
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
         split = triton.cdiv(nblk, split_blocks)
         tiles = triton.cdiv(self.out_features, cfg.bn)
+        if cfg.dp4a:
+            ws, cnt = self._scratch(y.device, bm, split, tiles, "dp4a") if split > 1 else (y, y)
+            xq, xs = self._quantized_x(x)
+            _q4k_gemm_dp4a_kernel[(tiles, split)](
+                xq, xs, self.wi, y, ws, cnt, m, self.out_features, self.in_features,
+                y.stride(0), split_blocks, BN=cfg.bn, BM=bm, PARTIAL=split > 1,
+                STAGES=cfg.stages, ASM=not self.interpret, num_warps=cfg.warps,
+            )  # fmt: skip
+            return
+        bm = max(bm, 16)
         ws, cnt = self._scratch(y.device, bm, split, tiles, "gemm") if split > 1 else (y, y)
         _q4k_gemm_swap_kernel[(tiles, split)](
             x, self.wi, y, ws, cnt, m, self.out_features, self.in_features,

@@ -329,31 +329,43 @@ configs = [
     tq.GemmConfig(64, 2, 4, 2, 1),
     tq.GemmConfig(32, 1, 4, 2, 2),
     tq.GemmConfig(16, 2, 2, 1, 3),
+    tq.GemmConfig(16, 1, 2, 1, 1, dp4a=True),  # buckets of at most 16 rows only
+    tq.GemmConfig(32, 1, 4, 1, 3, dp4a=True),
 ]
-for m in (2, 16, 17, 40, 64, 65, 130):
+for m in (2, 3, 16, 17, 40, 64, 65, 130):
     x = torch.randn(m, k, generator=g)
     ref = reference_matmul(f, packed, (n, k))(x)
     for cfg in configs:
-        kern = tq.TritonQ4KMatmul(packed, (n, k), gemm={b: cfg for b in tq.Q4K_GEMM_BUCKETS})
+        if cfg.dp4a and m > tq.Q4K_DP4A_MAX_M:
+            continue
+        gemm = {b: cfg for b in tq.Q4K_GEMM_BUCKETS if not cfg.dp4a or b <= tq.Q4K_DP4A_MAX_M}
+        kern = tq.TritonQ4KMatmul(packed, (n, k), gemm=gemm)
         y = torch.full((m, n), float("nan"))
         y = kern(x)
         print(json.dumps({"m": m, "cfg": str(cfg), "err": (y - ref).abs().max().item(),
+                          "rel": ((y - ref).norm() / ref.norm()).item(), "dp4a": cfg.dp4a,
                           "scale": ref.abs().max().item(), "shape": list(y.shape)}))
         y2 = kern(x)  # split-K counters are left at zero: a second call is as right
         print(json.dumps({"m": m, "cfg": "again " + str(cfg),
-                          "err": (y2 - ref).abs().max().item(),
+                          "err": (y2 - ref).abs().max().item(), "dp4a": cfg.dp4a,
+                          "rel": ((y2 - ref).norm() / ref.norm()).item(),
                           "scale": ref.abs().max().item(), "shape": list(y2.shape)}))
 """
 
 
 def test_q4k_decode_gemm_and_prefill_dequant_match_the_oracle():
-    """Every M bucket of the swap-AB GEMM (ragged rows, splits, 2 blocks a step) and the
-    dequantize + dense GEMM path above the last bucket, against dequantize-matmul."""
+    """Every M bucket of the swap-AB GEMM (ragged rows, splits, 2 blocks a step), the dp4a
+    GEMM of the small buckets and the dequantize + dense GEMM path above the last bucket,
+    against dequantize-matmul. The dp4a kernel rounds x to int8 per 32 values (as the
+    batch-1 GEMV): its error is that rounding's, ~0.5% of the product's norm."""
     rows = interpreted_rows(GEMM)
-    assert len(rows) == 7 * 4 * 2
+    assert len(rows) == (8 * 4 + 3 * 2) * 2
     for r in rows:
         assert r["shape"][1] == 72, r
-        assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
+        if r["dp4a"]:
+            assert r["rel"] <= 0.015, r
+        else:
+            assert r["err"] <= 1e-5 * max(1.0, r["scale"]), r
 
 
 GEMM_TUNER = r"""
@@ -369,6 +381,7 @@ wrong, right, slow = (tq.GemmConfig(64, 1, 4, 2, 1), tq.GemmConfig(32, 1, 4, 2, 
                       tq.GemmConfig(16, 1, 4, 2, 2))
 fake_ms = {wrong: 1.0, right: 2.0, slow: 3.0}
 tq.q4k_gemm_candidates = lambda n, k: [wrong, right, slow]
+tq.q4k_gemm_dp4a_candidates = lambda n, k: []
 
 
 class Faulty(tq.TritonQ4KMatmul):
@@ -394,5 +407,5 @@ def test_gemm_tuner_never_picks_a_config_with_wrong_results():
     """tune_q4k_gemm picks the fastest candidate per M bucket but skips one whose output
     strays from dequantize + matmul (timing faked, kernels in the interpreter)."""
     (row,) = interpreted_rows(GEMM_TUNER)
-    assert set(row["picked"]) == {"16", "32", "64"}
+    assert set(row["picked"]) == {"2", "4", "8", "16", "32", "64"}
     assert set(row["picked"].values()) == {row["want"]}, row
