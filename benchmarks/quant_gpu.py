@@ -517,6 +517,9 @@ def gemm(ctx: Ctx) -> None:
                        "dequant+cublas", bf16_us=t_bf16 * 1e3)  # fmt: skip
         del packed, ref_w, tiny
         torch.cuda.empty_cache()
+        if ctx.args.json:  # per shape: a sweep cut off by a time limit keeps what it measured
+            with open(ctx.args.json, "w") as f:
+                json.dump(ctx.rows, f, indent=1)
     print("\nGEMM summary (us per call, streaming): shape bm best tinygemm bf16 config")
     for (name, bm), (t, cfg, _err, t_tiny, t_bf16) in best.items():
         print(f"  {name:>8} {bm:>4} {t * 1e3:8.1f} {t_tiny * 1e3:8.1f} {t_bf16 * 1e3:8.1f} {cfg}")

@@ -910,7 +910,7 @@ class GemmConfig:
 # to at least 16 rows (the matrix unit's smallest N); the dp4a kernel's cost grows with
 # the bucket, so small batches get buckets of their own.
 Q4K_GEMM_BUCKETS = (2, 4, 8, 16, 32, 64)
-Q4K_DP4A_MAX_M = 16
+Q4K_DP4A_MAX_M = 8  # at 8 rows the swap kernel was already as fast (H100 sweep)
 
 
 def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
@@ -940,11 +940,12 @@ def q4k_gemm_candidates(n: int, k: int) -> list[GemmConfig]:
 
 def q4k_gemm_dp4a_candidates(n: int, k: int) -> list[GemmConfig]:
     """Launch configs of the dp4a GEMM (buckets up to `Q4K_DP4A_MAX_M` rows) that
-    `tune_q4k_gemm` times beside the swap kernel's: 8-32-row tiles, split-K as there."""
+    `tune_q4k_gemm` times beside the swap kernel's: the tile shapes that won a shape at 2, 4
+    or 8 rows in a 40-config sweep on H100 (BENCHMARKS.md), each with split-K 1-16."""
     out = []
-    for bn, warps in ((8, 1), (16, 2), (32, 4)):
+    for bn, warps in ((8, 1), (32, 2), (64, 4)):
         tiles = -(-n // bn)
-        for split in (1, 2, 4, 8):
+        for split in (1, 2, 4, 8, 16):
             if split > 1 and (k // 256 // split < 2 or tiles * split > 8192):
                 continue
             out.append(GemmConfig(bn, 1, warps, 1, split, dp4a=True))
