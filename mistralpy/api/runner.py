@@ -44,6 +44,7 @@ class ModelOptions:
     """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`."""
 
     model_id: str  # local dir or .gguf file, named model ("smollm2"), hub id, or "demo"
+    mmproj: str | None = None  # a GGUF model's vision file (llama.cpp's --mmproj)
     dtype: str = "auto"
     device: str = "auto"
     isq: str | None = None  # e.g. "q4k"
@@ -157,6 +158,7 @@ def engine_config(options: ModelOptions) -> Any:
         extra["seed"] = options.seed
     return EngineConfig(
         model=options.model_id,
+        mmproj=options.mmproj,
         dtype=options.dtype,
         device=options.device,
         isq=check_isq(options.isq),
@@ -183,8 +185,11 @@ def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[
     template = load_template(path, options, tokenizer)
     # a text-only decoder takes no images: no image settings to read (requests with images
     # are refused as invalid chats)
-    vision = read_config(path).has_vision
-    return tokenizer, template, ImageProcessorConfig.from_model_dir(path) if vision else None
+    if not read_config(path, options.mmproj).has_vision:
+        return tokenizer, template, None
+    if options.mmproj:
+        return tokenizer, template, ImageProcessorConfig.from_gguf_mmproj(options.mmproj)
+    return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
 
 
 def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
@@ -305,6 +310,7 @@ class Runner:
     ):
         options = ModelOptions(
             model_id=which.model_id,
+            mmproj=which.mmproj,
             dtype=which.dtype,
             device=device,
             isq=check_isq(in_situ_quant),
@@ -469,6 +475,10 @@ class VisionModelBuilder:
 
     def with_device(self, device: str) -> VisionModelBuilder:
         return self._set(device=device)
+
+    def with_mmproj(self, mmproj: str) -> VisionModelBuilder:
+        """A GGUF model's vision encoder + projector file (llama.cpp's --mmproj)."""
+        return self._set(mmproj=mmproj)
 
     def with_kv_cache_dtype(self, kv_cache_dtype: str) -> VisionModelBuilder:
         """ "auto" (the model dtype) or "fp8" / "fp8_e4m3": twice the KV tokens of bf16."""

@@ -86,6 +86,7 @@ class ModelSelector:
     tokenizer_json: str | None = None
     dtype: str = "auto"
     kind: str = "multimodal"
+    mmproj: str | None = None  # GGUF: llama.cpp's vision file (Pixtral encoder + projector)
 
 
 class Which:
@@ -125,13 +126,15 @@ class Which:
         quantized_filename: str | list[str],
         tok_model_id: str | None = None,
         dtype: ModelDType | str | None = None,
+        mmproj: str | None = None,
     ) -> ModelSelector:
         """A GGUF model: file `quantized_filename` (the first shard when a list) in the local
         directory or hub repo `quantized_model_id`. Its tokenizer and chat template come from
-        the file's metadata; `tok_model_id` (a tokenizer.json) overrides the tokenizer."""
+        the file's metadata; `tok_model_id` (a tokenizer.json) overrides the tokenizer.
+        mmproj: llama.cpp's vision file (a path) for Mistral Small 3.1: images work."""
         files = [quantized_filename] if isinstance(quantized_filename, str) else quantized_filename
         model_id = gguf_model_id(quantized_model_id, files[0] if files else "")
-        return ModelSelector(model_id, None, tok_model_id, dtype_name(dtype), "gguf")
+        return ModelSelector(model_id, None, tok_model_id, dtype_name(dtype), "gguf", mmproj)
 
 
 def gguf_model_id(model_dir: str, filename: str) -> str:

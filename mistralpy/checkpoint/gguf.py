@@ -1,13 +1,16 @@
-"""Build a text-only decoder from a GGUF model (llama.cpp's `llama` architecture).
+"""Build a model from a GGUF file (llama.cpp's `llama` architecture): a text-only decoder, or
+with an `mmproj` file (llama.cpp's pixtral projector: `v.*` encoder, `mm.*` projector
+tensors) the whole mistral3 model.
 
 GGUF tensor names map to our modules (`blk.N.attn_q` -> part 0 of
-`language_model.layers.N.self_attn.qkv_proj`, ...). A tensor whose GGUF type is one of our
+`language_model.layers.N.self_attn.qkv_proj`, `v.blk.N.attn_q` -> part 0 of
+`vision_tower.transformer.layers.N.attention.qkv_proj`, ...). A tensor whose GGUF type is one of our
 block formats (quant.formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K) keeps its bytes: the
 Linear becomes a QuantizedLinear over them with the kernel ISQ would pick, no dequantize /
 requantize round trip. A fused projection concatenates its parts' rows when they share a
 format, else it becomes a ConcatLinear of per-part layers (Q4_K_M files mix Q4_K and Q6_K).
-llama.cpp stores q/k rows in interleaved RoPE order; they are permuted back to rotate-half
-order, byte rows included (a row is quantized on its own, so rows move whole).
+llama.cpp stores q/k rows (the encoder's too) in interleaved RoPE order; they are permuted back
+to rotate-half order, byte rows included (a row is quantized on its own, so rows move whole).
 
 Norms and the token embedding (a lookup needs float rows) are dequantized into the model dtype;
 a tied lm_head (no `output.weight`) keeps the embedding's bytes. `dequantize=True` (an explicit
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,14 +58,49 @@ _LAYER_TENSORS: dict[str, tuple[str, int | None]] = {
     "ffn_up": ("mlp.gate_up_proj", 1),
     "ffn_down": ("mlp.down_proj", None),
 }
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "language_model.embed_tokens",
-    "output_norm.weight": "language_model.norm",
-    "output.weight": "lm_head",
+# the same for a Pixtral block of an mmproj file (`v.blk.N.*`, llama.cpp's MODEL_TENSOR.V_ENC_*)
+_VISION_LAYER_TENSORS: dict[str, tuple[str, int | None]] = {
+    "ln1": ("attention_norm", None),
+    "ln2": ("ffn_norm", None),
+    "attn_q": ("attention.qkv_proj", 0),
+    "attn_k": ("attention.qkv_proj", 1),
+    "attn_v": ("attention.qkv_proj", 2),
+    "attn_out": ("attention.o_proj", None),
+    "ffn_gate": ("feed_forward.gate_up_proj", 0),
+    "ffn_up": ("feed_forward.gate_up_proj", 1),
+    "ffn_down": ("feed_forward.down_proj", None),
 }
-_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+# GGUF block prefix -> (our module prefix, its per-layer table)
+_BLOCKS = {
+    "blk": ("language_model.layers", _LAYER_TENSORS),
+    "v.blk": ("vision_tower.transformer.layers", _VISION_LAYER_TENSORS),
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "language_model.embed_tokens",
+    "output_norm": "language_model.norm",
+    "output": "lm_head",
+    # mmproj (llama.cpp's pixtral projector)
+    "v.patch_embd": "vision_tower.patch_conv",
+    "v.pre_ln": "vision_tower.ln_pre",
+    "mm.input_norm": "multi_modal_projector.norm",
+    "mm.patch_merger": "multi_modal_projector.patch_merger.merging_layer",
+    "mm.1": "multi_modal_projector.linear_1",
+    "mm.2": "multi_modal_projector.linear_2",
+}
+# llama.cpp adds [IMG_BREAK]'s input embedding to the mmproj (its decoder does not look it
+# up); ours embeds that token from the text model's table, which holds the same row.
+IMG_BREAK_TENSOR = "v.token_embd.img_break"
+_BLOCK = re.compile(r"^(blk|v\.blk)\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 Parts = list[tuple[int | None, GGUFTensor]]  # (part index, tensor), in part order
+
+
+@dataclass
+class _Plan:
+    """Our module path -> its GGUF weight parts, and the biases of those that have one."""
+
+    weights: dict[str, Parts] = field(default_factory=dict)
+    biases: dict[str, GGUFTensor] = field(default_factory=dict)
 
 
 def load_gguf_model(
@@ -70,31 +109,36 @@ def load_gguf_model(
     device: torch.device | str,
     isq: str | None = None,
     dequantize: bool = False,
+    mmproj: str | None = None,
 ) -> Mistral3ForConditionalGeneration:
-    """Model of the GGUF file `path` (any shard of a split model) on `device`; activations and
+    """Model of the GGUF file `path` (any shard of a split model) on `device`, with the
+    vision encoder + projector of the llama.cpp `mmproj` file if given; activations and
     dense tensors in `dtype`. See the module doc for what stays quantized."""
     gguf = open_gguf(path)
-    config = config_from_gguf(gguf)
+    files = [gguf] if mmproj is None else [gguf, open_gguf(mmproj)]
+    config = config_from_gguf(*files)
     device = torch.device(device)
     model = _empty_model(config, dtype, device, SINGLE)
     filler = _Filler(model, _isq_factory(isq))
     keep = not dequantize and isq is None
     tuning = KernelTuning()  # one load: launch configs timed once per shape
-    for module, parts in _plan(gguf, model).items():
+    plan = _plan(files, model)
+    for module, parts in plan.weights.items():
         target = model.get_submodule(module)
         if not isinstance(target, nn.Linear):
             filler.put(_Target(module, "weight"), _dense(parts[0][1]))
             continue
-        rows = [(_rope_heads(model, module, part), t) for part, t in parts]
-        layer = _quantized(rows, device, tuning) if keep else None
+        bias = _dense(plan.biases[module]).to(device, dtype) if module in plan.biases else None
+        rows = [(rope_heads(model, module, part), t) for part, t in parts]
+        layer = _quantized(rows, bias, device, tuning) if keep else None
         if layer is None:
             weight = torch.cat([_permuted(_dense(t), heads) for heads, t in rows])
-            filler.finalize(module, weight.to(device, dtype), None)
+            filler.finalize(module, weight.to(device, dtype), bias)
         else:
             model.set_submodule(module, layer)
     if config.tie_word_embeddings:
         embedding = gguf.tensors["token_embd.weight"]
-        layer = _quantized([(None, embedding)], device, tuning) if keep else None
+        layer = _quantized([(0, embedding)], None, device, tuning) if keep else None
         if layer is None:
             filler.tie_lm_head()
         else:
@@ -102,37 +146,64 @@ def load_gguf_model(
     return filler.finish()
 
 
-def _plan(gguf: GGUFModelFile, model: Mistral3ForConditionalGeneration) -> dict[str, Parts]:
-    """Our module path -> its GGUF tensors; raises CheckpointError naming every unknown,
-    missing or misshapen tensor."""
-    plan: dict[str, Parts] = {}
+def _plan(files: list[GGUFModelFile], model: Mistral3ForConditionalGeneration) -> _Plan:
+    """Our module paths -> their GGUF tensors (all files); raises CheckpointError naming every
+    unknown, missing or misshapen tensor."""
+    plan = _Plan()
     unexpected, wrong = [], []
-    for name, tensor in gguf.tensors.items():
+    for name, tensor in [(n, t) for f in files for n, t in f.tensors.items()]:
+        if name == IMG_BREAK_TENSOR:
+            continue
         target = _target(name)
         if target is None or not _exists(model, target[0]):
             unexpected.append(name)
             continue
-        module, part = target
-        expected = _expected_shape(model.get_submodule(module), part)
+        module, part, param = target
+        expected = _expected_shape(model.get_submodule(module), part, param)
         if tensor.shape != expected:
             wrong.append(f"{name} {tensor.shape} != {expected}")
-        plan.setdefault(module, []).append((part, tensor))
-    for parts in plan.values():
+        if param == "bias":
+            plan.biases[module] = tensor
+        else:
+            plan.weights.setdefault(module, []).append((part, tensor))
+    for parts in plan.weights.values():
         parts.sort(key=lambda p: -1 if p[0] is None else p[0])
     missing = _missing(model, plan)
-    check_match(f"GGUF {gguf.path.name} does not match its metadata", missing, unexpected, wrong)
+    names = " + ".join(f.path.name for f in files)
+    check_match(f"GGUF {names} does not match its metadata", missing, unexpected, wrong)
     return plan
 
 
-def _target(name: str) -> tuple[str, int | None] | None:
-    """(our module path, part) of GGUF tensor `name`, or None for a name we do not know."""
-    if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name], None
+def _target(name: str) -> tuple[str, int | None, str] | None:
+    """(our module path, part, "weight" | "bias") of GGUF tensor `name`, or None for a name
+    we do not know."""
+    base, _, param = name.rpartition(".")
+    if base in _GLOBAL_TENSORS and param in ("weight", "bias"):
+        return _GLOBAL_TENSORS[base], None, param
     m = _BLOCK.match(name)
-    if m is None or m[2] not in _LAYER_TENSORS:
+    if m is None:
         return None
-    module, part = _LAYER_TENSORS[m[2]]
-    return f"language_model.layers.{m[1]}.{module}", part
+    prefix, table = _BLOCKS[m[1]]
+    if m[3] not in table:
+        return None
+    module, part = table[m[3]]
+    return f"{prefix}.{m[2]}.{module}", part, m[4]
+
+
+def gguf_name(module: str, part: int | None, param: str) -> str | None:
+    """GGUF tensor name of our `module`'s `param` (its `part` of a fused Linear): the
+    inverse of `_target`; None for a module GGUF has no tensor for."""
+    for gguf, ours in _GLOBAL_TENSORS.items():
+        if ours == module:
+            return f"{gguf}.{param}"
+    for gguf_prefix, (prefix, table) in _BLOCKS.items():
+        m = re.match(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$", module)
+        if m is None:
+            continue
+        for kind, place in table.items():
+            if place == (m[2], part):
+                return f"{gguf_prefix}.{m[1]}.{kind}.{param}"
+    return None
 
 
 def _exists(model: nn.Module, module: str) -> bool:
@@ -143,18 +214,20 @@ def _exists(model: nn.Module, module: str) -> bool:
     return True
 
 
-def _expected_shape(module: nn.Module, part: int | None) -> tuple[int, ...]:
-    """(rows, cols) a GGUF tensor for `module` (its `part`) must have; (n,) for a norm."""
+def _expected_shape(module: nn.Module, part: int | None, param: str) -> tuple[int, ...]:
+    """(rows, cols) a GGUF weight for `module` (its `part`) must have; (n,) for a norm or a
+    bias."""
     if isinstance(module, nn.Linear):
         rows = (
             module.output_sizes[part] if isinstance(module, MergedLinear) else module.out_features
         )
-        return (rows, module.in_features)
+        return (rows,) if param == "bias" else (rows, module.in_features)
     return tuple(module.weight.shape)
 
 
-def _missing(model: Mistral3ForConditionalGeneration, plan: dict[str, Parts]) -> list[str]:
-    """Modules (with the part count) that some tensor should fill but none does."""
+def _missing(model: Mistral3ForConditionalGeneration, plan: _Plan) -> list[str]:
+    """Modules (every part of a fused one) or biases that some tensor should fill but none
+    does."""
     missing = []
     for name, module in model.named_modules():
         if not list(module.parameters(recurse=False)):
@@ -162,15 +235,20 @@ def _missing(model: Mistral3ForConditionalGeneration, plan: dict[str, Parts]) ->
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue
         want = len(module.output_sizes) if isinstance(module, MergedLinear) else 1
-        if len(plan.get(name, [])) != want:
+        if len(plan.weights.get(name, [])) != want:
             missing.append(name)
+        if getattr(module, "bias", None) is not None and name not in plan.biases:
+            missing.append(f"{name}.bias")
     return missing
 
 
-def _rope_heads(model: Mistral3ForConditionalGeneration, module: str, part: int | None) -> int:
-    """Heads whose q/k rows llama.cpp permuted (0: not a q/k weight)."""
+def rope_heads(model: Mistral3ForConditionalGeneration, module: str, part: int | None) -> int:
+    """Heads whose q/k rows llama.cpp permutes into interleaved order (0: not a q/k weight);
+    its converter permutes the Pixtral encoder's q/k too (all heads: no GQA there)."""
     if not module.endswith("qkv_proj") or part not in (0, 1):
         return 0
+    if module.startswith("vision_tower."):
+        return model.config.vision_config.num_attention_heads
     text = model.config.text_config
     return text.num_attention_heads if part == 0 else text.num_key_value_heads
 
@@ -196,7 +274,10 @@ def _dense(tensor: GGUFTensor) -> torch.Tensor:
 
 
 def _quantized(
-    rows: list[tuple[int, GGUFTensor]], device: torch.device, tuning: KernelTuning
+    rows: list[tuple[int, GGUFTensor]],
+    bias: torch.Tensor | None,
+    device: torch.device,
+    tuning: KernelTuning,
 ) -> nn.Module | None:
     """A QuantizedLinear over the parts' GGUF bytes (a ConcatLinear if their formats differ),
     or None when some part has no block format of ours (float or IQ types)."""
@@ -208,6 +289,8 @@ def _quantized(
         fmt: QuantFormat = parts[0][0]
         packed = torch.cat([p for _, p, _ in parts]).to(device)
         shape = (sum(s[0] for _, _, s in parts), parts[0][2][1])
-        return QuantizedLinear(packed, fmt, shape, None, tuning)
+        return QuantizedLinear(packed, fmt, shape, bias, tuning)
+    if bias is not None:  # no fused projection has a bias (q/k/v and gate/up are bias-free)
+        return None
     log.info("GGUF: fused projection of formats %s kept as separate layers", [f.name for f in fmts])
     return ConcatLinear([QuantizedLinear(p.to(device), f, s, None, tuning) for f, p, s in parts])

@@ -63,6 +63,7 @@ def load_model(
     load_format: Literal["auto", "dummy"] = "auto",
     parallel: ParallelConfig = SINGLE,
     dequantize: bool = False,
+    mmproj: str | Path | None = None,
 ) -> Mistral3ForConditionalGeneration:
     """Model of the checkpoint directory (or GGUF file) `path` with weights in `dtype` on
     `device`.
@@ -72,9 +73,10 @@ def load_model(
     parallel: tensor-parallel rank to build and load (its shard of the decoder only).
     dequantize: GGUF only: dequantize its block-quantized tensors into `dtype` instead of
     serving them in their own formats (an explicit --dtype asks for this).
+    mmproj: GGUF only: llama.cpp's vision file adding the Pixtral encoder + projector.
     """
     path = Path(path)
-    config = read_config(path)
+    config = read_config(path, mmproj)
     if load_format == "dummy":
         return load_dummy_model(config, dtype, device, isq, parallel=parallel)
     if load_format != "auto":
@@ -84,7 +86,9 @@ def load_model(
             raise CheckpointError("tensor parallelism is not supported for GGUF models")
         from mistralpy.checkpoint.gguf import load_gguf_model
 
-        return load_gguf_model(str(path), dtype, device, isq, dequantize)
+        return load_gguf_model(
+            str(path), dtype, device, isq, dequantize, None if mmproj is None else str(mmproj)
+        )
     from mistralpy.quant.prequantized import read_quantization_config  # lazy, as ISQ
 
     qconfig = read_quantization_config(path)
@@ -300,6 +304,13 @@ def _transform(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
     if target.shard is not None:
         heads = heads * target.shard.size // target.shard.full
     return rotate_half_rows(tensor, heads)
+
+
+def interleave_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `rotate_half_rows`: HF rotate-half q/k rows to llama.cpp's interleaved
+    order (what its converter writes into a GGUF)."""
+    rows, cols = tensor.shape
+    return tensor.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def rotate_half_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:

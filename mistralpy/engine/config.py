@@ -18,6 +18,7 @@ class EngineConfig:
     """Everything the engine needs to build itself. Validated at construction."""
 
     model: str = DEMO_MODEL  # local dir or .gguf, named model ("smollm2"), hub id, or "demo"
+    mmproj: str | None = None  # a GGUF model's llama.cpp vision file (Pixtral + projector)
     revision: str | None = None  # hub revision; ignored for local dirs
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -39,6 +40,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a path, hub id, 'smollm2' or 'demo'")
+        _check(
+            self.mmproj is None or self.mmproj.endswith(".gguf"), "mmproj", "must be a .gguf file"
+        )
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         _check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
         _check(

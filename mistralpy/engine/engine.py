@@ -161,7 +161,7 @@ class LLMEngine:
         path = resolve_model_path(config.model, config.revision)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        max_pos = read_config(path).text_config.max_position_embeddings
+        max_pos = read_config(path, config.mmproj).text_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > max_pos:
             raise InvalidParameter(
                 "max_model_len", f"max_model_len {config.max_model_len} > the model's {max_pos}"
@@ -587,8 +587,9 @@ def _load_runner(
         # GGUF: "auto" serves the stored block formats; an explicit dtype dequantizes into it
         dequantize = config.dtype != "auto"
         return ModelRunner.load(
-            path, runner_config(config), device, dtype, config.isq, config.load_format, dequantize
-        )
+            path, runner_config(config), device, dtype, config.isq, config.load_format, dequantize,
+            config.mmproj,
+        )  # fmt: skip
     from mistralpy.runner.distributed import TensorParallelRunner
 
     return TensorParallelRunner.launch(

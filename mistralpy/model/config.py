@@ -102,14 +102,16 @@ class Mistral3Config:
         return self.vision_config is not None
 
 
-def read_config(path: str | Path) -> Mistral3Config:
+def read_config(path: str | Path, mmproj: str | Path | None = None) -> Mistral3Config:
     """Config of the checkpoint directory `path` (config.json, else params.json) or of a file
-    (a config.json / params.json, or a GGUF model)."""
+    (a config.json / params.json, or a GGUF model; `mmproj`: its llama.cpp vision file)."""
     path = Path(path)
     if path.suffix == ".gguf":
         from mistralpy.model.gguf_file import open_gguf
 
-        return config_from_gguf(open_gguf(path))
+        return config_from_gguf(open_gguf(path), open_gguf(mmproj) if mmproj else None)
+    if mmproj is not None:
+        raise ConfigError(f"--mmproj goes with a GGUF model, not with {path}")
     if path.is_dir():
         if (path / "config.json").is_file():
             path = path / "config.json"
@@ -372,8 +374,9 @@ def _native_vision(vision: dict[str, Any]) -> VisionConfig:
 GGUF_ARCHITECTURES = ("llama",)  # llama.cpp writes Mistral (Small 3.1 text too) as `llama`
 
 
-def config_from_gguf(model: Any) -> Mistral3Config:
-    """Text-only config of a parsed GGUF model (a `model.gguf_file.GGUFModelFile`).
+def config_from_gguf(model: Any, mmproj: Any = None) -> Mistral3Config:
+    """Config of a parsed GGUF model (a `model.gguf_file.GGUFModelFile`): text-only, or with
+    the Pixtral encoder + projector of a parsed llama.cpp `mmproj` file (see `_gguf_vision`).
 
     Defaults are llama.cpp's for keys a file may omit: KV heads = heads, head_dim = hidden /
     heads (`key_length` states it otherwise: 128 for Mistral Small 3.1), RoPE base 10000.
@@ -409,7 +412,65 @@ def config_from_gguf(model: Any) -> Mistral3Config:
         rope_theta=float(meta.get("rope.freq_base", 10000.0)),
         max_position_embeddings=_int(meta, "context_length", where),
     )
-    return Mistral3Config.text_only(text, tie_word_embeddings="output.weight" not in model.tensors)
+    tie = "output.weight" not in model.tensors
+    if mmproj is None:
+        return Mistral3Config.text_only(text, tie_word_embeddings=tie)
+    return _gguf_vision(mmproj, text, tie, list(model.metadata.get("tokenizer.ggml.tokens") or []))
+
+
+# llama.cpp's mmproj files: general.architecture "clip", keys `clip.*` (gguf.Keys.Clip*)
+MMPROJ_PROJECTOR = "pixtral"
+# Neither file states these; llama.cpp's clip.cpp fixes them for its pixtral projector (and
+# Mistral Small 3.1's config.json says the same).
+PIXTRAL_ROPE_THETA = 10000.0
+PIXTRAL_PROJECTOR_ACT = "gelu"
+_IMAGE_TOKEN = "[IMG]"
+
+
+def _gguf_vision(mmproj: Any, text: TextConfig, tie: bool, tokens: list[str]) -> Mistral3Config:
+    """mistral3 config of a text GGUF (`text`, its vocabulary `tokens`) and a Pixtral mmproj;
+    raises ConfigError when the mmproj is of another kind or does not fit the text model."""
+    meta, where = mmproj.metadata, f"mmproj {mmproj.path.name}"
+    kind = meta.get("clip.projector_type", meta.get("clip.vision.projector_type"))
+    if meta.get("general.architecture") != "clip" or not meta.get("clip.has_vision_encoder"):
+        raise ConfigError(f"{where} is not a llama.cpp vision projector (clip) file")
+    if kind != MMPROJ_PROJECTOR:
+        raise ConfigError(f"{where}: projector type {kind!r}; only {MMPROJ_PROJECTOR!r} is served")
+    vision = {k.removeprefix("clip.vision."): v for k, v in meta.items()}
+    projects_to = _int(vision, "projection_dim", where)
+    if projects_to != text.hidden_size:
+        raise ConfigError(
+            f"{where} projects images to {projects_to} features, but the text model's hidden "
+            f"size is {text.hidden_size}: it belongs to another model"
+        )
+    if _IMAGE_TOKEN not in tokens:
+        raise ConfigError(f"{where}: the text model's vocabulary has no {_IMAGE_TOKEN} token")
+    hidden = _int(vision, "embedding_length", where)
+    heads = _int(vision, "attention.head_count", where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: embedding_length {hidden} % head_count {heads} != 0")
+    config = VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=_int(vision, "feed_forward_length", where),
+        num_hidden_layers=_int(vision, "block_count", where),
+        num_attention_heads=heads,
+        head_dim=hidden // heads,
+        num_channels=3,
+        image_size=_int(vision, "image_size", where),
+        patch_size=_int(vision, "patch_size", where),
+        rope_theta=PIXTRAL_ROPE_THETA,
+        hidden_act="silu" if meta.get("clip.use_silu") else "gelu",
+        rms_norm_eps=_float(vision, "attention.layer_norm_epsilon", where),
+    )
+    return Mistral3Config(
+        text_config=text,
+        vision_config=config,
+        spatial_merge_size=int(vision.get("spatial_merge_size", 1)),  # llama.cpp's default
+        image_token_index=tokens.index(_IMAGE_TOKEN),
+        projector_hidden_act=PIXTRAL_PROJECTOR_ACT,
+        multimodal_projector_bias="mm.1.bias" in mmproj.tensors,
+        tie_word_embeddings=tie,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

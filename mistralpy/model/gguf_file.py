@@ -104,6 +104,21 @@ class GGUFModelFile:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
 
+@dataclass(frozen=True)
+class GGUFVocab:
+    """A tokenizer as llama.cpp writes it into a GGUF model (`tokenizer.*` keys); built by
+    processing.tokenizer.gguf_vocabulary, written by checkpoint.gguf_writer."""
+
+    pre: str  # tokenizer.ggml.pre, the pre-tokenizer's name: "tekken" for Mistral's
+    tokens: list[str]  # id -> byte-level BPE string (a special token: its text)
+    token_types: list[int]  # id -> gguf.TokenType: 1 normal, 3 control (special), 4 user-defined
+    merges: list[str]  # "left right" pieces, in rank order
+    bos_token_id: int
+    eos_token_id: int
+    add_bos: bool  # tokenizer.ggml.add_bos_token: a plain text prompt starts with BOS
+    chat_template: str | None  # tokenizer.chat_template (Jinja)
+
+
 def open_gguf(path: str | Path) -> GGUFModelFile:
     """Parse the GGUF model at `path` (any shard), sharing the parse with later callers.
 

@@ -683,6 +683,21 @@ class ImageProcessorConfig:
         )
 
     @classmethod
+    def from_gguf_mmproj(cls, file: Path | str) -> ImageProcessorConfig:
+        """The `clip.vision.*` settings of a llama.cpp mmproj file (its config is checked
+        against the text model first, by model.config.read_config)."""
+        from mistralpy.model.gguf_file import open_gguf
+
+        meta = open_gguf(file).metadata
+        return cls(
+            patch_size=int(meta["clip.vision.patch_size"]),
+            spatial_merge_size=int(meta.get("clip.vision.spatial_merge_size", 1)),
+            longest_edge=int(meta["clip.vision.image_size"]),
+            image_mean=tuple(float(v) for v in meta["clip.vision.image_mean"]),
+            image_std=tuple(float(v) for v in meta["clip.vision.image_std"]),
+        )
+
+    @classmethod
     def from_dicts(
         cls, preprocessor: Mapping | None, processor: Mapping | None, model: Mapping | None
     ) -> ImageProcessorConfig:

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mistralpy.model.gguf_file import GGUFVocab
+
 # A bracketed run with no inner brackets: every special token ("<s>", "[INST]", "<SPECIAL_42>")
 # has this shape, so candidates are found by one cheap regex and checked against a dict,
 # instead of a 1000-way alternation.
@@ -195,6 +197,40 @@ def gguf_bpe_tokenizer(metadata: dict[str, Any]):
         [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
     )
     return tok
+
+
+def gguf_vocabulary(model_dir: str | Path, chat_template: str | None) -> GGUFVocab:
+    """The Tekken vocabulary of a checkpoint directory (tekken.json, or a tokenizer.json
+    converted from one) as llama.cpp's converter writes Mistral's: gpt2 BPE with pre "tekken",
+    byte-level tokens by id, control type for special tokens, merges in rank order; BOS/EOS and
+    add_bos as this checkpoint's Tokenizer has them, so both files tokenize alike."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(model_dir)
+    hf = None
+    if (path / "tokenizer.json").is_file():
+        hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        if _split_regex(hf) != _TEKKEN_SPLIT:  # another vocabulary, or a wrong Tekken regex
+            hf = None
+    if hf is None and (path / "tekken.json").is_file():
+        tekken = json.loads((path / "tekken.json").read_text("utf-8"))
+        if tekken["config"]["pattern"] == _TEKKEN_SPLIT:
+            hf = tekken_to_hf_tokenizer(tekken)
+    if hf is None:
+        raise TokenizerError(f"{path}: GGUF export supports Tekken vocabularies only")
+    data = json.loads(hf.to_str())
+    added = {t["content"]: (t["id"], t["special"]) for t in data["added_tokens"]}
+    vocab = {**data["model"]["vocab"], **{s: i for s, (i, _) in added.items()}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if len(tokens) != max(vocab.values()) + 1:
+        raise TokenizerError(f"{path}: the vocabulary's ids are not contiguous")
+    types = [(3 if added[t][1] else 4) if t in added else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    ours = Tokenizer.from_dir(path)
+    return GGUFVocab(
+        "tekken", tokens, types, merges, ours.bos_token_id, ours.eos_token_id, ours.add_bos,
+        chat_template,
+    )  # fmt: skip
 
 
 class Tokenizer:

@@ -172,14 +172,17 @@ class ModelRunner:
         isq: str | None = None,
         load_format: str = "auto",
         dequantize: bool = False,
+        mmproj: str | None = None,
     ) -> ModelRunner:
         """Load the checkpoint at `path` onto `device`, then size and allocate the KV cache.
-        dequantize: a GGUF model's block-quantized tensors become dense `dtype` weights."""
+        dequantize: a GGUF model's block-quantized tensors become dense `dtype` weights;
+        mmproj: a GGUF model's vision file (llama.cpp's --mmproj)."""
         from mistralpy.checkpoint.loader import load_model
 
         model = load_model(
-            path, dtype, device, isq=isq, load_format=load_format, dequantize=dequantize
-        )
+            path, dtype, device, isq=isq, load_format=load_format, dequantize=dequantize,
+            mmproj=mmproj,
+        )  # fmt: skip
         return cls(model.eval(), cfg, device, dtype)
 
     @property

@@ -88,6 +88,12 @@ def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_isq_and_template_flags(p)
+    p.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="a GGUF model's vision encoder + projector (llama.cpp's mmproj file): images work",
+    )
     p.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32 (auto: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument(
@@ -246,12 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", nargs="?", default="demo")
     _add_bench_flags(bench)
     _add_model_flags(bench)
-    quant = _subcommand(sub, "quantize", "write a pre-quantized checkpoint")
+    quant = _subcommand(sub, "quantize", "write a pre-quantized checkpoint, or GGUF files")
     quant.add_argument("model", help=model_help)
     quant.add_argument(
-        "--isq", type=_isq_name, required=True, metavar="FORMAT", help=", ".join(ISQ_NAMES)
+        "--format",
+        choices=("mistralpy", "gguf"),
+        default="mistralpy",
+        help="mistralpy: a directory served as is; gguf: llama.cpp's files (the text model as "
+        "architecture llama + an mmproj-*.gguf vision file)",
     )
-    quant.add_argument("-o", "--output", required=True, help="directory to write")
+    quant.add_argument(
+        "--isq", type=_isq_name, default=None, metavar="FORMAT", help=", ".join(ISQ_NAMES)
+    )
+    quant.add_argument(
+        "--outtype",
+        default="bf16",
+        metavar="TYPE",
+        help="--format gguf: f32, f16, bf16, or a GGUF block format (q8_0, q4k, ...) for the "
+        "decoder's linears",
+    )
+    quant.add_argument("-o", "--output", "--out", required=True, help="directory to write")
     parser.set_defaults(subcommands=sub.choices)
     return parser
 
@@ -380,6 +400,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
             if gguf_file
             else getattr(args, "model_id", None) or args.model  # `serve -m ID` as mistral.rs
         ),
+        mmproj=getattr(args, "mmproj", None),
         dtype=dtype_name(args.dtype),
         device=args.device,
         isq=args.isq.lower() if args.isq else None,
@@ -806,10 +827,41 @@ def _quantize(args: argparse.Namespace) -> int:
     from mistralpy.engine.config import resolve_model_path  # the one that knows "demo"
     from mistralpy.runner.model_runner import resolve_device
 
+    if args.format == "gguf":
+        if args.isq:
+            raise ValueError("--format gguf takes the tensor type as --outtype, not --isq")
+        return _quantize_gguf(args)
+    if args.isq is None:
+        raise ValueError("--isq FORMAT is required (or --format gguf --outtype TYPE)")
     check_isq(args.isq)
     src = resolve_model_path(args.model)
     quantize_checkpoint(src, Path(args.output), args.isq.lower(), resolve_device("auto"))
     print(f"wrote {args.output}")
+    return 0
+
+
+def _quantize_gguf(args: argparse.Namespace) -> int:
+    """The model as llama.cpp's files: decoder GGUF (+ mmproj GGUF for a vision model)."""
+    from mistralpy.checkpoint.gguf_writer import check_outtype, write_gguf
+    from mistralpy.engine.config import resolve_model_path
+    from mistralpy.model.config import read_config
+    from mistralpy.processing.chat_template import ChatTemplate
+    from mistralpy.processing.images import ImageProcessorConfig
+    from mistralpy.processing.tokenizer import gguf_vocabulary
+
+    outtype = check_outtype(args.outtype)  # a wrong type fails before any weight is read
+    src = resolve_model_path(args.model)
+    if not src.is_dir():
+        raise ValueError(f"{args.model}: --format gguf converts a checkpoint directory")
+    vocab = gguf_vocabulary(src, ChatTemplate.from_dir(src).templates.get("default"))
+    stats = None
+    if read_config(src).has_vision:
+        images = ImageProcessorConfig.from_model_dir(src)
+        stats = (list(images.image_mean), list(images.image_std))
+    files = write_gguf(src, Path(args.output), outtype, vocab, stats)
+    for file in (files.model, files.mmproj):
+        if file is not None:
+            print(f"wrote {file}")
     return 0
 
 
