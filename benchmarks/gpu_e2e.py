@@ -56,7 +56,7 @@ from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E40
 
 ALL_ROWS = ("check", "vision", "kv_logits", "decode", "batch", "ttft", "prefill", "concurrent",
             "long", "isq")  # fmt: skip
-BATCHES = (1, 8, 32)  # decode-step rows per format (`batch`)
+BATCHES = (1, 2, 4, 8, 32)  # decode-step rows per format (`batch`)
 OPT_IN_ROWS = ("serving",)  # only when named: it starts a server (FastAPI, uvicorn, ... needed)
 KV_DTYPE_ROWS = ("decode", "concurrent")  # rows run again per extra --kv-cache-dtypes entry
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them

@@ -19,9 +19,11 @@ def test_quick_mode_runs_every_row(tmp_path):
     assert gpu_e2e.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_e2e.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    # vision, kv_logits, decode, batch (bs 1 and 4: capped at the quick engine's 4
+    # vision, kv_logits, decode, batch (bs 1, 2 and 4: capped at the quick engine's 4
     # sequences), ttft, prefill, concurrent, long, and decode with isq q4k and fp8
-    assert len(names) == 11, names
+    batch_rows = [f"decode step bs{b} bf16" for b in (1, 2, 4)]
+    assert [n for n in names if n.startswith("decode step")] == batch_rows, names
+    assert len(names) == 12, names
     assert all(r["value"] is not None for r in report["rows"]), report["rows"]
     assert report["engine_check"]["ok"], report["engine_check"]
     long_row = next(r for r in report["rows"] if r["name"] == "128k prompt")
