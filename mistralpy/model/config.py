@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mistralpy.errors import UserError
+
 # Activation names we implement (transformers' ACT2FN spelling).
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """The model configuration is malformed, inconsistent or asks for something unsupported."""
 
 

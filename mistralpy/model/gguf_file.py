@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mistralpy.errors import UserError
+
 GGUF_SUFFIX = ".gguf"
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError):
     """The GGUF file is missing, malformed, incomplete, or describes an unsupported model."""
 
 

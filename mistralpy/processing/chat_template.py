@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistralpy.errors import UserError
 from mistralpy.processing.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -46,11 +47,11 @@ _ESCAPE = re.compile(r"([\[<\ufdd0])")
 _UNESCAPE = re.compile("\ufdd0(\ufdd0?)")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
     """The chat template is missing, does not compile, or raised while rendering."""
 
 
-class InvalidChatError(ValueError):
+class InvalidChatError(UserError):
     """The messages (roles, order, content, tool calls) are not a valid chat."""
 
 

@@ -6,8 +6,10 @@ so the server can put it in the OpenAI error body's `param`.
 
 from __future__ import annotations
 
+from mistralpy.errors import UserError
 
-class InvalidInputError(ValueError):
+
+class InvalidInputError(UserError):
     """A request's content is unusable; `param` names the offending field (None if unknown)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:

@@ -31,6 +31,7 @@ import llguidance.torch as llg_torch
 import tokenizers
 import torch
 
+from mistralpy.errors import UserError
 from mistralpy.params import GrammarSpec
 
 # JSON layout the grammars allow: json.dumps' own separators (", " and ": ", the form
@@ -42,7 +43,7 @@ TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 TOOL_CHOICE_MODES = ("required", "named", "auto")
 
 
-class GrammarError(ValueError):
+class GrammarError(UserError):
     """The grammar, schema, regex or tool spec of a request is invalid (llguidance's message).
 
     `param`: the request field that carried it, filled in by the API layer when known.

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mistralpy.errors import UserError
 from mistralpy.model.gguf_file import GGUFVocab
 
 # A bracketed run with no inner brackets: every special token ("<s>", "[INST]", "<SPECIAL_42>")
@@ -26,7 +27,7 @@ from mistralpy.model.gguf_file import GGUFVocab
 _SPECIAL_CANDIDATE = re.compile(r"[<\[][^<>\[\]]*[>\]]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The tokenizer files are missing or not a supported (byte-level BPE / Tekken) tokenizer."""
 
 

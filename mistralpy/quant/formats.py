@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mistralpy.errors import UserError
+
 QK_K = 256
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
 
-class UnknownQuantFormatError(ValueError):
+class UnknownQuantFormatError(UserError):
     """The ISQ/quantization format name is not one we support."""
 
 

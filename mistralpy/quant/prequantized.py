@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from mistralpy.errors import UserError
 from mistralpy.quant.formats import get_format
 
 if TYPE_CHECKING:  # isq is imported where needed: reading quantization.json needs no kernels
@@ -38,7 +39,7 @@ QUANT_METHOD = "mistralpy-isq"
 VERSION = 1
 
 
-class PrequantizedFormatError(ValueError):
+class PrequantizedFormatError(UserError):
     """quantization.json is missing fields, of another version, or disagrees with tensors."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistralpy.errors import UserError
 from mistralpy.kernels.attention import FP8_KV_DTYPE, zeros_kv_cache
 
 # --kv-cache-dtype names (vLLM's): "auto" is the model dtype; both fp8 names are e4m3
@@ -22,7 +23,7 @@ _KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-class KVCacheTooSmallError(ValueError):
+class KVCacheTooSmallError(UserError):
     """The memory left for the KV cache cannot hold even one block (or one full sequence)."""
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.errors import UserError
 from mistralpy.server.chat_page import install_chat_page
 from mistralpy.server.protocol import (
     ERROR_RESPONSES,
@@ -104,7 +105,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     """Map an exception from the service to an OpenAI error response."""
     if isinstance(exc, ModelNotFound):
         return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
-    if isinstance(exc, ValueError):  # every user mistake is a ValueError subclass
+    if isinstance(exc, UserError):  # every user mistake, and nothing else
         param = getattr(exc, "param", None)
         code = getattr(exc, "code", None)
         message = getattr(exc, "message", None) or str(exc)
@@ -283,7 +284,7 @@ async def _whole(coro, metrics: ServerMetrics) -> JSONResponse:
     guard watches for it), and the cancellation aborts the engine request."""
     try:
         result = await coro
-    except ValueError as exc:  # a user error: the usual 4xx
+    except UserError as exc:  # a user error: the usual 4xx
         return error_response(exc)
     usage = result.get("usage")
     metrics.record_usage(usage)
@@ -350,7 +351,7 @@ async def _sse_body(first, chunks, request_id, service, metrics, start) -> Async
 
 def _log_unexpected(exc: BaseException, request_id: str) -> None:
     """Log what is not the user's fault: its text goes to the log, not to the client."""
-    if not isinstance(exc, ValueError):
+    if not isinstance(exc, UserError):
         logger.error("request %s failed", request_id, exc_info=exc)
 
 

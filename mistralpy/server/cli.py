@@ -22,6 +22,7 @@ from mistralpy import __version__
 from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
 from mistralpy.engine.config import KV_CACHE_DTYPES
+from mistralpy.errors import UserError
 from mistralpy.server.dropin_flags import (
     LOAD_FORMATS,
     add_mistralrs_flags,
@@ -498,7 +499,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-class PortUnavailable(ValueError):
+class PortUnavailable(UserError):
     """The address to listen on cannot be bound (in use, not local, no permission)."""
 
 

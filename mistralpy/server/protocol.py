@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mistralpy.errors import UserError
+
 # Request bodies beyond this are refused before parsing (413); images come as URLs or base64.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # JSON nesting beyond this (e.g. a tool's `parameters` schema) is refused: templates, schema
@@ -197,7 +199,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-class UnsafeValue(ValueError):
+class UnsafeValue(UserError):
     """A string or nesting the layers below cannot take (HTTP 400)."""
 
     def __init__(self, message: str, param: str | None):
