@@ -16,6 +16,14 @@ monitor thread watches the workers; when one dies the runner is broken: the step
 `TensorParallelError` at once. Workers exit when their parent disappears. `shutdown()` stops
 them (stop message, join, then terminate/kill) and destroys the process group.
 
+Decode CUDA graphs: every rank captures its own per bucket at start-up, in lockstep (the
+captured all-reduces meet in NCCL), kept only if all ranks have them; rank 0's graph calls
+(load rows, advance on the device, replay) go to the workers as messages first (_DriverGraphs).
+
+Launched from outside (torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, one process
+per rank, possibly on several hosts): rank 0 joins without spawning and sends its settings; the
+other ranks run `run_external_worker`. Their death shows as a failed collective only.
+
 Metadata waits on the gloo group with a very long timeout, so an idle server's workers can wait
 for the next step indefinitely; liveness comes from the monitor, not from timeouts.
 """
