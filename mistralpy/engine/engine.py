@@ -47,6 +47,7 @@ from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
 from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
+from mistralpy.runner.errors import RunnerDeadError
 from mistralpy.runner.kv_cache import KVCacheTooSmallError
 from mistralpy.runner.model_runner import (
     ModelOutput,
@@ -303,6 +304,8 @@ class LLMEngine:
         Returns the merged results and the failed requests' final outputs."""
         try:
             return self.runner.execute(batch), []
+        except RunnerDeadError:  # no request's fault, and no later step can run
+            raise
         except Exception as exc:  # noqa: BLE001 - isolated below, never fatal to the engine
             if len(requests) == 1:
                 logger.exception("model step failed for request %s", requests[0].request_id)
@@ -652,6 +655,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
         self._stopping = False
+        self.failure: EngineDeadError | None = None  # why the loop stopped on its own
         # grammars compile here, not on the engine thread (llguidance releases the GIL)
         self._grammar_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="mistralpy-grammar"
@@ -733,7 +737,7 @@ class AsyncEngine:
                 self._step()
         finally:
             self._stopping = True
-            self._fail_all(EngineDeadError("the engine was shut down"))
+            self._fail_all(self.failure or EngineDeadError("the engine was shut down"))
             self.engine.shutdown()  # on this thread: it owns the runner
 
     def _apply_commands(self) -> None:
@@ -753,6 +757,11 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except RunnerDeadError as exc:  # the model is gone: stop, every request fails with why
+            logger.error("engine stopped: %s", exc)
+            self.failure = EngineDeadError(f"the model runner died: {exc}")
+            self._stopping = True
+            return
         except Exception as exc:  # the engine's own bug: fail what is in flight, keep serving
             logger.exception("engine step failed")
             for rid in self.engine.abort_all():

@@ -16,6 +16,14 @@ monitor thread watches the workers; when one dies the runner is broken: the step
 `TensorParallelError` at once. Workers exit when their parent disappears. `shutdown()` stops
 them (stop message, join, then terminate/kill) and destroys the process group.
 
+Decode CUDA graphs: every rank captures its own per bucket at start-up, in lockstep (the
+captured all-reduces meet in NCCL), kept only if all ranks have them; rank 0's graph calls
+(load rows, advance on the device, replay) go to the workers as messages first (_DriverGraphs).
+
+Launched from outside (torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, one process
+per rank, possibly on several hosts): rank 0 joins without spawning and sends its settings; the
+other ranks run `run_external_worker`. Their death shows as a failed collective only.
+
 Metadata waits on the gloo group with a very long timeout, so an idle server's workers can wait
 for the next step indefinitely; liveness comes from the monitor, not from timeouts.
 """
@@ -35,17 +43,21 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from mistralpy.model.parallel import ParallelConfig, TensorParallelSizeError, check_tensor_parallel
+from mistralpy.runner.errors import RunnerDeadError
 from mistralpy.runner.kv_cache import KVCacheTooSmallError
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
+
+if TYPE_CHECKING:
+    from mistralpy.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +66,54 @@ _DEVICE_TIMEOUT = datetime.timedelta(minutes=10)  # one NCCL collective (watchdo
 _HOST = "127.0.0.1"  # workers are processes of this host
 
 
-class TensorParallelError(RuntimeError):
+class TensorParallelError(RunnerDeadError):
     """A tensor-parallel worker failed or died; the runner cannot step any more."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """This process's place in a group launched from outside (torchrun, or the same variables
+    set by hand on each node): one process per rank, rank 0 serves, the others are workers."""
+
+    rank: int  # global rank (RANK)
+    world_size: int  # ranks over all nodes (WORLD_SIZE)
+    local_rank: int  # rank on this node: picks the GPU (LOCAL_RANK)
+    master_addr: str  # host of rank 0's store (MASTER_ADDR)
+    master_port: int  # its port (MASTER_PORT)
+    agent_store: bool = False  # torchrun's agent already serves the store on that port
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Rendezvous | None:
+        """The group torchrun describes in `env`; None when no launcher set RANK/WORLD_SIZE.
+        Raises TensorParallelSizeError for an incomplete or inconsistent set."""
+        if "RANK" not in env and "WORLD_SIZE" not in env:
+            return None
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise TensorParallelSizeError(f"multi-node launch: {', '.join(missing)} not set")
+        try:
+            rdzv = cls(
+                int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]),
+                env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+            )  # fmt: skip
+        except ValueError as exc:
+            raise TensorParallelSizeError(f"multi-node launch: {exc}") from None
+        if not 0 <= rdzv.rank < rdzv.world_size:
+            raise TensorParallelSizeError(f"RANK {rdzv.rank} not in 0..WORLD_SIZE-1")
+        return rdzv
+
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: cuda:LOCAL_RANK on GPUs, else `device` (the CPU)."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
+
+    def store(self, timeout: datetime.timedelta) -> Any:
+        """The rendezvous store: rank 0 hosts it unless torchrun's agent already does."""
+        host = self.rank == 0 and not self.agent_store
+        return dist.TCPStore(
+            self.master_addr, self.master_port, self.world_size, is_master=host,
+            timeout=timeout, wait_for_workers=False,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +157,9 @@ def _join_group(
 class _Op(enum.Enum):
     FORWARD = "forward"  # payload: (input_ids, positions, attn, image_embeds)
     LOGITS = "logits"  # payload: hidden rows (N, hidden) to compute logits for
+    GRAPH_LOAD = "graph_load"  # payload: (token_ids, positions, block tables) plain lists
+    GRAPH_ADVANCE = "graph_advance"  # payload: (rows, sampled token ids (rows,))
+    GRAPH_REPLAY = "graph_replay"  # payload: the bucket to replay
     STOP = "stop"  # payload: None
 
 
@@ -195,6 +256,16 @@ class ShardRunner(ModelRunner):
     """A ModelRunner on one tensor-parallel rank; all ranks settle on the same KV block count
     (the smallest any rank has room for). Ranks must construct it together (collectives)."""
 
+    def __init__(
+        self, model: Any, cfg: RunnerConfig, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        # Decode graphs (CUDA): every rank captures its own in the same order (the captures'
+        # all-reduces meet in NCCL); they are kept only if every rank has them, so that a
+        # replay on rank 0 always meets a replay on each worker.
+        super().__init__(model, cfg, device, dtype)
+        if not self.model.parallel.min_int(int(self.decode_graphs is not None), device):
+            self.decode_graphs = None
+
     def _count_blocks(self) -> int:
         error: KVCacheTooSmallError | None = None
         try:
@@ -224,6 +295,8 @@ class TensorParallelRunner(ShardRunner):
         super().__init__(model, cfg, device, dtype)
         self.workers: _Workers = workers
         self.model = _DriverModel(model, workers, self)
+        if self.decode_graphs is not None:
+            self.decode_graphs = _DriverGraphs(self.decode_graphs, workers)  # type: ignore[assignment]
         # Workers stop politely even if nobody calls shutdown (garbage collection, exit).
         self._finalizer = weakref.finalize(self, workers.close)
 
@@ -249,9 +322,16 @@ class TensorParallelRunner(ShardRunner):
         check_tensor_parallel(
             text.num_attention_heads, text.num_key_value_heads, text.intermediate_size, world_size
         )
-        devices = tp_devices(device, world_size)
-        spec = _WorkerSpec(path, cfg, dtype, isq, load_format, tuple(map(str, devices)))
-        workers = _Workers.start(spec, startup_timeout)
+        rdzv = Rendezvous.from_env(os.environ)  # torchrun's contract: the group is in env
+        if rdzv is None:
+            devices = tp_devices(device, world_size)
+            spec = _WorkerSpec(path, cfg, dtype, isq, load_format, tuple(map(str, devices)))
+            workers = _Workers.start(spec, startup_timeout)
+        else:
+            _check_external(rdzv, world_size, driver=True)
+            devices = [rdzv.device(device)] * world_size  # rank 0 only knows its own
+            spec = _WorkerSpec(path, cfg, dtype, isq, load_format, tuple(map(str, devices)))
+            workers = _Workers.join_external(spec, rdzv, startup_timeout)
         try:
             model = load_model(path, dtype, devices[0], isq, load_format, parallel=workers.parallel)
             workers.wait_for("loaded", startup_timeout)
@@ -304,6 +384,46 @@ class _DriverModel:
             return self.inner.compute_logits(hidden)
 
 
+class _DriverGraphs:
+    """Rank 0's decode graphs: each load / advance / replay goes to the workers first, which
+    do the same on their own graphs, then runs here. The scheduler still runs once, here; the
+    workers get plain data (rows' tokens, positions, block tables) and replay in step."""
+
+    def __init__(self, graphs: DecodeGraphs, workers: _Workers):
+        self.inner = graphs
+        self.workers = workers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # buckets, width, outputs: rank 0's own
+
+    def load(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> int:
+        with self.workers.guard():
+            self.workers.channel.send(_Op.GRAPH_LOAD, (token_ids, positions, tables))
+            return self.inner.load(token_ids, positions, tables)
+
+    def advance(self, n: int, sampled: torch.Tensor) -> None:
+        with self.workers.guard():
+            self.workers.channel.send(_Op.GRAPH_ADVANCE, (n, sampled))
+            self.inner.advance(n, sampled)
+
+    def replay(self, batch: int) -> torch.Tensor:
+        with self.workers.guard():
+            self.workers.channel.send(_Op.GRAPH_REPLAY, batch)
+            return self.inner.replay(batch)
+
+
+def _serve_graph_op(graphs: DecodeGraphs, op: _Op, payload: Any) -> None:
+    """A worker's side of one _DriverGraphs call."""
+    if op is _Op.GRAPH_LOAD:
+        if graphs.device.type == "cuda":  # its staging buffers may still feed the last replay
+            torch.cuda.current_stream(graphs.device).synchronize()
+        graphs.load(*payload)
+    elif op is _Op.GRAPH_ADVANCE:
+        graphs.advance(*payload)
+    else:
+        graphs.replay(payload)
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker processes
 
@@ -328,29 +448,88 @@ class _WorkerSpec:
 
 
 def _worker_main(rank: int, spec: _WorkerSpec, conn: Any) -> None:
-    """Entry point of worker `rank`: join, load the shard, then serve steps until STOP."""
+    """Entry point of spawned worker `rank`: join, load the shard, serve steps until STOP."""
     _watch_parent(os.getppid())
     try:
-        from mistralpy.checkpoint.loader import load_model
-
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        device = torch.device(spec.devices[rank])
         conn.send(("joining", None))
         startup = datetime.timedelta(seconds=spec.startup_timeout)
         store = dist.TCPStore(_HOST, spec.store_port, is_master=False, timeout=startup)
-        parallel, cpu_group = _join_group(rank, spec.world_size, store, device, startup)
-        model = load_model(
-            spec.path, spec.dtype, device, spec.isq, spec.load_format, parallel=parallel
-        )
-        conn.send(("loaded", None))
-        runner = ShardRunner(model.eval(), spec.cfg, device, spec.dtype)
-        _serve(runner, _Channel(parallel, cpu_group, device))
-        dist.destroy_process_group()
+        _run_worker(rank, spec, store, lambda: conn.send(("loaded", None)))
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc()))
         os._exit(1)  # not SystemExit: no cleanup that could block on a broken group
+
+
+def run_external_worker(
+    path: Path, device: torch.device, rdzv: Rendezvous, startup_timeout: float = 900.0
+) -> None:
+    """A worker rank launched from outside (torchrun, another node): join rank 0's group,
+    take rank 0's settings, load this rank's shard of `path`, run steps until the driver
+    stops. Raises on any failure (the driver sees the broken group: gloo at once, NCCL when
+    its watchdog fires)."""
+    _check_external(rdzv, rdzv.world_size, driver=False)
+    startup = datetime.timedelta(seconds=startup_timeout)
+    mine = rdzv.device(device)
+    store = rdzv.store(startup)
+    parallel, cpu_group = _join_group(rdzv.rank, rdzv.world_size, store, mine, startup)
+    # rank 0's runner config, dtype and quantization: this node's command line could differ,
+    # and ranks whose settings differ would wait for each other in mismatched collectives
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, group_src=0, group=cpu_group, device=torch.device("cpu"))
+    cfg, dtype, isq, load_format = box[0]
+    devices = (str(mine),) * rdzv.world_size  # a rank uses only its own entry
+    spec = _WorkerSpec(path, cfg, dtype, isq, load_format, devices, startup_timeout=startup_timeout)
+    _load_and_serve(rdzv.rank, spec, parallel, cpu_group, lambda: None)
+
+
+def _send_settings(spec: _WorkerSpec, cpu_group: Any) -> None:
+    """Rank 0: its settings to the workers launched from outside (run_external_worker)."""
+    box = [(spec.cfg, spec.dtype, spec.isq, spec.load_format)]
+    dist.broadcast_object_list(box, group_src=0, group=cpu_group, device=torch.device("cpu"))
+
+
+def _check_no_group() -> None:
+    if dist.is_initialized():
+        raise TensorParallelError(
+            "torch.distributed is already initialised in this process; tensor parallelism "
+            "needs its own process group"
+        )
+
+
+def _check_external(rdzv: Rendezvous, world_size: int, driver: bool) -> None:
+    """Refuse a launcher's group that is not this tensor-parallel group (or not this role)."""
+    if rdzv.world_size != world_size:
+        raise TensorParallelSizeError(
+            f"WORLD_SIZE {rdzv.world_size} != tensor_parallel_size {world_size}: every rank "
+            "of the launch is one tensor-parallel rank"
+        )
+    if driver and rdzv.rank != 0:
+        raise TensorParallelSizeError(f"RANK {rdzv.rank} is a worker, not the serving rank 0")
+
+
+def _run_worker(rank: int, spec: _WorkerSpec, store: Any, on_loaded: Any) -> None:
+    """Join as `rank`, load the shard (then call `on_loaded`), serve steps until STOP."""
+    device = torch.device(spec.devices[rank])
+    startup = datetime.timedelta(seconds=spec.startup_timeout)
+    parallel, cpu_group = _join_group(rank, spec.world_size, store, device, startup)
+    _load_and_serve(rank, spec, parallel, cpu_group, on_loaded)
+
+
+def _load_and_serve(
+    rank: int, spec: _WorkerSpec, parallel: ParallelConfig, cpu_group: Any, on_loaded: Any
+) -> None:
+    """Load rank `rank`'s shard (then call `on_loaded`), serve steps until STOP, leave."""
+    from mistralpy.checkpoint.loader import load_model
+
+    device = torch.device(spec.devices[rank])
+    model = load_model(spec.path, spec.dtype, device, spec.isq, spec.load_format, parallel=parallel)
+    on_loaded()
+    runner = ShardRunner(model.eval(), spec.cfg, device, spec.dtype)
+    _serve(runner, _Channel(parallel, cpu_group, device))
+    dist.destroy_process_group()
 
 
 @torch.inference_mode()
@@ -363,8 +542,11 @@ def _serve(runner: ModelRunner, channel: _Channel) -> None:
         if op is _Op.FORWARD:
             input_ids, positions, attn, image_embeds = payload
             runner.model(input_ids, positions, attn, runner.kv_caches, image_embeds)
-        else:
+        elif op is _Op.LOGITS:
             runner.model.compute_logits(payload)
+        else:
+            assert runner.decode_graphs is not None, "rank 0 replays graphs only if all have them"
+            _serve_graph_op(runner.decode_graphs, op, payload)
 
 
 def _watch_parent(parent: int) -> None:
@@ -395,11 +577,7 @@ class _Workers:
     @classmethod
     def start(cls, spec: _WorkerSpec, timeout: float) -> _Workers:
         """Spawn the workers and form the group with them (this process is rank 0)."""
-        if dist.is_initialized():
-            raise TensorParallelError(
-                "torch.distributed is already initialised in this process; tensor parallelism "
-                "needs its own process group"
-            )
+        _check_no_group()
         startup = datetime.timedelta(seconds=timeout)
         store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False, timeout=startup)
         threads = spec.num_threads
@@ -433,6 +611,20 @@ class _Workers:
             raise
         return workers
 
+    @classmethod
+    def join_external(cls, spec: _WorkerSpec, rdzv: Rendezvous, timeout: float) -> _Workers:
+        """Form the group with workers launched from outside (this process is rank 0). No
+        process handles: a dead remote rank shows as a failed collective."""
+        _check_no_group()
+        startup = datetime.timedelta(seconds=timeout)
+        store = rdzv.store(startup)
+        workers = cls(spec, [], [], store)
+        device = torch.device(spec.devices[0])
+        workers.parallel, cpu_group = _join_group(0, spec.world_size, store, device, startup)
+        workers.channel = _Channel(workers.parallel, cpu_group, device)
+        _send_settings(spec, cpu_group)
+        return workers
+
     def wait_for(self, stage: str, timeout: float) -> None:
         """Block until every worker reported `stage`; raise at once if one fails or dies."""
         deadline = time.monotonic() + timeout
@@ -452,6 +644,8 @@ class _Workers:
 
     def watch(self) -> None:
         """Start the monitor thread that marks the group failed when a worker dies."""
+        if not self.procs:  # external ranks: no process to watch
+            return
         threading.Thread(target=self._monitor, name="mistralpy-tp-monitor", daemon=True).start()
 
     @contextlib.contextmanager
@@ -476,6 +670,8 @@ class _Workers:
     def failed_worker(self, grace: float = 0.0) -> Any:
         """A worker process that has exited (waiting up to `grace` s for one), or None.
         Reads the process sentinels only (no reaping), so any thread may ask."""
+        if not self.procs:
+            return None
         exited = multiprocessing.connection.wait([p.sentinel for p in self.procs], grace)
         return next((p for p in self.procs if p.sentinel in exited), None)
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.engine.errors import EngineDeadError
 from mistralpy.errors import UserError
 from mistralpy.server.chat_page import install_chat_page
 from mistralpy.server.protocol import (
@@ -110,6 +111,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         code = getattr(exc, "code", None)
         message = getattr(exc, "message", None) or str(exc)
         return _error(400, message, "invalid_request_error", param, code)
+    if isinstance(exc, EngineDeadError):  # the server is going down: retry elsewhere
+        return _error(503, "the engine is not running", "service_unavailable", None, None)
     # The exception's text is for the log (the transport guard logs it), not for the client.
     return _error(500, "internal server error", "internal_error", None, None)
 

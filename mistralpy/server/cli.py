@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mistralpy import __version__
-from mistralpy.api.runner import ISQ_NAMES, ModelOptions, OpenedModel, check_isq, open_model
+from mistralpy.api.runner import (
+    ISQ_NAMES,
+    ModelOptions,
+    OpenedModel,
+    check_isq,
+    engine_config,
+    open_model,
+)
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
 from mistralpy.engine.config import KV_CACHE_DTYPES
 from mistralpy.errors import UserError
@@ -552,10 +559,23 @@ async def serve_async(options: ModelOptions, cfg: ServeConfig, sock: socket.sock
     )
     app = create_app(service, settings, opened.stats)
     print(banner(opened, cfg, service.served_model_name), flush=True)
+    server = _server(app, cfg)
+    watch = asyncio.create_task(_stop_when_engine_dies(opened.engine, server))
     try:
-        await _server(app, cfg).serve(sockets=[sock])
+        await server.serve(sockets=[sock])
     finally:
+        watch.cancel()
         opened.engine.shutdown()
+    if opened.engine.failure is not None:
+        raise opened.engine.failure
+
+
+async def _stop_when_engine_dies(engine: Any, server: Any, poll_s: float = 0.2) -> None:
+    """Begin the server's shutdown once the engine loop stopped by itself (a dead tensor-
+    parallel rank): serving on would only answer every request with an error."""
+    while engine.is_running:
+        await asyncio.sleep(poll_s)
+    server.should_exit = True
 
 
 def _server(app: Any, cfg: ServeConfig) -> Any:
@@ -592,10 +612,20 @@ def _server(app: Any, cfg: ServeConfig) -> Any:
 
 
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
+    from mistralpy.engine.errors import EngineDeadError
+    from mistralpy.engine.worker import launched_rank, run_worker
+
     preflight(options)
+    rank = launched_rank()
+    if rank is not None and rank.rank != 0:  # torchrun's other ranks: a shard, no HTTP
+        run_worker(engine_config(options), rank)
+        return 0
     sock = bind_socket(cfg.host, cfg.port)
     try:
         asyncio.run(serve_async(options, cfg, sock))
+    except EngineDeadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         sock.close()
     return 0

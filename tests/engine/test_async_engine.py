@@ -125,3 +125,39 @@ def test_shutdown_fails_pending_and_new_requests():
 
     asyncio.run(main())
     assert not eng.is_running
+
+
+def test_a_dead_runner_stops_the_engine_with_its_reason():
+    """A runner that can never step again (a dead tensor-parallel rank) ends the loop: the
+    request in flight and every later one fail with EngineDeadError carrying the reason."""
+    from mistralpy.runner.errors import RunnerDeadError
+
+    eng = AsyncEngine(make_engine(budget=16, max_model_len=64))
+    real = eng.engine.runner.execute
+    calls = []
+
+    def execute(batch):
+        calls.append(batch)
+        if len(calls) > 2:  # a few tokens out, then the worker "dies"
+            raise RunnerDeadError("tensor-parallel worker rank 1 failed (killed by SIGKILL)")
+        return real(batch)
+
+    eng.engine.runner.execute = execute
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+
+    async def main():
+        got = []
+        with pytest.raises(EngineDeadError, match="runner died: .*rank 1 failed") as info:
+            async for out in eng.generate("a", prompt(range(20, 30)), params):
+                got.append(out)
+        assert not any(o.finished for o in got)  # (its outputs may be merged with the error)
+        with pytest.raises(EngineDeadError):
+            await collect(eng, "b", prompt(range(20, 25)), params)
+        return info.value
+
+    try:
+        err = asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        eng.shutdown()
+    assert eng.failure is err and not eng.is_running
+    assert len(calls) == 3  # no request-by-request retry of a dead runner
