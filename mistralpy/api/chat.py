@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,11 @@ NO_TOOL_CALL_BIAS = -100.0
 MAX_TEMPERATURE = 2.0
 # Prompts in one /v1/completions batch (each is its own engine request, times n).
 MAX_BATCH_PROMPTS = 64
+# An output constraint (schema, regex, grammar, forced tools) longer than this as JSON text is
+# refused: building its matcher grows faster than linearly (10,000 properties, 349 KB: ~8 s of
+# a core). Real tool and response schemas are a few KB; OpenAI's own cap of 5,000 properties
+# is about 170 KB in this form.
+MAX_GRAMMAR_BYTES = 256 * 1024
 
 
 class InvalidRequest(ValueError):
@@ -194,7 +200,21 @@ def grammar_from_request(body: dict) -> GrammarSpec | None:
     if len(specs) > 1:
         names = ", ".join(param for param, _ in specs)
         raise InvalidParameter(specs[1][0], f"give only one output constraint; got {names}")
+    if specs:
+        _check_grammar_size(*specs[0])
     return specs[0][1] if specs else None
+
+
+def _check_grammar_size(param: str, spec: GrammarSpec) -> None:
+    try:
+        size = len(json.dumps(spec.value, ensure_ascii=False))
+    except (TypeError, ValueError):  # not JSON: the grammar compiler names what is wrong
+        return
+    if size > MAX_GRAMMAR_BYTES:
+        raise InvalidParameter(
+            param,
+            f"the output constraint is {size} characters as JSON; at most {MAX_GRAMMAR_BYTES}",
+        )
 
 
 def grammar_param(body: dict) -> str | None:
