@@ -28,7 +28,7 @@ class FakeTokenizer:
     bos_token_id = 1
     eos_token_id = 2
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, stop=None) -> list[int]:
         ids = [b + OFFSET for b in text.encode()]
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
@@ -48,10 +48,12 @@ class FakePrompts:
     def __init__(self, tokenizer: FakeTokenizer):
         self.tokenizer = tokenizer
 
-    async def load_images(self, messages: list[dict]) -> dict:
+    async def load_images(self, messages: list[dict], stop=None) -> dict:
         return {}  # image URLs stay strings in the fake prompt
 
-    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict) -> FakePrompt:
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop=None
+    ) -> FakePrompt:
         lines, images = [], []
         for m in messages:
             content = m.get("content") or ""
@@ -68,7 +70,7 @@ class FakePrompts:
             lines.append("tools: " + json.dumps([t["function"]["name"] for t in tools]))
         return FakePrompt(self.tokenizer.encode("\n".join(lines), True), images)
 
-    def text(self, prompt: str | list[int]) -> FakePrompt:
+    def text(self, prompt: str | list[int], stop=None) -> FakePrompt:
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, True)
         return FakePrompt(list(ids))
 
