@@ -6,6 +6,7 @@ two downloads trickling for 15 s at most."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import select
 import threading
@@ -30,13 +31,30 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The base URL of a loopback server of `handler`, one thread per connection."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def slow_images() -> Iterator[tuple[str, Counter]]:
     """(base URL, fetch count per path) of a loopback server answering after SLOW_S."""
     fetched: Counter = Counter()
     body = _png()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             fetched[self.path] += 1
             time.sleep(SLOW_S)
@@ -46,15 +64,8 @@ def slow_images() -> Iterator[tuple[str, Counter]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", fetched
-    server.shutdown()
+    with _serving(Handler) as base:
+        yield base, fetched
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +148,7 @@ def slow_image(request) -> Iterator[tuple[str, threading.Event, list[float]]]:
     started = threading.Event()
     closed_at: list[float] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -157,15 +168,8 @@ def slow_image(request) -> Iterator[tuple[str, threading.Event, list[float]]]:
                 pass
             closed_at.append(time.monotonic())
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/slow.png", started, closed_at
-    server.shutdown()
+    with _serving(Handler) as base:
+        yield f"{base}/slow.png", started, closed_at
 
 
 def test_a_download_under_way_ends_with_its_client(image_server, slow_image):
