@@ -71,19 +71,16 @@ class PromptBuilder(Protocol):
     """Turns request content into a ProcessedPrompt (token ids + preprocessed images)."""
 
     # `stop`: set when the client has left; long work (downloads, tokenizing) ends at its
-    # next check
+    # next check. Required: without it `tokenizers` encodes a long text in one call that holds
+    # the GIL, and the event loop stops for its seconds (tests/server/test_hostile_prompt_cancel)
 
     async def load_images(self, messages: list[dict], stop: threading.Event) -> dict[str, Any]: ...
 
     def chat(
-        self,
-        messages: list[dict],
-        tools: list[dict] | None,
-        images: dict[str, Any],
-        stop: threading.Event | None = None,
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
     ) -> Any: ...
 
-    def text(self, prompt: str | list[int], stop: threading.Event | None = None) -> Any: ...
+    def text(self, prompt: str | list[int], stop: threading.Event) -> Any: ...
 
 
 # Image downloads and decodes at once, over all requests: their own pool, so that slow image
@@ -130,11 +127,7 @@ class TemplatePrompts:
                 load.cancel()
 
     def chat(
-        self,
-        messages: list[dict],
-        tools: list[dict] | None,
-        images: dict[str, Any],
-        stop: threading.Event | None = None,
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
     ) -> Any:
         from mistralpy.processing.chat_template import build_chat_prompt
 
@@ -144,14 +137,14 @@ class TemplatePrompts:
         loader = loaded if self.image_processor_config is not None else None
         return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader, stop=stop)
 
-    def text(self, prompt: str | list[int], stop: threading.Event | None = None) -> Any:
+    def text(self, prompt: str | list[int], stop: threading.Event) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt
 
         if isinstance(prompt, list):
             return ProcessedPrompt(token_ids=list(prompt), images=[])
         return ProcessedPrompt(token_ids=self.tokenizer.encode(prompt, True, stop=stop), images=[])
 
-    def _load_image(self, source: Any, stop: threading.Event | None = None) -> Any:
+    def _load_image(self, source: Any, stop: threading.Event) -> Any:
         from mistralpy.processing.images import load_image, preprocess_image
 
         image = load_image(source, self.image_policy, stop=stop)
