@@ -12,6 +12,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +39,11 @@ NO_TOOL_CALL_BIAS = -100.0
 MAX_TEMPERATURE = 2.0
 # Prompts in one /v1/completions batch (each is its own engine request, times n).
 MAX_BATCH_PROMPTS = 64
+# An output constraint (schema, regex, grammar, forced tools) longer than this as JSON text is
+# refused: building its matcher grows faster than linearly (10,000 properties, 349 KB: ~8 s of
+# a core). Real tool and response schemas are a few KB; OpenAI's own cap of 5,000 properties
+# is about 170 KB in this form.
+MAX_GRAMMAR_BYTES = 256 * 1024
 
 
 class InvalidRequest(UserError):
@@ -64,13 +71,17 @@ class EngineRequestError(RuntimeError):
 class PromptBuilder(Protocol):
     """Turns request content into a ProcessedPrompt (token ids + preprocessed images)."""
 
-    async def load_images(self, messages: list[dict]) -> dict[str, Any]: ...
+    # `stop`: set when the client has left; long work (downloads, tokenizing) ends at its
+    # next check. Required: without it `tokenizers` encodes a long text in one call that holds
+    # the GIL, and the event loop stops for its seconds (tests/server/test_hostile_prompt_cancel)
+
+    async def load_images(self, messages: list[dict], stop: threading.Event) -> dict[str, Any]: ...
 
     def chat(
-        self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
     ) -> Any: ...
 
-    def text(self, prompt: str | list[int]) -> Any: ...
+    def text(self, prompt: str | list[int], stop: threading.Event) -> Any: ...
 
 
 # Image downloads and decodes at once, over all requests: their own pool, so that slow image
@@ -92,9 +103,10 @@ class TemplatePrompts:
         )
     )
 
-    async def load_images(self, messages: list[dict]) -> dict[str, Any]:
+    async def load_images(self, messages: list[dict], stop: threading.Event) -> dict[str, Any]:
         """source -> ProcessedImage for every distinct image of `messages`, loaded in the
-        image pool; cancelling the caller (client gone) drops the loads not yet started."""
+        image pool; cancelling the caller (client gone) drops the loads not yet started and
+        sets `stop`, which ends the downloads under way within a poll interval."""
         from mistralpy.processing.chat_template import image_sources
         from mistralpy.processing.errors import TooManyImagesError
 
@@ -105,32 +117,49 @@ class TemplatePrompts:
         if self.image_processor_config is None:  # a text-only model: build_chat_prompt refuses
             return {}
         loop = asyncio.get_running_loop()
-        loads = [loop.run_in_executor(self.image_pool, self._load_image, s) for s in sources]
+        loads = [loop.run_in_executor(self.image_pool, self._load_image, s, stop) for s in sources]
         try:
             return dict(zip(sources, await asyncio.gather(*loads)))
+        except BaseException:  # a failure or a cancellation: the rest is moot
+            stop.set()
+            raise
         finally:
             for load in loads:  # after a failure or a cancellation: the rest is moot
                 load.cancel()
 
-    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict[str, Any]) -> Any:
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
+    ) -> Any:
         from mistralpy.processing.chat_template import build_chat_prompt
 
         def loaded(source: str) -> Any:
-            return images[source] if source in images else self._load_image(source)
+            return images[source] if source in images else self._load_image(source, stop)
 
         loader = loaded if self.image_processor_config is not None else None
-        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader)
+        return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader, stop=stop)
 
-    def text(self, prompt: str | list[int]) -> Any:
+    def text(self, prompt: str | list[int], stop: threading.Event) -> Any:
         from mistralpy.processing.chat_template import ProcessedPrompt
 
-        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, True)
-        return ProcessedPrompt(token_ids=list(ids), images=[])
+        if isinstance(prompt, list):
+            return ProcessedPrompt(token_ids=list(prompt), images=[])
+        return ProcessedPrompt(token_ids=self.tokenizer.encode(prompt, True, stop=stop), images=[])
 
-    def _load_image(self, source: Any) -> Any:
+    def _load_image(self, source: Any, stop: threading.Event) -> Any:
         from mistralpy.processing.images import load_image, preprocess_image
 
-        return preprocess_image(load_image(source, self.image_policy), self.image_processor_config)
+        image = load_image(source, self.image_policy, stop=stop)
+        return preprocess_image(image, self.image_processor_config)
+
+
+async def _in_thread(stop: threading.Event, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args, stop=stop) in a worker thread. A thread cannot be cancelled: when the caller
+    is (client gone), `stop` is set and fn ends at its next check instead of running on."""
+    try:
+        return await asyncio.to_thread(fn, *args, stop=stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
 
 
 def _message_chars(messages: list[dict]) -> int:
@@ -195,7 +224,21 @@ def grammar_from_request(body: dict) -> GrammarSpec | None:
     if len(specs) > 1:
         names = ", ".join(param for param, _ in specs)
         raise InvalidParameter(specs[1][0], f"give only one output constraint; got {names}")
+    if specs:
+        _check_grammar_size(*specs[0])
     return specs[0][1] if specs else None
+
+
+def _check_grammar_size(param: str, spec: GrammarSpec) -> None:
+    try:
+        size = len(json.dumps(spec.value, ensure_ascii=False))
+    except (TypeError, ValueError):  # not JSON: the grammar compiler names what is wrong
+        return
+    if size > MAX_GRAMMAR_BYTES:
+        raise InvalidParameter(
+            param,
+            f"the output constraint is {size} characters as JSON; at most {MAX_GRAMMAR_BYTES}",
+        )
 
 
 def grammar_param(body: dict) -> str | None:
@@ -444,7 +487,7 @@ class ChatService:
         prompts = []
         for prompt_in in prompts_in:
             self._check_prompt_input(prompt_in)
-            prompt = await asyncio.to_thread(self.prompts.text, prompt_in)
+            prompt = await _in_thread(threading.Event(), self.prompts.text, prompt_in)
             self._check_length(prompt, params)
             prompts.append(prompt)
         if len(prompts) == 1:
@@ -464,8 +507,9 @@ class ChatService:
 
     async def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> Any:
         """Images first (their own pool), then the template in a worker thread."""
-        images = await self.prompts.load_images(messages)
-        return await asyncio.to_thread(self.prompts.chat, messages, tools, images)
+        stop = threading.Event()
+        images = await self.prompts.load_images(messages, stop)
+        return await _in_thread(stop, self.prompts.chat, messages, tools, images)
 
     def _without_tool_calls(self, params: SamplingParams) -> SamplingParams:
         """tool_choice "none": the tools stay in the prompt (as OpenAI and vLLM do), but the
@@ -747,9 +791,8 @@ class ChatService:
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True)
             self._check_text_size(len(body["prompt"]), "prompt")
-            tokens = await asyncio.to_thread(
-                self.tokenizer.encode, body["prompt"], bool(add_special)
-            )
+            encode = self.tokenizer.encode
+            tokens = await _in_thread(threading.Event(), encode, body["prompt"], bool(add_special))
         else:
             raise InvalidRequest("give `prompt` (string) or `messages`", "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len}

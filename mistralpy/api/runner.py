@@ -102,7 +102,9 @@ class OpenedModel:
             "kv_capacity_tokens": blocks * llm.config.block_size,
             "kv_cache_usage": (blocks - free) / blocks if blocks else 0.0,
             "num_waiting": len(llm.scheduler.waiting),
-            "num_running": len(llm.scheduler.running),
+            "num_running": len(llm.scheduler.running),  # sequences (n of them per request)
+            "num_running_requests": len({s.parent_id for s in list(llm.scheduler.running)}),
+            "max_num_seqs": llm.config.max_num_seqs,
         }
 
     def quantization(self) -> str | None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import string
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -541,14 +542,17 @@ def _unescape(text: str) -> str:
     return _UNESCAPE.sub(r"\1", text)
 
 
-def tokenize_rendered(tokenizer: Tokenizer, rendered: str) -> list[int]:
-    """Rendered template text (user strings escaped) -> ids: control tokens only from the template."""
+def tokenize_rendered(
+    tokenizer: Tokenizer, rendered: str, stop: threading.Event | None = None
+) -> list[int]:
+    """Rendered template text (user strings escaped) -> ids: control tokens only from the
+    template. `stop` set ends a long tokenization early (EncodingStopped)."""
     ids: list[int] = []
     for piece in tokenizer.split_special(rendered):
         if isinstance(piece, int):
             ids.append(piece)
         else:
-            ids.extend(tokenizer.encode(_unescape(piece)))
+            ids.extend(tokenizer.encode(_unescape(piece), stop=stop))
     return ids
 
 
@@ -585,6 +589,7 @@ def build_chat_prompt(
     image_loader: Callable[[str], ProcessedImage] | None = None,
     add_generation_prompt: bool = True,
     template_vars: Mapping[str, Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> ProcessedPrompt:
     """OpenAI-format chat -> prompt ids (as mistral-common v7 encodes them) and loaded images.
 
@@ -611,6 +616,6 @@ def build_chat_prompt(
         add_generation_prompt=add_generation_prompt,
         **dict(template_vars or {}),
     )
-    ids = tokenize_rendered(tokenizer, rendered)
+    ids = tokenize_rendered(tokenizer, rendered, stop)
     images = [image_loader(src) for src in sources] if sources else []
     return ProcessedPrompt(token_ids=expand_images(tokenizer, ids, images), images=images)

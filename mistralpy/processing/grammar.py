@@ -3,8 +3,8 @@
 Life cycle, per model and per request:
 
     ll_tok = ll_tokenizer_from_hf(hf_tokenizer, eos_token_ids, vocab_size)   # once per model, ~1 s
-    compiled = compile_grammar(spec, ll_tok)       # per request; GrammarError -> HTTP 400
-    matcher = compiled.matcher()                   # per sequence (n > 1: one each)
+    compiled = compile_grammar(spec, ll_tok)       # per distinct spec (cached); GrammarError -> 400
+    matcher = compiled.matcher()                   # per sequence: a copy of the prototype
     masker = GrammarMasker(vocab_size)             # once per engine
 
     each decode step (rows without a grammar pass None):
@@ -72,18 +72,29 @@ class CompiledGrammar:
     spec: GrammarSpec
     grammar: str  # llguidance's serialized grammar
     ll_tokenizer: llguidance.LLTokenizer
+    # A matcher in the start state whose first mask is computed: building one parses the
+    # grammar (seconds for a schema of thousands of properties), copying it takes a
+    # millisecond, so every sequence of every request with this grammar starts from a copy.
+    prototype: llguidance.LLMatcher
 
     def matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(llguidance.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0))
+        return GrammarMatcher(self.prototype.deep_copy())
 
 
 def compile_grammar(spec: GrammarSpec, ll_tokenizer: llguidance.LLTokenizer) -> CompiledGrammar:
-    """Translate and validate `spec`; raises GrammarError when it is not a usable grammar."""
+    """Translate and validate `spec`, build its prototype matcher; raises GrammarError when it
+    is not a usable grammar. Seconds for a huge schema: call it off the engine thread."""
     grammar = _to_llguidance(spec, ll_tokenizer)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
     if is_error:
         raise GrammarError(f"invalid {spec.kind} grammar: {messages[0]}")
-    return CompiledGrammar(spec, grammar, ll_tokenizer)
+    prototype = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+    # The first mask builds the lexer states that later masks reuse (0.2 s for 10,000
+    # properties); computed here, copies share them and the engine step does not pay it.
+    llg_torch.fill_next_token_bitmask(
+        prototype, llg_torch.allocate_token_bitmask(1, ll_tokenizer.vocab_size), 0
+    )
+    return CompiledGrammar(spec, grammar, ll_tokenizer, prototype)
 
 
 def _to_llguidance(spec: GrammarSpec, ll_tokenizer: llguidance.LLTokenizer) -> str:

@@ -125,26 +125,34 @@ class ImagePolicy:
 # Loading: dispatch on the kind of source
 
 
-def load_image(source: str, policy: ImagePolicy, param: str = "image_url") -> Image.Image:
+def load_image(
+    source: str,
+    policy: ImagePolicy,
+    param: str = "image_url",
+    stop: threading.Event | None = None,
+) -> Image.Image:
     """Load one image from a URL, data URL, base64 text or allowed local path; first frame only.
 
-    Raises an `ImageError` subclass (with `param`) for anything wrong with the source."""
+    Raises an `ImageError` subclass (with `param`) for anything wrong with the source;
+    `stop` set (the client left) ends a download within STOP_POLL_S (LoadStopped)."""
     if not isinstance(source, str):
         raise ImageError(f"image source must be a string, got {type(source).__name__}", param)
     text = source.strip()
     if not text:
         raise ImageError("image source is empty", param)
-    return decode_image_bytes(_read_source(text, policy, param), policy, param)
+    return decode_image_bytes(_read_source(text, policy, param, stop), policy, param)
 
 
-def _read_source(text: str, policy: ImagePolicy, param: str) -> bytes:
+def _read_source(
+    text: str, policy: ImagePolicy, param: str, stop: threading.Event | None = None
+) -> bytes:
     """The encoded image bytes behind one stripped, non-empty source string."""
     match = _URL_SCHEME.match(text)
     scheme = match.group(1).lower() if match else None
     if scheme == "data":
         return _read_data_url(text, policy, param)
     if scheme in ("http", "https"):
-        return _fetch_http(text, policy, param)
+        return _fetch_http(text, policy, param, stop)
     if scheme == "file":
         return _read_local(_file_url_path(text, param), policy, param)
     if scheme is not None and text[match.end() :].startswith("//"):
@@ -382,14 +390,27 @@ def _getaddrinfo_bounded(host: str, port: int, timeout: float) -> list[str]:
     return list(dict.fromkeys(info[4][0] for info in box[0]))
 
 
-class _Deadline:
-    """An absolute monotonic deadline; `clamp` shortens per-operation timeouts to fit in it."""
+# A download whose client left stops within this: socket reads wait at most this long
+# before looking at the stop flag.
+STOP_POLL_S = 0.1
 
-    def __init__(self, seconds: float) -> None:
+
+class LoadStopped(Exception):
+    """A download stopped by its flag: nobody waits for the image any more."""
+
+
+class _Deadline:
+    """An absolute monotonic deadline; `clamp` shortens per-operation timeouts to fit in it,
+    and raises LoadStopped once `stop` is set."""
+
+    def __init__(self, seconds: float, stop: threading.Event | None = None) -> None:
         self.seconds = seconds
         self.at = time.monotonic() + seconds
+        self.stop = stop
 
     def clamp(self, timeout: float | None, expired: type[Exception]) -> float:
+        if self.stop is not None and self.stop.is_set():
+            raise LoadStopped()
         remaining = self.at - time.monotonic()
         if remaining <= 0:
             raise expired(f"deadline of {self.seconds}s exceeded")
@@ -405,7 +426,18 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._deadline = deadline
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, self._deadline.clamp(timeout, httpcore.ReadTimeout))
+        """Waits in slices of STOP_POLL_S when there is a stop flag to look at."""
+        while True:
+            allowed = self._deadline.clamp(timeout, httpcore.ReadTimeout)
+            if self._deadline.stop is None or allowed <= STOP_POLL_S:
+                return self._inner.read(max_bytes, allowed)
+            try:
+                return self._inner.read(max_bytes, STOP_POLL_S)
+            except httpcore.ReadTimeout:
+                if timeout is not None:
+                    timeout -= STOP_POLL_S
+                    if timeout <= 0:
+                        raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, self._deadline.clamp(timeout, httpcore.WriteTimeout))
@@ -551,9 +583,12 @@ def _check_http_url(url: str, param: str) -> httpx.URL:
     return parsed
 
 
-def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
-    """GET an image over http(s): redirects followed by hand (each hop re-checked), body capped."""
-    deadline = _Deadline(policy.timeout_s)
+def _fetch_http(
+    url: str, policy: ImagePolicy, param: str, stop: threading.Event | None = None
+) -> bytes:
+    """GET an image over http(s): redirects followed by hand (each hop re-checked), body capped;
+    `stop` set ends it (LoadStopped) and closes its connection."""
+    deadline = _Deadline(policy.timeout_s, stop)
     transport = _GuardedTransport(policy, deadline, param)
     timeout = httpx.Timeout(policy.timeout_s)
     with httpx.Client(transport=transport, trust_env=False, timeout=timeout) as client:

@@ -13,6 +13,7 @@ import base64
 import codecs
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,34 @@ from mistralpy.model.gguf_file import GGUFVocab
 # has this shape, so candidates are found by one cheap regex and checked against a dict,
 # instead of a 1000-way alternation.
 _SPECIAL_CANDIDATE = re.compile(r"[<\[][^<>\[\]]*[>\]]")
+
+
+# Text longer than this is encoded in pieces when a stop flag is given, so that the work ends
+# within one piece (~10 ms of a core) of the flag being set (the client left).
+ENCODE_PIECE_CHARS = 1 << 15
+
+
+class EncodingStopped(Exception):
+    """Encoding was stopped by its flag: nobody waits for the ids any more."""
+
+
+def word_end_pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut at a letter followed by a
+    space. Every pre-tokenizer we load (Tekken's, llama 3's and GPT-2's regex, digit splits)
+    ends a token there: no alternative matches a letter and then a space, none looks behind,
+    and the token after starts with that space. So encoding the pieces one by one gives the
+    ids of encoding the whole text (tests/unit/test_tokenizer.py checks it with hypothesis)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and not text[cut - 1].isalpha():
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 class TokenizerError(UserError):
@@ -272,6 +301,9 @@ class Tokenizer:
         self.image_token_id = specials.get("[IMG]")
         self.image_break_token_id = specials.get("[IMG_BREAK]")
         self.image_end_token_id = specials.get("[IMG_END]")
+        # whether word_end_pieces may cut text for encoding: not when a normalizer or an added
+        # token could span a cut (set by the constructors that know)
+        self.cuts_at_word_ends = True
 
     def _required(self, token: str) -> int:
         if token not in self.special_tokens:
@@ -314,7 +346,9 @@ class Tokenizer:
             raise TokenizerError(f"{file}: GGUF tokenizer states no BOS or EOS token id")
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
-        return cls(encode, table, specials, int(bos), int(eos), add_bos)
+        tokenizer = cls(encode, table, specials, int(bos), int(eos), add_bos)
+        tokenizer.cuts_at_word_ends = _cuts_at_word_ends(hf)
+        return tokenizer
 
     @classmethod
     def from_tokenizer_json(
@@ -341,7 +375,9 @@ class Tokenizer:
         table = _byte_table(hf, specials, str(file))
         bos, eos = _config_specials(config_file, specials)
         encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
-        return cls(encode, table, specials, bos, eos)
+        tokenizer = cls(encode, table, specials, bos, eos)
+        tokenizer.cuts_at_word_ends = _cuts_at_word_ends(hf)
+        return tokenizer
 
     @classmethod
     def from_tekken(cls, file: str | Path) -> Tokenizer:
@@ -360,15 +396,30 @@ class Tokenizer:
         return len(self._token_bytes)
 
     def encode(
-        self, text: str, add_special_tokens: bool = False, parse_special: bool = False
+        self,
+        text: str,
+        add_special_tokens: bool = False,
+        parse_special: bool = False,
+        stop: threading.Event | None = None,
     ) -> list[int]:
         """Text -> ids. add_special_tokens prepends BOS where the vocabulary adds one (add_bos);
-        parse_special maps "[INST]" etc. to ids."""
+        parse_special maps "[INST]" etc. to ids; `stop` set (from another thread) ends a long
+        encoding early with EncodingStopped."""
         ids = [self.bos_token_id] if add_special_tokens and self.add_bos else []
         if not parse_special:
-            return ids + self._encode_plain(text)
+            return ids + self._encode_stoppable(text, stop)
         for piece in self.split_special(text):
-            ids.extend([piece] if isinstance(piece, int) else self._encode_plain(piece))
+            ids.extend([piece] if isinstance(piece, int) else self._encode_stoppable(piece, stop))
+        return ids
+
+    def _encode_stoppable(self, text: str, stop: threading.Event | None) -> list[int]:
+        if stop is None or len(text) <= ENCODE_PIECE_CHARS or not self.cuts_at_word_ends:
+            return self._encode_plain(text)
+        ids: list[int] = []
+        for piece in word_end_pieces(text, ENCODE_PIECE_CHARS):
+            if stop.is_set():
+                raise EncodingStopped()
+            ids += self._encode_plain(piece)
         return ids
 
     def split_special(self, text: str) -> list[str | int]:
@@ -412,6 +463,13 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         """Special-token string, or the token's text (U+FFFD where it is a partial character)."""
         return self.token_bytes(token_id, skip_special_tokens=False).decode("utf-8", "replace")
+
+
+def _cuts_at_word_ends(hf) -> bool:
+    """Whether encoding a `tokenizers.Tokenizer`'s text in word_end_pieces keeps its ids: no
+    normalizer, and no plain added token (matched whole in text) that holds a space."""
+    added = hf.get_added_tokens_decoder().values()
+    return hf.normalizer is None and not any(" " in t.content for t in added if not t.special)
 
 
 def _config_specials(

@@ -51,8 +51,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerSettings:
     api_key: str | None = None  # when set, every route but /health needs `Bearer <key>`
-    # generation requests in flight (running + queued) beyond which new ones get a 429
-    max_requests_in_flight: int | None = None
+    # generation requests waiting to run (vLLM's sense: admitted, not in the running batch and
+    # with no free batch slot) beyond which new ones get a 429; None: no limit
+    max_queue_len: int | None = None
     send_stall_timeout_s: float = 60.0  # a client reading nothing this long is dropped
 
 
@@ -156,7 +157,7 @@ def create_app(
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.service = service
     app.state.metrics = metrics
-    app.state.admission = AdmissionState()
+    app.state.admission = AdmissionState(batch_room(stats))
     _install_middleware(app, settings, metrics, app.state.admission)
     _install_error_handlers(app)
     _install_routes(app, service, metrics)
@@ -165,6 +166,21 @@ def create_app(
     )
     install_chat_page(app)
     return app
+
+
+def batch_room(stats: Callable[[], dict[str, float]] | None) -> Callable[[], int]:
+    """Requests the engine's running batch holds or has a free slot for; admitted generation
+    requests beyond these are waiting (what --max-queue-len bounds). Without stats: 0, so the
+    limit then counts every request in flight."""
+
+    def room() -> int:
+        if stats is None:
+            return 0
+        s = stats()
+        free_slots = max(0, int(s.get("max_num_seqs", 0)) - int(s.get("num_running", 0)))
+        return int(s.get("num_running_requests", 0)) + free_slots
+
+    return room
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -190,7 +206,7 @@ def _install_middleware(
     limits = TransportLimits(
         max_body_bytes=MAX_BODY_BYTES,
         api_key=settings.api_key,
-        max_queue_len=settings.max_requests_in_flight,
+        max_queue_len=settings.max_queue_len,
         send_stall_timeout_s=settings.send_stall_timeout_s,
     )
     app.add_middleware(

@@ -182,7 +182,8 @@ def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PO
         "--max-queue-len",
         type=int,
         default=256,
-        help="generation requests that may wait beyond --max-num-seqs; more get 429 + Retry-After",
+        help="generation requests that may wait for a slot in the running batch (--max-num-seqs "
+        "sequences); more get 429 + Retry-After",
     )
     p.add_argument(
         "--max-connections", type=int, default=1024, help="open connections before refusing"
@@ -555,7 +556,7 @@ async def serve_async(options: ModelOptions, cfg: ServeConfig, sock: socket.sock
     service = opened.service(policy)
     settings = ServerSettings(
         api_key=cfg.api_key,
-        max_requests_in_flight=options.max_num_seqs + cfg.max_queue_len,
+        max_queue_len=cfg.max_queue_len,
     )
     app = create_app(service, settings, opened.stats)
     print(banner(opened, cfg, service.served_model_name), flush=True)

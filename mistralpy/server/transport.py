@@ -3,7 +3,7 @@
 Pure ASGI (not `@app.middleware("http")`, whose BaseHTTPMiddleware hides the client's
 disconnect from the route) so that it can:
 - refuse before any work: a bad API key (401), a `Content-Length` over the cap (413), a full
-  queue (429 with `Retry-After`), a server that is draining (503);
+  queue of requests waiting to run (429 with `Retry-After`), a server that is draining (503);
 - count the body as it arrives and stop a chunked body at the cap (413);
 - watch for the client's disconnect once the body is read and cancel the route then: a
   cancelled route aborts its engine request, whatever the route (streaming or not);
@@ -47,7 +47,8 @@ class TransportLimits:
 
     max_body_bytes: int  # request bodies beyond this are refused (413), chunked or not
     api_key: str | None = None  # when set, every route but OPEN_PATHS needs `Bearer <key>`
-    max_queue_len: int | None = None  # generation requests in flight beyond this: 429
+    # generation requests waiting beyond this (in flight, less AdmissionState.batch_room): 429
+    max_queue_len: int | None = None
     retry_after_s: int = 1  # the `Retry-After` of a 429/503
     # a client that reads nothing of its response for this long is dropped: its route (and
     # so its engine request) is cancelled and the connection closed
@@ -59,10 +60,14 @@ class ClientStalled(Exception):
 
 
 class AdmissionState:
-    """Generation requests in flight and whether the server is draining (owned by one app)."""
+    """Generation requests in flight and whether the server is draining (owned by one app).
 
-    def __init__(self) -> None:
+    batch_room: how many requests the engine's running batch holds or has free slots for;
+    the requests in flight beyond it are the queue that `max_queue_len` bounds."""
+
+    def __init__(self, batch_room: Callable[[], int] = lambda: 0) -> None:
         self.in_flight = 0
+        self.batch_room = batch_room
         self.draining = False  # shutdown started: new requests get a 503
         self._drain_over = False  # the drain time is up: routes still running end
         self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
@@ -230,10 +235,14 @@ class TransportGuard:
         if self.admission.draining and path not in OPEN_PATHS:
             return 503, "the server is shutting down", "server_error", "server_shutdown", retry
         limit = self.limits.max_queue_len
-        if path in GENERATION_PATHS and limit is not None and self.admission.in_flight >= limit:
-            message = "too many requests in flight; retry later"
+        if path in GENERATION_PATHS and limit is not None and self._waiting() >= limit:
+            message = f"the queue of requests waiting to run is full ({limit}); retry later"
             return 429, message, "rate_limit_error", "queue_full", retry
         return None
+
+    def _waiting(self) -> int:
+        """Generation requests in flight that neither run nor have a free batch slot."""
+        return max(0, self.admission.in_flight - self.admission.batch_room())
 
     def _authorized(self, headers: dict[bytes, bytes], path: str) -> bool:
         if not self._expected or path in OPEN_PATHS:

@@ -216,7 +216,7 @@ def test_grammar_compiles_off_the_engine_thread():
     engine = load_engine(config)  # as the server starts: the grammar tokenizer is built here
     plain = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
     spec = GrammarSpec("json_schema", _wide_schema(1500))
-    constrained = SamplingParams(max_tokens=4, grammar=spec)
+    constrained = SamplingParams(max_tokens=4, grammar=spec, n=4)  # one build for 4 sequences
 
     async def go():
         aeng = AsyncEngine(engine)

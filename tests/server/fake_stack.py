@@ -28,7 +28,7 @@ class FakeTokenizer:
     bos_token_id = 1
     eos_token_id = 2
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, stop=None) -> list[int]:
         ids = [b + OFFSET for b in text.encode()]
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
@@ -48,10 +48,12 @@ class FakePrompts:
     def __init__(self, tokenizer: FakeTokenizer):
         self.tokenizer = tokenizer
 
-    async def load_images(self, messages: list[dict]) -> dict:
+    async def load_images(self, messages: list[dict], stop=None) -> dict:
         return {}  # image URLs stay strings in the fake prompt
 
-    def chat(self, messages: list[dict], tools: list[dict] | None, images: dict) -> FakePrompt:
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None, images: dict, stop=None
+    ) -> FakePrompt:
         lines, images = [], []
         for m in messages:
             content = m.get("content") or ""
@@ -68,7 +70,7 @@ class FakePrompts:
             lines.append("tools: " + json.dumps([t["function"]["name"] for t in tools]))
         return FakePrompt(self.tokenizer.encode("\n".join(lines), True), images)
 
-    def text(self, prompt: str | list[int]) -> FakePrompt:
+    def text(self, prompt: str | list[int], stop=None) -> FakePrompt:
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, True)
         return FakePrompt(list(ids))
 
@@ -125,11 +127,13 @@ def reply_text(prompt_ids: list[int], params, index: int) -> str:
 class FakeEngine:
     """AsyncEngine stand-in: one byte-token per step, `delay` seconds apart."""
 
-    def __init__(self, max_model_len: int = 512, delay: float = 0.0):
+    def __init__(self, max_model_len: int = 512, delay: float = 0.0, max_num_seqs: int = 10**6):
         self.max_model_len = max_model_len
         self.delay = delay
+        self.max_num_seqs = max_num_seqs  # sequences that run at once; other requests wait
         self.aborted: set[str] = set()
         self.active: set[str] = set()
+        self.running: dict[str, int] = {}  # request id -> its sequences (n), while running
         self.finished_ids: list[str] = []
 
     def abort(self, request_id: str) -> None:
@@ -137,7 +141,19 @@ class FakeEngine:
             self.aborted.add(request_id)
 
     def stats(self) -> dict[str, float]:
-        return {"num_running": len(self.active), "num_waiting": 0, "kv_cache_usage": 0.0}
+        return {
+            "num_running": sum(self.running.values()),
+            "num_running_requests": len(self.running),
+            "num_waiting": len(self.active) - len(self.running),
+            "max_num_seqs": self.max_num_seqs,
+            "kv_cache_usage": 0.0,
+        }
+
+    async def _until_scheduled(self, request_id: str, n: int) -> None:
+        """Wait, as a scheduler's waiting queue does, until the batch has room for n more."""
+        while sum(self.running.values()) + n > self.max_num_seqs and request_id not in self.aborted:
+            await asyncio.sleep(0.005)
+        self.running[request_id] = n
 
     async def generate(self, request_id: str, prompt, params):
         tok = FakeTokenizer()
@@ -152,6 +168,7 @@ class FakeEngine:
         ]
         self.active.add(request_id)
         try:
+            await self._until_scheduled(request_id, params.n)
             # ignore_eos repeats the reply up to the limit ("length"), as a model would go on
             steps = limit if params.ignore_eos else max(len(r) for r in replies)
             for step in range(steps + 1):
@@ -174,6 +191,7 @@ class FakeEngine:
                     return
         finally:
             self.active.discard(request_id)
+            self.running.pop(request_id, None)
 
 
 def _advance(o: CompletionOutput, reply: list[int], step: int, limit: int, params, tok) -> None:
@@ -207,9 +225,11 @@ def _copy(o: CompletionOutput) -> CompletionOutput:
     )
 
 
-def make_fake_service(max_model_len: int = 512, delay: float = 0.0) -> ChatService:
+def make_fake_service(
+    max_model_len: int = 512, delay: float = 0.0, max_num_seqs: int = 10**6
+) -> ChatService:
     tok = FakeTokenizer()
-    engine = FakeEngine(max_model_len, delay)
+    engine = FakeEngine(max_model_len, delay, max_num_seqs)
     return ChatService(engine, tok, FakePrompts(tok), "fake-model", max_model_len)
 
 

@@ -23,10 +23,11 @@ def serve_fake(
     delay: float = 0.0,
     settings: ServerSettings | None = None,
     max_model_len: int = 512,
+    max_num_seqs: int = 10**6,
     **uvicorn_options,
 ) -> Iterator[tuple[str, object, DrainingServer]]:
     """(base URL, ChatService, server) of a fake-engine server in a thread; stopped on exit."""
-    service = make_fake_service(max_model_len, delay)
+    service = make_fake_service(max_model_len, delay, max_num_seqs)
     app = create_app(service, settings or ServerSettings(), service.engine.stats)
     port = free_port()
     config = uvicorn.Config(

@@ -32,7 +32,7 @@ class RecordingPrompts(FakePrompts):
         super().__init__(tokenizer)
         self.seen: list[list[dict]] = []
 
-    def chat(self, messages, tools, images):
+    def chat(self, messages, tools, images, stop=None):
         self.seen.append(messages)
         return super().chat(messages, tools, images)
 

@@ -187,9 +187,10 @@ def test_repeat_filter_throttles_a_repeating_logger():
 
 
 def test_requests_beyond_the_queue_get_429_with_retry_after():
-    """Item 12: with no admission control, 1,000 queued requests all waited."""
-    settings = ServerSettings(max_requests_in_flight=4)
-    with serve_fake(delay=0.02, settings=settings) as (base, service, _):
+    """Item 12: with no admission control, 1,000 queued requests all waited. Two run, two
+    wait, the other eight are refused."""
+    settings = ServerSettings(max_queue_len=2)
+    with serve_fake(delay=0.02, settings=settings, max_num_seqs=2) as (base, service, _):
 
         async def go():
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -207,6 +208,43 @@ def test_requests_beyond_the_queue_get_429_with_retry_after():
     refused = next(r for r in replies if r.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
     assert health.status_code == 200 and later.status_code == 200
+
+
+def test_queue_limit_counts_requests_waiting_beyond_the_running_batch():
+    """--max-queue-len bounds the engine's waiting queue, as vLLM's name says: it counted
+    requests in flight at the HTTP layer (max_num_seqs + queue), so with n=2 requests filling
+    the batch at half as many requests, twice the queue waited. Here 4 sequence slots run
+    two n=2 requests, two more wait, the next gets 429 and the running ones finish whole."""
+    settings = ServerSettings(max_queue_len=2)
+    with serve_fake(delay=0.02, settings=settings, max_num_seqs=4) as (base, service, _):
+        engine = service.engine
+
+        async def go():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                body = {**LONG, "max_tokens": 30, "n": 2}
+                post = lambda: client.post("/v1/chat/completions", json=body)  # noqa: E731
+                running = [asyncio.ensure_future(post()) for _ in range(2)]
+                await _until(lambda: len(engine.running) == 2)
+                waiting = [asyncio.ensure_future(post()) for _ in range(2)]
+                await _until(lambda: len(engine.active) == 4)
+                refused = await post()
+                return refused, await asyncio.gather(*running), await asyncio.gather(*waiting)
+
+        refused, running, waiting = asyncio.run(go())
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    for resp in running + waiting:
+        assert resp.status_code == 200, resp.text
+        reasons = [c["finish_reason"] for c in resp.json()["choices"]]
+        assert reasons == ["length", "length"]
+
+
+async def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 def test_shutdown_drains_then_ends_streams_with_an_error_event():

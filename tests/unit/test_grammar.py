@@ -367,3 +367,24 @@ def test_forced_tool_call_of_a_uniform_random_model_ends_soon(ll_tok, hf_tokeniz
     outs = generate([compile_grammar(s, ll_tok) for s in specs], masker, torch.zeros(vocab), 3, 200)
     for ids in outs:
         assert parse_tool_calls(ids, hf_tokenizer)[0]["name"] == "f"
+
+
+def test_sequences_start_from_copies_of_one_built_matcher(ll_tok, hf_tokenizer):
+    """#17 item 10: each sequence built its own matcher from the grammar text (2.5 s each
+    for a huge schema, n times per request). Copies of the compiled prototype cost a small
+    part of one build and are independent of each other."""
+    # 400 optional properties: llguidance refuses a parser row of over 2,000 items (~4 each)
+    props = {f"field_{i}": {"type": "integer"} for i in range(400)}
+    spec = GrammarSpec("json_schema", {"type": "object", "properties": props})
+    start = time.perf_counter()
+    compiled = compile_grammar(spec, ll_tok)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    matchers = [compiled.matcher() for _ in range(8)]
+    copied = time.perf_counter() - start
+    assert copied < built / 4, f"8 matchers took {copied:.3f} s, the compile {built:.3f} s"
+    answer = hf_tokenizer.encode('{"field_7": 3}', add_special_tokens=False).ids
+    assert consume_all(matchers[0], answer) and matchers[0].is_accepting()
+    assert not matchers[1].is_accepting()  # untouched by its sibling's tokens
+    assert consume_all(matchers[1], answer[:2])
+    assert consume_all(compiled.matcher(), answer)  # the prototype stays at the start

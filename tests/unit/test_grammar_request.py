@@ -85,3 +85,24 @@ def test_conflicts_and_bad_fields_raise_invalid_parameter(body, param):
     with pytest.raises(InvalidParameter) as info:
         grammar_from_request(body)
     assert info.value.param == (param or "tool_choice")
+
+
+def test_output_constraint_over_the_size_cap_is_refused_naming_the_limit():
+    """#17 item 10: a 10,000-property schema (349 KB) cost ~8 s of a core to build; beyond
+    MAX_GRAMMAR_BYTES a constraint is refused at the door, under it accepted."""
+    from mistralpy.api.chat import MAX_GRAMMAR_BYTES
+
+    def schema_body(properties: int) -> dict:
+        props = {f"field_{i}": {"type": "integer"} for i in range(properties)}
+        schema = {"type": "object", "properties": props}
+        return {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+
+    assert grammar_from_request(schema_body(3000)) is not None  # ~100 KB: a big real schema
+    with pytest.raises(InvalidParameter) as info:
+        grammar_from_request(schema_body(10_000))
+    assert info.value.param == "response_format"
+    assert str(MAX_GRAMMAR_BYTES) in str(info.value)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": "y" * 300_000}}}]
+    with pytest.raises(InvalidParameter) as info:
+        grammar_from_request({"tools": tools, "tool_choice": "required"})
+    assert info.value.param == "tool_choice"

@@ -220,3 +220,36 @@ def test_wrong_split_regex_in_tokenizer_json_is_replaced_by_tekken_pattern(
     shutil.copy(tok_dir / "tekken.json", tmp_path / "tekken.json")
     fixed = Tokenizer.from_dir(tmp_path)
     assert fixed.encode(text) == tekkenizer.encode(text, bos=False, eos=False)
+
+
+def word_texts():
+    """texts() with words and spaces mixed in, so there are many places to cut."""
+    words = st.sampled_from(["a", "Hello", "été", "日本", "x1", "ǅa", "e\u0301"])
+    seps = st.sampled_from([" ", "  ", " \n", "\n", ". ", "", "\t"])
+    return st.lists(st.one_of(texts(), words, seps), max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=word_texts(), size=st.integers(1, 12))
+def test_encoding_word_end_pieces_equals_one_shot(fast, native, text, size):
+    """Long prompts are encoded in pieces so that a client that leaves stops the work
+    (#17 item 4); the ids must equal the whole text's, on both backends."""
+    from mistralpy.processing.tokenizer import word_end_pieces
+
+    pieces = word_end_pieces(text, size)
+    assert "".join(pieces) == text
+    for tok in (fast, native):
+        assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
+
+
+def test_stop_flag_ends_a_long_encoding(fast):
+    import threading
+
+    from mistralpy.processing.tokenizer import ENCODE_PIECE_CHARS, EncodingStopped
+
+    text = "lorem ipsum " * (3 * ENCODE_PIECE_CHARS // 12)
+    stop = threading.Event()
+    assert fast.encode(text, stop=stop) == fast.encode(text)
+    stop.set()
+    with pytest.raises(EncodingStopped):
+        fast.encode(text, stop=stop)
