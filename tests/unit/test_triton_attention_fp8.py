@@ -25,8 +25,6 @@ from tests.unit import test_triton_attention as bf16_cases  # isort: skip
 from tests.triton_interp import rerun_in_interpreter
 from tests.unit.test_triton_attention import PagedCase, make_case, paged_ref
 
-pytest.importorskip("triton")
-
 ta = bf16_cases.ta  # the kernel module, built for the interpreter (a fixture)
 
 # max |err| / max |reference| over the dequantized cache, per query dtype (as the bf16 tests)
