@@ -127,19 +127,22 @@ def hf_logits(
     images: list[torch.Tensor],
 ) -> torch.Tensor:
     """(T, vocab) logits from transformers; images padded into one batch with image_sizes."""
-    kwargs = {}
-    if images:
-        height = max(im.shape[1] for im in images)
-        width = max(im.shape[2] for im in images)
-        batch = torch.zeros(len(images), 3, height, width)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[1], : im.shape[2]] = im
-        kwargs = dict(
-            pixel_values=batch,
-            image_sizes=torch.tensor([[im.shape[1], im.shape[2]] for im in images]),
-        )
-    out = model(input_ids=torch.tensor([ids]), use_cache=False, **kwargs)
+    out = model(input_ids=torch.tensor([ids]), use_cache=False, **hf_image_inputs(images))
     return out.logits[0].float()
+
+
+def hf_image_inputs(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' image arguments: images (3, H, W) zero-padded into one (N, 3, Hmax, Wmax)
+    batch, and their true sizes (N, 2); empty without images."""
+    if not images:
+        return {}
+    height = max(im.shape[1] for im in images)
+    width = max(im.shape[2] for im in images)
+    batch = torch.zeros(len(images), 3, height, width)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
+    return {"pixel_values": batch, "image_sizes": sizes}
 
 
 @torch.no_grad()
