@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -44,9 +43,10 @@ from mistralpy.model.layers import MergedLinear, RMSNorm
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.model.parallel import SINGLE, ParallelConfig, Shard
 
-# (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to keep
-# the plain nn.Linear. Provided by mistralpy.quant.isq.isq_linear_factory(isq).
-LinearFactory = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None]
+if TYPE_CHECKING:
+    # (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to
+    # keep the plain nn.Linear; quant is imported lazily at run time (it may pull in kernels)
+    from mistralpy.quant.isq import LinearFactory
 
 DUMMY_STD = 0.02  # matches the checkpoints' initializer_range
 

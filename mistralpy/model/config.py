@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the model dtypes a user may ask for, by their torch names (torch.float32, ...)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
 # Activation names we implement (transformers' ACT2FN spelling).
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 

@@ -14,8 +14,10 @@ from torch import nn
 
 from mistralpy.kernels.attention import (
     AttentionMetadata,
+    KVCacheSpec,
     PagedAttentionFn,
     VarlenAttentionFn,
+    allocate_kv_caches,
     build_metadata,
     paged_attention,
 )
@@ -305,14 +307,6 @@ def _lm_head(hidden: int, vocab: int, parallel: ParallelConfig, split: bool) -> 
     )
 
 
-def allocate_kv_caches(
-    config: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """One zeroed cache (2, num_blocks, block_size, num_kv_heads, head_dim) per decoder layer."""
-    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-
-
 @torch.inference_mode()
 def greedy_generate(
     model: Mistral3ForConditionalGeneration,
@@ -329,7 +323,8 @@ def greedy_generate(
     dtype = model.language_model.norm.weight.dtype
     total = len(prompt_ids) + max_new_tokens
     num_blocks = -(-total // block_size)
-    caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)
+    spec = KVCacheSpec.of_text(model.config.text_config, block_size, dtype)
+    caches = allocate_kv_caches(spec, num_blocks, device)
     table = [list(range(num_blocks))]
     image_embeds = torch.cat(model.encode_images(images)) if images else None
     tokens, out = list(prompt_ids), []

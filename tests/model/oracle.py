@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration, allocate_kv_caches
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 
 IMAGE_TOKEN = 10
 BREAK_TOKEN = 12  # any non-image token: the model itself only replaces [IMG] positions
@@ -156,7 +156,9 @@ def our_logits(
     device = model.lm_head.weight.device
     dtype = model.language_model.embed_tokens.weight.dtype
     num_blocks = -(-len(ids) // block_size)
-    caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(model.config.text_config, block_size, dtype), num_blocks, device
+    )
     attn = build_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], block_size, device)
     embeds = torch.cat(model.encode_images(images)) if images else None
     hidden = model(

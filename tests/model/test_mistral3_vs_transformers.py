@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mistralpy.checkpoint.loader import load_model
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
+from mistralpy.model.mistral3 import greedy_generate
 from tests.seeds import fresh_seeds
 
 from .oracle import (
@@ -98,7 +98,9 @@ def test_chunked_prefill_then_decode_matches_full_forward(pair, block_size):
 
     free = list(range(64))
     table = _random_table(rng, free, len(ids), block_size)
-    caches = allocate_kv_caches(ours.config.text_config, 64, block_size, torch.float32, "cpu")
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(ours.config.text_config, block_size, torch.float32), 64, "cpu"
+    )
     with torch.no_grad():
         embeds = torch.cat(ours.encode_images(images))
     done, rows = 0, []
@@ -134,7 +136,9 @@ def test_packed_sequences_equal_each_alone(pair):
     cached = [6, 6, 0]  # tokens of each sequence already in the cache before the packed step
     free = list(range(40))
     tables = [_random_table(rng, free, len(s), block_size) for s in seqs]
-    caches = allocate_kv_caches(ours.config.text_config, 40, block_size, torch.float32, "cpu")
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(ours.config.text_config, block_size, torch.float32), 40, "cpu"
+    )
     with torch.no_grad():
         for s, n, t in zip(seqs, cached, tables):  # warm each cache alone
             if n:
