@@ -21,9 +21,9 @@ from mistralpy.kernels.attention import (
 from mistralpy.kernels.attention import paged_attention as reference_paged_attention
 
 # first: it sets TRITON_INTERPRET before triton is imported (or reruns in a fresh process)
-from tests.unit import test_triton_attention as bf16_cases  # isort: skip
+from tests.kernels import test_triton_attention as bf16_cases  # isort: skip
+from tests.kernels.test_triton_attention import PagedCase, make_case, paged_ref
 from tests.triton_interp import rerun_in_interpreter
-from tests.unit.test_triton_attention import PagedCase, make_case, paged_ref
 
 ta = bf16_cases.ta  # the kernel module, built for the interpreter (a fixture)
 
