@@ -355,7 +355,11 @@ def _load_prequantized(
                 model.set_submodule(module, load_prequantized_linear(module, got, qconfig, tuning))
                 del parts[module]
                 bar.set_postfix_str("", refresh=False)
-            elif layer is None and "weight" in got and ("bias" in got) == (linear.bias is not None):
+            elif (
+                isinstance(linear, nn.Linear)  # always, without a quantized layer (see above)
+                and "weight" in got
+                and ("bias" in got) == (linear.bias is not None)
+            ):
                 filler.finalize(module, got["weight"], got.get("bias"))
                 del parts[module]
     missing = sorted(parts) + [n for n in qconfig.layers if isinstance(_get(model, n), nn.Linear)]
@@ -373,7 +377,7 @@ def _quantized_embedding(model: Mistral3ForConditionalGeneration, isq: str | Non
         return model
     from mistralpy.quant.isq import quantize_embedding
 
-    model.language_model.embed_tokens = quantize_embedding(emb, isq)
+    model.language_model.set_submodule("embed_tokens", quantize_embedding(emb, isq))
     return model
 
 
@@ -493,6 +497,7 @@ def _expected_shape(model: nn.Module, target: _Target) -> tuple[int, ...]:
     module = model.get_submodule(target.module)
     shape = list(getattr(module, target.param).shape)
     if target.part is not None:
+        assert isinstance(module, MergedLinear), target
         shape[0] = module.output_sizes[target.part]
     if target.shard is not None:
         shape[target.shard.dim] = target.shard.full
@@ -625,6 +630,7 @@ def _native_to_hf(key: str) -> str | None:
 
 def _rope_heads(module: str, leaf: str, config: Mistral3Config) -> int:
     if module.startswith("vision_tower."):
+        assert config.vision_config is not None, module
         return config.vision_config.num_attention_heads
     text = config.text_config
     return text.num_attention_heads if leaf == "q_proj" else text.num_key_value_heads

@@ -606,7 +606,7 @@ def q8_0_vnni_gemm_available() -> bool:
     block[0, 2:] = 2
     w = np.concatenate([block, block], axis=1)
     driver_fn = _q8_0_vnni_gemm_driver()
-    if not _self_check(
+    if driver_fn is None or not _self_check(
         "q8_0 VNNI GEMM", driver_fn, w, np.full((1, 64), 3.0, np.float32), 384.0, 1e-3
     ):
         return False
@@ -646,13 +646,17 @@ def _kernel(fmt_name: str) -> tuple[Callable, Callable] | None:
     """(numba driver, torch-facing matmul) this host runs for GGUF format `fmt_name`, or None.
     q8_0 takes the int8 VNNI kernel where the host has it (2x less time per weight than
     float activations)."""
+    pair: tuple[Callable | None, Callable[[Tensor, Tensor], Tensor]]
     if fmt_name == "q8_0" and q8_0_vnni_available():
-        return _q8_0_vnni_driver(), q8_0_vnni_matmul
-    if fmt_name == "q8_0" and available():
-        return _q8_0_driver(), q8_0_matmul
-    if fmt_name == "q4k" and q4k_available():
-        return _q4k_driver(), q4k_matmul
-    return None
+        pair = _q8_0_vnni_driver(), q8_0_vnni_matmul
+    elif fmt_name == "q8_0" and available():
+        pair = _q8_0_driver(), q8_0_matmul
+    elif fmt_name == "q4k" and q4k_available():
+        pair = _q4k_driver(), q4k_matmul
+    else:
+        return None
+    driver, matmul = pair  # (the driver exists where the check above passed)
+    return None if driver is None else (driver, matmul)
 
 
 def gemv(fmt_name: str) -> Callable[[Tensor, Tensor], Tensor] | None:
