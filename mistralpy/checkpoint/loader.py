@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -45,9 +44,10 @@ from mistralpy.model.layers import MergedLinear, RMSNorm
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.model.parallel import SINGLE, ParallelConfig, Shard
 
-# (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to keep
-# the plain nn.Linear. Provided by mistralpy.quant.isq.isq_linear_factory(isq).
-LinearFactory = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None]
+if TYPE_CHECKING:
+    # (module_path, weight (out, in), bias (out,) | None) -> replacement module, or None to
+    # keep the plain nn.Linear; quant is imported lazily at run time (it may pull in kernels)
+    from mistralpy.quant.isq import LinearFactory
 
 DUMMY_STD = 0.02  # matches the checkpoints' initializer_range
 
@@ -367,7 +367,11 @@ def _load_prequantized(
                 model.set_submodule(module, load_prequantized_linear(module, got, qconfig, tuning))
                 del parts[module]
                 bar.set_postfix_str("", refresh=False)
-            elif layer is None and "weight" in got and ("bias" in got) == (linear.bias is not None):
+            elif (
+                isinstance(linear, nn.Linear)  # always, without a quantized layer (see above)
+                and "weight" in got
+                and ("bias" in got) == (linear.bias is not None)
+            ):
                 filler.finalize(module, got["weight"], got.get("bias"))
                 del parts[module]
     missing = sorted(parts) + [n for n in qconfig.layers if isinstance(_get(model, n), nn.Linear)]
@@ -385,7 +389,7 @@ def _quantized_embedding(model: Mistral3ForConditionalGeneration, isq: str | Non
         return model
     from mistralpy.quant.isq import quantize_embedding
 
-    model.language_model.embed_tokens = quantize_embedding(emb, isq)
+    model.language_model.set_submodule("embed_tokens", quantize_embedding(emb, isq))
     return model
 
 
@@ -505,6 +509,7 @@ def _expected_shape(model: nn.Module, target: _Target) -> tuple[int, ...]:
     module = model.get_submodule(target.module)
     shape = list(getattr(module, target.param).shape)
     if target.part is not None:
+        assert isinstance(module, MergedLinear), target
         shape[0] = module.output_sizes[target.part]
     if target.shard is not None:
         shape[target.shard.dim] = target.shard.full
@@ -637,6 +642,7 @@ def _native_to_hf(key: str) -> str | None:
 
 def _rope_heads(module: str, leaf: str, config: Mistral3Config) -> int:
     if module.startswith("vision_tower."):
+        assert config.vision_config is not None, module
         return config.vision_config.num_attention_heads
     text = config.text_config
     return text.num_attention_heads if leaf == "q_proj" else text.num_key_value_heads

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mistralpy.model.config import MODEL_DTYPES
 from mistralpy.params import InvalidParameter
 
 DEMO_MODEL = "demo"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *MODEL_DTYPES)
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; "auto" = the model dtype
 
@@ -76,16 +77,16 @@ class EngineConfig:
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
     """Local path of `model`: "demo" (the tiny random checkpoint, built once), else what
-    `checkpoint.hub.resolve_model_path` finds (dir, GGUF file, named model, hub id). The one
+    `checkpoint.hub.local_model_path` finds (dir, GGUF file, named model, hub id). The one
     resolver every command uses (quantize included)."""
     if model == DEMO_MODEL:
         # Imported here: the tiny checkpoint writer is only needed for the demo model.
         from mistralpy.testing.tiny_checkpoint import ensure_demo_checkpoint
 
         return Path(ensure_demo_checkpoint())
-    from mistralpy.checkpoint.hub import resolve_model_path as hub_resolve
+    from mistralpy.checkpoint.hub import local_model_path
 
-    return hub_resolve(model, revision)
+    return local_model_path(model, revision)
 
 
 def _check(ok: bool, param: str, message: str) -> None:

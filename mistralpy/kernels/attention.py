@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mistralpy.model.config import TextConfig
 
 
 @dataclass
@@ -88,6 +92,42 @@ def zeros_kv_cache(
     if dtype == FP8_KV_DTYPE:
         return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape and storage dtype of every layer's cache (num_kv_heads: this rank's share)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype  # storage dtype: the model's, or float8_e4m3fn
+
+    @classmethod
+    def of_text(cls, config: TextConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """The unsharded cache of a text decoder config."""
+        return cls(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, dtype
+        )
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == FP8_KV_DTYPE
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes over all layers, keys and values."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+def allocate_kv_caches(
+    spec: KVCacheSpec, num_blocks: int, device: torch.device | str
+) -> list[torch.Tensor]:
+    """Zeroed per-layer caches, (2, num_blocks, block_size, num_kv_heads, head_dim) each."""
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    return [zeros_kv_cache(shape, spec.dtype, device) for _ in range(spec.num_layers)]
 
 
 def kv_scales_or_unit(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:

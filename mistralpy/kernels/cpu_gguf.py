@@ -2,19 +2,19 @@
 
 Decode on the CPU streams every weight once per token, so it is bound by memory bandwidth and
 by the instructions each weight costs. torch's int4 CPU kernel can hold 8-bit codes only as two
-int4 passes with bf16 activations and a repacked copy (1.7-3.4x slower on the `small` preset's
-131072 x 512 lm_head, by run); these kernels read the layer's own GGUF blocks
+int4 passes with bf16 activations and a repacked copy (slower, and a second copy of the
+weight); these kernels read the layer's own GGUF blocks
 (`QuantizedLinear.qweight`, no second copy) at about the host's memory bandwidth.
 
 q8_0 numerics, two kernels. Where the host has AVX-512 VNNI (checked as for q4k), GGML's
 q8_0 x q8_0 scheme: the activation row is rounded, once per call, to int8 codes per 32-block
 with step amax / 127 (`q8_0_round_activations`), int8 x int8 block sums are exact in int32
-(vpdpbusd), then scaled by d * dx — 2.4x faster than float activations on the `small`
-preset's lm_head (the float kernel was bound by its int8-to-float conversions, not by memory),
+(vpdpbusd), then scaled by d * dx — faster than float activations (the float kernel was
+bound by its int8-to-float conversions, not by memory; BENCHMARKS.md, section 4),
 at the price of that rounding (|error| <= step / 2 per element, tests bound it). The same
 numerics serve prefill-sized batches through a four-row kernel (each pair of weight blocks
-loaded once for four activation rows: 1.4-2.2x faster than torch's two int4 passes at 512
-rows on the `small` preset's shapes, and no repacked copy of the weight), so on such hosts a
+loaded once for four activation rows: faster than torch's two int4 passes, and no repacked
+copy of the weight), so on such hosts a
 q8_0 layer needs no other kernel (`any_batch_matmul`). Elsewhere each
 weight is dequantized exactly as gguf does (fp16 block scale widened to float32, times the int8
 code) and multiplied by the float32 activation with float32 accumulation: only the float32
@@ -31,7 +31,8 @@ instructions per weight (nibble -> float, fma) and ran well below memory bandwid
 
 How: numba's loop vectorizer cannot be steered into per-lane vector accumulators (it reduces
 horizontally per 32-weight block or vectorizes the block loop with gathers, ~15x slower), so
-each row's dot product is a small LLVM IR function (vector accumulators, `half` scale loads,
+each row's dot product is a small LLVM IR function (`q8_0_row.ll`, `q8_0_vnni_row.ll`,
+`q4k_row.ll` beside this file; vector accumulators, `half` scale loads,
 one horizontal sum per row) that numba links into an `@njit(parallel=True)` driver looping
 over rows with `prange`. LLVM picks the instructions for the host; the q8_0 IR is generic
 (AVX-512 on Zen 4, AVX2 elsewhere), the q4k IR calls `llvm.x86.avx512.vpdpbusd.512` and is
@@ -58,6 +59,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -70,11 +72,8 @@ ROWS_PER_TASK = 16  # output rows per prange task: a 512-row layer still splits 
 # Each row kernel prefetches the weight bytes it will read, twice: PREFETCH_FAR_BYTES ahead into
 # L2 (prefetcht1) and PREFETCH_NEAR_BYTES ahead into L1 (prefetcht0). A decode step reads more
 # weight bytes than the last-level cache keeps, so most come from DRAM; the far L2 prefetch
-# keeps many more line requests in flight than L1's few fill buffers allow. On the `small`
-# preset's q8_0 weights (32 layer GEMVs + lm_head, 102 MB, back to back, 2 threads, Xeon host
-# of 2026-12-05): one prefetcht0 8 KB ahead 3.7-4.3 ms, prefetcht1 8 KB ahead 2.9-3.6 ms, both
-# (8 KB into L2, 1 KB into L1) 2.6-2.7 ms; no software prefetch 5.8 ms. Far 4 or 16 KB and
-# near 512 B or 2 KB were no better.
+# keeps many more line requests in flight than L1's few fill buffers allow. These distances
+# timed best of the variants tried (BENCHMARKS.md, section 4: ISQ on CPU).
 PREFETCH_FAR_BYTES = 8192
 PREFETCH_NEAR_BYTES = 1024
 
@@ -104,43 +103,9 @@ def _prefetch_ir(ptr: str, line_offsets: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-# One q8_0 row: nb blocks of 34 bytes (fp16 d, 32 int8 codes; w = d * q). The 32 lanes of
-# %acc each sum d * q * x over the blocks; one horizontal sum at the end of the row.
-_Q8_0_ROW_IR = """
-define float @mistralpy_q8_0_row(i64 %rowa, i64 %xa, i64 %nb) {
-entry:
-  %row = inttoptr i64 %rowa to ptr
-  %x = inttoptr i64 %xa to ptr
-  br label %loop
-loop:
-  %b = phi i64 [0, %entry], [%b1, %loop]
-  %acc = phi <32 x float> [zeroinitializer, %entry], [%acc1, %loop]
-  %off = mul i64 %b, 34
-  %dp = getelementptr i8, ptr %row, i64 %off
-PREFETCH(%dp: 0)
-  %dh = load half, ptr %dp, align 1
-  %d = fpext half %dh to float
-  %qp = getelementptr i8, ptr %dp, i64 2
-  %q = load <32 x i8>, ptr %qp, align 1
-  %qf = sitofp <32 x i8> %q to <32 x float>
-  %xo = mul i64 %b, 32
-  %xp = getelementptr float, ptr %x, i64 %xo
-  %xv = load <32 x float>, ptr %xp, align 4
-  %p = fmul <32 x float> %qf, %xv
-  %d0 = insertelement <32 x float> poison, float %d, i64 0
-  %dv = shufflevector <32 x float> %d0, <32 x float> poison, <32 x i32> zeroinitializer
-  %acc1 = call <32 x float> @llvm.fma.v32f32(<32 x float> %p, <32 x float> %dv, <32 x float> %acc)
-  %b1 = add i64 %b, 1
-  %done = icmp eq i64 %b1, %nb
-  br i1 %done, label %exit, label %loop
-exit:
-  %s = call reassoc float @llvm.vector.reduce.fadd.v32f32(float 0.0, <32 x float> %acc1)
-  ret float %s
-}
-declare <32 x float> @llvm.fma.v32f32(<32 x float>, <32 x float>, <32 x float>)
-declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
-declare float @llvm.vector.reduce.fadd.v32f32(float, <32 x float>)
-"""
+def _ir(name: str) -> str:
+    """The LLVM IR text of kernels/<name>.ll (read when a kernel is compiled)."""
+    return resources.files(__package__).joinpath(f"{name}.ll").read_text()
 
 
 def ir_intrinsic(name: str, ir_text: str, nargs: int) -> Any:
@@ -180,7 +145,7 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
         from numba import njit, prange
     except ImportError:
         return None
-    q8_0_row = ir_intrinsic("mistralpy_q8_0_row", _Q8_0_ROW_IR, 3)
+    q8_0_row = ir_intrinsic("mistralpy_q8_0_row", _ir("q8_0_row"), 3)
 
     # not cached on disk: closes over numba objects, whose pickles differ per process
     @njit(parallel=True)
@@ -197,112 +162,6 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
                     y[i, r] = q8_0_row(w.ctypes.data + r * row_bytes, xa, k // 32)
 
     return q8_0
-
-
-# One q8_0 row against q8_0 activations (AVX-512 VNNI): per block of 32, the int8 weight codes
-# are flipped to unsigned (q + 128, an xor) so that vpdpbusd can multiply them by the
-# activation's int8 codes xq: sum((q + 128) xq) - 128 sum(xq) = sum(q xq), exact in int32
-# (cs[b] = 128 sum(xq) is computed once per call with the codes). Two blocks per step share
-# one 512-bit vpdpbusd (lanes 0-7 block b, 8-15 block b + 1), converted and scaled by
-# d * dx[b] into 16 float accumulators; an odd last block takes a 256-bit step.
-_Q8_0_VNNI_ROW_IR = """
-define float @mistralpy_q8_0_vnni_row(i64 %rowa, i64 %xqa, i64 %dxa, i64 %csa, i64 %nb) {
-entry:
-  %row = inttoptr i64 %rowa to ptr
-  %xq = inttoptr i64 %xqa to ptr
-  %dx = inttoptr i64 %dxa to ptr
-  %cs = inttoptr i64 %csa to ptr
-  %npairs = lshr i64 %nb, 1
-  %haspairs = icmp ne i64 %npairs, 0
-  br i1 %haspairs, label %pairs, label %pairsdone
-pairs:
-  %i = phi i64 [0, %entry], [%i1, %pairs]
-  %acc = phi <16 x float> [zeroinitializer, %entry], [%acc1, %pairs]
-  %b = shl i64 %i, 1
-  %off = mul i64 %b, 34
-  %p0 = getelementptr i8, ptr %row, i64 %off
-  %p1 = getelementptr i8, ptr %p0, i64 34
-PREFETCH(%p0: 0)
-  %dh0 = load half, ptr %p0, align 1
-  %d0 = fpext half %dh0 to float
-  %dh1 = load half, ptr %p1, align 1
-  %d1 = fpext half %dh1 to float
-  %pq0 = getelementptr i8, ptr %p0, i64 2
-  %q0 = load <32 x i8>, ptr %pq0, align 1
-  %pq1 = getelementptr i8, ptr %p1, i64 2
-  %q1 = load <32 x i8>, ptr %pq1, align 1
-  %q = shufflevector <32 x i8> %q0, <32 x i8> %q1, <64 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15, i32 16, i32 17, i32 18, i32 19, i32 20, i32 21, i32 22, i32 23, i32 24, i32 25, i32 26, i32 27, i32 28, i32 29, i32 30, i32 31, i32 32, i32 33, i32 34, i32 35, i32 36, i32 37, i32 38, i32 39, i32 40, i32 41, i32 42, i32 43, i32 44, i32 45, i32 46, i32 47, i32 48, i32 49, i32 50, i32 51, i32 52, i32 53, i32 54, i32 55, i32 56, i32 57, i32 58, i32 59, i32 60, i32 61, i32 62, i32 63>
-  %qu = xor <64 x i8> %q, splat (i8 -128)
-  %xo = mul i64 %b, 32
-  %px = getelementptr i8, ptr %xq, i64 %xo
-  %x = load <64 x i8>, ptr %px, align 1
-  %qi = bitcast <64 x i8> %qu to <16 x i32>
-  %xi = bitcast <64 x i8> %x to <16 x i32>
-  %t = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> zeroinitializer, <16 x i32> %qi, <16 x i32> %xi)
-  %csp = getelementptr i32, ptr %cs, i64 %b
-  %c0 = load i32, ptr %csp, align 4
-  %csp1 = getelementptr i32, ptr %csp, i64 1
-  %c1 = load i32, ptr %csp1, align 4
-  %cv0 = insertelement <16 x i32> zeroinitializer, i32 %c0, i64 0
-  %cv = insertelement <16 x i32> %cv0, i32 %c1, i64 8
-  %ts = sub <16 x i32> %t, %cv
-  %tf = sitofp <16 x i32> %ts to <16 x float>
-  %dxp = getelementptr float, ptr %dx, i64 %b
-  %dx0 = load float, ptr %dxp, align 4
-  %dxp1 = getelementptr float, ptr %dxp, i64 1
-  %dx1 = load float, ptr %dxp1, align 4
-  %dd0 = fmul float %d0, %dx0
-  %dd1 = fmul float %d1, %dx1
-  %ddp0 = insertelement <2 x float> poison, float %dd0, i64 0
-  %ddp = insertelement <2 x float> %ddp0, float %dd1, i64 1
-  %ddv = shufflevector <2 x float> %ddp, <2 x float> poison, <16 x i32> <i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1>
-  %acc1 = call <16 x float> @llvm.fma.v16f32(<16 x float> %tf, <16 x float> %ddv, <16 x float> %acc)
-  %i1 = add i64 %i, 1
-  %done = icmp eq i64 %i1, %npairs
-  br i1 %done, label %pairsdone, label %pairs
-pairsdone:
-  %accp = phi <16 x float> [zeroinitializer, %entry], [%acc1, %pairs]
-  %sp = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %accp)
-  %odd = and i64 %nb, 1
-  %hastail = icmp ne i64 %odd, 0
-  br i1 %hastail, label %tail, label %exit
-tail:
-  %tb = sub i64 %nb, 1
-  %toff = mul i64 %tb, 34
-  %tp = getelementptr i8, ptr %row, i64 %toff
-  %tdh = load half, ptr %tp, align 1
-  %td = fpext half %tdh to float
-  %tpq = getelementptr i8, ptr %tp, i64 2
-  %tq = load <32 x i8>, ptr %tpq, align 1
-  %tqu = xor <32 x i8> %tq, splat (i8 -128)
-  %txo = mul i64 %tb, 32
-  %tpx = getelementptr i8, ptr %xq, i64 %txo
-  %tx = load <32 x i8>, ptr %tpx, align 1
-  %tqi = bitcast <32 x i8> %tqu to <8 x i32>
-  %txi = bitcast <32 x i8> %tx to <8 x i32>
-  %tt = call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> zeroinitializer, <8 x i32> %tqi, <8 x i32> %txi)
-  %tsum = call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> %tt)
-  %tcsp = getelementptr i32, ptr %cs, i64 %tb
-  %tc = load i32, ptr %tcsp, align 4
-  %tdot = sub i32 %tsum, %tc
-  %tdf = sitofp i32 %tdot to float
-  %tdxp = getelementptr float, ptr %dx, i64 %tb
-  %tdx = load float, ptr %tdxp, align 4
-  %tdd = fmul float %td, %tdx
-  %ts1 = call float @llvm.fma.f32(float %tdf, float %tdd, float %sp)
-  br label %exit
-exit:
-  %y = phi float [%sp, %pairsdone], [%ts1, %tail]
-  ret float %y
-}
-declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
-declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
-declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
-declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
-declare float @llvm.fma.f32(float, float, float)
-declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
-declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
-"""
 
 
 def _q8_0_vnni_row4_ir() -> str:
@@ -393,7 +252,7 @@ def _q8_0_vnni_row4_ir() -> str:
 
 
 # One q8_0 row against FOUR q8_0 activation rows (AVX-512 VNNI; prefill-sized batches): as
-# _Q8_0_VNNI_ROW_IR, but each pair of weight blocks is loaded and flipped to unsigned once
+# q8_0_vnni_row.ll, but each pair of weight blocks is loaded and flipped to unsigned once
 # for the four rows, and each activation row's per-pair block scales and 128 * code sums come
 # pre-spread over the 16 lanes (dx16: dx[b] in lanes 0-7, dx[b + 1] in 8-15; cs16: the sums in
 # lanes 0 and 8, zeros elsewhere), so a row costs one load, one vpdpbusd, a subtract, a
@@ -401,132 +260,8 @@ def _q8_0_vnni_row4_ir() -> str:
 # sums are stored at %ya.
 _Q8_0_VNNI_ROW4_IR = _q8_0_vnni_row4_ir()
 
-# One q4_K row against q8_K-style activations (AVX-512 VNNI). Per super-block of 256 weights
-# (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles), w =
-# d * sc[s] * q - dmin * m[s] for sub-block s of 32. The activation block is int8 codes xq
-# (scale dx) stored in nibble order (sub-blocks 0 2 1 3 4 6 5 7: the low nibbles of the
-# first 64 code bytes are sub-blocks 0 and 2, their high nibbles 1 and 3, ...), with its
-# per-sub-block code sums bs (i32, natural order). Each vpdpbusd gives 16 i32 lanes, lanes
-# 0-7 from one sub-block and 8-15 from another; they are multiplied by their 6-bit scales
-# (integers, exact), summed, converted once per super-block and scaled by d * dx. The min
-# term sums m[s] * bs[s] (exact) times dmin * dx in 8 float lanes.
-_Q4K_ROW_IR = """
-define float @mistralpy_q4k_row(i64 %rowa, i64 %xqa, i64 %dxa, i64 %bsa, i64 %nb) {
-entry:
-  %row = inttoptr i64 %rowa to ptr
-  %xq = inttoptr i64 %xqa to ptr
-  %dx = inttoptr i64 %dxa to ptr
-  %bs = inttoptr i64 %bsa to ptr
-  br label %loop
-loop:
-  %b = phi i64 [0, %entry], [%b1, %loop]
-  %acc = phi <16 x float> [zeroinitializer, %entry], [%acc1, %loop]
-  %accm = phi <8 x float> [zeroinitializer, %entry], [%accm1, %loop]
-  %off = mul i64 %b, 144
-  %p = getelementptr i8, ptr %row, i64 %off
-PREFETCH(%p: 0 64 128)
-  %dh = load half, ptr %p, align 1
-  %d = fpext half %dh to float
-  %pm = getelementptr i8, ptr %p, i64 2
-  %dmh = load half, ptr %pm, align 1
-  %dmin = fpext half %dmh to float
-  %p4 = getelementptr i8, ptr %p, i64 4
-  %u0 = load i32, ptr %p4, align 1
-  %p8 = getelementptr i8, ptr %p, i64 8
-  %u1 = load i32, ptr %p8, align 1
-  %p12 = getelementptr i8, ptr %p, i64 12
-  %u2 = load i32, ptr %p12, align 1
-  %sclo = and i32 %u0, 1061109567
-  %mlo = and i32 %u1, 1061109567
-  %u2lo = and i32 %u2, 252645135
-  %u0s = lshr i32 %u0, 2
-  %u0h = and i32 %u0s, 808464432
-  %schi = or i32 %u2lo, %u0h
-  %u2s = lshr i32 %u2, 4
-  %u2hi = and i32 %u2s, 252645135
-  %u1s = lshr i32 %u1, 2
-  %u1h = and i32 %u1s, 808464432
-  %mhi = or i32 %u2hi, %u1h
-  %sc0 = insertelement <2 x i32> poison, i32 %sclo, i64 0
-  %sc1 = insertelement <2 x i32> %sc0, i32 %schi, i64 1
-  %scb = bitcast <2 x i32> %sc1 to <8 x i8>
-  %sc = zext <8 x i8> %scb to <8 x i32>
-  %m0 = insertelement <2 x i32> poison, i32 %mlo, i64 0
-  %m1 = insertelement <2 x i32> %m0, i32 %mhi, i64 1
-  %mb = bitcast <2 x i32> %m1 to <8 x i8>
-  %mn = zext <8 x i8> %mb to <8 x i32>
-  %sv0 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 0, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2, i32 2>
-  %sv1 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 1, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3, i32 3>
-  %sv2 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 4, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6, i32 6>
-  %sv3 = shufflevector <8 x i32> %sc, <8 x i32> poison, <16 x i32> <i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 5, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7, i32 7>
-  %pq0 = getelementptr i8, ptr %p, i64 16
-  %q0 = load <64 x i8>, ptr %pq0, align 1
-  %pq1 = getelementptr i8, ptr %p, i64 80
-  %q1 = load <64 x i8>, ptr %pq1, align 1
-  %lo0 = and <64 x i8> %q0, splat (i8 15)
-  %hi0 = lshr <64 x i8> %q0, splat (i8 4)
-  %lo1 = and <64 x i8> %q1, splat (i8 15)
-  %hi1 = lshr <64 x i8> %q1, splat (i8 4)
-  %xo = mul i64 %b, 256
-  %px0 = getelementptr i8, ptr %xq, i64 %xo
-  %x0 = load <64 x i8>, ptr %px0, align 1
-  %px1 = getelementptr i8, ptr %px0, i64 64
-  %x1 = load <64 x i8>, ptr %px1, align 1
-  %px2 = getelementptr i8, ptr %px0, i64 128
-  %x2 = load <64 x i8>, ptr %px2, align 1
-  %px3 = getelementptr i8, ptr %px0, i64 192
-  %x3 = load <64 x i8>, ptr %px3, align 1
-  %t0 = call <16 x i32> @mistralpy_dp(<64 x i8> %lo0, <64 x i8> %x0)
-  %t1 = call <16 x i32> @mistralpy_dp(<64 x i8> %hi0, <64 x i8> %x1)
-  %t2 = call <16 x i32> @mistralpy_dp(<64 x i8> %lo1, <64 x i8> %x2)
-  %t3 = call <16 x i32> @mistralpy_dp(<64 x i8> %hi1, <64 x i8> %x3)
-  %s0 = mul <16 x i32> %t0, %sv0
-  %s1 = mul <16 x i32> %t1, %sv1
-  %s2 = mul <16 x i32> %t2, %sv2
-  %s3 = mul <16 x i32> %t3, %sv3
-  %s01 = add <16 x i32> %s0, %s1
-  %s23 = add <16 x i32> %s2, %s3
-  %s = add <16 x i32> %s01, %s23
-  %sf = sitofp <16 x i32> %s to <16 x float>
-  %dxp = getelementptr float, ptr %dx, i64 %b
-  %dxb = load float, ptr %dxp, align 4
-  %dd = fmul float %d, %dxb
-  %dd0 = insertelement <16 x float> poison, float %dd, i64 0
-  %ddv = shufflevector <16 x float> %dd0, <16 x float> poison, <16 x i32> zeroinitializer
-  %acc1 = call <16 x float> @llvm.fma.v16f32(<16 x float> %sf, <16 x float> %ddv, <16 x float> %acc)
-  %bo = mul i64 %b, 8
-  %bsp = getelementptr i32, ptr %bs, i64 %bo
-  %bsv = load <8 x i32>, ptr %bsp, align 4
-  %mm = mul <8 x i32> %mn, %bsv
-  %mf = sitofp <8 x i32> %mm to <8 x float>
-  %dm = fmul float %dmin, %dxb
-  %dm0 = insertelement <8 x float> poison, float %dm, i64 0
-  %dmv = shufflevector <8 x float> %dm0, <8 x float> poison, <8 x i32> zeroinitializer
-  %accm1 = call <8 x float> @llvm.fma.v8f32(<8 x float> %mf, <8 x float> %dmv, <8 x float> %accm)
-  %b1 = add i64 %b, 1
-  %done = icmp eq i64 %b1, %nb
-  br i1 %done, label %exit, label %loop
-exit:
-  %sa = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %acc1)
-  %sm = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> %accm1)
-  %y = fsub float %sa, %sm
-  ret float %y
-}
-define internal <16 x i32> @mistralpy_dp(<64 x i8> %u, <64 x i8> %s) alwaysinline {
-  %ui = bitcast <64 x i8> %u to <16 x i32>
-  %si = bitcast <64 x i8> %s to <16 x i32>
-  %r = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> zeroinitializer, <16 x i32> %ui, <16 x i32> %si)
-  ret <16 x i32> %r
-}
-declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
-declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
-declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
-declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
-declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
-"""
 
-# Sub-block order of the activation codes within a 256-block (see _Q4K_ROW_IR).
+# Sub-block order of the activation codes within a 256-block (see q4k_row.ll).
 _Q4K_X_ORDER = (0, 2, 1, 3, 4, 6, 5, 7)
 
 
@@ -604,7 +339,7 @@ def _four_row_driver(
 def _q8k_activation_codes() -> Callable[[np.ndarray], tuple] | None:
     """numba q8k_codes(x) -> (int8 codes (M, K) in nibble order, scales amax / 127 (M, K /
     256) float32, code sums per 32 (M, K / 32) int32): GGML's q8_K rounding of activation
-    rows for the q4k kernels (see _Q4K_ROW_IR), or None without numba."""
+    rows for the q4k kernels (see q4k_row.ll), or None without numba."""
     try:
         from numba import njit
     except ImportError:
@@ -613,7 +348,7 @@ def _q8k_activation_codes() -> Callable[[np.ndarray], tuple] | None:
 
     @njit(cache=True)
     def q8k_codes(x):  # pragma: no cover - compiled
-        # codes in nibble order (see _Q4K_ROW_IR), scale amax / 127 and the code sum per 32
+        # codes in nibble order (see q4k_row.ll), scale amax / 127 and the code sum per 32
         m, k = x.shape
         nb = k // 256
         xq = np.empty((m, k), np.int8)
@@ -647,14 +382,14 @@ def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None
     codes = _q8k_activation_codes()
     if codes is None:
         return None
-    return _int8_activation_driver("mistralpy_q4k_row", _Q4K_ROW_IR, codes, 256)
+    return _int8_activation_driver("mistralpy_q4k_row", _ir("q4k_row"), codes, 256)
 
 
 @functools.cache
 def _q8_0_activation_codes() -> Callable[[np.ndarray], tuple] | None:
     """numba q8_0_codes(x) -> (int8 codes (M, K), scales amax / 127 (M, K / 32) float32,
     128 * code sums (M, K / 32) int32): GGML's q8_0 rounding of activation rows (see
-    _Q8_0_VNNI_ROW_IR), or None without numba."""
+    q8_0_vnni_row.ll), or None without numba."""
     try:
         from numba import njit
     except ImportError:
@@ -662,7 +397,7 @@ def _q8_0_activation_codes() -> Callable[[np.ndarray], tuple] | None:
 
     @njit(cache=True)
     def q8_0_codes(x):  # pragma: no cover - compiled
-        # codes, scale amax / 127 and 128 * (code sum) per 32 (see _Q8_0_VNNI_ROW_IR)
+        # codes, scale amax / 127 and 128 * (code sum) per 32 (see q8_0_vnni_row.ll)
         m, k = x.shape
         nb = k // 32
         xq = np.empty((m, k), np.int8)
@@ -693,7 +428,7 @@ def _q8_0_vnni_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] 
     codes = _q8_0_activation_codes()
     if codes is None:
         return None
-    return _int8_activation_driver("mistralpy_q8_0_vnni_row", _Q8_0_VNNI_ROW_IR, codes, 32)
+    return _int8_activation_driver("mistralpy_q8_0_vnni_row", _ir("q8_0_vnni_row"), codes, 32)
 
 
 @functools.cache
@@ -871,7 +606,7 @@ def q8_0_vnni_gemm_available() -> bool:
     block[0, 2:] = 2
     w = np.concatenate([block, block], axis=1)
     driver_fn = _q8_0_vnni_gemm_driver()
-    if not _self_check(
+    if driver_fn is None or not _self_check(
         "q8_0 VNNI GEMM", driver_fn, w, np.full((1, 64), 3.0, np.float32), 384.0, 1e-3
     ):
         return False
@@ -899,11 +634,9 @@ def any_batch_matmul(fmt_name: str, in_features: int) -> Callable[[Tensor, Tenso
     """A kernel (w_bytes, x) -> y for GGUF format `fmt_name` that serves every batch size,
     prefill included, from the layer's GGUF bytes alone; None where there is none (then
     `gemv` serves decode and torch's int4 GEMM prefill, over a second, repacked copy of the
-    weight). Today q8_0 on AVX-512 VNNI with K a multiple of 64: on the `small` preset's
-    shapes at 512 rows (2 threads, Xeon host of 2026-12-05) 1.4-2.2x faster than torch's two
-    int4 passes, whose copy was ~1.25 bytes per weight beside the 1.06 of q8_0. A four-row
-    q4k kernel (header and nibbles decoded once per four rows) was tried: within 5% of
-    torch's one-pass int4 GEMM either way, for 5 s more compiling at load; not kept."""
+    weight). Today q8_0 on AVX-512 VNNI with K a multiple of 64, faster than torch's two int4
+    passes and with no int4 copy; a four-row q4k kernel gained nothing over torch's one-pass
+    int4 GEMM and was not kept (figures: BENCHMARKS.md, section 4)."""
     if fmt_name == "q8_0" and in_features % 64 == 0 and q8_0_vnni_available():
         return q8_0_vnni_any_matmul if q8_0_vnni_gemm_available() else None
     return None
@@ -913,13 +646,17 @@ def _kernel(fmt_name: str) -> tuple[Callable, Callable] | None:
     """(numba driver, torch-facing matmul) this host runs for GGUF format `fmt_name`, or None.
     q8_0 takes the int8 VNNI kernel where the host has it (2x less time per weight than
     float activations)."""
+    pair: tuple[Callable | None, Callable[[Tensor, Tensor], Tensor]]
     if fmt_name == "q8_0" and q8_0_vnni_available():
-        return _q8_0_vnni_driver(), q8_0_vnni_matmul
-    if fmt_name == "q8_0" and available():
-        return _q8_0_driver(), q8_0_matmul
-    if fmt_name == "q4k" and q4k_available():
-        return _q4k_driver(), q4k_matmul
-    return None
+        pair = _q8_0_vnni_driver(), q8_0_vnni_matmul
+    elif fmt_name == "q8_0" and available():
+        pair = _q8_0_driver(), q8_0_matmul
+    elif fmt_name == "q4k" and q4k_available():
+        pair = _q4k_driver(), q4k_matmul
+    else:
+        return None
+    driver, matmul = pair  # (the driver exists where the check above passed)
+    return None if driver is None else (driver, matmul)
 
 
 def gemv(fmt_name: str) -> Callable[[Tensor, Tensor], Tensor] | None:

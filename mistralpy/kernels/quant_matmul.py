@@ -156,6 +156,7 @@ class Int4PackMatmul(QuantMatmul):
         for packed, sz in self.gemms:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, _INT4_GROUP, sz)
             y = part.float() if y is None else y.add_(part.float())
+        assert y is not None  # two passes, high and low nibble
         return y[:, : self.out_features].to(x.dtype)
 
 
@@ -222,7 +223,7 @@ class TinyGemmInt4Matmul(QuantMatmul):
         # calls with more than max_m rows, gemv (if given) calls with one row (both chosen
         # by shape, so fixed inside a CUDA graph).
         self.out_features, self.in_features = codes.shape
-        assert tinygemm_supported(*codes.shape, _INT4_GROUP, 4), codes.shape
+        assert tinygemm_supported(self.out_features, self.in_features, _INT4_GROUP, 4), codes.shape
         self.weight, self.scales_zeros = tinygemm_pack(codes, scale, offset)
         self.fallback, self.max_m, self.gemv = fallback, max_m, gemv
 

@@ -189,6 +189,7 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """Steps 1, 3, 4 (bias, repetition, presence/frequency) on a copy; (B, V) float32."""
     logits = logits.clone()
     if st.bias_rows is not None:
+        assert st.bias_ids is not None and st.bias_values is not None  # set together
         logits.index_put_((st.bias_rows, st.bias_ids), st.bias_values, accumulate=True)
     if st.seen_mask is not None:
         r = st.repetition_penalties[:, None]
@@ -299,9 +300,9 @@ def _choose(
     logits: torch.Tensor, st: SamplingTensors, generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
     """(B,) int64 tokens from penalised, masked logits (B, V): steps 5-9."""
-    greedy_ids = logits.argmax(dim=-1) if st.any_greedy else None
     if st.all_greedy:
-        return greedy_ids
+        return logits.argmax(dim=-1)
+    greedy_ids = logits.argmax(dim=-1) if st.any_greedy else None
     scaled = logits / st.temperatures[:, None]
     if st.max_top_k or st.use_top_p or st.use_min_p:
         threshold = truncation_threshold(scaled, st)

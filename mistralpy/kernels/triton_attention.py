@@ -34,7 +34,6 @@ import triton.language as tl
 
 from mistralpy.kernels.attention import (
     FP8_E4M3_MAX,
-    AttentionMetadata,
     is_fp8_cache,
     kv_scales_or_unit,
 )
@@ -625,35 +624,6 @@ def _launch_flash(
 
 
 # --------------------------------------------------------------------------------------
-# One attention step for the model
-# --------------------------------------------------------------------------------------
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    attn: AttentionMetadata,
-    scale: float,
-    kv_scale: torch.Tensor | None = None,
-    decode_plan: DecodePlan | None = None,
-) -> torch.Tensor:
-    """Store the step's k, v (T, Hkv, D) in kv_cache, then attend: q (T, Hq, D) -> (T, Hq, D).
-    A pure-decode step (max_query_len == 1, T == B) takes the split-K decode kernel."""
-    store_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
-    if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
-        return paged_decode_attention(
-            q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale=kv_scale,
-            plan=decode_plan,
-        )  # fmt: skip
-    return paged_prefill_attention(
-        q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-        attn.max_query_len, scale, kv_scale=kv_scale,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------
 # Validation and small helpers
 # --------------------------------------------------------------------------------------
 
@@ -716,7 +686,6 @@ __all__ = [
     "DecodePlan",
     "TileConfig",
     "default_tile_config",
-    "paged_attention",
     "paged_decode_attention",
     "paged_prefill_attention",
     "plan_decode",

@@ -15,6 +15,9 @@ from typing import Any
 
 from mistralpy.errors import UserError
 
+# the model dtypes a user may ask for, by their torch names (torch.float32, ...)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
 # Activation names we implement (transformers' ACT2FN spelling).
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 

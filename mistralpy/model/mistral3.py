@@ -14,8 +14,10 @@ from torch import nn
 
 from mistralpy.kernels.attention import (
     AttentionMetadata,
+    KVCacheSpec,
     PagedAttentionFn,
     VarlenAttentionFn,
+    allocate_kv_caches,
     build_metadata,
     paged_attention,
 )
@@ -142,7 +144,9 @@ class MistralModel(nn.Module):
         cos, sin = text_rope(positions, self.config.rope_theta, self.config.head_dim, embeds.dtype)
         # each layer's last residual add is fused with the next norm (the final one at the end)
         norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        h, residual = self.layers[0].input_layernorm(embeds), embeds
+        first = self.layers[0]
+        assert isinstance(first, MistralDecoderLayer)
+        h, residual = first.input_layernorm(embeds), embeds
         for layer, kv_cache, next_norm in zip(self.layers, kv_caches, norms, strict=True):
             h, residual = layer(h, residual, cos, sin, kv_cache, attn, next_norm)
         return h
@@ -163,7 +167,7 @@ class PatchMerger(nn.Module):
         of torch's `unfold` that transformers uses; leftover rows/cols are dropped like unfold.
         """
         m, d = self.merge, x.shape[-1]
-        merged = []
+        merged: list[torch.Tensor] = []
         for grid in x.split([h * w for h, w in sizes]):
             (h, w) = sizes[len(merged)]
             grid = grid.view(h, w, d)[: h // m * m, : w // m * m]
@@ -177,6 +181,7 @@ class Mistral3MultiModalProjector(nn.Module):
 
     def __init__(self, config: Mistral3Config) -> None:
         super().__init__()
+        assert config.vision_config is not None, "a projector needs a vision tower"
         vision_hidden = config.vision_config.hidden_size
         text_hidden = config.text_config.hidden_size
         bias = config.multimodal_projector_bias
@@ -229,7 +234,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
     @property
     def num_local_kv_heads(self) -> int:
         """KV heads this rank's cache holds (all of them without tensor parallelism)."""
-        return self.language_model.layers[0].self_attn.num_kv_heads
+        return _attention(self.language_model.layers[0]).num_kv_heads
 
     def set_attention_backend(
         self, attn_fn: PagedAttentionFn, varlen_fn: VarlenAttentionFn | None = None
@@ -237,7 +242,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
         """Use `attn_fn` for every decoder layer's paged attention and, if given, `varlen_fn`
         for the vision encoder's per-image attention (call once, at setup)."""
         for layer in self.language_model.layers:
-            layer.self_attn.attn_fn = attn_fn
+            _attention(layer).attn_fn = attn_fn
         if varlen_fn is not None and self.vision_tower is not None:
             for module in self.vision_tower.modules():
                 if isinstance(module, PixtralAttention):
@@ -249,7 +254,7 @@ class Mistral3ForConditionalGeneration(nn.Module):
         layers = self.language_model.layers
         assert len(scales) == len(layers), "one (k_scale, v_scale) pair per decoder layer"
         for layer, kv_scale in zip(layers, scales):
-            layer.self_attn.kv_scale = kv_scale
+            _attention(layer).kv_scale = kv_scale
 
     def set_layer_ops(self, ops: LayerOps) -> None:
         """Use `ops` (norms, SiLU-and-mul, RoPE) in every layer of both towers (once, at setup)."""
@@ -305,15 +310,14 @@ def _lm_head(hidden: int, vocab: int, parallel: ParallelConfig, split: bool) -> 
     )
 
 
-def allocate_kv_caches(
-    config: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """One zeroed cache (2, num_blocks, block_size, num_kv_heads, head_dim) per decoder layer."""
-    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-
-
 @torch.inference_mode()
+def _attention(layer: nn.Module) -> MistralAttention:
+    """A decoder layer's attention (nn.ModuleList types its items as plain Modules)."""
+    attn = layer.self_attn
+    assert isinstance(attn, MistralAttention), type(attn)
+    return attn
+
+
 def greedy_generate(
     model: Mistral3ForConditionalGeneration,
     prompt_ids: list[int],
@@ -329,10 +333,11 @@ def greedy_generate(
     dtype = model.language_model.norm.weight.dtype
     total = len(prompt_ids) + max_new_tokens
     num_blocks = -(-total // block_size)
-    caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)
+    spec = KVCacheSpec.of_text(model.config.text_config, block_size, dtype)
+    caches = allocate_kv_caches(spec, num_blocks, device)
     table = [list(range(num_blocks))]
     image_embeds = torch.cat(model.encode_images(images)) if images else None
-    tokens, out = list(prompt_ids), []
+    tokens, out = list(prompt_ids), list[int]()
     new = tokens
     while len(out) < max_new_tokens:
         seq_len = len(tokens)

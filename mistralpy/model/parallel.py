@@ -97,7 +97,8 @@ def even_shard(full: int, parallel: ParallelConfig, dim: int, what: str) -> Shar
 
 def set_shards(linear: nn.Linear, *shards: Shard) -> nn.Linear:
     """Record where `linear`'s weight comes from: one Shard per fused part (or one)."""
-    linear.tp_shards = shards
+    # a plain attribute (nn.Module.__setattr__ is typed for tensors and modules only)
+    setattr(linear, "tp_shards", shards)  # noqa: B010
     return linear
 
 

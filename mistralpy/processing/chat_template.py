@@ -571,6 +571,10 @@ def expand_images(
         raise ChatTemplateError(
             f"chat template emitted {len(slots)} [IMG] placeholders for {len(images)} images"
         )
+    if not images:
+        return ids
+    if img is None or brk is None or end is None:
+        raise ChatTemplateError("the tokenizer has [IMG] but no [IMG_BREAK] / [IMG_END] token")
     out: list[int] = []
     start = 0
     for slot, image in zip(slots, images):
@@ -617,5 +621,5 @@ def build_chat_prompt(
         **dict(template_vars or {}),
     )
     ids = tokenize_rendered(tokenizer, rendered, stop)
-    images = [image_loader(src) for src in sources] if sources else []
+    images = [image_loader(src) for src in sources] if image_loader is not None else []
     return ProcessedPrompt(token_ids=expand_images(tokenizer, ids, images), images=images)

@@ -25,6 +25,7 @@ import json
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.torch as llg_torch
@@ -34,11 +35,18 @@ import torch
 from mistralpy.errors import UserError
 from mistralpy.params import GrammarSpec
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # (a type of the stubs only)
+
 # JSON layout the grammars allow: json.dumps' own separators (", " and ": ", the form
 # mistral-common writes tool calls in) and no other whitespace. Any freedom here is a place
 # where a weak or random model can emit whitespace token after token ("{ \t\t...") until
 # max_tokens cuts a tool call or a JSON answer in half.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 TOOL_CHOICE_MODES = ("required", "named", "auto")
 
@@ -105,13 +113,16 @@ def _to_llguidance(spec: GrammarSpec, ll_tokenizer: llguidance.LLTokenizer) -> s
     if spec.kind == "json_object":
         return _json_grammar({"type": "object"}, lenient=False)
     if spec.kind in ("regex", "lark"):
-        _require(isinstance(value, str), f"{spec.kind} must be a string")
+        if not isinstance(value, str):
+            raise GrammarError(f"{spec.kind} must be a string")
         if spec.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(value)
         return llguidance.LLMatcher.grammar_from_lark(value)
     if spec.kind == "choice":
-        ok = isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value)
-        _require(bool(ok), "choice must be a non-empty list of strings")
+        if not (
+            isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value)
+        ):
+            raise GrammarError("choice must be a non-empty list of strings")
         return llguidance.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c) for c in value)
         )
@@ -162,13 +173,15 @@ def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
     `parallel_tool_calls=false`); "named": exactly one call of `name`;
     "auto": free text, or optional free text followed by the tool-call form.
     """
-    _require(isinstance(value, dict), "tool_calls spec must be a dict with 'tools' and 'mode'")
-    mode = value.get("mode", "required")  # type: ignore[union-attr]
+    if not isinstance(value, dict):
+        raise GrammarError("tool_calls spec must be a dict with 'tools' and 'mode'")
+    mode = value.get("mode", "required")
     _require(mode in TOOL_CHOICE_MODES, f"tool_calls mode must be one of {TOOL_CHOICE_MODES}")
-    functions = _tool_functions(value.get("tools"))  # type: ignore[union-attr]
+    functions = _tool_functions(value.get("tools"))
     if mode == "named":
-        name = value.get("name")  # type: ignore[union-attr]
-        _require(name in functions, f"tool_choice names an unknown function: {name!r}")
+        name = value.get("name")
+        if not isinstance(name, str) or name not in functions:
+            raise GrammarError(f"tool_choice names an unknown function: {name!r}")
         functions = {name: functions[name]}
     calls = [_call_schema(name, params) for name, params in functions.items()]
     calls_list = {
@@ -177,7 +190,7 @@ def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
         "minItems": 1,
         "x-guidance": {**JSON_LAYOUT, "lenient": True},
     }
-    if mode == "named" or value.get("single"):  # type: ignore[union-attr]
+    if mode == "named" or value.get("single"):
         calls_list["maxItems"] = 1
     calls_rule = f"calls: <[{tool_calls_id}]> %json {json.dumps(calls_list)}"
     if mode == "auto":
@@ -187,9 +200,10 @@ def _tool_calls_lark(value: object, tool_calls_id: int) -> str:
 
 def _tool_functions(tools: object) -> dict[str, dict]:
     """{function name: parameters schema} from a list of OpenAI tool dicts."""
-    _require(isinstance(tools, list) and len(tools) > 0, "tool_calls needs a non-empty tools list")
+    if not (isinstance(tools, list) and tools):
+        raise GrammarError("tool_calls needs a non-empty tools list")
     functions: dict[str, dict] = {}
-    for tool in tools:  # type: ignore[union-attr]
+    for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
         _require(isinstance(name, str) and bool(name), "each tool needs a function name")

@@ -155,7 +155,7 @@ def _read_source(
         return _fetch_http(text, policy, param, stop)
     if scheme == "file":
         return _read_local(_file_url_path(text, param), policy, param)
-    if scheme is not None and text[match.end() :].startswith("//"):
+    if match is not None and text[match.end() :].startswith("//"):
         raise ImageSourceForbiddenError(f"URL scheme {scheme!r} is not supported", param)
     return _read_bare(text, policy, param)
 

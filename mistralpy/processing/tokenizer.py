@@ -214,7 +214,9 @@ def gguf_bpe_tokenizer(metadata: dict[str, Any]):
     model.ignore_merges = pre in _IGNORE_MERGES
     tok = HFTokenizer(model)
     split = GGUF_PRE_TOKENIZERS[pre]
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)]
+    steps: list[pre_tokenizers.PreTokenizer] = [
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    ]
     if split is not None:
         steps.insert(0, pre_tokenizers.Split(Regex(split), behavior="isolated"))
     if pre == "smollm":

@@ -161,9 +161,10 @@ def _scan_v7_object(text: str, i: int, call: _PartialCall) -> int | None:
                 call.args, call.args_started, call.args_done = "{}", True, True
             return i + 1
         if not first:
-            i = _after_comma(text, i)
-            if i is None:
+            after = _after_comma(text, i)
+            if after is None:
                 return None
+            i = after
         first = False
         if text[i] != '"':
             raise _Malformed("expected a key")
@@ -240,9 +241,10 @@ def _scan_v7(text: str, i: int, calls: list[_PartialCall]) -> int | None:
                 raise _Malformed("empty tool-call list")
             return i + 1
         if len(calls) > first:
-            i = _after_comma(text, i)
-            if i is None:
+            after = _after_comma(text, i)
+            if after is None:
                 return None
+            i = after
         if text[i] != "{":
             raise _Malformed("expected a call object")
         call = _PartialCall()

@@ -8,12 +8,10 @@ bf16 per token, so the same memory holds twice the tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mistralpy.errors import UserError
-from mistralpy.kernels.attention import FP8_KV_DTYPE, zeros_kv_cache
+from mistralpy.kernels.attention import FP8_KV_DTYPE, KVCacheSpec
 
 # --kv-cache-dtype names (vLLM's): "auto" is the model dtype; both fp8 names are e4m3
 _KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
@@ -32,25 +30,6 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     if name not in _KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype {name!r}: expected one of {tuple(_KV_CACHE_DTYPES)}")
     return _KV_CACHE_DTYPES[name] or model_dtype
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype  # storage dtype: the model's, or float8_e4m3fn
-
-    @property
-    def fp8(self) -> bool:
-        return self.dtype == FP8_KV_DTYPE
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes one block takes over all layers, keys and values."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
 def num_blocks_for_bytes(spec: KVCacheSpec, budget_bytes: int) -> int:
@@ -72,14 +51,6 @@ def cuda_kv_budget(device: torch.device, utilization: float, peak_torch_bytes: i
     free, total = torch.cuda.mem_get_info(device)
     outside_torch = (total - free) - torch.cuda.memory_reserved(device)
     return int(total * utilization) - peak_torch_bytes - max(0, outside_torch)
-
-
-def allocate_kv_caches(
-    spec: KVCacheSpec, num_blocks: int, device: torch.device
-) -> list[torch.Tensor]:
-    """Zeroed per-layer caches, (2, num_blocks, block_size, num_kv_heads, head_dim) each."""
-    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    return [zeros_kv_cache(shape, spec.dtype, device) for _ in range(spec.num_layers)]
 
 
 def allocate_kv_scales(spec: KVCacheSpec, device: torch.device) -> list[torch.Tensor] | None:

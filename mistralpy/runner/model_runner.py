@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches
 from mistralpy.runner.batch import (
     ImageSlice,
     ScheduledBatch,
@@ -23,8 +24,6 @@ from mistralpy.runner.batch import (
     build_forward_batch,
 )
 from mistralpy.runner.kv_cache import (
-    KVCacheSpec,
-    allocate_kv_caches,
     allocate_kv_scales,
     cuda_kv_budget,
     num_blocks_for_bytes,
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DECODE_TUNING_CONTEXT = 1024  # tokens per sequence at which decode launch plans are timed
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow on most hosts)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return getattr(torch, name)  # one of model.config.MODEL_DTYPES (EngineConfig checks)
 
 
 class EncoderCache:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration, allocate_kv_caches
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 
 
 def prefill_logits(
@@ -14,7 +14,9 @@ def prefill_logits(
     """(T, vocab) float32 logits of one prefill of `ids` through a fresh paged cache."""
     emb = model.language_model.embed_tokens.weight
     blocks = -(-len(ids) // block)
-    caches = allocate_kv_caches(model.config.text_config, blocks, block, emb.dtype, emb.device)
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(model.config.text_config, block, emb.dtype), blocks, emb.device
+    )
     attn = build_metadata([len(ids)], [len(ids)], [list(range(blocks))], block, emb.device)
     with torch.inference_mode():
         hidden = model(torch.tensor(ids), torch.arange(len(ids)), attn, caches, None)

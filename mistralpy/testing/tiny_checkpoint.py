@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mistralpy.checkpoint.named_models import mistralpy_cache_dir
+from mistralpy.model.config import MODEL_DTYPES
 from mistralpy.processing.chat_template import packaged_template_path
 from mistralpy.processing.tokenizer import tekken_special_tokens, tekken_to_hf_tokenizer
 
@@ -59,7 +60,6 @@ PRESETS = {
 # Mistral-Small-3.1-24B's own shapes (model.config.mistral_small_3_1_config): for a config-only
 # directory that `serve --load-format dummy` reads; never written with weights (48 GB).
 REAL_SHAPES = Preset(5120, 40, 32, 8, 128, 32768, 1024, 24, 16, 4096, 1540, "bfloat16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_preset(name: str) -> Preset:
@@ -282,8 +282,8 @@ def write_tokenizer_files(out: str | Path, preset: str | Preset = "tiny") -> Pat
 def write_config_files(out: str | Path, shapes: Preset, dtype: str) -> Path:
     """A checkpoint directory without weights (tokenizer, processor, config.json): enough for
     `load_format="dummy"`, e.g. REAL_SHAPES for a server at full scale without a download."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: unknown {dtype!r}, choose from {sorted(_DTYPES)}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}, choose from {MODEL_DTYPES}")
     out = Path(out)
     write_tokenizer_files(out, shapes)
     for name, value in _processor_files(shapes).items():
@@ -305,7 +305,7 @@ def write_checkpoint(
     shapes = get_preset(preset)
     dtype = dtype or shapes.dtype
     out = write_config_files(out, shapes, dtype)
-    weights = random_weights(shapes, _DTYPES[dtype], seed)
+    weights = random_weights(shapes, getattr(torch, dtype), seed)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output directory")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_checkpoint(args.out, preset=args.preset, dtype=args.dtype, seed=args.seed)

@@ -13,14 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
 from mistralpy.params import GrammarSpec, SamplingParams
 from mistralpy.runner.model_runner import ModelRunner
-
-transformers = pytest.importorskip("transformers")
-tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
+from mistralpy.testing import tiny_checkpoint
 
 IMG, IMG_BREAK, IMG_END, BOS = 10, 12, 13, 1
 TIE = 1e-3  # logits closer than this are a tie in float32
@@ -205,7 +204,6 @@ def test_repeated_long_system_prompt_is_not_recomputed(ckpt, loaded):
     ],
 )
 def test_grammar_constrains_output(ckpt, loaded, spec, check):
-    pytest.importorskip("mistralpy.processing.grammar")
     engine = make_engine(ckpt, loaded)
     engine.model_path = ckpt
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=1, grammar=GrammarSpec(*spec))

@@ -83,7 +83,7 @@ def test_fp8_engine_generates_like_transformers(ckpt, hf, loaded):  # noqa: F811
 def test_fp8_cache_keeps_the_layer_path_where_fused_decode_would_run():
     """A q8_0 float32 model takes the fused numba decode with a float32 cache; that step reads
     float32 K/V rows, so an fp8 cache keeps the layer-by-layer path."""
-    from tests.unit.test_cpu_decode import _config
+    from tests.model.test_cpu_decode import _config
 
     model = load_dummy_model(_config(), torch.float32, "cpu", isq="q8_0").eval()
     cfg = RunnerConfig(16, 512, 4, 0.9, 0, num_kv_blocks=8, kv_cache_dtype="fp8")

@@ -25,11 +25,10 @@ from mistralpy.model.parallel import (
 from mistralpy.params import SamplingParams
 from mistralpy.runner.batch import ScheduledBatch, SeqWork, build_forward_batch
 from mistralpy.runner.distributed import TensorParallelError, tp_devices
+from mistralpy.testing import tiny_checkpoint
 from tests.engine.test_engine_tiny import engine_config as tiny_engine_config
 from tests.engine.test_engine_tiny import make_prompt, random_image
 from tests.seeds import fresh_seeds
-
-tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration, allocate_kv_caches
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 
 IMAGE_TOKEN = 10
 BREAK_TOKEN = 12  # any non-image token: the model itself only replaces [IMG] positions
@@ -127,19 +127,22 @@ def hf_logits(
     images: list[torch.Tensor],
 ) -> torch.Tensor:
     """(T, vocab) logits from transformers; images padded into one batch with image_sizes."""
-    kwargs = {}
-    if images:
-        height = max(im.shape[1] for im in images)
-        width = max(im.shape[2] for im in images)
-        batch = torch.zeros(len(images), 3, height, width)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[1], : im.shape[2]] = im
-        kwargs = dict(
-            pixel_values=batch,
-            image_sizes=torch.tensor([[im.shape[1], im.shape[2]] for im in images]),
-        )
-    out = model(input_ids=torch.tensor([ids]), use_cache=False, **kwargs)
+    out = model(input_ids=torch.tensor([ids]), use_cache=False, **hf_image_inputs(images))
     return out.logits[0].float()
+
+
+def hf_image_inputs(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' image arguments: images (3, H, W) zero-padded into one (N, 3, Hmax, Wmax)
+    batch, and their true sizes (N, 2); empty without images."""
+    if not images:
+        return {}
+    height = max(im.shape[1] for im in images)
+    width = max(im.shape[2] for im in images)
+    batch = torch.zeros(len(images), 3, height, width)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
+    return {"pixel_values": batch, "image_sizes": sizes}
 
 
 @torch.no_grad()
@@ -153,7 +156,9 @@ def our_logits(
     device = model.lm_head.weight.device
     dtype = model.language_model.embed_tokens.weight.dtype
     num_blocks = -(-len(ids) // block_size)
-    caches = allocate_kv_caches(model.config.text_config, num_blocks, block_size, dtype, device)
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(model.config.text_config, block_size, dtype), num_blocks, device
+    )
     attn = build_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], block_size, device)
     embeds = torch.cat(model.encode_images(images)) if images else None
     hidden = model(

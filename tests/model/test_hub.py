@@ -1,4 +1,4 @@
-"""resolve_model_path: local directories pass through; unknown ids fail fast offline."""
+"""local_model_path: local directories pass through; unknown ids fail fast offline."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from mistralpy.checkpoint.hub import ModelNotFoundError, resolve_model_path
+from mistralpy.checkpoint.hub import ModelNotFoundError, local_model_path
 
 
 def test_local_directory_is_returned(tmp_path):
-    assert resolve_model_path(str(tmp_path)) == tmp_path
+    assert local_model_path(str(tmp_path)) == tmp_path
 
 
 def test_offline_unknown_id_fails_fast_naming_what_was_tried(tmp_path, monkeypatch):
@@ -19,7 +19,7 @@ def test_offline_unknown_id_fails_fast_naming_what_was_tried(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     start = time.monotonic()
     with pytest.raises(ModelNotFoundError) as err:
-        resolve_model_path("no-such-org/no-such-model-xyz", revision="main")
+        local_model_path("no-such-org/no-such-model-xyz", revision="main")
     assert time.monotonic() - start < 10
     msg = str(err.value)
     assert "no-such-org/no-such-model-xyz" in msg
@@ -30,7 +30,7 @@ def test_offline_unknown_id_fails_fast_naming_what_was_tried(tmp_path, monkeypat
 def test_malformed_id_is_a_model_not_found_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="not found"):
-        resolve_model_path("not a valid//repo id")
+        local_model_path("not a valid//repo id")
 
 
 def closed_port() -> int:
@@ -50,7 +50,7 @@ def test_unreachable_hub_says_offline_at_once_and_names_the_paths_tried(tmp_path
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.monotonic()
     with pytest.raises(ModelNotFoundError) as err:
-        resolve_model_path("some-org/some-model")
+        local_model_path("some-org/some-model")
     assert time.monotonic() - start < 5
     msg = str(err.value)
     assert msg.startswith("offline: cannot reach the hub") and "127.0.0.1" in msg
@@ -67,4 +67,4 @@ def test_a_missing_path_is_not_a_hub_id(path, monkeypatch):
 
     monkeypatch.setattr(hub, "_hub_unreachable", no_network)
     with pytest.raises(ModelNotFoundError, match="no directory"):
-        resolve_model_path(path)
+        local_model_path(path)

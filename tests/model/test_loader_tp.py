@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from mistralpy.checkpoint.loader import load_model
 from mistralpy.model.parallel import ParallelConfig, split_heads
+from mistralpy.testing import tiny_checkpoint
 from tests.model.test_loader import _to_native
 from tests.seeds import fresh_seeds
-
-tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
 
 SEED = fresh_seeds(1, "loader-tp")[0]
 SHARDED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")

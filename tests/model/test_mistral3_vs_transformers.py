@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from mistralpy.checkpoint.loader import load_model
-from mistralpy.kernels.attention import build_metadata
-from mistralpy.model.mistral3 import allocate_kv_caches, greedy_generate
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
+from mistralpy.model.mistral3 import greedy_generate
 from tests.seeds import fresh_seeds
 
 from .oracle import (
+    IMAGE_TOKEN,
+    hf_image_inputs,
     hf_logits,
     image_sizes,
     our_logits,
@@ -96,7 +98,9 @@ def test_chunked_prefill_then_decode_matches_full_forward(pair, block_size):
 
     free = list(range(64))
     table = _random_table(rng, free, len(ids), block_size)
-    caches = allocate_kv_caches(ours.config.text_config, 64, block_size, torch.float32, "cpu")
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(ours.config.text_config, block_size, torch.float32), 64, "cpu"
+    )
     with torch.no_grad():
         embeds = torch.cat(ours.encode_images(images))
     done, rows = 0, []
@@ -132,7 +136,9 @@ def test_packed_sequences_equal_each_alone(pair):
     cached = [6, 6, 0]  # tokens of each sequence already in the cache before the packed step
     free = list(range(40))
     tables = [_random_table(rng, free, len(s), block_size) for s in seqs]
-    caches = allocate_kv_caches(ours.config.text_config, 40, block_size, torch.float32, "cpu")
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(ours.config.text_config, block_size, torch.float32), 40, "cpu"
+    )
     with torch.no_grad():
         for s, n, t in zip(seqs, cached, tables):  # warm each cache alone
             if n:
@@ -167,11 +173,37 @@ def test_half_precision_runs_and_stays_close(pair, dtype, tmp_path):
 
 def test_greedy_generate_matches_transformers_generate(pair):
     seed, hf, ours = pair
+    assert_greedy_matches(hf, ours, seed)
+
+
+# A draw whose model greedily emits the [IMG] id first. Recomputing transformers' logits over
+# prompt + generated tokens then counted that text token as a 9th image placeholder for 8
+# features ("Image features and image tokens do not match"): the oracle must be transformers'
+# own cached `generate`, which (like the engine) embeds a generated [IMG] as plain text.
+EMITS_IMAGE_TOKEN = 982526257
+
+
+def test_greedy_generate_when_the_model_emits_the_image_token(tmp_path):
+    hf = random_hf_model(EMITS_IMAGE_TOKEN)
+    ours = load_model(save_hf(hf, tmp_path), torch.float32, torch.device("cpu"))
+    assert IMAGE_TOKEN in assert_greedy_matches(hf, ours, EMITS_IMAGE_TOKEN)
+
+
+def assert_greedy_matches(hf, ours, seed: int, new_tokens: int = 6) -> list[int]:
+    """Our greedy_generate on a one-image prompt equals transformers' greedy `generate` (no
+    EOS stop: both run `new_tokens` steps); returns the tokens."""
     sizes = image_sizes(hf.config, 1, seed)
     ids = prompt_with_images(hf.config, sizes, seed)
     images = random_images(sizes, seed)
-    got = greedy_generate(ours, ids, 6, images, block_size=4)
-    tokens = list(ids)
-    for _ in range(6):  # transformers' greedy loop, recomputed in full each step
-        tokens.append(int(hf_logits(hf, tokens, images)[-1].argmax()))
-    assert got == tokens[len(ids) :], f"seed={seed}"
+    got = greedy_generate(ours, ids, new_tokens, images, block_size=4)
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]),
+            **hf_image_inputs(images),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert got == out[0, len(ids) :].tolist(), f"seed={seed}"
+    return got

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from mistralpy.checkpoint.loader import load_model
-from mistralpy.kernels.attention import build_metadata
+from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
 from mistralpy.model.config import read_config
-from mistralpy.model.mistral3 import allocate_kv_caches
 from mistralpy.processing.chat_template import ChatTemplate, build_chat_prompt
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.quant.isq import QuantizedLinear
@@ -54,7 +53,9 @@ def our_logits(model, ids: list[int]) -> torch.Tensor:
     """(T, vocab) float32 logits of one prefill of `ids`."""
     n, bs = len(ids), 16
     blocks = -(-n // bs)
-    caches = allocate_kv_caches(model.config.text_config, blocks, bs, torch.float32, "cpu")
+    caches = allocate_kv_caches(
+        KVCacheSpec.of_text(model.config.text_config, bs, torch.float32), blocks, "cpu"
+    )
     attn = build_metadata([n], [n], [list(range(blocks))], bs, torch.device("cpu"))
     hidden = model(torch.tensor(ids), torch.arange(n), attn, caches)
     return model.compute_logits(hidden)

@@ -40,29 +40,9 @@ def fake_server_with_key() -> Iterator[str]:
     stop_server(proc)
 
 
-def real_stack_available() -> bool:
-    """True once the engine, model and processing parts are merged into this tree."""
-    import importlib.util
-
-    needed = (
-        "mistralpy.engine.engine",
-        "mistralpy.runner.model_runner",
-        "mistralpy.model.mistral3",
-        "mistralpy.processing.chat_template",
-        "mistralpy.processing.images",
-        "mistralpy.testing.tiny_checkpoint",
-    )
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in needed)
-    except ModuleNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory) -> Iterator[str]:
     """A real `mistralpy serve demo` subprocess on the tiny checkpoint (CPU, float32)."""
-    if not real_stack_available():
-        pytest.skip("the engine/model stack is not merged into this tree yet")
     media = tmp_path_factory.mktemp("media")
     port = free_port()
     proc = start_server(

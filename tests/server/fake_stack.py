@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from mistralpy.api.chat import ChatService, InvalidRequest
+from mistralpy.engine.sequence import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 
 OFFSET = 10  # token ids below this are "special"
 TOOL_REPLY = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}]'
@@ -75,46 +76,6 @@ class FakePrompts:
         return FakePrompt(list(ids))
 
 
-@dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top_logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    token_ids: list[int]
-    text: str
-    delta_text: str
-    delta_token_ids: list[int]
-    logprobs: list | None
-    finish_reason: str | None
-    stop_reason: str | int | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
-    error: str | None = None
-
-
 def reply_text(prompt_ids: list[int], params, index: int) -> str:
     """The fake model's full answer: tool call on "weather", else words from the prompt."""
     text = FakeTokenizer().decode(prompt_ids)
@@ -163,7 +124,7 @@ class FakeEngine:
         limit = min(params.max_tokens or room, room)
         replies = [tok.encode(reply_text(prompt.token_ids, params, i)) for i in range(params.n)]
         outs = [
-            CompletionOutput(i, [], "", "", [], [] if params.logprobs else None, None)
+            CompletionOutput(i, [], "", "", [], [] if params.logprobs else None, None, None)
             for i in range(params.n)
         ]
         self.active.add(request_id)
@@ -222,6 +183,7 @@ def _copy(o: CompletionOutput) -> CompletionOutput:
         list(o.delta_token_ids),
         None if o.logprobs is None else list(o.logprobs),
         o.finish_reason,
+        o.stop_reason,
     )
 
 

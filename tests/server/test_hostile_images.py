@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.server.conftest import free_port, real_stack_available, start_server, stop_server
+from tests.server.conftest import free_port, start_server, stop_server
 
 SLOW_S = 1.5
 
@@ -71,8 +71,6 @@ def slow_images() -> Iterator[tuple[str, Counter]]:
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[str]:
     """`serve demo` that may fetch loopback image URLs (the slow server above)."""
-    if not real_stack_available():
-        pytest.skip("the engine/model stack is not merged into this tree yet")
     port = free_port()
     args = ["-m", "mistralpy.server.cli", "serve", "demo", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--device", "cpu", "--max-model-len", "2048"]

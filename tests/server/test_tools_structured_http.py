@@ -21,7 +21,7 @@ import pytest
 
 from tests.random_schemas import random_schema, random_tool
 from tests.seeds import fresh_seeds
-from tests.server.conftest import free_port, real_stack_available, start_server, stop_server
+from tests.server.conftest import free_port, start_server, stop_server
 
 SEEDS = fresh_seeds(8, "tools-http")
 TOOL_CALLS_ID = 9  # the tiny checkpoint's [TOOL_CALLS] (checked against /detokenize below)
@@ -35,8 +35,6 @@ ASK = [
 def demo_server() -> Iterator[str]:
     """`mistralpy serve demo` as in conftest, with room for several rounds of forced calls
     (a "required" call list has no length limit but the context)."""
-    if not real_stack_available():
-        pytest.skip("the engine/model stack is not merged into this tree yet")
     port = free_port()
     args = ["-m", "mistralpy.server.cli", "serve", "demo", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--device", "cpu", "--max-model-len", "4096"]

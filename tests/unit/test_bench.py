@@ -20,14 +20,9 @@ import pytest
 from mistralpy.api.chat import ChatService
 from mistralpy.bench.metrics import RequestResult, percentile, spread_itl, summarize
 from mistralpy.bench.serving import ServingConfig, fit_prompt, run_serving_bench
+from mistralpy.engine.sequence import CompletionOutput, RequestMetrics, RequestOutput
 from mistralpy.server import cli
-from tests.server.fake_stack import (
-    CompletionOutput,
-    FakePrompts,
-    FakeTokenizer,
-    RequestMetrics,
-    RequestOutput,
-)
+from tests.server.fake_stack import FakePrompts, FakeTokenizer
 
 GAP_S = 0.01  # the fake server's delay between chunks
 
@@ -182,7 +177,7 @@ class TwoTokenEngine:
 
     async def generate(self, request_id, prompt, params):
         self.prompts.append(list(prompt.token_ids))
-        out = CompletionOutput(0, [], "", "", [], None, None)
+        out = CompletionOutput(0, [], "", "", [], None, None, None)
         metrics = RequestMetrics(0.0)
         while len(out.token_ids) < params.max_tokens:
             await asyncio.sleep(0.001)

@@ -16,9 +16,7 @@ import pytest
 
 from tests.random_schemas import random_schema, random_tool
 from tests.seeds import fresh_seeds
-from tests.server.conftest import real_stack_available
 
-pytestmark = pytest.mark.skipif(not real_stack_available(), reason="engine stack not merged yet")
 SEEDS = fresh_seeds(4, "structured-api")
 NUM_SCHEMAS = 50
 ASK = [{"role": "user", "content": "Reply in JSON."}]

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-
 
 def interpreted_rows(script: str, *args: str) -> list[dict]:
     """Run `script` in a fresh Python with TRITON_INTERPRET=1; its JSON lines, parsed."""

@@ -21,11 +21,9 @@ from mistralpy.kernels.attention import (
 from mistralpy.kernels.attention import paged_attention as reference_paged_attention
 
 # first: it sets TRITON_INTERPRET before triton is imported (or reruns in a fresh process)
-from tests.unit import test_triton_attention as bf16_cases  # isort: skip
+from tests.kernels import test_triton_attention as bf16_cases  # isort: skip
+from tests.kernels.test_triton_attention import PagedCase, make_case, paged_ref
 from tests.triton_interp import rerun_in_interpreter
-from tests.unit.test_triton_attention import PagedCase, make_case, paged_ref
-
-pytest.importorskip("triton")
 
 ta = bf16_cases.ta  # the kernel module, built for the interpreter (a fixture)
 
@@ -177,13 +175,12 @@ STEPS = {  # (query_lens, seq_lens) of a decode step, a fresh prefill, a chunk o
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("kind", list(STEPS))
-def test_fp8_step_matches_the_cpu_reference(ta, kind, backend):
-    """Store then attend (the model's step: `triton_attention.paged_attention`, or the CUDA
-    backend's dispatch, here on the interpreter) equals `kernels.attention.paged_attention` on
-    the same fp8 cache, a new key past 448 * k_scale included (saturated, never inf/NaN). The
-    CUDA backend's fresh prefill attends over the unrounded K/V (flash SDPA): close, not equal."""
+def test_fp8_step_matches_the_cpu_reference(ta, kind):
+    """Store then attend (the CUDA backend's step, its Triton kernels on the interpreter)
+    equals `kernels.attention.paged_attention` on the same fp8 cache, a new key past
+    448 * k_scale included (saturated, never inf/NaN). A fresh prefill attends over the
+    unrounded K/V (flash SDPA): close, not equal."""
     from mistralpy.kernels.cuda_attention import CudaPagedAttention
 
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
@@ -198,7 +195,7 @@ def test_fp8_step_matches_the_cpu_reference(ta, kind, backend):
     k = torch.randn(sum(query_lens), hkv, d, generator=g)
     v = torch.randn(sum(query_lens), hkv, d, generator=g)
     scales = random_scales(g)
-    unrounded = backend == "cuda" and kind == "fresh"
+    unrounded = kind == "fresh"
     if not unrounded:  # (flash SDPA would see the raw outliers)
         k[0, 0, 0] = 1e6 * scales[0]
         v[-1, 1, 3] = -1e6 * scales[1]
@@ -208,8 +205,7 @@ def test_fp8_step_matches_the_cpu_reference(ta, kind, backend):
         max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )  # fmt: skip
     ref_cache = c.kv_cache.clone()
-    step = ta.paged_attention if backend == "triton" else CudaPagedAttention()
-    out = step(c.q, k, v, c.kv_cache, attn, c.scale, scales)
+    out = CudaPagedAttention()(c.q, k, v, c.kv_cache, attn, c.scale, scales)
     ref = reference_paged_attention(c.q, k, v, ref_cache, attn, c.scale, scales)
     assert torch.isfinite(out).all()
     assert torch.equal(fp8_bits(c.kv_cache), fp8_bits(ref_cache))
@@ -218,7 +214,7 @@ def test_fp8_step_matches_the_cpu_reference(ta, kind, backend):
         return
     flat = c.kv_cache.view(2, -1, hkv, d).float()
     assert flat[0, slots[0], 0, 0] == FP8_E4M3_MAX and flat[1, slots[-1], 1, 3] == -FP8_E4M3_MAX
-    check(out, ref.double(), torch.float32, f"fp8 {kind} step ({backend}) vs the CPU reference")
+    check(out, ref.double(), torch.float32, f"fp8 {kind} step vs the CPU reference")
 
 
 def test_rejects_bad_scales(ta):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from mistralpy.kernels import cuda_attention  # noqa: E402
+from mistralpy.kernels import cuda_attention
 
 
 @pytest.mark.parametrize(

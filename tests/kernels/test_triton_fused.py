@@ -16,14 +16,12 @@ if FRESH:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from tests.triton_interp import rerun_in_interpreter  # noqa: E402
-
-pytest.importorskip("triton")
+import triton  # noqa: E402, F401  (imported now, while TRITON_INTERPRET is set)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mistralpy.kernels import fused_ops as ref  # noqa: E402
+from tests.triton_interp import rerun_in_interpreter  # noqa: E402
 
 in_process = pytest.mark.skipif(not FRESH, reason="triton already imported: subprocess runs it")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,12 +1,8 @@
-"""The Python API on the real stack (tiny demo checkpoint, CPU). Skipped until merged."""
+"""The Python API on the real stack (tiny demo checkpoint, CPU)."""
 
 import asyncio
 
 import pytest
-
-from tests.server.conftest import real_stack_available
-
-pytestmark = pytest.mark.skipif(not real_stack_available(), reason="engine stack not merged yet")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("triton")
-
 SCRIPT = r"""
 import json, sys
 import torch

@@ -21,12 +21,11 @@ if FRESH:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from tests.triton_interp import rerun_in_interpreter  # noqa: E402
-
-pytest.importorskip("triton")
+import triton  # noqa: E402, F401  (imported now, while TRITON_INTERPRET is set)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from tests.triton_interp import rerun_in_interpreter  # noqa: E402
 
 in_process = pytest.mark.skipif(not FRESH, reason="triton already imported: subprocess runs it")
 
@@ -260,8 +259,10 @@ def test_varlen_matches_reference(ta, causal, dtype, hkv):
 
 @pytest.mark.parametrize("decode", [True, False])
 def test_paged_attention_stores_then_attends(ta, decode):
-    """paged_attention writes the new K/V at slot_mapping, then reads them back causally."""
+    """The CUDA backend's step (store, then the Triton decode or prefill kernel) writes the new
+    K/V at slot_mapping, then reads them back causally."""
     from mistralpy.kernels.attention import AttentionMetadata
+    from mistralpy.kernels.cuda_attention import CudaPagedAttention
 
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     page, hkv, d = 16, 2, 64
@@ -279,7 +280,7 @@ def test_paged_attention_stores_then_attends(ta, decode):
         slot_mapping=torch.tensor(slots), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )  # fmt: skip
-    out = ta.paged_attention(c.q, k, v, c.kv_cache, attn, c.scale)
+    out = CudaPagedAttention()(c.q, k, v, c.kv_cache, attn, c.scale)
     flat = c.kv_cache.view(2, -1, hkv, d)
     assert torch.equal(flat[0, torch.tensor(slots)], k)
     assert_close(out, paged_ref(c), torch.float32)
