@@ -917,7 +917,8 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
     row.extra.update(load_s=load_s, weights_gb=weights_gb, load_peak_gb=load_peak_gb,
-                     bits_per_weight=8e9 * weights_gb / model_params(model))  # fmt: skip
+                     bits_per_weight=8e9 * weights_gb / model_params(model),
+                     kernel_configs=chosen_kernel_configs(model))  # fmt: skip
     rows = [row]
     if "batch" in extra_rows:
         rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in batches(sizes)]
@@ -935,6 +936,21 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
             gc.collect()
             torch.cuda.empty_cache()
     return rows
+
+
+def chosen_kernel_configs(model: Any) -> dict[str, str]:
+    """The launch configs the load-time tuner chose, per weight shape (one entry per shape:
+    every layer of a shape gets the same choice)."""
+    out = {}
+    for module in model.modules():
+        kern = getattr(module, "kernel", None)
+        gemv, gemm = getattr(kern, "gemv", None), getattr(kern, "gemm", None)
+        shape = (getattr(kern, "out_features", None), getattr(kern, "in_features", None))
+        if gemv is not None and isinstance(gemm, dict):
+            out[f"{shape[0]}x{shape[1]}"] = f"gemv {gemv}; " + "; ".join(
+                f"m<={bm}: {cfg}" for bm, cfg in sorted(gemm.items())
+            )
+    return out
 
 
 BUDGET_GIB = 22  # a 24 GB card, less what a desktop and the CUDA context keep
