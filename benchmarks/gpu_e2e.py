@@ -884,28 +884,13 @@ def hf_encode(hf: tuple[Any, Any], pixels: torch.Tensor) -> torch.Tensor:
     return proj(feats.squeeze(0), sizes)
 
 
-# --isq-formats "q4k-float": q4k with the load-time GEMV tuner limited to the float-code
-# kernels (those before the dp4a kernel), a same-run baseline for the q4k row
-FLOAT_Q4K_GEMVS = "q4k-float"
-
-
 def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config,
             gen: torch.Generator, limits: dict, extra_rows: tuple[str, ...] = (),
             kv_dtypes: tuple[str, ...] = ("auto",)) -> list[Row]:  # fmt: skip
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if fmt == FLOAT_Q4K_GEMVS:
-        from mistralpy.kernels import triton_quant as tq
-
-        tune, float_only = tq.tune_q4k_gemv, tq.Q4K_FLOAT_GEMV_CANDIDATES
-        tq.tune_q4k_gemv = lambda packed, shape: tune(packed, shape, float_only)
-        try:
-            model = load_dummy_model(config, torch.bfloat16, device, isq="q4k")
-        finally:
-            tq.tune_q4k_gemv = tune
-    else:
-        model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
+    model = load_dummy_model(config, torch.bfloat16, device, isq=fmt)
     load_s = time.perf_counter() - t0
     weights_gb = load_peak_gb = 0.0
     if device.type == "cuda":
@@ -913,7 +898,7 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
         load_peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     engine = build_engine(model, sizes, device, 0.9)
     row = row_decode(engine, sizes, gen, limits)
-    target = {"q4k": 160, FLOAT_Q4K_GEMVS: 160, "fp8": 100}.get(fmt, 0)
+    target = {"q4k": 160, "fp8": 100}.get(fmt, 0)
     row.name, row.target, row.ok = f"decode bs1 @1k isq={fmt}", f">= {target}", row.value >= target
     row.limit = None
     row.extra.update(load_s=load_s, weights_gb=weights_gb, load_peak_gb=load_peak_gb,
@@ -1079,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=470.0)
     ap.add_argument("--isq-formats", default="q4k,fp8",
-                    help=f"formats of the isq rows; {FLOAT_Q4K_GEMVS}: q4k, float GEMVs only")  # fmt: skip
+                    help="formats of the isq rows")  # fmt: skip
     ap.add_argument("--isq-rows", default="decode",
                     help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
     ap.add_argument("--kv-cache-dtypes", default="auto",

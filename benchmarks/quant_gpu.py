@@ -1,17 +1,17 @@
 """CUDA: correctness and speed of the quantized matmuls at Mistral-Small-24B shapes.
 
-    PYTHONPATH=. python benchmarks/quant_gpu.py [--sections check,sweep,crossover,fp8,table]
+    PYTHONPATH=. python benchmarks/quant_gpu.py [--sections check,words,crossover,gemm,fp8,table]
         [--formats q4k,q8_0] [--batches 1,16] [--peak-gbs GBPS] [--json out.json]
         [--baseline OLD_TRITON_QUANT.py]
 
 Sections (each independent; a failure prints its traceback and the others still run):
 - check: every CUDA path (tinygemm q4k/q4_0/q4_1, W8A8 fp8 `_scaled_mm`, fused fp8 row
   quantizer, split-K q4k GEMV) against the dequantize + fp32 matmul oracle.
-- sweep: q4k batch-1 Triton GEMV launch configs per shape (GB/s, % of peak).
-- words: the word-code q4k GEMV (every tuning candidate, or with --words-candidates dp4a a
-  wider sweep of the int8-activation kernel; the load-time tuner's pick) vs
-  tinygemm vs the byte-wise GEMV, each streaming its weight from HBM (timed over enough
-  copies to defeat the 50 MB L2, as in a decode step).
+- words: the batch-1 q4k GEMV (every tuning candidate, or with --words-candidates dp4a a
+  wider sweep; the load-time tuner's pick) vs tinygemm, each streaming its weight from HBM
+  (timed over enough copies to defeat the 50 MB L2, as in a decode step).
+- gemm: the q4k decode GEMMs (swap-AB tl.dot, dp4a for up to 8 rows) per M bucket vs
+  tinygemm and bf16 cuBLAS, then dequantize + cuBLAS at prefill sizes.
 - crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
 - fp8: W8A8 `_scaled_mm` (fused activation quantizer) vs the Triton weight-only kernel.
 - table: the path QuantizedLinear picks, per format/shape/M, plus the batch-1 whole-model
@@ -156,39 +156,10 @@ def check(ctx: Ctx) -> None:
         for cfg in [
             tq.GemvConfig(4, 4, 2, split=4),
             tq.GemvConfig(8, 2, 2, split=2, stages=3),
-            tq.GemvConfig(4, 2, 1, split=4, words=True),
+            tq.GemvConfig(8, 1, 1, split=4, x_inline=True),
         ]:
             y = tq.TritonQ4KMatmul(packed, shape, cfg)(x_of(1, shape[1], ctx.dev))
             print(f"CHECK q4k gemv {shape} {cfg}: rel_err {rel_err(y, ref):.2e}")
-
-
-SWEEP = [(4, 2, 1, 1), (4, 4, 2, 1), (8, 2, 2, 1), (2, 2, 1, 1), (4, 8, 4, 1)]  # bn bb warps st
-
-
-def sweep(ctx: Ctx) -> None:
-    f = get_format("q4k")
-    for name, shape in SHAPES.items():
-        packed = f.quantize(ctx.weight(shape))
-        x = x_of(1, shape[1], ctx.dev)
-        nbytes = packed.numel() + shape[1] * 2 + shape[0] * 2
-        best = None
-        for (bn, bb, warps, stages), split, words in itertools.product(
-            SWEEP, (1, 4), (False, True)
-        ):
-            cfg = tq.GemvConfig(bn, bb, warps, split, stages, words)
-            kern = tq.TritonQ4KMatmul(packed, shape, cfg)
-            try:
-                ms = bench_ms(kern, x, rep=30)
-            except Exception as e:  # a config that does not compile
-                print("sweep", name, cfg, "failed:", str(e)[:200])
-                continue
-            ctx.record("sweep", name, shape, "q4k", 1, ms, nbytes, kernel=str(cfg))
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        print(f"SWEEP BEST {name}: {best[1]} {best[0] * 1e3:.1f} us "
-              f"{nbytes / best[0] / 1e6 / ctx.args.peak_gbs * 100:.1f}%")  # fmt: skip
-        ctx.rows.append({"section": "sweep_best", "layer": name, "us": best[0] * 1e3,
-                         "config": str(best[1])})  # fmt: skip
 
 
 def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) -> float:
@@ -202,12 +173,11 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
 # --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
-    "float": tq.Q4K_FLOAT_GEMV_CANDIDATES,
     "prefetch": tuple(
         cfg for c in tq.Q4K_GEMV_CANDIDATES for cfg in (c, dataclasses.replace(c, prefetch=True))
     ),
     "dp4a": tuple(
-        tq.GemvConfig(bn, bb, warps, split=split, stages=stages, dp4a=True, x_inline=inline)
+        tq.GemvConfig(bn, bb, warps, split=split, stages=stages, x_inline=inline)
         for inline in (False, True)
         for bn, bb, warps in (
             (4, 1, 1),
@@ -227,63 +197,7 @@ WORDS_CANDIDATES = {
 }
 
 
-# the byte-wise GEMV's per-shape choice before the word-code kernel (session 1, H100-tuned)
-def _old_gemv_config(n: int, k: int) -> tq.GemvConfig:
-    if k >= 16384:
-        return tq.GemvConfig(4, 2, 1, split=4)
-    if n <= 8192:
-        return tq.GemvConfig(4, 4, 2, words=True)
-    return tq.GemvConfig(4, 2, 1)
-
-
-def ir_stats(ctx: Ctx) -> None:
-    """Counts in the compiled GEMV variants (layout conversions through shared memory,
-    barriers, vector loads, int-to-float conversions) for one 24B shape."""
-    import re
-
-    shape = SHAPES["gate_up"]
-    packed = get_format("q4k").quantize(ctx.weight(shape)[:4096].contiguous())
-    x = x_of(1, shape[1], ctx.dev)
-    variants = {
-        "bytes": tq.GemvConfig(8, 2, 1, words=True),
-        "bytes_magic": tq.GemvConfig(8, 2, 1, words=True, magic=True),
-        "half_chunks": tq.GemvConfig(8, 2, 2, half_chunks=True),
-        "dp4a": tq.GemvConfig(16, 1, 1, dp4a=True),
-        "dp4a_inline": tq.GemvConfig(32, 1, 2, dp4a=True, x_inline=True),
-    }
-    for cfg in variants.values():
-        tq.TritonQ4KMatmul(packed, (4096, shape[1]), cfg)(x)
-    kernels = {
-        "bytes": tq._q4k_gemv_kernel,
-        "half_chunks": tq._q4k_gemv_half_chunk_kernel,
-        "dp4a": tq._q4k_gemv_dp4a_kernel,
-    }
-    for kname, kern in kernels.items():
-        for dev_cache in kern.device_caches.values():
-            for key, compiled in dev_cache[0].items():
-                ttgir, ptx = compiled.asm.get("ttgir", ""), compiled.asm.get("ptx", "")
-                stats = {
-                    "convert_layout": ttgir.count("convert_layout"),
-                    "local_alloc": ttgir.count("local_alloc"),
-                    "bar.sync": len(re.findall(r"bar\.sync|barrier\.sync", ptx)),
-                    "ld.global.v4": len(re.findall(r"ld\.global[^\n]*\.v4", ptx)),
-                    "ld.global.v2": len(re.findall(r"ld\.global[^\n]*\.v2", ptx)),
-                    "ld.global scalar": len(re.findall(r"ld\.global(?![^\n]*\.v[24])", ptx)),
-                    "cvt.rn.f32.s32/u32": len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)),
-                    "shfl": ptx.count("shfl.sync"),
-                    "dp4a": ptx.count("dp4a"),
-                    "regs": getattr(compiled, "n_regs", None),
-                    "spills": getattr(compiled, "n_spills", None),
-                }
-                print(f"IR {kname} {str(key)[:80]}: {stats}", flush=True)
-                ctx.rows.append({"section": "ir", "kernel": kname, **stats})
-
-
 def words(ctx: Ctx) -> None:
-    try:
-        ir_stats(ctx)
-    except Exception:  # noqa: BLE001 - diagnostics only
-        traceback.print_exc()
     total: dict[str, float] = {}
     layer: dict[str, float] = {}  # one decoder layer's four GEMVs, ms
     layer_bytes = 0
@@ -357,10 +271,6 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
     t_tiny = bench_stream_ms(tiny, packed, x)
     ctx.record("words", name, shape, "q4k", 1, t_tiny, nbytes, rel_err(tiny(packed)(x), ref),
                "tinygemm")  # fmt: skip
-    old = _old_gemv_config(n, k)
-    t_old = bench_stream_ms(lambda p: tq.TritonQ4KMatmul(p, shape, old), packed, x)
-    y = tq.TritonQ4KMatmul(packed, shape, old)(x)
-    ctx.record("words", name, shape, "q4k", 1, t_old, nbytes, rel_err(y, ref), f"bytes {old}")
     best = (float("inf"), None)
     for cfg in WORDS_CANDIDATES[ctx.args.words_candidates]:
         kern = tq.TritonQ4KMatmul(packed, shape, cfg)
@@ -382,15 +292,15 @@ def _words_shape(ctx: Ctx, name: str, shape: tuple[int, int]) -> dict[str, float
                tune_s=tune_s)  # fmt: skip
     print(f"WORDS BEST {name}: {best[1]} {best[0] * 1e3:.1f} us "
           f"{nbytes / best[0] / 1e6 / ctx.args.peak_gbs * 100:.1f}% of peak; tinygemm "
-          f"{t_tiny * 1e3:.1f} us, bytes GEMV {t_old * 1e3:.1f} us, tuned pick {tuned} "
+          f"{t_tiny * 1e3:.1f} us, tuned pick {tuned} "
           f"{t_tuned * 1e3:.1f} us (tuning {tune_s:.1f} s)", flush=True)  # fmt: skip
     ctx.rows.append({"section": "words_best", "layer": name, "us": best[0] * 1e3,
                      "config": str(best[1]), "tinygemm_us": t_tiny * 1e3,
-                     "bytes_us": t_old * 1e3, "tuned_us": t_tuned * 1e3,
+                     "tuned_us": t_tuned * 1e3,
                      "tuned": str(tuned), "pct_peak": nbytes / best[0] / 1e6 /
                      ctx.args.peak_gbs * 100})  # fmt: skip
     base = _words_baseline(ctx, name, shape, packed, x, ref, nbytes)
-    return {"tinygemm": t_tiny, "bytes": t_old, "words": best[0], "tuned": t_tuned, **base}
+    return {"tinygemm": t_tiny, "words": best[0], "tuned": t_tuned, **base}
 
 
 def crossover(ctx: Ctx) -> None:
@@ -595,7 +505,6 @@ def table(ctx: Ctx) -> None:
 
 SECTIONS = {
     "check": check,
-    "sweep": sweep,
     "words": words,
     "crossover": crossover,
     "gemm": gemm,

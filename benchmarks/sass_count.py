@@ -69,9 +69,9 @@ DP4A_SIGNATURE = {
     "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_xm": "i32",
     "stride_ym": "i32", "split_blocks": "i32",
 }  # fmt: skip
-HALF_CHUNK_SIGNATURE = {
-    "x_ptr": "*bf16", "wb_ptr": "*u8", "wi_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
-    "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+GEMM_DP4A_SIGNATURE = {
+    "xq_ptr": "*i32", "xs_ptr": "*fp32", "wi_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+    "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
     "split_blocks": "i32",
 }  # fmt: skip
 
@@ -94,17 +94,23 @@ def dp4a_instructions_per_weight(
 
 
 def main() -> None:
-    runs = [("half_chunks", tq._q4k_gemv_half_chunk_kernel, HALF_CHUNK_SIGNATURE, (16, 1, 1), {})]
     for bn, bb, warps in ((8, 1, 1), (16, 1, 1), (32, 1, 2), (16, 2, 1)):
         for inline, prefetch in ((False, False), (True, False), (False, True)):
-            runs.append((f"dp4a x_inline={inline} prefetch={prefetch}", tq._q4k_gemv_dp4a_kernel,
-                         DP4A_SIGNATURE, (bn, bb, warps),
-                         {"X_INLINE": inline, "ASM": True, "PREFETCH": prefetch}))  # fmt: skip
-    for name, fn, sig, (bn, bb, warps), extra in runs:
-        const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, **extra}
-        per_weight, ops = _per_weight(compile_sm90(fn, sig, const, warps), bn, bb, warps)
-        print(f"{name:36} bn={bn:<3} bb={bb} warps={warps}: {per_weight:.2f} instr/weight "
-              f"{dict(ops.most_common(10))}", flush=True)  # fmt: skip
+            const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, "X_INLINE": inline,
+                     "ASM": True, "PREFETCH": prefetch}  # fmt: skip
+            compiled = compile_sm90(tq._q4k_gemv_dp4a_kernel, DP4A_SIGNATURE, const, warps)
+            per_weight, ops = _per_weight(compiled, bn, bb, warps)
+            print(f"GEMV x_inline={inline!s:5} prefetch={prefetch!s:5} bn={bn:<3} bb={bb} "
+                  f"warps={warps}: {per_weight:.2f} instr/weight "
+                  f"{dict(ops.most_common(8))}", flush=True)  # fmt: skip
+    # the dp4a GEMM: one loop step is one block per weight row, for every row of x
+    for bn, bm, warps in ((8, 2, 1), (8, 4, 1), (32, 8, 4), (64, 8, 4)):
+        const = {"BN": bn, "BM": bm, "PARTIAL": False, "STAGES": 1, "ASM": True}
+        compiled = compile_sm90(tq._q4k_gemm_dp4a_kernel, GEMM_DP4A_SIGNATURE, const, warps)
+        per_weight, ops = _per_weight(compiled, bn, 1, warps)
+        print(f"GEMM rows={bm:<2} bn={bn:<3} warps={warps}: {per_weight:.2f} instr/weight = "
+              f"{per_weight / bm:.2f} per weight and row {dict(ops.most_common(8))}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,21 +33,10 @@ NATIVE_FORMATS = ("q4k", "q8_0")
 
 
 @triton.jit
-def _q4k_scale_min(wb_ptr, base, s):
-    """6-bit (scale, min) of sub-block s (same shape as base) of the q4_K block at byte base."""
-    sp = wb_ptr + base + 4
-    t0 = tl.load(sp + s).to(tl.int32)
-    t1 = tl.load(sp + s + 4).to(tl.int32)
-    t2 = tl.load(sp + tl.where(s >= 4, s - 4, s)).to(tl.int32)
-    sc = tl.where(s < 4, t0 & 63, (t1 & 15) | ((t2 >> 6) << 4))
-    mn = tl.where(s < 4, t1 & 63, (t1 >> 4) | ((t0 >> 6) << 4))
-    return sc.to(tl.float32), mn.to(tl.float32)
-
-
-@triton.jit
 def _q4k_words_scale_min(w1, w2, w3, s):
-    """`_q4k_scale_min` from the header's scale words w1..w3 (int32, bytes 4..15 of the
-    block, same shape as s): byte i of the 12 scale bytes is word 1 + i // 4, bits 8 (i % 4)."""
+    """6-bit (scale, min) of sub-block s from a q4_K header's scale words w1..w3 (int32, bytes
+    4..15 of the block, same shape as s): byte i of the 12 scale bytes is word 1 + i // 4,
+    bits 8 (i % 4)."""
     sh = 8 * (s % 4)
     low = s < 4
     b_s = (tl.where(low, w1, w2) >> sh) & 255  # scale byte s
@@ -115,15 +104,11 @@ def _q4k_pair_scale_min(w1, w2, w3, c):
 
 
 @triton.jit
-def _q4k_tile(
-    wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, bend, BB: tl.constexpr,
-    WORDS: tl.constexpr, MAGIC: tl.constexpr = False,
-):  # fmt: skip
+def _q4k_tile(wb_ptr, wi_ptr, rows, rmask, b0, nblk, bend, BB: tl.constexpr):
     """Decode BB q4_K blocks (from b0, those below bend) of rows (BN,): codes lo/hi
     (BN, 4BB, 32) float32 and their scale/min products (BN, 4BB), for chunk j = 4 * block + c
-    holding sub-blocks 2c, 2c+1; rows are nblk blocks long. WORDS: read the 16-byte header
-    as four int32 words (wi_ptr, same buffer) instead of byte by byte. MAGIC: codes come
-    back as 1 + q / 16 (the bit trick of `_q4k_gemv_half_chunk_kernel`)."""
+    holding sub-blocks 2c, 2c+1; rows are nblk blocks long. The 16-byte header is read as
+    four int32 words through wi_ptr (the same buffer)."""
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     blk = b0 + j // 4
@@ -134,19 +119,9 @@ def _q4k_tile(
     qp = wb_ptr + base[:, :, None] + 16 + c[None, :, None] * 32 + lane[None, None, :]
     qb = tl.load(qp, mask=ok[:, :, None], other=0).to(tl.int32)
     s_lo = tl.zeros_like(base).to(tl.int32) + 2 * c[None, :]
-    if WORDS:
-        d, dmin, sc_lo, m_lo, sc_hi, m_hi = _q4k_header(wi_ptr, base // 4, ok, s_lo)
-    else:
-        d = tl.load(wh_ptr + base // 2, mask=ok, other=0.0).to(tl.float32)
-        dmin = tl.load(wh_ptr + base // 2 + 1, mask=ok, other=0.0).to(tl.float32)
-        sc_lo, m_lo = _q4k_scale_min(wb_ptr, base, s_lo)
-        sc_hi, m_hi = _q4k_scale_min(wb_ptr, base, s_lo + 1)
-    if MAGIC:
-        q_lo = (((qb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        q_hi = (((qb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-    else:
-        q_lo = (qb & 15).to(tl.float32)
-        q_hi = (qb >> 4).to(tl.float32)
+    d, dmin, sc_lo, m_lo, sc_hi, m_hi = _q4k_header(wi_ptr, base // 4, ok, s_lo)
+    q_lo = (qb & 15).to(tl.float32)
+    q_hi = (qb >> 4).to(tl.float32)
     return q_lo, q_hi, d * sc_lo, dmin * m_lo, d * sc_hi, dmin * m_hi
 
 
@@ -196,93 +171,6 @@ def _q4k_store_rows(
                 total += tl.load(part, mask=rmask, other=0.0, cache_modifier=".cg")  # L2
             tl.store(y_ptr + m * stride_ym + rows, total.to(y_ptr.dtype.element_ty), mask=rmask)
             tl.store(cnt, 0)
-
-
-@triton.jit
-def _q4k_gemv_kernel(
-    x_ptr, wb_ptr, wh_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
-    split_blocks, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    WORDS: tl.constexpr, MAGIC: tl.constexpr,
-):  # fmt: skip
-    # grid (N / BN, splits, M): split s reduces blocks [s * split_blocks, (s + 1) *
-    # split_blocks); PARTIAL (more than one split): reduced in-kernel (`_q4k_store_rows`).
-    # MAGIC: codes decoded as f = 1 + q/16, so sum(q x) = 16 (sum(f x) - sum(x)).
-    s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
-    J: tl.constexpr = BB * 4
-    j = tl.arange(0, J)
-    lane = tl.arange(0, 32)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
-        q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-            wb_ptr, wh_ptr, wi_ptr, rows, rmask, b0, nblk, b_end, BB, WORDS, MAGIC
-        )
-        blk = b0 + j // 4
-        xo = blk * 256 + (j % 4) * 64
-        xm = (blk < b_end)[:, None]
-        xp = x_ptr + m * stride_xm + xo[:, None] + lane[None, :]
-        x_lo = tl.load(xp, mask=xm, other=0.0).to(tl.float32)  # (J, 32)
-        x_hi = tl.load(xp + 32, mask=xm, other=0.0).to(tl.float32)
-        dot_lo = tl.sum(q_lo * x_lo[None, :, :], axis=2)  # (BN, J)
-        dot_hi = tl.sum(q_hi * x_hi[None, :, :], axis=2)
-        xs_lo = tl.sum(x_lo, axis=1)[None, :]
-        xs_hi = tl.sum(x_hi, axis=1)[None, :]
-        if MAGIC:
-            dot_lo = 16.0 * (dot_lo - xs_lo)
-            dot_hi = 16.0 * (dot_hi - xs_hi)
-        part = s_lo * dot_lo - m_lo * xs_lo
-        part += s_hi * dot_hi - m_hi * xs_hi
-        acc += tl.sum(part, axis=1)
-    _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, acc, s, m, rows, rmask, N, stride_ym, PARTIAL)
-
-
-@triton.jit
-def _q4k_gemv_half_chunk_kernel(
-    x_ptr, wb_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym, split_blocks,
-    BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """Batch-1 q4_K GEMV whose per-step sums stay inside a thread: codes are read as
-    (BN, J, 2, 16) bytes (16 contiguous bytes = one 16-byte load per half of a 32-byte
-    chunk), so the dot products over the innermost 16 need no shuffles, and the scales are
-    applied to (BN, J, 2) partial sums. Codes decode as f = 1 + q/16 by a bit trick (the
-    code shifted to the top of a float32 mantissa under exponent 0: no int-to-float
-    conversion, a quarter-rate instruction on Hopper); a sub-block adds A S - (A + dmin m) X
-    with A = 16 d sc, S = sum(f x), X = sum(x). Grid (N / BN, splits, M); PARTIAL as
-    `_q4k_gemv_kernel`. On H100 the fastest q4k GEMV for the large 24B shapes
-    (benchmarks/quant_gpu.py, section words)."""
-    s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
-    J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes) per step
-    j = tl.arange(0, J)
-    h = tl.arange(0, 2)
-    e = tl.arange(0, 16)
-    in_chunk = (16 * h)[:, None] + e[None, :]  # (2, 16) byte (and low-nibble weight) in chunk
-    row_bytes = rows.to(tl.int64) * (nblk * 144)
-    acc = tl.zeros((BN, J, 2), dtype=tl.float32)
-    x_row = x_ptr + m * stride_xm
-    for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
-        blk = b0 + j // 4
-        c = j % 4
-        ok_j = blk < b_end
-        ok = rmask[:, None] & ok_j[None, :]
-        base = row_bytes[:, None] + blk[None, :] * 144  # (BN, J) block start byte
-        qp = wb_ptr + (base + 16 + c[None, :] * 32)[:, :, None, None] + in_chunk[None, None]
-        qb = tl.load(qp, mask=ok[:, :, None, None], other=0).to(tl.int32)  # (BN, J, 2, 16)
-        xo = (blk * 256 + c * 64)[:, None, None] + in_chunk[None]  # (J, 2, 16)
-        x_lo = tl.load(x_row + xo, mask=ok_j[:, None, None], other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + xo + 32, mask=ok_j[:, None, None], other=0.0).to(tl.float32)
-        f_lo = (((qb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        f_hi = (((qb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        s_lo = tl.sum(f_lo * x_lo[None], axis=3)  # (BN, J, 2)
-        s_hi = tl.sum(f_hi * x_hi[None], axis=3)
-        xs_lo = tl.sum(x_lo, axis=2)[None]  # (1, J, 2)
-        xs_hi = tl.sum(x_hi, axis=2)[None]
-        sub = 2 * c[None, :] + tl.zeros((BN, J), dtype=tl.int32)
-        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_header(wi_ptr, base // 4, ok, sub)
-        a_lo = (16.0 * d * sc_lo)[:, :, None]
-        a_hi = (16.0 * d * sc_hi)[:, :, None]
-        acc += a_lo * s_lo - (a_lo + (dmin * mn_lo)[:, :, None]) * xs_lo
-        acc += a_hi * s_hi - (a_hi + (dmin * mn_hi)[:, :, None]) * xs_hi
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    _q4k_store_rows(y_ptr, ws_ptr, cnt_ptr, out, s, m, rows, rmask, N, stride_ym, PARTIAL)
 
 
 @triton.jit
@@ -367,14 +255,15 @@ def _q4k_gemv_dp4a_kernel(
     sub-block adds d sc (dx dot(q, xq) + 8 r) - dmin m sum(x), r the group's residual: the
     int8 error then enters as sum((q - 8) e), not sum(q e) (codes centred as in the
     `group_affine` oracle: half the error). About 2 SASS instructions per weight in the main
-    loop against ~6.3 for the float kernels, which were instruction-bound on H100
-    (benchmarks/sass_count.py). The int8 rounding of x costs ~0.5% relative error in y
+    loop against ~6.3 for the float-code GEMVs it replaced, which were instruction-bound on
+    H100 (benchmarks/sass_count.py; BENCHMARKS.md has their figures, git their code). The int8 rounding of x costs ~0.5% relative error in y
     (q4_K's own is ~5%).
     X_INLINE: each program quantizes the x slices it reads (no extra launch; the work
     repeats per row tile); else x comes quantized by `_q8_quant_kernel` in xq (words) and
     xs (scale, sum, residual per group). PREFETCH: the next step's codes and headers are
     loaded before this step's arithmetic (double-buffered in registers: twice the bytes in
-    flight per warp). Grid (N / BN, splits, M); PARTIAL as `_q4k_gemv_kernel`."""
+    flight per warp). Grid (N / BN, splits, M); PARTIAL: split-K partials summed in the
+    kernel (`_q4k_store_rows`)."""
     s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
     J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes = 8 words) per step
     j = tl.arange(0, J)
@@ -628,9 +517,7 @@ def _q4k_dequant_kernel(wb_ptr, wi_ptr, out_ptr, N, K, BN: tl.constexpr, BB: tl.
     rmask = rows < N
     nblk = K // 256
     b0 = tl.program_id(1) * BB
-    q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(
-        wb_ptr, wb_ptr, wi_ptr, rows, rmask, b0, nblk, nblk, BB, True, False
-    )
+    q_lo, q_hi, s_lo, m_lo, s_hi, m_hi = _q4k_tile(wb_ptr, wi_ptr, rows, rmask, b0, nblk, nblk, BB)
     J: tl.constexpr = BB * 4
     j = tl.arange(0, J)
     lane = tl.arange(0, 32)
@@ -791,47 +678,31 @@ class _TritonMatmul(QuantMatmul):
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch parameters of the q4_K batch-1 kernel."""
+    """Launch parameters of the q4_K batch-1 kernel (`_q4k_gemv_dp4a_kernel`)."""
 
     bn: int  # output rows per program
     bb: int  # 256-weight blocks per loop step
     warps: int
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
     stages: int = 1  # software pipelining depth of the block loop
-    words: bool = False  # read block headers as int32 words (4 loads, not 8 per chunk)
-    magic: bool = False  # byte kernel: codes to float by bit trick, not int-to-float cvt
-    half_chunks: bool = False  # `_q4k_gemv_half_chunk_kernel` (in-thread 16-byte sums)
-    dp4a: bool = False  # `_q4k_gemv_dp4a_kernel` (int8 x, integer dot products)
-    x_inline: bool = False  # dp4a: each program quantizes x itself (no separate launch)
-    prefetch: bool = False  # dp4a: load the next step's codes during this step's arithmetic
+    x_inline: bool = False  # each program quantizes x itself (no separate launch)
+    prefetch: bool = False  # load the next step's codes during this step's arithmetic
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
 def q4k_gemv_config(n: int, k: int) -> GemvConfig:
-    """Untimed default (CPU interpreter, or when no timing is wanted): the half-chunk kernel,
-    split-K for long rows (down_proj) so every SM has enough bytes in flight."""
-    return GemvConfig(16, 1, 1, split=4 if k >= 16384 else 1, half_chunks=True)
+    """Untimed default (CPU interpreter, or when no timing is wanted): 8-row tiles, split-K
+    for long rows (down_proj) so every SM has enough bytes in flight."""
+    return GemvConfig(8, 1, 1, split=4 if k >= 16384 else 1)
 
 
-# The float-code GEMVs that the tuner chose from before the dp4a kernel: the winners per
-# 24B shape on H100 of a 100-config sweep (the half-chunk kernel for the large shapes, the
-# byte kernel for the small ones) plus split-K 2 / 8 / 16 of the half-chunk kernel. Exact
-# in x (no int8 rounding), 1.2-1.6x slower on H100; kept as benchmarks' same-run baseline.
-Q4K_FLOAT_GEMV_CANDIDATES = tuple(
-    GemvConfig(bn, bb, 1, split=split, half_chunks=True)
-    for bn, bb in ((4, 2), (8, 1), (8, 2), (16, 1), (16, 2))
-    for split in (1, 2, 4, 8, 16)
-) + tuple(
-    GemvConfig(bn, bb, warps, words=True, magic=True)
-    for bn, bb, warps in ((4, 4, 1), (4, 4, 2), (8, 2, 1))
-)
 # Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the dp4a
 # kernel's best per 24B shape in a 36-config sweep on H100 (benchmarks/quant_gpu.py
 # --sections words --words-candidates dp4a, 2026-12-05: 8-row tiles with x quantized by its
 # own kernel for the large shapes, split-K 4 with x quantized inline for qkv and o) and
 # their neighbours (split 2 / 8, 2 blocks per step).
 Q4K_GEMV_CANDIDATES = tuple(
-    GemvConfig(bn, bb, warps, split=split, dp4a=True, x_inline=inline, prefetch=prefetch)
+    GemvConfig(bn, bb, warps, split=split, x_inline=inline, prefetch=prefetch)
     for bn, bb, warps, split, inline, prefetch in (
         (8, 1, 1, 1, False, False), (8, 1, 1, 2, False, False), (8, 1, 1, 4, False, False),
         (8, 1, 1, 8, False, False), (8, 2, 1, 1, False, False), (8, 2, 1, 4, False, False),
@@ -845,7 +716,7 @@ Q4K_GEMV_CANDIDATES = tuple(
 # output is right (benchmarks/quant_gpu.py --sections words --words-candidates prefetch
 # times them all).
 Q4K_GEMV_CANDIDATES += tuple(
-    GemvConfig(bn, bb, 1, split=split, dp4a=True, prefetch=True)
+    GemvConfig(bn, bb, 1, split=split, prefetch=True)
     for bn, bb, split in ((8, 1, 1), (8, 2, 1), (8, 1, 4))
 )
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
@@ -860,16 +731,14 @@ def _stream_ms(kernels: list, x: Tensor) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=10) / len(kernels)
 
 
-def tune_q4k_gemv(
-    packed: Tensor, shape: tuple[int, int], candidates=Q4K_GEMV_CANDIDATES
-) -> GemvConfig:
-    """The fastest batch-1 GEMV config among `candidates` for this q4_K weight shape. CUDA
-    only; run once per distinct shape at load (`mistralpy.quant.isq.KernelTuning`).
+def tune_q4k_gemv(packed: Tensor, shape: tuple[int, int]) -> GemvConfig:
+    """The fastest batch-1 GEMV config among `Q4K_GEMV_CANDIDATES` for this q4_K weight
+    shape. CUDA only; run once per distinct shape at load (`mistralpy.quant.isq.KernelTuning`).
 
     Timed as decode runs it: CUDA-graph replays over enough copies of the weight to stream
     from HBM (a 17 MB qkv weight timed alone sits in L2 and would favour other configs).
-    A candidate whose result on this weight strays from the exact float kernel's by more
-    than the int8 rounding of x can explain (2% of the output's norm) is never picked."""
+    A candidate whose result on this weight strays from dequantize + matmul by more than
+    the int8 rounding of x can explain (2% of the output's norm) is never picked."""
 
     n, k = shape
     copies = max(1, min(16, -(-_TUNE_STREAM_BYTES // packed.numel())))
@@ -877,8 +746,8 @@ def tune_q4k_gemv(
     x = torch.randn(1, k, device=packed.device, dtype=torch.bfloat16)
 
     best, best_t = q4k_gemv_config(n, k), float("inf")
-    want = TritonQ4KMatmul(packed, shape, best)(x).float()
-    for cfg in candidates:
+    want = x.float() @ TritonQ4KMatmul(packed, shape).dequantize(torch.float32).T
+    for cfg in Q4K_GEMV_CANDIDATES:
         if cfg.split > 1 and k // 256 // cfg.split < 2:  # splits of under 2 blocks per row
             continue
         try:
@@ -999,7 +868,7 @@ class TritonQ4KMatmul(_TritonMatmul):
         gemm: dict[int, GemmConfig] | None = None,
     ):
         self.out_features, self.in_features = shape
-        self.wb, self.wh, self.wi = packed, packed.view(torch.float16), packed.view(torch.int32)
+        self.wb, self.wi = packed, packed.view(torch.int32)
         self.gemv = gemv or q4k_gemv_config(*shape)
         gemm = gemm or {}
         self.gemm = {bm: gemm.get(bm) or q4k_gemm_config(*shape, bm) for bm in Q4K_GEMM_BUCKETS}
@@ -1048,27 +917,13 @@ class TritonQ4KMatmul(_TritonMatmul):
         split = triton.cdiv(nblk, split_blocks)
         tiles = triton.cdiv(self.out_features, cfg.bn)
         ws, cnt = self._scratch(y.device, m, split, tiles) if split > 1 else (y, y)
-        grid = (tiles, split, m)
-        if cfg.dp4a:
-            xq, xs = (x, x) if cfg.x_inline else self._quantized_x(x)
-            _q4k_gemv_dp4a_kernel[grid](
-                x, xq, xs, self.wi, y, ws, cnt, self.out_features, self.in_features,
-                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
-                PARTIAL=split > 1, STAGES=cfg.stages, X_INLINE=cfg.x_inline,
-                ASM=not self.interpret, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
-            )  # fmt: skip
-        elif cfg.half_chunks:
-            _q4k_gemv_half_chunk_kernel[grid](
-                x, self.wb, self.wi, y, ws, cnt, self.out_features, self.in_features,
-                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
-                PARTIAL=split > 1, STAGES=cfg.stages, num_warps=cfg.warps,
-            )  # fmt: skip
-        else:
-            _q4k_gemv_kernel[grid](
-                x, self.wb, self.wh, self.wi, y, ws, cnt, self.out_features, self.in_features,
-                x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb, PARTIAL=split > 1,
-                STAGES=cfg.stages, WORDS=cfg.words, MAGIC=cfg.magic, num_warps=cfg.warps,
-            )  # fmt: skip
+        xq, xs = (x, x) if cfg.x_inline else self._quantized_x(x)
+        _q4k_gemv_dp4a_kernel[(tiles, split, m)](
+            x, xq, xs, self.wi, y, ws, cnt, self.out_features, self.in_features,
+            x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
+            PARTIAL=split > 1, STAGES=cfg.stages, X_INLINE=cfg.x_inline,
+            ASM=not self.interpret, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
+        )  # fmt: skip
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.contiguous()

@@ -31,17 +31,17 @@ def test_quick_mode_runs_every_row(tmp_path):
 
 
 def test_isq_only_run_skips_the_bf16_model(tmp_path):
-    """`--rows isq` builds no bf16 engine; `q4k-float` (the float-GEMV baseline) is a row."""
+    """`--rows isq` builds no bf16 engine: one row per ISQ format."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_e2e
     finally:
         sys.path.pop(0)
-    argv = ["--quick", "--rows", "isq", "--isq-formats", "q4k,q4k-float", "--out", str(tmp_path)]
+    argv = ["--quick", "--rows", "isq", "--isq-formats", "q4k,fp8", "--out", str(tmp_path)]
     assert gpu_e2e.main(argv) == 0
     report = json.loads((tmp_path / "gpu_e2e.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    assert names == ["decode bs1 @1k isq=q4k", "decode bs1 @1k isq=q4k-float"], names
+    assert names == ["decode bs1 @1k isq=q4k", "decode bs1 @1k isq=fp8"], names
     assert all(r["value"] for r in report["rows"]), report["rows"]
     assert "engine_check" not in report and "load_s" not in report
 
