@@ -1,0 +1,93 @@
+"""Drafters and speculative configuration (pure; no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mistralpy.engine.speculative import (
+    NgramDrafter,
+    OracleDrafter,
+    SpeculativeConfig,
+    legacy_speculative_config,
+    parse_speculative_config,
+)
+from mistralpy.params import InvalidParameter
+
+
+def naive_ngram(ids, k, max_n, min_n):
+    """Oracle: try every n from long to short, scan every earlier start from the latest."""
+    for n in range(max_n, min_n - 1, -1):
+        if n >= len(ids):
+            continue
+        suffix = ids[len(ids) - n :]
+        for start in reversed(range(len(ids) - n)):
+            if ids[start : start + n] == suffix:
+                return ids[start + n : start + n + k]
+    return []
+
+
+def test_ngram_continues_latest_match_of_longest_suffix():
+    ids = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    # suffix [2, 3] occurs at 1 and 5; the latest one (5) is followed by 7, 8, 5
+    assert NgramDrafter(4, 2).propose(ids, 3) == [7, 8, 5]
+    assert NgramDrafter(4, 2).propose([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert NgramDrafter(3, 1).propose([5, 6, 5], 4) == [6, 5]  # the draft may run to the end
+
+
+def test_ngram_matches_naive_oracle_on_random_sequences():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        ids = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        max_n = rng.randrange(1, 5)
+        min_n = rng.randrange(1, max_n + 1)
+        k = rng.randrange(1, 6)
+        assert NgramDrafter(max_n, min_n).propose(ids, k) == naive_ngram(ids, k, max_n, min_n)
+
+
+def test_oracle_drafter_alpha_bounds():
+    truth = list(range(100, 140))
+    exact = OracleDrafter(3, truth, 1.0, 1000, seed=1)
+    assert exact.propose([0, 0, 0, 100, 101], 4) == [102, 103, 104, 105]
+    wrong = OracleDrafter(3, truth, 0.0, 1000, seed=1)
+    draft = wrong.propose([0, 0, 0], 40)
+    assert len(draft) == 40 and all(d != t for d, t in zip(draft, truth))
+    half = OracleDrafter(0, truth * 50, 0.5, 1000, seed=2).propose([], 2000)
+    right = sum(d == t for d, t in zip(half, truth * 50)) / 2000
+    assert 0.45 < right < 0.55
+
+
+def test_parse_speculative_config_vllm_forms():
+    cfg = parse_speculative_config(
+        '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
+    )
+    assert cfg == SpeculativeConfig("ngram", 4, 4, 4)
+    assert parse_speculative_config(None) is None
+    legacy = legacy_speculative_config("[ngram]", 3)
+    assert legacy is not None and legacy.num_speculative_tokens == 3
+    assert legacy_speculative_config(None, None) is None
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("{not json", "speculative_config"),
+        ('{"method": "eagle"}', "method"),
+        ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": "4"}', "num_speculative_tokens"),
+        ('{"method": "ngram", "prompt_lookup_max": 2, "prompt_lookup_min": 3}', "prompt_lookup"),
+        ('{"method": "ngram", "typo": 1}', "typo"),
+        ('{"model": "/models/draft", "num_speculative_tokens": 4}', "not supported yet"),
+        ('{"num_speculative_tokens": 4}', "method"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_invalid_speculative_config_names_the_problem(value, words):
+    with pytest.raises(InvalidParameter, match=words):
+        parse_speculative_config(value)
+
+
+def test_legacy_tokens_without_model_is_an_error():
+    with pytest.raises(InvalidParameter, match="speculative-model"):
+        legacy_speculative_config(None, 4)
