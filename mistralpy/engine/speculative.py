@@ -36,6 +36,14 @@ class Drafter(Protocol):
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding of one request: who drafts, and up to how many tokens a step."""
+
+    drafter: Drafter
+    num_speculative_tokens: int
+
+
+@dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's `--speculative-config` for the methods we serve. Validated at construction."""
 
@@ -54,8 +62,10 @@ class SpeculativeConfig:
         _check_int(self.prompt_lookup_min, "prompt_lookup_min", 1, 64)
         _check_int(self.prompt_lookup_max, "prompt_lookup_max", self.prompt_lookup_min, 64)
 
-    def drafter(self) -> Drafter:
-        return NgramDrafter(self.prompt_lookup_max, self.prompt_lookup_min)
+    def speculation(self) -> Speculation:
+        """What a request gets by default under this configuration."""
+        drafter = NgramDrafter(self.prompt_lookup_max, self.prompt_lookup_min)
+        return Speculation(drafter, self.num_speculative_tokens)
 
 
 def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | None:

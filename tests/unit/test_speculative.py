@@ -91,3 +91,22 @@ def test_invalid_speculative_config_names_the_problem(value, words):
 def test_legacy_tokens_without_model_is_an_error():
     with pytest.raises(InvalidParameter, match="speculative-model"):
         legacy_speculative_config(None, 4)
+
+
+def test_cli_flags_vllm_forms_and_errors():
+    from mistralpy.server.cli import build_parser, model_options
+
+    parser = build_parser()
+
+    def parsed(*flags):
+        return model_options(parser.parse_args(["serve", *flags])).speculative_config
+
+    new = parsed("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert new == SpeculativeConfig("ngram", 3, 5, 5)
+    old = parsed("--speculative-model", "[ngram]", "--num-speculative-tokens", "2")
+    assert old is not None and old.num_speculative_tokens == 2
+    assert parsed() is None
+    with pytest.raises(SystemExit, match="not supported yet"):
+        parsed("--speculative-model", "/models/draft")
+    with pytest.raises(SystemExit, match="not both"):
+        parsed("--speculative-config", '{"method": "ngram"}', "--speculative-model", "[ngram]")
