@@ -86,7 +86,8 @@ class EngineStats:
     num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     num_generated_tokens: int = 0
     num_preemptions: int = 0
-    num_draft_tokens: int = 0  # speculative decoding: drafted tokens verified
+    num_drafts: int = 0  # speculative decoding: verify steps
+    num_draft_tokens: int = 0  # drafted tokens verified
     num_accepted_tokens: int = 0  # of those, accepted
 
 
@@ -497,7 +498,9 @@ class LLMEngine:
         if drafted:
             accepted = len(tokens) - 1
             metrics = self._request_of[s.seq.seq_id].metrics
+            metrics.num_drafts += 1
             metrics.num_draft_tokens += drafted
+            self.stats.num_drafts += 1
             metrics.num_accepted_tokens += accepted
             self.stats.num_draft_tokens += drafted
             self.stats.num_accepted_tokens += accepted

@@ -55,6 +55,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     # speculative decoding, over the request's sequences (vLLM's spec-decode counters)
+    num_drafts: int = 0  # verify steps (each checks one draft of up to k tokens)
     num_draft_tokens: int = 0  # drafted tokens verified by the target
     num_accepted_tokens: int = 0  # of those, accepted (emitted without a forward of their own)
 

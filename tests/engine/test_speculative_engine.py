@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mistralpy.api.chat import final_usage
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine
 from mistralpy.engine.speculative import NgramDrafter, OracleDrafter, Speculation
@@ -108,6 +109,8 @@ def test_greedy_speculative_equals_plain_greedy(ckpt, loaded, prefix_caching):
         assert [c.text for c in got.outputs] == [c.text for c in want.outputs]
     m = outs[1].metrics  # alpha 1: every draft accepted, ~5 tokens a step
     assert m.num_accepted_tokens == m.num_draft_tokens > 0
+    assert final_usage(outs[1])["speculative"]["acceptance_rate"] == 1.0
+    assert "speculative" not in final_usage(outs[0])
     assert outs[4].metrics.num_accepted_tokens == 0 < outs[4].metrics.num_draft_tokens
     assert outs[0].metrics.num_draft_tokens == 0
     assert engine.stats.num_accepted_tokens > 0

@@ -110,3 +110,37 @@ def test_cli_flags_vllm_forms_and_errors():
         parsed("--speculative-model", "/models/draft")
     with pytest.raises(SystemExit, match="not both"):
         parsed("--speculative-config", '{"method": "ngram"}', "--speculative-model", "[ngram]")
+
+
+def test_usage_and_prometheus_counters():
+    from types import SimpleNamespace
+
+    from mistralpy.api.chat import usage_dict
+    from mistralpy.server.app import ServerMetrics
+
+    metrics = SimpleNamespace(
+        arrival_time=0.0,
+        first_scheduled_time=0.0,
+        first_token_time=0.5,
+        finished_time=1.0,
+        num_drafts=4,
+        num_draft_tokens=16,
+        num_accepted_tokens=12,
+    )
+    usage = usage_dict(10, 20, metrics)
+    assert usage["speculative"] == {
+        "num_drafts": 4,
+        "num_draft_tokens": 16,
+        "num_accepted_tokens": 12,
+        "acceptance_rate": 0.75,
+        "mean_acceptance_length": 4.0,
+    }
+    plain = SimpleNamespace(**{**vars(metrics), "num_drafts": 0})
+    assert "speculative" not in usage_dict(10, 20, plain)
+    server = ServerMetrics(None)
+    server.record_usage(usage)
+    server.record_usage(usage_dict(10, 20, plain))
+    text = server.render().decode()
+    assert "mistralpy_spec_decode_num_draft_tokens_total 16.0" in text
+    assert "mistralpy_spec_decode_num_accepted_tokens_total 12.0" in text
+    assert "mistralpy_spec_decode_num_drafts_total 4.0" in text
