@@ -13,7 +13,7 @@ probability 1 - alpha, and the same request is decoded speculatively. Decode tok
 verify step runs eagerly (CUDA graphs hold one token per sequence); plain decode uses the
 graphs (CUDA) or the fused CPU decode step.
 
-Real-model row (--real-model): the SmolLM2 GGUF on CPU, a rewrite prompt whose answer copies
+Each row is the fastest of `--rounds` runs. Real-model row (--real-model): the SmolLM2 GGUF on CPU, a rewrite prompt whose answer copies
 its input; plain greedy vs n-gram prompt lookup (`--ngram-k`, lookup 4..2), asserting the
 speculative output equals the plain output token for token.
 """
@@ -42,7 +42,9 @@ REWRITE = (
     "The river Thames flows through London. It is the longest river entirely in England. "
     "The river has been a trade route for centuries, and many bridges cross it. Tower Bridge "
     "is the most famous of them, and it opens to let tall ships pass. Every year a boat race "
-    "between two universities is rowed on the river in the spring."
+    "between two universities is rowed on the river in the spring. In the past the river "
+    "froze in hard winters, and fairs were held on the ice. Today boats carry visitors from "
+    "Westminster to Greenwich, past the old docks and the new towers of the city."
 )
 
 
@@ -65,6 +67,15 @@ def decode(
     tokens = final.outputs[0].token_ids
     rate = (len(tokens) - 1) / (last - first) if last > first else float("nan")
     return tokens, rate, final.metrics
+
+
+def best_of(
+    rounds: int, engine: LLMEngine, ids: list[int], params: SamplingParams, spec: Any
+) -> tuple[list[int], float, Any]:
+    """`decode` `rounds` times (spec: a function making a fresh Speculation, or None); the
+    fastest round, since on a shared host a slower one measures the neighbours' load."""
+    runs = [decode(engine, ids, params, spec() if spec else None) for _ in range(rounds)]
+    return max(runs, key=lambda run: run[1])
 
 
 def row(mode: str, alpha: Any, k: Any, tokens: list[int], rate: float, base: float, m: Any) -> dict:
@@ -90,16 +101,19 @@ def forcing(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     warm, _, _ = decode(engine, ids, params, None)  # first use: JIT, tuning, prompt cached
     decode(engine, ids, params, Speculation(OracleDrafter(len(ids), warm, 0.9, vocab, 0), 4))
-    truth, base, m = decode(engine, ids, params, None)
+    truth, base, m = best_of(args.rounds, engine, ids, params, None)
     rows = [row("plain", None, None, truth, base, base, m)]
     for alpha in args.alphas:
         for k in args.ks:
-            drafter = OracleDrafter(len(ids), truth, alpha, vocab, args.seed)
-            tokens, rate, m = decode(engine, ids, params, Speculation(drafter, k))
+
+            def oracle(alpha: float = alpha, k: int = k) -> Speculation:
+                return Speculation(OracleDrafter(len(ids), truth, alpha, vocab, args.seed), k)
+
+            tokens, rate, m = best_of(args.rounds, engine, ids, params, oracle)
             r = row("oracle", alpha, k, tokens, rate, base, m)
             r["equal_to_plain"] = tokens == truth  # bf16 near-ties may differ on CUDA
             rows.append(r)
-    _, again, m = decode(engine, ids, params, None)  # drift check: same as the first?
+    _, again, m = best_of(args.rounds, engine, ids, params, None)  # drift check: same as the first?
     rows.append(row("plain again", None, None, truth, again, base, m))
     engine.shutdown()
     return {"rows": rows}
@@ -117,11 +131,14 @@ def real_model(args: argparse.Namespace) -> dict:
     ids = build_chat_prompt(engine.tokenizer, template, messages).token_ids
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     decode(engine, ids, params, Speculation(NgramDrafter(4, 2), 4))  # warm-up (first use)
-    truth, base, m = decode(engine, ids, params, None)
+    truth, base, m = best_of(args.rounds, engine, ids, params, None)
     rows = [row("plain", None, None, truth, base, base, m)]
     for k in args.ngram_ks:
-        spec = Speculation(NgramDrafter(4, 2), k)
-        tokens, rate, m = decode(engine, ids, params, spec)
+
+        def ngram(k: int = k) -> Speculation:
+            return Speculation(NgramDrafter(4, 2), k)
+
+        tokens, rate, m = best_of(args.rounds, engine, ids, params, ngram)
         if tokens != truth:
             raise AssertionError(f"n-gram k={k}: speculative output differs from plain greedy")
         rows.append(row("ngram 4..2", None, k, tokens, rate, base, m))
@@ -157,11 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--ngram-ks", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3, help="runs per row; the fastest counts")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.prompt_len, args.max_tokens = 64, 24
-        args.alphas, args.ks, args.ngram_ks = [0.0, 0.9], [2, 4], [4]
+        args.alphas, args.ks, args.ngram_ks, args.rounds = [0.0, 0.9], [2, 4], [4], 1
         args.device = "cpu" if args.device == "auto" else args.device
     return args
 

@@ -42,7 +42,7 @@ from mistralpy.engine.sequence import (
     TokenLogprob,
     now,
 )
-from mistralpy.engine.speculative import Speculation
+from mistralpy.engine.speculative import Speculation, draft_pause
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -478,6 +478,9 @@ class LLMEngine:
             k = min(seq.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
             if k <= 0 or seq.drafter is None or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
+            if seq.draft_pause > 0:
+                seq.draft_pause -= 1
+                continue
             drafts = seq.drafter.propose(seq.all_token_ids, k)[:k]
             # an image-token id would need image rows in the verify chunk: draft up to it
             if self.image_token_id in drafts:
@@ -505,6 +508,8 @@ class LLMEngine:
             self.stats.num_draft_tokens += drafted
             self.stats.num_accepted_tokens += accepted
             self.stats.num_generated_tokens += accepted
+            s.seq.draft_misses = 0 if accepted else s.seq.draft_misses + 1
+            s.seq.draft_pause = draft_pause(s.seq.draft_misses)
             self.scheduler.on_drafts_verified(s.seq, accepted)
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:

@@ -127,6 +127,8 @@ class Sequence:
         self.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
         # drafts of the step being scheduled: computed after all_token_ids, never part of them
         self.draft_ids: list[int] = []
+        self.draft_misses = 0  # verify steps in a row that accepted no draft
+        self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
 
     @property
     def num_prompt_tokens(self) -> int:

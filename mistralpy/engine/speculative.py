@@ -27,6 +27,7 @@ from mistralpy.params import InvalidParameter
 SPECULATIVE_METHODS = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 16  # a longer draft costs more per verify than it can win back
 NGRAM_MODEL_NAME = "[ngram]"  # vLLM's older `--speculative-model "[ngram]"`
+MAX_DRAFT_PAUSE = 15  # decode steps without drafting after repeated misses, at most
 
 
 class Drafter(Protocol):
@@ -120,6 +121,13 @@ def legacy_speculative_config(
     if num_speculative_tokens is not None:
         options["num_speculative_tokens"] = num_speculative_tokens
     return parse_speculative_config(options)
+
+
+def draft_pause(misses: int) -> int:
+    """Decode steps to take without drafting after `misses` verify steps in a row accepted
+    nothing: 0, 1, 3, 7, 15 (a verify costs more than a plain decode step, so a sequence
+    whose drafts keep failing decodes nearly as fast as without speculation)."""
+    return min(2 ** max(misses - 1, 0) - 1, MAX_DRAFT_PAUSE)
 
 
 class NgramDrafter:

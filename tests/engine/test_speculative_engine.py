@@ -112,6 +112,7 @@ def test_greedy_speculative_equals_plain_greedy(ckpt, loaded, prefix_caching):
     assert final_usage(outs[1])["speculative"]["acceptance_rate"] == 1.0
     assert "speculative" not in final_usage(outs[0])
     assert outs[4].metrics.num_accepted_tokens == 0 < outs[4].metrics.num_draft_tokens
+    assert outs[4].metrics.num_drafts <= 6  # drafts that keep failing pause drafting
     assert outs[0].metrics.num_draft_tokens == 0
     assert engine.stats.num_accepted_tokens > 0
     assert_no_leak(engine)

@@ -8,6 +8,7 @@ from mistralpy.engine.speculative import (
     NgramDrafter,
     OracleDrafter,
     SpeculativeConfig,
+    draft_pause,
     legacy_speculative_config,
     parse_speculative_config,
 )
@@ -56,6 +57,10 @@ def test_oracle_drafter_alpha_bounds():
     half = OracleDrafter(0, truth * 50, 0.5, 1000, seed=2).propose([], 2000)
     right = sum(d == t for d, t in zip(half, truth * 50)) / 2000
     assert 0.45 < right < 0.55
+
+
+def test_draft_pause_backs_off_exponentially():
+    assert [draft_pause(m) for m in range(7)] == [0, 0, 1, 3, 7, 15, 15]
 
 
 def test_parse_speculative_config_vllm_forms():
