@@ -363,7 +363,7 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: Any) -> dict
     total = max(finished - arrival, 0.0)
     prompt_time = max(first_tok - first_sched, 0.0)
     compl_time = max(finished - first_tok, 0.0)
-    return {
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
@@ -373,6 +373,26 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: Any) -> dict
         "total_time_sec": total,
         "total_prompt_time_sec": prompt_time,
         "total_completion_time_sec": compl_time,
+    }
+    speculative = speculative_usage(metrics)
+    if speculative is not None:
+        usage["speculative"] = speculative
+    return usage
+
+
+def speculative_usage(metrics: Any) -> dict | None:
+    """Speculative decoding's counters of a request (vLLM's spec-decode metric names), or
+    None when it verified no draft. Mean acceptance length: tokens a verify step emitted."""
+    drafts = getattr(metrics, "num_drafts", 0)
+    if not drafts:
+        return None
+    draft_tokens, accepted = metrics.num_draft_tokens, metrics.num_accepted_tokens
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": draft_tokens,
+        "num_accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+        "mean_acceptance_length": 1 + accepted / drafts,
     }
 
 

@@ -29,6 +29,7 @@ from mistralpy.api.types import (
     VisionArchitecture,
     dtype_name,
 )
+from mistralpy.engine.speculative import SpeculativeConfig, parse_speculative_config
 
 log = logging.getLogger("mistralpy")
 # --isq values (IsqType's, deduplicated: F8E4M3 is an alias of fp8)
@@ -62,6 +63,7 @@ class ModelOptions:
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
     kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3": 2x the KV tokens
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 @dataclass
@@ -171,6 +173,7 @@ def engine_config(options: ModelOptions) -> Any:
         tensor_parallel_size=options.tensor_parallel_size,
         enforce_eager=options.enforce_eager,
         kv_cache_dtype=options.kv_cache_dtype,
+        speculative_config=options.speculative_config,
         **extra,
     )
 
@@ -309,6 +312,7 @@ class Runner:
         load_format: str = "auto",
         tensor_parallel_size: int = 1,
         kv_cache_dtype: str = "auto",
+        speculative_config: str | dict | None = None,
     ):
         options = ModelOptions(
             model_id=which.model_id,
@@ -328,6 +332,7 @@ class Runner:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=memory_goal,
             kv_cache_dtype=kv_cache_dtype,
+            speculative_config=parse_speculative_config(speculative_config),
         )
         self._start(options)
 
@@ -485,6 +490,11 @@ class VisionModelBuilder:
     def with_kv_cache_dtype(self, kv_cache_dtype: str) -> VisionModelBuilder:
         """ "auto" (the model dtype) or "fp8" / "fp8_e4m3": twice the KV tokens of bf16."""
         return self._set(kv_cache_dtype=kv_cache_dtype)
+
+    def with_speculative_config(self, config: str | dict) -> VisionModelBuilder:
+        """vLLM's speculative config, e.g. {"method": "ngram", "num_speculative_tokens": 4};
+        raises InvalidParameter naming what is wrong."""
+        return self._set(speculative_config=parse_speculative_config(config))
 
     def _set(self, **changes: Any) -> VisionModelBuilder:
         self._options = replace(self._options, **changes)

@@ -88,6 +88,18 @@ class BlockManager:
             table.append(self._take_free_block())
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks of `seq`'s table past the first `num_tokens` tokens (grown for
+        drafted tokens that were rejected; never keyed, since they held no computed block)."""
+        table = self.tables.get(seq.seq_id, [])
+        keep = -(-num_tokens // self.block_size)
+        while len(table) > keep:
+            block = table.pop()
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0 and self.block_keys[block] is None
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release all blocks of `seq`; keyed ones stay cached until reused."""
         table = self.tables.pop(seq.seq_id, [])

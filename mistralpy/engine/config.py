@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mistralpy.engine.speculative import SpeculativeConfig
 from mistralpy.model.config import MODEL_DTYPES
 from mistralpy.params import InvalidParameter
 
@@ -38,6 +39,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks the decoder is split over (one process per device)
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs / tuned GEMVs (debugging, A/B)
     kv_cache_dtype: str = "auto"  # "fp8"/"fp8_e4m3": e4m3 KV + per-layer scales, 2x the tokens
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a path, hub id, 'smollm2' or 'demo'")

@@ -42,6 +42,7 @@ from mistralpy.engine.sequence import (
     TokenLogprob,
     now,
 )
+from mistralpy.engine.speculative import Speculation, draft_pause
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -86,6 +87,9 @@ class EngineStats:
     num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    num_drafts: int = 0  # speculative decoding: verify steps
+    num_draft_tokens: int = 0  # drafted tokens verified
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 @dataclass
@@ -191,10 +195,12 @@ class LLMEngine:
         prompt: ProcessedPrompt,
         params: SamplingParams,
         matchers: list[Any] | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         """Queue a request. Raises a ValueError subclass for a prompt or parameter the engine
         cannot serve (too long, empty, image/token mismatch, duplicate id, bad token ids).
-        matchers: `grammar_matchers(params)` made ahead on another thread (None: made here)."""
+        matchers: `grammar_matchers(params)` made ahead on another thread (None: made here).
+        speculation: this request's drafter and k (None: the engine's speculative_config)."""
         if request_id in self._requests:
             raise DuplicateRequestError(request_id)
         prompt_ids = list(prompt.token_ids)
@@ -209,6 +215,8 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         arrival = next(self._arrivals)
+        if speculation is None and self.config.speculative_config is not None:
+            speculation = self.config.speculative_config.speculation()
         seqs = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
@@ -223,6 +231,8 @@ class LLMEngine:
                 seed=seed,
                 parent_id=request_id,
                 index=index,
+                drafter=speculation.drafter if speculation is not None else None,
+                num_speculative_tokens=speculation.num_speculative_tokens if speculation else 0,
             )
             if index > 0 and self.config.enable_prefix_caching:
                 seq.wait_for = seqs[0].seq
@@ -267,6 +277,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return an output for every request that changed."""
         outputs, self._pending = self._pending, []
+        self._propose_drafts()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
@@ -282,7 +293,7 @@ class LLMEngine:
         for sid, token in result.sampled.items():
             request = self._request_of[sid]
             try:
-                self._on_token(self._state(request, sid), token)
+                self._on_tokens(self._state(request, sid), [*result.accepted.get(sid, []), token])
             except Exception as exc:  # e.g. a detokenizer bug: only this request fails
                 logger.exception("request %s failed", request.request_id)
                 outputs += self._fail_requests([request], exc)
@@ -311,17 +322,20 @@ class LLMEngine:
                 logger.exception("model step failed for request %s", requests[0].request_id)
                 return ModelOutput({}), self._fail_requests(requests, exc)
             logger.warning("model step failed (%s); retrying request by request", exc)
-        sampled: dict[str, SampledToken] = {}
+        merged = ModelOutput({})
         failed: list[RequestOutput] = []
         for request in requests:
             ids = {s.seq.seq_id for s in request.seqs}
             share = ScheduledBatch([w for w in batch.seqs if w.seq_id in ids])
             try:
-                sampled.update(self.runner.execute(share).sampled)
+                result = self.runner.execute(share)
             except Exception as exc:  # noqa: BLE001 - only this request fails
                 logger.exception("model step failed for request %s", request.request_id)
                 failed += self._fail_requests([request], exc)
-        return ModelOutput(sampled), failed
+                continue
+            merged.sampled.update(result.sampled)
+            merged.accepted.update(result.accepted)
+        return merged, failed
 
     def generate(
         self, prompts: list[ProcessedPrompt], params: SamplingParams | list[SamplingParams]
@@ -419,6 +433,7 @@ class LLMEngine:
         for sid, n in sched.num_new_tokens.items():
             seq = self.scheduler.requests[sid]
             start = seq.num_computed_tokens
+            real = n - len(seq.draft_ids)  # the rest are drafts to verify
             spec = None
             if sid in sampling:
                 grammar = self._state(self._request_of[sid], sid).grammar
@@ -426,15 +441,21 @@ class LLMEngine:
                 # generator: no per-sequence generator to create and draw from
                 seed = seq.seed if seq.params.seed is not None else None
                 spec = SampleSpec(
-                    seq.params, seq.prompt_token_ids, seq.output_token_ids, seed, grammar
+                    seq.params,
+                    seq.prompt_token_ids,
+                    seq.output_token_ids,
+                    seed,
+                    grammar,
+                    draft_ids=list(seq.draft_ids),
+                    speculative=seq.num_speculative_tokens > 0,
                 )
             seqs.append(
                 SeqWork(
                     seq_id=sid,
-                    token_ids=seq.all_token_ids[start : start + n],
+                    token_ids=seq.all_token_ids[start : start + real] + seq.draft_ids,
                     start_pos=start,
                     block_table=list(self.block_manager.block_table(sid)),
-                    images=self._image_slices(seq, start, start + n),
+                    images=self._image_slices(seq, start, start + real),
                     sample=spec,
                 )
             )
@@ -452,6 +473,47 @@ class LLMEngine:
         if generated:
             slices.append(ImageSlice(None, None, 0, generated))
         return slices
+
+    def _propose_drafts(self) -> None:
+        """Draft the next tokens of every running sequence that speculates and decodes; never
+        more than max_tokens leaves room for (the verify step emits one token beyond them)."""
+        for seq in self.scheduler.running:
+            k = min(seq.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
+            if k <= 0 or seq.drafter is None or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            if seq.draft_pause > 0:
+                seq.draft_pause -= 1
+                continue
+            drafts = seq.drafter.propose(seq.all_token_ids, k)[:k]
+            # an image-token id would need image rows in the verify chunk: draft up to it
+            if self.image_token_id in drafts:
+                drafts = drafts[: drafts.index(self.image_token_id)]
+            seq.draft_ids = list(itertools.takewhile(self._in_vocab, drafts))
+
+    def _in_vocab(self, token_id: int) -> bool:
+        return 0 <= token_id < self.runner.vocab_size
+
+    def _on_tokens(self, s: _SeqState, tokens: list[SampledToken]) -> None:
+        """Append a step's tokens (accepted drafts, then the sampled token) until one ends the
+        sequence; then keep the K/V of the accepted drafts (speculative decoding)."""
+        drafted = len(s.seq.draft_ids)
+        for token in tokens:
+            self._on_token(s, token)
+            if s.finish_reason is not None:
+                break
+        if drafted:
+            accepted = len(tokens) - 1
+            metrics = self._request_of[s.seq.seq_id].metrics
+            metrics.num_drafts += 1
+            metrics.num_draft_tokens += drafted
+            self.stats.num_drafts += 1
+            metrics.num_accepted_tokens += accepted
+            self.stats.num_draft_tokens += drafted
+            self.stats.num_accepted_tokens += accepted
+            self.stats.num_generated_tokens += accepted
+            s.seq.draft_misses = 0 if accepted else s.seq.draft_misses + 1
+            s.seq.draft_pause = draft_pause(s.seq.draft_misses)
+            self.scheduler.on_drafts_verified(s.seq, accepted)
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:
         """Append a sampled token; detokenize, check stop conditions, finish if done."""

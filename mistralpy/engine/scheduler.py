@@ -10,6 +10,10 @@ the rest. Each step:
    the sequence limit and the free blocks allow; cached prefix blocks count as computed.
 A sequence samples a token in the step that computes its last token.
 
+Speculative decoding: a decoding sequence may carry drafted tokens (`Sequence.draft_ids`, set by
+the engine before `schedule`); its step then computes its last token plus the drafts (a verify
+chunk), and `on_drafts_verified` keeps the K/V of the accepted drafts only.
+
 Plain data in and out; tested on CPU without a model.
 """
 
@@ -70,22 +74,40 @@ class Scheduler:
         self._schedule_running(out)
         if not out.preempted_ids:
             self._schedule_waiting(out)
+        for seq in self.running:  # drafts of a sequence left out of this step go stale
+            if seq.seq_id not in out.num_new_tokens:
+                seq.draft_ids = []
         out.sample_ids = [
             sid
             for sid, n in out.num_new_tokens.items()
-            if self.requests[sid].num_computed_tokens + n == self.requests[sid].num_tokens
+            if _new_real_tokens(self.requests[sid], n) + self.requests[sid].num_computed_tokens
+            == self.requests[sid].num_tokens
         ]
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:
-        """Mark the scheduled tokens computed (their K/V are now in the cache)."""
+        """Mark the scheduled tokens computed (their K/V are now in the cache); drafts count
+        once accepted (`on_drafts_verified`)."""
         for sid, n in out.num_new_tokens.items():
             seq = self.requests.get(sid)
             if seq is None or seq.status != SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += _new_real_tokens(seq, n)
             assert seq.num_computed_tokens <= seq.num_tokens
             self.bm.cache_computed_blocks(seq)
+
+    def on_drafts_verified(self, seq: Sequence, num_accepted: int) -> None:
+        """After a verify step: the first `num_accepted` drafts (now appended to the sequence)
+        keep their K/V; the rejected ones' slots are rewritten later, and blocks grown only
+        for them are freed."""
+        assert num_accepted <= len(seq.draft_ids)
+        seq.draft_ids = []
+        if seq.status != SequenceStatus.RUNNING:
+            return
+        seq.num_computed_tokens += num_accepted
+        assert seq.num_computed_tokens < seq.num_tokens
+        self.bm.trim(seq, seq.num_tokens)
+        self.bm.cache_computed_blocks(seq)
 
     def finish(self, seq_id: str, status: SequenceStatus) -> Sequence | None:
         """Remove a sequence (stopped, aborted, failed) and free its blocks at once."""
@@ -113,8 +135,11 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, self._budget(out))
+            n = min(
+                seq.num_tokens - seq.num_computed_tokens + len(seq.draft_ids), self._budget(out)
+            )
             assert n > 0
+            del seq.draft_ids[max(0, n - 1) :]  # the budget cuts drafts first
             while not self.bm.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]  # newest arrival
                 self._preempt(victim, out)
@@ -148,11 +173,17 @@ class Scheduler:
         (its full blocks usually stay in the prefix cache, so resuming is cheap)."""
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.draft_ids = []
         seq.status = SequenceStatus.PREEMPTED
         seq.num_computed_tokens = 0
         out.num_new_tokens.pop(seq.seq_id, None)
         out.preempted_ids.append(seq.seq_id)
         bisect.insort(self.waiting, seq, key=_arrival)
+
+
+def _new_real_tokens(seq: Sequence, n: int) -> int:
+    """Of the `n` tokens scheduled for `seq`, those that are not drafts."""
+    return n - len(seq.draft_ids)
 
 
 def _arrival(seq: Sequence) -> int:

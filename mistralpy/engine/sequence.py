@@ -18,6 +18,7 @@ from mistralpy.engine.errors import ImageTokenMismatchError
 from mistralpy.params import SamplingParams
 
 if TYPE_CHECKING:
+    from mistralpy.engine.speculative import Drafter
     from mistralpy.processing.images import ProcessedImage
 
 
@@ -53,6 +54,10 @@ class RequestMetrics:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    # speculative decoding, over the request's sequences (vLLM's spec-decode counters)
+    num_drafts: int = 0  # verify steps (each checks one draft of up to k tokens)
+    num_draft_tokens: int = 0  # drafted tokens verified by the target
+    num_accepted_tokens: int = 0  # of those, accepted (emitted without a forward of their own)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Sequence:
         seed: int,
         parent_id: str | None = None,
         index: int = 0,
+        drafter: Drafter | None = None,
+        num_speculative_tokens: int = 0,
     ):
         self.seq_id = seq_id
         self.parent_id = parent_id if parent_id is not None else seq_id
@@ -115,6 +122,13 @@ class Sequence:
         self.wait_for: Sequence | None = None  # n > 1: admit only after this one's prefill
         self.stop_reason: str | int | None = None
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        # speculative decoding: drafts up to k tokens per decode step (k 0 or no drafter: off)
+        self.drafter = drafter
+        self.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
+        # drafts of the step being scheduled: computed after all_token_ids, never part of them
+        self.draft_ids: list[int] = []
+        self.draft_misses = 0  # verify steps in a row that accepted no draft
+        self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
 
     @property
     def num_prompt_tokens(self) -> int:

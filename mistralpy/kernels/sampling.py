@@ -260,10 +260,15 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     Tokens with probability 0 (logit -inf) are never chosen: their CDF step is empty.
     """
-    probs = logits.softmax(dim=-1)
+    return sample_from_probs(logits.softmax(dim=-1), u)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 draws from the rows of `probs` (B, V), each summing to > 0 (not necessarily
+    1), by inverse CDF at uniforms u (B,); zero-probability tokens are never chosen."""
     cdf = probs.cumsum(dim=-1)
     target = u[:, None] * cdf[:, -1:]
-    ids = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[1] - 1)
+    ids = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
     # Rounding can push the target past the last non-empty step; fall back to the mode there.
     chosen_prob = probs.gather(1, ids)
     return torch.where(chosen_prob > 0, ids, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
@@ -303,14 +308,77 @@ def _choose(
     if st.all_greedy:
         return logits.argmax(dim=-1)
     greedy_ids = logits.argmax(dim=-1) if st.any_greedy else None
-    scaled = logits / st.temperatures[:, None]
-    if st.max_top_k or st.use_top_p or st.use_min_p:
-        threshold = truncation_threshold(scaled, st)
-        scaled = scaled.masked_fill_(scaled < threshold, float("-inf"))
+    scaled = _scaled_truncated(logits, st)
     sampled_ids = sample_from_logits(scaled, uniform_per_row(generators, logits.device))
     if greedy_ids is None:
         return sampled_ids
     return torch.where(st.greedy, greedy_ids, sampled_ids)
+
+
+def _scaled_truncated(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Steps 5-8 for sampling rows: logits / T with the truncated tokens at -inf (B, V)."""
+    scaled = logits / st.temperatures[:, None]
+    if st.max_top_k or st.use_top_p or st.use_min_p:
+        threshold = truncation_threshold(scaled, st)
+        scaled = scaled.masked_fill_(scaled < threshold, float("-inf"))
+    return scaled
+
+
+def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """(B, V) float32: the distribution `sample` draws each row's token from, given penalised,
+    masked logits (B, V): steps 5-8, greedy rows one-hot at their argmax."""
+    greedy = None
+    if st.any_greedy:
+        greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    if st.all_greedy:
+        return greedy
+    probs = _scaled_truncated(logits, st).softmax(dim=-1)
+    return probs if greedy is None else torch.where(st.greedy[:, None], greedy, probs)
+
+
+def verify_drafts(
+    logits: torch.Tensor,
+    st: SamplingTensors,
+    generator: torch.Generator | None,
+    draft_ids: torch.Tensor,
+    allowed_mask: torch.Tensor | None = None,
+) -> tuple[SamplerOutput, int]:
+    """Speculative decoding's acceptance rule for one sequence with K drafted tokens.
+
+    logits: (K + 1, V) float32, row i predicting the token after draft i - 1 (row 0: after
+    the last accepted token); st: K + 1 rows (row i's penalties count drafts [:i] as output);
+    draft_ids: (K,) int64 from a deterministic drafter (q one-hot); allowed_mask: (K + 1, V).
+    Draft i is accepted with probability min(1, p_i(x) / q_i(x)) = p_i(x); at the first
+    rejection the token is drawn from norm(max(0, p_i - q_i)) (p_i without x); when all K
+    pass, a bonus token is drawn from p_K. The emitted tokens are then distributed exactly as
+    K + 1 tokens sampled one by one from the target (greedy rows: the longest prefix equal to
+    the argmax, then the argmax). Returns (rows with each row's token, accepted count n): the
+    emitted tokens are rows [0, n] of token_ids (draft_ids[:n], then the correction/bonus).
+    """
+    k = draft_ids.shape[0]
+    assert logits.shape[0] == k + 1 and draft_ids.dtype == torch.int64
+    logits = apply_penalties(logits.float(), st)
+    raw_logprobs = logits.log_softmax(dim=-1) if st.need_logprobs else None
+    if allowed_mask is not None:
+        logits = logits.masked_fill_(~allowed_mask, float("-inf"))
+    probs = target_probs(logits, st)
+    rows = torch.arange(k, device=logits.device)
+    p_draft = probs[rows, draft_ids]
+    residual = probs.clone()
+    residual[rows, draft_ids] = 0.0  # max(0, p - q) with q one-hot at the draft
+    # p one-hot at the draft leaves nothing, but then the draft is always accepted
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, probs)
+    if st.all_greedy:  # no draws: u = 0.5 decides exactly between p(x) = 0 and p(x) = 1
+        u = torch.full((2 * k + 1,), 0.5, device=logits.device)
+    else:
+        u = uniform_per_row([generator] * (2 * k + 1), logits.device)
+    accepted = u[:k] < p_draft
+    num_accepted = int(accepted.long().cumprod(dim=0).sum()) if k else 0
+    fallback = sample_from_probs(residual, u[k:])
+    positions = torch.arange(k + 1, device=logits.device)
+    padded = torch.cat([draft_ids, draft_ids.new_zeros(1)])
+    token_ids = torch.where(positions < num_accepted, padded, fallback)
+    return _with_logprobs(token_ids, raw_logprobs, st), num_accepted
 
 
 def _with_logprobs(

@@ -8,7 +8,7 @@ entries are never read because `seq_lens` bounds each row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,10 @@ class SampleSpec:
     output_ids: list[int]  # generated so far
     seed: int | None  # seeds the sequence's generator the first time it samples (None: none)
     grammar: Any = None  # processing.grammar.GrammarMatcher: restricts the next token
+    # Speculative decoding: the last K of the SeqWork's token_ids are drafted tokens to verify
+    # (logits at all K + 1 positions; the runner accepts a prefix of them, see verify_drafts)
+    draft_ids: list[int] = field(default_factory=list)
+    speculative: bool = False  # the sequence drafts: never launch its next decode ahead
 
 
 @dataclass
@@ -65,7 +69,9 @@ class ForwardBatch:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64, absolute position in its sequence
     attn: AttentionMetadata
-    logits_rows: torch.Tensor  # (S,) int64: last-token row of each sampling sequence
+    # (R,) int64: the last-token row of each sampling sequence, in order; a sequence
+    # verifying K drafts has its last K + 1 rows there
+    logits_rows: torch.Tensor
     sample_seqs: list[SeqWork]  # the S sampling sequences, in row order
     image_slices: list[ImageSlice]  # in the order their image tokens appear in input_ids
 
@@ -93,7 +99,12 @@ def build_forward_batch(
         pos = np.arange(s.start_pos, seq_lens[i], dtype=np.int64)
         positions[qsl[i] : qsl[i + 1]] = pos
         slots[qsl[i] : qsl[i + 1]] = tables[i, pos // block_size] * block_size + pos % block_size
-    rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(seqs) if s.sample is not None]
+    rows = [
+        row
+        for i, s in enumerate(seqs)
+        if s.sample is not None
+        for row in range(int(qsl[i + 1]) - 1 - len(s.sample.draft_ids), int(qsl[i + 1]))
+    ]
     ids = [t for s in seqs for t in s.token_ids]
 
     def dev(array: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -63,6 +63,8 @@ class SampledToken:
 @dataclass
 class ModelOutput:
     sampled: dict[str, SampledToken]  # seq_id -> token, for every sequence that sampled
+    # seq_id -> the drafts accepted (speculative decoding), emitted before `sampled[seq_id]`
+    accepted: dict[str, list[SampledToken]] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,14 +198,73 @@ class ModelRunner:
             return self._execute_cpu_decode(batch.seqs)
         self._ahead = None  # a step launched ahead is not this one: its result is dropped
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
-        masks = self._submit_grammar_masks(fb.sample_seqs)  # computed during the forward
+        plain = [s for s in fb.sample_seqs if not s.sample.draft_ids]
+        masks = self._submit_grammar_masks(plain)  # computed during the forward
         image_embeds = self._image_embeds(fb.image_slices)
         hidden = self.model(fb.input_ids, fb.positions, fb.attn, self.kv_caches, image_embeds)
         if not fb.sample_seqs:
             return ModelOutput({})
         logits = self.model.compute_logits(hidden[fb.logits_rows])
+        if len(plain) < len(fb.sample_seqs):
+            return self._verify_step(logits, fb.sample_seqs, plain, masks)
         out = self._sample(logits, fb.sample_seqs, self._allowed(masks, logits))
         return self._model_output(out, fb.sample_seqs, out.token_ids.tolist())
+
+    def _verify_step(
+        self,
+        logits: torch.Tensor,
+        seqs: list[SeqWork],
+        plain: list[SeqWork],
+        masks: tuple[list[int], Future] | None,
+    ) -> ModelOutput:
+        """Sample a step that verifies drafts. logits (R, V): one row per sampling sequence,
+        K + 1 rows for one verifying K drafts. Plain rows sample as usual (grammar `masks`
+        are theirs); each drafting sequence accepts a prefix of its drafts. Runs eagerly:
+        the decode CUDA graphs hold one token per sequence."""
+        first, row = {}, 0
+        for s in seqs:
+            first[s.seq_id] = row
+            row += 1 + len(s.sample.draft_ids)
+        result = ModelOutput({})
+        if plain:
+            plain_logits = logits[
+                torch.tensor([first[s.seq_id] for s in plain], device=self.device)
+            ]
+            out = self._sample(plain_logits, plain, self._allowed(masks, plain_logits))
+            result = self._model_output(out, plain, out.token_ids.tolist())
+        for s in seqs:
+            if s.sample.draft_ids:
+                start = first[s.seq_id]
+                tokens = self._verify(s, logits[start : start + 1 + len(s.sample.draft_ids)])
+                result.sampled[s.seq_id] = tokens[-1]
+                result.accepted[s.seq_id] = tokens[:-1]
+        return result
+
+    def _verify(self, seq: SeqWork, logits: torch.Tensor) -> list[SampledToken]:
+        """The tokens a sequence emits from its verify rows `logits` (K + 1, V): the accepted
+        drafts, then the target's correction or bonus token. A draft the grammar forbids
+        ends the drafts there (it would be rejected anyway)."""
+        from mistralpy.kernels.sampling import SamplingTensors, verify_drafts
+
+        spec = seq.sample
+        drafts, allowed = spec.draft_ids, None
+        if spec.grammar is not None:
+            drafts, masks = _grammar_draft_masks(spec.grammar, drafts, logits.shape[-1])
+            allowed = masks.to(self.device)
+        k = len(drafts)
+        st = SamplingTensors.from_params(
+            [spec.params] * (k + 1),
+            [spec.prompt_ids] * (k + 1),
+            [spec.output_ids + drafts[:i] for i in range(k + 1)],  # penalties see the drafts
+            logits.shape[-1],
+            self.device,
+        )
+        draft_ids = torch.tensor(drafts, dtype=torch.int64, device=self.device)
+        gen = self._generator(seq.seq_id, spec.seed)
+        out, n = verify_drafts(logits[: k + 1], st, gen, draft_ids, allowed)
+        host = _host_logprobs(out)
+        ids = out.token_ids[: n + 1].tolist()
+        return [_sampled_token(host, row, spec.params, t) for row, t in enumerate(ids)]
 
     def _execute_cpu_decode(self, seqs: list[SeqWork]) -> ModelOutput:
         """A CPU decode step through the fused step (`runner.cpu_decode`)."""
@@ -279,6 +340,8 @@ class ModelRunner:
         bs = self.cfg.block_size
         if any(s.start_pos + 1 >= len(s.block_table) * bs for s in seqs):
             return False
+        if any(s.sample.speculative for s in seqs):
+            return False  # its next step likely verifies drafts: a different batch
         return any(not _ends_on_length(s) for s in seqs)
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -406,20 +469,13 @@ class ModelRunner:
         self, out: SamplerOutput, seqs: list[SeqWork], token_ids: list[int]
     ) -> ModelOutput:
         """Host-side results: `token_ids` (already copied) plus the requested log-probs."""
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        top_vals = out.top_logprob_values.tolist() if out.top_logprob_values is not None else None
-        sampled = {}
-        for row, seq in enumerate(seqs):
-            params = seq.sample.params
-            want = params.logprobs or params.top_logprobs > 0
-            top = []
-            if top_ids is not None and params.top_logprobs > 0:
-                k = params.top_logprobs
-                top = list(zip(top_ids[row][:k], top_vals[row][:k]))
-            lp = logprobs[row] if (want and logprobs is not None) else None
-            sampled[seq.seq_id] = SampledToken(token_ids[row], lp, top)
-        return ModelOutput(sampled)
+        host = _host_logprobs(out)
+        return ModelOutput(
+            {
+                seq.seq_id: _sampled_token(host, row, seq.sample.params, token_ids[row])
+                for row, seq in enumerate(seqs)
+            }
+        )
 
     def _generator(self, seq_id: str, seed: int | None) -> torch.Generator | None:
         """The sequence's own generator (None without a seed: the device's default one). A
@@ -538,6 +594,48 @@ def _plain_greedy(params: Any) -> bool:
         and not params.logprobs
         and params.top_logprobs == 0
     )
+
+
+_HostLogprobs = tuple[list | None, list | None, list | None]
+
+
+def _host_logprobs(out: SamplerOutput) -> _HostLogprobs:
+    """The sampler's log-probs, top ids and top values as host lists (None: not computed)."""
+    logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+    top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+    top_vals = out.top_logprob_values.tolist() if out.top_logprob_values is not None else None
+    return logprobs, top_ids, top_vals
+
+
+def _sampled_token(host: _HostLogprobs, row: int, params: Any, token_id: int) -> SampledToken:
+    """Row `row`'s token with the log-probs its request asked for."""
+    logprobs, top_ids, top_vals = host
+    top = []
+    if top_ids is not None and params.top_logprobs > 0:
+        k = params.top_logprobs
+        top = list(zip(top_ids[row][:k], top_vals[row][:k]))
+    want = params.logprobs or params.top_logprobs > 0
+    lp = logprobs[row] if (want and logprobs is not None) else None
+    return SampledToken(token_id, lp, top)
+
+
+def _grammar_draft_masks(
+    grammar: Any, drafts: list[int], vocab_size: int
+) -> tuple[list[int], torch.Tensor]:
+    """The drafts the grammar allows, cut at the first it forbids, and the allowed-token mask
+    (K' + 1, vocab_size) bool on CPU at each verify position (after drafts [:i]). The matcher
+    is rolled back: it ends in the state it started in."""
+    masks, kept = [], []
+    for draft in [*drafts, None]:
+        masks.append(grammar.allowed_token_mask(vocab_size))
+        if draft is None or not bool(masks[-1][draft]) or grammar.is_finished():
+            break
+        if not grammar.accept(draft):  # the mask allowed it: only an llguidance fault
+            raise RuntimeError(f"grammar rejected allowed token {draft}: {grammar.error}")
+        kept.append(draft)
+    if kept:
+        grammar.rollback(len(kept))
+    return kept, torch.stack(masks)
 
 
 def _ends_on_length(seq: SeqWork) -> bool:

@@ -70,6 +70,14 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "mistralpy_generation_tokens", "Generated tokens", registry=r
         )
+        self.spec_decode = {  # vLLM's spec-decode counters, from each finished request's usage
+            key: Counter(f"mistralpy_spec_decode_{key}", help_text, registry=r)
+            for key, help_text in (
+                ("num_drafts", "Speculative verify steps"),
+                ("num_draft_tokens", "Drafted tokens verified"),
+                ("num_accepted_tokens", "Drafted tokens accepted"),
+            )
+        }
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram(
             "mistralpy_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r
@@ -89,6 +97,8 @@ class ServerMetrics:
         if usage:
             self.prompt_tokens.inc(usage["prompt_tokens"])
             self.generation_tokens.inc(usage["completion_tokens"])
+            for key, counter in self.spec_decode.items():
+                counter.inc(usage.get("speculative", {}).get(key, 0))
 
     def render(self) -> bytes:
         if self._stats is not None:

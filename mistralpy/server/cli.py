@@ -29,7 +29,13 @@ from mistralpy.api.runner import (
 )
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
 from mistralpy.engine.config import KV_CACHE_DTYPES
+from mistralpy.engine.speculative import (
+    SpeculativeConfig,
+    legacy_speculative_config,
+    parse_speculative_config,
+)
 from mistralpy.errors import UserError
+from mistralpy.params import InvalidParameter
 from mistralpy.server.dropin_flags import (
     LOAD_FORMATS,
     add_mistralrs_flags,
@@ -147,6 +153,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (off by default)',
+    )
+    p.add_argument(
+        "--speculative-model", default=None, help='vLLM\'s older form: "[ngram]" (prompt lookup)'
+    )
+    p.add_argument(
+        "--num-speculative-tokens", type=int, default=None, help="with --speculative-model"
+    )
     p.add_argument(
         "--served-model-name", default=None, help="model name in the API (default: MODEL)"
     )
@@ -427,7 +445,27 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         served_model_name=args.served_model_name,
         enforce_eager=getattr(args, "enforce_eager", False),
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        speculative_config=speculative_config(args),
     )
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """--speculative-config, or vLLM's older --speculative-model + --num-speculative-tokens;
+    a bad value exits with the problem named."""
+    text = getattr(args, "speculative_config", None)
+    model = getattr(args, "speculative_model", None)
+    num = getattr(args, "num_speculative_tokens", None)
+    try:
+        if text is not None:
+            if model is not None or num is not None:
+                raise InvalidParameter(
+                    "speculative_config",
+                    "give --speculative-config or --speculative-model, not both",
+                )
+            return parse_speculative_config(text)
+        return legacy_speculative_config(model, num)
+    except InvalidParameter as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

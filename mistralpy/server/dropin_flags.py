@@ -164,6 +164,7 @@ VLLM_GROUPS = {
     "CacheConfig": ("gpu_memory_utilization", "kv_cache_dtype", "no_prefix_caching"),
     "MultiModalConfig": ("max_images_per_request", "allow_private_image_urls"),
     "SchedulerConfig": ("max_num_seqs", "max_num_batched_tokens"),
+    "SpeculativeConfig": ("speculative_config", "speculative_model", "num_speculative_tokens"),
     "DeviceConfig": ("device",),
     "Frontend": (
         "host",

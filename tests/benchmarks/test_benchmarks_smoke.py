@@ -99,3 +99,14 @@ def test_cpu_engine_quick_isq_rows(tmp_path: Path, ckpt: str) -> None:
     rows = data["quality"]["rows"]
     assert rows[0]["agreement"] == 1.0
     assert rows[1]["format"] == "q8_0"
+
+
+def test_spec_decode_quick(tmp_path: Path) -> None:
+    """The forcing harness on the tiny model: every speculative run emits the plain tokens."""
+    data = _run("spec_decode.py", ["--quick"], tmp_path)
+    modes = [r["mode"] for r in data["rows"]]
+    assert modes[0] == "plain" and modes.count("oracle") == 4
+    for r in data["rows"]:
+        if r["mode"] == "oracle":
+            assert r["equal_to_plain"] and r["tokens"] == 24
+            assert (r["acceptance"] == 0) == (r["alpha"] == 0)

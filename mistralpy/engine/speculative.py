@@ -1,0 +1,194 @@
+"""Speculative decoding, engine side: its configuration and the drafters that propose tokens.
+
+A drafter guesses the next k tokens of a sequence cheaply; the target model then checks all k
+in one forward pass (the runner's verify step), so a batch-1 decode reads the weights once per
+several tokens instead of once per token. Drafters here need no weights:
+
+- `NgramDrafter` (prompt lookup, vLLM's "ngram" method): find the latest earlier occurrence of
+  the sequence's last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) and
+  propose the tokens that followed it. Pays off when the answer copies its input (rewrites,
+  summaries, code edits).
+- `OracleDrafter` (benchmarks and tests): proposes a known continuation, each token replaced by
+  a random one with probability 1 - alpha, so that acceptance can be forced on random weights.
+
+Drafters are deterministic proposals (q is one-hot), which the acceptance rule relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mistralpy.params import InvalidParameter
+
+SPECULATIVE_METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16  # a longer draft costs more per verify than it can win back
+NGRAM_MODEL_NAME = "[ngram]"  # vLLM's older `--speculative-model "[ngram]"`
+MAX_DRAFT_PAUSE = 15  # decode steps without drafting after repeated misses, at most
+
+
+class Drafter(Protocol):
+    """Proposes up to `k` next tokens of a sequence from its token ids (prompt + output)."""
+
+    def propose(self, token_ids: Sequence[int], k: int) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding of one request: who drafts, and up to how many tokens a step."""
+
+    drafter: Drafter
+    num_speculative_tokens: int
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `--speculative-config` for the methods we serve. Validated at construction."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # k: drafted tokens verified per step
+    prompt_lookup_max: int = 5  # longest suffix n-gram matched against earlier text
+    prompt_lookup_min: int = 5  # shortest one tried before giving up (vLLM's defaults: 5, 5)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.method in SPECULATIVE_METHODS,
+            "method",
+            f"must be one of {SPECULATIVE_METHODS}",
+        )
+        _check_int(self.num_speculative_tokens, "num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
+        _check_int(self.prompt_lookup_min, "prompt_lookup_min", 1, 64)
+        _check_int(self.prompt_lookup_max, "prompt_lookup_max", self.prompt_lookup_min, 64)
+
+    def speculation(self) -> Speculation:
+        """What a request gets by default under this configuration."""
+        drafter = NgramDrafter(self.prompt_lookup_max, self.prompt_lookup_min)
+        return Speculation(drafter, self.num_speculative_tokens)
+
+
+def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | None:
+    """vLLM's `--speculative-config` (JSON text or a dict) -> SpeculativeConfig (None: off).
+
+    Raises InvalidParameter naming what is wrong: bad JSON, an unknown key, a draft model."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameter("speculative_config", f"speculative_config: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidParameter("speculative_config", "speculative_config must be a JSON object")
+    options = dict(value)
+    model = options.pop("model", None)
+    if model is not None and model != NGRAM_MODEL_NAME:
+        raise InvalidParameter(
+            "speculative_config",
+            "speculative decoding with a draft model is not supported yet; "
+            'use {"method": "ngram", "num_speculative_tokens": K}',
+        )
+    if model == NGRAM_MODEL_NAME:
+        options.setdefault("method", "ngram")
+    if "method" not in options:
+        raise InvalidParameter("speculative_config", "speculative_config needs a 'method'")
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidParameter(
+            "speculative_config",
+            f"speculative_config: unknown keys {unknown} (known: {sorted(known)})",
+        )
+    # vLLM: one bound given, the other takes its value
+    options.setdefault("prompt_lookup_max", options.get("prompt_lookup_min", 5))
+    options.setdefault("prompt_lookup_min", options["prompt_lookup_max"])
+    return SpeculativeConfig(**options)
+
+
+def legacy_speculative_config(
+    model: str | None, num_speculative_tokens: int | None
+) -> SpeculativeConfig | None:
+    """vLLM's older `--speculative-model "[ngram]"` + `--num-speculative-tokens N`."""
+    if model is None:
+        if num_speculative_tokens is not None:
+            raise InvalidParameter(
+                "num_speculative_tokens", "--num-speculative-tokens needs --speculative-model"
+            )
+        return None
+    options: dict = {"model": model}
+    if num_speculative_tokens is not None:
+        options["num_speculative_tokens"] = num_speculative_tokens
+    return parse_speculative_config(options)
+
+
+def draft_pause(misses: int) -> int:
+    """Decode steps to take without drafting after `misses` verify steps in a row accepted
+    nothing: 0, 1, 3, 7, 15 (a verify costs more than a plain decode step, so a sequence
+    whose drafts keep failing decodes nearly as fast as without speculation)."""
+    return min(2 ** max(misses - 1, 0) - 1, MAX_DRAFT_PAUSE)
+
+
+class NgramDrafter:
+    """Prompt lookup: continue the latest earlier occurrence of the last n tokens."""
+
+    def __init__(self, max_n: int, min_n: int = 1):
+        assert 1 <= min_n <= max_n
+        self.max_n = max_n
+        self.min_n = min_n
+
+    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier match of the longest suffix n-gram
+        (n in [min_n, max_n]); [] when no suffix occurs earlier."""
+        ids = list(token_ids)
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
+            start = _latest_match(ids, n)
+            if start is not None:
+                return ids[start + n : start + n + k]
+        return []
+
+
+def _latest_match(ids: list[int], n: int) -> int | None:
+    """Start of the latest occurrence of ids[-n:] that ends before the last token, else None."""
+    suffix = ids[-n:]
+    first = suffix[0]
+    for start in range(len(ids) - n - 1, -1, -1):
+        if ids[start] == first and ids[start : start + n] == suffix:
+            return start
+    return None
+
+
+class OracleDrafter:
+    """Proposes `continuation` (the tokens known to follow `prefix_len` tokens), each token
+    replaced with probability 1 - alpha by a different random one (seeded): a draft that is
+    right with probability alpha, for measuring the verify machinery on random weights."""
+
+    def __init__(
+        self, prefix_len: int, continuation: Sequence[int], alpha: float, vocab_size: int, seed: int
+    ):
+        assert 0.0 <= alpha <= 1.0 and vocab_size >= 2
+        self.prefix_len = prefix_len
+        self.continuation = list(continuation)
+        self.alpha = alpha
+        self.vocab_size = vocab_size
+        self._rng = random.Random(seed)
+
+    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+        at = len(token_ids) - self.prefix_len
+        truth = self.continuation[at : at + k] if at >= 0 else []
+        return [t if self._rng.random() < self.alpha else self._wrong(t) for t in truth]
+
+    def _wrong(self, token: int) -> int:
+        other = self._rng.randrange(self.vocab_size - 1)
+        return other + 1 if other >= token else other
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameter("speculative_config", f"speculative_config: {key} {message}")
+
+
+def _check_int(value: object, key: str, low: int, high: int) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    _check(ok, key, f"must be an integer in [{low}, {high}]")

@@ -1,0 +1,186 @@
+"""Speculative decoding in the engine, on a fresh random tiny checkpoint.
+
+Oracle: the same engine's plain greedy decoding. A greedy request decoded speculatively must
+emit exactly the plain greedy tokens (the verify step only changes how many tokens one forward
+yields), whatever the drafts, batching, prefix caching, n, max_tokens, stops or grammar.
+Random weights accept nothing by chance, so most tests draft with `OracleDrafter`: the plain
+greedy continuation, each token corrupted with probability 1 - alpha.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from mistralpy.api.chat import final_usage
+from mistralpy.engine.config import EngineConfig
+from mistralpy.engine.engine import LLMEngine
+from mistralpy.engine.speculative import NgramDrafter, OracleDrafter, Speculation
+from mistralpy.params import GrammarSpec, SamplingParams
+from mistralpy.testing import tiny_checkpoint
+from tests.engine.test_engine_tiny import make_engine as tiny_engine
+
+BOS = 1
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint.write_checkpoint(
+        tmp_path_factory.mktemp("tiny"), seed=random.randrange(1 << 30)
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    engine = LLMEngine.from_config(EngineConfig(model=str(ckpt), device="cpu", dtype="float32"))
+    return engine.runner.model, engine.tokenizer
+
+
+def make_engine(ckpt, loaded, **overrides):
+    overrides = {"max_model_len": 256, "num_kv_blocks": 96, **overrides}
+    engine = tiny_engine(ckpt, loaded, **overrides)
+    engine.model_path = ckpt  # grammars build their tokenizer from it
+    return engine
+
+
+def prompt_of(rng, n):
+    return SimpleNamespace(
+        token_ids=[BOS] + [rng.randrange(1000, 131072) for _ in range(n)], images=[]
+    )
+
+
+def run(engine, requests):
+    """requests: (prompt, params, speculation | None); final outputs in order."""
+    ids = [f"r{i}" for i in range(len(requests))]
+    for rid, (prompt, params, spec) in zip(ids, requests):
+        engine.add_request(rid, prompt, params, speculation=spec)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    return [final[rid] for rid in ids]
+
+
+def oracle(prompt, continuation, alpha, k=4, seed=0):
+    drafter = OracleDrafter(len(prompt.token_ids), continuation, alpha, 131072, seed)
+    return Speculation(drafter, k)
+
+
+def assert_no_leak(engine):
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not bm.tables
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_speculative_equals_plain_greedy(ckpt, loaded, prefix_caching):
+    """A batch of mixed requests (plain, oracle drafts at several alpha and k, n-gram, n=2)
+    emits the plain greedy tokens; with alpha 1 drafts are all accepted."""
+    rng = random.Random()
+    plain_engine = make_engine(ckpt, loaded, enable_prefix_caching=prefix_caching)
+    shared = prompt_of(rng, 20).token_ids
+    prompts = [
+        SimpleNamespace(token_ids=shared + prompt_of(rng, 3 + i).token_ids[1:], images=[])
+        for i in range(5)
+    ]
+    repeat = SimpleNamespace(token_ids=[BOS] + [7000, 7001, 7002, 7003] * 8, images=[])
+    prompts.append(repeat)
+    n2 = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, n=2)
+    plain = run(plain_engine, [(p, GREEDY, None) for p in prompts] + [(prompts[0], n2, None)])
+    truth = [o.outputs[0].token_ids for o in plain]
+    engine = make_engine(ckpt, loaded, enable_prefix_caching=prefix_caching)
+    specs = [
+        None,
+        oracle(prompts[1], truth[1], 1.0, k=4),
+        oracle(prompts[2], truth[2], 0.7, k=2),
+        oracle(prompts[3], truth[3], 0.5, k=6),
+        oracle(prompts[4], truth[4], 0.0, k=3),
+        Speculation(NgramDrafter(3, 1), 4),
+        oracle(prompts[0], truth[0], 0.9, k=3),
+    ]
+    requests = [(p, GREEDY, s) for p, s in zip(prompts, specs)] + [(prompts[0], n2, specs[-1])]
+    outs = run(engine, requests)
+    for got, want in zip(outs, plain):
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+        assert [c.text for c in got.outputs] == [c.text for c in want.outputs]
+    m = outs[1].metrics  # alpha 1: every draft accepted, ~5 tokens a step
+    assert m.num_accepted_tokens == m.num_draft_tokens > 0
+    assert final_usage(outs[1])["speculative"]["acceptance_rate"] == 1.0
+    assert "speculative" not in final_usage(outs[0])
+    assert outs[4].metrics.num_accepted_tokens == 0 < outs[4].metrics.num_draft_tokens
+    assert outs[4].metrics.num_drafts <= 6  # drafts that keep failing pause drafting
+    assert outs[0].metrics.num_draft_tokens == 0
+    assert engine.stats.num_accepted_tokens > 0
+    assert_no_leak(engine)
+
+
+def test_max_tokens_stops_and_logprobs(ckpt, loaded):
+    """Never past max_tokens or a stop token inside accepted drafts; a log-prob per token,
+    equal to plain decoding's."""
+    rng = random.Random()
+    prompt = prompt_of(rng, 12)
+    params = SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2
+    )
+    (plain,) = run(make_engine(ckpt, loaded), [(prompt, params, None)])
+    truth = plain.outputs[0].token_ids
+    engine = make_engine(ckpt, loaded)
+    for max_tokens in (1, 2, 5, 7):
+        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        (out,) = run(engine, [(prompt, p, oracle(prompt, truth, 1.0, k=6))])
+        assert out.outputs[0].token_ids == truth[:max_tokens]
+        assert out.outputs[0].finish_reason == "length"
+    stop = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[truth[6]])
+    (out,) = run(engine, [(prompt, stop, oracle(prompt, truth, 1.0, k=4))])
+    cut = truth.index(truth[6]) + 1
+    assert out.outputs[0].token_ids == truth[:cut] and out.outputs[0].finish_reason == "stop"
+    stop_text = plain.outputs[0].text[len(plain.outputs[0].text) // 2 :][:3]
+    p = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop_text])
+    (ref,) = run(engine, [(prompt, p, None)])
+    (out,) = run(engine, [(prompt, p, oracle(prompt, truth, 1.0, k=4))])
+    assert out.outputs[0].text == ref.outputs[0].text and out.outputs[0].finish_reason == "stop"
+    (out,) = run(engine, [(prompt, params, oracle(prompt, truth, 0.7, k=4))])
+    assert out.outputs[0].token_ids == truth
+    got, want = out.outputs[0].logprobs, plain.outputs[0].logprobs
+    assert len(got) == len(want) == len(truth)
+    for a, b in zip(got, want):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+        assert [t.token_id for t in a.top_logprobs] == [t.token_id for t in b.top_logprobs]
+    assert_no_leak(engine)
+
+
+def test_grammar_rejects_forbidden_drafts_and_rolls_back(ckpt, loaded):
+    """Under a regex, greedy speculative output equals plain greedy output although most
+    corrupted drafts are forbidden; sampled output still matches the regex."""
+    rng = random.Random()
+    engine = make_engine(ckpt, loaded)
+    pattern = r"[0-9]{3}-[a-c]{2}-[0-9]{4}"
+    grammar = GrammarSpec("regex", pattern)
+    prompt = prompt_of(rng, 6)
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, grammar=grammar)
+    (plain,) = run(engine, [(prompt, greedy, None)])
+    truth = plain.outputs[0].token_ids
+    for alpha in (1.0, 0.6):
+        (out,) = run(engine, [(prompt, greedy, oracle(prompt, truth, alpha, k=4, seed=3))])
+        assert out.outputs[0].token_ids == truth
+    sampled = SamplingParams(max_tokens=30, temperature=1.0, seed=5, grammar=grammar)
+    drafter = Speculation(NgramDrafter(2, 1), 3)
+    outs = run(engine, [(prompt_of(rng, 6), sampled, drafter) for _ in range(3)])
+    for out in outs:
+        assert re.fullmatch(pattern, out.outputs[0].text), out.outputs[0].text
+    assert_no_leak(engine)
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(ckpt, loaded):
+    """Sampling with drafts: same seed, same tokens; every token counted once."""
+    prompt = SimpleNamespace(token_ids=[BOS] + [9000, 9001, 9002] * 10, images=[])
+    params = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, seed=11, ignore_eos=True)
+    spec = Speculation(NgramDrafter(3, 1), 4)
+    first = run(make_engine(ckpt, loaded), [(prompt, params, spec)])[0]
+    second = run(make_engine(ckpt, loaded), [(prompt, params, spec)])[0]
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids
+    assert len(first.outputs[0].token_ids) == 16
