@@ -6,6 +6,13 @@
                                  [--kv-cache-dtypes auto,fp8]
     python benchmarks/gpu_e2e.py --quick      # CPU smoke run on a tiny config (tests call it)
     python benchmarks/gpu_e2e.py --rows serving  # opt-in: engine vs `mistralpy serve` over HTTP
+    python benchmarks/gpu_e2e.py --rows tp [--tp-size 2]  # opt-in, 2+ GPUs: tensor parallel
+
+--rows tp: tensor parallel against one device, same dummy model (each rank holds its slice of
+the tp=1 weights), same run: batch-1 decode and the concurrent row at tp=1 and tp=N, batch-1
+decode with isq q4k at tp=N, and tp=N vs tp=1 on the check prompt (greedy tokens; logits rel.
+error beside what one-ulp noise on the embeddings does to tp=1). Engines are built one after
+the other by `LLMEngine.from_config` (workers spawned on cuda:1.. as `mistralpy serve` does).
 
 --kv-cache-dtypes auto,fp8: after the rows on a cache in the model dtype, the decode and
 concurrent rows run again on a second engine with an fp8 (e4m3) KV cache, same weights, named
@@ -57,7 +64,7 @@ from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E40
 ALL_ROWS = ("check", "vision", "kv_logits", "decode", "batch", "ttft", "prefill", "concurrent",
             "long", "isq")  # fmt: skip
 BATCHES = (1, 2, 4, 8, 32)  # decode-step rows per format (`batch`)
-OPT_IN_ROWS = ("serving",)  # only when named: it starts a server (FastAPI, uvicorn, ... needed)
+OPT_IN_ROWS = ("serving", "tp")  # only when named: a server (FastAPI, uvicorn...); 2+ GPUs
 KV_DTYPE_ROWS = ("decode", "concurrent")  # rows run again per extra --kv-cache-dtypes entry
 NUM_SPECIAL = 1000  # ids below are special tokens in the Tekken layout; prompts avoid them
 
@@ -1020,14 +1027,10 @@ def row_serving(engine_row: Row, sizes: Sizes, device: torch.device, out: str) -
     prompts; output tok/s vs the engine's, TTFT and ITL p50/p99. The server is always stopped."""
     from benchmarks.serving import log_tail, run_bounded, running_server
     from mistralpy.bench.serving import ServingConfig
-    from mistralpy.testing.tiny_checkpoint import REAL_SHAPES, get_preset, write_config_files
 
     log = Path(out) / "serve.log"
     with tempfile.TemporaryDirectory() as tmp:
-        shapes, dtype = (
-            (REAL_SHAPES, "bfloat16") if device.type == "cuda" else (get_preset("tiny"), "float32")
-        )
-        model_dir = write_config_files(Path(tmp) / "model", shapes, dtype)
+        model_dir = config_only_dir(Path(tmp) / "model", device)
         t0 = time.perf_counter()
         try:
             # bounded: start-up (load, GEMV tuning, graph capture) and the load run must fit
@@ -1053,6 +1056,160 @@ def row_serving(engine_row: Row, sizes: Sizes, device: torch.device, out: str) -
                notes="limit = the engine-level figure above; ratio = HTTP / engine")  # fmt: skip
 
 
+def config_only_dir(out: Path, device: torch.device) -> Path:
+    """A checkpoint directory without weights for `load_format="dummy"`: the real 24B shapes
+    in bf16 on CUDA, the tiny preset in float32 on CPU."""
+    from mistralpy.testing.tiny_checkpoint import REAL_SHAPES, get_preset, write_config_files
+
+    if device.type == "cuda":
+        return write_config_files(out, REAL_SHAPES, "bfloat16")
+    return write_config_files(out, get_preset("tiny"), "float32")
+
+
+# ------------------------------------------------------------------------------ tensor parallel
+
+TP_SPEEDUP = 1.7  # batch-1 decode at tp=2 vs tp=1 (issue 19)
+
+
+@dataclass
+class TpRun:
+    """What one tensor-parallel size gave: its rows and its view of the check prompt."""
+
+    rows: dict[str, Row]  # by kind: "decode", "concurrent"
+    tokens: list[int]  # greedy tokens of the check prompt
+    logits: torch.Tensor  # (T, V) float32 of the check prompt + tp=1's tokens, on the CPU
+    noise_logits: torch.Tensor | None = None  # tp=1 only: the same with one-ulp input noise
+
+
+def tp_engine(model_dir: Path, sizes: Sizes, device: torch.device, tp: int,
+              isq: str | None = None) -> LLMEngine:  # fmt: skip
+    """`LLMEngine.from_config` of the config-only dir at tensor parallel size `tp`: the path
+    `mistralpy serve --load-format dummy -tp N` takes (rank 0 here, the others spawned)."""
+    cfg = EngineConfig(model=str(model_dir), load_format="dummy", tensor_parallel_size=tp,
+                       isq=isq, device=device.type,
+                       dtype="bfloat16" if device.type == "cuda" else "float32",
+                       max_num_seqs=sizes.concurrent,
+                       max_num_batched_tokens=sizes.max_num_batched_tokens,
+                       gpu_memory_utilization=0.9, cpu_kv_cache_bytes=256 << 20)  # fmt: skip
+    return LLMEngine.from_config(cfg)
+
+
+@torch.inference_mode()
+def sequence_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) float32 (CPU) of one eager forward over `ids` through the engine's own
+    runner (under tensor parallelism: announced to the workers, vocab gathered), written into
+    the first KV blocks (the engine is idle; its prefix cache is reset after)."""
+    from mistralpy.kernels.attention import build_metadata
+
+    runner = engine.runner
+    device, bs = runner.device, runner.cfg.block_size
+    table = [list(range(-(-len(ids) // bs)))]
+    attn = build_metadata([len(ids)], [len(ids)], table, bs, device)
+    hidden = runner.model(torch.tensor(ids, device=device),
+                          torch.arange(len(ids), device=device), attn, runner.kv_caches, None)  # fmt: skip
+    logits = runner.model.compute_logits(hidden).cpu()
+    engine.block_manager.reset_prefix_cache()  # those blocks were written outside the engine
+    return logits
+
+
+def tp_run(model_dir: Path, sizes: Sizes, device: torch.device, tp: int, check: list[int],
+           ref_tokens: list[int] | None, limits: dict, log: Callable[[str], None]) -> TpRun:  # fmt: skip
+    """Build the engine at size `tp`, run the check prompt (greedy tokens; logits over the
+    prompt + `ref_tokens`, else its own), then the batch-1 decode and concurrent rows."""
+    gen = torch.Generator().manual_seed(4321)  # the same prompts at every size
+    t0 = time.perf_counter()
+    engine = tp_engine(model_dir, sizes, device, tp)
+    log(f"tp={tp}: engine built in {time.perf_counter() - t0:.1f}s "
+        f"({engine.runner.num_blocks} KV blocks, graphs {engine.runner.decode_graphs is not None})")  # fmt: skip
+    try:
+        prompt = ProcessedPrompt(token_ids=check, images=[])
+        tokens = list(engine.generate([prompt], greedy(sizes.check_tokens))[0].outputs[0].token_ids)
+        ids = check + (ref_tokens if ref_tokens is not None else tokens)
+        run = TpRun({}, tokens, sequence_logits(engine, ids))
+        if tp == 1:
+            model = engine.runner.model
+            hook = model.language_model.embed_tokens.register_forward_hook(ulp_noise(gen))
+            try:
+                run.noise_logits = sequence_logits(engine, ids)
+            finally:
+                hook.remove()
+        run.rows["decode"] = row_decode(engine, sizes, gen, limits)
+        run.rows["concurrent"] = row_concurrent(engine, sizes, gen, limits)
+        for row in run.rows.values():
+            row.name = f"tp={tp} {row.name}"
+            row.extra["engine_build_s"] = time.perf_counter() - t0
+        return run
+    finally:
+        engine.shutdown()
+
+
+def tp_compare(one: TpRun, many: TpRun, tp: int) -> list[Row]:
+    """tp=N rows judged against tp=1's: decode speed-up, concurrent ratio, check prompt."""
+    rows = []
+    for kind, target in (("decode", TP_SPEEDUP), ("concurrent", None)):
+        a, b = one.rows[kind], many.rows[kind]
+        ratio = b.value / a.value
+        b.extra["vs_tp1"] = ratio
+        if target is not None and tp == 2:
+            b.target, b.ok = f">= {target} x tp=1", ratio >= target
+        else:
+            b.target, b.ok = "vs tp=1 (reported)", None
+        b.notes = f"{ratio:.2f} x tp=1"
+        rows += [a, b]
+
+    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x - y).norm() / y.norm())
+
+    err, noise = rel(many.logits, one.logits), rel(one.noise_logits, one.logits)
+    agree = next((i for i, (x, y) in enumerate(zip(many.tokens, one.tokens)) if x != y),
+                 len(one.tokens))  # fmt: skip
+    n = len(one.tokens)
+    top1 = float((many.logits[-n:].argmax(-1) == one.logits[-n:].argmax(-1)).float().mean())
+    extra = {"tokens_tp1": one.tokens, f"tokens_tp{tp}": many.tokens, "tokens_agree_prefix": agree,
+             "of": n, "last_position_rel_err": rel(many.logits[-1], one.logits[-1]),
+             "tp1_vs_ulp_noise_rel_err": noise, "top1_agreement_generated": top1}  # fmt: skip
+    # equal tokens, or a divergence no larger than what bf16 rounding noise alone gives
+    ok = agree == n or err <= max(3 * noise, 1e-3)
+    rows.append(Row(f"tp={tp} vs tp=1 check prompt logits", err, "rel err",
+                    "tokens equal or <= 3 x ulp noise", ok, extra=extra,
+                    notes=f"greedy tokens agree {agree}/{n}"))  # fmt: skip
+    return rows
+
+
+def tp_rows(sizes: Sizes, device: torch.device, tp: int, limits: dict,
+            log: Callable[[str], None]) -> list[Row]:  # fmt: skip
+    """Every tensor-parallel row (see the module doc), engines built one at a time."""
+    if device.type == "cuda" and torch.cuda.device_count() < tp:
+        raise RuntimeError(f"--rows tp needs {tp} GPUs, {torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = config_only_dir(Path(tmp) / "model", device)
+        vocab = json.loads((model_dir / "config.json").read_text())["text_config"]["vocab_size"]
+        check = random_prompt(sizes.check_prompt, vocab, torch.Generator().manual_seed(99))
+        one = tp_run(model_dir, sizes, device, 1, check.token_ids, None, limits, log)
+        release_device(device)
+        many = tp_run(model_dir, sizes, device, tp, check.token_ids, one.tokens, limits, log)
+        release_device(device)
+        rows = tp_compare(one, many, tp)
+        rows.extend(
+            _guard(f"tp={tp} isq q4k", lambda: tp_q4k(model_dir, sizes, device, tp, limits), log)
+        )
+    return rows
+
+
+def tp_q4k(model_dir: Path, sizes: Sizes, device: torch.device, tp: int, limits: dict) -> Row:
+    """Batch-1 decode with every rank's shard quantized to q4k at load."""
+    t0 = time.perf_counter()
+    engine = tp_engine(model_dir, sizes, device, tp, isq="q4k")
+    try:
+        row = row_decode(engine, sizes, torch.Generator().manual_seed(4322), limits)
+    finally:
+        engine.shutdown()
+        release_device(device)
+    row.name, row.target, row.ok = f"tp={tp} decode bs1 @1k isq=q4k", "reported", None
+    row.extra["engine_build_s"] = time.perf_counter() - t0
+    return row
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -1067,6 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="formats of the isq rows")  # fmt: skip
     ap.add_argument("--isq-rows", default="decode",
                     help="rows per isq format: decode (always), batch, concurrent, budget")  # fmt: skip
+    ap.add_argument("--tp-size", type=int, default=2, help="tensor parallel size of --rows tp")
     ap.add_argument("--kv-cache-dtypes", default="auto",
                     help=f"KV caches of the engine rows, in order; entries after the first rerun "
                          f"{'/'.join(KV_DTYPE_ROWS)} (e.g. auto,fp8)")  # fmt: skip
@@ -1105,8 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = device_limits(device)
     report["limits"] = limits
     log(f"limits: {limits}")
-    engine = model = None  # the bf16 model, only for rows other than isq
-    if any(r != "isq" for r in rows_wanted):
+    engine = model = None  # the bf16 model, only for rows other than isq and tp
+    if any(r not in ("isq", "tp") for r in rows_wanted):
         t0 = time.perf_counter()
         model = load_dummy_model(config, dtype, device)
         sync(device)
@@ -1194,6 +1352,10 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if "tp" in rows_wanted and not over_budget("tp"):
+        engine = model = None  # every rank's device for the tensor-parallel engines
+        report["tp_parent_gpu_bytes"] = release_device(device)
+        rows.extend(_guard("tp", lambda: tp_rows(sizes, device, args.tp_size, limits, log), log))
     report["total_s"] = time.perf_counter() - t_start
     _write(report, rows, args.out)
     print(_table(report, rows), flush=True)

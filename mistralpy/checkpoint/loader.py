@@ -26,6 +26,7 @@ QuantizedLinear straight from their stored bytes, nothing is quantized again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -128,27 +129,99 @@ def load_dummy_model(
     seed: int = 0,
     parallel: ParallelConfig = SINGLE,
 ) -> Mistral3ForConditionalGeneration:
-    """Model with random weights (normal, std 0.02; norms 1), each allocated once on `device`.
-    Under tensor parallelism each rank draws its own shard's values (not slices of one model)."""
+    """Model with random weights (normal, std 0.02; norms 1; biases 0), each allocated once on
+    `device`. Every tensor is a function of (its name, its full shape, `seed`, the device
+    type): under tensor parallelism each rank holds its slice of the same model as tp=1, drawn
+    alone (see `dummy_tensor`)."""
     device = torch.device(device)
     model = _empty_model(config, dtype, device, parallel)
     # meta (shape checks of the real config without memory) has no generator
-    gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
+    gen = None if device.type == "meta" else torch.Generator(device=device)
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
             if param.device.type == "meta":
                 continue  # a Linear's tensors are created below
             if isinstance(module, RMSNorm):
                 param.data.fill_(1.0)
             else:
-                param.data.normal_(0.0, DUMMY_STD, generator=gen)
+                name = f"{module_name}.{pname}"
+                param.data.copy_(dummy_tensor(name, param.shape, None, dtype, gen, seed))
     filler = _Filler(model, _isq_factory(isq))
     for name, linear in _linears(model):
-        weight = torch.empty_like(linear.weight, device=device)
-        weight.normal_(0.0, DUMMY_STD, generator=gen)
-        bias = None if linear.bias is None else torch.zeros_like(linear.bias, device=device)
-        filler.finalize(name, weight, bias)
+        bias = (
+            None
+            if linear.bias is None
+            else torch.zeros(linear.bias.shape, dtype=dtype, device=device)
+        )
+        filler.finalize(name, _dummy_weight(name, linear, dtype, gen, seed), bias)
     return _quantized_embedding(filler.finish(), isq)
+
+
+DUMMY_BLOCK = 256  # rows (or columns) of a dummy tensor drawn from one seed
+
+
+def dummy_tensor(
+    name: str,
+    full_shape: tuple[int, ...] | torch.Size,
+    shard: Shard | None,
+    dtype: torch.dtype,
+    gen: torch.Generator | None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """`shard` (None: all) of tensor `name`, N(0, DUMMY_STD) of `full_shape`, on `gen`'s
+    device. The full tensor is cut into blocks of DUMMY_BLOCK along the shard's dim, each
+    drawn from its own seed (name, block, seed): a rank draws only the blocks its slice
+    overlaps, the same values whatever the rank count. gen None: uninitialised, on meta."""
+    dim = shard.dim if shard is not None else 0
+    full = full_shape[dim]
+    start, size = (shard.start, shard.size) if shard is not None else (0, full)
+    shape = list(full_shape)
+    shape[dim] = size
+    if gen is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    out = torch.empty(shape, dtype=dtype, device=gen.device)
+    for block in range(start // DUMMY_BLOCK, -(-(start + size) // DUMMY_BLOCK)):
+        lo = block * DUMMY_BLOCK
+        shape[dim] = min(DUMMY_BLOCK, full - lo)
+        gen.manual_seed(_block_seed(name, block, seed))
+        # drawn whole and contiguous, then cut: the values never depend on the slice taken
+        values = torch.empty(shape, dtype=dtype, device=gen.device)
+        values.normal_(0.0, DUMMY_STD, generator=gen)
+        a, b = max(lo, start), min(lo + shape[dim], start + size)
+        out.narrow(dim, a - start, b - a).copy_(values.narrow(dim, a - lo, b - a))
+    return out
+
+
+def _block_seed(name: str, block: int, seed: int) -> int:
+    """A stable 63-bit seed (Python's hash() differs per process; ranks must agree)."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _dummy_weight(
+    name: str, linear: nn.Linear, dtype: torch.dtype, gen: torch.Generator | None, seed: int
+) -> torch.Tensor:
+    """Linear `name`'s weight (this rank's rows/columns): fused parts each drawn as their
+    own checkpoint tensor (named like the checkpoint's unfused projections), then joined."""
+    shards = getattr(linear, "tp_shards", None)
+    if not isinstance(linear, MergedLinear):
+        shard = shards[0] if shards else None
+        return dummy_tensor(f"{name}.weight", _full_shape(linear, shard), shard, dtype, gen, seed)
+    parts = []
+    for part, rows in enumerate(linear.output_sizes):
+        shard = shards[part] if shards else Shard(0, 0, rows, rows)
+        full = (shard.full, linear.in_features)
+        parts.append(dummy_tensor(f"{_unfused_name(name, part)}.weight", full, shard, dtype, gen,
+                                  seed))  # fmt: skip
+    return torch.cat(parts)
+
+
+def _full_shape(linear: nn.Linear, shard: Shard | None) -> tuple[int, int]:
+    """(out, in) of the checkpoint tensor whose `shard` the Linear holds."""
+    shape = [linear.out_features, linear.in_features]
+    if shard is not None:
+        shape[shard.dim] = shard.full
+    return shape[0], shape[1]
 
 
 # ---------------------------------------------------------------------------------------------

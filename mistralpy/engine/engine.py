@@ -795,6 +795,7 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
+                    self._check_runner()  # idle: a worker may die between requests too
                     continue
                 self._step()
         finally:
@@ -816,13 +817,23 @@ class AsyncEngine:
             else:
                 future.set_result(None)
 
+    def _runner_died(self, exc: RunnerDeadError) -> None:
+        """The model is gone: stop the loop; every request fails with why."""
+        logger.error("engine stopped: %s", exc)
+        self.failure = EngineDeadError(f"the model runner died: {exc}")
+        self._stopping = True
+
+    def _check_runner(self) -> None:
+        try:
+            self.engine.runner.check_alive()
+        except RunnerDeadError as exc:
+            self._runner_died(exc)
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except RunnerDeadError as exc:  # the model is gone: stop, every request fails with why
-            logger.error("engine stopped: %s", exc)
-            self.failure = EngineDeadError(f"the model runner died: {exc}")
-            self._stopping = True
+        except RunnerDeadError as exc:
+            self._runner_died(exc)
             return
         except Exception as exc:  # the engine's own bug: fail what is in flight, keep serving
             logger.exception("engine step failed")

@@ -337,7 +337,9 @@ class TensorParallelRunner(ShardRunner):
             workers.wait_for("loaded", startup_timeout)
             runner = cls(model.eval(), cfg, devices[0], dtype, workers)
         except BaseException as exc:
-            dead = workers.failed_worker(grace=2.0)
+            # a TensorParallelError already tells the worker's story (wait_for read its
+            # last words off the pipe: describing it again would lose them)
+            dead = None if isinstance(exc, TensorParallelError) else workers.failed_worker(2.0)
             workers.close()
             if dead is not None:
                 raise TensorParallelError(workers.describe(dead)) from exc
@@ -348,6 +350,10 @@ class TensorParallelRunner(ShardRunner):
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""
         self._finalizer()
+
+    def check_alive(self) -> None:
+        """Raise TensorParallelError once a worker has died or a step failed."""
+        self.workers.check()
 
 
 class _DriverModel:

@@ -393,6 +393,10 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Release what outlives this object (nothing on one device; TP workers stop)."""
 
+    def check_alive(self) -> None:
+        """Raise RunnerDeadError if this runner can never step again (a dead tensor-parallel
+        worker); cheap, for an idle engine to notice. One device: always alive."""
+
     def release(self, seq_ids: list[str]) -> None:
         """Forget per-sequence state (generators) of finished sequences."""
         for sid in seq_ids:

@@ -653,6 +653,7 @@ def _server(app: Any, cfg: ServeConfig) -> Any:
 def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
     from mistralpy.engine.errors import EngineDeadError
     from mistralpy.engine.worker import launched_rank, run_worker
+    from mistralpy.runner.errors import RunnerDeadError
 
     preflight(options)
     rank = launched_rank()
@@ -662,7 +663,7 @@ def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
     sock = bind_socket(cfg.host, cfg.port)
     try:
         asyncio.run(serve_async(options, cfg, sock))
-    except EngineDeadError as e:
+    except (EngineDeadError, RunnerDeadError) as e:  # died serving, or at start-up
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,3 +72,28 @@ def test_fp8_kv_rows_beside_the_model_dtype_ones(tmp_path):
     assert fp8["kv_blocks"] == 4 * report["kv_blocks"]  # e4m3 vs a float32 cache, same bytes
     (logits,) = [r for n, r in rows.items() if n.startswith("fp8 KV logits")]
     assert 0 < logits["value"] < 0.5 and 0 <= logits["extra"]["top1_agreement"] <= 1
+
+
+@pytest.mark.timeout(300, method="thread")  # a rank stuck in gloo: only the thread method ends it
+def test_tp_rows_compare_tp2_with_tp1_on_one_dummy_model(tmp_path):
+    """`--rows tp`: tp=1 then tp=2 engines over the same dummy weights (each rank's slice of
+    the tp=1 model), decode / concurrent / q4k rows and the check prompt. Oracle: tp=1 in the
+    same run; on CPU (float32, gloo) only the all-reduce order differs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_e2e
+    finally:
+        sys.path.pop(0)
+    assert gpu_e2e.main(["--quick", "--rows", "tp", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {
+        "tp=1 decode bs1 @1k ctx", "tp=2 decode bs1 @1k ctx", "tp=1 4 x (32 in / 8 out)",
+        "tp=2 4 x (32 in / 8 out)", "tp=2 vs tp=1 check prompt logits",
+        "tp=2 decode bs1 @1k isq=q4k",
+    }  # fmt: skip
+    assert all(r["value"] for r in rows.values()), rows
+    check = rows["tp=2 vs tp=1 check prompt logits"]
+    assert check["value"] < 1e-5 and check["ok"], check  # the same model, not two random ones
+    assert check["extra"]["tokens_tp2"] == check["extra"]["tokens_tp1"]
+    assert "load_s" not in report  # no single-device model was built beside the engines

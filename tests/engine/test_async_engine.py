@@ -161,3 +161,27 @@ def test_a_dead_runner_stops_the_engine_with_its_reason():
         eng.shutdown()
     assert eng.failure is err and not eng.is_running
     assert len(calls) == 3  # no request-by-request retry of a dead runner
+
+
+def test_an_idle_engine_notices_a_dead_runner():
+    """A tensor-parallel worker that dies between requests stops the loop too (the server
+    watches `is_running` and exits), without waiting for a request to fail on it."""
+    import time
+
+    from mistralpy.runner.errors import RunnerDeadError
+
+    eng = AsyncEngine(make_engine(max_model_len=64))
+    reason = "tensor-parallel worker rank 1 failed (killed by SIGKILL)"
+
+    def check_alive():
+        raise RunnerDeadError(reason)
+
+    try:
+        eng.engine.runner.check_alive = check_alive
+        deadline = time.monotonic() + 10
+        while eng.is_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not eng.is_running
+        assert eng.failure is not None and reason in str(eng.failure)
+    finally:
+        eng.shutdown()

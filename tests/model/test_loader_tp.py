@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mistralpy.checkpoint import loader
 from mistralpy.checkpoint.loader import load_model
+from mistralpy.model.config import read_config
 from mistralpy.model.parallel import ParallelConfig, split_heads
 from mistralpy.testing import tiny_checkpoint
 from tests.model.test_loader import _to_native
@@ -122,3 +124,24 @@ def test_tied_lm_head_takes_its_embedding_rows(hf_dir, tmp_path):
     model = load_model(tied, torch.float32, "cpu", parallel=rank_of(1, 2))
     assert torch.equal(model.lm_head.weight, embed[rows:])
     assert torch.equal(model.language_model.embed_tokens.weight, embed)
+
+
+@pytest.mark.parametrize("block", [7, 256])  # 7: slices start and end inside seed blocks
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dummy_ranks_hold_slices_of_the_tp1_dummy_model(hf_dir, tp, block, monkeypatch):
+    """Dummy weights (benchmarks) are one model whatever the rank count: each rank's tensors
+    equal the Megatron slices of the tp=1 dummy model (the same seed), drawn alone."""
+    monkeypatch.setattr(loader, "DUMMY_BLOCK", block)
+    config = read_config(hf_dir)
+    whole = loader.load_dummy_model(config, torch.float32, "cpu", seed=SEED)
+    full = dict(whole.named_parameters())
+    for rank in range(tp):
+        model = loader.load_dummy_model(
+            config, torch.float32, "cpu", seed=SEED, parallel=rank_of(rank, tp)
+        )
+        want = expected_slices(whole, rank, tp)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param, want.pop(name, full[name]), atol=0, rtol=0, msg=name)
+        assert not want, f"never checked: {sorted(want)}"
+    other = loader.load_dummy_model(config, torch.float32, "cpu", seed=SEED + 1)
+    assert not torch.equal(other.lm_head.weight, whole.lm_head.weight)  # the seed matters
