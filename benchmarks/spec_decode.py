@@ -1,8 +1,8 @@
 """Speculative decoding: batch-1 decode speed with drafts vs plain decode, in one run.
 
     PYTHONPATH=. python benchmarks/spec_decode.py --quick [--json out.json]       # CPU, tiny
-    PYTHONPATH=. python benchmarks/spec_decode.py --model mistralai/Mistral-Small-3.1-24B-Instruct-2503 \\
-        --load-format dummy --device cuda [--json out.json]                     # H100, forcing
+    PYTHONPATH=. python benchmarks/spec_decode.py --real-shapes --device cuda [--json out.json]
+        # H100, forcing: the 24B shapes with dummy weights (config files only, no download)
     PYTHONPATH=. python benchmarks/spec_decode.py --real-model [--json out.json]  # SmolLM2, CPU
 
 Forcing harness (random or dummy weights accept nothing by chance): a plain greedy decode after
@@ -156,11 +156,19 @@ def real_model(args: argparse.Namespace) -> dict:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    model, load_format = args.model, args.load_format
+    if args.real_shapes:  # Mistral Small 3.1's shapes, random weights: no checkpoint needed
+        import tempfile
+
+        from mistralpy.testing.tiny_checkpoint import REAL_SHAPES, write_config_files
+
+        out = Path(tempfile.mkdtemp(prefix="spec_decode_24b_"))
+        model, load_format = str(write_config_files(out, REAL_SHAPES, "bfloat16")), "dummy"
     return EngineConfig(
-        model=args.model,
+        model=model,
         device=args.device,
         dtype=args.dtype,
-        load_format=args.load_format,
+        load_format=load_format,
         max_model_len=args.prompt_len + args.max_tokens + 64,
         max_num_seqs=4,
         max_num_batched_tokens=max(2048, args.prompt_len + 16),
@@ -173,6 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny demo model, few tokens (CPU)")
     p.add_argument("--real-model", action="store_true", help="SmolLM2 n-gram row (CPU)")
     p.add_argument("--model", default="demo")
+    p.add_argument("--real-shapes", action="store_true", help="24B shapes, dummy weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
