@@ -27,7 +27,7 @@ from mistralpy.params import InvalidParameter
 SPECULATIVE_METHODS = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 16  # a longer draft costs more per verify than it can win back
 NGRAM_MODEL_NAME = "[ngram]"  # vLLM's older `--speculative-model "[ngram]"`
-MAX_DRAFT_PAUSE = 15  # decode steps without drafting after repeated misses, at most
+MAX_DRAFT_PAUSE = 63  # decode steps without drafting after repeated misses, at most
 
 
 class Drafter(Protocol):

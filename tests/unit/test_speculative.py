@@ -60,7 +60,7 @@ def test_oracle_drafter_alpha_bounds():
 
 
 def test_draft_pause_backs_off_exponentially():
-    assert [draft_pause(m) for m in range(7)] == [0, 0, 1, 3, 7, 15, 15]
+    assert [draft_pause(m) for m in range(9)] == [0, 0, 1, 3, 7, 15, 31, 63, 63]
 
 
 def test_parse_speculative_config_vllm_forms():
