@@ -151,14 +151,7 @@ def check_isq(isq: str | None) -> str | None:
 def engine_config(options: ModelOptions) -> Any:
     from mistralpy.engine.config import EngineConfig
 
-    extra = {}
-    if options.max_num_batched_tokens is not None:
-        extra["max_num_batched_tokens"] = options.max_num_batched_tokens
-    if options.gpu_memory_utilization is not None:
-        extra["gpu_memory_utilization"] = options.gpu_memory_utilization
-    if options.seed is not None:
-        extra["seed"] = options.seed
-    return EngineConfig(
+    config = EngineConfig(
         model=options.model_id,
         mmproj=options.mmproj,
         dtype=options.dtype,
@@ -171,8 +164,15 @@ def engine_config(options: ModelOptions) -> Any:
         tensor_parallel_size=options.tensor_parallel_size,
         enforce_eager=options.enforce_eager,
         kv_cache_dtype=options.kv_cache_dtype,
-        **extra,
     )
+    # options left None keep EngineConfig's defaults
+    if options.max_num_batched_tokens is not None:
+        config = replace(config, max_num_batched_tokens=options.max_num_batched_tokens)
+    if options.gpu_memory_utilization is not None:
+        config = replace(config, gpu_memory_utilization=options.gpu_memory_utilization)
+    if options.seed is not None:
+        config = replace(config, seed=options.seed)
+    return config
 
 
 def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:

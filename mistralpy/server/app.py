@@ -375,4 +375,4 @@ def _log_unexpected(exc: BaseException, request_id: str) -> None:
 
 
 def error_response_body(exc: BaseException) -> dict:
-    return json.loads(error_response(exc).body)
+    return json.loads(bytes(error_response(exc).body))

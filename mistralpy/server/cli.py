@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -444,15 +444,13 @@ def server_image_policy(cfg: ServeConfig) -> Any:
     """Strict by default: no private hosts, local paths only under the allowed directory."""
     from mistralpy.processing.images import ImagePolicy
 
-    extra = {}
-    if cfg.max_images_per_request is not None:
-        extra["max_images_per_request"] = cfg.max_images_per_request
     media = Path(cfg.allowed_local_media_path).resolve() if cfg.allowed_local_media_path else None
-    return ImagePolicy(
-        allow_private_networks=cfg.allow_private_image_urls,
-        allowed_local_media_path=media,
-        **extra,
+    policy = ImagePolicy(
+        allow_private_networks=cfg.allow_private_image_urls, allowed_local_media_path=media
     )
+    if cfg.max_images_per_request is None:  # not set: ImagePolicy's default
+        return policy
+    return replace(policy, max_images_per_request=cfg.max_images_per_request)
 
 
 async def load_with_progress(options: ModelOptions) -> OpenedModel:

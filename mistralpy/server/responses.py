@@ -502,6 +502,7 @@ class EventStream:
         if self.open is None or self.open.item["type"] != "message":
             events = self._close() + self._open_message()
         item = self.open
+        assert item is not None  # open before, or just opened by _open_message
         item.text += text
         ids = {"item_id": item.item["id"], "output_index": item.index, "content_index": 0}
         return [*events, self.event("response.output_text.delta", **ids, delta=text, logprobs=[])]
@@ -639,8 +640,8 @@ class ResponsesRoutes:
                 return JSONResponse(
                     error_body("client disconnected", "invalid_request_error"), status_code=499
                 )
-        if task.exception() is not None:
-            return self.on_error(task.exception())
+        if (failure := task.exception()) is not None:
+            return self.on_error(failure)
         result = task.result()
         self.on_usage(result.get("usage"))
         choice = result["choices"][0]
@@ -680,7 +681,7 @@ class ResponsesRoutes:
                 yield _sse_event(event)
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
             finished = True
-            for event in stream.fail(json.loads(self.on_error(exc).body)):
+            for event in stream.fail(json.loads(bytes(self.on_error(exc).body))):
                 yield _sse_event(event)
         finally:
             if not finished:  # the client went away: free the engine's slot at once

@@ -268,8 +268,8 @@ class TransportGuard:
             # nothing more can reach this client; returning with the response unfinished
             # makes uvicorn close the connection
             logger.info("dropped a client that stopped reading its response")
-        elif task.exception() is not None:
-            await self._send_mapped(task.exception(), sender)
+        elif (failure := task.exception()) is not None:
+            await self._send_mapped(failure, sender)
         return sender
 
     async def _until_done_or_drained(self, task: asyncio.Task) -> None:
@@ -286,7 +286,7 @@ class TransportGuard:
             task.cancel()
             await asyncio.wait({task})
 
-    async def _send_mapped(self, exc: Exception, sender: _Sender) -> None:
+    async def _send_mapped(self, exc: BaseException, sender: _Sender) -> None:
         status, body = self._map_error(exc)
         if status >= 500:
             logger.error("request failed", exc_info=exc)
