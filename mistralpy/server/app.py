@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -313,7 +313,10 @@ async def _whole(coro, metrics: ServerMetrics) -> JSONResponse:
 
 
 async def _stream(
-    chunks: AsyncIterator[dict], request_id: str, service: ChatService, metrics: ServerMetrics
+    chunks: AsyncGenerator[dict, None],
+    request_id: str,
+    service: ChatService,
+    metrics: ServerMetrics,
 ) -> Response:
     """SSE response; errors before the first chunk become a normal error response."""
     start = time.monotonic()

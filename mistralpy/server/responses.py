@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -664,7 +664,11 @@ class ResponsesRoutes:
         )
 
     async def _events(
-        self, shell: ResponseShell, first: dict, chunks: AsyncIterator[dict], turn: list[dict]
+        self,
+        shell: ResponseShell,
+        first: dict,
+        chunks: AsyncGenerator[dict, None],
+        turn: list[dict],
     ) -> AsyncIterator[bytes]:
         stream = EventStream(shell)
         finished = False
