@@ -16,7 +16,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
@@ -1004,7 +1004,7 @@ async def _chain(
 
 
 @contextlib.contextmanager
-def _grammar_errors_name(param: str | None):
+def _grammar_errors_name(param: str | None) -> Iterator[None]:
     """Give a GrammarError from the engine the request field its grammar came from."""
     try:
         yield

@@ -403,9 +403,9 @@ class Runner:
         return self.service.tokenizer.encode(text, add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
-        return self.service.detokenize(
-            {"tokens": tokens, "skip_special_tokens": skip_special_tokens}
-        )["prompt"]
+        body = {"tokens": tokens, "skip_special_tokens": skip_special_tokens}
+        text: str = self.service.detokenize(body)["prompt"]
+        return text
 
     def max_sequence_length(self) -> int:
         return self.service.max_model_len

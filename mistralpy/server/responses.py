@@ -82,11 +82,14 @@ class FunctionCallOutputItem(_Strict):
     output: str | list[ContentPart]
 
 
-def _item_type(item: Any) -> str:
-    """Messages may omit `type` (OpenAI's "easy input message")."""
+def _item_type(item: object) -> str | None:
+    """Messages may omit `type` (OpenAI's "easy input message"); None (no such tag: Pydantic
+    refuses the item) for a type that is not a string."""
     if isinstance(item, dict):
-        return item.get("type", "message")
-    return getattr(item, "type", "message")
+        kind = item.get("type", "message")
+    else:
+        kind = getattr(item, "type", "message")
+    return kind if isinstance(kind, str) else None
 
 
 InputItem = Annotated[
@@ -168,7 +171,7 @@ def _message(item: MessageItem, index: int) -> dict:
     return {"role": item.role, "content": [_chat_part(p, index) for p in item.content]}
 
 
-def _chat_part(part: Any, index: int) -> dict:
+def _chat_part(part: InputText | InputImage | OutputText | Refusal, index: int) -> dict:
     if isinstance(part, InputImage):
         if not part.image_url:
             raise InvalidRequest(
@@ -180,7 +183,7 @@ def _chat_part(part: Any, index: int) -> dict:
     return {"type": "text", "text": _part_text(part)}
 
 
-def _part_text(part: Any) -> str:
+def _part_text(part: InputText | InputImage | OutputText | Refusal) -> str:
     if isinstance(part, Refusal):
         return part.refusal
     if isinstance(part, InputImage):
