@@ -16,13 +16,26 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
 from mistralpy.errors import UserError
 from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
 from mistralpy.processing.tool_calls import TOOL_CALLS, ToolCallStreamParser, parse_tool_calls
+
+if TYPE_CHECKING:  # the processing types load torch and PIL; this module must not
+    from mistralpy.engine.sequence import (
+        CompletionOutput,
+        RequestMetrics,
+        RequestOutput,
+        TokenLogprob,
+    )
+    from mistralpy.processing.chat_template import ChatTemplate, ProcessedPrompt
+    from mistralpy.processing.images import ImagePolicy, ImageProcessorConfig, ProcessedImage
+    from mistralpy.processing.tokenizer import Tokenizer
+
+_T = TypeVar("_T")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 GRAMMAR_TYPES = ("regex", "json_schema", "lark", "llguidance", "json_object", "choice")
@@ -75,13 +88,31 @@ class PromptBuilder(Protocol):
     # next check. Required: without it `tokenizers` encodes a long text in one call that holds
     # the GIL, and the event loop stops for its seconds (tests/server/test_hostile_prompt_cancel)
 
-    async def load_images(self, messages: list[dict], stop: threading.Event) -> dict[str, Any]: ...
+    async def load_images(
+        self, messages: list[dict], stop: threading.Event
+    ) -> dict[str, ProcessedImage]: ...
 
     def chat(
-        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
-    ) -> Any: ...
+        self,
+        messages: list[dict],
+        tools: list[dict] | None,
+        images: dict[str, ProcessedImage],
+        stop: threading.Event,
+    ) -> ProcessedPrompt: ...
 
-    def text(self, prompt: str | list[int], stop: threading.Event) -> Any: ...
+    def text(self, prompt: str | list[int], stop: threading.Event) -> ProcessedPrompt: ...
+
+
+class ChatEngine(Protocol):
+    """What the service calls on the engine: engine.engine.AsyncEngine (tests: stand-ins)."""
+
+    def generate(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The request's outputs until the finished one; closing it early aborts it."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
 
 
 # Image downloads and decodes at once, over all requests: their own pool, so that slow image
@@ -93,17 +124,19 @@ IMAGE_WORKERS = 4
 class TemplatePrompts:
     """The real PromptBuilder: chat template + tokenizer + image loading under a policy."""
 
-    tokenizer: Any  # processing.tokenizer.Tokenizer
-    template: Any  # processing.chat_template.ChatTemplate
-    image_policy: Any  # processing.images.ImagePolicy
-    image_processor_config: Any  # what processing.images.preprocess_image takes; None: no images
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    image_policy: ImagePolicy
+    image_processor_config: ImageProcessorConfig | None  # None: a text-only model, no images
     image_pool: concurrent.futures.Executor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
             IMAGE_WORKERS, thread_name_prefix="mistralpy-images"
         )
     )
 
-    async def load_images(self, messages: list[dict], stop: threading.Event) -> dict[str, Any]:
+    async def load_images(
+        self, messages: list[dict], stop: threading.Event
+    ) -> dict[str, ProcessedImage]:
         """source -> ProcessedImage for every distinct image of `messages`, loaded in the
         image pool; cancelling the caller (client gone) drops the loads not yet started and
         sets `stop`, which ends the downloads under way within a poll interval."""
@@ -128,31 +161,36 @@ class TemplatePrompts:
                 load.cancel()
 
     def chat(
-        self, messages: list[dict], tools: list[dict] | None, images: dict, stop: threading.Event
-    ) -> Any:
+        self,
+        messages: list[dict],
+        tools: list[dict] | None,
+        images: dict[str, ProcessedImage],
+        stop: threading.Event,
+    ) -> ProcessedPrompt:
         from mistralpy.processing.chat_template import build_chat_prompt
 
-        def loaded(source: str) -> Any:
+        def loaded(source: str) -> ProcessedImage:
             return images[source] if source in images else self._load_image(source, stop)
 
         loader = loaded if self.image_processor_config is not None else None
         return build_chat_prompt(self.tokenizer, self.template, messages, tools, loader, stop=stop)
 
-    def text(self, prompt: str | list[int], stop: threading.Event) -> Any:
+    def text(self, prompt: str | list[int], stop: threading.Event) -> ProcessedPrompt:
         from mistralpy.processing.chat_template import ProcessedPrompt
 
         if isinstance(prompt, list):
             return ProcessedPrompt(token_ids=list(prompt), images=[])
         return ProcessedPrompt(token_ids=self.tokenizer.encode(prompt, True, stop=stop), images=[])
 
-    def _load_image(self, source: Any, stop: threading.Event) -> Any:
+    def _load_image(self, source: str, stop: threading.Event) -> ProcessedImage:
         from mistralpy.processing.images import load_image, preprocess_image
 
+        assert self.image_processor_config is not None  # callers load images only with one
         image = load_image(source, self.image_policy, stop=stop)
         return preprocess_image(image, self.image_processor_config)
 
 
-async def _in_thread(stop: threading.Event, fn: Callable[..., Any], *args: Any) -> Any:
+async def _in_thread(stop: threading.Event, fn: Callable[..., _T], *args: object) -> _T:
     """fn(*args, stop=stop) in a worker thread. A thread cannot be cancelled: when the caller
     is (client gone), `stop` is set and fn ends at its next check instead of running on."""
     try:
@@ -347,13 +385,13 @@ def _default(value: Any, default: Any) -> Any:
 # --- engine outputs → OpenAI dicts --------------------------------------------------------
 
 
-def final_usage(final: Any) -> dict:
+def final_usage(final: RequestOutput) -> dict:
     """The usage block of a request's last RequestOutput (all n choices' tokens counted)."""
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     return usage_dict(len(final.prompt_token_ids), completion_tokens, final.metrics)
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: Any) -> dict:
+def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: RequestMetrics | _Span) -> dict:
     """OpenAI usage plus mistral.rs's timing fields, from the engine's RequestMetrics."""
     now = time.monotonic()
     arrival = metrics.arrival_time
@@ -404,7 +442,7 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", errors="replace"))
 
 
-def chat_logprobs(entries: list[Any]) -> dict:
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
     """Engine TokenLogprobs → OpenAI chat `logprobs` ({"content": [...]})."""
     return {
         "content": [
@@ -422,7 +460,7 @@ def chat_logprobs(entries: list[Any]) -> dict:
     }
 
 
-def completion_logprobs(entries: list[Any], text_offset: int) -> dict:
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict:
     """Engine TokenLogprobs → legacy completions `logprobs` (parallel lists)."""
     offsets, pos = [], text_offset
     for e in entries:
@@ -459,8 +497,8 @@ class ChatService:
 
     def __init__(
         self,
-        engine: Any,
-        tokenizer: Any,
+        engine: ChatEngine,
+        tokenizer: Tokenizer,
         prompts: PromptBuilder,
         served_model_name: str,
         max_model_len: int,
@@ -468,7 +506,7 @@ class ChatService:
         model_aliases: tuple[str, ...] = (),
         default_max_tokens: int | None = None,
     ):
-        self.engine = engine  # AsyncEngine: generate(request_id, prompt, params), abort(id)
+        self.engine = engine
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.served_model_name = served_model_name
@@ -486,7 +524,7 @@ class ChatService:
         if model is not None and model not in self.model_names:
             raise ModelNotFound(model)
 
-    async def _prepare_chat(self, body: dict) -> tuple[Any, SamplingParams, bool]:
+    async def _prepare_chat(self, body: dict) -> tuple[ProcessedPrompt, SamplingParams, bool]:
         self.check_model(body.get("model"))
         messages = _openai_messages(body.get("messages"))
         tools = _tools(body)
@@ -499,7 +537,7 @@ class ChatService:
         self._check_length(prompt, params)
         return prompt, self._with_default_limit(prompt, params), tools_active
 
-    async def _prepare_completion(self, body: dict) -> tuple[list[Any], SamplingParams]:
+    async def _prepare_completion(self, body: dict) -> tuple[list[ProcessedPrompt], SamplingParams]:
         """The prompts of a completions body (one, or a batch) and their shared params."""
         self.check_model(body.get("model"))
         prompts_in = _completion_prompts(body.get("prompt"))
@@ -525,7 +563,7 @@ class ChatService:
                 "prompt",
             )
 
-    async def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> Any:
+    async def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> ProcessedPrompt:
         """Images first (their own pool), then the template in a worker thread."""
         stop = threading.Event()
         images = await self.prompts.load_images(messages, stop)
@@ -541,7 +579,9 @@ class ChatService:
         bias = {**params.logit_bias, token: NO_TOOL_CALL_BIAS}
         return dataclasses.replace(params, logit_bias=bias)
 
-    def _with_default_limit(self, prompt: Any, params: SamplingParams) -> SamplingParams:
+    def _with_default_limit(
+        self, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> SamplingParams:
         if params.max_tokens is not None or self.default_max_tokens is None:
             return params
         room = self.max_model_len - len(prompt.token_ids)  # >= 1 once _check_length passed
@@ -559,7 +599,7 @@ class ChatService:
                 "context_length_exceeded",
             )
 
-    def _check_length(self, prompt: Any, params: SamplingParams) -> None:
+    def _check_length(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty", "messages")
@@ -590,7 +630,9 @@ class ChatService:
         choices = [self._chat_choice(o, tools_active, params.logprobs) for o in final.outputs]
         return self._response_body(request_id, "chat.completion", choices, final)
 
-    def _response_body(self, request_id: str, kind: str, choices: list[dict], final: Any) -> dict:
+    def _response_body(
+        self, request_id: str, kind: str, choices: list[dict], final: RequestOutput
+    ) -> dict:
         """The whole (non-streamed) OpenAI response around `choices` of a finished request."""
         return {
             "id": request_id,
@@ -602,7 +644,7 @@ class ChatService:
             "usage": final_usage(final),
         }
 
-    def _chat_choice(self, out: Any, tools_active: bool, logprobs: bool) -> dict:
+    def _chat_choice(self, out: CompletionOutput, tools_active: bool, logprobs: bool) -> dict:
         message: dict = {"role": "assistant", "content": out.text}
         tool_calls = []
         if tools_active:
@@ -622,7 +664,7 @@ class ChatService:
 
     async def stream_chat_completion(
         self, body: dict, request_id: str | None = None
-    ) -> AsyncIterator[dict]:
+    ) -> AsyncGenerator[dict, None]:
         """chat.completion.chunk dicts: role first, deltas, finish reasons, optional usage.
 
         The first chunk is yielded only once the engine accepted the request and produced
@@ -646,8 +688,8 @@ class ChatService:
             last = first
             async for out in _chain(first, outputs):
                 last = out
-                choices = [self._chat_delta(o, states[o.index], params) for o in out.outputs]
-                choices = [c for c in choices if c is not None]
+                deltas = [self._chat_delta(o, states[o.index], params) for o in out.outputs]
+                choices = [c for c in deltas if c is not None]
                 if choices:
                     yield chunk.make(choices)
             if include_usage:
@@ -656,7 +698,9 @@ class ChatService:
         finally:
             await self._close(outputs, request_id, done)
 
-    def _chat_delta(self, out: Any, state: _ChoiceState, params: SamplingParams) -> dict | None:
+    def _chat_delta(
+        self, out: CompletionOutput, state: _ChoiceState, params: SamplingParams
+    ) -> dict | None:
         if state.finished:
             return None
         delta: dict = {}
@@ -718,7 +762,7 @@ class ChatService:
 
     async def stream_completion(
         self, body: dict, request_id: str | None = None
-    ) -> AsyncIterator[dict]:
+    ) -> AsyncGenerator[dict, None]:
         """text_completion chunks, then an optional usage chunk; a batch's prompts stream
         side by side, their choices numbered as in `create_completion`."""
         request_id = request_id or new_request_id("cmpl")
@@ -730,7 +774,7 @@ class ChatService:
             self._completion_deltas(i, p, params, k * params.n)
             for k, (i, p) in enumerate(zip(ids, prompts))
         ]
-        lasts: dict[str, Any] = {}
+        lasts: dict[str, RequestOutput] = {}
         with _grammar_errors_name(grammar_param(body)):
             async with contextlib.aclosing(_merge(streams)) as merged:
                 async for out, choices in merged:
@@ -741,8 +785,8 @@ class ChatService:
             yield chunk.make([], usage=batch_usage([lasts[i] for i in ids if i in lasts]))
 
     async def _completion_deltas(
-        self, request_id: str, prompt: Any, params: SamplingParams, first_index: int
-    ) -> AsyncIterator[tuple[Any, list[dict]]]:
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, first_index: int
+    ) -> AsyncGenerator[tuple[RequestOutput, list[dict]], None]:
         """(engine output, its new choice deltas) of one completions prompt, as they come."""
         outputs = self.engine.generate(request_id, prompt, params)
         done = False
@@ -772,16 +816,20 @@ class ChatService:
 
     # -- engine plumbing --
 
-    async def _close(self, outputs: Any, request_id: str, finished: bool) -> None:
+    async def _close(
+        self, outputs: AsyncGenerator[RequestOutput, None], request_id: str, finished: bool
+    ) -> None:
         """Close the engine stream; abort the request if we stopped early (disconnect, error)."""
         if not finished:
             self.engine.abort(request_id)
         await outputs.aclose()
 
-    async def _run_to_end(self, request_id: str, prompt: Any, params: SamplingParams) -> Any:
+    async def _run_to_end(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> RequestOutput:
         """Drive one request to completion; the last RequestOutput with every choice merged."""
-        final = None
-        by_index: dict[int, Any] = {}
+        final: RequestOutput | None = None
+        by_index: dict[int, CompletionOutput] = {}
         outputs = self.engine.generate(request_id, prompt, params)
         try:
             async for out in outputs:
@@ -874,7 +922,7 @@ def _batch_ids(request_id: str, count: int) -> list[str]:
     return [request_id] if count == 1 else [f"{request_id}-{k}" for k in range(count)]
 
 
-def batch_usage(finals: list[Any]) -> dict:
+def batch_usage(finals: list[RequestOutput]) -> dict:
     """One usage block over several requests' last outputs (a completions batch)."""
     if len(finals) == 1:
         return final_usage(finals[0])
@@ -884,12 +932,12 @@ def batch_usage(finals: list[Any]) -> dict:
         values = [getattr(m, name) for m in metrics if getattr(m, name) is not None]
         return min(values) if values else None
 
-    finished = [m.finished_time for m in metrics]
+    finished = [m.finished_time for m in metrics if m.finished_time is not None]
     span = _Span(
-        earliest("arrival_time"),
+        min(m.arrival_time for m in metrics),
         earliest("first_scheduled_time"),
         earliest("first_token_time"),
-        None if None in finished else max(finished),
+        max(finished) if len(finished) == len(metrics) else None,
     )
     prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
     completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
@@ -900,13 +948,13 @@ def batch_usage(finals: list[Any]) -> dict:
 class _Span:
     """The RequestMetrics fields usage_dict reads, over a batch: first start, last finish."""
 
-    arrival_time: float | None
+    arrival_time: float
     first_scheduled_time: float | None
     first_token_time: float | None
     finished_time: float | None
 
 
-async def _gather_all(coros: list[Any]) -> list[Any]:
+async def _gather_all(coros: list[Coroutine[Any, Any, _T]]) -> list[_T]:
     """Await all; if one fails, cancel the others (their engine requests abort) and raise."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
@@ -917,7 +965,7 @@ async def _gather_all(coros: list[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+async def _merge(streams: list[AsyncGenerator[_T, None]]) -> AsyncGenerator[_T, None]:
     """Items of several async iterators as each comes; an error in one ends all of them."""
     if len(streams) == 1:  # the common case keeps its plain order and no extra tasks
         async with contextlib.aclosing(streams[0]) as stream:
@@ -927,7 +975,7 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
-    async def pump(stream: AsyncIterator[Any]) -> None:
+    async def pump(stream: AsyncGenerator[_T, None]) -> None:
         try:
             async with contextlib.aclosing(stream) as items:  # cancelled: abort at once
                 async for item in items:
@@ -957,7 +1005,7 @@ def _choice_delta(index: int, delta: dict) -> dict:
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
-async def _first_output(outputs: AsyncIterator[Any], request_id: str) -> Any:
+async def _first_output(outputs: AsyncIterator[RequestOutput], request_id: str) -> RequestOutput:
     try:
         first = await outputs.__anext__()
     except StopAsyncIteration:
@@ -966,7 +1014,9 @@ async def _first_output(outputs: AsyncIterator[Any], request_id: str) -> Any:
     return first
 
 
-async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _chain(
+    first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncGenerator[RequestOutput, None]:
     yield first
     async for out in rest:
         _raise_if_failed(out, first.request_id)
@@ -974,7 +1024,7 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 @contextlib.contextmanager
-def _grammar_errors_name(param: str | None):
+def _grammar_errors_name(param: str | None) -> Iterator[None]:
     """Give a GrammarError from the engine the request field its grammar came from."""
     try:
         yield
@@ -983,16 +1033,16 @@ def _grammar_errors_name(param: str | None):
             from mistralpy.processing.grammar import GrammarError
 
             if isinstance(exc, GrammarError):
-                exc.param = param  # type: ignore[attr-defined]
+                exc.param = param
         raise
 
 
-def _raise_if_failed(out: Any, request_id: str) -> None:
+def _raise_if_failed(out: RequestOutput, request_id: str) -> None:
     if out.error:
         raise EngineRequestError(f"request {request_id} failed: {out.error}")
 
 
-def _is_token_list(value: Any) -> bool:
+def _is_token_list(value: object) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list)
         and bool(value)

@@ -11,10 +11,10 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mistralpy.api.chat import ChatService, TemplatePrompts
 from mistralpy.api.types import (
@@ -31,7 +31,18 @@ from mistralpy.api.types import (
 )
 from mistralpy.engine.speculative import SpeculativeConfig, parse_speculative_config
 
+if TYPE_CHECKING:  # the engine and processing load torch; `import mistralpy` must not
+    from mistralpy.engine.config import EngineConfig
+    from mistralpy.engine.engine import AsyncEngine, LLMEngine
+    from mistralpy.processing.chat_template import ChatTemplate
+    from mistralpy.processing.images import ImagePolicy, ImageProcessorConfig
+    from mistralpy.processing.tokenizer import Tokenizer
+
 log = logging.getLogger("mistralpy")
+_T = TypeVar("_T")
+# What `send_chat_request` takes: a request, mistral.rs' TextMessages, an OpenAI body, or
+# its messages alone
+ChatInput = ChatCompletionRequest | TextMessages | dict | list[dict]
 # --isq values (IsqType's, deduplicated: F8E4M3 is an alias of fp8)
 ISQ_NAMES = tuple(sorted({t.value for t in IsqType}))
 
@@ -70,16 +81,18 @@ class ModelOptions:
 class OpenedModel:
     """A loaded model: the engine plus what the chat service needs around it."""
 
-    engine: Any  # engine.engine.AsyncEngine
-    llm: Any  # engine.engine.LLMEngine it drives (read-only here: gauges, sizes)
-    tokenizer: Any
-    template: Any
-    image_config: Any
+    engine: AsyncEngine
+    llm: LLMEngine  # the engine `engine` drives (read-only here: gauges, sizes)
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    image_config: ImageProcessorConfig | None  # None: a text-only model
     path: Path
     max_model_len: int
     options: ModelOptions
 
-    def service(self, image_policy: Any, default_max_tokens: int | None = None) -> ChatService:
+    def service(
+        self, image_policy: ImagePolicy, default_max_tokens: int | None = None
+    ) -> ChatService:
         """The chat service; `default_max_tokens` limits replies of requests that set none."""
         name = self.options.served_model_name or self.options.model_id
         prompts = TemplatePrompts(self.tokenizer, self.template, image_policy, self.image_config)
@@ -150,17 +163,10 @@ def check_isq(isq: str | None) -> str | None:
     return name
 
 
-def engine_config(options: ModelOptions) -> Any:
+def engine_config(options: ModelOptions) -> EngineConfig:
     from mistralpy.engine.config import EngineConfig
 
-    extra = {}
-    if options.max_num_batched_tokens is not None:
-        extra["max_num_batched_tokens"] = options.max_num_batched_tokens
-    if options.gpu_memory_utilization is not None:
-        extra["gpu_memory_utilization"] = options.gpu_memory_utilization
-    if options.seed is not None:
-        extra["seed"] = options.seed
-    return EngineConfig(
+    config = EngineConfig(
         model=options.model_id,
         mmproj=options.mmproj,
         dtype=options.dtype,
@@ -174,11 +180,20 @@ def engine_config(options: ModelOptions) -> Any:
         enforce_eager=options.enforce_eager,
         kv_cache_dtype=options.kv_cache_dtype,
         speculative_config=options.speculative_config,
-        **extra,
     )
+    # options left None keep EngineConfig's defaults
+    if options.max_num_batched_tokens is not None:
+        config = replace(config, max_num_batched_tokens=options.max_num_batched_tokens)
+    if options.gpu_memory_utilization is not None:
+        config = replace(config, gpu_memory_utilization=options.gpu_memory_utilization)
+    if options.seed is not None:
+        config = replace(config, seed=options.seed)
+    return config
 
 
-def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[Any, Any, Any]:
+def load_processing(
+    path: Path, options: ModelOptions, tokenizer: Tokenizer
+) -> tuple[Tokenizer, ChatTemplate, ImageProcessorConfig | None]:
     """Tokenizer (the engine's unless overridden), chat template and image settings (None
     for a text-only model)."""
     from mistralpy.model.config import read_config
@@ -197,7 +212,7 @@ def load_processing(path: Path, options: ModelOptions, tokenizer: Any) -> tuple[
     return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
 
 
-def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
+def load_template(path: Path, options: ModelOptions, tokenizer: Tokenizer) -> ChatTemplate:
     """The chat template: --jinja-explicit, else the checkpoint's (with the bundled tool
     template for tool chats when it ignores `tools`), else --chat-template or the bundled one."""
     from mistralpy.processing.chat_template import ChatTemplate, needs_tool_template
@@ -217,7 +232,7 @@ def load_template(path: Path, options: ModelOptions, tokenizer: Any) -> Any:
     return template
 
 
-def load_engine(config: Any) -> Any:
+def load_engine(config: EngineConfig) -> LLMEngine:
     """The synchronous LLMEngine (slow: reads and maybe quantizes weights), with its grammar
     tokenizer built now: built by the first grammar request instead, it would hold the GIL
     for seconds and pause every running stream."""
@@ -229,7 +244,7 @@ def load_engine(config: Any) -> Any:
     return engine
 
 
-def wrap_async(llm_engine: Any) -> Any:
+def wrap_async(llm_engine: LLMEngine) -> AsyncEngine:
     """An AsyncEngine (its own stepping thread) around `llm_engine`."""
     from mistralpy.engine.engine import AsyncEngine
 
@@ -240,7 +255,8 @@ async def open_model(options: ModelOptions) -> OpenedModel:
     """Load a model in a worker thread (the event loop stays free), then start its engine."""
     config = engine_config(options)
     llm = await asyncio.to_thread(load_engine, config)
-    path = Path(llm.model_path)
+    path = llm.model_path
+    assert path is not None  # LLMEngine.from_config sets it
     tokenizer, template, image_config = await asyncio.to_thread(
         load_processing, path, options, llm.tokenizer
     )
@@ -249,7 +265,7 @@ async def open_model(options: ModelOptions) -> OpenedModel:
     )
 
 
-def trusted_image_policy() -> Any:
+def trusted_image_policy() -> ImagePolicy:
     """The Python API's image policy: local paths and private hosts are the caller's to use."""
     from mistralpy.processing.images import ImagePolicy
 
@@ -267,7 +283,7 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-    def run(self, coro: Any) -> Any:
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()
@@ -277,7 +293,7 @@ class _LoopThread:
             future.cancel()
             raise
 
-    def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
+    def iterate(self, agen: AsyncGenerator[_T, None]) -> Iterator[_T]:
         """Pull an async iterator living on the loop from this thread; closing it closes it."""
         try:
             while True:
@@ -295,6 +311,8 @@ class _LoopThread:
 
 class Runner:
     """mistral.rs's `Runner`: load a model, then send blocking requests to it."""
+
+    model: OpenedModel | None  # None: a Runner around a given service (`from_service`)
 
     def __init__(
         self,
@@ -390,9 +408,9 @@ class Runner:
         return self.service.tokenizer.encode(text, add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
-        return self.service.detokenize(
-            {"tokens": tokens, "skip_special_tokens": skip_special_tokens}
-        )["prompt"]
+        body = {"tokens": tokens, "skip_special_tokens": skip_special_tokens}
+        text: str = self.service.detokenize(body)["prompt"]
+        return text
 
     def max_sequence_length(self) -> int:
         return self.service.max_model_len
@@ -419,11 +437,11 @@ class Model:
         self.service = service
         self.opened = opened
 
-    async def send_chat_request(self, messages: Any) -> Response:
+    async def send_chat_request(self, messages: ChatInput) -> Response:
         res = await self.service.create_chat_completion(_chat_body(messages))
         return Response(res, "ChatCompletionResponse")
 
-    async def stream_chat_request(self, messages: Any) -> AsyncIterator[Response]:
+    async def stream_chat_request(self, messages: ChatInput) -> AsyncGenerator[Response, None]:
         async for chunk in self.service.stream_chat_completion(_chat_body(messages)):
             yield Response(chunk, "ChatCompletionChunkResponse")
 
@@ -433,7 +451,7 @@ class Model:
             self.opened.engine.shutdown()
 
 
-def _chat_body(messages: Any) -> dict:
+def _chat_body(messages: ChatInput) -> dict:
     if isinstance(messages, ChatCompletionRequest):
         return messages.to_body()
     if isinstance(messages, TextMessages):

@@ -233,7 +233,7 @@ class CompletionRequest:
 
 def _sampling_body(req: ChatCompletionRequest | CompletionRequest) -> dict:
     # `model` is not forwarded: a Runner serves one model, whatever name the request uses.
-    body = {
+    body: dict[str, Any] = {
         "max_tokens": req.max_tokens,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
@@ -266,7 +266,7 @@ class Response:
 
     def __getattr__(self, name: str) -> Any:
         data = self.__dict__.get("_data", {})
-        if name not in data and name in _OPTIONAL.get(self.__dict__.get("_kind"), ()):
+        if name not in data and name in _OPTIONAL.get(self.__dict__.get("_kind", ""), ()):
             return None
         if name not in data:
             raise AttributeError(f"{self._kind} has no field {name!r}")

@@ -41,7 +41,7 @@ from mistralpy.model.gguf_file import GGUFModelFile, GGUFTensor, open_gguf
 from mistralpy.model.layers import MergedLinear
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.model.parallel import SINGLE
-from mistralpy.quant.formats import QuantFormat, format_of_ggml_type
+from mistralpy.quant.formats import format_of_ggml_type
 from mistralpy.quant.isq import ConcatLinear, KernelTuning, QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,12 @@ def _expected_shape(module: nn.Module, part: int | None, param: str) -> tuple[in
     """(rows, cols) a GGUF weight for `module` (its `part`) must have; (n,) for a norm or a
     bias."""
     if isinstance(module, nn.Linear):
-        rows = (
-            module.output_sizes[part] if isinstance(module, MergedLinear) else module.out_features
-        )
+        rows = module.out_features
+        if isinstance(module, MergedLinear):
+            assert part is not None, "the tables name a part for every fused module's tensor"
+            rows = module.output_sizes[part]
         return (rows,) if param == "bias" else (rows, module.in_features)
-    return tuple(module.weight.shape)
+    return tuple(module.get_parameter("weight").shape)
 
 
 def _missing(model: Mistral3ForConditionalGeneration, plan: _Plan) -> list[str]:
@@ -247,8 +248,10 @@ def rope_heads(model: Mistral3ForConditionalGeneration, module: str, part: int |
     its converter permutes the Pixtral encoder's q/k too (all heads: no GQA there)."""
     if not module.endswith("qkv_proj") or part not in (0, 1):
         return 0
+    vision = model.config.vision_config
     if module.startswith("vision_tower."):
-        return model.config.vision_config.num_attention_heads
+        assert vision is not None, "a vision_tower module exists only with a vision config"
+        return vision.num_attention_heads
     text = model.config.text_config
     return text.num_attention_heads if part == 0 else text.num_key_value_heads
 
@@ -267,9 +270,10 @@ def _dense(tensor: GGUFTensor) -> torch.Tensor:
     fmt = format_of_ggml_type(tensor.ggml_type)
     if fmt is not None and len(tensor.shape) == 2:
         return fmt.dequantize(_raw(tensor), tensor.shape)
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    values = dequantize(np.asarray(tensor.data), tensor.ggml_type)
+    values = dequantize(np.asarray(tensor.data), GGMLQuantizationType(tensor.ggml_type))
     return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tensor.shape)
 
 
@@ -281,12 +285,15 @@ def _quantized(
 ) -> nn.Module | None:
     """A QuantizedLinear over the parts' GGUF bytes (a ConcatLinear if their formats differ),
     or None when some part has no block format of ours (float or IQ types)."""
-    fmts = [format_of_ggml_type(t.ggml_type) for _, t in rows]
-    if any(f is None for f in fmts) or any(len(t.shape) != 2 for _, t in rows):
+    fmts = [f for _, t in rows if (f := format_of_ggml_type(t.ggml_type)) is not None]
+    if len(fmts) != len(rows) or any(len(t.shape) != 2 for _, t in rows):
         return None
-    parts = [(f, _permuted(_raw(t), heads), t.shape) for f, (heads, t) in zip(fmts, rows)]
+    parts = [
+        (f, _permuted(_raw(t), heads), (t.shape[0], t.shape[1]))
+        for f, (heads, t) in zip(fmts, rows)
+    ]
     if len({f.name for f, _, _ in parts}) == 1:
-        fmt: QuantFormat = parts[0][0]
+        fmt = parts[0][0]
         packed = torch.cat([p for _, p, _ in parts]).to(device)
         shape = (sum(s[0] for _, _, s in parts), parts[0][2][1])
         return QuantizedLinear(packed, fmt, shape, bias, tuning)

@@ -35,7 +35,7 @@ from mistralpy.model.config import (
 from mistralpy.model.gguf_file import GGUFVocab
 from mistralpy.model.layers import MergedLinear
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
-from mistralpy.quant.formats import get_format
+from mistralpy.quant.formats import QuantFormat, get_format
 from mistralpy.quant.isq import compatible_format, should_quantize
 
 FLOAT_TYPES = {
@@ -137,7 +137,13 @@ def _add(writer: GGUFWriter, name: str, encoded: tuple) -> None:
 def _type_of(outtype: str) -> int:
     if outtype in FLOAT_TYPES:
         return FLOAT_TYPES[outtype][1]
-    return int(get_format(outtype).ggml_type)
+    return _block_type(get_format(outtype))
+
+
+def _block_type(fmt: QuantFormat) -> GGMLQuantizationType:
+    """The GGML type of a block format `check_outtype` let through (or its width fallback)."""
+    assert fmt.ggml_type is not None, fmt.name  # check_outtype refuses fp8, the one without
+    return GGMLQuantizationType(fmt.ggml_type)
 
 
 def _encode(tensor: torch.Tensor, module: str, outtype: str, stored: str) -> tuple:
@@ -149,7 +155,7 @@ def _encode(tensor: torch.Tensor, module: str, outtype: str, stored: str) -> tup
     fmt = compatible_format(get_format(outtype), tensor.shape[-1]) if tensor.dim() == 2 else None
     if fmt is None or not should_quantize(module):
         return _float_bytes(tensor, stored)
-    return fmt.quantize(tensor.float()).numpy(), GGMLQuantizationType(fmt.ggml_type)
+    return fmt.quantize(tensor.float()).numpy(), _block_type(fmt)
 
 
 def _float_bytes(tensor: torch.Tensor, float_type: str) -> tuple:

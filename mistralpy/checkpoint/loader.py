@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -62,7 +62,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     isq: str | None = None,
-    load_format: Literal["auto", "dummy"] = "auto",
+    load_format: str = "auto",  # checked below: "auto" or "dummy"
     parallel: ParallelConfig = SINGLE,
     dequantize: bool = False,
     mmproj: str | Path | None = None,

@@ -20,6 +20,7 @@ meet the matching 32-element slices of x, so no shuffles are needed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -649,6 +650,9 @@ class _TritonMatmul(QuantMatmul):
     gemm_warps = 2
     # Triton's CPU interpreter mis-computes bf16 tl.dot; it runs the tests in float32.
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    # The launches each subclass defines: (grid, x (M, K), y (M, N) written in place[, BM]).
+    _gemv: Callable[[tuple[int, int] | None, Tensor, Tensor], None]
+    _gemm: Callable[[tuple[int, int], Tensor, Tensor, int], None]
 
     def _dot(self, x: Tensor):
         """tl.dot operand dtype: fp16 for fp16 activations, else bf16 (fp32 range)."""

@@ -229,7 +229,10 @@ class Mistral3ForConditionalGeneration(nn.Module):
         text = config.text_config
         self.language_model = MistralModel(text, attn_fn or paged_attention, parallel)
         self.vocab_parallel = parallel.world_size > 1 and text.vocab_size % parallel.world_size == 0
-        self.lm_head = _lm_head(text.hidden_size, text.vocab_size, parallel, self.vocab_parallel)
+        # an nn.Linear, until ISQ or a GGUF load swaps in a QuantizedLinear (any (.., H) -> (.., V))
+        self.lm_head: nn.Module = _lm_head(
+            text.hidden_size, text.vocab_size, parallel, self.vocab_parallel
+        )
 
     @property
     def num_local_kv_heads(self) -> int:

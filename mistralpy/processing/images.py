@@ -728,8 +728,8 @@ class ImageProcessorConfig:
             patch_size=int(meta["clip.vision.patch_size"]),
             spatial_merge_size=int(meta.get("clip.vision.spatial_merge_size", 1)),
             longest_edge=int(meta["clip.vision.image_size"]),
-            image_mean=tuple(float(v) for v in meta["clip.vision.image_mean"]),
-            image_std=tuple(float(v) for v in meta["clip.vision.image_std"]),
+            image_mean=_rgb(meta["clip.vision.image_mean"], "image_mean"),
+            image_std=_rgb(meta["clip.vision.image_std"], "image_std"),
         )
 
     @classmethod
@@ -755,12 +755,19 @@ class ImageProcessorConfig:
             fields[name] = found.pop()
         for name in ("image_mean", "image_std"):
             if pre.get(name) is not None:
-                fields[name] = tuple(float(v) for v in pre[name])
+                fields[name] = _rgb(pre[name], name)
         if pre.get("rescale_factor") is not None:
             fields["rescale_factor"] = float(pre["rescale_factor"])
         if pre.get("resample") is not None:
             fields["resample"] = int(pre["resample"])
         return cls(**fields)
+
+
+def _rgb(values: Sequence[Any], name: str) -> tuple[float, float, float]:
+    """(R, G, B) floats of a per-channel config value; ValueError unless it has three."""
+    if len(values) != 3:
+        raise ValueError(f"image processor {name} must be 3 values, got {len(values)}")
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def _side(value: Any) -> int | None:

@@ -781,7 +781,8 @@ def quality_report(w: Tensor, fmt: str | QuantFormat) -> QualityReport:
     """Quantize then dequantize the (rows, cols) weight `w` and measure the error."""
     f = get_format(fmt)
     w = w.float()
-    err = f.dequantize(f.quantize(w), tuple(w.shape)) - w
+    rows, cols = w.shape
+    err = f.dequantize(f.quantize(w), (rows, cols)) - w
     rmse = err.pow(2).mean().sqrt().item()
     scale = w.abs().max().item() or 1.0
     rms = w.pow(2).mean().sqrt().item() or 1.0

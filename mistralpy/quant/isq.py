@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,7 @@ CPU_GEMV_MAX_M = 2
 
 
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
+_Config = TypeVar("_Config")
 
 
 class KernelTuning:
@@ -59,10 +61,12 @@ class KernelTuning:
     def __init__(self) -> None:
         self._chosen: dict[tuple, object] = {}
 
-    def get(self, key: tuple, tune: Callable[[], object]) -> object:
+    def get(self, key: tuple, tune: Callable[[], _Config]) -> _Config:
+        # A key's first item names the kernel ("q4k", "q4k-gemm", ...), and one kernel's tuner
+        # always returns one config type, so the value stored under `key` is a _Config.
         if key not in self._chosen:
             self._chosen[key] = tune()
-        return self._chosen[key]
+        return cast(_Config, self._chosen[key])
 
 
 def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
@@ -79,6 +83,7 @@ def _affine_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
 
     def rows(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         ga = fmt.group_affine(packed[start:stop], (stop - start, in_features))
+        assert ga is not None, fmt.name  # only GGML formats (never fp8) come here
         return ga.codes, ga.scale, ga.offset
 
     return rows
@@ -114,6 +119,7 @@ def build_quant_matmul(
         if whole is not None:
             return whole
         group = fmt.group_affine(packed[:1], (1, shape[1]))
+        assert group is not None, fmt.name  # ggml_type is set, so the format is group-affine
         if int4pack_supported(group.group, group.bits):
             int4 = Int4PackMatmul(
                 _affine_rows_fn(fmt, packed, shape[1]), shape, group.group, group.bits
@@ -216,6 +222,8 @@ class QuantizedLinear(nn.Module):
     once (1 byte per weight), not twice.
     """
 
+    qweight: Tensor | None  # a buffer: None while the fp8 codes + scales hold the weight
+
     def __init__(
         self,
         qweight: Tensor,
@@ -252,11 +260,15 @@ class QuantizedLinear(nn.Module):
     ) -> QuantizedLinear:
         """Quantize a (out, in) float weight on its own device."""
         f = get_format(fmt)
-        return cls(f.quantize(weight), f, tuple(weight.shape), bias, tuning)
+        out_features, in_features = weight.shape
+        return cls(f.quantize(weight), f, (out_features, in_features), bias, tuning)
 
     def packed_weight(self) -> Tensor:
         """(out, bytes_per_row(in)) uint8: the format's bytes, whichever way they are held."""
-        return fp8_pack(*self._fp8) if self._fp8 is not None else self.qweight
+        if self._fp8 is not None:
+            return fp8_pack(*self._fp8)
+        assert self.qweight is not None  # registered as None only when _fp8 holds the weight
+        return self.qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """(out, in) dense weight, for checks and export."""
@@ -280,6 +292,8 @@ class QuantizedEmbedding(nn.Module):
     lookup gathers the rows it needs and dequantizes only those. On the GPU this keeps the
     24B model's 131072 x 5120 table at 0.38 GB in q4k instead of 1.34 GB in bf16 (llama.cpp
     quantizes token_embd too); a decode step reads a few rows, so it costs nothing there."""
+
+    qweight: Tensor  # a buffer
 
     def __init__(self, qweight: Tensor, fmt: str | QuantFormat, shape: tuple[int, int],
                  dtype: torch.dtype):  # fmt: skip
@@ -306,7 +320,8 @@ def quantize_embedding(emb: nn.Embedding, fmt: str) -> nn.Module:
     if chosen is None:
         return emb
     weight = emb.weight.detach()
-    return QuantizedEmbedding(chosen.quantize(weight), chosen, tuple(weight.shape), weight.dtype)
+    shape = (emb.num_embeddings, emb.embedding_dim)
+    return QuantizedEmbedding(chosen.quantize(weight), chosen, shape, weight.dtype)
 
 
 class ConcatLinear(nn.Module):
@@ -314,7 +329,7 @@ class ConcatLinear(nn.Module):
     gate_up_proj) whose parts a GGUF file stores in different formats (Q4_K_M files keep some
     attn_v / ffn_down in Q6_K). Each part keeps its own bytes and kernel."""
 
-    def __init__(self, parts: list[nn.Module]) -> None:
+    def __init__(self, parts: list[QuantizedLinear]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.in_features = parts[0].in_features

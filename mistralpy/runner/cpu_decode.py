@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from mistralpy.model.layers import rope_inv_freq
-from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
+from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration, MistralDecoderLayer
 from mistralpy.params import SamplingParams
 from mistralpy.quant.isq import CPU_GEMV_MAX_M, QuantizedLinear
 from mistralpy.runner.batch import SampleSpec, SeqWork
@@ -133,14 +134,17 @@ def fused_format(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
         # (e4m3 + scales) would need a decode in its IR block kernels, so it keeps the layer path
         return None
     floats = [lm.embed_tokens.weight, lm.norm.weight]
-    linears = [model.lm_head]
+    modules: list[nn.Module] = [model.lm_head]
     for ly in lm.layers:
+        if not isinstance(ly, MistralDecoderLayer):  # a stand-in layer the step cannot read
+            return None
         floats += [ly.input_layernorm.weight, ly.post_attention_layernorm.weight]
         attn, mlp = ly.self_attn, ly.mlp
-        linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        modules += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in floats):
         return None
-    if not all(isinstance(lin, QuantizedLinear) for lin in linears):
+    linears = [m for m in modules if isinstance(m, QuantizedLinear)]
+    if len(linears) != len(modules):
         return None
     fmts = {lin.fmt.name for lin in linears}
     if len(fmts) != 1 or next(iter(fmts)) not in FUSED_FORMATS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
 from mistralpy.engine.errors import EngineDeadError
@@ -109,7 +110,9 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+def _error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
@@ -235,12 +238,12 @@ def _mapped_error(exc: BaseException) -> tuple[int, bytes]:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def on_validation(_request: Request, exc: RequestValidationError):
+    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return _error(400, message, "invalid_request_error", param, None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(_request: Request, exc: StarletteHTTPException):
+    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error(exc.status_code, str(exc.detail), kind)
 
@@ -265,7 +268,7 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return {**_model_card(service), "id": model_id}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request):
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         body = _service_body(req)
         request_id = new_request_id("chatcmpl")
         if req.stream:
@@ -274,7 +277,7 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return await _whole(service.create_chat_completion(body, request_id), metrics)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(req: CompletionRequest, request: Request) -> Response:
         body = _service_body(req)
         request_id = new_request_id("cmpl")
         if req.stream:
@@ -283,11 +286,11 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return await _whole(service.create_completion(body, request_id), metrics)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    async def tokenize(req: TokenizeRequest) -> dict:
         return await service.tokenize(_service_body(req))
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
+    async def detokenize(req: DetokenizeRequest) -> dict:
         return service.detokenize(_service_body(req))
 
 
@@ -308,7 +311,7 @@ def _service_body(req: BaseModel) -> dict:
     return body
 
 
-async def _whole(coro, metrics: ServerMetrics) -> JSONResponse:
+async def _whole(coro: Awaitable[dict], metrics: ServerMetrics) -> JSONResponse:
     """Run a non-streaming request. A client that goes away cancels this route (the transport
     guard watches for it), and the cancellation aborts the engine request."""
     try:
@@ -323,7 +326,10 @@ async def _whole(coro, metrics: ServerMetrics) -> JSONResponse:
 
 
 async def _stream(
-    chunks: AsyncIterator[dict], request_id: str, service: ChatService, metrics: ServerMetrics
+    chunks: AsyncGenerator[dict, None],
+    request_id: str,
+    service: ChatService,
+    metrics: ServerMetrics,
 ) -> Response:
     """SSE response; errors before the first chunk become a normal error response."""
     start = time.monotonic()
@@ -345,15 +351,25 @@ class _EventStream(StreamingResponse):
     that raises (client gone, client stalled) leaves it suspended otherwise, its engine
     request running until garbage collection."""
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            # starlette types body_iterator as any AsyncIterable; ours is always the
+            # _sse_body generator given to the constructor, which has aclose
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-async def _sse_body(first, chunks, request_id, service, metrics, start) -> AsyncIterator[bytes]:
-    last_time, finished, usage = None, False, None
+async def _sse_body(
+    first: dict,
+    chunks: AsyncGenerator[dict, None],
+    request_id: str,
+    service: ChatService,
+    metrics: ServerMetrics,
+    start: float,
+) -> AsyncIterator[bytes]:
+    last_time: float | None = None
+    finished, usage = False, None
     try:
         yield _sse(first)
         async for chunk in chunks:
@@ -385,4 +401,5 @@ def _log_unexpected(exc: BaseException, request_id: str) -> None:
 
 
 def error_response_body(exc: BaseException) -> dict:
-    return json.loads(error_response(exc).body)
+    body: dict = json.loads(bytes(error_response(exc).body))  # error_body's dict, round-tripped
+    return body

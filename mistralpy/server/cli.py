@@ -14,9 +14,9 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mistralpy import __version__
 from mistralpy.api.runner import (
@@ -43,6 +43,9 @@ from mistralpy.server.dropin_flags import (
     group_like_vllm,
     load_format,
 )
+
+if TYPE_CHECKING:  # loaded where used: it imports torch and PIL
+    from mistralpy.processing.images import ImagePolicy
 
 DEFAULT_PORT = 1234
 # Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
@@ -236,7 +239,9 @@ def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PO
     )
 
 
-def _subcommand(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+def _subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
         help=help_text,
@@ -478,19 +483,17 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 # --- serve ------------------------------------------------------------------------------
 
 
-def server_image_policy(cfg: ServeConfig) -> Any:
+def server_image_policy(cfg: ServeConfig) -> ImagePolicy:
     """Strict by default: no private hosts, local paths only under the allowed directory."""
     from mistralpy.processing.images import ImagePolicy
 
-    extra = {}
-    if cfg.max_images_per_request is not None:
-        extra["max_images_per_request"] = cfg.max_images_per_request
     media = Path(cfg.allowed_local_media_path).resolve() if cfg.allowed_local_media_path else None
-    return ImagePolicy(
-        allow_private_networks=cfg.allow_private_image_urls,
-        allowed_local_media_path=media,
-        **extra,
+    policy = ImagePolicy(
+        allow_private_networks=cfg.allow_private_image_urls, allowed_local_media_path=media
     )
+    if cfg.max_images_per_request is None:  # not set: ImagePolicy's default
+        return policy
+    return replace(policy, max_images_per_request=cfg.max_images_per_request)
 
 
 async def load_with_progress(options: ModelOptions) -> OpenedModel:
@@ -677,7 +680,9 @@ def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
 REPL_HELP = "commands: /image PATH_OR_URL, /reset, /exit (Ctrl-C stops a reply)"
 
 
-def chat_repl(runner: Any, args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout) -> int:
+def chat_repl(
+    runner: Any, args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout
+) -> int:
     """Terminal chat: history, `/image SRC`, `/reset`, `/exit`; streams replies.
 
     Ctrl-C during a reply stops it (its turn is dropped) and returns to the prompt; Ctrl-C at
@@ -858,7 +863,9 @@ BENCH_COLUMNS = (
 )
 
 
-def print_table(rows: list[dict], out=sys.stdout, columns: Sequence[str] | None = None) -> None:
+def print_table(
+    rows: list[dict], out: TextIO = sys.stdout, columns: Sequence[str] | None = None
+) -> None:
     if not rows:
         return
     keys = [k for k in (columns or rows[0]) if k in rows[0]]

@@ -194,7 +194,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None):
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -82,11 +82,14 @@ class FunctionCallOutputItem(_Strict):
     output: str | list[ContentPart]
 
 
-def _item_type(item: Any) -> str:
-    """Messages may omit `type` (OpenAI's "easy input message")."""
+def _item_type(item: object) -> str | None:
+    """Messages may omit `type` (OpenAI's "easy input message"); None (no such tag: Pydantic
+    refuses the item) for a type that is not a string."""
     if isinstance(item, dict):
-        return item.get("type", "message")
-    return getattr(item, "type", "message")
+        kind = item.get("type", "message")
+    else:
+        kind = getattr(item, "type", "message")
+    return kind if isinstance(kind, str) else None
 
 
 InputItem = Annotated[
@@ -168,7 +171,7 @@ def _message(item: MessageItem, index: int) -> dict:
     return {"role": item.role, "content": [_chat_part(p, index) for p in item.content]}
 
 
-def _chat_part(part: Any, index: int) -> dict:
+def _chat_part(part: InputText | InputImage | OutputText | Refusal, index: int) -> dict:
     if isinstance(part, InputImage):
         if not part.image_url:
             raise InvalidRequest(
@@ -180,7 +183,7 @@ def _chat_part(part: Any, index: int) -> dict:
     return {"type": "text", "text": _part_text(part)}
 
 
-def _part_text(part: Any) -> str:
+def _part_text(part: InputText | InputImage | OutputText | Refusal) -> str:
     if isinstance(part, Refusal):
         return part.refusal
     if isinstance(part, InputImage):
@@ -502,6 +505,7 @@ class EventStream:
         if self.open is None or self.open.item["type"] != "message":
             events = self._close() + self._open_message()
         item = self.open
+        assert item is not None  # open before, or just opened by _open_message
         item.text += text
         ids = {"item_id": item.item["id"], "output_index": item.index, "content_index": 0}
         return [*events, self.event("response.output_text.delta", **ids, delta=text, logprobs=[])]
@@ -639,8 +643,8 @@ class ResponsesRoutes:
                 return JSONResponse(
                     error_body("client disconnected", "invalid_request_error"), status_code=499
                 )
-        if task.exception() is not None:
-            return self.on_error(task.exception())
+        if (failure := task.exception()) is not None:
+            return self.on_error(failure)
         result = task.result()
         self.on_usage(result.get("usage"))
         choice = result["choices"][0]
@@ -663,7 +667,11 @@ class ResponsesRoutes:
         )
 
     async def _events(
-        self, shell: ResponseShell, first: dict, chunks: AsyncIterator[dict], turn: list[dict]
+        self,
+        shell: ResponseShell,
+        first: dict,
+        chunks: AsyncGenerator[dict, None],
+        turn: list[dict],
     ) -> AsyncIterator[bytes]:
         stream = EventStream(shell)
         finished = False
@@ -680,7 +688,7 @@ class ResponsesRoutes:
                 yield _sse_event(event)
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
             finished = True
-            for event in stream.fail(json.loads(self.on_error(exc).body)):
+            for event in stream.fail(json.loads(bytes(self.on_error(exc).body))):
                 yield _sse_event(event)
         finally:
             if not finished:  # the client went away: free the engine's slot at once

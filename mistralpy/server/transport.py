@@ -19,7 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,12 @@ class AdmissionState:
 
 
 async def send_error(
-    send: Send, status: int, message: str, type_: str, code: str | None = None, headers=()
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
 ) -> None:
     """A whole OpenAI error response."""
     await send_json(
@@ -99,7 +104,9 @@ async def send_error(
     )
 
 
-async def send_json(send: Send, status: int, body: bytes, headers=()) -> None:
+async def send_json(
+    send: Send, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()
+) -> None:
     """A whole JSON response with its length (the connection stays reusable)."""
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     raw_headers += [(k.encode(), v.encode()) for k, v in headers]
@@ -268,8 +275,8 @@ class TransportGuard:
             # nothing more can reach this client; returning with the response unfinished
             # makes uvicorn close the connection
             logger.info("dropped a client that stopped reading its response")
-        elif task.exception() is not None:
-            await self._send_mapped(task.exception(), sender)
+        elif (failure := task.exception()) is not None:
+            await self._send_mapped(failure, sender)
         return sender
 
     async def _until_done_or_drained(self, task: asyncio.Task) -> None:
@@ -286,7 +293,7 @@ class TransportGuard:
             task.cancel()
             await asyncio.wait({task})
 
-    async def _send_mapped(self, exc: Exception, sender: _Sender) -> None:
+    async def _send_mapped(self, exc: BaseException, sender: _Sender) -> None:
         status, body = self._map_error(exc)
         if status >= 500:
             logger.error("request failed", exc_info=exc)
