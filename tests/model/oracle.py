@@ -153,8 +153,8 @@ def our_logits(
     block_size: int = 16,
 ) -> torch.Tensor:
     """(T, vocab) float32 logits from one full prefill through a fresh contiguous paged cache."""
-    device = model.lm_head.weight.device
-    dtype = model.language_model.embed_tokens.weight.dtype
+    embed = model.language_model.embed_tokens.weight  # the lm_head may be quantized
+    device, dtype = embed.device, embed.dtype
     num_blocks = -(-len(ids) // block_size)
     caches = allocate_kv_caches(
         KVCacheSpec.of_text(model.config.text_config, block_size, dtype), num_blocks, device

@@ -16,16 +16,15 @@ import torch
 from PIL import Image
 
 from mistralpy.checkpoint.loader import load_model
-from mistralpy.kernels.attention import build_metadata
 from mistralpy.model.config import ConfigError, config_from_gguf, read_config
 from mistralpy.model.gguf_file import open_gguf
-from mistralpy.model.mistral3 import allocate_kv_caches
 from mistralpy.processing.chat_template import ChatTemplate, build_chat_prompt
 from mistralpy.processing.images import ImageProcessorConfig, preprocess_image
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.quant.isq import QuantizedLinear
 from mistralpy.server.cli import main
 from mistralpy.testing.tiny_checkpoint import write_checkpoint
+from tests.model.oracle import our_logits
 from tests.seeds import fresh_seeds
 
 SEED = fresh_seeds(1, "gguf_mmproj")[0]
@@ -95,15 +94,7 @@ def _prompts(files, gguf_file):
 
 def _logits(model, prompt) -> torch.Tensor:
     """(T, vocab) float32 logits of one prefill of the prompt, its images encoded."""
-    ids = prompt.token_ids
-    caches = allocate_kv_caches(model.config.text_config, -(-len(ids) // 16), 16,
-                                torch.float32, torch.device("cpu"))  # fmt: skip
-    attn = build_metadata([len(ids)], [len(ids)], [list(range(len(caches[0][0])))], 16, "cpu")
-    with torch.inference_mode():
-        images = [im.pixel_values for im in prompt.images]
-        embeds = torch.cat(model.encode_images(images)) if images else None
-        hidden = model(torch.tensor(ids), torch.arange(len(ids)), attn, caches, embeds)
-        return model.compute_logits(hidden)
+    return our_logits(model, prompt.token_ids, [im.pixel_values for im in prompt.images])
 
 
 def _assert_same_config(ours, oracle) -> None:
