@@ -158,3 +158,42 @@ def test_mismatched_mmproj_is_refused(files):
         config_from_gguf(text, text)  # the text file given as --mmproj
     with pytest.raises(ConfigError, match="--mmproj goes with a GGUF model"):
         read_config(files["src"], files["f32_mmproj"])
+
+
+def test_runner_with_mmproj_answers_an_image_chat_as_the_checkpoint(files):
+    """End to end through the Python API (engine, template, image pipeline): the f32 GGUF with
+    its mmproj answers a chat with an image with the same greedy tokens as the checkpoint."""
+    import base64
+    import io
+
+    from mistralpy import ChatCompletionRequest, Runner, Which
+
+    gen = torch.Generator().manual_seed(SEED)
+    pixels = (torch.rand(40, 60, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    request = ChatCompletionRequest(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+        max_tokens=6,
+        temperature=0.0,
+    )
+    gguf = files["f32"]
+    which = Which.GGUF(str(gguf.parent), gguf.name, mmproj=str(files["f32_mmproj"]))
+    answers = []
+    for selector in (which, Which.VisionPlain(model_id=str(files["src"]))):
+        runner = Runner(which=selector, max_model_len=512, device="cpu")
+        try:
+            res = runner.send_chat_completion_request(request)
+        finally:
+            runner.shutdown()
+        answers.append((res.usage.prompt_tokens, res.choices[0].message.content))
+    assert answers[0] == answers[1]  # prompt length (image tokens included) and text
