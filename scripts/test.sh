@@ -9,6 +9,7 @@ bash scripts/install_browser.sh  # chromium + playwright for the chat page's bro
 PY=.venv/bin/python
 "$PY" -m ruff check mistralpy tests benchmarks
 "$PY" -m ruff format --check mistralpy tests benchmarks
+"$PY" -m mypy  # [tool.mypy] in pyproject.toml
 if [ "${1:-}" = "--slow" ]; then
   exec "$PY" -m pytest -m slow -n 2 -q
 fi

@@ -401,7 +401,7 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: RequestMetri
     total = max(finished - arrival, 0.0)
     prompt_time = max(first_tok - first_sched, 0.0)
     compl_time = max(finished - first_tok, 0.0)
-    usage = {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,

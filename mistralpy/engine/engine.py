@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     import torch
 
     from mistralpy.processing.chat_template import ProcessedPrompt
+    from mistralpy.processing.grammar import CompiledGrammar, GrammarMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class _SeqState:
     delta_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    grammar: Any = None  # processing.grammar.GrammarMatcher of this sequence
+    grammar: GrammarMatcher | None = None  # restricts this sequence's tokens
 
 
 @dataclass
@@ -155,7 +156,7 @@ class LLMEngine:
         self.model_path: Path | None = None  # set by from_config; grammars need its tokenizer
         self._ll_tokenizer: Any = None  # llguidance tokenizer, built once (grammar_tokenizer)
         self._ll_lock = threading.Lock()  # grammars compile on other threads (AsyncEngine)
-        self._grammars: OrderedDict[str, Any] = OrderedDict()  # spec key -> CompiledGrammar
+        self._grammars: OrderedDict[str, CompiledGrammar] = OrderedDict()  # by spec key
         self.stats = EngineStats()
 
     @classmethod
@@ -194,7 +195,7 @@ class LLMEngine:
         request_id: str,
         prompt: ProcessedPrompt,
         params: SamplingParams,
-        matchers: list[Any] | None = None,
+        matchers: list[GrammarMatcher] | None = None,
         speculation: Speculation | None = None,
     ) -> None:
         """Queue a request. Raises a ValueError subclass for a prompt or parameter the engine
@@ -217,7 +218,7 @@ class LLMEngine:
         arrival = next(self._arrivals)
         if speculation is None and self.config.speculative_config is not None:
             speculation = self.config.speculative_config.speculation()
-        seqs = []
+        seqs: list[_SeqState] = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(
@@ -354,14 +355,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def grammar_matchers(self, params: SamplingParams) -> list[Any] | None:
+    def grammar_matchers(self, params: SamplingParams) -> list[GrammarMatcher] | None:
         """One fresh GrammarMatcher per sequence of the request (None without a grammar).
         Seconds for a large schema (llguidance builds the matcher's parser), though without
         the GIL: AsyncEngine calls this off the engine thread; raises GrammarError."""
         compiled = self.compile_grammar(params)
         return None if compiled is None else [compiled.matcher() for _ in range(params.n)]
 
-    def compile_grammar(self, params: SamplingParams) -> Any:
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
         """The request's compiled grammar (None without one), from a small LRU keyed by the
         spec; raises GrammarError (ValueError). Thread-safe: AsyncEngine calls it off the
         engine thread, so a slow compile pauses no running stream."""
@@ -399,7 +400,7 @@ class LLMEngine:
                 )
             return self._ll_tokenizer
 
-    def _seq_state(self, seq: Sequence, matcher: Any) -> _SeqState:
+    def _seq_state(self, seq: Sequence, matcher: GrammarMatcher | None) -> _SeqState:
         p = seq.params
         return _SeqState(
             grammar=matcher,
@@ -469,7 +470,8 @@ class LLMEngine:
             for i, lo, hi in seq.images_in(start, end)
         ]
         gen_start = max(start, seq.num_prompt_tokens)
-        generated = seq.all_token_ids[gen_start:end].count(self.image_token_id)
+        image_id = self.image_token_id  # None: a text-only model generates no image token
+        generated = seq.all_token_ids[gen_start:end].count(image_id) if image_id is not None else 0
         if generated:
             slices.append(ImageSlice(None, None, 0, generated))
         return slices
@@ -712,7 +714,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_unread_outputs: int = DEFAULT_MAX_UNREAD_OUTPUTS):
         self.engine = engine
         self.max_unread_outputs = max_unread_outputs  # a reader this far behind is cut off
-        self._commands: list[tuple[str, tuple, concurrent.futures.Future | None]] = []
+        self._commands: list[tuple[str, tuple, concurrent.futures.Future]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
@@ -735,7 +737,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its outputs until the finished one. Raises the engine's
         ValueError subclasses for a bad request (before anything is yielded),
         RequestFailedError if it fails inside the engine, EngineDeadError after shutdown.
@@ -859,7 +861,7 @@ class AsyncEngine:
         with self._lock:
             commands, self._commands = self._commands, []
         for _, _, future in commands:
-            if future is not None and not future.done():
+            if not future.done():
                 future.set_exception(exc)
         for rid in list(self._streams):
             self._deliver(rid, exc)

@@ -127,7 +127,7 @@ def draft_pause(misses: int) -> int:
     """Decode steps to take without drafting after `misses` verify steps in a row accepted
     nothing: 0, 1, 3, 7, 15 (a verify costs more than a plain decode step, so a sequence
     whose drafts keep failing decodes nearly as fast as without speculation)."""
-    return min(2 ** max(misses - 1, 0) - 1, MAX_DRAFT_PAUSE)
+    return min((1 << max(misses - 1, 0)) - 1, MAX_DRAFT_PAUSE)
 
 
 class NgramDrafter:

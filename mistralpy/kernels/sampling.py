@@ -330,8 +330,8 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     greedy = None
     if st.any_greedy:
         greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    if st.all_greedy:
-        return greedy
+        if st.all_greedy:
+            return greedy
     probs = _scaled_truncated(logits, st).softmax(dim=-1)
     return probs if greedy is None else torch.where(st.greedy[:, None], greedy, probs)
 

@@ -289,11 +289,15 @@ class Mistral3ForConditionalGeneration(nn.Module):
         image_embeds (N, text_hidden) replace, in order, the N tokens equal to
         config.image_token_index (the caller guarantees the counts match).
         """
-        embeds = self.language_model.embed_tokens(input_ids)
+        embeds = self.embed_tokens(input_ids)
         if image_embeds is not None and self.config.image_token_index is not None:
             mask = (input_ids == self.config.image_token_index)[:, None]
             embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
         return self.language_model(embeds, positions, attn, kv_caches)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (T,) int64 -> the decoder's input embeddings (T, text_hidden)."""
+        return self.language_model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, text_hidden) -> logits (N, vocab) float32 (on every rank)."""

@@ -17,10 +17,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistralpy.errors import UserError
 from mistralpy.model.gguf_file import GGUFVocab
+
+if TYPE_CHECKING:
+    import tokenizers
 
 # A bracketed run with no inner brackets: every special token ("<s>", "[INST]", "<SPECIAL_42>")
 # has this shape, so candidates are found by one cheap regex and checked against a dict,
@@ -99,7 +102,7 @@ def tekken_special_tokens(tekken: dict[str, Any]) -> list[str]:
     return named + filler
 
 
-def tekken_to_hf_tokenizer(tekken: dict[str, Any]):
+def tekken_to_hf_tokenizer(tekken: dict[str, Any]) -> tokenizers.Tokenizer:
     """Build a `tokenizers.Tokenizer` (byte-level BPE) that encodes exactly like the Tekkenizer.
 
     Tiktoken merges the adjacent pair whose concatenation has the lowest rank, and takes a whole
@@ -190,7 +193,7 @@ GGUF_PRE_TOKENIZERS: dict[str, str | None] = {
 _IGNORE_MERGES = ("tekken", "llama-bpe", "llama3")
 
 
-def gguf_bpe_tokenizer(metadata: dict[str, Any]):
+def gguf_bpe_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
     """A `tokenizers.Tokenizer` (byte-level BPE) from GGUF tokenizer metadata: the vocabulary
     and merges as stored; token_type 3 (control) special, 4 (user-defined) added, matched
     whole in text as llama.cpp does."""

@@ -58,6 +58,12 @@ class SeqWork:
     images: list[ImageSlice]  # image-embedding rows for the image tokens among token_ids
     sample: SampleSpec | None  # None: a prefill chunk that does not end the sequence
 
+    @property
+    def spec(self) -> SampleSpec:
+        """`sample` of a sequence that samples this step (the runner's sampling rows only)."""
+        assert self.sample is not None, f"{self.seq_id} samples nothing this step"
+        return self.sample
+
 
 @dataclass
 class ScheduledBatch:

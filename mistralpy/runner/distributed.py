@@ -45,6 +45,7 @@ import traceback
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ from mistralpy.runner.kv_cache import KVCacheTooSmallError
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
 
 if TYPE_CHECKING:
+    from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
     from mistralpy.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -257,13 +259,20 @@ class ShardRunner(ModelRunner):
     (the smallest any rank has room for). Ranks must construct it together (collectives)."""
 
     def __init__(
-        self, model: Any, cfg: RunnerConfig, device: torch.device, dtype: torch.dtype
+        self,
+        model: Mistral3ForConditionalGeneration,
+        cfg: RunnerConfig,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
+        # set first: super().__init__ sizes the KV cache through _count_blocks, which meets
+        # the other ranks in this group
+        self.parallel: ParallelConfig = model.parallel
         # Decode graphs (CUDA): every rank captures its own in the same order (the captures'
         # all-reduces meet in NCCL); they are kept only if every rank has them, so that a
         # replay on rank 0 always meets a replay on each worker.
         super().__init__(model, cfg, device, dtype)
-        if not self.model.parallel.min_int(int(self.decode_graphs is not None), device):
+        if not self.parallel.min_int(int(self.decode_graphs is not None), device):
             self.decode_graphs = None
 
     def _count_blocks(self) -> int:
@@ -272,7 +281,7 @@ class ShardRunner(ModelRunner):
             blocks = super()._count_blocks()
         except KVCacheTooSmallError as exc:  # still meet the other ranks, then fail together
             blocks, error = 0, exc
-        blocks = self.model.parallel.min_int(blocks, self.device)
+        blocks = self.parallel.min_int(blocks, self.device)
         if blocks < 1:
             raise error or KVCacheTooSmallError(
                 "another tensor-parallel rank has no memory left for even one KV block"
@@ -286,7 +295,7 @@ class TensorParallelRunner(ShardRunner):
 
     def __init__(
         self,
-        model: Any,
+        model: Mistral3ForConditionalGeneration,
         cfg: RunnerConfig,
         device: torch.device,
         dtype: torch.dtype,
@@ -360,7 +369,9 @@ class _DriverModel:
     """Rank 0's model: each decoder call is sent to the workers, then run here. Everything
     else (encode_images, config, embeddings) is the local model's: workers need none of it."""
 
-    def __init__(self, model: Any, workers: _Workers, owner: ModelRunner):
+    def __init__(
+        self, model: Mistral3ForConditionalGeneration, workers: _Workers, owner: ModelRunner
+    ):
         self.inner = model
         self.workers = workers
         self.owner = owner
@@ -380,13 +391,13 @@ class _DriverModel:
         # Workers use their own caches: only the runner's (one per rank, same blocks) exist.
         assert kv_caches is self.owner.kv_caches, "tensor-parallel steps use the runner's cache"
         with self.workers.guard():
-            self.workers.channel.send(_Op.FORWARD, (input_ids, positions, attn, image_embeds))
+            self.workers.send(_Op.FORWARD, (input_ids, positions, attn, image_embeds))
             return self.inner(input_ids, positions, attn, kv_caches, image_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) float32, the vocab gathered from all ranks."""
         with self.workers.guard():
-            self.workers.channel.send(_Op.LOGITS, hidden.contiguous())
+            self.workers.send(_Op.LOGITS, hidden.contiguous())
             return self.inner.compute_logits(hidden)
 
 
@@ -404,17 +415,17 @@ class _DriverGraphs:
 
     def load(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> int:
         with self.workers.guard():
-            self.workers.channel.send(_Op.GRAPH_LOAD, (token_ids, positions, tables))
+            self.workers.send(_Op.GRAPH_LOAD, (token_ids, positions, tables))
             return self.inner.load(token_ids, positions, tables)
 
     def advance(self, n: int, sampled: torch.Tensor) -> None:
         with self.workers.guard():
-            self.workers.channel.send(_Op.GRAPH_ADVANCE, (n, sampled))
+            self.workers.send(_Op.GRAPH_ADVANCE, (n, sampled))
             self.inner.advance(n, sampled)
 
     def replay(self, batch: int) -> torch.Tensor:
         with self.workers.guard():
-            self.workers.channel.send(_Op.GRAPH_REPLAY, batch)
+            self.workers.send(_Op.GRAPH_REPLAY, batch)
             return self.inner.replay(batch)
 
 
@@ -631,6 +642,11 @@ class _Workers:
         _send_settings(spec, cpu_group)
         return workers
 
+    def send(self, op: _Op, payload: Any) -> None:
+        """Announce step `op` to the workers (call inside `guard`)."""
+        assert self.channel is not None, "the group is formed before any step"
+        self.channel.send(op, payload)
+
     def wait_for(self, stage: str, timeout: float) -> None:
         """Block until every worker reported `stage`; raise at once if one fails or dies."""
         deadline = time.monotonic() + timeout
@@ -643,6 +659,7 @@ class _Workers:
             for ready in multiprocessing.connection.wait([*pending, *exited], left):
                 if ready in exited:  # no worker exits before STOP unless it failed
                     raise TensorParallelError(self.describe(exited[ready]))
+                assert isinstance(ready, Connection)  # the rest are the pipes' ends
                 kind, detail = ready.recv()
                 if kind == "error":
                     raise TensorParallelError(self.describe(pending[ready], detail))

@@ -33,6 +33,10 @@ class RunnerModel(Protocol):
         """input_ids / positions (T,) int64 -> hidden (T, text_hidden)."""
         ...
 
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """input_ids (T,) int64 -> input embeddings (T, text_hidden)."""
+        ...
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden (N, text_hidden) -> logits (N, vocab) float32."""
         ...

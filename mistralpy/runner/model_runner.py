@@ -32,8 +32,10 @@ from mistralpy.runner.kv_cache import (
 
 if TYPE_CHECKING:
     from mistralpy.kernels.sampling import SamplerOutput
+    from mistralpy.params import SamplingParams
     from mistralpy.runner.cpu_decode import FusedCpuDecode
     from mistralpy.runner.cuda_graphs import DecodeGraphs
+    from mistralpy.runner.model_protocol import RunnerModel
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class ModelRunner:
     """Model + KV cache + sampler for one device."""
 
     def __init__(
-        self, model: Any, cfg: RunnerConfig, device: torch.device, dtype: torch.dtype
+        self, model: RunnerModel, cfg: RunnerConfig, device: torch.device, dtype: torch.dtype
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -198,7 +200,7 @@ class ModelRunner:
             return self._execute_cpu_decode(batch.seqs)
         self._ahead = None  # a step launched ahead is not this one: its result is dropped
         fb = build_forward_batch(batch, self.cfg.block_size, self.device)
-        plain = [s for s in fb.sample_seqs if not s.sample.draft_ids]
+        plain = [s for s in fb.sample_seqs if not s.spec.draft_ids]
         masks = self._submit_grammar_masks(plain)  # computed during the forward
         image_embeds = self._image_embeds(fb.image_slices)
         hidden = self.model(fb.input_ids, fb.positions, fb.attn, self.kv_caches, image_embeds)
@@ -224,7 +226,7 @@ class ModelRunner:
         first, row = {}, 0
         for s in seqs:
             first[s.seq_id] = row
-            row += 1 + len(s.sample.draft_ids)
+            row += 1 + len(s.spec.draft_ids)
         result = ModelOutput({})
         if plain:
             plain_logits = logits[
@@ -233,9 +235,9 @@ class ModelRunner:
             out = self._sample(plain_logits, plain, self._allowed(masks, plain_logits))
             result = self._model_output(out, plain, out.token_ids.tolist())
         for s in seqs:
-            if s.sample.draft_ids:
+            if s.spec.draft_ids:
                 start = first[s.seq_id]
-                tokens = self._verify(s, logits[start : start + 1 + len(s.sample.draft_ids)])
+                tokens = self._verify(s, logits[start : start + 1 + len(s.spec.draft_ids)])
                 result.sampled[s.seq_id] = tokens[-1]
                 result.accepted[s.seq_id] = tokens[:-1]
         return result
@@ -246,7 +248,7 @@ class ModelRunner:
         ends the drafts there (it would be rejected anyway)."""
         from mistralpy.kernels.sampling import SamplingTensors, verify_drafts
 
-        spec = seq.sample
+        spec = seq.spec
         drafts, allowed = spec.draft_ids, None
         if spec.grammar is not None:
             drafts, masks = _grammar_draft_masks(spec.grammar, drafts, logits.shape[-1])
@@ -340,7 +342,7 @@ class ModelRunner:
         bs = self.cfg.block_size
         if any(s.start_pos + 1 >= len(s.block_table) * bs for s in seqs):
             return False
-        if any(s.sample.speculative for s in seqs):
+        if any(s.spec.speculative for s in seqs):
             return False  # its next step likely verifies drafts: a different batch
         return any(not _ends_on_length(s) for s in seqs)
 
@@ -417,6 +419,7 @@ class ModelRunner:
             if cached is not None:
                 found[s.key] = cached
             elif s.key not in missing:
+                assert s.pixel_values is not None, "an image slice with a key carries its pixels"
                 missing[s.key] = s.pixel_values.to(self.device, self.dtype)
         if missing:
             for key, embeds in zip(missing, self.model.encode_images(list(missing.values()))):
@@ -431,19 +434,19 @@ class ModelRunner:
     def _image_token_embedding(self) -> torch.Tensor:
         """(1, hidden) input embedding of the image token id itself."""
         token = torch.tensor([self.model.config.image_token_index], device=self.device)
-        return self.model.language_model.embed_tokens(token)
+        return self.model.embed_tokens(token)
 
     def _submit_grammar_masks(self, sample_seqs: list[SeqWork]) -> tuple[list[int], Future] | None:
         """Start computing the grammar bitmasks of the sampling rows that have a grammar:
         (those rows, a future of their (G, ceil(V/32)) bitmask). None if no row has one."""
-        rows = [i for i, s in enumerate(sample_seqs) if s.sample.grammar is not None]
+        rows = [i for i, s in enumerate(sample_seqs) if s.spec.grammar is not None]
         if not rows:
             return None
         if self._masker is None:
             from mistralpy.processing.grammar import GrammarMasker
 
             self._masker = GrammarMasker(self.vocab_size, pin_memory=self.device.type == "cuda")
-        return rows, self._masker.submit([sample_seqs[i].sample.grammar for i in rows])
+        return rows, self._masker.submit([sample_seqs[i].spec.grammar for i in rows])
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[SeqWork], grammar: GrammarRows | None
@@ -453,7 +456,7 @@ class ModelRunner:
         grammar, or None."""
         from mistralpy.kernels.sampling import SamplerOutput, SamplingTensors, sample
 
-        specs = [s.sample for s in seqs]
+        specs = [s.spec for s in seqs]
         if grammar is None and all(_plain_greedy(sp.params) for sp in specs):
             # the common benchmark/tool case: skip building per-row parameter tensors
             return SamplerOutput(_argmax(logits), None, None, None)
@@ -464,7 +467,7 @@ class ModelRunner:
             logits.shape[-1],
             self.device,
         )
-        gens = [self._generator(s.seq_id, s.sample.seed) for s in seqs]
+        gens = [self._generator(s.seq_id, s.spec.seed) for s in seqs]
         if grammar is None:
             return sample(logits, st, gens)
         return sample(logits, st, gens, grammar.allowed, grammar.rows)
@@ -476,7 +479,7 @@ class ModelRunner:
         host = _host_logprobs(out)
         return ModelOutput(
             {
-                seq.seq_id: _sampled_token(host, row, seq.sample.params, token_ids[row])
+                seq.seq_id: _sampled_token(host, row, seq.spec.params, token_ids[row])
                 for row, seq in enumerate(seqs)
             }
         )
@@ -526,7 +529,7 @@ class ModelRunner:
                 [torch.zeros(3, side, side, device=self.device, dtype=self.dtype)]
             )
 
-        def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        def dev(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         attn = AttentionMetadata(
@@ -587,7 +590,7 @@ class GrammarRows:
     allowed: torch.Tensor  # (G, V) bool on the device, False = forbidden
 
 
-def _plain_greedy(params: Any) -> bool:
+def _plain_greedy(params: SamplingParams) -> bool:
     """Temperature 0 with nothing that changes the argmax or asks for more than the token."""
     return (
         params.greedy
@@ -600,7 +603,8 @@ def _plain_greedy(params: Any) -> bool:
     )
 
 
-_HostLogprobs = tuple[list | None, list | None, list | None]
+# (S,) log-probs, (S, k) top ids, (S, k) top values; None where not computed
+_HostLogprobs = tuple[list[float] | None, list[list[int]] | None, list[list[float]] | None]
 
 
 def _host_logprobs(out: SamplerOutput) -> _HostLogprobs:
@@ -611,11 +615,14 @@ def _host_logprobs(out: SamplerOutput) -> _HostLogprobs:
     return logprobs, top_ids, top_vals
 
 
-def _sampled_token(host: _HostLogprobs, row: int, params: Any, token_id: int) -> SampledToken:
+def _sampled_token(
+    host: _HostLogprobs, row: int, params: SamplingParams, token_id: int
+) -> SampledToken:
     """Row `row`'s token with the log-probs its request asked for."""
     logprobs, top_ids, top_vals = host
-    top = []
-    if top_ids is not None and params.top_logprobs > 0:
+    top: list[tuple[int, float]] = []
+    # the sampler computes top ids and values together (both or neither)
+    if top_ids is not None and top_vals is not None and params.top_logprobs > 0:
         k = params.top_logprobs
         top = list(zip(top_ids[row][:k], top_vals[row][:k]))
     want = params.logprobs or params.top_logprobs > 0
@@ -644,8 +651,8 @@ def _grammar_draft_masks(
 
 def _ends_on_length(seq: SeqWork) -> bool:
     """Whether the token sampled now is the sequence's last by max_tokens."""
-    max_tokens = seq.sample.params.max_tokens
-    return max_tokens is not None and len(seq.sample.output_ids) + 1 >= max_tokens
+    max_tokens = seq.spec.params.max_tokens
+    return max_tokens is not None and len(seq.spec.output_ids) + 1 >= max_tokens
 
 
 class _LaunchAhead:
@@ -660,7 +667,7 @@ class _LaunchAhead:
     def match(self, seqs: list[SeqWork]) -> list[int] | None:
         """Row of each of `seqs` in the launched step, if they are that step's rows (all, or
         some, in the same order: sequences that finished drop out) with the same inputs."""
-        rows = []
+        rows: list[int] = []
         for s in seqs:
             row = self.rows.get(s.seq_id)
             if row is None or (rows and row <= rows[-1]):

@@ -50,7 +50,6 @@ class FakeModel(nn.Module):
         self.wqkv = nn.ParameterList([param(hidden, 3 * hidden) for _ in range(layers)])
         self.wo = nn.ParameterList([param(hidden, hidden) for _ in range(layers)])
         self.lm_head = param(hidden, VOCAB)
-        self.language_model = SimpleNamespace(embed_tokens=lambda ids: self.embed[ids])
         self.encoded: list[int] = []  # number of images per encode_images call (for tests)
 
     def encode_images(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -62,12 +61,15 @@ class FakeModel(nn.Module):
             out.append(pooled.flatten(1).T @ self.img_proj)
         return out
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[input_ids]
+
     def embed_positions(self, positions: torch.Tensor) -> torch.Tensor:
         freqs = torch.arange(self.embed.shape[1], dtype=torch.float64) + 1
         return torch.sin(positions[:, None].double() / freqs) * 0.5
 
     def forward(self, input_ids, positions, attn, kv_caches, image_embeds=None):
-        h = self.embed[input_ids] + self.embed_positions(positions)
+        h = self.embed_tokens(input_ids) + self.embed_positions(positions)
         if image_embeds is not None:
             mask = input_ids == IMG
             assert int(mask.sum()) == image_embeds.shape[0]

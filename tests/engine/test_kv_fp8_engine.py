@@ -18,7 +18,7 @@ from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
 from mistralpy.kernels import cpu_gguf
 from mistralpy.params import InvalidParameter, SamplingParams
-from mistralpy.runner.batch import SeqWork
+from mistralpy.runner.batch import SampleSpec, SeqWork
 from mistralpy.runner.cpu_decode import fused_format
 from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
 from mistralpy.server.cli import build_parser, model_options
@@ -124,7 +124,8 @@ def test_fp8_cache_under_tensor_parallelism(ckpt):  # noqa: F811
         assert tp2.runner.kv_caches[0].dtype == torch.float8_e4m3fn
         assert tp2.runner.num_blocks == tp1.runner.num_blocks
         prompt = make_prompt(rng, 20).token_ids
-        sample = object()  # any non-None SampleSpec marks the sequence's last row for logits
+        # any SampleSpec (no drafts) marks the sequence's last row for logits
+        sample = SampleSpec(SamplingParams(), [], [], None)
         steps = [[SeqWork("a", prompt, 0, [0, 1], [], sample)],
                  [SeqWork("a", [rng.randrange(1000, 9000)], len(prompt), [0, 1], [], sample)]]  # fmt: skip
         for seqs in steps:

@@ -23,7 +23,7 @@ from mistralpy.model.parallel import (
     split_heads,
 )
 from mistralpy.params import SamplingParams
-from mistralpy.runner.batch import ScheduledBatch, SeqWork, build_forward_batch
+from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork, build_forward_batch
 from mistralpy.runner.distributed import TensorParallelError, tp_devices
 from mistralpy.testing import tiny_checkpoint
 from tests.engine.test_engine_tiny import engine_config as tiny_engine_config
@@ -72,7 +72,8 @@ def assert_same_logits(tp1, tp2, rng):
     """Prefill (a text and an image prompt in one batch), then a decode step on the cache."""
     image = random_image(rng, 2, 2)
     prompts = [make_prompt(rng, 9), make_prompt(rng, 6, image)]
-    sample = object()  # any non-None SampleSpec marks the sequence's last row for logits
+    # any SampleSpec (no drafts) marks the sequence's last row for logits
+    sample = SampleSpec(SamplingParams(), [], [], None)
     first = [
         SeqWork("a", prompts[0].token_ids, 0, [0], [], sample),
         SeqWork("b", prompts[1].token_ids, 0, [1, 2], [], sample),
