@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/spec_decode.py --real-shapes --device cuda [--json out.json]
         # H100, forcing: the 24B shapes with dummy weights (config files only, no download)
     PYTHONPATH=. python benchmarks/spec_decode.py --real-model [--json out.json]  # SmolLM2, CPU
+    PYTHONPATH=. python benchmarks/spec_decode.py --real-model --draft-model smollm2  # + draft rows
 
 Forcing harness (random or dummy weights accept nothing by chance): a plain greedy decode after
 a `--prompt-len` token prompt records the target's own tokens and its decode speed; then for
@@ -16,12 +17,15 @@ graphs (CUDA) or the fused CPU decode step.
 Each row is the fastest of `--rounds` runs. Real-model row (--real-model): the SmolLM2 GGUF on CPU, a rewrite prompt whose answer copies
 its input; plain greedy vs n-gram prompt lookup (`--ngram-ks`, lookup 4..2), asserting the
 speculative output equals the plain output token for token. Its weights are dequantized to
-float32 unless `--dtype` is given (see `real_model`).
+float32 unless `--dtype` is given (see `real_model`). `--draft-model M` adds rows drafted by
+model M (method "draft_model", k from `--ngram-ks`); SmolLM2 as its own draft is a smoke check
+(every draft accepted, and each costs a draft forward as heavy as the target's).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -34,7 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import format_table, hardware, write_json  # noqa: E402
 from mistralpy.engine.config import EngineConfig  # noqa: E402
 from mistralpy.engine.engine import LLMEngine  # noqa: E402
-from mistralpy.engine.speculative import NgramDrafter, OracleDrafter, Speculation  # noqa: E402
+from mistralpy.engine.speculative import (  # noqa: E402
+    NgramDrafter,
+    OracleDrafter,
+    Speculation,
+    SpeculativeConfig,
+)
 from mistralpy.params import SamplingParams  # noqa: E402
 
 COLUMNS = ("mode", "alpha", "k", "tokens", "decode_tok_s", "speedup", "acceptance", "mean_len")
@@ -167,7 +176,37 @@ def real_model(args: argparse.Namespace) -> dict:
         rows.append(row("ngram 4..2", None, k, tokens, rate, base, m))
     text = engine.tokenizer.decode(truth)
     engine.shutdown()
+    if args.draft_model:
+        rows += draft_model_rows(args, config, ids, params, truth, base)
     return {"rows": rows, "prompt_tokens": len(ids), "answer": text}
+
+
+def draft_model_rows(
+    args: argparse.Namespace,
+    config: EngineConfig,
+    ids: list[int],
+    params: SamplingParams,
+    truth: list[int],
+    base: float,
+) -> list[dict]:
+    """Rows drafted by `--draft-model` (one engine, its drafter shared by every k)."""
+    spec = SpeculativeConfig("draft_model", 4, model=args.draft_model)
+    engine = LLMEngine.from_config(dataclasses.replace(config, speculative_config=spec))
+    assert engine.default_speculation is not None
+    drafter = engine.default_speculation.drafter
+    decode(engine, ids, params, None)  # warm-up (first use)
+    rows = []
+    for k in args.ngram_ks:
+
+        def drafted(k: int = k) -> Speculation:
+            return Speculation(drafter, k)
+
+        tokens, rate, m = best_of(args.rounds, engine, ids, params, drafted)
+        if tokens != truth:
+            raise AssertionError(f"draft model k={k}: speculative output differs from plain")
+        rows.append(row(f"draft {args.draft_model}", None, k, tokens, rate, base, m))
+    engine.shutdown()
+    return rows
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -196,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny demo model, few tokens (CPU)")
     p.add_argument("--real-model", action="store_true", help="SmolLM2 n-gram row (CPU)")
     p.add_argument("--model", default="demo")
+    p.add_argument("--draft-model", default=None, help="--real-model: add draft-model rows")
     p.add_argument("--real-shapes", action="store_true", help="24B shapes, dummy weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -75,6 +75,12 @@ class EngineConfig:
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
         _check(self.encoder_cache_size >= 0, "encoder_cache_size", "must be >= 0")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        spec = self.speculative_config
+        _check(
+            spec is None or spec.model is None or self.tensor_parallel_size == 1,
+            "speculative_config",
+            "with a draft model needs tensor_parallel_size 1",
+        )
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:

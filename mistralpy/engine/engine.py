@@ -42,7 +42,7 @@ from mistralpy.engine.sequence import (
     TokenLogprob,
     now,
 )
-from mistralpy.engine.speculative import Speculation, draft_pause
+from mistralpy.engine.speculative import Drafter, Speculation, draft_pause
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -62,6 +62,7 @@ from mistralpy.runner.model_runner import (
 if TYPE_CHECKING:
     import torch
 
+    from mistralpy.engine.draft_model import DraftModelDrafter
     from mistralpy.processing.chat_template import ProcessedPrompt
     from mistralpy.processing.grammar import CompiledGrammar, GrammarMatcher
 
@@ -128,7 +129,12 @@ class LLMEngine:
     """Synchronous engine core. Not thread-safe: one thread calls all methods."""
 
     def __init__(
-        self, config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer, max_model_len: int
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        draft_model: Drafter | None = None,  # the loaded drafter of method "draft_model"
     ):
         self.config = config
         self.runner = runner
@@ -158,6 +164,8 @@ class LLMEngine:
         self._ll_lock = threading.Lock()  # grammars compile on other threads (AsyncEngine)
         self._grammars: OrderedDict[str, CompiledGrammar] = OrderedDict()  # by spec key
         self.stats = EngineStats()
+        spec = config.speculative_config
+        self.default_speculation = spec.speculation(draft_model) if spec is not None else None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -172,12 +180,13 @@ class LLMEngine:
             raise InvalidParameter(
                 "max_model_len", f"max_model_len {config.max_model_len} > the model's {max_pos}"
             )
+        draft = _load_draft_model(config, path, device, dtype)  # first: see draft_model.py
         runner = _load_runner(config, path, device, dtype)
         try:
             max_model_len = _fit_context(
                 config.max_model_len, max_pos, runner.num_blocks * config.block_size
             )
-            engine = cls(config, runner, Tokenizer.from_dir(path), max_model_len)
+            engine = cls(config, runner, Tokenizer.from_dir(path), max_model_len, draft)
         except BaseException:
             runner.shutdown()  # tensor-parallel workers must not outlive a failed start
             raise
@@ -216,8 +225,7 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         arrival = next(self._arrivals)
-        if speculation is None and self.config.speculative_config is not None:
-            speculation = self.config.speculative_config.speculation()
+        speculation = speculation or self.default_speculation
         seqs: list[_SeqState] = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
@@ -486,7 +494,7 @@ class LLMEngine:
             if seq.draft_pause > 0:
                 seq.draft_pause -= 1
                 continue
-            drafts = seq.drafter.propose(seq.all_token_ids, k)[:k]
+            drafts = seq.drafter.propose(seq.seq_id, seq.all_token_ids, k)[:k]
             # an image-token id would need image rows in the verify chunk: draft up to it
             if self.image_token_id in drafts:
                 drafts = drafts[: drafts.index(self.image_token_id)]
@@ -559,6 +567,8 @@ class LLMEngine:
         s.stop_reason = stop_reason
         self.scheduler.finish(s.seq.seq_id, _FINISH_STATUS[reason])
         self.runner.release([s.seq.seq_id])
+        if s.seq.drafter is not None:
+            s.seq.drafter.release(s.seq.seq_id)
 
     def _fail_requests(self, requests: list[_Request], exc: BaseException) -> list[RequestOutput]:
         outs = []
@@ -668,6 +678,20 @@ def _load_runner(
         isq=config.isq,
         load_format=config.load_format,
     )
+
+
+def _load_draft_model(
+    config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype
+) -> DraftModelDrafter | None:
+    """The draft model of `config.speculative_config` (None without one), loaded before the
+    target so that the target's memory profile counts it as used."""
+    spec = config.speculative_config
+    if spec is None or spec.model is None:
+        return None
+    from mistralpy.engine.draft_model import DraftModelDrafter, read_vocabulary
+
+    target = read_vocabulary(config.model, path, config.mmproj)
+    return DraftModelDrafter.load(config, runner_config(config), target, device, dtype)
 
 
 def runner_config(config: EngineConfig) -> RunnerConfig:

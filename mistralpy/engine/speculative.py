@@ -2,7 +2,8 @@
 
 A drafter guesses the next k tokens of a sequence cheaply; the target model then checks all k
 in one forward pass (the runner's verify step), so a batch-1 decode reads the weights once per
-several tokens instead of once per token. Drafters here need no weights:
+several tokens instead of once per token. The drafters here need no weights
+(`engine/draft_model.py` holds the one that runs a small model):
 
 - `NgramDrafter` (prompt lookup, vLLM's "ngram" method): find the latest earlier occurrence of
   the sequence's last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) and
@@ -24,16 +25,20 @@ from typing import Protocol
 
 from mistralpy.params import InvalidParameter
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # a longer draft costs more per verify than it can win back
 NGRAM_MODEL_NAME = "[ngram]"  # vLLM's older `--speculative-model "[ngram]"`
 MAX_DRAFT_PAUSE = 63  # decode steps without drafting after repeated misses, at most
 
 
 class Drafter(Protocol):
-    """Proposes up to `k` next tokens of a sequence from its token ids (prompt + output)."""
+    """Proposes up to `k` next tokens of a sequence from its token ids (prompt + output).
+    One drafter serves many sequences: a stateful one (a draft model's KV) keys its state by
+    `seq_id` and drops it in `release`, which the engine calls once the sequence finishes."""
 
-    def propose(self, token_ids: Sequence[int], k: int) -> list[int]: ...
+    def propose(self, seq_id: str, token_ids: Sequence[int], k: int) -> list[int]: ...
+
+    def release(self, seq_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class Speculation:
 class SpeculativeConfig:
     """vLLM's `--speculative-config` for the methods we serve. Validated at construction."""
 
-    method: str = "ngram"
+    method: str = "ngram"  # "ngram" (prompt lookup) | "draft_model" (a small model drafts)
     num_speculative_tokens: int = 4  # k: drafted tokens verified per step
     prompt_lookup_max: int = 5  # longest suffix n-gram matched against earlier text
     prompt_lookup_min: int = 5  # shortest one tried before giving up (vLLM's defaults: 5, 5)
+    model: str | None = None  # the draft model (path, named model or hub id): "draft_model"
 
     def __post_init__(self) -> None:
         _check(
@@ -62,9 +68,19 @@ class SpeculativeConfig:
         _check_int(self.num_speculative_tokens, "num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
         _check_int(self.prompt_lookup_min, "prompt_lookup_min", 1, 64)
         _check_int(self.prompt_lookup_max, "prompt_lookup_max", self.prompt_lookup_min, 64)
+        draft = self.method == "draft_model"
+        _check(
+            (self.model is not None) == draft,
+            "model",
+            "is needed by method 'draft_model' and only by it",
+        )
 
-    def speculation(self) -> Speculation:
-        """What a request gets by default under this configuration."""
+    def speculation(self, draft_model: Drafter | None = None) -> Speculation:
+        """What a request gets by default under this configuration; `draft_model`: the
+        loaded drafter of method "draft_model" (the engine loads it, see draft_model.py)."""
+        if self.method == "draft_model":
+            assert draft_model is not None, "method draft_model needs its loaded drafter"
+            return Speculation(draft_model, self.num_speculative_tokens)
         drafter = NgramDrafter(self.prompt_lookup_max, self.prompt_lookup_min)
         return Speculation(drafter, self.num_speculative_tokens)
 
@@ -72,7 +88,8 @@ class SpeculativeConfig:
 def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | None:
     """vLLM's `--speculative-config` (JSON text or a dict) -> SpeculativeConfig (None: off).
 
-    Raises InvalidParameter naming what is wrong: bad JSON, an unknown key, a draft model."""
+    A `model` other than "[ngram]" is a draft model (method "draft_model", as vLLM infers).
+    Raises InvalidParameter naming what is wrong: bad JSON, an unknown key, a bad value."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -83,18 +100,16 @@ def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | No
     if not isinstance(value, dict):
         raise InvalidParameter("speculative_config", "speculative_config must be a JSON object")
     options = dict(value)
-    model = options.pop("model", None)
-    if model is not None and model != NGRAM_MODEL_NAME:
-        raise InvalidParameter(
-            "speculative_config",
-            "speculative decoding with a draft model is not supported yet; "
-            'use {"method": "ngram", "num_speculative_tokens": K}',
-        )
+    model = options.get("model")
     if model == NGRAM_MODEL_NAME:
+        options.pop("model")
         options.setdefault("method", "ngram")
+    elif model is not None:
+        _check(isinstance(model, str) and model != "", "model", "must be a path or model id")
+        options.setdefault("method", "draft_model")
     if "method" not in options:
         raise InvalidParameter("speculative_config", "speculative_config needs a 'method'")
-    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise InvalidParameter(
@@ -138,7 +153,7 @@ class NgramDrafter:
         self.max_n = max_n
         self.min_n = min_n
 
-    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+    def propose(self, seq_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier match of the longest suffix n-gram
         (n in [min_n, max_n]); [] when no suffix occurs earlier."""
         ids = list(token_ids)
@@ -147,6 +162,9 @@ class NgramDrafter:
             if start is not None:
                 return ids[start + n : start + n + k]
         return []
+
+    def release(self, seq_id: str) -> None:
+        """Nothing to drop: prompt lookup keeps no state."""
 
 
 def _latest_match(ids: list[int], n: int) -> int | None:
@@ -174,7 +192,7 @@ class OracleDrafter:
         self.vocab_size = vocab_size
         self._rng = random.Random(seed)
 
-    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+    def propose(self, seq_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         at = len(token_ids) - self.prefix_len
         truth = self.continuation[at : at + k] if at >= 0 else []
         return [t if self._rng.random() < self.alpha else self._wrong(t) for t in truth]
@@ -182,6 +200,9 @@ class OracleDrafter:
     def _wrong(self, token: int) -> int:
         other = self._rng.randrange(self.vocab_size - 1)
         return other + 1 if other >= token else other
+
+    def release(self, seq_id: str) -> None:
+        """Nothing to drop: one known continuation, whatever the sequence."""
 
 
 def _check(ok: bool, key: str, message: str) -> None:

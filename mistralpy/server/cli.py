@@ -163,7 +163,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (off by default)',
     )
     p.add_argument(
-        "--speculative-model", default=None, help='vLLM\'s older form: "[ngram]" (prompt lookup)'
+        "--speculative-model",
+        default=None,
+        help='vLLM\'s older form: "[ngram]" (prompt lookup) or a draft model (path or id)',
     )
     p.add_argument(
         "--num-speculative-tokens", type=int, default=None, help="with --speculative-model"

@@ -30,9 +30,9 @@ def naive_ngram(ids, k, max_n, min_n):
 def test_ngram_continues_latest_match_of_longest_suffix():
     ids = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
     # suffix [2, 3] occurs at 1 and 5; the latest one (5) is followed by 7, 8, 5
-    assert NgramDrafter(4, 2).propose(ids, 3) == [7, 8, 5]
-    assert NgramDrafter(4, 2).propose([1, 2, 3, 4], 3) == []  # nothing repeats
-    assert NgramDrafter(3, 1).propose([5, 6, 5], 4) == [6, 5]  # the draft may run to the end
+    assert NgramDrafter(4, 2).propose("s", ids, 3) == [7, 8, 5]
+    assert NgramDrafter(4, 2).propose("s", [1, 2, 3, 4], 3) == []  # nothing repeats
+    assert NgramDrafter(3, 1).propose("s", [5, 6, 5], 4) == [6, 5]  # the draft may run to the end
 
 
 def test_ngram_matches_naive_oracle_on_random_sequences():
@@ -44,17 +44,17 @@ def test_ngram_matches_naive_oracle_on_random_sequences():
         max_n = rng.randrange(1, 5)
         min_n = rng.randrange(1, max_n + 1)
         k = rng.randrange(1, 6)
-        assert NgramDrafter(max_n, min_n).propose(ids, k) == naive_ngram(ids, k, max_n, min_n)
+        assert NgramDrafter(max_n, min_n).propose("s", ids, k) == naive_ngram(ids, k, max_n, min_n)
 
 
 def test_oracle_drafter_alpha_bounds():
     truth = list(range(100, 140))
     exact = OracleDrafter(3, truth, 1.0, 1000, seed=1)
-    assert exact.propose([0, 0, 0, 100, 101], 4) == [102, 103, 104, 105]
+    assert exact.propose("s", [0, 0, 0, 100, 101], 4) == [102, 103, 104, 105]
     wrong = OracleDrafter(3, truth, 0.0, 1000, seed=1)
-    draft = wrong.propose([0, 0, 0], 40)
+    draft = wrong.propose("s", [0, 0, 0], 40)
     assert len(draft) == 40 and all(d != t for d, t in zip(draft, truth))
-    half = OracleDrafter(0, truth * 50, 0.5, 1000, seed=2).propose([], 2000)
+    half = OracleDrafter(0, truth * 50, 0.5, 1000, seed=2).propose("s", [], 2000)
     right = sum(d == t for d, t in zip(half, truth * 50)) / 2000
     assert 0.45 < right < 0.55
 
@@ -72,6 +72,11 @@ def test_parse_speculative_config_vllm_forms():
     legacy = legacy_speculative_config("[ngram]", 3)
     assert legacy is not None and legacy.num_speculative_tokens == 3
     assert legacy_speculative_config(None, None) is None
+    draft = parse_speculative_config({"model": "/models/draft", "num_speculative_tokens": 3})
+    assert draft == SpeculativeConfig("draft_model", 3, model="/models/draft")
+    explicit = '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 3}'
+    assert parse_speculative_config(explicit) == draft
+    assert legacy_speculative_config("/models/draft", 3) == draft
 
 
 @pytest.mark.parametrize(
@@ -83,7 +88,9 @@ def test_parse_speculative_config_vllm_forms():
         ('{"method": "ngram", "num_speculative_tokens": "4"}', "num_speculative_tokens"),
         ('{"method": "ngram", "prompt_lookup_max": 2, "prompt_lookup_min": 3}', "prompt_lookup"),
         ('{"method": "ngram", "typo": 1}', "typo"),
-        ('{"model": "/models/draft", "num_speculative_tokens": 4}', "not supported yet"),
+        ('{"method": "ngram", "model": "/models/draft"}', "draft_model"),
+        ('{"method": "draft_model", "num_speculative_tokens": 4}', "model"),
+        ('{"model": "", "num_speculative_tokens": 4}', "model"),
         ('{"num_speculative_tokens": 4}', "method"),
         ("[1, 2]", "JSON object"),
     ],
@@ -111,8 +118,13 @@ def test_cli_flags_vllm_forms_and_errors():
     old = parsed("--speculative-model", "[ngram]", "--num-speculative-tokens", "2")
     assert old is not None and old.num_speculative_tokens == 2
     assert parsed() is None
-    with pytest.raises(SystemExit, match="not supported yet"):
-        parsed("--speculative-model", "/models/draft")
+    draft = SpeculativeConfig("draft_model", 4, 5, 5, model="/models/draft")
+    assert parsed("--speculative-model", "/models/draft") == draft
+    assert parsed("--speculative-config", '{"model": "/models/draft"}') == draft
+    from mistralpy.engine.config import EngineConfig
+
+    with pytest.raises(InvalidParameter, match="tensor_parallel_size 1"):
+        EngineConfig(speculative_config=draft, tensor_parallel_size=2)
     with pytest.raises(SystemExit, match="not both"):
         parsed("--speculative-config", '{"method": "ngram"}', "--speculative-model", "[ngram]")
 
