@@ -109,10 +109,9 @@ class ChatEngine(Protocol):
     def generate(
         self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The request's outputs until the finished one; closing it early aborts it."""
+        """The request's outputs until the finished one; closing it early aborts it (the
+        one way a request is aborted: every layer above just closes its stream)."""
         ...
-
-    def abort(self, request_id: str) -> None: ...
 
 
 # Image downloads and decodes at once, over all requests: their own pool, so that slow image
@@ -674,7 +673,6 @@ class ChatService:
         prompt, params, tools_active = await self._prepare_chat(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         outputs = self.engine.generate(request_id, prompt, params)
-        done = False
         try:
             with _grammar_errors_name(grammar_param(body)):
                 first = await _first_output(outputs, request_id)
@@ -694,9 +692,8 @@ class ChatService:
                     yield chunk.make(choices)
             if include_usage:
                 yield chunk.make([], usage=final_usage(last))
-            done = True
         finally:
-            await self._close(outputs, request_id, done)
+            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     def _chat_delta(
         self, out: CompletionOutput, state: _ChoiceState, params: SamplingParams
@@ -789,7 +786,6 @@ class ChatService:
     ) -> AsyncGenerator[tuple[RequestOutput, list[dict]], None]:
         """(engine output, its new choice deltas) of one completions prompt, as they come."""
         outputs = self.engine.generate(request_id, prompt, params)
-        done = False
         sent = [0] * params.n
         try:
             async for out in _chain(await _first_output(outputs, request_id), outputs):
@@ -810,19 +806,10 @@ class ChatService:
                         }
                     )
                 yield out, choices
-            done = True
         finally:
-            await self._close(outputs, request_id, done)
+            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     # -- engine plumbing --
-
-    async def _close(
-        self, outputs: AsyncGenerator[RequestOutput, None], request_id: str, finished: bool
-    ) -> None:
-        """Close the engine stream; abort the request if we stopped early (disconnect, error)."""
-        if not finished:
-            self.engine.abort(request_id)
-        await outputs.aclose()
 
     async def _run_to_end(
         self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
@@ -837,14 +824,11 @@ class ChatService:
                 by_index.update({o.index: o for o in out.outputs})
                 final = out
         finally:
-            await self._close(outputs, request_id, final is not None and final.finished)
+            await outputs.aclose()  # early (client gone, error): the engine aborts it
         if final is None:
             raise EngineRequestError(f"request {request_id} produced no output")
         final.outputs = [by_index[i] for i in sorted(by_index)]
         return final
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
 
     # -- tokenizer --
 

@@ -340,7 +340,7 @@ async def _stream(
         _log_unexpected(exc, request_id)
         return error_response(exc)
     return _EventStream(
-        _sse_body(first, chunks, request_id, service, metrics, start),
+        _sse_body(first, chunks, request_id, metrics, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
     )
@@ -364,12 +364,11 @@ async def _sse_body(
     first: dict,
     chunks: AsyncGenerator[dict, None],
     request_id: str,
-    service: ChatService,
     metrics: ServerMetrics,
     start: float,
 ) -> AsyncIterator[bytes]:
     last_time: float | None = None
-    finished, usage = False, None
+    usage = None
     try:
         yield _sse(first)
         async for chunk in chunks:
@@ -381,15 +380,11 @@ async def _sse_body(
             last_time = now
             usage = chunk.get("usage") or usage
             yield _sse(chunk)
-        finished = True
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-        finished = True
         _log_unexpected(exc, request_id)
         yield _sse(error_response_body(exc))
     finally:
-        if not finished:  # client went away (cancelled): free the engine's slot at once
-            service.abort(request_id)
-        await chunks.aclose()
+        await chunks.aclose()  # early (client gone): the engine aborts the request
     metrics.record_usage(usage)
     yield _sse("[DONE]")
 

@@ -674,7 +674,6 @@ class ResponsesRoutes:
         turn: list[dict],
     ) -> AsyncIterator[bytes]:
         stream = EventStream(shell)
-        finished = False
         try:
             for event in stream.start() + stream.chunk(first):
                 yield _sse_event(event)
@@ -682,18 +681,14 @@ class ResponsesRoutes:
                 for event in stream.chunk(chunk):
                     yield _sse_event(event)
             events, response = stream.finish()
-            finished = True
             self._keep(shell, response, turn)
             for event in events:
                 yield _sse_event(event)
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-            finished = True
             for event in stream.fail(json.loads(bytes(self.on_error(exc).body))):
                 yield _sse_event(event)
         finally:
-            if not finished:  # the client went away: free the engine's slot at once
-                self.service.abort(shell.id)
-            await chunks.aclose()
+            await chunks.aclose()  # early (client gone): the engine aborts the request
         self.on_usage(stream.usage)
 
     def retrieve(self, response_id: str) -> Response:

@@ -128,6 +128,7 @@ class FakeEngine:
             for i in range(params.n)
         ]
         self.active.add(request_id)
+        finished = False
         try:
             await self._until_scheduled(request_id, params.n)
             # ignore_eos repeats the reply up to the limit ("length"), as a model would go on
@@ -151,6 +152,8 @@ class FakeEngine:
                 if finished:
                     return
         finally:
+            if not finished:  # closed early, as AsyncEngine.generate: that aborts it
+                self.aborted.add(request_id)
             self.active.discard(request_id)
             self.running.pop(request_id, None)
 
