@@ -158,6 +158,7 @@ VLLM_GROUPS = {
         "isq",
         "enforce_eager",
         "allowed_local_media_path",
+        "mmproj",
     ),
     "LoadConfig": ("load_format",),
     "ParallelConfig": ("tensor_parallel_size",),
