@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 from mistralpy.checkpoint.loader import load_dummy_model  # noqa: E402
 from mistralpy.engine.config import KV_CACHE_DTYPES, EngineConfig  # noqa: E402
-from mistralpy.engine.engine import LLMEngine  # noqa: E402
+from mistralpy.engine.engine import LLMEngine, runner_config  # noqa: E402
 from mistralpy.model.config import (  # noqa: E402
     Mistral3Config,
     TextConfig,
@@ -59,7 +59,7 @@ from mistralpy.model.config import (  # noqa: E402
 from mistralpy.params import SamplingParams  # noqa: E402
 from mistralpy.processing.chat_template import ProcessedPrompt  # noqa: E402
 from mistralpy.processing.tokenizer import Tokenizer  # noqa: E402
-from mistralpy.runner.model_runner import ModelRunner, RunnerConfig  # noqa: E402
+from mistralpy.runner.model_runner import ModelRunner  # noqa: E402
 
 ALL_ROWS = ("check", "vision", "kv_logits", "decode", "batch", "ttft", "prefill", "concurrent",
             "long", "isq")  # fmt: skip
@@ -146,14 +146,7 @@ def build_engine(
         enable_prefix_caching=True,
         kv_cache_dtype=kv_cache_dtype,
     )
-    rcfg = RunnerConfig(
-        block_size=cfg.block_size,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_num_seqs=cfg.max_num_seqs,
-        gpu_memory_utilization=util,
-        cpu_kv_cache_bytes=256 << 20,
-        kv_cache_dtype=kv_cache_dtype,
-    )
+    rcfg = runner_config(replace(cfg, cpu_kv_cache_bytes=256 << 20))
     dtype = model.language_model.norm.weight.dtype
     runner = ModelRunner(model, rcfg, device, dtype)
     text = model.config.text_config

@@ -44,15 +44,18 @@ DECODE_TUNING_CONTEXT = 1024  # tokens per sequence at which decode launch plans
 
 @dataclass(frozen=True)
 class RunnerConfig:
+    """The runner's share of `EngineConfig`, made by `engine.runner_config` (the defaults
+    live there, once)."""
+
     block_size: int
     max_num_batched_tokens: int  # the largest step, used for the memory profile
     max_num_seqs: int
     gpu_memory_utilization: float  # CUDA: share of total memory for weights + activations + KV
     cpu_kv_cache_bytes: int  # CPU: KV cache size in bytes
-    num_kv_blocks: int | None = None  # fixed block count instead of a memory-derived one
-    encoder_cache_size: int = 16384  # image-embedding rows kept across steps
-    enforce_eager: bool = False  # no decode CUDA graphs / fused CPU decode (debugging, A/B)
-    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3" (e4m3 + scales)
+    num_kv_blocks: int | None  # fixed block count instead of a memory-derived one
+    encoder_cache_size: int  # image-embedding rows kept across steps
+    enforce_eager: bool  # no decode CUDA graphs / fused CPU decode (debugging, A/B)
+    kv_cache_dtype: str  # "auto" (model dtype) | "fp8" | "fp8_e4m3" (e4m3 + scales)
 
 
 @dataclass

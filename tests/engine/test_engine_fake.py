@@ -4,6 +4,7 @@ prefix caching or preemption, and match a cache-free reference."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistralpy.engine.config import EngineConfig
-from mistralpy.engine.engine import LLMEngine
+from mistralpy.engine.engine import LLMEngine, runner_config
 from mistralpy.engine.errors import (
     DuplicateRequestError,
     EmptyPromptError,
@@ -20,7 +21,7 @@ from mistralpy.engine.errors import (
     PromptTooLongError,
 )
 from mistralpy.params import SamplingParams
-from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
+from mistralpy.runner.model_runner import ModelRunner
 from tests.engine.fakes import EOS, IMG, FakeModel, FakeTokenizer, fake_image, image_prompt
 
 MODEL = FakeModel()
@@ -38,7 +39,7 @@ def make_engine(
         max_num_seqs=max_seqs,
         max_model_len=max_model_len,
     )
-    runner_cfg = RunnerConfig(block_size, budget, max_seqs, 0.9, 1 << 20, num_blocks, 64)
+    runner_cfg = runner_config(replace(cfg, cpu_kv_cache_bytes=1 << 20, encoder_cache_size=64))
     runner = ModelRunner(MODEL, runner_cfg, torch.device("cpu"), torch.float64)
     return LLMEngine(cfg, runner, FakeTokenizer(), max_model_len)
 

@@ -20,7 +20,7 @@ from mistralpy.kernels import cpu_gguf
 from mistralpy.params import InvalidParameter, SamplingParams
 from mistralpy.runner.batch import SampleSpec, SeqWork
 from mistralpy.runner.cpu_decode import fused_format
-from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
+from mistralpy.runner.model_runner import ModelRunner
 from mistralpy.server.cli import build_parser, model_options
 
 # the tiny checkpoint, transformers' model and ours: that module's fixtures, shared
@@ -86,7 +86,10 @@ def test_fp8_cache_keeps_the_layer_path_where_fused_decode_would_run():
     from tests.model.test_cpu_decode import _config
 
     model = load_dummy_model(_config(), torch.float32, "cpu", isq="q8_0").eval()
-    cfg = RunnerConfig(16, 512, 4, 0.9, 0, num_kv_blocks=8, kv_cache_dtype="fp8")
+    cfg = runner_config(
+        EngineConfig(max_num_batched_tokens=512, max_num_seqs=4, num_kv_blocks=8,
+                     kv_cache_dtype="fp8")
+    )  # fmt: skip
     runner = ModelRunner(model, cfg, torch.device("cpu"), torch.float32)
     assert runner.cpu_decode is None
     assert fused_format(model, runner.kv_caches) is None

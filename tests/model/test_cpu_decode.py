@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from mistralpy.checkpoint.loader import load_dummy_model
+from mistralpy.engine.config import EngineConfig
+from mistralpy.engine.engine import runner_config
 from mistralpy.kernels import cpu_gguf
 from mistralpy.model.config import mistral_small_3_1_config
 from mistralpy.params import SamplingParams
 from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork, build_forward_batch
 from mistralpy.runner.cpu_decode import FusedCpuDecode, fused_format
-from mistralpy.runner.model_runner import ModelRunner, RunnerConfig
+from mistralpy.runner.model_runner import ModelRunner
 from tests.seeds import fresh_seeds
 
 BLOCK = 16
@@ -54,7 +56,10 @@ def _runner(fmt: str, seed: int, eager: bool = False, heads: int = 8) -> ModelRu
         lm.embed_tokens.weight.normal_(0.0, 1.0, generator=gen)
         for norm in [lm.norm] + [n for ly in lm.layers for n in (ly.input_layernorm, ly.post_attention_layernorm)]:  # fmt: skip
             norm.weight.uniform_(0.5, 1.5, generator=gen)
-    cfg = RunnerConfig(BLOCK, 512, 4, 0.9, 0, num_kv_blocks=64, enforce_eager=eager)
+    cfg = runner_config(
+        EngineConfig(block_size=BLOCK, max_num_batched_tokens=512, max_num_seqs=4,
+                     num_kv_blocks=64, enforce_eager=eager)
+    )  # fmt: skip
     return ModelRunner(model, cfg, torch.device("cpu"), torch.float32)
 
 
