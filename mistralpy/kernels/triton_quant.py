@@ -350,6 +350,20 @@ def _magic_nibble(words, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _q4k_gemm_program(M, N, K, split_blocks, BN: tl.constexpr, BM: tl.constexpr):
+    """This decode-GEMM program's row tile and split on the grid (N / BN, splits): its tile
+    index, split s, weight rows (BN,) and their mask, rows of x (BM,) and their mask, blocks
+    per row and its block range [b_start, b_end) (as `_q4k_split_program` for the GEMV)."""
+    pid_n, s = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    ms = tl.arange(0, BM)
+    nblk = K // 256
+    b_start = s * split_blocks
+    b_end = tl.minimum(b_start + split_blocks, nblk)
+    return pid_n, s, rows, rows < N, ms, ms < M, nblk, b_start, b_end
+
+
+@triton.jit
 def _q4k_store_tile(
     y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N, stride_ym,
     BM: tl.constexpr, PARTIAL: tl.constexpr,
@@ -397,14 +411,9 @@ def _q4k_gemm_swap_kernel(
     a LOP3, an FMA and half a pack to bf16. Grid (N / BN, splits); PARTIAL: split-K
     partials go to ws (split, BM, N) float32 and the last program of a row tile to arrive
     sums them in order (as `_q4k_store_rows`)."""
-    pid_n, s = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    ms = tl.arange(0, BM)
-    mmask = ms < M
-    nblk = K // 256
-    b_start = s * split_blocks
-    b_end = tl.minimum(b_start + split_blocks, nblk)
+    pid_n, s, rows, rmask, ms, mmask, nblk, b_start, b_end = _q4k_gemm_program(
+        M, N, K, split_blocks, BN, BM
+    )
     J: tl.constexpr = BB * 4  # 64-weight chunks per step
     j = tl.arange(0, J)
     c = j % 4
@@ -453,14 +462,9 @@ def _q4k_gemm_dp4a_kernel(
     read at the codes' shape (rows broadcast through the pointers, L1 hits: the same
     register layout, no shared-memory round trip) and dotted; rows past M are read clamped
     to row M - 1 and never stored. Grid (N / BN, splits); PARTIAL as `_q4k_gemm_swap_kernel`."""
-    pid_n, s = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    ms = tl.arange(0, BM)
-    mmask = ms < M
-    nblk = K // 256
-    b_start = s * split_blocks
-    b_end = tl.minimum(b_start + split_blocks, nblk)
+    pid_n, s, rows, rmask, ms, mmask, nblk, b_start, b_end = _q4k_gemm_program(
+        M, N, K, split_blocks, BN, BM
+    )
     c = tl.arange(0, 4)
     w8 = tl.arange(0, 8)
     row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
