@@ -533,6 +533,46 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
             **gemv}  # fmt: skip
 
 
+def decode_profile(engine: LLMEngine, batch: int, ctx: int, top: int = 30) -> list[dict]:
+    """GPU time per kernel name in one captured decode step of `batch` rows at `ctx` tokens
+    (torch.profiler over graph replays): where a step's time goes, largest first."""
+    runner = engine.runner
+    graphs = runner.decode_graphs
+    if graphs is None or runner.device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.discard_lookahead()
+    nb = -(-ctx // runner.cfg.block_size)
+    tables = [list(range(i * nb, (i + 1) * nb)) for i in range(batch)]
+    bucket = graphs.load([NUM_SPECIAL] * batch, [ctx - 1] * batch, tables)
+    replays = 10
+    graphs.replay(bucket)
+    sync(runner.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graphs.replay(bucket)
+        sync(runner.device)
+    engine.block_manager.reset_prefix_cache()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name[:90], []).append(ev.device_time_total)
+    rows = [
+        {"kernel": name, "us_per_step": sum(ts) / replays, "calls_per_step": len(ts) / replays}
+        for name, ts in kernels.items()
+    ]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    return [
+        {
+            "kernel": "TOTAL",
+            "us_per_step": total,
+            "calls_per_step": sum(r["calls_per_step"] for r in rows),
+        }
+    ] + rows[:top]
+
+
 def gemv_variants(lin: list[Any], xs: dict[int, torch.Tensor], device: torch.device) -> dict:
     """Per weight shape: GB/s of F.linear (what the model runs) and of torch.mv, at M = 1."""
     out = {}
@@ -907,6 +947,13 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     rows = [row]
     if "batch" in extra_rows:
         rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in batches(sizes)]
+    if "profile" in extra_rows:
+        prof = {f"bs{b}": decode_profile(engine, b, sizes.decode_ctx) for b in (1, 8)}
+        for name, kernels in prof.items():
+            print(f"profile isq={fmt} {name}:")
+            for k in kernels:
+                print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f}x  {k['kernel']}")
+        rows.append(Row(f"decode profile isq={fmt}", 0.0, "", "", None, extra=prof))
     if "concurrent" in extra_rows:
         conc = row_concurrent(engine, sizes, gen, limits)
         conc.name += f" isq={fmt}"
@@ -1337,7 +1384,9 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        isq_rows = tuple(r for r in ("batch", "concurrent", "budget") if r in args.isq_rows)
+        isq_rows = tuple(
+            r for r in ("batch", "profile", "concurrent", "budget") if r in args.isq_rows
+        )
         for fmt in args.isq_formats.split(","):
             if not over_budget(f"isq {fmt}"):
                 rows.extend(_guard(f"isq {fmt}", lambda f=fmt: row_isq(

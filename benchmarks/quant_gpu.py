@@ -10,7 +10,8 @@ Sections (each independent; a failure prints its traceback and the others still 
 - words: the batch-1 q4k GEMV (every tuning candidate, or with --words-candidates dp4a a
   wider sweep; the load-time tuner's pick) vs tinygemm, each streaming its weight from HBM
   (timed over enough copies to defeat the 50 MB L2, as in a decode step).
-- gemm: the q4k decode GEMMs (swap-AB tl.dot, dp4a for up to 8 rows) per M bucket vs
+- gemm: the q4k decode GEMMs (swap-AB tl.dot, dp4a for up to 8 rows; --gemm-kernels and
+  --gemm-layers pick) per M bucket vs
   tinygemm and bf16 cuBLAS, then dequantize + cuBLAS at prefill sizes.
 - crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
 - fp8: W8A8 `_scaled_mm` (fused activation quantizer) vs the Triton weight-only kernel.
@@ -330,34 +331,25 @@ def crossover(ctx: Ctx) -> None:
                            other=type(other).__name__, bf16_us=t_bf16 * 1e3)  # fmt: skip
 
 
-# the decode GEMM's sweep (--sections gemm): (bn, bb, warps, stages) x split-K
-GEMM_SWEEP = tuple(
-    (bn, bb, warps, stages)
-    for bn, bb, warps, stages in (
-        (64, 1, 4, 2), (64, 1, 4, 3), (64, 2, 4, 2), (64, 1, 8, 2),
-        (128, 1, 4, 2), (128, 1, 8, 2), (128, 2, 8, 2), (128, 1, 8, 3),
-    )
-)  # fmt: skip
-# the dp4a GEMM's (buckets of at most 16 rows): (bn, warps) x split-K
+# the dp4a GEMM's (buckets of at most 8 rows): (bn, warps) x split-K
 GEMM_DP4A_SWEEP = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4))
 
 
-def _gemm_sweep(n: int, k: int, bm: int, best16) -> list:
-    """Configs the sweep times at bucket bm: every swap config with its splits from 16 rows
-    up (below, the swap kernel pads to 16: only the best 16-row config), and the dp4a ones
-    up to Q4K_DP4A_MAX_M."""
+def _kind(cfg) -> str:
+    return "dp4a" if cfg.dp4a else "mma8" if cfg.mma8 else "swap"
+
+
+def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
+    """Configs the sweep times at bucket bm for each kernel kind in `kinds`: the tl.dot
+    kernels' (swap, mma8) candidates from 16 rows up (below, they pad to 16: only their best
+    16-row config), and the dp4a ones up to Q4K_DP4A_MAX_M."""
     out = []
-    for bn, bb, warps, stages in GEMM_SWEEP if bm >= 16 or best16 is None else ():
-        for split in (1, 2, 4, 8):
-            tiles = -(-n // bn)
-            if split > 1 and (k // 256 // split < 2 or tiles * split > 4096):
-                continue
-            if split == 1 and tiles < 66:
-                continue
-            out.append(tq.GemmConfig(bn, bb, warps, stages, split))
-    if bm < 16 and best16 is not None:
-        out.append(best16)
-    if bm <= tq.Q4K_DP4A_MAX_M:
+    if "swap" in kinds:
+        out += [best16["swap"]] if bm < 16 and "swap" in best16 else tq.q4k_gemm_candidates(n, k)
+    if "mma8" in kinds:
+        mma8 = tq.q4k_gemm_mma8_candidates(n, k)
+        out += [best16["mma8"]] if bm < 16 and "mma8" in best16 else mma8
+    if "dp4a" in kinds and bm <= tq.Q4K_DP4A_MAX_M:
         for bn, warps in GEMM_DP4A_SWEEP:
             for split in (1, 2, 4, 8, 16):
                 if split > 1 and k // 256 // split < 2:
@@ -379,7 +371,10 @@ def gemm(ctx: Ctx) -> None:
     buckets = tuple(int(b) for b in ctx.args.gemm_buckets.split(","))
     tq.Q4K_GEMM_BUCKETS = buckets  # the sweep may try a 128 bucket
     best: dict = {}
-    for name, shape in {**SHAPES, "lm_head": LM_HEAD}.items():
+    kinds = set(ctx.args.gemm_kernels.split(","))
+    layers = {**SHAPES, "lm_head": LM_HEAD}
+    for name in ctx.args.gemm_layers.split(","):
+        shape = layers[name]
         w = ctx.weight(shape)
         packed = f.quantize(w)
         ref_w = f.dequantize(packed, shape, torch.float32)
@@ -396,8 +391,8 @@ def gemm(ctx: Ctx) -> None:
             ctx.record("gemm", name, shape, "tinygemm", bm, t_tiny, nbytes, kernel="tinygemm")
             ctx.record("gemm", name, shape, "bf16", bm, t_bf16, w.numel() * 2, kernel="cublas")
             results = []
-            best16 = best.get((name, 16), (None, None))[1]
-            for cfg in _gemm_sweep(n, k, bm, best16):
+            best16 = best.get((name, "best16"), {})
+            for cfg in _gemm_sweep(n, k, bm, best16, kinds):
                 make = functools.partial(_q4k_gemm_kernel_of, shape=shape, gemm={bm: cfg})
                 try:
                     err = rel_err(make(packed)(x), ref)
@@ -407,6 +402,15 @@ def gemm(ctx: Ctx) -> None:
                     continue
                 results.append((t, cfg, err))
                 ctx.record("gemm", name, shape, "q4k", bm, t, nbytes, err, str(cfg))
+            for kind in kinds:  # each kernel's best, then the overall best
+                mine = [r for r in results if _kind(r[1]) == kind]
+                if mine:
+                    t, cfg, err = min(mine, key=lambda r: r[0])
+                    if bm == 16:
+                        best.setdefault((name, "best16"), {})[kind] = cfg
+                    print(f"GEMM {kind} {name} bm={bm}: {cfg} {t * 1e3:.1f} us", flush=True)
+                    ctx.rows.append({"section": "gemm_kind_best", "layer": name, "bm": bm,
+                                     "kind": kind, "us": t * 1e3, "config": str(cfg)})  # fmt: skip
             t, cfg, err = min(results, key=lambda r: r[0])
             best[(name, bm)] = (t, cfg, err, t_tiny, t_bf16)
             print(f"GEMM BEST {name} bm={bm}: {cfg} {t * 1e3:.1f} us "
@@ -415,7 +419,7 @@ def gemm(ctx: Ctx) -> None:
             ctx.rows.append({"section": "gemm_best", "layer": name, "bm": bm, "us": t * 1e3,
                              "config": str(cfg), "rel_err": err, "tinygemm_us": t_tiny * 1e3,
                              "bf16_us": t_bf16 * 1e3})  # fmt: skip
-        for m in (128, 512, 2048, 8192):
+        for m in (128, 512, 2048, 8192) if ctx.args.gemm_prefill else ():
             if m in buckets:
                 continue
             x = x_of(m, k, ctx.dev)
@@ -428,10 +432,12 @@ def gemm(ctx: Ctx) -> None:
         del packed, ref_w, tiny
         torch.cuda.empty_cache()
         if ctx.args.json:  # per shape: a sweep cut off by a time limit keeps what it measured
-            with open(ctx.args.json, "w") as f:
-                json.dump(ctx.rows, f, indent=1)
+            with open(ctx.args.json, "w") as out:
+                json.dump(ctx.rows, out, indent=1)
     print("\nGEMM summary (us per call, streaming): shape bm best tinygemm bf16 config")
-    for (name, bm), (t, cfg, _err, t_tiny, t_bf16) in best.items():
+    for (name, bm), (t, cfg, _err, t_tiny, t_bf16) in (
+        (key, v) for key, v in best.items() if key[1] != "best16"
+    ):
         print(f"  {name:>8} {bm:>4} {t * 1e3:8.1f} {t_tiny * 1e3:8.1f} {t_bf16 * 1e3:8.1f} {cfg}")
 
 
@@ -524,6 +530,9 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
     ap.add_argument("--words-candidates", choices=sorted(WORDS_CANDIDATES), default="tuner")
     ap.add_argument("--gemm-buckets", default="2,4,8,16,32,64")
+    ap.add_argument("--gemm-kernels", default="swap,dp4a")
+    ap.add_argument("--gemm-layers", default="qkv,o,gate_up,down,lm_head")
+    ap.add_argument("--gemm-prefill", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
