@@ -31,7 +31,8 @@ DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    """Captured batch sizes: 1, 2, 4, 8, then every 8 (then 16 past 64), up to max_num_seqs."""
+    """Captured row counts (one row per decode token: a sequence, or one of a verify step's
+    K + 1): 1, 2, 4, 8, then every 8 (then 16 past 64), up to max_num_seqs."""
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
     b = 8
     while b < max_num_seqs:

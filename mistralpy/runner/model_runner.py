@@ -339,9 +339,9 @@ class ModelRunner:
                 if len(rows) == len(ahead.seqs):
                     return logits, ahead.bucket
                 return logits[torch.tensor(rows, device=self.device)], None
-        rows = decode_rows(seqs)
-        bucket = graphs.load(rows.token_ids, rows.positions, rows.tables)
-        return graphs.replay(bucket)[: len(rows.token_ids)], bucket
+        step = decode_rows(seqs)
+        bucket = graphs.load(step.token_ids, step.positions, step.tables)
+        return graphs.replay(bucket)[: len(step.token_ids)], bucket
 
     def _predictable(self, seqs: list[SeqWork]) -> bool:
         """Whether the next step is worth launching ahead: every next position is inside the
