@@ -10,9 +10,10 @@ Forcing harness (random or dummy weights accept nothing by chance): a plain gree
 a `--prompt-len` token prompt records the target's own tokens and its decode speed; then for
 every alpha x k, `OracleDrafter` drafts those tokens, each replaced by a random one with
 probability 1 - alpha, and the same request is decoded speculatively. Decode tok/s is
-(generated - 1) / (last token time - first token time), so the prefill is not counted. The
-verify step runs eagerly (CUDA graphs hold one token per sequence); plain decode uses the
-graphs (CUDA) or the fused CPU decode step.
+(generated - 1) / (last token time - first token time), so the prefill is not counted. On
+CUDA verify steps run through the decode graphs as k + 1 rows (`max_num_seqs` 8 here, so the
+8-row bucket holds k <= 7); each row's `graph_verify_steps` counts them (of `verify_steps`).
+On CPU plain decode uses the fused CPU step and verify steps run eagerly (0 there).
 
 Each row is the fastest of `--rounds` runs. Real-model row (--real-model): the SmolLM2 GGUF on CPU, a rewrite prompt whose answer copies
 its input; plain greedy vs n-gram prompt lookup (`--ngram-ks`, lookup 4..2), asserting the
@@ -46,7 +47,10 @@ from mistralpy.engine.speculative import (  # noqa: E402
 )
 from mistralpy.params import SamplingParams  # noqa: E402
 
-COLUMNS = ("mode", "alpha", "k", "tokens", "decode_tok_s", "speedup", "acceptance", "mean_len")
+COLUMNS = (
+    "mode", "alpha", "k", "tokens", "decode_tok_s", "speedup", "acceptance", "mean_len",
+    "verify_steps", "graph_verify_steps",
+)  # fmt: skip
 REWRITE = (
     "Rewrite the following paragraph, keeping every sentence but fixing the spelling:\n\n"
     "The river Thames flows through London. It is the longest river entirely in England. "
@@ -58,10 +62,21 @@ REWRITE = (
 )
 
 
+@dataclasses.dataclass
+class Run:
+    """One request decoded to its end."""
+
+    tokens: list[int]
+    rate: float  # decode tok/s
+    metrics: Any  # its RequestMetrics
+    graph_verify_steps: int  # its verify steps that ran through the decode CUDA graphs
+
+
 def decode(
     engine: LLMEngine, ids: list[int], params: SamplingParams, spec: Speculation | None
-) -> tuple[list[int], float, Any]:
-    """Run one request to its end: (output tokens, decode tok/s, RequestMetrics)."""
+) -> Run:
+    """Run one request to its end (alone: the runner's verify-step count is its own)."""
+    graph_verify = engine.runner.graph_verify_steps
     prompt = SimpleNamespace(token_ids=ids, images=[])
     engine.add_request(f"r{time.monotonic_ns()}", prompt, params, speculation=spec)
     first = last = None
@@ -76,29 +91,32 @@ def decode(
                 final = out
     tokens = final.outputs[0].token_ids
     rate = (len(tokens) - 1) / (last - first) if last > first else float("nan")
-    return tokens, rate, final.metrics
+    return Run(tokens, rate, final.metrics, engine.runner.graph_verify_steps - graph_verify)
 
 
 def best_of(
     rounds: int, engine: LLMEngine, ids: list[int], params: SamplingParams, spec: Any
-) -> tuple[list[int], float, Any]:
+) -> Run:
     """`decode` `rounds` times (spec: a function making a fresh Speculation, or None); the
     fastest round, since on a shared host a slower one measures the neighbours' load."""
     runs = [decode(engine, ids, params, spec() if spec else None) for _ in range(rounds)]
-    return max(runs, key=lambda run: run[1])
+    return max(runs, key=lambda run: run.rate)
 
 
-def row(mode: str, alpha: Any, k: Any, tokens: list[int], rate: float, base: float, m: Any) -> dict:
+def row(mode: str, alpha: Any, k: Any, run: Run, base: float) -> dict:
+    m = run.metrics
     drafts = m.num_drafts
     return {
         "mode": mode,
         "alpha": alpha,
         "k": k,
-        "tokens": len(tokens),
-        "decode_tok_s": round(rate, 2),
-        "speedup": round(rate / base, 3),
+        "tokens": len(run.tokens),
+        "decode_tok_s": round(run.rate, 2),
+        "speedup": round(run.rate / base, 3),
         "acceptance": round(m.num_accepted_tokens / m.num_draft_tokens, 3) if drafts else None,
         "mean_len": round(1 + m.num_accepted_tokens / drafts, 2) if drafts else None,
+        "verify_steps": drafts,
+        "graph_verify_steps": run.graph_verify_steps,
     }
 
 
@@ -110,22 +128,23 @@ def forcing(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     ids = [1] + [rng.randrange(1000, vocab) for _ in range(args.prompt_len - 1)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    warm, _, _ = decode(engine, ids, params, None)  # first use: JIT, tuning, prompt cached
+    warm = decode(engine, ids, params, None).tokens  # first use: JIT, tuning, prompt cached
     decode(engine, ids, params, Speculation(OracleDrafter(len(ids), warm, 0.9, vocab, 0), 4))
-    truth, base, m = best_of(args.rounds, engine, ids, params, None)
-    rows = [row("plain", None, None, truth, base, base, m)]
+    plain = best_of(args.rounds, engine, ids, params, None)
+    truth, base = plain.tokens, plain.rate
+    rows = [row("plain", None, None, plain, base)]
     for alpha in args.alphas:
         for k in args.ks:
 
             def oracle(alpha: float = alpha, k: int = k) -> Speculation:
                 return Speculation(OracleDrafter(len(ids), truth, alpha, vocab, args.seed), k)
 
-            tokens, rate, m = best_of(args.rounds, engine, ids, params, oracle)
-            r = row("oracle", alpha, k, tokens, rate, base, m)
-            r["equal_to_plain"] = tokens == truth  # bf16 near-ties may differ on CUDA
+            run = best_of(args.rounds, engine, ids, params, oracle)
+            r = row("oracle", alpha, k, run, base)
+            r["equal_to_plain"] = run.tokens == truth  # bf16 near-ties may differ on CUDA
             rows.append(r)
-    _, again, m = best_of(args.rounds, engine, ids, params, None)  # drift check: same as the first?
-    rows.append(row("plain again", None, None, truth, again, base, m))
+    again = best_of(args.rounds, engine, ids, params, None)  # drift check: same as the first?
+    rows.append(row("plain again", None, None, again, base))
     engine.shutdown()
     return {"rows": rows}
 
@@ -163,17 +182,18 @@ def real_model(args: argparse.Namespace) -> dict:
     ids = build_chat_prompt(engine.tokenizer, template, messages).token_ids
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     decode(engine, ids, params, Speculation(NgramDrafter(4, 2), 4))  # warm-up (first use)
-    truth, base, m = best_of(args.rounds, engine, ids, params, None)
-    rows = [row("plain", None, None, truth, base, base, m)]
+    plain = best_of(args.rounds, engine, ids, params, None)
+    truth, base = plain.tokens, plain.rate
+    rows = [row("plain", None, None, plain, base)]
     for k in args.ngram_ks:
 
         def ngram(k: int = k) -> Speculation:
             return Speculation(NgramDrafter(4, 2), k)
 
-        tokens, rate, m = best_of(args.rounds, engine, ids, params, ngram)
-        if tokens != truth:
+        run = best_of(args.rounds, engine, ids, params, ngram)
+        if run.tokens != truth:
             raise AssertionError(f"n-gram k={k}: speculative output differs from plain greedy")
-        rows.append(row("ngram 4..2", None, k, tokens, rate, base, m))
+        rows.append(row("ngram 4..2", None, k, run, base))
     text = engine.tokenizer.decode(truth)
     engine.shutdown()
     if args.draft_model:
@@ -201,10 +221,10 @@ def draft_model_rows(
         def drafted(k: int = k) -> Speculation:
             return Speculation(drafter, k)
 
-        tokens, rate, m = best_of(args.rounds, engine, ids, params, drafted)
-        if tokens != truth:
+        run = best_of(args.rounds, engine, ids, params, drafted)
+        if run.tokens != truth:
             raise AssertionError(f"draft model k={k}: speculative output differs from plain")
-        rows.append(row(f"draft {args.draft_model}", None, k, tokens, rate, base, m))
+        rows.append(row(f"draft {args.draft_model}", None, k, run, base))
     engine.shutdown()
     return rows
 
@@ -224,7 +244,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         load_format=load_format,
         max_model_len=args.prompt_len + args.max_tokens + 64,
-        max_num_seqs=4,
+        max_num_seqs=8,  # graph buckets up to 8 rows: a verify step of k <= 7 drafts fits
         max_num_batched_tokens=max(2048, args.prompt_len + 16),
         seed=args.seed,
     )

@@ -82,6 +82,26 @@ class ForwardBatch:
     image_slices: list[ImageSlice]  # in the order their image tokens appear in input_ids
 
 
+@dataclass
+class DecodeRows:
+    """A step's rows for the decode CUDA graphs (`runner.cuda_graphs`): one per computed
+    token, a sequence's rows consecutive."""
+
+    token_ids: list[int]
+    positions: list[int]  # absolute position of each row's token in its sequence
+    tables: list[list[int]]  # each row's block table (the sequence's, shared by its rows)
+
+
+def decode_rows(seqs: list[SeqWork]) -> DecodeRows:
+    """Rows of a step where sequence s computes its token_ids at start_pos, start_pos + 1, ...
+    (one token for plain decode, the last token + K drafts for a verify step)."""
+    return DecodeRows(
+        [t for s in seqs for t in s.token_ids],
+        [s.start_pos + i for s in seqs for i in range(len(s.token_ids))],
+        [s.block_table for s in seqs for _ in s.token_ids],
+    )
+
+
 def build_forward_batch(
     batch: ScheduledBatch,
     block_size: int,

@@ -1,11 +1,16 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, over stable input buffers.
+"""CUDA graphs for decode steps: one graph per row-count bucket, over stable input buffers.
 
-A decode step (one new token per sequence) has a fixed launch shape once its batch is padded
-to a bucket and its block tables to a fixed width, so the whole forward + lm_head is captured
-once per bucket and replayed: ~300 kernel launches per step become one. The buffers are owned
-here; the runner writes a step's inputs into them (host staging -> device, non-blocking) and
-replays. Padding rows have seq_len 0 and slot -1: attention writes nothing for them and
-outputs zeros.
+A decode step has a fixed launch shape once its rows are padded to a bucket and its block
+tables to a fixed width, so the whole forward + lm_head is captured once per bucket and
+replayed: ~300 kernel launches per step become one. The buffers are owned here; the runner
+writes a step's inputs into them (host staging -> device, non-blocking) and replays. Padding
+rows have seq_len 0 and slot -1: attention writes nothing for them and outputs zeros.
+
+A row is one query token: its id, its position p, and its sequence's block table; it attends
+to the cache's tokens [0, p]. A plain decode step has one row per sequence. A verify step
+(speculative decoding) of a sequence with K drafts is K + 1 rows at positions p .. p + K that
+share one block table: every row's K/V is stored before attention reads any, and each row's
+seq_len p + i + 1 makes it causal, so the same graphs run it (`batch.decode_rows`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    """Captured batch sizes: 1, 2, 4, 8, then every 8 (then 16 past 64), up to max_num_seqs."""
+    """Captured row counts (one row per decode token: a sequence, or one of a verify step's
+    K + 1): 1, 2, 4, 8, then every 8 (then 16 past 64), up to max_num_seqs."""
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
     b = 8
     while b < max_num_seqs:
@@ -126,8 +132,8 @@ class DecodeGraphs:
         return None
 
     def load(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> int:
-        """Stage one decode step's rows (token, its position, the sequence's block table) and
-        copy them to the device buffers, non-blocking. Rows past len(token_ids) up to the
+        """Stage one step's rows (token, its position, its sequence's block table, which must
+        cover the position; see `batch.decode_rows`) and copy them to the device buffers, non-blocking. Rows past len(token_ids) up to the
         bucket are padding. Returns the bucket. The caller syncs on this step's results
         before the next `load` (the staging buffers are reused)."""
         n = len(token_ids)

@@ -22,6 +22,7 @@ from mistralpy.runner.batch import (
     ScheduledBatch,
     SeqWork,
     build_forward_batch,
+    decode_rows,
 )
 from mistralpy.runner.kv_cache import (
     allocate_kv_scales,
@@ -161,6 +162,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
         self.decode_graphs: DecodeGraphs | None = None
+        self.graph_verify_steps = 0  # verify steps run through the decode graphs (benchmarks)
         self._ahead: _LaunchAhead | None = None  # a decode step launched ahead (CUDA graphs)
         if device.type == "cuda" and not cfg.enforce_eager:
             self.decode_graphs = self._capture_decode_graphs()
@@ -223,24 +225,20 @@ class ModelRunner:
         masks: tuple[list[int], Future] | None,
     ) -> ModelOutput:
         """Sample a step that verifies drafts. logits (R, V): one row per sampling sequence,
-        K + 1 rows for one verifying K drafts. Plain rows sample as usual (grammar `masks`
-        are theirs); each drafting sequence accepts a prefix of its drafts. Runs eagerly:
-        the decode CUDA graphs hold one token per sequence."""
-        first, row = {}, 0
-        for s in seqs:
-            first[s.seq_id] = row
-            row += 1 + len(s.spec.draft_ids)
+        K + 1 rows for one verifying K drafts, in `seqs` order (from the eager forward's
+        logits rows or from the decode graphs' rows: the same layout). Plain rows sample as
+        usual (grammar `masks` are theirs); each drafting sequence accepts a prefix of its
+        drafts."""
+        rows = _sample_rows(seqs)
         result = ModelOutput({})
         if plain:
-            plain_logits = logits[
-                torch.tensor([first[s.seq_id] for s in plain], device=self.device)
-            ]
+            first = [rows[s.seq_id].start for s in plain]
+            plain_logits = logits[torch.tensor(first, device=self.device)]
             out = self._sample(plain_logits, plain, self._allowed(masks, plain_logits))
             result = self._model_output(out, plain, out.token_ids.tolist())
         for s in seqs:
             if s.spec.draft_ids:
-                start = first[s.seq_id]
-                tokens = self._verify(s, logits[start : start + 1 + len(s.spec.draft_ids)])
+                tokens = self._verify(s, logits[rows[s.seq_id]])
                 result.sampled[s.seq_id] = tokens[-1]
                 result.accepted[s.seq_id] = tokens[:-1]
         return result
@@ -280,28 +278,37 @@ class ModelRunner:
         return self._model_output(out, seqs, out.token_ids.tolist())
 
     def _graphable(self, batch: ScheduledBatch) -> bool:
-        """A pure decode step (one token per sequence, each sampling, no image rows) that a
-        captured bucket holds."""
+        """A decode or verify step that a captured bucket holds: every sequence samples at
+        each of its tokens (one token, or the last token + its K drafts), has no image rows,
+        and its block table fits the graphs' width and covers its positions. Its rows (one
+        per token, `decode_rows`) fit a bucket."""
         graphs = self.decode_graphs
         assert graphs is not None
-        return graphs.bucket(len(batch.seqs)) is not None and all(
-            len(s.token_ids) == 1
-            and s.sample is not None
+        bs = self.cfg.block_size
+        rows = sum(len(s.token_ids) for s in batch.seqs)
+        return graphs.bucket(rows) is not None and all(
+            s.sample is not None
+            and len(s.token_ids) == 1 + len(s.sample.draft_ids)
             and not s.images
-            and len(s.block_table) <= graphs.width
+            and s.start_pos + len(s.token_ids) <= len(s.block_table) * bs <= graphs.width * bs
             for s in batch.seqs
         )
 
     def _execute_decode(self, seqs: list[SeqWork]) -> ModelOutput:
-        """Decode through the captured graphs. When every sequence will likely go on, the next
-        step is launched before this one's tokens reach the host (its input ids are the sampled
-        tokens, on the device), so the GPU runs it while the engine does its host work; the
-        next `execute` uses it if its batch is the one predicted (else it is dropped: it only
-        wrote K/V into slots the real step rewrites or that belong to finished sequences)."""
+        """Decode (and verify drafts) through the captured graphs. When every sequence will
+        likely go on, the next step is launched before this one's tokens reach the host (its
+        input ids are the sampled tokens, on the device), so the GPU runs it while the engine
+        does its host work; the next `execute` uses it if its batch is the one predicted (else
+        it is dropped: it only wrote K/V into slots the real step rewrites or that belong to
+        finished sequences). A step with drafts is never launched ahead (`_predictable`)."""
         graphs = self.decode_graphs
         assert graphs is not None
-        masks = self._submit_grammar_masks(seqs)
+        plain = [s for s in seqs if not s.spec.draft_ids]
+        masks = self._submit_grammar_masks(plain)
         logits, bucket = self._decode_logits(graphs, seqs)
+        if len(plain) < len(seqs):
+            self.graph_verify_steps += 1
+            return self._verify_step(logits, seqs, plain, masks)
         out = self._sample(logits, seqs, self._allowed(masks, logits))
         n = len(seqs)
         host = self._sampled_host[:n]
@@ -320,10 +327,10 @@ class ModelRunner:
     def _decode_logits(
         self, graphs: DecodeGraphs, seqs: list[SeqWork]
     ) -> tuple[torch.Tensor, int | None]:
-        """Logits (n, V) of this decode step: from the step launched ahead if it predicted
-        this batch (or a subset of it, in order), else from a fresh replay. The bucket is
-        returned when the graph inputs now hold exactly these rows (the next step may be
-        launched ahead from them), else None."""
+        """Logits (rows, V) of this step, one row per token (`decode_rows`): from the step
+        launched ahead if it predicted this batch (or a subset of it, in order), else from a
+        fresh replay. The bucket is returned when the graph inputs now hold exactly these rows
+        (the next step may be launched ahead from them), else None."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             rows = ahead.match(seqs)
@@ -332,12 +339,9 @@ class ModelRunner:
                 if len(rows) == len(ahead.seqs):
                     return logits, ahead.bucket
                 return logits[torch.tensor(rows, device=self.device)], None
-        bucket = graphs.load(
-            [s.token_ids[0] for s in seqs],
-            [s.start_pos for s in seqs],
-            [s.block_table for s in seqs],
-        )
-        return graphs.replay(bucket)[: len(seqs)], bucket
+        step = decode_rows(seqs)
+        bucket = graphs.load(step.token_ids, step.positions, step.tables)
+        return graphs.replay(bucket)[: len(step.token_ids)], bucket
 
     def _predictable(self, seqs: list[SeqWork]) -> bool:
         """Whether the next step is worth launching ahead: every next position is inside the
@@ -650,6 +654,17 @@ def _grammar_draft_masks(
     if kept:
         grammar.rollback(len(kept))
     return kept, torch.stack(masks)
+
+
+def _sample_rows(seqs: list[SeqWork]) -> dict[str, slice]:
+    """The logits rows of each sampling sequence of a step, by seq_id: one for a plain
+    sequence, K + 1 for one verifying K drafts, consecutive in `seqs` order."""
+    rows, start = {}, 0
+    for s in seqs:
+        end = start + 1 + len(s.spec.draft_ids)
+        rows[s.seq_id] = slice(start, end)
+        start = end
+    return rows
 
 
 def _ends_on_length(seq: SeqWork) -> bool:

@@ -110,3 +110,4 @@ def test_spec_decode_quick(tmp_path: Path) -> None:
         if r["mode"] == "oracle":
             assert r["equal_to_plain"] and r["tokens"] == 24
             assert (r["acceptance"] == 0) == (r["alpha"] == 0)
+            assert r["verify_steps"] > 0 and r["graph_verify_steps"] == 0  # CPU: eager

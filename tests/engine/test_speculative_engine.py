@@ -14,14 +14,17 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mistralpy.api.chat import final_usage
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine
 from mistralpy.engine.speculative import NgramDrafter, OracleDrafter, Speculation
 from mistralpy.params import GrammarSpec, SamplingParams
+from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork
 from mistralpy.testing import tiny_checkpoint
 from tests.engine.test_engine_tiny import make_engine as tiny_engine
+from tests.rerun_graphs import attach_graphs
 
 BOS = 1
 
@@ -184,3 +187,113 @@ def test_seeded_sampling_with_drafts_is_reproducible(ckpt, loaded):
     second = run(make_engine(ckpt, loaded), [(prompt, params, spec)])[0]
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
     assert len(first.outputs[0].token_ids) == 16
+
+
+# ------------------------------------------------------------- verify steps through the graphs
+
+
+def graph_engine(ckpt, loaded, **overrides):
+    """An engine whose runner decodes and verifies through CPU stand-in decode graphs
+    (`tests.rerun_graphs`: each replay reruns the forward over the loaded graph rows)."""
+    engine = make_engine(ckpt, loaded, enforce_eager=True, **overrides)
+    runner = engine.runner
+    width = -(-engine.config.max_model_len // runner.cfg.block_size)
+    return engine, attach_graphs(runner, runner.model, width)
+
+
+def spy_verify_logits(runner) -> list:
+    """The logits each `_verify_step` of `runner` receives, recorded as they pass."""
+    seen = []
+    inner = runner._verify_step
+
+    def spy(logits, *args):
+        seen.append(logits.clone())
+        return inner(logits, *args)
+
+    runner._verify_step = spy
+    return seen
+
+
+def test_graph_verify_rows_give_the_eager_verify_logits(ckpt, loaded):
+    """A mixed step (a plain sequence, two verifying 3 and 1 drafts) through the decode
+    graphs' rows gives the eager verify forward's logits and the same tokens."""
+    rng = random.Random()
+    eager = make_engine(ckpt, loaded, enforce_eager=True).runner
+    graphed, graphs = graph_engine(ckpt, loaded)
+    graphed = graphed.runner
+    prompts = [prompt_of(rng, 5 + 7 * i).token_ids for i in range(3)]
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(3)]  # 48 slots each
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def step(seqs):
+        outs = [r.execute(ScheduledBatch(seqs)) for r in (eager, graphed)]
+        assert outs[0] == outs[1]
+        return outs[0]
+
+    prefill = step([
+        SeqWork(f"s{i}", p, 0, t, [], SampleSpec(greedy, p, [], None))
+        for i, (p, t) in enumerate(zip(prompts, tables))
+    ])  # fmt: skip
+    first = [prefill.sampled[f"s{i}"].token_id for i in range(3)]
+    seen = [spy_verify_logits(r) for r in (eager, graphed)]
+    drafts = [[], [rng.randrange(1000, 131072) for _ in range(3)], [first[2]]]
+    out = step([
+        SeqWork(f"s{i}", [first[i], *d], len(p), t, [],
+                SampleSpec(greedy, p, [first[i]], None, draft_ids=d, speculative=True))
+        for i, (p, t, d) in enumerate(zip(prompts, tables, drafts))
+    ])  # fmt: skip
+    assert graphed.graph_verify_steps == 1 and eager.graph_verify_steps == 0
+    assert graphs.replays == 1 and set(out.accepted) == {"s1", "s2"}
+    want, got = seen[0][0], seen[1][0]
+    assert want.shape == got.shape == (1 + 4 + 2, eager.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_graphable_needs_rows_in_a_bucket_and_positions_in_the_table(ckpt, loaded):
+    engine, graphs = graph_engine(ckpt, loaded, max_num_seqs=4)
+    runner = engine.runner
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+
+    def work(n_drafts, table, n_tokens=None):
+        spec = SampleSpec(greedy, [1], [], None, draft_ids=[5] * n_drafts, speculative=True)
+        return SeqWork("s", [5] * (n_tokens or 1 + n_drafts), 20, table, [], spec)
+
+    def graphable(*seqs):
+        return runner._graphable(ScheduledBatch(list(seqs)))
+
+    assert graphable(work(3, [0, 1]))  # 4 rows at positions 20..23 in blocks 0, 1
+    assert not graphable(work(2, [0, 1]), work(0, [4, 5]), work(0, [6, 7]))  # 5 rows > 4
+    assert not graphable(work(2, [0]))  # position 20 is past the table's 16 slots
+    assert not graphable(work(3, [0, 1], n_tokens=5))  # a token that does not sample
+    assert not graphable(work(0, list(range(graphs.width + 1))))  # wider than the graphs
+
+
+def test_greedy_speculative_through_graphs_equals_plain_greedy(ckpt, loaded):
+    """With the decode graphs, verify steps of mixed batches run as graph rows (those over
+    the largest bucket eagerly) and emit the plain greedy tokens and log-probs."""
+    rng = random.Random()
+    prompts = [prompt_of(rng, 8 + 3 * i) for i in range(4)]
+    prompts.append(SimpleNamespace(token_ids=[BOS] + [7000, 7001, 7002, 7003] * 6, images=[]))
+    params = SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2
+    )
+    plain = run(make_engine(ckpt, loaded), [(p, params, None) for p in prompts])
+    truth = [o.outputs[0].token_ids for o in plain]
+    engine, graphs = graph_engine(ckpt, loaded, max_num_seqs=8)
+    specs = [
+        None,
+        oracle(prompts[1], truth[1], 1.0, k=4),
+        oracle(prompts[2], truth[2], 0.7, k=2),
+        oracle(prompts[3], truth[3], 0.0, k=3),
+        Speculation(NgramDrafter(3, 1), 4),
+    ]
+    outs = run(engine, [(p, params, s) for p, s in zip(prompts, specs)])
+    for got, want in zip(outs, plain):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t.token_id for t in a.top_logprobs] == [t.token_id for t in b.top_logprobs]
+    assert outs[1].metrics.num_accepted_tokens == outs[1].metrics.num_draft_tokens > 0
+    assert engine.runner.graph_verify_steps > 0 and graphs.replays > 0
+    assert_no_leak(engine)

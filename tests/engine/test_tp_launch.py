@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from mistralpy.engine.engine import LLMEngine
-from mistralpy.kernels.attention import AttentionMetadata
 from mistralpy.params import SamplingParams
 from mistralpy.runner import distributed
-from mistralpy.runner.cuda_graphs import DecodeGraphs
 from mistralpy.runner.distributed import Rendezvous, TensorParallelSizeError
 from tests.engine.test_engine_tiny import make_prompt
 from tests.engine.test_tensor_parallel import assert_same_greedy, engine_config, run_requests
+from tests.rerun_graphs import attach_graphs
 from tests.seeds import fresh_seeds
 
 tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
@@ -110,42 +109,6 @@ def test_two_node_launch_matches_tp1(ckpt, monkeypatch):
 # --------------------------------------------------------------------------- decode graphs
 
 
-class RerunGraphs(DecodeGraphs):
-    """CPU stand-in for captured decode graphs: a replay reruns the forward over the stable
-    buffers' current contents (the loaded rows; padding rows are left out, CPU attention
-    needs real lengths), as a CUDA graph replays its kernels over them."""
-
-    replays = 0
-
-    def capture(self) -> None:  # nothing to capture: every replay runs the forward
-        pass
-
-    def replay(self, batch: int) -> torch.Tensor:
-        dev = self.inputs
-        n = int((dev.seq_lens[:batch] > 0).sum())
-        lens = dev.seq_lens[:n]
-        attn = AttentionMetadata(
-            dev.query_start_loc[: n + 1], lens, dev.block_tables[:n], dev.tokens[2, :n],
-            1, int(lens.max()), [1] * n, lens.tolist(),
-        )  # fmt: skip
-        logits = self.forward(dev.tokens[0, :n], dev.tokens[1, :n], attn)
-        out = torch.zeros(batch, logits.shape[1])
-        out[:n] = logits
-        self.outputs[batch] = out
-        self.replays += 1
-        return out
-
-
-def attach_graphs(runner, model) -> RerunGraphs:
-    """Give `runner` stand-in decode graphs over `model` (the local shard, no messages)."""
-    graphs = RerunGraphs(
-        lambda ids, pos, attn: model.compute_logits(model(ids, pos, attn, runner.kv_caches)),
-        runner.cfg.max_num_seqs, 8, runner.cfg.block_size, runner.device,
-    )  # fmt: skip
-    runner.decode_graphs = graphs
-    return graphs
-
-
 def graph_worker(port: int, path: str) -> None:
     """Rank 1 with stand-in graphs, serving rank 0's messages (spawned process)."""
     from mistralpy.checkpoint.loader import load_model
@@ -166,14 +129,6 @@ def graph_worker(port: int, path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-class _HostEvent:
-    def record(self) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
 def test_decode_graph_messages_keep_workers_in_step(ckpt, monkeypatch):
     """Rank 0 decodes through its graphs (load, replay, launch-ahead advance + replay); each
     call reaches the worker as plain data and the worker replays its own graph: the
@@ -189,8 +144,6 @@ def test_decode_graph_messages_keep_workers_in_step(ckpt, monkeypatch):
             runner = tp2.runner
             graphs = attach_graphs(runner, runner.model.inner)
             runner.decode_graphs = distributed._DriverGraphs(graphs, runner.workers)
-            runner._sampled_host = torch.empty(runner.cfg.max_num_seqs, dtype=torch.int64)
-            runner._sampled_event = _HostEvent()
             got = run_requests(tp2, requests(SEED + 1))
             assert graphs.replays >= PARAMS.max_tokens - 2  # decode steps took the graph path
         finally:

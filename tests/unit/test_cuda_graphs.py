@@ -15,7 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistralpy.params import SamplingParams
-from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork, build_forward_batch
+from mistralpy.runner.batch import (
+    SampleSpec,
+    ScheduledBatch,
+    SeqWork,
+    build_forward_batch,
+    decode_rows,
+)
 from mistralpy.runner.cuda_graphs import DecodeGraphs, batch_buckets
 from mistralpy.runner.model_runner import _LaunchAhead
 
@@ -146,3 +152,50 @@ def test_ends_on_length(max_tokens, produced, ends):
 
     spec = SampleSpec(SamplingParams(max_tokens=max_tokens), [1], [3] * produced, 0)
     assert _ends_on_length(SeqWork("s", [1], 9, [0], [], spec)) is ends
+
+
+def _random_verify_batch(rng: random.Random, n: int, bs: int, width: int) -> list[SeqWork]:
+    """Decode sequences, about half of them verifying 1-5 drafts (a table that covers them)."""
+    seqs = []
+    for s in _random_decode_batch(rng, n, bs, width):
+        k = rng.choice([0, rng.randint(1, 5)])
+        k = min(k, len(s.block_table) * bs - s.start_pos - 1)  # drafts inside the table
+        drafts = [rng.randrange(1000) for _ in range(k)]
+        spec = SampleSpec(s.spec.params, [1], [], 0, draft_ids=drafts, speculative=True)
+        seqs.append(SeqWork(s.seq_id, s.token_ids + drafts, s.start_pos, s.block_table, [], spec))
+    return seqs
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**30), n=st.integers(1, 6), bs=st.sampled_from([1, 4, 16]))
+def test_verify_rows_are_decode_rows_at_consecutive_positions(seed, n, bs):
+    """A mixed batch (plain and verifying sequences) expands into one row per token: token
+    t_i at position p + i, slot table[pos // bs] * bs + pos % bs, seq_len pos + 1, the
+    sequence's block table; the same tokens, positions and slots as the eager forward batch,
+    whose logits rows are then every row in order (every token samples)."""
+    rng = random.Random(seed)
+    width = rng.randint(1, 6)
+    graphs = _graphs(width, bs, 32)
+    for _ in range(2):  # a second load over stale buffers must not leak old rows
+        seqs = _random_verify_batch(rng, n, bs, width)
+        rows = decode_rows(seqs)
+        bucket = graphs.load(rows.token_ids, rows.positions, rows.tables)
+        m = len(rows.token_ids)
+        assert m == sum(1 + len(s.spec.draft_ids) for s in seqs) and bucket >= m
+        expect = [
+            (t, s.start_pos + i, s.block_table)
+            for s in seqs
+            for i, t in enumerate(s.token_ids)
+        ]  # fmt: skip
+        dev = graphs.inputs
+        for row, (token, pos, table) in enumerate(expect):
+            assert dev.tokens[0, row] == token and dev.tokens[1, row] == pos
+            assert dev.tokens[2, row] == table[pos // bs] * bs + pos % bs
+            assert dev.seq_lens[row] == pos + 1
+            assert dev.block_tables[row, : len(table)].tolist() == table
+        assert (dev.seq_lens[m:bucket] == 0).all() and (dev.tokens[2, m:bucket] == -1).all()
+        fb = build_forward_batch(ScheduledBatch(seqs), bs, torch.device("cpu"), width)
+        assert torch.equal(dev.tokens[0, :m], fb.input_ids)
+        assert torch.equal(dev.tokens[1, :m], fb.positions)
+        assert torch.equal(dev.tokens[2, :m], fb.attn.slot_mapping)
+        assert fb.logits_rows.tolist() == list(range(m))
