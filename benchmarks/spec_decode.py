@@ -9,7 +9,12 @@
 Forcing harness (random or dummy weights accept nothing by chance): a plain greedy decode after
 a `--prompt-len` token prompt records the target's own tokens and its decode speed; then for
 every alpha x k, `OracleDrafter` drafts those tokens, each replaced by a random one with
-probability 1 - alpha, and the same request is decoded speculatively. Decode tok/s is
+probability 1 - alpha, and the same request is decoded speculatively. The tokens drafted are
+those of a decode whose every step verifies k right drafts (`verified_tokens`: on CUDA the
+verify rows' kernels may part from the one-row decode step's at bf16 near-ties, and after one
+such flip every later draft would be wrong); oracle rows draft every step (no pause after
+misses: they measure the verify steps), and alpha 0 also runs with the engine's pause
+policy ("oracle, pause": what a drafter that keeps missing costs). Decode tok/s is
 (generated - 1) / (last token time - first token time), so the prefill is not counted. On
 CUDA verify steps run through the decode graphs as k + 1 rows (`max_num_seqs` 8 here, so the
 8-row bucket holds k <= 7); each row's `graph_verify_steps` counts them (of `verify_steps`).
@@ -40,6 +45,7 @@ from benchmarks._common import format_table, hardware, write_json  # noqa: E402
 from mistralpy.engine.config import EngineConfig  # noqa: E402
 from mistralpy.engine.engine import LLMEngine  # noqa: E402
 from mistralpy.engine.speculative import (  # noqa: E402
+    MAX_DRAFT_PAUSE,
     NgramDrafter,
     OracleDrafter,
     Speculation,
@@ -131,22 +137,49 @@ def forcing(args: argparse.Namespace) -> dict:
     warm = decode(engine, ids, params, None).tokens  # first use: JIT, tuning, prompt cached
     decode(engine, ids, params, Speculation(OracleDrafter(len(ids), warm, 0.9, vocab, 0), 4))
     plain = best_of(args.rounds, engine, ids, params, None)
-    truth, base = plain.tokens, plain.rate
+    base = plain.rate
     rows = [row("plain", None, None, plain, base)]
-    for alpha in args.alphas:
-        for k in args.ks:
+    for k in args.ks:
+        truth, steps = verified_tokens(engine, ids, params, plain.tokens, k, vocab)
+        for alpha in args.alphas:
+            for pause in (0, MAX_DRAFT_PAUSE) if alpha == 0 else (0,):
 
-            def oracle(alpha: float = alpha, k: int = k) -> Speculation:
-                return Speculation(OracleDrafter(len(ids), truth, alpha, vocab, args.seed), k)
+                def oracle(
+                    alpha: float = alpha, k: int = k, pause: int = pause, truth: list = truth
+                ) -> Speculation:
+                    drafter = OracleDrafter(len(ids), truth, alpha, vocab, args.seed)
+                    return Speculation(drafter, k, max_pause=pause)
 
-            run = best_of(args.rounds, engine, ids, params, oracle)
-            r = row("oracle", alpha, k, run, base)
-            r["equal_to_plain"] = run.tokens == truth  # bf16 near-ties may differ on CUDA
-            rows.append(r)
+                run = best_of(args.rounds, engine, ids, params, oracle)
+                r = row("oracle" if pause == 0 else "oracle, pause", alpha, k, run, base)
+                r["equal_to_plain"] = run.tokens == plain.tokens  # bf16 near-ties: see above
+                r["equal_to_verified"] = run.tokens == truth
+                r["fixed_point_runs"] = steps
+                rows.append(r)
     again = best_of(args.rounds, engine, ids, params, None)  # drift check: same as the first?
     rows.append(row("plain again", None, None, again, base))
     engine.shutdown()
     return {"rows": rows}
+
+
+def verified_tokens(
+    engine: LLMEngine, ids: list[int], params: SamplingParams, plain: list[int], k: int,
+    vocab: int, limit: int = 6,
+) -> tuple[list[int], int]:  # fmt: skip
+    """The tokens the engine emits when every step is a verify step of k right drafts, and
+    the runs it took to find them: drafting plain decode's tokens (alpha 1, no pause) gives
+    them except where the verify rows' kernels (the k + 1-row graph bucket) part from the
+    one-row decode step's at a bf16 near-tie; drafting that output again converges (a
+    position's result does not depend on which verify step or row computed it). The oracle
+    rows draft these, so a row's realized acceptance is alpha's, not the near-ties'."""
+    truth = plain
+    for run_no in range(1, limit + 1):
+        spec = Speculation(OracleDrafter(len(ids), truth, 1.0, vocab, 0), k, max_pause=0)
+        tokens = decode(engine, ids, params, spec).tokens
+        if tokens == truth:
+            return truth, run_no
+        truth = tokens
+    return truth, limit + 1
 
 
 def peaked(engine: LLMEngine, scale: float) -> None:

@@ -242,6 +242,7 @@ class LLMEngine:
                 index=index,
                 drafter=speculation.drafter if speculation is not None else None,
                 num_speculative_tokens=speculation.num_speculative_tokens if speculation else 0,
+                max_draft_pause=speculation.max_pause if speculation else 0,
             )
             if index > 0 and self.config.enable_prefix_caching:
                 seq.wait_for = seqs[0].seq
@@ -456,7 +457,9 @@ class LLMEngine:
                     seed,
                     grammar,
                     draft_ids=list(seq.draft_ids),
-                    speculative=seq.num_speculative_tokens > 0,
+                    # drafts at its next step unless paused after misses (a paused
+                    # sequence's next step is plain decode: worth launching ahead)
+                    speculative=seq.num_speculative_tokens > 0 and seq.draft_pause == 0,
                 )
             seqs.append(
                 SeqWork(
@@ -522,7 +525,7 @@ class LLMEngine:
             self.stats.num_accepted_tokens += accepted
             self.stats.num_generated_tokens += accepted
             s.seq.draft_misses = 0 if accepted else s.seq.draft_misses + 1
-            s.seq.draft_pause = draft_pause(s.seq.draft_misses)
+            s.seq.draft_pause = draft_pause(s.seq.draft_misses, s.seq.max_draft_pause)
             self.scheduler.on_drafts_verified(s.seq, accepted)
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:

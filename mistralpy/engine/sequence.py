@@ -102,6 +102,7 @@ class Sequence:
         index: int = 0,
         drafter: Drafter | None = None,
         num_speculative_tokens: int = 0,
+        max_draft_pause: int = 0,
     ):
         self.seq_id = seq_id
         self.parent_id = parent_id if parent_id is not None else seq_id
@@ -129,6 +130,7 @@ class Sequence:
         self.draft_ids: list[int] = []
         self.draft_misses = 0  # verify steps in a row that accepted no draft
         self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
+        self.max_draft_pause = max_draft_pause  # the longest such pause
 
     @property
     def num_prompt_tokens(self) -> int:

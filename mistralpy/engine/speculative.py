@@ -47,6 +47,9 @@ class Speculation:
 
     drafter: Drafter
     num_speculative_tokens: int
+    # decode steps without drafting after repeated misses, at most (`draft_pause`); 0: draft
+    # every step (the forcing harness measures verify steps, not the policy)
+    max_pause: int = MAX_DRAFT_PAUSE
 
 
 @dataclass(frozen=True)
@@ -138,11 +141,12 @@ def legacy_speculative_config(
     return parse_speculative_config(options)
 
 
-def draft_pause(misses: int) -> int:
+def draft_pause(misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> int:
     """Decode steps to take without drafting after `misses` verify steps in a row accepted
-    nothing: 0, 1, 3, 7, 15 (a verify costs more than a plain decode step, so a sequence
-    whose drafts keep failing decodes nearly as fast as without speculation)."""
-    return min((1 << max(misses - 1, 0)) - 1, MAX_DRAFT_PAUSE)
+    nothing: 0, 1, 3, 7, 15, ... up to max_pause (a verify costs more than a plain decode
+    step, so a sequence whose drafts keep failing decodes nearly as fast as without
+    speculation)."""
+    return min((1 << max(misses - 1, 0)) - 1, max_pause)
 
 
 class NgramDrafter:

@@ -44,7 +44,7 @@ class SampleSpec:
     # Speculative decoding: the last K of the SeqWork's token_ids are drafted tokens to verify
     # (logits at all K + 1 positions; the runner accepts a prefix of them, see verify_drafts)
     draft_ids: list[int] = field(default_factory=list)
-    speculative: bool = False  # the sequence drafts: never launch its next decode ahead
+    speculative: bool = False  # the sequence drafts next step: never launch that step ahead
 
 
 @dataclass

@@ -297,3 +297,37 @@ def test_greedy_speculative_through_graphs_equals_plain_greedy(ckpt, loaded):
     assert outs[1].metrics.num_accepted_tokens == outs[1].metrics.num_draft_tokens > 0
     assert engine.runner.graph_verify_steps > 0 and graphs.replays > 0
     assert_no_leak(engine)
+
+
+def test_a_paused_sequence_may_launch_its_next_plain_step_ahead(ckpt, loaded):
+    """After drafts keep missing, the sequence pauses drafting (`draft_pause`): a plain step's
+    work says whether the next step drafts (`speculative`, which keeps the runner from
+    launching it ahead) exactly when that next step is a verify step (a verify step's result
+    is not known when its work is built, and verify steps never launch ahead); with
+    max_pause 0 every step verifies."""
+    rng = random.Random(7)
+    prompt = prompt_of(rng, 12)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    (plain,) = run(make_engine(ckpt, loaded), [(prompt, params, None)])
+    truth = plain.outputs[0].token_ids
+    for max_pause, want_plain_steps in ((63, True), (0, False)):
+        engine = make_engine(ckpt, loaded)
+        seen = []
+        execute = engine.runner.execute
+
+        def spy(batch, execute=execute, seen=seen):
+            seen.extend((len(s.token_ids), s.sample.speculative) for s in batch.seqs if s.sample)
+            return execute(batch)
+
+        engine.runner.execute = spy
+        drafter = OracleDrafter(len(prompt.token_ids), truth, 0.0, 131072, 0)  # all wrong
+        (out,) = run(engine, [(prompt, params, Speculation(drafter, 3, max_pause=max_pause))])
+        assert out.outputs[0].token_ids == truth
+        decode = seen[1:]  # after the prefill step
+        rows = [n for n, _ in decode]
+        # a plain step's flag says whether step i + 1 verifies drafts (more than one row)
+        for (n, flag), next_rows in zip(decode, rows[1:]):
+            if n == 1:
+                assert flag == (next_rows > 1), (decode, max_pause)
+        # (the last steps draft fewer, then none: max_tokens leaves no room)
+        assert any(n == 1 for n in rows[:8]) == want_plain_steps, rows
