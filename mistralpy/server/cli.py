@@ -46,9 +46,6 @@ from mistralpy.server.dropin_flags import (
 if TYPE_CHECKING:  # loaded where used: it imports torch and PIL
     from mistralpy.processing.images import ImagePolicy
 
-DEFAULT_PORT = 1234
-# Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
-DEFAULT_HOST = "127.0.0.1"
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
 
 
@@ -56,8 +53,9 @@ LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain",
 class ServeConfig:
     """Everything `serve` needs beyond the model: where to listen and what to allow."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    # local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`
+    host: str = "127.0.0.1"
+    port: int = 1234
     api_key: str | None = None
     allow_private_image_urls: bool = False
     allowed_local_media_path: str | None = None
@@ -189,15 +187,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT) -> None:
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         "--serve-ip",
         dest="host",
-        default=DEFAULT_HOST,
+        default=ServeConfig.host,
         help="address to listen on; 0.0.0.0 for every interface (set --api-key then)",
     )
-    p.add_argument("-p", "--port", type=int, default=port_default, help="port to listen on")
+    p.add_argument("-p", "--port", type=int, default=ServeConfig.port, help="port to listen on")
     p.add_argument(
         "--api-key", default=None, help="require `Bearer KEY` (or set MISTRALPY_API_KEY)"
     )
@@ -218,39 +216,42 @@ def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PO
     p.add_argument(
         "--max-queue-len",
         type=int,
-        default=256,
+        default=ServeConfig.max_queue_len,
         help="generation requests that may wait for a slot in the running batch (--max-num-seqs "
         "sequences); more get 429 + Retry-After",
     )
     p.add_argument(
-        "--max-connections", type=int, default=1024, help="open connections before refusing"
+        "--max-connections",
+        type=int,
+        default=ServeConfig.max_connections,
+        help="open connections before refusing",
     )
     p.add_argument(
         "--header-timeout",
         dest="header_timeout_s",
         type=float,
-        default=10.0,
+        default=ServeConfig.header_timeout_s,
         help="seconds a client may take to send its request headers",
     )
     p.add_argument(
         "--body-timeout",
         dest="body_timeout_s",
         type=float,
-        default=60.0,
+        default=ServeConfig.body_timeout_s,
         help="seconds a client may take to send its request body",
     )
     p.add_argument(
         "--timeout-keep-alive",
         dest="keep_alive_timeout_s",
         type=float,
-        default=5.0,
+        default=ServeConfig.keep_alive_timeout_s,
         help="seconds an idle keep-alive connection stays open",
     )
     p.add_argument(
         "--shutdown-timeout",
         dest="shutdown_timeout_s",
         type=float,
-        default=10.0,
+        default=ServeConfig.shutdown_timeout_s,
         help="seconds to drain on SIGTERM before running streams end with an error event",
     )
 
