@@ -47,10 +47,6 @@ ChatInput = ChatCompletionRequest | TextMessages | dict | list[dict]
 ISQ_NAMES = tuple(sorted({t.value for t in IsqType}))
 
 
-class FeatureUnavailable(NotImplementedError):
-    """A requested feature's module is not part of this build (e.g. ISQ before it lands)."""
-
-
 @dataclass(frozen=True)
 class ModelOptions:
     """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`:
@@ -135,14 +131,10 @@ class OpenedModel:
 
 
 def check_isq(isq: str | None) -> str | None:
-    """Normalised ISQ name; raises FeatureUnavailable if quantization is not built in."""
+    """Normalised ISQ name; an unknown one raises UnknownQuantFormatError (a UserError)."""
     if isq is None:
         return None
     name = isq.value if isinstance(isq, IsqType) else str(isq).lower()
-    if importlib.util.find_spec("mistralpy.quant.isq") is None:
-        raise FeatureUnavailable(
-            f"in-situ quantization ({name}) needs mistralpy.quant.isq, which this build lacks"
-        )
     from mistralpy.quant.formats import get_format
 
     get_format(name)  # an unknown name fails here, before any weight is read

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -981,28 +981,31 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> A
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    try:
-        if args.command == "quantize":
-            return _quantize(args)
-        options = model_options(args)
-        if args.command == "serve":
-            return _serve(options, serve_config(args))
-        if args.command == "run":
-            return _run(options, args)
-        return _bench(options, args)
-    except (ValueError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return _exit_status(lambda: _run_command(args))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "quantize":
+        return _quantize(args)
+    options = model_options(args)
+    if args.command == "serve":
+        return _serve(options, serve_config(args))
+    if args.command == "run":
+        return _run(options, args)
+    return _bench(options, args)
 
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """`mistralpy-server --port 1234 --isq q4k vision-plain -m ID -a mistral3`."""
     args = parse_args(build_legacy_parser(), argv)
+    return _exit_status(lambda: _serve(model_options(args), serve_config(args)))
+
+
+def _exit_status(command: Callable[[], int]) -> int:
+    """Run a command; a user's mistake is one line on stderr and status 2, Ctrl-C 130."""
     try:
-        return _serve(model_options(args), serve_config(args))
-    except (ValueError, NotImplementedError) as e:
+        return command()
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
