@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import io
 import math
 import os
@@ -400,10 +399,6 @@ def _workload_summary(workload: dict[str, Any]) -> dict[str, Any]:
 # Parent: ISQ rows
 
 
-def isq_available() -> bool:
-    return importlib.util.find_spec("mistralpy.quant.isq") is not None
-
-
 def _run_isq(
     args: argparse.Namespace, path: Path, workload: dict[str, Any], work: Path
 ) -> dict[str, Any]:
@@ -417,9 +412,6 @@ def _run_isq(
         for fmt in [None, *args.isq_formats]:
             for impl in order:
                 if impl not in args.impls:
-                    continue
-                if fmt is not None and impl == "mistralpy" and not isq_available():
-                    raw[f"{impl} {fmt}"] = {"error": "mistralpy.quant.isq not on this branch yet"}
                     continue
                 raw[f"{impl} {fmt or args.dtype}"] = _measure(
                     impl, path, args, light, work, {"isq": fmt, "only_single": True}
@@ -864,9 +856,6 @@ class QualityWorker:
         rows = [self._row(engine, seqs, self.spec["dtype"], "float engine vs itself")]
         del engine
         for fmt in self.spec["formats"]:
-            if not isq_available():
-                rows.append({"format": fmt, "note": "mistralpy.quant.isq not on this branch yet"})
-                continue
             try:
                 engine = LLMEngine.from_config(engine_config(dict(qspec, isq=fmt)))
             except Exception as e:  # an unknown format is a row, not the end of the run

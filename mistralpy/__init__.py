@@ -15,7 +15,6 @@ _EXPORTS = {
     "MultimodalModelBuilder": "mistralpy.api.runner",
     "TextModelBuilder": "mistralpy.api.runner",
     "Model": "mistralpy.api.runner",
-    "FeatureUnavailable": "mistralpy.api.runner",
     "Which": "mistralpy.api.types",
     "ChatCompletionRequest": "mistralpy.api.types",
     "CompletionRequest": "mistralpy.api.types",

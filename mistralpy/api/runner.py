@@ -29,10 +29,10 @@ from mistralpy.api.types import (
     VisionArchitecture,
     dtype_name,
 )
-from mistralpy.engine.speculative import SpeculativeConfig, parse_speculative_config
+from mistralpy.engine.config import EngineConfig  # plain values: no torch
+from mistralpy.engine.speculative import parse_speculative_config
 
 if TYPE_CHECKING:  # the engine and processing load torch; `import mistralpy` must not
-    from mistralpy.engine.config import EngineConfig
     from mistralpy.engine.engine import AsyncEngine, LLMEngine
     from mistralpy.processing.chat_template import ChatTemplate
     from mistralpy.processing.images import ImagePolicy, ImageProcessorConfig
@@ -47,34 +47,16 @@ ChatInput = ChatCompletionRequest | TextMessages | dict | list[dict]
 ISQ_NAMES = tuple(sorted({t.value for t in IsqType}))
 
 
-class FeatureUnavailable(NotImplementedError):
-    """A requested feature's module is not part of this build (e.g. ISQ before it lands)."""
-
-
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`."""
+    """How to open one model; shared by Runner, VisionModelBuilder and `mistralpy serve`:
+    the engine's config (each default lives there) plus what the chat layer adds."""
 
-    model_id: str  # local dir or .gguf file, named model ("smollm2"), hub id, or "demo"
-    mmproj: str | None = None  # a GGUF model's vision file (llama.cpp's --mmproj)
-    dtype: str = "auto"
-    device: str = "auto"
-    isq: str | None = None  # e.g. "q4k"
-    max_model_len: int | None = None
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
+    engine: EngineConfig  # model, dtype, device, isq, batch sizes, KV cache, speculation
     jinja_explicit: str | None = None  # overrides every other chat template
     chat_template: str | None = None  # fallback template file when the checkpoint has none
     tokenizer_json: str | None = None
-    seed: int | None = None
-    load_format: str = "auto"  # "dummy": random weights, for benchmarks
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    served_model_name: str | None = None
-    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, A/B timings)
-    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3": 2x the KV tokens
-    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
+    served_model_name: str | None = None  # default: the model as given
 
 
 @dataclass
@@ -94,9 +76,9 @@ class OpenedModel:
         self, image_policy: ImagePolicy, default_max_tokens: int | None = None
     ) -> ChatService:
         """The chat service; `default_max_tokens` limits replies of requests that set none."""
-        name = self.options.served_model_name or self.options.model_id
+        name = self.options.served_model_name or self.options.engine.model
         prompts = TemplatePrompts(self.tokenizer, self.template, image_policy, self.image_config)
-        aliases = (self.options.model_id, "mistral3", self.path.name)
+        aliases = (self.options.engine.model, "mistral3", self.path.name)
         return ChatService(
             self.engine,
             self.tokenizer,
@@ -125,8 +107,8 @@ class OpenedModel:
     def quantization(self) -> str | None:
         """--isq, else the format of a pre-quantized directory, else the block formats a GGUF
         model's weights are served in (e.g. "q4_1, q8_0"); None for full precision."""
-        if self.options.isq:
-            return self.options.isq
+        if self.options.engine.isq:
+            return self.options.engine.isq
         from mistralpy.quant.isq import QuantizedLinear
         from mistralpy.quant.prequantized import read_quantization_config
 
@@ -149,46 +131,14 @@ class OpenedModel:
 
 
 def check_isq(isq: str | None) -> str | None:
-    """Normalised ISQ name; raises FeatureUnavailable if quantization is not built in."""
+    """Normalised ISQ name; an unknown one raises UnknownQuantFormatError (a UserError)."""
     if isq is None:
         return None
     name = isq.value if isinstance(isq, IsqType) else str(isq).lower()
-    if importlib.util.find_spec("mistralpy.quant.isq") is None:
-        raise FeatureUnavailable(
-            f"in-situ quantization ({name}) needs mistralpy.quant.isq, which this build lacks"
-        )
     from mistralpy.quant.formats import get_format
 
     get_format(name)  # an unknown name fails here, before any weight is read
     return name
-
-
-def engine_config(options: ModelOptions) -> EngineConfig:
-    from mistralpy.engine.config import EngineConfig
-
-    config = EngineConfig(
-        model=options.model_id,
-        mmproj=options.mmproj,
-        dtype=options.dtype,
-        device=options.device,
-        isq=check_isq(options.isq),
-        load_format=options.load_format,
-        max_model_len=options.max_model_len,
-        max_num_seqs=options.max_num_seqs,
-        enable_prefix_caching=options.enable_prefix_caching,
-        tensor_parallel_size=options.tensor_parallel_size,
-        enforce_eager=options.enforce_eager,
-        kv_cache_dtype=options.kv_cache_dtype,
-        speculative_config=options.speculative_config,
-    )
-    # options left None keep EngineConfig's defaults
-    if options.max_num_batched_tokens is not None:
-        config = replace(config, max_num_batched_tokens=options.max_num_batched_tokens)
-    if options.gpu_memory_utilization is not None:
-        config = replace(config, gpu_memory_utilization=options.gpu_memory_utilization)
-    if options.seed is not None:
-        config = replace(config, seed=options.seed)
-    return config
 
 
 def load_processing(
@@ -205,10 +155,11 @@ def load_processing(
     template = load_template(path, options, tokenizer)
     # a text-only decoder takes no images: no image settings to read (requests with images
     # are refused as invalid chats)
-    if not read_config(path, options.mmproj).has_vision:
+    mmproj = options.engine.mmproj
+    if not read_config(path, mmproj).has_vision:
         return tokenizer, template, None
-    if options.mmproj:
-        return tokenizer, template, ImageProcessorConfig.from_gguf_mmproj(options.mmproj)
+    if mmproj:
+        return tokenizer, template, ImageProcessorConfig.from_gguf_mmproj(mmproj)
     return tokenizer, template, ImageProcessorConfig.from_model_dir(path)
 
 
@@ -253,8 +204,7 @@ def wrap_async(llm_engine: LLMEngine) -> AsyncEngine:
 
 async def open_model(options: ModelOptions) -> OpenedModel:
     """Load a model in a worker thread (the event loop stays free), then start its engine."""
-    config = engine_config(options)
-    llm = await asyncio.to_thread(load_engine, config)
+    llm = await asyncio.to_thread(load_engine, options.engine)
     path = llm.model_path
     assert path is not None  # LLMEngine.from_config sets it
     tokenizer, template, image_config = await asyncio.to_thread(
@@ -318,39 +268,42 @@ class Runner:
         self,
         which: ModelSelector,
         in_situ_quant: str | IsqType | None = None,
-        max_seqs: int = 32,
-        prefix_cache_n: int = 16,
+        max_seqs: int = EngineConfig.max_num_seqs,
+        prefix_cache_n: int = 16,  # mistral.rs' cache size; here only 0 (off) or not
         jinja_explicit: str | None = None,
         chat_template: str | None = None,
-        seed: int | None = None,
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        memory_goal: float | None = None,
-        load_format: str = "auto",
-        tensor_parallel_size: int = 1,
-        kv_cache_dtype: str = "auto",
+        seed: int = EngineConfig.seed,
+        device: str = EngineConfig.device,
+        max_model_len: int | None = EngineConfig.max_model_len,
+        max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
+        memory_goal: float = EngineConfig.gpu_memory_utilization,
+        load_format: str = EngineConfig.load_format,
+        tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
+        kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
         speculative_config: str | dict | None = None,
     ):
-        options = ModelOptions(
-            model_id=which.model_id,
+        engine = EngineConfig(
+            model=which.model_id,
             mmproj=which.mmproj,
             dtype=which.dtype,
             device=device,
             isq=check_isq(in_situ_quant),
+            load_format=load_format,
             max_model_len=max_model_len,
             max_num_seqs=max_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            gpu_memory_utilization=memory_goal,
             enable_prefix_caching=prefix_cache_n > 0,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            kv_cache_dtype=kv_cache_dtype,
+            speculative_config=parse_speculative_config(speculative_config),
+        )
+        options = ModelOptions(
+            engine,
             jinja_explicit=jinja_explicit,
             chat_template=chat_template,
             tokenizer_json=which.tokenizer_json,
-            seed=seed,
-            load_format=load_format,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=memory_goal,
-            kv_cache_dtype=kv_cache_dtype,
-            speculative_config=parse_speculative_config(speculative_config),
         )
         self._start(options)
 
@@ -468,7 +421,7 @@ class VisionModelBuilder:
     """`await VisionModelBuilder(id, VisionArchitecture.Mistral3).with_isq(IsqType.Q4K).build()`"""
 
     def __init__(self, model_id: str, arch: VisionArchitecture | str | None = None):
-        self._options = ModelOptions(model_id=model_id)
+        self._options = ModelOptions(EngineConfig(model=model_id))
         self._max_tokens: int | None = DEFAULT_REPLY_MAX_TOKENS
 
     def with_max_tokens(self, max_tokens: int | None) -> VisionModelBuilder:
@@ -480,42 +433,45 @@ class VisionModelBuilder:
         return self
 
     def with_isq(self, isq: IsqType | str) -> VisionModelBuilder:
-        return self._set(isq=check_isq(isq))
+        return self._set_engine(isq=check_isq(isq))
 
     def with_logging(self) -> VisionModelBuilder:
         logging.basicConfig(level=logging.INFO)
         return self
 
     def with_dtype(self, dtype: ModelDType | str) -> VisionModelBuilder:
-        return self._set(dtype=dtype_name(dtype))
+        return self._set_engine(dtype=dtype_name(dtype))
 
     def with_max_num_seqs(self, n: int) -> VisionModelBuilder:
-        return self._set(max_num_seqs=n)
+        return self._set_engine(max_num_seqs=n)
 
     def with_max_model_len(self, n: int) -> VisionModelBuilder:
-        return self._set(max_model_len=n)
+        return self._set_engine(max_model_len=n)
 
     def with_jinja_explicit(self, path: str) -> VisionModelBuilder:
-        return self._set(jinja_explicit=path)
+        self._options = replace(self._options, jinja_explicit=path)
+        return self
 
     def with_device(self, device: str) -> VisionModelBuilder:
-        return self._set(device=device)
+        return self._set_engine(device=device)
 
     def with_mmproj(self, mmproj: str) -> VisionModelBuilder:
         """A GGUF model's vision encoder + projector file (llama.cpp's --mmproj)."""
-        return self._set(mmproj=mmproj)
+        return self._set_engine(mmproj=mmproj)
 
     def with_kv_cache_dtype(self, kv_cache_dtype: str) -> VisionModelBuilder:
         """ "auto" (the model dtype) or "fp8" / "fp8_e4m3": twice the KV tokens of bf16."""
-        return self._set(kv_cache_dtype=kv_cache_dtype)
+        return self._set_engine(kv_cache_dtype=kv_cache_dtype)
 
     def with_speculative_config(self, config: str | dict) -> VisionModelBuilder:
         """vLLM's speculative config, e.g. {"method": "ngram", "num_speculative_tokens": 4};
         raises InvalidParameter naming what is wrong."""
-        return self._set(speculative_config=parse_speculative_config(config))
+        return self._set_engine(speculative_config=parse_speculative_config(config))
 
-    def _set(self, **changes: Any) -> VisionModelBuilder:
-        self._options = replace(self._options, **changes)
+    def _set_engine(self, **changes: Any) -> VisionModelBuilder:
+        """Change EngineConfig fields (validated again on construction)."""
+        engine = replace(self._options.engine, **changes)
+        self._options = replace(self._options, engine=engine)
         return self
 
     async def build(self) -> Model:

@@ -77,62 +77,6 @@ def _reduce4_ir() -> str:
     )
 
 
-# Scores of one KV block for a group of 4 query heads sharing one KV head: for each of the n
-# positions t, K row t at %ka + t * %stride bytes (d = 16 * %nc floats) is dotted with the 4
-# pre-scaled query rows at %qa (4 x d floats, head-major) and the 4 scores are stored at
-# %sa + 16 t bytes (position-major). Each K chunk is loaded once for the 4 heads.
-_QK4_IR = """
-define float @mistralpy_attn_qk4(i64 %ka, i64 %qa, i64 %sa, i64 %n, i64 %stride, i64 %nc) {
-entry:
-  %k0 = inttoptr i64 %ka to ptr
-  %q = inttoptr i64 %qa to ptr
-  %s = inttoptr i64 %sa to ptr
-  %hs = mul i64 %nc, 16
-  br label %pos
-pos:
-  %t = phi i64 [0, %entry], [%t1, %red]
-  %koff = mul i64 %t, %stride
-  %k = getelementptr i8, ptr %k0, i64 %koff
-  br label %chunk
-chunk:
-  %c = phi i64 [0, %pos], [%c1, %chunk]
-  %a0 = phi <16 x float> [zeroinitializer, %pos], [%a0n, %chunk]
-  %a1 = phi <16 x float> [zeroinitializer, %pos], [%a1n, %chunk]
-  %a2 = phi <16 x float> [zeroinitializer, %pos], [%a2n, %chunk]
-  %a3 = phi <16 x float> [zeroinitializer, %pos], [%a3n, %chunk]
-  %co = mul i64 %c, 16
-  %kp = getelementptr float, ptr %k, i64 %co
-  %kv = load <16 x float>, ptr %kp, align 4
-  %q0p = getelementptr float, ptr %q, i64 %co
-  %q0 = load <16 x float>, ptr %q0p, align 4
-  %q1p = getelementptr float, ptr %q0p, i64 %hs
-  %q1 = load <16 x float>, ptr %q1p, align 4
-  %q2p = getelementptr float, ptr %q1p, i64 %hs
-  %q2 = load <16 x float>, ptr %q2p, align 4
-  %q3p = getelementptr float, ptr %q2p, i64 %hs
-  %q3 = load <16 x float>, ptr %q3p, align 4
-  %a0n = call <16 x float> @llvm.fma.v16f32(<16 x float> %q0, <16 x float> %kv, <16 x float> %a0)
-  %a1n = call <16 x float> @llvm.fma.v16f32(<16 x float> %q1, <16 x float> %kv, <16 x float> %a1)
-  %a2n = call <16 x float> @llvm.fma.v16f32(<16 x float> %q2, <16 x float> %kv, <16 x float> %a2)
-  %a3n = call <16 x float> @llvm.fma.v16f32(<16 x float> %q3, <16 x float> %kv, <16 x float> %a3)
-  %c1 = add i64 %c, 1
-  %cd = icmp eq i64 %c1, %nc
-  br i1 %cd, label %red, label %chunk
-red:
-REDUCE4
-  %so = mul i64 %t, 4
-  %sp = getelementptr float, ptr %s, i64 %so
-  store <4 x float> %z, ptr %sp, align 4
-  %t1 = add i64 %t, 1
-  %td = icmp eq i64 %t1, %n
-  br i1 %td, label %exit, label %pos
-exit:
-  ret float 0.0
-}
-declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
-""".replace("REDUCE4", _reduce4_ir())
-
-
 def _pv4_ir() -> str:
     """IR of mistralpy_attn_pv4 (see _PV4_IR): written by a loop, eight accumulators."""
     f16 = "<16 x float>"
@@ -201,40 +145,10 @@ def _pv4_ir() -> str:
 
 # Probabilities times V of one KV block, accumulated in place for 4 query heads: for each of
 # the n positions t, V row t at %va + t * %stride bytes (d = 16 * %nc floats, %nc even) is
-# added, times the 4 probabilities at %pa + 16 t bytes (position-major, as _QK4_IR writes
+# added, times the 4 probabilities at %pa + 16 t bytes (position-major, as attn_qk4.ll writes
 # scores), into the 4 x d accumulator at %aa (head-major). Walks d in pairs of 16-float
 # chunks so that the 8 accumulators of a pair stay in registers across the block's rows.
 _PV4_IR = _pv4_ir()
-
-# Prefetches n rows of `lines` cache lines each (row t at %pa + t * %stride bytes) into L1:
-# the next KV block of a task, whose address only the block table knows.
-_PREFETCH_ROWS_IR = """
-define float @mistralpy_prefetch_rows(i64 %pa, i64 %n, i64 %stride, i64 %lines) {
-entry:
-  %p0 = inttoptr i64 %pa to ptr
-  br label %row
-row:
-  %t = phi i64 [0, %entry], [%t1, %rowdone]
-  %off = mul i64 %t, %stride
-  %r = getelementptr i8, ptr %p0, i64 %off
-  br label %line
-line:
-  %l = phi i64 [0, %row], [%l1, %line]
-  %lo = mul i64 %l, 64
-  %lp = getelementptr i8, ptr %r, i64 %lo
-  call void @llvm.prefetch.p0(ptr %lp, i32 0, i32 3, i32 1)
-  %l1 = add i64 %l, 1
-  %ld = icmp eq i64 %l1, %lines
-  br i1 %ld, label %rowdone, label %line
-rowdone:
-  %t1 = add i64 %t, 1
-  %td = icmp eq i64 %t1, %n
-  br i1 %td, label %exit, label %row
-exit:
-  ret float 0.0
-}
-declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
-"""
 
 
 def _f32(value: float) -> str:
@@ -363,7 +277,7 @@ def _softmax4_ir() -> str:
     return "\n".join(lines) + "\n"
 
 
-# Softmax in place over the scores of 4 heads, position-major ([t * 4 + head], as _QK4_IR
+# Softmax in place over the scores of 4 heads, position-major ([t * 4 + head], as attn_qk4.ll
 # writes them), %nq vectors of 4 positions: per-head maximum, exp(score - max) (a vectorized
 # Cephes expf; probabilities within ~1e-6 relative of float64, tests bound it), sum, scale by
 # 1 / sum. Positions past the context
@@ -463,9 +377,12 @@ def layer_kernels() -> SimpleNamespace | None:
                 for j in range(d):
                     out[i, (g * group + r) * d + j] = acc[r, j]
 
-    qk4 = cpu_gguf.ir_intrinsic("mistralpy_attn_qk4", _QK4_IR, 6)
+    qk4_ir = cpu_gguf.read_ir("attn_qk4").replace("REDUCE4", _reduce4_ir())
+    qk4 = cpu_gguf.ir_intrinsic("mistralpy_attn_qk4", qk4_ir, 6)
     pv4 = cpu_gguf.ir_intrinsic("mistralpy_attn_pv4", _PV4_IR, 6)
-    prefetch_rows = cpu_gguf.ir_intrinsic("mistralpy_prefetch_rows", _PREFETCH_ROWS_IR, 4)
+    prefetch_rows = cpu_gguf.ir_intrinsic(
+        "mistralpy_prefetch_rows", cpu_gguf.read_ir("prefetch_rows"), 4
+    )
     softmax4 = cpu_gguf.ir_intrinsic("mistralpy_softmax4", _SOFTMAX4_IR, 4)
 
     @njit

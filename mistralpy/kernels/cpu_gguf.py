@@ -103,7 +103,7 @@ def _prefetch_ir(ptr: str, line_offsets: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-def _ir(name: str) -> str:
+def read_ir(name: str) -> str:
     """The LLVM IR text of kernels/<name>.ll (read when a kernel is compiled)."""
     return resources.files(__package__).joinpath(f"{name}.ll").read_text()
 
@@ -145,7 +145,7 @@ def _q8_0_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | Non
         from numba import njit, prange
     except ImportError:
         return None
-    q8_0_row = ir_intrinsic("mistralpy_q8_0_row", _ir("q8_0_row"), 3)
+    q8_0_row = ir_intrinsic("mistralpy_q8_0_row", read_ir("q8_0_row"), 3)
 
     # not cached on disk: closes over numba objects, whose pickles differ per process
     @njit(parallel=True)
@@ -382,7 +382,7 @@ def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None
     codes = _q8k_activation_codes()
     if codes is None:
         return None
-    return _int8_activation_driver("mistralpy_q4k_row", _ir("q4k_row"), codes, 256)
+    return _int8_activation_driver("mistralpy_q4k_row", read_ir("q4k_row"), codes, 256)
 
 
 @functools.cache
@@ -428,7 +428,7 @@ def _q8_0_vnni_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] 
     codes = _q8_0_activation_codes()
     if codes is None:
         return None
-    return _int8_activation_driver("mistralpy_q8_0_vnni_row", _ir("q8_0_vnni_row"), codes, 32)
+    return _int8_activation_driver("mistralpy_q8_0_vnni_row", read_ir("q8_0_vnni_row"), codes, 32)
 
 
 @functools.cache

@@ -26,11 +26,6 @@ class GGUFError(UserError):
     """The GGUF file is missing, malformed, incomplete, or describes an unsupported model."""
 
 
-def is_gguf(path: str | Path) -> bool:
-    """True for a GGUF file path (not a directory)."""
-    return str(path).endswith(GGUF_SUFFIX) and Path(path).is_file()
-
-
 def find_gguf(directory: Path) -> Path | None:
     """The one GGUF model in `directory` (first shard if split), None if it holds none.
 

@@ -317,7 +317,6 @@ def _lm_head(hidden: int, vocab: int, parallel: ParallelConfig, split: bool) -> 
     )
 
 
-@torch.inference_mode()
 def _attention(layer: nn.Module) -> MistralAttention:
     """A decoder layer's attention (nn.ModuleList types its items as plain Modules)."""
     attn = layer.self_attn
@@ -325,6 +324,7 @@ def _attention(layer: nn.Module) -> MistralAttention:
     return attn
 
 
+@torch.inference_mode()
 def greedy_generate(
     model: Mistral3ForConditionalGeneration,
     prompt_ids: list[int],

@@ -765,25 +765,3 @@ def dequantize(
 ) -> Tensor:
     """(rows, bytes_per_row) uint8 -> (rows, cols) `dtype` weights."""
     return get_format(fmt).dequantize(packed, shape, dtype)
-
-
-@dataclass(frozen=True)
-class QualityReport:
-    """Error of quantize -> dequantize against the original weight."""
-
-    rmse: float  # sqrt(mean((w - w_hat)^2))
-    max_abs_error: float  # max |w - w_hat|
-    max_rel_error: float  # max |w - w_hat| / max |w| over the whole tensor
-    rel_rmse: float  # rmse / rms(w)
-
-
-def quality_report(w: Tensor, fmt: str | QuantFormat) -> QualityReport:
-    """Quantize then dequantize the (rows, cols) weight `w` and measure the error."""
-    f = get_format(fmt)
-    w = w.float()
-    rows, cols = w.shape
-    err = f.dequantize(f.quantize(w), (rows, cols)) - w
-    rmse = err.pow(2).mean().sqrt().item()
-    scale = w.abs().max().item() or 1.0
-    rms = w.pow(2).mean().sqrt().item() or 1.0
-    return QualityReport(rmse, err.abs().max().item(), err.abs().max().item() / scale, rmse / rms)

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -24,11 +24,10 @@ from mistralpy.api.runner import (
     ModelOptions,
     OpenedModel,
     check_isq,
-    engine_config,
     open_model,
 )
 from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
-from mistralpy.engine.config import KV_CACHE_DTYPES
+from mistralpy.engine.config import KV_CACHE_DTYPES, EngineConfig
 from mistralpy.engine.speculative import (
     SpeculativeConfig,
     legacy_speculative_config,
@@ -47,9 +46,6 @@ from mistralpy.server.dropin_flags import (
 if TYPE_CHECKING:  # loaded where used: it imports torch and PIL
     from mistralpy.processing.images import ImagePolicy
 
-DEFAULT_PORT = 1234
-# Local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`.
-DEFAULT_HOST = "127.0.0.1"
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
 
 
@@ -57,8 +53,9 @@ LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain",
 class ServeConfig:
     """Everything `serve` needs beyond the model: where to listen and what to allow."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    # local only unless asked: vLLM's and llama.cpp's habit is an explicit `--host 0.0.0.0`
+    host: str = "127.0.0.1"
+    port: int = 1234
     api_key: str | None = None
     allow_private_image_urls: bool = False
     allowed_local_media_path: str | None = None
@@ -103,6 +100,12 @@ def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_seed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seed", type=int, default=EngineConfig.seed, help="seed of requests that give none"
+    )
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_isq_and_template_flags(p)
     p.add_argument(
@@ -111,8 +114,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a GGUF model's vision encoder + projector (llama.cpp's mmproj file): images work",
     )
-    p.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32 (auto: bf16 on CUDA)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument(
+        "-d", "--dtype", default=EngineConfig.dtype, help="auto|bf16|f16|f32 (auto: bf16 on CUDA)"
+    )
+    p.add_argument("--device", default=EngineConfig.device, help="auto|cpu|cuda|cuda:N")
     p.add_argument(
         "--max-model-len",
         "--max-seq-len",
@@ -125,34 +130,41 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--max-seqs",
         dest="max_num_seqs",
         type=int,
-        default=32,
+        default=EngineConfig.max_num_seqs,
         help="sequences decoded together in one step",
     )
     p.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="new tokens in one step"
+        "--max-num-batched-tokens",
+        type=int,
+        default=EngineConfig.max_num_batched_tokens,
+        help="new tokens in one step",
     )
     p.add_argument("-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead")
-    p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    _add_seed_flag(p)
     p.add_argument(
         "--load-format",
         choices=LOAD_FORMATS,
-        default="auto",
+        default=EngineConfig.load_format,
         help="dummy: random weights of the model's shapes (benchmarks); mistral, safetensors: "
         "same as auto (HF shards or consolidated.safetensors, whichever the model has)",
     )
     p.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to split the model over"
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=EngineConfig.tensor_parallel_size,
+        help="GPUs to split the model over",
     )
     p.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=None,
-        help="CUDA: fraction of GPU memory to use (default 0.9)",
+        default=EngineConfig.gpu_memory_utilization,
+        help="CUDA: fraction of GPU memory to use",
     )
     p.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
-        default="auto",
+        default=EngineConfig.kv_cache_dtype,
         help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
@@ -175,15 +187,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT) -> None:
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         "--serve-ip",
         dest="host",
-        default=DEFAULT_HOST,
+        default=ServeConfig.host,
         help="address to listen on; 0.0.0.0 for every interface (set --api-key then)",
     )
-    p.add_argument("-p", "--port", type=int, default=port_default, help="port to listen on")
+    p.add_argument("-p", "--port", type=int, default=ServeConfig.port, help="port to listen on")
     p.add_argument(
         "--api-key", default=None, help="require `Bearer KEY` (or set MISTRALPY_API_KEY)"
     )
@@ -204,39 +216,42 @@ def _add_server_flags(p: argparse.ArgumentParser, port_default: int = DEFAULT_PO
     p.add_argument(
         "--max-queue-len",
         type=int,
-        default=256,
+        default=ServeConfig.max_queue_len,
         help="generation requests that may wait for a slot in the running batch (--max-num-seqs "
         "sequences); more get 429 + Retry-After",
     )
     p.add_argument(
-        "--max-connections", type=int, default=1024, help="open connections before refusing"
+        "--max-connections",
+        type=int,
+        default=ServeConfig.max_connections,
+        help="open connections before refusing",
     )
     p.add_argument(
         "--header-timeout",
         dest="header_timeout_s",
         type=float,
-        default=10.0,
+        default=ServeConfig.header_timeout_s,
         help="seconds a client may take to send its request headers",
     )
     p.add_argument(
         "--body-timeout",
         dest="body_timeout_s",
         type=float,
-        default=60.0,
+        default=ServeConfig.body_timeout_s,
         help="seconds a client may take to send its request body",
     )
     p.add_argument(
         "--timeout-keep-alive",
         dest="keep_alive_timeout_s",
         type=float,
-        default=5.0,
+        default=ServeConfig.keep_alive_timeout_s,
         help="seconds an idle keep-alive connection stays open",
     )
     p.add_argument(
         "--shutdown-timeout",
         dest="shutdown_timeout_s",
         type=float,
-        default=10.0,
+        default=ServeConfig.shutdown_timeout_s,
         help="seconds to drain on SIGTERM before running streams end with an error event",
     )
 
@@ -375,7 +390,11 @@ def build_legacy_parser() -> argparse.ArgumentParser:
     _add_server_flags(parser)
     _add_isq_and_template_flags(parser)
     parser.add_argument(
-        "--max-seqs", dest="max_num_seqs", type=int, default=32, help="sequences per step"
+        "--max-seqs",
+        dest="max_num_seqs",
+        type=int,
+        default=EngineConfig.max_num_seqs,
+        help="sequences per step",
     )
     parser.add_argument(
         "--max-model-len",
@@ -384,8 +403,8 @@ def build_legacy_parser() -> argparse.ArgumentParser:
         type=int,
         help="context length in tokens (default: the model's)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    _add_seed_flag(parser)
+    parser.add_argument("--device", default=EngineConfig.device, help="auto|cpu|cuda|cuda:N")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
     parser.add_argument(
         "--served-model-name", default=None, help="model name in the API (default: MODEL)"
@@ -402,7 +421,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
         )
         sel.add_argument("-m", "--model-id", dest="model", required=True, help="dir or hub id")
         sel.add_argument("-a", "--arch", default=None, help="mistral3 (the only one served)")
-        sel.add_argument("-d", "--dtype", default="auto", help="auto|bf16|f16|f32")
+        sel.add_argument("-d", "--dtype", default=EngineConfig.dtype, help="auto|bf16|f16|f32")
         sel.add_argument(
             "-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead"
         )
@@ -417,43 +436,45 @@ def build_legacy_parser() -> argparse.ArgumentParser:
     gguf.add_argument(
         "-f", "--quantized-filename", dest="gguf_file", required=True, help="the .gguf file in it"
     )
-    gguf.add_argument("-d", "--dtype", default="auto", help="auto (its own types)|bf16|f16|f32")
+    gguf.add_argument(
+        "-d", "--dtype", default=EngineConfig.dtype, help="auto (its own types)|bf16|f16|f32"
+    )
     parser.set_defaults(subcommands=sub.choices)
     return parser
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """ModelOptions from parsed flags (modern or legacy)."""
+    return ModelOptions(
+        engine_config(args),
+        jinja_explicit=args.jinja_explicit,
+        chat_template=args.chat_template,
+        tokenizer_json=getattr(args, "tokenizer_json", None),  # the legacy gguf form has none
+        served_model_name=args.served_model_name,
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed flags: each field from the flag of the same name (a field
+    without one keeps its default), then the flags that need translating."""
     arch = getattr(args, "arch", None)
     if arch is not None and arch.lower() not in ("mistral3", "mistral", "llama"):
         raise SystemExit(f"error: --arch {arch}: mistralpy serves mistral3, mistral and llama")
     gguf_file = getattr(args, "gguf_file", None)
-    return ModelOptions(
-        model_id=(
+    given = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    given.update(
+        model=(
             gguf_model_id(args.model, gguf_file)
             if gguf_file
             else getattr(args, "model_id", None) or args.model  # `serve -m ID` as mistral.rs
         ),
-        mmproj=getattr(args, "mmproj", None),
         dtype=dtype_name(args.dtype),
-        device=args.device,
-        isq=args.isq.lower() if args.isq else None,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+        isq=check_isq(args.isq),
+        load_format=load_format(given.get("load_format", EngineConfig.load_format)),
         enable_prefix_caching=not args.no_prefix_caching,
-        jinja_explicit=args.jinja_explicit,
-        chat_template=args.chat_template,
-        tokenizer_json=getattr(args, "tokenizer_json", None),
-        seed=args.seed,
-        load_format=load_format(getattr(args, "load_format", "auto")),
-        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
-        served_model_name=args.served_model_name,
-        enforce_eager=getattr(args, "enforce_eager", False),
-        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         speculative_config=speculative_config(args),
     )
+    return EngineConfig(**given)
 
 
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig | None:
@@ -500,7 +521,7 @@ def server_image_policy(cfg: ServeConfig) -> ImagePolicy:
 
 async def load_with_progress(options: ModelOptions) -> OpenedModel:
     """open_model, announced on stderr (the weight loader draws its own progress bar)."""
-    print(f"Loading {options.model_id} ...", file=sys.stderr, flush=True)
+    print(f"Loading {options.engine.model} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     opened = await open_model(options)
     print(f"Loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
@@ -569,10 +590,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def preflight(options: ModelOptions) -> None:
-    """What can be checked before loading the model: ISQ name and template files."""
+    """What can be checked before loading the model: the template files."""
     from mistralpy.processing.chat_template import ChatTemplate
 
-    check_isq(options.isq)
     for flag, file in (
         ("--jinja-explicit", options.jinja_explicit),
         ("--chat-template", options.chat_template),
@@ -663,7 +683,7 @@ def _serve(options: ModelOptions, cfg: ServeConfig) -> int:
     preflight(options)
     rank = launched_rank()
     if rank is not None and rank.rank != 0:  # torchrun's other ranks: a shard, no HTTP
-        run_worker(engine_config(options), rank)
+        run_worker(options.engine, rank)
         return 0
     sock = bind_socket(cfg.host, cfg.port)
     try:
@@ -811,7 +831,7 @@ async def bench_async(options: ModelOptions, args: argparse.Namespace) -> list[d
             num,
             concurrency,
             args.warmup,
-            args.seed or 0,
+            args.seed,
         )
     finally:
         opened.engine.shutdown()
@@ -834,7 +854,7 @@ def bench_url(args: argparse.Namespace) -> list[dict]:
             model=args.served_model_name,
             api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
             ignore_eos=args.ignore_eos,
-            seed=args.seed or 0,
+            seed=args.seed,
             request_timeout_s=args.request_timeout,
             warmup=args.warmup,
         )
@@ -893,7 +913,7 @@ def _bench(options: ModelOptions, args: argparse.Namespace) -> int:
                 "tokens are chunk counts",
                 file=sys.stderr,
             )
-    target = args.url or options.model_id
+    target = args.url or options.engine.model
     Path(args.output).write_text(json.dumps({"model": target, "rows": rows}, indent=2))
     print(f"wrote {args.output}")
     return 0
@@ -961,28 +981,31 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> A
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    try:
-        if args.command == "quantize":
-            return _quantize(args)
-        options = model_options(args)
-        if args.command == "serve":
-            return _serve(options, serve_config(args))
-        if args.command == "run":
-            return _run(options, args)
-        return _bench(options, args)
-    except (ValueError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return _exit_status(lambda: _run_command(args))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "quantize":
+        return _quantize(args)
+    options = model_options(args)
+    if args.command == "serve":
+        return _serve(options, serve_config(args))
+    if args.command == "run":
+        return _run(options, args)
+    return _bench(options, args)
 
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """`mistralpy-server --port 1234 --isq q4k vision-plain -m ID -a mistral3`."""
     args = parse_args(build_legacy_parser(), argv)
+    return _exit_status(lambda: _serve(model_options(args), serve_config(args)))
+
+
+def _exit_status(command: Callable[[], int]) -> int:
+    """Run a command; a user's mistake is one line on stderr and status 2, Ctrl-C 130."""
     try:
-        return _serve(model_options(args), serve_config(args))
-    except (ValueError, NotImplementedError) as e:
+        return command()
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

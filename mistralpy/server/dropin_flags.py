@@ -11,10 +11,12 @@ import argparse
 import json
 from collections.abc import Callable
 
+from mistralpy.engine.config import EngineConfig
+
 # vLLM's --load-format values that name the files of a Mistral repo; the loader reads either
 # layout (HF shards when present, else `consolidated*.safetensors`), so both mean "auto".
 LOAD_FORMATS = ("auto", "dummy", "mistral", "safetensors")
-KV_BLOCK_SIZE = 16  # engine.config.EngineConfig.block_size: not a flag here
+KV_BLOCK_SIZE = EngineConfig.block_size  # not a flag here
 # vLLM's choice between a Mistral repo's two file sets: mistralpy reads whichever is there
 FILE_FORMAT_FLAGS = (
     ("--tokenizer-mode", "the tokenizer is tekken.json (Mistral) or tokenizer.json, as present"),
@@ -126,7 +128,7 @@ def add_mistralrs_flags(p: argparse.ArgumentParser, model_flag: bool) -> None:
         "--pa-gpu-mem-usage",
         dest="gpu_memory_utilization",
         type=float,
-        default=None,
+        default=argparse.SUPPRESS,  # --gpu-memory-utilization's, else EngineConfig's
         help="same as --gpu-memory-utilization (fraction of GPU memory)",
     )
     for flag, metavar, instead in UNSUPPORTED_MISTRALRS:

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from mistralpy.api.runner import ModelOptions, VisionModelBuilder, engine_config
+from mistralpy.api.runner import VisionModelBuilder
 from mistralpy.checkpoint.loader import load_dummy_model
 from mistralpy.engine.config import EngineConfig
 from mistralpy.engine.engine import LLMEngine, runner_config
@@ -99,12 +99,10 @@ def test_fp8_cache_keeps_the_layer_path_where_fused_decode_would_run():
 
 def test_kv_cache_dtype_flag_reaches_the_engine_config():
     args = build_parser().parse_args(["serve", "demo", "--kv-cache-dtype", "fp8"])
-    options = model_options(args)
-    assert options.kv_cache_dtype == "fp8"
-    assert engine_config(options).kv_cache_dtype == "fp8"
+    assert model_options(args).engine.kv_cache_dtype == "fp8"
     builder = VisionModelBuilder("demo").with_kv_cache_dtype("fp8_e4m3")
-    assert engine_config(builder._options).kv_cache_dtype == "fp8_e4m3"
-    assert engine_config(ModelOptions("demo")).kv_cache_dtype == "auto"
+    assert builder._options.engine.kv_cache_dtype == "fp8_e4m3"
+    assert VisionModelBuilder("demo")._options.engine.kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "demo", "--kv-cache-dtype", "int8"])
     with pytest.raises(InvalidParameter, match="kv_cache_dtype"):

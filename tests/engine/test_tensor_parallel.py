@@ -206,10 +206,8 @@ def test_tp4_with_kv_head_copies_matches_tp1(ckpt):
     assert not any(p.is_alive() for p in tp4.runner.workers.procs)
 
 
-def test_api_and_cli_pass_the_size_through():
-    from mistralpy.api.runner import ModelOptions, engine_config
+def test_cli_passes_the_size_through():
     from mistralpy.server.cli import build_parser, model_options
 
-    assert engine_config(ModelOptions("demo", tensor_parallel_size=2)).tensor_parallel_size == 2
     args = build_parser().parse_args(["serve", "demo", "--tensor-parallel-size", "4"])
-    assert engine_config(model_options(args)).tensor_parallel_size == 4
+    assert model_options(args).engine.tensor_parallel_size == 4

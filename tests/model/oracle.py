@@ -8,9 +8,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
-from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
-
 IMAGE_TOKEN = 10
 BREAK_TOKEN = 12  # any non-image token: the model itself only replaces [IMG] positions
 
@@ -143,29 +140,3 @@ def hf_image_inputs(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         batch[i, :, : im.shape[1], : im.shape[2]] = im
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
     return {"pixel_values": batch, "image_sizes": sizes}
-
-
-@torch.no_grad()
-def our_logits(
-    model: Mistral3ForConditionalGeneration,
-    ids: list[int],
-    images: list[torch.Tensor],
-    block_size: int = 16,
-) -> torch.Tensor:
-    """(T, vocab) float32 logits from one full prefill through a fresh contiguous paged cache."""
-    embed = model.language_model.embed_tokens.weight  # the lm_head may be quantized
-    device, dtype = embed.device, embed.dtype
-    num_blocks = -(-len(ids) // block_size)
-    caches = allocate_kv_caches(
-        KVCacheSpec.of_text(model.config.text_config, block_size, dtype), num_blocks, device
-    )
-    attn = build_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], block_size, device)
-    embeds = torch.cat(model.encode_images(images)) if images else None
-    hidden = model(
-        torch.tensor(ids, device=device),
-        torch.arange(len(ids), device=device),
-        attn,
-        caches,
-        embeds,
-    )
-    return model.compute_logits(hidden)

@@ -23,8 +23,8 @@ from mistralpy.processing.images import ImageProcessorConfig, preprocess_image
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.quant.isq import QuantizedLinear
 from mistralpy.server.cli import main
+from mistralpy.testing.probes import prefill_logits
 from mistralpy.testing.tiny_checkpoint import write_checkpoint
-from tests.model.oracle import our_logits
 from tests.seeds import fresh_seeds
 
 SEED = fresh_seeds(1, "gguf_mmproj")[0]
@@ -94,7 +94,7 @@ def _prompts(files, gguf_file):
 
 def _logits(model, prompt) -> torch.Tensor:
     """(T, vocab) float32 logits of one prefill of the prompt, its images encoded."""
-    return our_logits(model, prompt.token_ids, [im.pixel_values for im in prompt.images])
+    return prefill_logits(model, prompt.token_ids, [im.pixel_values for im in prompt.images])
 
 
 def _assert_same_config(ours, oracle) -> None:

@@ -20,11 +20,11 @@ from torch import nn
 
 from mistralpy.checkpoint.loader import CheckpointError, load_dummy_model, load_model
 from mistralpy.model.config import mistral_small_3_1_config, read_config
+from mistralpy.testing.probes import prefill_logits
 
 from .oracle import (
     hf_logits,
     image_sizes,
-    our_logits,
     prompt_with_images,
     random_hf_model,
     random_images,
@@ -76,7 +76,7 @@ def _assert_same_logits(hf_model, model, seed=SEED, num_images=2):
     sizes = image_sizes(hf_model.config, num_images, seed)
     ids = prompt_with_images(hf_model.config, sizes, seed)
     images = random_images(sizes, seed)
-    diff = (hf_logits(hf_model, ids, images) - our_logits(model, ids, images)).abs().max()
+    diff = (hf_logits(hf_model, ids, images) - prefill_logits(model, ids, images)).abs().max()
     assert diff <= 1e-4, f"seed={seed}: max |dlogit| {diff}"
 
 
@@ -357,7 +357,7 @@ def test_isq_factory_sees_every_linear_once_and_can_swap(hf_model, hf_dir, monke
     sizes = image_sizes(hf_model.config, 1, SEED)
     ids = prompt_with_images(hf_model.config, sizes, SEED)
     images = random_images(sizes, SEED)
-    diff = (hf_logits(hf_model, ids, images) - our_logits(model, ids, images)).abs().max()
+    diff = (hf_logits(hf_model, ids, images) - prefill_logits(model, ids, images)).abs().max()
     assert diff < 1e-2
 
 
@@ -374,7 +374,7 @@ def test_dummy_load_reads_only_config(hf_dir, tmp_path):
     ptrs = [p.data_ptr() for p in params.values()]
     assert len(set(ptrs)) == len(ptrs)  # each parameter has its own single allocation
     ids = prompt_with_images(model_config_to_hf(hf_dir), [], SEED)
-    assert torch.isfinite(our_logits(model, ids, [])).all()
+    assert torch.isfinite(prefill_logits(model, ids, [])).all()
 
 
 def test_dummy_real_24b_shapes_on_meta():

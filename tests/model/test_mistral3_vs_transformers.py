@@ -14,6 +14,7 @@ import torch
 from mistralpy.checkpoint.loader import load_model
 from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
 from mistralpy.model.mistral3 import greedy_generate
+from mistralpy.testing.probes import prefill_logits
 from tests.seeds import fresh_seeds
 
 from .oracle import (
@@ -21,7 +22,6 @@ from .oracle import (
     hf_image_inputs,
     hf_logits,
     image_sizes,
-    our_logits,
     prompt_with_images,
     random_hf_model,
     random_images,
@@ -48,7 +48,7 @@ def test_logits_match_transformers(pair, num_images):
     ids = prompt_with_images(hf.config, sizes, seed + num_images)
     images = random_images(sizes, seed)
     expected = hf_logits(hf, ids, images)
-    got = our_logits(ours, ids, images)
+    got = prefill_logits(ours, ids, images)
     diff = (expected - got).abs().max().item()
     assert diff <= TOL, f"seed={seed} sizes={sizes}: max |dlogit| {diff}"
 
@@ -58,8 +58,8 @@ def test_images_change_the_logits(pair):
     seed, hf, ours = pair
     sizes = image_sizes(hf.config, 2, seed)
     ids = prompt_with_images(hf.config, sizes, seed)
-    a = our_logits(ours, ids, random_images(sizes, seed))
-    b = our_logits(ours, ids, random_images(sizes, seed + 1))
+    a = prefill_logits(ours, ids, random_images(sizes, seed))
+    b = prefill_logits(ours, ids, random_images(sizes, seed + 1))
     assert (a - b).abs().max() > 1e-3
 
 
@@ -150,7 +150,7 @@ def test_packed_sequences_equal_each_alone(pair):
         pos = torch.cat([torch.arange(n, len(s)) for s, n in zip(seqs, cached)])
         packed = ours.compute_logits(ours(ids, pos, attn, caches, None)).split(q_lens)
     for s, n, rows in zip(seqs, cached, packed):
-        alone = our_logits(ours, s, [])[n:]
+        alone = prefill_logits(ours, s, [])[n:]
         torch.testing.assert_close(rows, alone, atol=1e-5, rtol=1e-5)
         assert (rows - hf_logits(hf, s, [])[n:]).abs().max() <= TOL
 
@@ -164,8 +164,8 @@ def test_half_precision_runs_and_stays_close(pair, dtype, tmp_path):
     sizes = image_sizes(hf.config, 2, seed)
     ids = prompt_with_images(hf.config, sizes, seed)
     images = random_images(sizes, seed)
-    ref = our_logits(ours, ids, images)
-    got = our_logits(half, ids, images)
+    ref = prefill_logits(ours, ids, images)
+    got = prefill_logits(half, ids, images)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 keeps 8 mantissa bits: allow a few percent of the logit range
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max() + 0.05, f"seed={seed}"

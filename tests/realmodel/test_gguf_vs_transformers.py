@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from mistralpy.checkpoint.loader import load_model
-from mistralpy.kernels.attention import KVCacheSpec, allocate_kv_caches, build_metadata
 from mistralpy.model.config import read_config
 from mistralpy.processing.chat_template import ChatTemplate, build_chat_prompt
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.quant.isq import QuantizedLinear
+from mistralpy.testing.probes import prefill_logits
 from tests.realmodel.conftest import CHATS
 
 TEXT = (
@@ -46,19 +46,6 @@ def ours_f32(smollm2_gguf):
 @pytest.fixture(scope="module")
 def ours_gguf_types(smollm2_gguf):
     return load_model(smollm2_gguf, torch.float32, "cpu")
-
-
-@torch.inference_mode()
-def our_logits(model, ids: list[int]) -> torch.Tensor:
-    """(T, vocab) float32 logits of one prefill of `ids`."""
-    n, bs = len(ids), 16
-    blocks = -(-n // bs)
-    caches = allocate_kv_caches(
-        KVCacheSpec.of_text(model.config.text_config, bs, torch.float32), blocks, "cpu"
-    )
-    attn = build_metadata([n], [n], [list(range(blocks))], bs, torch.device("cpu"))
-    hidden = model(torch.tensor(ids), torch.arange(n), attn, caches)
-    return model.compute_logits(hidden)
 
 
 @torch.inference_mode()
@@ -120,7 +107,7 @@ def test_special_tokens_from_metadata(tokenizer, hf_tokenizer):
 def test_dequantized_logits_match_transformers(tokenizer, template, ours_f32, hf_model):
     prompts = [build_chat_prompt(tokenizer, template, CHATS[1]).token_ids, tokenizer.encode(TEXT)]
     for ids in prompts:
-        ours, theirs = our_logits(ours_f32, ids), hf_logits(hf_model, ids)
+        ours, theirs = prefill_logits(ours_f32, ids), hf_logits(hf_model, ids)
         rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
         assert rel <= 1e-4, rel
 
@@ -144,8 +131,8 @@ def test_gguf_types_path_agrees_with_float(tokenizer, ours_gguf_types, ours_f32)
     """The kernels on the GGUF bytes (int8-rounded activations for q8_0, as llama.cpp) against
     the same weights dequantized: next-token argmax mostly equal, small KL divergence."""
     ids = tokenizer.encode(TEXT)
-    p = our_logits(ours_f32, ids).log_softmax(-1)
-    q = our_logits(ours_gguf_types, ids).log_softmax(-1)
+    p = prefill_logits(ours_f32, ids).log_softmax(-1)
+    q = prefill_logits(ours_gguf_types, ids).log_softmax(-1)
     agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert agree >= 0.9 and kl < 0.05, (agree, kl)

@@ -15,7 +15,7 @@ from mistralpy.checkpoint.named_models import (
     named_model_path,
 )
 from mistralpy.engine.config import resolve_model_path
-from mistralpy.server.cli import build_legacy_parser, build_parser, chat_repl, model_options
+from mistralpy.server.cli import build_legacy_parser, build_parser, chat_repl, engine_config
 
 
 def test_named_model_resolves_to_the_cached_gguf(smollm2_gguf):
@@ -28,9 +28,9 @@ def test_named_model_resolves_to_the_cached_gguf(smollm2_gguf):
 def test_cli_and_api_forms_name_the_file(smollm2_gguf):
     folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
     legacy = build_legacy_parser().parse_args(["--port", "1", "gguf", "-m", folder, "-f", name])
-    assert resolve_model_path(model_options(legacy).model_id) == smollm2_gguf
+    assert resolve_model_path(engine_config(legacy).model) == smollm2_gguf
     modern = build_parser().parse_args(["serve", str(smollm2_gguf)])
-    assert resolve_model_path(model_options(modern).model_id) == smollm2_gguf
+    assert resolve_model_path(engine_config(modern).model) == smollm2_gguf
     which = Which.GGUF(quantized_model_id=folder, quantized_filename=name)
     assert resolve_model_path(which.model_id) == smollm2_gguf
     with pytest.raises(ValueError, match=r"\.gguf"):

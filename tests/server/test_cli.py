@@ -11,6 +11,7 @@ from mistralpy.server.cli import (
     build_legacy_parser,
     build_parser,
     chat_repl,
+    engine_config,
     model_options,
     serve_config,
 )
@@ -33,16 +34,16 @@ def test_seed_legacy_form_parses():
     ]
     args = build_legacy_parser().parse_args(argv)
     opts, cfg = model_options(args), serve_config(args)
-    assert opts.model_id == "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
-    assert opts.isq == "q4k"
+    assert opts.engine.model == "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
+    assert opts.engine.isq == "q4k"
     assert opts.jinja_explicit == "chat_templates/mistral_small_tool_call.jinja"
     assert cfg.port == 1234
     for sub in ("multimodal", "multimodal-plain"):
         args = build_legacy_parser().parse_args(
             ["--serve-ip", "127.0.0.1", "--max-seqs", "4", sub, "-m", "demo", "-d", "bf16"]
         )
-        opts = model_options(args)
-        assert (opts.dtype, opts.max_num_seqs) == ("bfloat16", 4)
+        engine = engine_config(args)
+        assert (engine.dtype, engine.max_num_seqs) == ("bfloat16", 4)
         assert serve_config(args).host == "127.0.0.1"
     with pytest.raises(SystemExit):
         model_options(build_legacy_parser().parse_args(["vision-plain", "-m", "x", "-a", "llava"]))
@@ -77,9 +78,14 @@ def test_modern_serve_form(monkeypatch):
         ]
     )
     opts, cfg = model_options(args), serve_config(args)
-    assert (opts.max_model_len, opts.max_num_seqs, opts.max_num_batched_tokens) == (256, 8, 512)
-    assert (opts.load_format, opts.device, opts.dtype) == ("dummy", "cpu", "float32")
-    assert (opts.served_model_name, opts.tensor_parallel_size) == ("small", 2)
+    engine = opts.engine
+    assert (engine.max_model_len, engine.max_num_seqs, engine.max_num_batched_tokens) == (
+        256,
+        8,
+        512,
+    )
+    assert (engine.load_format, engine.device, engine.dtype) == ("dummy", "cpu", "float32")
+    assert (opts.served_model_name, engine.tensor_parallel_size) == ("small", 2)
     assert (cfg.port, cfg.api_key, cfg.allowed_local_media_path) == (9000, "k1", "/tmp")
 
 
@@ -203,7 +209,7 @@ def test_legacy_help_describes_every_flag_and_accepts_mistralrs_isq_spellings():
             assert action.help, action.option_strings
     for spelling in ("Q4K", "q4_k", "4", "Q8_0"):
         assert parser.parse_args(["--isq", spelling, "plain", "-m", "x"]).isq == spelling.lower()
-    assert model_options(parser.parse_args(["--isq", "Q4K", "plain", "-m", "x"])).isq == "q4k"
+    assert engine_config(parser.parse_args(["--isq", "Q4K", "plain", "-m", "x"])).isq == "q4k"
 
 
 def test_version_and_a_misspelled_flag_shows_the_subcommand_usage(capsys):
@@ -233,10 +239,10 @@ class BannerModel:
 
     def __init__(self, path, isq=None):
         from mistralpy.api.runner import ModelOptions, OpenedModel
+        from mistralpy.engine.config import EngineConfig
 
-        self.opened = OpenedModel(
-            None, None, None, None, None, path, 512, ModelOptions("m", isq=isq)
-        )
+        options = ModelOptions(EngineConfig("m", isq=isq))
+        self.opened = OpenedModel(None, None, None, None, None, path, 512, options)
         self.path, self.max_model_len, self.options = path, 512, self.opened.options
 
     def stats(self):
@@ -327,6 +333,7 @@ def test_quantize_demo(tmp_path, monkeypatch):
     says kernels are being compiled; the result reports itself as pre-quantized q8_0."""
     import mistralpy.checkpoint.loader as loader
     from mistralpy.api.runner import ModelOptions, OpenedModel
+    from mistralpy.engine.config import EngineConfig
     from mistralpy.server.cli import main
 
     notes = []
@@ -340,7 +347,9 @@ def test_quantize_demo(tmp_path, monkeypatch):
     out = tmp_path / "q8"
     assert main(["quantize", "demo", "--isq", "q8_0", "-o", str(out)]) == 0
     assert notes[0] == loader.FIRST_QUANTIZED_NOTE and "quantized 1 layers" in notes
-    opened = OpenedModel(None, None, None, None, None, out, 512, ModelOptions(str(out)))
+    opened = OpenedModel(
+        None, None, None, None, None, out, 512, ModelOptions(EngineConfig(str(out)))
+    )
     assert opened.quantization() == "q8_0 (pre-quantized)"
 
 

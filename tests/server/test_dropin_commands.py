@@ -12,8 +12,8 @@ import pytest
 from mistralpy.server.cli import (
     build_legacy_parser,
     build_parser,
+    engine_config,
     main,
-    model_options,
     serve_config,
 )
 from tests.server.conftest import free_port, start_server, stop_server
@@ -34,27 +34,27 @@ LEGACY = "import sys; from mistralpy.server.cli import legacy_main; sys.exit(leg
 
 def test_vllm_command_maps_onto_our_options():
     args = build_parser().parse_args(shlex.split(VLLM))
-    opts, cfg = model_options(args), serve_config(args)
-    assert (opts.model_id, opts.load_format, opts.tensor_parallel_size) == ("demo", "auto", 1)
+    engine, cfg = engine_config(args), serve_config(args)
+    assert (engine.model, engine.load_format, engine.tensor_parallel_size) == ("demo", "auto", 1)
     assert cfg.max_images_per_request == 10
     args = build_parser().parse_args(
         ["serve", "--load-format", "dummy", "--limit-mm-per-prompt", "image=3"]
     )
     assert (
-        model_options(args).load_format == "dummy"
+        engine_config(args).load_format == "dummy"
         and serve_config(args).max_images_per_request == 3
     )
 
 
 def test_mistralrs_commands_map_onto_our_options():
     args = build_parser().parse_args(shlex.split(MISTRALRS) + ["--pa-gpu-mem-usage", "0.5"])
-    opts = model_options(args)
-    assert (opts.model_id, opts.isq, opts.gpu_memory_utilization) == ("demo", "4", 0.5)
+    engine = engine_config(args)
+    assert (engine.model, engine.isq, engine.gpu_memory_utilization) == ("demo", "4", 0.5)
     assert serve_config(args).port == 1234
     legacy = build_legacy_parser().parse_args(
         ["--pa-blk-size", "16", *shlex.split(MISTRALRS_SERVER)]
     )
-    assert model_options(legacy).model_id == "demo"
+    assert engine_config(legacy).model == "demo"
 
 
 @pytest.mark.parametrize(

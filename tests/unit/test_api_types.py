@@ -133,10 +133,6 @@ def test_async_model_api():
 
 
 def test_isq_is_never_ignored():
-    import importlib.util
-
-    if importlib.util.find_spec("mistralpy.quant.isq") is None:
-        with pytest.raises(NotImplementedError):
-            check_isq(IsqType.Q4K)
-    else:
-        assert check_isq("Q4K") == "q4k"
+    assert check_isq("Q4K") == check_isq(IsqType.Q4K) == "q4k"
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        check_isq("q9")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gguf
 import numpy as np
 import pytest
@@ -9,15 +11,32 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mistralpy.quant.formats import (
-    FORMATS,
-    UnknownQuantFormatError,
-    get_format,
-    quality_report,
-)
+from mistralpy.quant.formats import FORMATS, QuantFormat, UnknownQuantFormatError, get_format
 
 GGUF_DEQUANT = sorted(n for n, f in FORMATS.items() if f.ggml_type is not None and n != "q8k")
 GGUF_QUANT = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Error of quantize -> dequantize against the original weight."""
+
+    rmse: float  # sqrt(mean((w - w_hat)^2))
+    max_abs_error: float  # max |w - w_hat|
+    max_rel_error: float  # max |w - w_hat| / max |w| over the whole tensor
+    rel_rmse: float  # rmse / rms(w)
+
+
+def quality_report(w: torch.Tensor, fmt: str | QuantFormat) -> QualityReport:
+    """Quantize then dequantize the (rows, cols) weight `w` and measure the error."""
+    f = get_format(fmt)
+    w = w.float()
+    rows, cols = w.shape
+    err = f.dequantize(f.quantize(w), (rows, cols)) - w
+    rmse = err.pow(2).mean().sqrt().item()
+    scale = w.abs().max().item() or 1.0
+    rms = w.pow(2).mean().sqrt().item() or 1.0
+    return QualityReport(rmse, err.abs().max().item(), err.abs().max().item() / scale, rmse / rms)
 
 
 def _weights(dist: str, rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -106,12 +106,12 @@ def test_legacy_tokens_without_model_is_an_error():
 
 
 def test_cli_flags_vllm_forms_and_errors():
-    from mistralpy.server.cli import build_parser, model_options
+    from mistralpy.server.cli import build_parser, engine_config
 
     parser = build_parser()
 
     def parsed(*flags):
-        return model_options(parser.parse_args(["serve", *flags])).speculative_config
+        return engine_config(parser.parse_args(["serve", *flags])).speculative_config
 
     new = parsed("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
     assert new == SpeculativeConfig("ngram", 3, 5, 5)

@@ -13,6 +13,7 @@ import logging
 import pytest
 
 from mistralpy.api.runner import ModelOptions, load_template
+from mistralpy.engine.config import EngineConfig
 from mistralpy.processing.chat_template import (
     InvalidChatError,
     build_chat_prompt,
@@ -98,7 +99,7 @@ def oracle_ids(oracle, messages, tools):
 
 
 def load(hf_dir, tokenizer, jinja_explicit=None):
-    options = ModelOptions(model_id=str(hf_dir), jinja_explicit=jinja_explicit)
+    options = ModelOptions(EngineConfig(str(hf_dir)), jinja_explicit=jinja_explicit)
     return load_template(hf_dir, options, tokenizer)
 
 
