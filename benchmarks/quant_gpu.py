@@ -336,19 +336,16 @@ GEMM_DP4A_SWEEP = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), 
 
 
 def _kind(cfg) -> str:
-    return "dp4a" if cfg.dp4a else "mma8" if cfg.mma8 else "swap"
+    return "dp4a" if cfg.dp4a else "swap"
 
 
 def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
-    """Configs the sweep times at bucket bm for each kernel kind in `kinds`: the tl.dot
-    kernels' (swap, mma8) candidates from 16 rows up (below, they pad to 16: only their best
-    16-row config), and the dp4a ones up to Q4K_DP4A_MAX_M."""
+    """Configs the sweep times at bucket bm for each kernel kind in `kinds`: the swap
+    kernel's tuner candidates from 16 rows up (below, it pads to 16: only its best 16-row
+    config), and the dp4a ones up to Q4K_DP4A_MAX_M."""
     out = []
     if "swap" in kinds:
         out += [best16["swap"]] if bm < 16 and "swap" in best16 else tq.q4k_gemm_candidates(n, k)
-    if "mma8" in kinds:
-        mma8 = tq.q4k_gemm_mma8_candidates(n, k)
-        out += [best16["mma8"]] if bm < 16 and "mma8" in best16 else mma8
     if "dp4a" in kinds and bm <= tq.Q4K_DP4A_MAX_M:
         for bn, warps in GEMM_DP4A_SWEEP:
             for split in (1, 2, 4, 8, 16):

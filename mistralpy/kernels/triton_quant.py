@@ -498,60 +498,6 @@ def _q4k_gemm_dp4a_kernel(
 
 
 @triton.jit
-def _q4k_gemm_mma8_kernel(
-    xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_blocks,
-    BN: tl.constexpr, BM: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """q4_K GEMM for decode batches on the integer matrix unit: x in int8 groups of 32
-    (`_q8_quant_kernel`, as the dp4a kernels), the 4-bit codes as int8, and per 256-weight
-    block one batched tl.dot over its 8 sub-blocks: (8, BN, 32) x (8, 32, BM) -> int32
-    (8, BN, BM). Each sub-block's integer dots are then scaled once per (row, x row) by the
-    weight's sub-block scale and x's group scale (centred codes: w x = A (xd c.q + 8 r) -
-    B sum(x), as `_q4k_gemv_dp4a_kernel`), so no weight is ever turned into a float. Rows of
-    x past M are read clamped to row M - 1 and never stored. Grid (N / BN, splits); PARTIAL
-    as `_q4k_gemm_swap_kernel`."""
-    pid_n, s, rows, rmask, ms, mmask, nblk, b_start, b_end = _q4k_gemm_program(
-        M, N, K, split_blocks, BN, BM
-    )
-    c4 = tl.arange(0, 4)
-    w8 = tl.arange(0, 8)
-    sub = tl.arange(0, 8)
-    kk = tl.arange(0, 32)
-    row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
-    code_off = (4 + c4 * 8)[:, None, None] + w8[None, None, :]  # (4, 1, 8) in a block
-    # nibble 4 nib of byte e of a word: sub-block 2c + nib, k = 32 (2c + nib) + 4w + e
-    shifts = (4 * tl.arange(0, 2))[None, :, None, None, None] + (8 * tl.arange(0, 4))[
-        None, None, None, None, :
-    ]  # (1, 2, 1, 1, 4)
-    x_rows = tl.minimum(ms, M - 1)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for blk in tl.range(b_start, b_end, num_stages=STAGES):
-        wbase = row_words + blk * 36  # (BN,)
-        codes = tl.load(wi_ptr + wbase[None, :, None] + code_off)  # (4, BN, 8)
-        nib = (codes[:, None, :, :, None] >> shifts) & 15  # (4, 2, BN, 8, 4)
-        a = tl.reshape(nib.to(tl.int8), (8, BN, 32))
-        xp = xq_ptr + x_rows[None, None, :] * K + blk * 256 + sub[:, None, None] * 32
-        b = tl.load(xp + kk[None, :, None])  # (8, 32, BM) int8
-        dots = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # (8, BN, BM)
-        hdr = wi_ptr + wbase
-        d, dmin = _q4k_d_dmin(tl.load(hdr))
-        sc, mn = _q4k_words_scale_min(
-            tl.load(hdr + 1)[None, :],
-            tl.load(hdr + 2)[None, :],
-            tl.load(hdr + 3)[None, :],
-            sub[:, None] + 0 * rows[None, :],
-        )  # (8, BN)
-        xs = xs_ptr + (x_rows[None, :] * (K // 32) + blk * 8 + sub[:, None]) * 3  # (8, BM)
-        xd, xsum, xr = tl.load(xs), tl.load(xs + 1), tl.load(xs + 2)
-        big_a = (d[None, :] * sc)[:, :, None]
-        part = big_a * (xd[:, None, :] * dots + 8.0 * xr[:, None, :])
-        part -= (dmin[None, :] * mn)[:, :, None] * xsum[:, None, :]
-        acc += tl.sum(part, axis=0)
-    _q4k_store_tile(y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N,
-                    stride_ym, BM, PARTIAL)  # fmt: skip
-
-
-@triton.jit
 def _dp4a(a, b, ASM: tl.constexpr):
     """Per int32 word: the dot of a's 4 bytes (unsigned) with b's (signed); one dp4a on CUDA,
     plain integer ops in Triton's CPU interpreter."""
@@ -834,7 +780,6 @@ class GemmConfig:
     stages: int = 2  # software pipelining depth of the block loop
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
     dp4a: bool = False  # `_q4k_gemm_dp4a_kernel` (int8 x, integer dots; buckets <= 16)
-    mma8: bool = False  # `_q4k_gemm_mma8_kernel` (int8 x, int8 tl.dot)
 
 
 # M buckets of the decode GEMM (rows of x padded to the next); above the last one a
@@ -881,21 +826,6 @@ def q4k_gemm_dp4a_candidates(n: int, k: int) -> list[GemmConfig]:
             if split > 1 and (k // 256 // split < 2 or tiles * split > 8192):
                 continue
             out.append(GemmConfig(bn, 1, warps, 1, split, dp4a=True))
-    return out
-
-
-def q4k_gemm_mma8_candidates(n: int, k: int) -> list[GemmConfig]:
-    """Launch configs of the int8 matrix-unit GEMM: 32-128-row tiles, split-K 1-16 where it
-    leaves >= 2 blocks per split and keeps the grid under 8192 programs."""
-    out = []
-    for bn, warps, stages in ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)):
-        tiles = -(-n // bn)
-        for split in (1, 2, 4, 8, 16):
-            if split == 1 and tiles < 66:
-                continue
-            if split > 1 and (k // 256 // split < 2 or tiles * split > 8192):
-                continue
-            out.append(GemmConfig(bn, 1, warps, stages, split, mma8=True))
     return out
 
 
@@ -1044,15 +974,6 @@ class TritonQ4KMatmul(_TritonMatmul):
             )  # fmt: skip
             return
         bm = max(bm, 16)
-        if cfg.mma8:
-            ws, cnt = self._scratch(y.device, bm, split, tiles, "mma8") if split > 1 else (y, y)
-            xq, xs = self._quantized_x(x)
-            _q4k_gemm_mma8_kernel[(tiles, split)](
-                xq.view(torch.int8), xs, self.wi, y, ws, cnt, m, self.out_features,
-                self.in_features, y.stride(0), split_blocks, BN=cfg.bn, BM=bm,
-                PARTIAL=split > 1, STAGES=cfg.stages, num_warps=cfg.warps,
-            )  # fmt: skip
-            return
         ws, cnt = self._scratch(y.device, bm, split, tiles, "gemm") if split > 1 else (y, y)
         _q4k_gemm_swap_kernel[(tiles, split)](
             x, self.wi, y, ws, cnt, m, self.out_features, self.in_features,
