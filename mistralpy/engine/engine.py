@@ -42,7 +42,7 @@ from mistralpy.engine.sequence import (
     TokenLogprob,
     now,
 )
-from mistralpy.engine.speculative import Drafter, Speculation, draft_pause
+from mistralpy.engine.speculative import Drafter, Speculation, draft_pause, drafts_after_misses
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -488,6 +488,7 @@ class LLMEngine:
         more than max_tokens leaves room for (the verify step emits one token beyond them)."""
         for seq in self.scheduler.running:
             k = min(seq.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
+            k = drafts_after_misses(k, seq.draft_misses, seq.max_draft_pause)
             if k <= 0 or seq.drafter is None or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
             if seq.draft_pause > 0:

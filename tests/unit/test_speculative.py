@@ -9,6 +9,7 @@ from mistralpy.engine.speculative import (
     OracleDrafter,
     SpeculativeConfig,
     draft_pause,
+    drafts_after_misses,
     legacy_speculative_config,
     parse_speculative_config,
 )
@@ -61,6 +62,14 @@ def test_oracle_drafter_alpha_bounds():
 
 def test_draft_pause_backs_off_exponentially():
     assert [draft_pause(m) for m in range(9)] == [0, 0, 1, 3, 7, 15, 31, 63, 63]
+    assert [draft_pause(m, max_pause=0) for m in range(9)] == [0] * 9
+
+
+def test_a_backing_off_sequence_probes_with_one_draft():
+    # while the pause policy backs off (2+ misses in a row) a probe verifies one draft
+    assert [drafts_after_misses(4, m) for m in range(5)] == [4, 4, 1, 1, 1]
+    assert drafts_after_misses(0, 3) == 0  # no room for drafts stays none
+    assert [drafts_after_misses(4, m, max_pause=0) for m in range(5)] == [4] * 5  # policy off
 
 
 def test_parse_speculative_config_vllm_forms():
