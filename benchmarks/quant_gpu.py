@@ -27,7 +27,6 @@ whose load-time q4k pick section words tunes and times too, for a same-run befor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -174,9 +173,6 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
 # --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
-    "prefetch": tuple(
-        cfg for c in tq.Q4K_GEMV_CANDIDATES for cfg in (c, dataclasses.replace(c, prefetch=True))
-    ),
     "dp4a": tuple(
         tq.GemvConfig(bn, bb, warps, split=split, stages=stages, x_inline=inline)
         for inline in (False, True)

@@ -82,25 +82,23 @@ def _per_weight(compiled, bn: int, bb: int, warps: int) -> tuple[float, collecti
     return len(ops) / weights_per_lane, collections.Counter(op.split(".")[0] for op in ops)
 
 
-def dp4a_instructions_per_weight(
-    tq_config=(16, 1, 1), x_inline: bool = False, prefetch: bool = False
-) -> float:
+def dp4a_instructions_per_weight(tq_config=(16, 1, 1), x_inline: bool = False) -> float:
     """Main-loop SASS instructions per weight of `_q4k_gemv_dp4a_kernel` (bn, bb, warps)."""
     bn, bb, warps = tq_config
     const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, "X_INLINE": x_inline,
-             "ASM": True, "PREFETCH": prefetch}  # fmt: skip
+             "ASM": True}  # fmt: skip
     compiled = compile_sm90(tq._q4k_gemv_dp4a_kernel, DP4A_SIGNATURE, const, warps)
     return _per_weight(compiled, bn, bb, warps)[0]
 
 
 def main() -> None:
     for bn, bb, warps in ((8, 1, 1), (16, 1, 1), (32, 1, 2), (16, 2, 1)):
-        for inline, prefetch in ((False, False), (True, False), (False, True)):
+        for inline in (False, True):
             const = {"BN": bn, "BB": bb, "PARTIAL": False, "STAGES": 1, "X_INLINE": inline,
-                     "ASM": True, "PREFETCH": prefetch}  # fmt: skip
+                     "ASM": True}  # fmt: skip
             compiled = compile_sm90(tq._q4k_gemv_dp4a_kernel, DP4A_SIGNATURE, const, warps)
             per_weight, ops = _per_weight(compiled, bn, bb, warps)
-            print(f"GEMV x_inline={inline!s:5} prefetch={prefetch!s:5} bn={bn:<3} bb={bb} "
+            print(f"GEMV x_inline={inline!s:5} bn={bn:<3} bb={bb} "
                   f"warps={warps}: {per_weight:.2f} instr/weight "
                   f"{dict(ops.most_common(8))}", flush=True)  # fmt: skip
     # the dp4a GEMM: one loop step is one block per weight row, for every row of x

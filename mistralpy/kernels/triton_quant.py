@@ -248,7 +248,7 @@ def _nibble_dots(codes, x_lo, x_hi, ASM: tl.constexpr):
 def _q4k_gemv_dp4a_kernel(
     x_ptr, xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
     split_blocks, BN: tl.constexpr, BB: tl.constexpr, PARTIAL: tl.constexpr,
-    STAGES: tl.constexpr, X_INLINE: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr, X_INLINE: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Batch-1 q4_K GEMV with integer dot products, as llama.cpp's mmvq: x in int8 groups of
     32 (one scale and one float sum per group, `_q8_words`) meets the 4-bit codes through
@@ -261,10 +261,8 @@ def _q4k_gemv_dp4a_kernel(
     (q4_K's own is ~5%).
     X_INLINE: each program quantizes the x slices it reads (no extra launch; the work
     repeats per row tile); else x comes quantized by `_q8_quant_kernel` in xq (words) and
-    xs (scale, sum, residual per group). PREFETCH: the next step's codes and headers are
-    loaded before this step's arithmetic (double-buffered in registers: twice the bytes in
-    flight per warp). Grid (N / BN, splits, M); PARTIAL: split-K partials summed in the
-    kernel (`_q4k_store_rows`)."""
+    xs (scale, sum, residual per group). Grid (N / BN, splits, M); PARTIAL: split-K partials
+    summed in the kernel (`_q4k_store_rows`)."""
     s, m, rows, rmask, nblk, b_start, b_end = _q4k_split_program(N, K, split_blocks, BN)
     J: tl.constexpr = BB * 4  # 64-weight chunks (32 code bytes = 8 words) per step
     j = tl.arange(0, J)
@@ -277,25 +275,12 @@ def _q4k_gemv_dp4a_kernel(
     c = j % 4
     code_words = (4 + c * 8)[None, :, None] + w8[None, None, :]  # (1, J, 8) in a block
     hdr_words = tl.arange(0, 4)[None, None, :]
-    if PREFETCH:
-        blk = tl.minimum(b_start + j // 4, b_end - 1)
-        wbase = row_words[:, None] + blk[None, :] * 36
-        codes_next = tl.load(wi_ptr + wbase[:, :, None] + code_words)
-        hdr_next = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)
     for b0 in tl.range(b_start, b_end, BB, num_stages=STAGES):
         ok_j = b0 + j // 4 < b_end
         blk = tl.minimum(b0 + j // 4, b_end - 1)
-        if PREFETCH:
-            codes, hdr = codes_next, hdr_next
-            more = tl.zeros((BN, J, 1), tl.int32) + b0 + BB < b_end  # none after the last
-            blk_next = tl.minimum(b0 + BB + j // 4, b_end - 1)
-            wnext = (row_words[:, None] + blk_next[None, :] * 36)[:, :, None]
-            codes_next = tl.load(wi_ptr + wnext + code_words, mask=more, other=0)
-            hdr_next = tl.load(wi_ptr + wnext + hdr_words, mask=more, other=0)
-        else:
-            wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
-            codes = tl.load(wi_ptr + wbase[:, :, None] + code_words)  # (BN, J, 8)
-            hdr = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)  # (BN, J, 4)
+        wbase = row_words[:, None] + blk[None, :] * 36  # (BN, J) header word
+        codes = tl.load(wi_ptr + wbase[:, :, None] + code_words)  # (BN, J, 8)
+        hdr = tl.load(wi_ptr + wbase[:, :, None] + hdr_words)  # (BN, J, 4)
         g_lo = blk * 8 + 2 * c  # x group (= sub-block) of the low nibbles; high: g_lo + 1
         if X_INLINE:
             e = tl.arange(0, 4)
@@ -694,7 +679,6 @@ class GemvConfig:
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
     stages: int = 1  # software pipelining depth of the block loop
     x_inline: bool = False  # each program quantizes x itself (no separate launch)
-    prefetch: bool = False  # load the next step's codes during this step's arithmetic
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
@@ -708,25 +692,18 @@ def q4k_gemv_config(n: int, k: int) -> GemvConfig:
 # kernel's best per 24B shape in a 36-config sweep on H100 (benchmarks/quant_gpu.py
 # --sections words --words-candidates dp4a, 2026-12-05: 8-row tiles with x quantized by its
 # own kernel for the large shapes, split-K 4 with x quantized inline for qkv and o) and
-# their neighbours (split 2 / 8, 2 blocks per step).
+# their neighbours (split 2 / 8, 2 blocks per step). (A variant loading the next step's codes
+# during this step's arithmetic was a candidate too; the tuner never picked it on H100,
+# session 9, and it went.)
 Q4K_GEMV_CANDIDATES = tuple(
-    GemvConfig(bn, bb, warps, split=split, x_inline=inline, prefetch=prefetch)
-    for bn, bb, warps, split, inline, prefetch in (
-        (8, 1, 1, 1, False, False), (8, 1, 1, 2, False, False), (8, 1, 1, 4, False, False),
-        (8, 1, 1, 8, False, False), (8, 2, 1, 1, False, False), (8, 2, 1, 4, False, False),
-        (4, 1, 1, 1, False, False), (16, 1, 1, 4, False, False), (16, 1, 1, 1, True, False),
-        (16, 1, 1, 4, True, False), (16, 1, 1, 8, True, False), (8, 1, 1, 4, True, False),
-        (8, 1, 1, 8, True, False),
+    GemvConfig(bn, bb, warps, split=split, x_inline=inline)
+    for bn, bb, warps, split, inline in (
+        (8, 1, 1, 1, False), (8, 1, 1, 2, False), (8, 1, 1, 4, False), (8, 1, 1, 8, False),
+        (8, 2, 1, 1, False), (8, 2, 1, 4, False), (4, 1, 1, 1, False), (16, 1, 1, 4, False),
+        (16, 1, 1, 1, True), (16, 1, 1, 4, True), (16, 1, 1, 8, True), (8, 1, 1, 4, True),
+        (8, 1, 1, 8, True),
     )
 )  # fmt: skip
-# The prefetching variants of the three split-K-free large-shape winners join them: the
-# tuner times every candidate on the device at load and keeps a faster one only if its
-# output is right (benchmarks/quant_gpu.py --sections words --words-candidates prefetch
-# times them all).
-Q4K_GEMV_CANDIDATES += tuple(
-    GemvConfig(bn, bb, 1, split=split, prefetch=True)
-    for bn, bb, split in ((8, 1, 1), (8, 2, 1), (8, 1, 4))
-)
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
@@ -930,7 +907,7 @@ class TritonQ4KMatmul(_TritonMatmul):
             x, xq, xs, self.wi, y, ws, cnt, self.out_features, self.in_features,
             x.stride(0), y.stride(0), split_blocks, BN=cfg.bn, BB=cfg.bb,
             PARTIAL=split > 1, STAGES=cfg.stages, X_INLINE=cfg.x_inline,
-            ASM=not self.interpret, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
+            ASM=not self.interpret, num_warps=cfg.warps,
         )  # fmt: skip
 
     def __call__(self, x: Tensor) -> Tensor:

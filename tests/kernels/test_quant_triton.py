@@ -189,8 +189,8 @@ exact = reference_matmul(f, packed, (n, k))
 for m, cfg in [
     (1, tq.GemvConfig(4, 1, 1)),
     (1, tq.GemvConfig(16, 2, 1, split=2)),
-    (1, tq.GemvConfig(8, 2, 1, split=2, prefetch=True)),
-    (3, tq.GemvConfig(4, 1, 1, split=3, x_inline=True, prefetch=True, max_m=4)),
+    (1, tq.GemvConfig(8, 2, 1, split=2)),
+    (3, tq.GemvConfig(4, 1, 1, split=3, x_inline=True, max_m=4)),
     (1, tq.GemvConfig(8, 2, 2, split=3, x_inline=True)),
     (3, tq.GemvConfig(16, 1, 2, split=2, max_m=4)),
     (3, tq.GemvConfig(4, 2, 1, x_inline=True, max_m=4)),
@@ -217,8 +217,7 @@ for m, cfg in [
 def test_dp4a_gemv_equals_its_int8_oracle():
     """The integer-dot q4k GEMV (emulated dp4a in the interpreter) computes exactly the
     q4_K weight times x in int8 groups of 32 (float64 oracle from `group_affine`), for split,
-    ragged and several-row launches, with x quantized by its kernel or inline, with and
-    without the next step's codes prefetched; the int8
+    ragged and several-row launches, with x quantized by its kernel or inline; the int8
     rounding of x moves y by well under 1% from the exact product."""
     rows = interpreted_rows(DP4A)
     assert len(rows) == 7
