@@ -42,7 +42,8 @@ from mistralpy.model.layers import MergedLinear
 from mistralpy.model.mistral3 import Mistral3ForConditionalGeneration
 from mistralpy.model.parallel import SINGLE
 from mistralpy.quant.formats import format_of_ggml_type
-from mistralpy.quant.isq import ConcatLinear, KernelTuning, QuantizedLinear
+from mistralpy.quant.isq import ConcatLinear, QuantizedLinear
+from mistralpy.quant.tuning import KernelTuning
 
 log = logging.getLogger(__name__)
 

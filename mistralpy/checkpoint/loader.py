@@ -406,8 +406,8 @@ def _load_prequantized(
     """Model of a `quantization.json` directory: stored QuantizedLinear bytes go to the
     device as they are (their kernels are built there), other tensors like any checkpoint."""
     from mistralpy.quant.formats import get_format
-    from mistralpy.quant.isq import KernelTuning
     from mistralpy.quant.prequantized import WEIGHTS_FILE, load_prequantized_linear
+    from mistralpy.quant.tuning import KernelTuning
 
     if isq is not None and get_format(isq).name != qconfig.format:
         raise CheckpointError(

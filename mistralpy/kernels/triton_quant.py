@@ -682,6 +682,11 @@ class GemvConfig:
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
 
 
+def gemv_config_of(data: dict) -> GemvConfig:
+    """A GemvConfig from its JSON fields (the kernel tuning cache)."""
+    return GemvConfig(**data)
+
+
 def q4k_gemv_config(n: int, k: int) -> GemvConfig:
     """Untimed default (CPU interpreter, or when no timing is wanted): 8-row tiles, split-K
     for long rows (down_proj) so every SM has enough bytes in flight."""
@@ -718,7 +723,7 @@ def _stream_ms(kernels: list, x: Tensor) -> float:
 
 def tune_q4k_gemv(packed: Tensor, shape: tuple[int, int]) -> GemvConfig:
     """The fastest batch-1 GEMV config among `Q4K_GEMV_CANDIDATES` for this q4_K weight
-    shape. CUDA only; run once per distinct shape at load (`mistralpy.quant.isq.KernelTuning`).
+    shape. CUDA only; run once per distinct shape at load (`mistralpy.quant.tuning.KernelTuning`).
 
     Timed as decode runs it: CUDA-graph replays over enough copies of the weight to stream
     from HBM (a 17 MB qkv weight timed alone sits in L2 and would favour other configs).
@@ -765,6 +770,11 @@ class GemmConfig:
 # the bucket, so small batches get buckets of their own.
 Q4K_GEMM_BUCKETS = (2, 4, 8, 16, 32, 64)
 Q4K_DP4A_MAX_M = 8  # at 8 rows the swap kernel was already as fast (H100 sweep)
+
+
+def gemm_configs_of(data: dict) -> dict[int, GemmConfig]:
+    """`tune_q4k_gemm`'s picks from their JSON form (the kernel tuning cache)."""
+    return {int(bm): GemmConfig(**fields) for bm, fields in data.items()}
 
 
 def q4k_gemm_config(n: int, k: int, bm: int) -> GemmConfig:
@@ -1112,6 +1122,11 @@ def fp8_gemv(
         BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, HAS_SCALE=True, num_warps=warps,
     )  # fmt: skip
     return y
+
+
+def fp8_gemv_config_of(data: list | None) -> tuple[int, int] | None:
+    """`tune_fp8_gemv`'s pick from its JSON form (the kernel tuning cache)."""
+    return None if data is None else (int(data[0]), int(data[1]))
 
 
 def tune_fp8_gemv(codes: Tensor, scale: Tensor, baseline) -> tuple[int, int] | None:

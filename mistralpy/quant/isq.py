@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +34,7 @@ from mistralpy.kernels.quant_matmul import (
     tinygemm_supported,
 )
 from mistralpy.quant.formats import QuantFormat, fp8_pack, fp8_parts, get_format
+from mistralpy.quant.tuning import KernelTuning
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,6 @@ CPU_GEMV_MAX_M = 2
 
 
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
-_Config = TypeVar("_Config")
-
-
-class KernelTuning:
-    """Launch configs chosen by timing on the GPU, memoised per format and weight shape for one
-    model load: the 24B decoder has 161 quantized linears but five distinct shapes, so each
-    shape is timed once (timing every layer added ~25 s to an fp8 load)."""
-
-    def __init__(self) -> None:
-        self._chosen: dict[tuple, object] = {}
-
-    def get(self, key: tuple, tune: Callable[[], _Config]) -> _Config:
-        # A key's first item names the kernel ("q4k", "q4k-gemm", ...), and one kernel's tuner
-        # always returns one config type, so the value stored under `key` is a _Config.
-        if key not in self._chosen:
-            self._chosen[key] = tune()
-        return cast(_Config, self._chosen[key])
 
 
 def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
@@ -182,8 +165,16 @@ def _triton_matmul(
     ga = None if native else fmt.group_affine(packed, shape)
     gemv = gemm = None
     if fmt.name == "q4k":
-        gemv = tuning.get(("q4k", shape), lambda: triton_quant.tune_q4k_gemv(packed, shape))
-        gemm = tuning.get(("q4k-gemm", shape), lambda: triton_quant.tune_q4k_gemm(packed, shape))
+        gemv = tuning.get(
+            ("q4k", shape),
+            lambda: triton_quant.tune_q4k_gemv(packed, shape),
+            triton_quant.gemv_config_of,
+        )
+        gemm = tuning.get(
+            ("q4k-gemm", shape),
+            lambda: triton_quant.tune_q4k_gemm(packed, shape),
+            triton_quant.gemm_configs_of,
+        )
     return triton_quant.build(fmt.name, packed, shape, ga, gemv, gemm)
 
 
@@ -199,6 +190,7 @@ def _cuda_fp8_matmul(codes: Tensor, scale: Tensor, tuning: KernelTuning) -> Quan
         config = tuning.get(
             ("fp8", tuple(codes.shape)),
             lambda: triton_quant.tune_fp8_gemv(codes, w8a8.scale, w8a8),
+            triton_quant.fp8_gemv_config_of,
         )
         if config is None:
             return w8a8

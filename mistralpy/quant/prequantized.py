@@ -31,7 +31,8 @@ from mistralpy.errors import UserError
 from mistralpy.quant.formats import get_format
 
 if TYPE_CHECKING:  # isq is imported where needed: reading quantization.json needs no kernels
-    from mistralpy.quant.isq import KernelTuning, QuantizedLinear
+    from mistralpy.quant.isq import QuantizedLinear
+    from mistralpy.quant.tuning import KernelTuning
 
 QUANT_CONFIG_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
