@@ -250,6 +250,8 @@ class ModelRunner:
         from mistralpy.kernels.sampling import SamplingTensors, verify_drafts
 
         spec = seq.spec
+        if spec.grammar is None and _plain_greedy(spec.params):
+            return _greedy_verify(spec.draft_ids, logits)
         drafts, allowed = spec.draft_ids, None
         if spec.grammar is not None:
             drafts, masks = _grammar_draft_masks(spec.grammar, drafts, logits.shape[-1])
@@ -587,6 +589,15 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.numpy().argmax(axis=-1).astype("int64", copy=False))
     return logits.argmax(dim=-1)
+
+
+def _greedy_verify(drafts: list[int], logits: torch.Tensor) -> list[SampledToken]:
+    """`verify_drafts` for a plain greedy sequence, in one argmax and one copy to the host:
+    the drafts up to the first that differs from its row's argmax, then that row's argmax
+    (the same tokens: the general rule's greedy rows are one-hot at the same argmax)."""
+    best = _argmax(logits[: len(drafts) + 1]).tolist()
+    n = next((i for i, (d, t) in enumerate(zip(drafts, best)) if d != t), len(drafts))
+    return [SampledToken(t, None, []) for t in drafts[:n] + [best[n]]]
 
 
 @dataclass

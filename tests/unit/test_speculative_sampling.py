@@ -108,3 +108,24 @@ def test_grammar_mask_and_logprobs_per_row():
     assert out.token_ids[0] == int(masked.argmax())
     expected = torch.log_softmax(logits.double(), dim=-1)[0, out.token_ids[0]]
     assert abs(float(out.logprobs[0]) - float(expected)) < 1e-5
+
+
+def test_the_runners_greedy_shortcut_emits_what_the_general_rule_emits():
+    """`model_runner._greedy_verify` (one argmax) against `verify_drafts` on random logits
+    with ties (small integer values) and drafts that agree with the argmax for a while."""
+    from mistralpy.runner.model_runner import _greedy_verify
+
+    gen = torch.Generator().manual_seed(3)
+    greedy = SamplingParams(temperature=0.0)
+    for trial in range(200):
+        k = trial % 6
+        logits = torch.randint(0, 4, (k + 1, V), generator=gen).float()
+        best = logits.argmax(dim=-1).tolist()
+        agree = int(torch.randint(0, k + 1, (1,), generator=gen))
+        drafts = best[:agree] + [int(t) for t in torch.randint(0, V, (k - agree,), generator=gen)]
+        out, n = verify_drafts(
+            logits, rows_tensors(greedy, k), None, torch.tensor(drafts, dtype=torch.int64)
+        )
+        want = out.token_ids[: n + 1].tolist()
+        got = [t.token_id for t in _greedy_verify(drafts, logits)]
+        assert got == want, (logits, drafts)
