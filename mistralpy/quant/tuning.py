@@ -3,7 +3,7 @@
 Timing the q4k kernels' candidates takes minutes for the 24B model (five weight shapes, a
 GEMV and six GEMM buckets each); the picks depend only on the card, the software and the
 kernels' source, so a second load on the same machine reads them back instead. The file is
-`$MISTRALPY_CACHE_DIR/kernel_tuning.json` (default `$XDG_CACHE_HOME/mistralpy`, else
+`kernel_tuning.json` in `mistralpy_cache_dir()` (`$MISTRALPY_CACHE`, else
 `~/.cache/mistralpy`); `MISTRALPY_TUNING_CACHE=0` turns it off. Entries are grouped by a
 context string (card name and compute capability, torch and Triton versions, a hash of the
 tuned kernels' source): a new driver stack, card or kernel edit tunes afresh. A file that
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from mistralpy.paths import mistralpy_cache_dir
+
 log = logging.getLogger(__name__)
 
 _Config = TypeVar("_Config")
@@ -33,11 +35,7 @@ def default_cache_path() -> Path | None:
     """Where picks are kept, from the environment (None: caching turned off)."""
     if os.environ.get("MISTRALPY_TUNING_CACHE", "1").lower() in ("0", "off", "false", "no"):
         return None
-    root = os.environ.get("MISTRALPY_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(xdg) / "mistralpy")
-    return Path(root) / FILE_NAME
+    return mistralpy_cache_dir() / FILE_NAME
 
 
 def cuda_context() -> str:

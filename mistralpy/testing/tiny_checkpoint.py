@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from mistralpy.checkpoint.named_models import mistralpy_cache_dir
 from mistralpy.model.config import MODEL_DTYPES
+from mistralpy.paths import mistralpy_cache_dir
 from mistralpy.processing.chat_template import packaged_template_path
 from mistralpy.processing.tokenizer import tekken_special_tokens, tekken_to_hf_tokenizer
 

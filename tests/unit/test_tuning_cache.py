@@ -100,19 +100,20 @@ def test_an_unwritable_cache_only_logs(tmp_path):
 
 
 def test_the_cache_path_follows_the_environment(monkeypatch, tmp_path):
+    # the same directory as the named models' files
     monkeypatch.delenv("MISTRALPY_TUNING_CACHE", raising=False)
-    monkeypatch.setenv("MISTRALPY_CACHE_DIR", str(tmp_path / "m"))
+    monkeypatch.setenv("MISTRALPY_CACHE", str(tmp_path / "m"))
     assert default_cache_path() == tmp_path / "m" / "kernel_tuning.json"
-    monkeypatch.delenv("MISTRALPY_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_path() == tmp_path / "xdg" / "mistralpy" / "kernel_tuning.json"
+    monkeypatch.delenv("MISTRALPY_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_path() == tmp_path / "home" / ".cache" / "mistralpy" / "kernel_tuning.json"
     monkeypatch.setenv("MISTRALPY_TUNING_CACHE", "0")
     assert default_cache_path() is None
 
 
 def test_a_cpu_load_never_opens_the_default_store(monkeypatch, tmp_path):
     # the default store opens on the first pick not memoised; nothing is tuned on CPU
-    monkeypatch.setenv("MISTRALPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MISTRALPY_CACHE", str(tmp_path))
     factory = isq_linear_factory("q4k")
     weight = torch.randn(64, 512)
     layer = factory("model.layers.0.mlp.down_proj", weight, None)
