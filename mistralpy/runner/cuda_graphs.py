@@ -133,8 +133,8 @@ class DecodeGraphs:
 
     def load(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> int:
         """Stage one step's rows (token, its position, its sequence's block table, which must
-        cover the position; see `batch.decode_rows`) and copy them to the device buffers, non-blocking. Rows past len(token_ids) up to the
-        bucket are padding. Returns the bucket. The caller syncs on this step's results
+        cover the position; see `batch.decode_rows`) and copy them to the device buffers,
+        non-blocking. Rows past len(token_ids) up to the bucket are padding. Returns the bucket. The caller syncs on this step's results
         before the next `load` (the staging buffers are reused)."""
         n = len(token_ids)
         batch = self.bucket(n)
