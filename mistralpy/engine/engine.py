@@ -42,7 +42,13 @@ from mistralpy.engine.sequence import (
     TokenLogprob,
     now,
 )
-from mistralpy.engine.speculative import Drafter, Speculation, draft_pause, drafts_after_misses
+from mistralpy.engine.speculative import (
+    EMPTY_DRAFT_PAUSE,
+    Drafter,
+    Speculation,
+    draft_pause,
+    drafts_after_misses,
+)
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
 from mistralpy.params import InvalidParameter, SamplingParams
@@ -499,6 +505,13 @@ class LLMEngine:
             if self.image_token_id in drafts:
                 drafts = drafts[: drafts.index(self.image_token_id)]
             seq.draft_ids = list(itertools.takewhile(self._in_vocab, drafts))
+            # a drafter that keeps finding nothing (prompt lookup on text that does not
+            # repeat) backs off as after misses, and the plain steps between its tries may
+            # be launched ahead; unlike misses, empty proposals keep k whole
+            seq.draft_empties = 0 if seq.draft_ids else seq.draft_empties + 1
+            if seq.draft_empties:
+                cap = min(seq.max_draft_pause, EMPTY_DRAFT_PAUSE)
+                seq.draft_pause = draft_pause(seq.draft_empties, cap)
 
     def _in_vocab(self, token_id: int) -> bool:
         return 0 <= token_id < self.runner.vocab_size

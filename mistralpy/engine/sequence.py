@@ -129,6 +129,7 @@ class Sequence:
         # drafts of the step being scheduled: computed after all_token_ids, never part of them
         self.draft_ids: list[int] = []
         self.draft_misses = 0  # verify steps in a row that accepted no draft
+        self.draft_empties = 0  # proposals in a row that drafted nothing
         self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
         self.max_draft_pause = max_draft_pause  # the longest such pause
 

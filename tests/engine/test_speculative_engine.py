@@ -331,3 +331,32 @@ def test_a_paused_sequence_may_launch_its_next_plain_step_ahead(ckpt, loaded):
                 assert flag == (next_rows > 1), (decode, max_pause)
         # (the last steps draft fewer, then none: max_tokens leaves no room)
         assert any(n == 1 for n in rows[:8]) == want_plain_steps, rows
+
+
+def test_a_drafter_that_finds_nothing_backs_off(ckpt, loaded):
+    """Prompt lookup on text that never repeats proposes nothing: after empty proposals the
+    drafter pauses 1, 3, 7, 7, ... steps (`EMPTY_DRAFT_PAUSE`), so over 58 steps it is asked
+    14 times at most, not every step (each ask scans the whole sequence, and the step after
+    an ask cannot be launched ahead); max_pause 0 asks every step. The output is plain
+    greedy's either way."""
+    rng = random.Random(11)
+    prompt = prompt_of(rng, 12)
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    (plain,) = run(make_engine(ckpt, loaded), [(prompt, params, None)])
+
+    class Counting(NgramDrafter):
+        calls = 0
+
+        def propose(self, seq_id, token_ids, k):
+            Counting.calls += 1
+            return []  # as prompt lookup on text that does not repeat
+
+    # 59 decode steps after the prefill's token; the last has no room for a draft
+    for max_pause, most in ((63, 14), (0, 58)):
+        Counting.calls = 0
+        engine = make_engine(ckpt, loaded)
+        spec = Speculation(Counting(3, 1), 4, max_pause=max_pause)
+        (out,) = run(engine, [(prompt, params, spec)])
+        assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+        assert Counting.calls <= most and (max_pause > 0 or Counting.calls == most), Counting.calls
+        assert_no_leak(engine)
