@@ -50,7 +50,7 @@ def attach_graphs(runner, model, width: int = 8) -> RerunGraphs:
     block tables up to `width` blocks, and the host buffers a CUDA runner syncs through."""
     graphs = RerunGraphs(
         lambda ids, pos, attn: model.compute_logits(model(ids, pos, attn, runner.kv_caches)),
-        runner.cfg.max_num_seqs, width, runner.cfg.block_size, runner.device,
+        runner.cfg.max_decode_rows, width, runner.cfg.block_size, runner.device,
     )  # fmt: skip
     runner.decode_graphs = graphs
     runner._sampled_host = torch.empty(runner.cfg.max_num_seqs, dtype=torch.int64)

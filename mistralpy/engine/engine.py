@@ -713,6 +713,7 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         block_size=config.block_size,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
+        max_decode_rows=config.max_num_seqs * (1 + _speculative_tokens(config)),
         gpu_memory_utilization=config.gpu_memory_utilization,
         cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
         num_kv_blocks=config.num_kv_blocks,
@@ -720,6 +721,12 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         enforce_eager=config.enforce_eager,
         kv_cache_dtype=config.kv_cache_dtype,
     )
+
+
+def _speculative_tokens(config: EngineConfig) -> int:
+    """k of the engine's speculative decoding (0: none)."""
+    spec = config.speculative_config
+    return spec.num_speculative_tokens if spec is not None else 0
 
 
 def _fit_context(requested: int | None, max_pos: int, kv_capacity: int) -> int:

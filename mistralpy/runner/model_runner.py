@@ -51,6 +51,9 @@ class RunnerConfig:
     block_size: int
     max_num_batched_tokens: int  # the largest step, used for the memory profile
     max_num_seqs: int
+    # rows of the largest decode CUDA graph: max_num_seqs, times 1 + k when the engine
+    # speculates (a sequence verifying k drafts is k + 1 rows)
+    max_decode_rows: int
     gpu_memory_utilization: float  # CUDA: share of total memory for weights + activations + KV
     cpu_kv_cache_bytes: int  # CPU: KV cache size in bytes
     num_kv_blocks: int | None  # fixed block count instead of a memory-derived one
@@ -147,7 +150,7 @@ class ModelRunner:
                 from mistralpy.runner.cuda_graphs import batch_buckets
                 from mistralpy.runner.gemv import use_tuned_gemv
 
-                self.gemv_report = use_tuned_gemv(model, batch_buckets(cfg.max_num_seqs))
+                self.gemv_report = use_tuned_gemv(model, batch_buckets(cfg.max_decode_rows))
         self.num_blocks = cfg.num_kv_blocks or self._count_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, device)
         self.cpu_decode: FusedCpuDecode | None = None  # CPU: whole decode steps in one call
@@ -364,7 +367,7 @@ class ModelRunner:
         self.cuda_attention.warm_up(self.kv_caches[0], text.num_attention_heads, self.dtype)
         width = min(self.num_blocks, -(-text.max_position_embeddings // self.cfg.block_size))
         graphs = DecodeGraphs(
-            self._decode_forward, self.cfg.max_num_seqs, width, self.cfg.block_size, self.device
+            self._decode_forward, self.cfg.max_decode_rows, width, self.cfg.block_size, self.device
         )
         context = min(DECODE_TUNING_CONTEXT, width * self.cfg.block_size - 1)
         for rows in graphs.buckets:
@@ -521,7 +524,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_run(self) -> None:
         """Largest step we will run, on a throwaway cache: max_num_batched_tokens new tokens,
-        logits for max_num_seqs rows, and one largest image through the encoder."""
+        logits for the largest decode graph's rows, and one largest image through the encoder."""
         from mistralpy.kernels.attention import AttentionMetadata
 
         cfg = self.cfg
@@ -553,7 +556,7 @@ class ModelRunner:
         )
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, torch.arange(tokens, device=self.device), attn, caches, None)
-        self.model.compute_logits(hidden[: cfg.max_num_seqs])
+        self.model.compute_logits(hidden[: cfg.max_decode_rows])
         del caches, hidden
 
 

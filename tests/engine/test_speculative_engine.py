@@ -360,3 +360,28 @@ def test_a_drafter_that_finds_nothing_backs_off(ckpt, loaded):
         assert out.outputs[0].token_ids == plain.outputs[0].token_ids
         assert Counting.calls <= most and (max_pause > 0 or Counting.calls == most), Counting.calls
         assert_no_leak(engine)
+
+
+def test_speculating_engines_capture_graphs_for_every_verify_row(ckpt, loaded):
+    """With `speculative_config` (k drafts), the decode graphs hold max_num_seqs * (k + 1)
+    rows, so a full batch of sequences verifying k drafts each still replays a graph (it ran
+    eagerly when the graphs held max_num_seqs rows); without it they hold max_num_seqs."""
+    from mistralpy.engine.engine import runner_config
+    from mistralpy.engine.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig("ngram", 4, 3, 1)
+    assert (
+        runner_config(EngineConfig(max_num_seqs=4, speculative_config=spec)).max_decode_rows == 20
+    )
+    assert runner_config(EngineConfig(max_num_seqs=4)).max_decode_rows == 4
+    rng = random.Random(5)
+    prompts = [prompt_of(rng, 10) for _ in range(4)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    plain = run(make_engine(ckpt, loaded, max_num_seqs=4), [(p, params, None) for p in prompts])
+    truth = [o.outputs[0].token_ids for o in plain]
+    engine, graphs = graph_engine(ckpt, loaded, max_num_seqs=4, speculative_config=spec)
+    assert graphs.buckets[-1] == 20
+    outs = run(engine, [(p, params, oracle(p, t, 1.0, k=4)) for p, t in zip(prompts, truth)])
+    assert [o.outputs[0].token_ids for o in outs] == truth
+    assert engine.runner.graph_verify_steps > 0
+    assert_no_leak(engine)
