@@ -485,6 +485,16 @@ def _kv_bytes(engine: LLMEngine, tokens: int) -> int:
     return spec.bytes_per_block * tokens // spec.block_size
 
 
+def load_synthetic_step(runner: Any, graphs: Any, batch: int, ctx: int) -> int:
+    """Load the decode graphs with `batch` rows at position ctx - 1, each over its own run of
+    blocks (contents whatever they hold), and return the bucket to replay. Any step launched
+    ahead is dropped first: its graph inputs are overwritten here."""
+    runner.discard_lookahead()
+    nb = -(-ctx // runner.cfg.block_size)
+    tables = [list(range(i * nb, (i + 1) * nb)) for i in range(batch)]
+    return graphs.load([NUM_SPECIAL] * batch, [ctx - 1] * batch, tables)
+
+
 def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> dict[str, float]:
     """GPU time of one captured decode step of `batch` rows at `ctx` tokens each, split into
     linears, attention and the rest; host = measured engine step minus GPU step."""
@@ -496,10 +506,7 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     from mistralpy.kernels import triton_attention as ta
 
     model = runner.model
-    runner.discard_lookahead()  # the graph inputs are overwritten below
-    nb = -(-ctx // runner.cfg.block_size)
-    tables = [list(range(i * nb, (i + 1) * nb)) for i in range(batch)]
-    bucket = graphs.load([NUM_SPECIAL] * batch, [ctx - 1] * batch, tables)
+    bucket = load_synthetic_step(runner, graphs, batch, ctx)
     t_graph = time_fn(lambda: graphs.replay(bucket), device, 20)
     engine.block_manager.reset_prefix_cache()  # those blocks were written: forget any keys
     text = model.config.text_config
@@ -542,10 +549,7 @@ def decode_profile(engine: LLMEngine, batch: int, ctx: int, top: int = 30) -> li
         return []
     from torch.profiler import ProfilerActivity, profile
 
-    runner.discard_lookahead()
-    nb = -(-ctx // runner.cfg.block_size)
-    tables = [list(range(i * nb, (i + 1) * nb)) for i in range(batch)]
-    bucket = graphs.load([NUM_SPECIAL] * batch, [ctx - 1] * batch, tables)
+    bucket = load_synthetic_step(runner, graphs, batch, ctx)
     replays = 10
     graphs.replay(bucket)
     sync(runner.device)
