@@ -27,6 +27,7 @@ whose load-time q4k pick section words tunes and times too, for a same-run befor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -332,7 +333,7 @@ GEMM_DP4A_SWEEP = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), 
 
 
 def _kind(cfg) -> str:
-    return "dp4a" if cfg.dp4a else "swap"
+    return "mma" if cfg.mma else "dp4a" if cfg.dp4a else "swap"
 
 
 def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
@@ -348,6 +349,8 @@ def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
                 if split > 1 and k // 256 // split < 2:
                     continue
                 out.append(tq.GemmConfig(bn, 1, warps, 1, split, dp4a=True))
+    if "mma" in kinds and bm <= tq.Q4K_MMA_MAX_M:
+        out += tq.q4k_gemm_mma_candidates(n, k)
     return out
 
 
@@ -502,8 +505,56 @@ def table(ctx: Ctx) -> None:
         ctx.rows.append({"section": "estimate", "format": fmt_name, "m": m, "ms": total})
 
 
+def mma_check(ctx: Ctx) -> None:
+    """The CUDA tensor-core q4_K GEMM (`cuda_q4k`) against dequantize + matmul: ragged row
+    counts, every x-tile count, split-K with its counters reset, bf16 and fp16, eager and
+    in a CUDA graph; prints the NVRTC compile time of the first shape."""
+    f = get_format("q4k")
+    worst = 0.0
+    for n, k in [(100, 768), (48, 512), (6144, 5120), (5120, 32768)]:
+        w = ctx.weight((n, k))
+        packed = f.quantize(w)
+        ref_w = f.dequantize(packed, (n, k), torch.float32)
+        cfgs = tq.q4k_gemm_mma_candidates(n, k)
+        for dtype in (torch.bfloat16, torch.float16):
+            for m in (1, 2, 3, 8, 9, 16, 17, 31, 32):
+                x = x_of(m, k, ctx.dev, dtype)
+                ref = x.float() @ ref_w.T
+                for cfg in cfgs if m in (3, 17) else cfgs[:: max(1, len(cfgs) // 3)]:
+                    kern = tq.TritonQ4KMatmul(
+                        packed, (n, k), gemm={b: cfg for b in tq.Q4K_GEMM_BUCKETS}
+                    )
+                    kern.gemv = dataclasses.replace(kern.gemv, max_m=0)
+                    t0 = time.perf_counter()
+                    y1 = kern(x)
+                    torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    y2 = kern(x)
+                    err = rel_err(y1, ref)
+                    same = torch.equal(y1, y2)
+                    worst = max(worst, err)
+                    if err > 1e-2 or not same or dt > 0.5:
+                        print(
+                            f"CHECK mma {n}x{k} m={m} {dtype} {cfg}: err {err:.2e} repeat-equal {same} first call {dt:.2f} s"
+                        )
+        g = torch.cuda.CUDAGraph()
+        x = x_of(9, k, ctx.dev)
+        kern = tq.TritonQ4KMatmul(packed, (n, k), gemm={16: cfgs[-1]})
+        kern(x)
+        with torch.cuda.graph(g):
+            y = kern(x)
+        x.copy_(x_of(9, k, ctx.dev, seed=5))
+        g.replay()
+        err = rel_err(y, x.float() @ ref_w.T)
+        print(f"CHECK mma {n}x{k} graph replay {cfgs[-1]}: err {err:.2e}", flush=True)
+        worst = max(worst, err)
+    print(f"CHECK mma worst rel err {worst:.2e}", flush=True)
+    ctx.rows.append({"section": "mma_check", "worst_rel_err": worst})
+
+
 SECTIONS = {
     "check": check,
+    "mma_check": mma_check,
     "words": words,
     "crossover": crossover,
     "gemm": gemm,

@@ -762,6 +762,7 @@ class GemmConfig:
     stages: int = 2  # software pipelining depth of the block loop
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
     dp4a: bool = False  # `_q4k_gemm_dp4a_kernel` (int8 x, integer dots; buckets <= 16)
+    mma: bool = False  # `cuda_q4k.q4k_mma` (CUDA, sm80+; buckets <= 32): bn = 16 warps x tiles
 
 
 # M buckets of the decode GEMM (rows of x padded to the next); above the last one a
@@ -816,6 +817,22 @@ def q4k_gemm_dp4a_candidates(n: int, k: int) -> list[GemmConfig]:
     return out
 
 
+Q4K_MMA_MAX_M = 32  # x tiles of 8 rows held in registers: 4 at most
+
+
+def q4k_gemm_mma_candidates(n: int, k: int) -> list[GemmConfig]:
+    """Launch configs of the CUDA tensor-core GEMM (`cuda_q4k`): 1-2 16-row weight tiles per
+    warp, 4 or 8 warps per program, split-K 1-16 where it leaves >= 2 blocks per split."""
+    out = []
+    for tiles, warps in ((1, 4), (2, 4), (1, 8)):
+        bn = 16 * tiles * warps
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and (k // 256 // split < 2 or -(-n // bn) * split > 8192):
+                continue
+            out.append(GemmConfig(bn, 1, warps, 1, split, mma=True))
+    return out
+
+
 def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfig]:
     """The fastest decode-GEMM config per M bucket for this q4_K weight shape, timed as
     `tune_q4k_gemv` times (CUDA-graph replays streaming copies of the weight from HBM). A
@@ -835,7 +852,8 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
         best, best_t = q4k_gemm_config(n, k, bm), float("inf")
         swap = [chosen[16]] if bm < 16 and 16 in chosen else q4k_gemm_candidates(n, k)
         dp4a = q4k_gemm_dp4a_candidates(n, k) if bm <= Q4K_DP4A_MAX_M else []
-        for cfg in swap + dp4a:
+        mma = q4k_gemm_mma_candidates(n, k) if bm <= Q4K_MMA_MAX_M and _has_mma(packed) else []
+        for cfg in swap + dp4a + mma:
             try:
                 got = TritonQ4KMatmul(packed, shape, gemm={bm: cfg})(x).float()
                 if not (got - want).norm() <= 0.01 * want.norm():
@@ -848,6 +866,12 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
         chosen[bm] = best
     del exact
     return chosen
+
+
+def _has_mma(t: Tensor) -> bool:
+    from mistralpy.kernels import cuda_q4k
+
+    return cuda_q4k.supported(t.device)
 
 
 class TritonQ4KMatmul(_TritonMatmul):
@@ -951,6 +975,21 @@ class TritonQ4KMatmul(_TritonMatmul):
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
         split = triton.cdiv(nblk, split_blocks)
         tiles = triton.cdiv(self.out_features, cfg.bn)
+        if cfg.mma:
+            from mistralpy.kernels import cuda_q4k
+
+            ws, cnt = self._scratch(y.device, m, split, tiles, "mma") if split > 1 else (y, y)
+            cuda_q4k.q4k_mma(
+                self.wb,
+                x,
+                y,
+                ws,
+                cnt,
+                row_tiles=cfg.bn // (16 * cfg.warps),
+                warps=cfg.warps,
+                split_blocks=split_blocks,
+            )
+            return
         if cfg.dp4a:
             ws, cnt = self._scratch(y.device, bm, split, tiles, "dp4a") if split > 1 else (y, y)
             xq, xs = self._quantized_x(x)

@@ -1,0 +1,352 @@
+"""q4_K decode GEMM on the tensor cores, in CUDA C++ compiled at run time by NVRTC
+(imported lazily, never by `import mistralpy`; tests/kernels/test_cuda_q4k.py replays its
+lane maps on the CPU and compiles it where NVRTC is installed).
+
+Why CUDA and not Triton: in Triton a dequantized weight tile reaches the matrix unit
+through shared memory in a layout the compiler picks, and the swap-AB `tl.dot` kernel
+streams q4_K at ~30% of HBM bandwidth at 8-32 rows (BENCHMARKS.md). Here each thread
+dequantizes straight into the registers `mma.sync.m16n8k16` reads as its A operand, as
+Marlin does, but over the GGUF bytes in place (no repacked copy): instead of permuting the
+weight at load, the kernel permutes the reduction order, which only x has to follow.
+
+Maps (per 256-weight block, two 128-weight spans sp; lane = 4 g + t):
+- weight rows are the mma's M side (16 per tile: rows g and g + 8), rows of x its N side
+  (8 per tile: column g of B), so a batch of 1-32 rows pads only x;
+- thread t reads 16 code bytes at offset 64 sp + 16 t of the block's 128 (one 16-byte load
+  per row: a warp reads 64 contiguous bytes of each row); byte e of its word j holds the
+  codes of weights k0 + 4 j + e (low nibble) and k0 + 32 + 4 j + e (high), with
+  k0 = 128 sp + 64 (t // 2) + 16 (t % 2);
+- mma tile (sp, j, nibble h) takes, as thread t's k slots 2t, 2t+1, 2t+8, 2t+9, the codes
+  of bytes (0, 2), (0, 2), (1, 3), (1, 3)... precisely: slot 2 t + 8 s + e holds weight
+  k0 + 32 h + 4 j + s + 2 e, so one shift and one LOP3 give a bf16x2 pair (magic-number
+  conversion: 0x4300 | q is 128 + q) and each pair has one (scale, min) sub-block;
+- x's B fragment for that tile is gathered by two byte permutes from the 16 contiguous
+  values at k0 + 32 h that the thread loads once per span.
+A weight is w = d sc q - dmin m: per pair one LOP3 (+ a shift), one FMA to remove the magic
+bias and one FMA with the sub-block's (scale, -min) pair.
+
+Split-K partials go to a float32 workspace (split, M, N); the last program of a row tile
+to arrive sums them in order and resets its counter (graph replays need no memset).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#if FP16
+#define MAGIC 0x64006400u
+#define MAGIC_NEG 0xE400E400u
+#define ONE2 0x3C003C00u
+#define FMA2 "fma.rn.f16x2"
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define CVT2 "cvt.rn.f16x2.f32"
+#define CVT1 "cvt.rn.f16.f32"
+#else
+#define MAGIC 0x43004300u
+#define MAGIC_NEG 0xC300C300u
+#define ONE2 0x3F803F80u
+#define FMA2 "fma.rn.bf16x2"
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define CVT2 "cvt.rn.bf16x2.f32"
+#define CVT1 "cvt.rn.bf16.f32"
+#endif
+
+__device__ __forceinline__ void load_stream(u32 (&r)[4], const unsigned char* p) {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ void load_x(u32 (&r)[4], const u16* p) {
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ u32 pack2(float v) {
+    u32 d;
+    asm(CVT2 " %0, %1, %1;" : "=r"(d) : "f"(v));
+    return d;
+}
+
+__device__ __forceinline__ u16 to_half(float v) {
+    u16 d;
+    asm(CVT1 " %0, %1;" : "=h"(d) : "f"(v));
+    return d;
+}
+
+__device__ __forceinline__ float half_to_float(u32 bits) {
+    float f;
+    u16 h = (u16)bits;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// pair of weights of one sub-block: bits SHIFT..SHIFT+3 and SHIFT+16.. of code word q
+__device__ __forceinline__ u32 dequant_pair(u32 q, int shift, u32 scale2, u32 neg_min2) {
+    u32 v = ((q >> shift) & 0x000F000Fu) | MAGIC;
+    v = fma2(v, ONE2, MAGIC_NEG);  // exactly q
+    return fma2(v, scale2, neg_min2);
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (scale, -min) of sub-block 4 HI + jj of a block header h (16 bytes as 4 words), as pairs
+__device__ __forceinline__ void sub_block(const u32 (&h)[4], int jj, bool hi, u32& s2, u32& o2) {
+    int sh = 8 * jj;
+    u32 b1 = (h[1] >> sh) & 255u, b2 = (h[2] >> sh) & 255u, b3 = (h[3] >> sh) & 255u;
+    u32 sc = hi ? ((b3 & 15u) | ((b1 >> 6) << 4)) : (b1 & 63u);
+    u32 mn = hi ? ((b3 >> 4) | ((b2 >> 6) << 4)) : (b2 & 63u);
+    float d = half_to_float(h[0] & 0xFFFFu), dmin = half_to_float(h[0] >> 16);
+    s2 = pack2(d * (float)sc);
+    o2 = pack2(-dmin * (float)mn);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
+        float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
+        int split_blocks, int ldx, int ldy) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int nblk = K >> 8;
+    const long long row_bytes = (long long)nblk * 144;
+    const int row0 = (blockIdx.x * WARPS + warp) * (RT * 16);
+    const int split = blockIdx.y;
+    const int b_start = split * split_blocks;
+    const int b_end = min(b_start + split_blocks, nblk);
+    const int k0 = 64 * (t >> 1) + 16 * (t & 1);
+
+    const unsigned char* wrow[RT][2];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int ab = 0; ab < 2; ++ab)  // rows past N read the last row, never stored
+            wrow[r][ab] = w + (long long)min(row0 + 16 * r + 8 * ab + g, N - 1) * row_bytes;
+    const u16* xrow[NT];  // rows of x past M read row M - 1: their columns are never stored
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xrow[n] = x + (long long)min(8 * n + g, M - 1) * ldx + k0;
+
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
+
+    u32 hdr[RT][2][4], code[RT][2][2][4];
+    if (b_start < b_end) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int ab = 0; ab < 2; ++ab) {
+                const unsigned char* p = wrow[r][ab] + (long long)b_start * 144;
+                load_stream(hdr[r][ab], p);
+                load_stream(code[r][ab][0], p + 16 + 16 * t);
+                load_stream(code[r][ab][1], p + 80 + 16 * t);
+            }
+    }
+    for (int b = b_start; b < b_end; ++b) {
+        u32 h_cur[RT][2][4], c_cur[RT][2][2][4];
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int ab = 0; ab < 2; ++ab)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    h_cur[r][ab][i] = hdr[r][ab][i];
+                    c_cur[r][ab][0][i] = code[r][ab][0][i];
+                    c_cur[r][ab][1][i] = code[r][ab][1][i];
+                }
+        if (b + 1 < b_end) {  // the next block's bytes are in flight during this one's math
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int ab = 0; ab < 2; ++ab) {
+                    const unsigned char* p = wrow[r][ab] + (long long)(b + 1) * 144;
+                    load_stream(hdr[r][ab], p);
+                    load_stream(code[r][ab][0], p + 16 + 16 * t);
+                    load_stream(code[r][ab][1], p + 80 + 16 * t);
+                }
+        }
+#pragma unroll
+        for (int sp = 0; sp < 2; ++sp) {
+            u32 xv[NT][2][8];
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const u16* p = xrow[n] + b * 256 + sp * 128 + 32 * hh;
+                    u32 lo[4], hi[4];
+                    load_x(lo, p);
+                    load_x(hi, p + 8);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        xv[n][hh][i] = lo[i];
+                        xv[n][hh][4 + i] = hi[i];
+                    }
+                }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                u32 s2[RT][2], o2[RT][2];
+#pragma unroll
+                for (int r = 0; r < RT; ++r)
+#pragma unroll
+                    for (int ab = 0; ab < 2; ++ab)
+                        sub_block(h_cur[r][ab], 2 * (t >> 1) + hh, sp == 1, s2[r][ab], o2[r][ab]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    u32 bx0[NT], bx1[NT];
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        bx0[n] = prmt(xv[n][hh][2 * j], xv[n][hh][2 * j + 1], 0x5410u);
+                        bx1[n] = prmt(xv[n][hh][2 * j], xv[n][hh][2 * j + 1], 0x7632u);
+                    }
+#pragma unroll
+                    for (int r = 0; r < RT; ++r) {
+                        u32 qa = c_cur[r][0][sp][j], qb = c_cur[r][1][sp][j];
+                        u32 a0 = dequant_pair(qa, 4 * hh, s2[r][0], o2[r][0]);
+                        u32 a1 = dequant_pair(qb, 4 * hh, s2[r][1], o2[r][1]);
+                        u32 a2 = dequant_pair(qa, 4 * hh + 8, s2[r][0], o2[r][0]);
+                        u32 a3 = dequant_pair(qb, 4 * hh + 8, s2[r][1], o2[r][1]);
+#pragma unroll
+                        for (int n = 0; n < NT; ++n) mma(acc[r][n], a0, a1, a2, a3, bx0[n], bx1[n]);
+                    }
+                }
+            }
+        }
+    }
+
+    // C fragment: acc[r][n][2 ab + e] is weight row row0 + 16 r + 8 ab + g, x row 8 n + 2 t + e
+    const bool partial = gridDim.y > 1;
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int row = row0 + 16 * r + 8 * (i >> 1) + g, m = 8 * n + 2 * t + (i & 1);
+                if (row < N && m < M) {
+                    if (partial) ws[((long long)split * M + m) * N + row] = acc[r][n][i];
+                    else y[(long long)m * ldy + row] = to_half(acc[r][n][i]);
+                }
+            }
+    if (!partial) return;
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int row = row0 + 16 * r + 8 * (i >> 1) + g, m = 8 * n + 2 * t + (i & 1);
+                if (row < N && m < M) {
+                    float total = 0.f;
+                    for (int s = 0; s < (int)gridDim.y; ++s) {
+                        float v;
+                        const float* p = ws + ((long long)s * M + m) * N + row;
+                        asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+                        total += v;
+                    }
+                    y[(long long)m * ldy + row] = to_half(total);
+                }
+            }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+"""
+
+
+@dataclass(frozen=True)
+class MmaShape:
+    """Compile-time shape of one `q4k_mma` build: `row_tiles` 16-row weight tiles per warp,
+    `warps` per program (each its own rows, all over the same k range, so x is read from
+    L1 by all but the first), `x_tiles` 8-row tiles of x (rows 8 x_tiles >= M)."""
+
+    row_tiles: int
+    warps: int
+    x_tiles: int
+    fp16: bool = False
+
+    @property
+    def rows_per_program(self) -> int:
+        return 16 * self.row_tiles * self.warps
+
+
+def source_of(shape: MmaShape) -> str:
+    """The kernel's CUDA source for one shape (its constants as macros)."""
+    head = (
+        f"#define RT {shape.row_tiles}\n#define NT {shape.x_tiles}\n"
+        f"#define WARPS {shape.warps}\n#define FP16 {int(shape.fp16)}\n"
+    )
+    return head + _SOURCE
+
+
+@functools.cache
+def compiled(shape: MmaShape, device_index: int):
+    """The NVRTC-compiled kernel for `shape` on a CUDA device (cached per process)."""
+    from torch.cuda import _compile_kernel  # NVRTC; ships with CUDA builds of torch
+
+    with torch.cuda.device(device_index):
+        return _compile_kernel(source_of(shape), "q4k_mma")
+
+
+def supported(device: torch.device) -> bool:
+    """mma.sync with bf16 operands needs sm_80+."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def q4k_mma(
+    packed: Tensor,
+    x: Tensor,
+    y: Tensor,
+    workspace: Tensor,
+    counters: Tensor,
+    *,
+    row_tiles: int,
+    warps: int,
+    split_blocks: int,
+) -> None:
+    """y (M, N) = x (M, K) @ W.T for q4_K bytes `packed` (N, K / 256 * 144), M <= 32.
+    `workspace` (>= splits, M, N) float32 and `counters` (>= row tiles) int32 zeros are used
+    when the K range is split (splits = ceil(K / 256 / split_blocks) > 1)."""
+    m, k = x.shape
+    n = y.shape[1]
+    if m > 32 or x.dtype not in (torch.bfloat16, torch.float16) or y.dtype != x.dtype:
+        raise ValueError(f"q4k_mma: x must be (<= 32, K) bf16/fp16, got {tuple(x.shape)} {x.dtype}")
+    if x.stride(1) != 1 or y.stride(1) != 1 or x.data_ptr() % 16 or packed.data_ptr() % 16:
+        raise ValueError("q4k_mma: x and y need unit column stride, x and W 16-byte alignment")
+    shape = MmaShape(row_tiles, warps, -(-m // 8), x.dtype == torch.float16)
+    nblk = k // 256
+    splits = -(-nblk // split_blocks)
+    grid = (-(-n // shape.rows_per_program), splits, 1)
+    kernel = compiled(shape, x.device.index or 0)
+    args = [packed, x, y, workspace, counters, m, n, k, split_blocks, x.stride(0), y.stride(0)]
+    kernel(grid=grid, block=(32 * warps, 1, 1), args=args)

@@ -1,0 +1,160 @@
+"""The CUDA q4_K tensor-core GEMM (`mistralpy.kernels.cuda_q4k`) without a GPU.
+
+- `replay` runs the kernel's per-lane maps in numpy: each lane reads the code words, header
+  sub-blocks and x values the CUDA source reads, builds its register pairs as the source
+  does (shift, mask, scale), and the pairs are placed into the 16x16 A and 16x8 B tiles by
+  the PTX ISA's fragment layout of `mma.m16n8k16` (not by the kernel's own maps). Its product
+  must equal the dequantize-matmul oracle: that checks that every weight meets its own x.
+- Where NVRTC is installed (the test extras install it) the source must compile for sm_80
+  and sm_90 with an empty log, for every shape the tuner can pick.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mistralpy.kernels import cuda_q4k
+from mistralpy.quant.formats import get_format
+
+
+def _scale_min(header: np.ndarray, jj: int, hi: bool) -> tuple[float, float]:
+    """`sub_block` of the source: header (16,) uint8 -> (d sc, -dmin m) of sub-block
+    4 hi + jj."""
+    d, dmin = header[:4].view(np.float16).astype(np.float32)
+    q = header[4:16].astype(np.int64)
+    if hi:
+        sc = (q[8 + jj] & 15) | ((q[jj] >> 6) << 4)
+        mn = (q[8 + jj] >> 4) | ((q[4 + jj] >> 6) << 4)
+    else:
+        sc, mn = q[jj] & 63, q[4 + jj] & 63
+    return float(d) * sc, -float(dmin) * mn
+
+
+def _pair(word: int, shift: int, scale: float, neg_min: float) -> tuple[float, float]:
+    """`dequant_pair`: the low and high half of the register."""
+    lo, hi = (word >> shift) & 15, (word >> (shift + 16)) & 15
+    return scale * lo + neg_min, scale * hi + neg_min
+
+
+def replay(packed: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> np.ndarray:
+    """y (M, N) as the kernel computes it, in float64 (one 16-row tile, 8 x rows at a time)."""
+    n_rows, k = shape
+    nblk = k // 256
+    wb = packed.numpy().reshape(n_rows, nblk, 144)
+    xs = x.double().numpy()
+    m = xs.shape[0]
+    y = np.zeros((m, n_rows))
+    for row0 in range(0, n_rows, 16):
+        for n0 in range(0, m, 8):
+            acc = np.zeros((16, 8))
+            for b in range(nblk):
+                for sp in range(2):
+                    for hh in range(2):
+                        for j in range(4):
+                            a = np.full((16, 16), np.nan)
+                            bt = np.full((16, 8), np.nan)
+                            for lane in range(32):
+                                g, t = lane // 4, lane % 4
+                                k0 = 64 * (t // 2) + 16 * (t % 2)
+                                regs = []
+                                for ab in range(2):  # rows g (a) and g + 8 (b)
+                                    blk = wb[min(row0 + 8 * ab + g, n_rows - 1), b]
+                                    codes = blk[16 + 64 * sp + 16 * t : 32 + 64 * sp + 16 * t]
+                                    word = int(codes.view("<u4")[j])
+                                    s, o = _scale_min(blk[:16], 2 * (t // 2) + hh, sp == 1)
+                                    regs.append((word, s, o))
+                                (qa, sa, oa), (qb, sb, ob) = regs
+                                a_regs = [
+                                    _pair(qa, 4 * hh, sa, oa), _pair(qb, 4 * hh, sb, ob),
+                                    _pair(qa, 4 * hh + 8, sa, oa), _pair(qb, 4 * hh + 8, sb, ob),
+                                ]  # fmt: skip
+                                # PTX fragment layout of A (16x16, row major): registers
+                                # 0..3 = rows (g, g+8, g, g+8), columns (2t, 2t, 2t+8, 2t+8) + e
+                                for i, (lo, hi) in enumerate(a_regs):
+                                    r, c = g + 8 * (i % 2), 2 * t + 8 * (i // 2)
+                                    a[r, c], a[r, c + 1] = lo, hi
+                                run = xs[min(n0 + g, m - 1), b * 256 + sp * 128 + k0 + 32 * hh :]
+                                vals = run[4 * j : 4 * j + 4]
+                                # prmt 0x5410 / 0x7632 of words (v0, v1), (v2, v3)
+                                b_regs = [(vals[0], vals[2]), (vals[1], vals[3])]
+                                # B (16x8, column major): register i = rows 2t + 8i + e, col g
+                                for i, (lo, hi) in enumerate(b_regs):
+                                    bt[2 * t + 8 * i, g], bt[2 * t + 8 * i + 1, g] = lo, hi
+                            assert not np.isnan(a).any() and not np.isnan(bt).any()
+                            acc += a @ bt
+            rows = slice(row0, min(row0 + 16, n_rows))
+            cols = slice(n0, min(n0 + 8, m))
+            y[cols, rows] = acc[: rows.stop - row0, : cols.stop - n0].T
+    return y
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 16, 256), (5, 24, 512), (9, 16, 256)])
+def test_lane_maps_meet_every_weight_with_its_x(m, n, k):
+    f = get_format("q4k")
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    w = torch.randn(n, k, generator=gen)
+    packed = f.quantize(w)
+    x = torch.randn(m, k, generator=gen)
+    want = x.double() @ f.dequantize(packed, (n, k), torch.float32).double().T
+    got = replay(packed, (n, k), x)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def _nvrtc() -> ctypes.CDLL | None:
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for lib in sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*"))):
+            if "builtins" not in lib and "alt" not in lib:
+                return ctypes.CDLL(lib)
+    return None
+
+
+def _compile_log(lib: ctypes.CDLL, source: str, arch: str) -> tuple[int, str]:
+    prog = ctypes.c_void_p()
+    assert (
+        lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"q4k.cu", 0, None, None) == 0
+    )
+    opts = [f"--gpu-architecture={arch}".encode()]
+    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return res, log.value.decode(errors="replace").strip()
+
+
+def test_source_compiles_for_every_tuned_shape():
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("NVRTC (nvidia-cuda-nvrtc) is not installed")
+    for tiles, warps in {(c.bn // (16 * c.warps), c.warps) for c in _mma_candidates()}:
+        for x_tiles in (1, 2, 3, 4):
+            for fp16 in (False, True):
+                source = cuda_q4k.source_of(cuda_q4k.MmaShape(tiles, warps, x_tiles, fp16))
+                for arch in ("sm_80", "sm_90"):
+                    res, log = _compile_log(lib, source, arch)
+                    assert res == 0 and not log, (tiles, warps, x_tiles, fp16, arch, log)
+
+
+def _mma_candidates():
+    from mistralpy.kernels import triton_quant as tq
+
+    return tq.q4k_gemm_mma_candidates(5120, 5120)
+
+
+def test_q4k_mma_rejects_what_it_cannot_run():
+    x = torch.zeros(33, 256, dtype=torch.bfloat16)
+    y = torch.zeros(33, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="<= 32"):
+        cuda_q4k.q4k_mma(torch.zeros(16, 144, dtype=torch.uint8), x, y, y, y,
+                         row_tiles=1, warps=4, split_blocks=1)  # fmt: skip
