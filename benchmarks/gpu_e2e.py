@@ -503,7 +503,6 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     device = runner.device
     if graphs is None or device.type != "cuda":
         return {}
-    from mistralpy.kernels import triton_attention as ta
 
     model = runner.model
     bucket = load_synthetic_step(runner, graphs, batch, ctx)
@@ -527,10 +526,9 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
 
     def attention() -> None:
         for cache, kv_scale in zip(runner.kv_caches, scales):
-            ta.paged_decode_attention(
-                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5,
-                kv_scale=kv_scale, plan=plan,
-            )  # fmt: skip
+            runner.cuda_attention.decode(
+                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5, kv_scale, plan
+            )
 
     t_attn = _graph_time(attention, device)
     return {"gpu_step_ms": t_graph * 1e3, "linears_ms": t_lin * 1e3, "attention_ms": t_attn * 1e3,

@@ -178,6 +178,43 @@ def test_decode_padding_row_gives_zeros(ta):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    ("hkv", "group", "d", "num_splits"),
+    [(2, 4, 64, 5), (1, 8, 128, 13), (3, 3, 64, 4)],  # 13 splits of 8 x 128: merged 4 at a time
+)
+def test_decode_last_split_merges_and_resets_counters(ta, hkv, group, d, num_splits):
+    """Split-K decode merges in the launch: with a reused scratch, the arrival counters are back
+    at 0 after each call and two calls give bit-identical outputs (the merge order does not
+    depend on which split finished last); rows shorter than the split count leave some splits
+    empty, a padding row (seq_len 0) gives zeros."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seq_lens = [3, 16, 150, int(torch.randint(17, 300, (1,), generator=g)), 0]
+    c = make_case(g, [1] * len(seq_lens), [max(n, 1) for n in seq_lens], hkv, group, d, 16,
+                  torch.float32)  # fmt: skip
+    c.seq_lens[-1] = 0
+    plan = ta.DecodePlan(16, num_splits)
+    scratch = ta.decode_scratch(len(seq_lens), hkv * group, hkv, d, num_splits, "cpu")
+    runs = []
+    for _ in range(2):
+        runs.append(ta.paged_decode_attention(
+            c.q, c.kv_cache, c.block_tables, c.seq_lens, c.scale, plan=plan, scratch=scratch
+        ))  # fmt: skip
+        assert torch.equal(scratch.arrivals, torch.zeros_like(scratch.arrivals))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][-1], torch.zeros_like(runs[0][-1]))
+    c.seq_lens[-1] = 1  # the reference attends over >= 1 key: compare the real rows only
+    assert_close(runs[0][:-1], paged_ref(c)[:-1], torch.float32)
+
+
+def test_decode_rejects_scratch_of_another_shape(ta):
+    g = torch.Generator().manual_seed(0)
+    c = make_case(g, [1, 1], [40, 9], 2, 2, 64, 16, torch.float32)
+    scratch = ta.decode_scratch(1, 4, 2, 64, 3, "cpu")
+    with pytest.raises(ta.AttentionInputError, match="scratch"):
+        ta.paged_decode_attention(c.q, c.kv_cache, c.block_tables, c.seq_lens, c.scale,
+                                  plan=ta.DecodePlan(16, 3), scratch=scratch)  # fmt: skip
+
+
 def test_plan_decode_fills_sms_for_one_long_sequence(ta):
     plan = ta.plan_decode(batch=1, num_kv_heads=8, max_context=131072, num_sms=132)
     assert 8 * plan.num_splits >= 2 * 132  # at least two waves of programs
@@ -280,10 +317,16 @@ def test_paged_attention_stores_then_attends(ta, decode):
         slot_mapping=torch.tensor(slots), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )  # fmt: skip
-    out = CudaPagedAttention()(c.q, k, v, c.kv_cache, attn, c.scale)
+    backend = CudaPagedAttention()
+    backend.decode_plans[(2, c.block_tables.shape[1])] = ta.DecodePlan(16, 3)
+    out = backend(c.q, k, v, c.kv_cache, attn, c.scale)
     flat = c.kv_cache.view(2, -1, hkv, d)
     assert torch.equal(flat[0, torch.tensor(slots)], k)
     assert_close(out, paged_ref(c), torch.float32)
+    if decode:  # split-K (a tuned plan): the kept scratch is left reusable
+        assert torch.equal(backend(c.q, k, v, c.kv_cache, attn, c.scale), out)
+        (scratch,) = backend.decode_scratch.values()
+        assert not scratch.arrivals.any()
 
 
 def test_rejects_mismatched_inputs(ta):

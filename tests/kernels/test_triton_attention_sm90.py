@@ -29,12 +29,13 @@ def kv(fp8):
 
 def decode(fp8, single):
     names = ["q_ptr", "kc_ptr", "vc_ptr", "bt_ptr", "seq_lens_ptr", "out_ptr", "part_out_ptr",
-             "part_lse_ptr", "kv_scale_ptr", "qk_scale", "num_splits", "stride_qb", "stride_qh",
-             "stride_ob", "stride_oh", "stride_c_blk", "stride_c_row", "stride_c_h", "stride_bt_b"]
-    types = ["*bf16", kv(fp8), kv(fp8), "*i32", "*i32", "*bf16", "*fp32", "*fp32", "*fp32",
-             "fp32"] + ["i32"] * 9
-    cx = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SINGLE_SPLIT=single,
-              F32_DOT=False, FP8=fp8)
+             "part_lse_ptr", "arrivals_ptr", "kv_scale_ptr", "qk_scale", "num_splits", "stride_qb",
+             "stride_qh", "stride_ob", "stride_oh", "stride_c_blk", "stride_c_row", "stride_c_h",
+             "stride_bt_b"]
+    types = ["*bf16", kv(fp8), kv(fp8), "*i32", "*i32", "*bf16", "*fp32", "*fp32", "*i32",
+             "*fp32", "fp32"] + ["i32"] * 9
+    cx = dict(GROUP=4, GROUP_PAD=16, GROUP_P2=4, HEAD_DIM=128, PAGE=16, BLOCK_N=64,
+              MERGE_CHUNK=8, SINGLE_SPLIT=single, F32_DOT=False, FP8=fp8)
     return compile_sm90(ta._decode_split_kernel, dict(zip(names, types)), cx, 4)
 
 def store(fp8):
