@@ -346,7 +346,8 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
             from mistralpy.kernels.cuda_attention import sdpa_varlen_attention
             from mistralpy.kernels.fused_ops import triton_layer_ops
 
-            model.set_attention_backend(engine.runner.cuda_attention, sdpa_varlen_attention)
+            backend = engine.runner.cuda_attention
+            model.set_attention_backend(backend, sdpa_varlen_attention, backend.rope_and_attend)
             model.set_layer_ops(triton_layer_ops())
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:

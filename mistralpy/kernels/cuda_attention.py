@@ -52,6 +52,27 @@ class CudaPagedAttention:
         kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ta.store_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
+        return self._attend_stored(q, k, v, kv_cache, attn, scale, kv_scale)
+
+    def rope_and_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`RopePagedAttentionFn`: RoPE on q, k (in place) and the K/V store in one launch
+        (`ta.rope_store_kv`), then this step's attention as `__call__`."""
+        ta.rope_store_kv(q, k, v, cos, sin, kv_cache, attn.slot_mapping, kv_scale)
+        return self._attend_stored(q, k, v, kv_cache, attn, scale, kv_scale)
+
+    def _attend_stored(self, q, k, v, kv_cache, attn: AttentionMetadata, scale, kv_scale):
+        """Attention of q (T, Hq, D) once this step's k, v (T, Hkv, D) are in the cache."""
         if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
             plan = self.decode_plans.get((q.shape[0], attn.block_tables.shape[1]))
             return self.decode(q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale, plan)

@@ -8,6 +8,7 @@ of a sequence sits in block `block_table[i // block_size]` at offset `i % block_
 
 Kernels:
 - `store_kv`: scatter the step's new K/V rows into their cache slots (-1 = skip).
+- `rope_store_kv`: RoPE on the step's q and k in place, then `store_kv`, in one launch.
 - `paged_decode_attention`: one query per sequence, split-K ("flash-decoding") so a single
   long sequence fills the GPU; every query head of a KV group is handled by one program so
   each K/V tile is read once. The last split of a (sequence, KV head) to finish merges all
@@ -38,6 +39,7 @@ from mistralpy.kernels.attention import (
     is_fp8_cache,
     kv_scales_or_unit,
 )
+from mistralpy.kernels.triton_fused import rotated_heads
 
 _LOG2E = 1.4426950408889634
 # a constexpr: a jit function may read a module global only as one (plain floats fail to compile)
@@ -181,12 +183,7 @@ def store_kv(
     """Write k, v (T, Hkv, D) into kv_cache (2, NB, BS, Hkv, D) at slot_mapping (T,) int;
     slots < 0 are skipped. An fp8 cache stores them quantized by kv_scale (2,) float32
     (None: 1.0). In place, no host sync."""
-    _check_cache(kv_cache)
-    _, _, page, hkv, d = kv_cache.shape
-    if k.shape != v.shape or k.shape[1:] != (hkv, d):
-        raise AttentionInputError(f"k/v {tuple(k.shape)} do not match cache heads {(hkv, d)}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise AttentionInputError("slot_mapping must be (T,), one slot per new token")
+    page, hkv, d = _check_new_kv(k, v, kv_cache, slot_mapping)
     if k.shape[0] == 0:
         return
     k, v = _rows_contiguous(k), _rows_contiguous(v)
@@ -196,6 +193,72 @@ def store_kv(
         k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
         kv_cache.stride(1), kv_cache.stride(2), scales,
         PAGE=page, ROW=row, ROW_PAD=triton.next_power_of_2(row), FP8=fp8,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, kv_scale_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
+    stride_c_blk, stride_c_row, stride_c_h,
+    PAGE: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr,
+    HK_PAD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+):  # fmt: skip
+    """Program per new token: RoPE on its query and key heads in place, then its rotated K and
+    its V rows to the cache slot (skipped if < 0), as `_store_kv_kernel` writes them."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    c = tl.load(cos_ptr + t * stride_ct + offs_d).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_st + offs_d).to(tl.float32)
+    q_row = q_ptr + t * stride_qt
+    q, q_mask = rotated_heads(q_row, stride_qh, c, s, offs_d, HQ, HQ_PAD, D)
+    tl.store(q_row + tl.arange(0, HQ_PAD)[:, None] * stride_qh + offs_d[None, :], q, mask=q_mask)
+    offs_h = tl.arange(0, HK_PAD)
+    k_row = k_ptr + t * stride_kt
+    k, k_mask = rotated_heads(k_row, stride_kh, c, s, offs_d, HK, HK_PAD, D)
+    tl.store(k_row + offs_h[:, None] * stride_kh + offs_d[None, :], k, mask=k_mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    # (slot broadcast to a block first: the interpreter mishandles scalar & block masks)
+    mask = k_mask & ((offs_h * 0 + slot) >= 0)[:, None]
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8:
+        k = _to_e4m3(k, tl.load(kv_scale_ptr), kc_ptr.dtype.element_ty)
+        v = _to_e4m3(v, tl.load(kv_scale_ptr + 1), vc_ptr.dtype.element_ty)
+    dst = (slot // PAGE) * stride_c_blk + (slot % PAGE) * stride_c_row
+    dst = dst + offs_h[:, None] * stride_c_h + offs_d[None, :]
+    tl.store(kc_ptr + dst, k, mask=mask)
+    tl.store(vc_ptr + dst, v, mask=mask)
+
+
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    """`fused_ops.rope_qk` on q (T, Hq, D) and k (T, Hkv, D) in place (cos/sin (T, D)), then
+    `store_kv` of the rotated k and v (T, Hkv, D): one launch instead of two. q, k, v may be
+    strided views (the model's qkv split) with unit-stride rows; cos/sin unit-stride rows."""
+    page, hkv, d = _check_new_kv(k, v, kv_cache, slot_mapping)
+    t, hq = _check_query(q, kv_cache, "q")
+    if t != k.shape[0] or cos.shape != (t, d) or sin.shape != (t, d):
+        raise AttentionInputError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos/sin (T, D)")
+    if max(x.stride(-1) for x in (q, k, v, cos, sin)) != 1:
+        raise AttentionInputError("rope_store_kv: q, k, v, cos and sin need unit-stride rows")
+    if t == 0:
+        return
+    fp8, scales = _kv_scales(kv_cache, kv_scale)
+    _rope_store_kv_kernel[(t,)](
+        q, k, v, cos, sin, kv_cache[0], kv_cache[1], slot_mapping, scales,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        PAGE=page, HQ=hq, HK=hkv, HQ_PAD=triton.next_power_of_2(hq),
+        HK_PAD=triton.next_power_of_2(hkv), D=d, FP8=fp8, num_warps=4,
     )  # fmt: skip
 
 
@@ -719,6 +782,20 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
     _check_head_dim(kv_cache.shape[4])
 
 
+def _check_new_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[int, int, int]:
+    """Validate a step's new k, v (T, Hkv, D) and slot_mapping (T,) against the cache;
+    returns its (block_size, Hkv, D)."""
+    _check_cache(kv_cache)
+    _, _, page, hkv, d = kv_cache.shape
+    if k.shape != v.shape or k.shape[1:] != (hkv, d):
+        raise AttentionInputError(f"k/v {tuple(k.shape)} do not match cache heads {(hkv, d)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise AttentionInputError("slot_mapping must be (T,), one slot per new token")
+    return page, hkv, d
+
+
 def _check_query(q: torch.Tensor, kv_cache: torch.Tensor, name: str) -> tuple[int, int]:
     """Validate q (N, Hq, D) against the cache; returns (N, Hq)."""
     hkv, d = kv_cache.shape[3], kv_cache.shape[4]
@@ -766,6 +843,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "plan_decode",
+    "rope_store_kv",
     "store_kv",
     "varlen_attention",
 ]

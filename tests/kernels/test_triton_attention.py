@@ -32,6 +32,7 @@ in_process = pytest.mark.skipif(not FRESH, reason="triton already imported: subp
 # Error bound relative to max |reference|, per storage precision: the kernels round P to the
 # value dtype before the PV product (as flash attention does) and round the output once.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+ROPE_TOL = {torch.float32: 1e-6, torch.bfloat16: 1.6e-2}  # relative to max |x|: ~2 ulp
 
 
 @pytest.mark.skipif(FRESH, reason="the cases below run in this process")
@@ -138,6 +139,44 @@ def test_store_kv_scatters_and_skips_negative_slots(ta, dtype):
     expect[1].view(-1, hkv, d)[slots[keep]] = v[keep]
     ta.store_kv(k, v, cache, slots)
     assert torch.equal(cache, expect)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fp8"), [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)]
+)
+def test_rope_store_kv_matches_rope_then_store(ta, dtype, fp8):
+    """One launch = reference rope_qk on q and k (in place, on the model's strided qkv
+    views), then the reference store of the rotated k and v (fp8: quantized by the layer's
+    scales); slots of -1 write nothing."""
+    from mistralpy.kernels.attention import FP8_KV_DTYPE, quantize_kv
+    from mistralpy.kernels.fused_ops import rope_qk
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    nb, page, hkv, group, d, t = 6, 16, 2, 3, 64, 9
+    hq = hkv * group
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    angles = torch.rand(t, d // 2, generator=g) * 100
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(nb * page, generator=g)[:t]
+    slots[torch.randperm(t, generator=g)[:3]] = -1
+    scales = 0.25 + 1.75 * torch.rand(2, generator=g) if fp8 else None
+    cache = torch.randn(2, nb, page, hkv, d, generator=g)
+    cache = quantize_kv(cache, torch.ones(())) if fp8 else cache.to(dtype)
+
+    want_q, want_k = rope_qk(q, k, cos, sin)
+    want = cache.clone()
+    ta.rope_store_kv(q, k, v, cos, sin, cache, slots, scales)
+    # the same rounding steps; the interpreter's float32 -> bf16 cast truncates (1 ulp)
+    for got, ref in ((q, want_q), (k, want_k)):
+        err = (got.double() - ref.double()).abs().max().item()
+        assert err <= ROPE_TOL[dtype] * ref.abs().max().item(), err
+    keep = slots >= 0  # the cache holds exactly the rotated k (and v) the reference stores
+    for i, x in enumerate((k, v)):
+        rows = quantize_kv(x[keep], scales[i]) if fp8 else x[keep]
+        want[i].view(-1, hkv, d)[slots[keep]] = rows
+    assert cache.dtype == (FP8_KV_DTYPE if fp8 else dtype)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 
 
 # ----------------------------------------------------------------------------- decode
@@ -327,6 +366,42 @@ def test_paged_attention_stores_then_attends(ta, decode):
         assert torch.equal(backend(c.q, k, v, c.kv_cache, attn, c.scale), out)
         (scratch,) = backend.decode_scratch.values()
         assert not scratch.arrivals.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_attention_with_rope_in_the_store_matches_reference(ta, dtype):
+    """A decoder attention layer routed as on CUDA (RoPE fused into the K/V store, Triton
+    attention) vs the reference route (reference rope_qk, then the reference paged attention):
+    a prefill, then decode steps of two sequences; outputs and caches agree."""
+    from mistralpy.kernels.attention import build_metadata, paged_attention
+    from mistralpy.kernels.cuda_attention import CudaPagedAttention
+    from mistralpy.model.config import TextConfig
+    from mistralpy.model.layers import text_rope
+    from mistralpy.model.mistral3 import MistralAttention
+
+    torch.manual_seed(torch.seed() % 2**31)
+    cfg = TextConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                     rope_theta=1e6, max_position_embeddings=256)  # fmt: skip
+    ref_layer = MistralAttention(cfg, paged_attention).to(dtype)
+    fused = MistralAttention(cfg, paged_attention).to(dtype)
+    fused.load_state_dict(ref_layer.state_dict())
+    backend = CudaPagedAttention()
+    fused.attn_fn, fused.rope_attn_fn = backend, backend.rope_and_attend
+    page, tables = 16, [[3, 0, 5], [1, 4, 2]]
+    caches = [torch.zeros(2, 6, page, 2, 32, dtype=dtype) for _ in range(2)]
+    lens = [0, 0]
+    for query_lens in ([5, 19], [1, 1], [1, 1], [1, 1]):
+        lens = [n + q for n, q in zip(lens, query_lens)]
+        attn = build_metadata(query_lens, lens, tables, page, "cpu")
+        pos = torch.cat([torch.arange(n - q, n) for n, q in zip(lens, query_lens)])
+        cos, sin = text_rope(pos, cfg.rope_theta, cfg.head_dim, dtype)
+        x = torch.randn(len(pos), cfg.hidden_size).to(dtype)
+        with torch.inference_mode():
+            want = ref_layer(x, cos, sin, caches[0], attn)
+            got = fused(x, cos, sin, caches[1], attn)
+        assert_close(got, want.double(), dtype)
+        assert_close(caches[1], caches[0].double(), dtype)
 
 
 def test_rejects_mismatched_inputs(ta):
