@@ -238,8 +238,11 @@ class Bench:
         if fp8:
             cache, kv_scale, seen = self.fp8_cache(cache)
         q = self.randn(bsz, HQ, D, scale=2 * scale)
+        plan = plan or ta.default_decode_plan(q, cache, bt)
+        # a kept scratch, as the model's backend does (a fresh one adds a counter memset)
+        scratch = ta.decode_scratch(bsz, HQ, HKV, D, plan.num_splits, self.dev)
         fn = lambda: ta.paged_decode_attention(q, cache, bt, lens, scale, kv_scale=kv_scale,  # noqa: E731
-                                               plan=plan)  # fmt: skip
+                                               plan=plan, scratch=scratch)  # fmt: skip
         fn()  # compile outside the graph capture
         ms, out = self.time_graph(fn)  # checks the graph-replayed output
         err = max(
@@ -247,7 +250,6 @@ class Bench:
             for b in range(bsz)
         )  # fmt: skip
         gbytes = bsz * ctx * HKV * D * 2 * cache.element_size() / 1e9
-        plan = plan or ta.plan_decode(bsz, HKV, bt.shape[1] * self.page, ta._num_sms(q.device))
         note = f"splits={plan.num_splits} bn={plan.block_n}"
         if table_tokens:
             note += f" table={table_tokens}"

@@ -346,7 +346,8 @@ def check_engine(engine: LLMEngine, sizes: Sizes, gen: torch.Generator) -> dict[
             from mistralpy.kernels.cuda_attention import sdpa_varlen_attention
             from mistralpy.kernels.fused_ops import triton_layer_ops
 
-            model.set_attention_backend(engine.runner.cuda_attention, sdpa_varlen_attention)
+            backend = engine.runner.cuda_attention
+            model.set_attention_backend(backend, sdpa_varlen_attention, backend.rope_and_attend)
             model.set_layer_ops(triton_layer_ops())
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -503,7 +504,6 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
     device = runner.device
     if graphs is None or device.type != "cuda":
         return {}
-    from mistralpy.kernels import triton_attention as ta
 
     model = runner.model
     bucket = load_synthetic_step(runner, graphs, batch, ctx)
@@ -527,10 +527,9 @@ def decode_breakdown(engine: LLMEngine, batch: int, ctx: int, step_s: float) -> 
 
     def attention() -> None:
         for cache, kv_scale in zip(runner.kv_caches, scales):
-            ta.paged_decode_attention(
-                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5,
-                kv_scale=kv_scale, plan=plan,
-            )  # fmt: skip
+            runner.cuda_attention.decode(
+                q, cache, attn.block_tables, attn.seq_lens, text.head_dim**-0.5, kv_scale, plan
+            )
 
     t_attn = _graph_time(attention, device)
     return {"gpu_step_ms": t_graph * 1e3, "linears_ms": t_lin * 1e3, "attention_ms": t_attn * 1e3,

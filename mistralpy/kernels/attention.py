@@ -59,6 +59,24 @@ PagedAttentionFn = Callable[
     torch.Tensor,
 ]
 
+# A backend that also applies RoPE (fusing it into its K/V store): (q, k_new, v_new, cos (T, D),
+# sin (T, D), kv_cache, attn, scale, kv_scale) -> (T, Hq, D), the same as `rope_qk` on q and
+# k_new followed by the `PagedAttentionFn`. It may rotate q and k_new in place.
+RopePagedAttentionFn = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        AttentionMetadata,
+        float,
+        torch.Tensor | None,
+    ],
+    torch.Tensor,
+]
+
 FP8_KV_DTYPE = torch.float8_e4m3fn  # OCP e4m3 ("fn": no inf, one NaN code), as vLLM's fp8
 FP8_E4M3_MAX = 448.0  # its largest finite value: writes saturate here
 

@@ -31,11 +31,15 @@ class CudaPagedAttention:
 
     Decode launches use a plan tuned per (batch rows, block-table width) when `tune_decode`
     measured one (the runner tunes its graph buckets before capture), else the kernel's
-    default. Host-side lookups only: capturable.
+    default, and a split-K scratch kept per launch shape (its counters stay zeroed, so a
+    captured graph replays with the buffers it captured and no memset). Host-side lookups
+    only: capturable. One instance serves one stream at a time (a model's layers in turn).
     """
 
     def __init__(self) -> None:
         self.decode_plans: dict[tuple[int, int], ta.DecodePlan] = {}
+        # keyed by (device, batch rows, query heads, KV heads, head_dim, splits)
+        self.decode_scratch: dict[tuple, ta.DecodeScratch] = {}
 
     def __call__(
         self,
@@ -48,16 +52,59 @@ class CudaPagedAttention:
         kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ta.store_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
+        return self._attend_stored(q, k, v, kv_cache, attn, scale, kv_scale)
+
+    def rope_and_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`RopePagedAttentionFn`: RoPE on q, k (in place) and the K/V store in one launch
+        (`ta.rope_store_kv`), then this step's attention as `__call__`."""
+        ta.rope_store_kv(q, k, v, cos, sin, kv_cache, attn.slot_mapping, kv_scale)
+        return self._attend_stored(q, k, v, kv_cache, attn, scale, kv_scale)
+
+    def _attend_stored(self, q, k, v, kv_cache, attn: AttentionMetadata, scale, kv_scale):
+        """Attention of q (T, Hq, D) once this step's k, v (T, Hkv, D) are in the cache."""
         if attn.max_query_len == 1 and q.shape[0] == attn.seq_lens.shape[0]:
             plan = self.decode_plans.get((q.shape[0], attn.block_tables.shape[1]))
-            return ta.paged_decode_attention(
-                q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale=kv_scale, plan=plan
-            )
+            return self.decode(q, kv_cache, attn.block_tables, attn.seq_lens, scale, kv_scale, plan)
         if attn.query_lens_cpu == attn.seq_lens_cpu:
             return fresh_causal_attention(q, k, v, attn.query_lens_cpu, scale)
         return ta.paged_prefill_attention(
             q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
             attn.max_query_len, scale, kv_scale=kv_scale,
+        )  # fmt: skip
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        kv_scale: torch.Tensor | None,
+        plan: ta.DecodePlan | None,
+    ) -> torch.Tensor:
+        """`ta.paged_decode_attention` with this backend's scratch for the launch shape
+        (plan None: the kernel's default)."""
+        plan = plan or ta.default_decode_plan(q, kv_cache, block_tables)
+        _, _, _, hkv, d = kv_cache.shape
+        key = (q.device, q.shape[0], q.shape[1], hkv, d, plan.num_splits)
+        scratch = self.decode_scratch.get(key)
+        if scratch is None and plan.num_splits > 1:
+            scratch = ta.decode_scratch(*key[1:], q.device)
+            self.decode_scratch[key] = scratch
+        return ta.paged_decode_attention(
+            q, kv_cache, block_tables, seq_lens, scale, kv_scale=kv_scale, plan=plan,
+            scratch=scratch,
         )  # fmt: skip
 
     def warm_up(self, kv_cache: torch.Tensor, num_heads: int, q_dtype: torch.dtype) -> None:
@@ -118,9 +165,7 @@ class CudaPagedAttention:
         best = min(
             candidates,
             key=lambda plan: _time_launches(
-                lambda: ta.paged_decode_attention(
-                    q, kv_cache, tables, lens, d**-0.5, kv_scale=unit, plan=plan
-                )
+                lambda: self.decode(q, kv_cache, tables, lens, d**-0.5, unit, plan)
             ),
         )
         self.decode_plans[(rows, width)] = best

@@ -8,9 +8,11 @@ of a sequence sits in block `block_table[i // block_size]` at offset `i % block_
 
 Kernels:
 - `store_kv`: scatter the step's new K/V rows into their cache slots (-1 = skip).
+- `rope_store_kv`: RoPE on the step's q and k in place, then `store_kv`, in one launch.
 - `paged_decode_attention`: one query per sequence, split-K ("flash-decoding") so a single
   long sequence fills the GPU; every query head of a KV group is handled by one program so
-  each K/V tile is read once. Fixed grid for fixed shapes: CUDA-graph capturable.
+  each K/V tile is read once. The last split of a (sequence, KV head) to finish merges all
+  splits' partials in the same launch. Fixed grid for fixed shapes: CUDA-graph capturable.
 - `paged_prefill_attention`: varlen causal flash attention for new tokens that sit at the end
   of their sequence (chunked prefill, prefix-cache hits, mixed prefill+decode batches).
 - `varlen_attention`: the same kernel over contiguous K/V (vision encoder, one image per seq).
@@ -37,6 +39,7 @@ from mistralpy.kernels.attention import (
     is_fp8_cache,
     kv_scales_or_unit,
 )
+from mistralpy.kernels.triton_fused import rotated_heads
 
 _LOG2E = 1.4426950408889634
 # a constexpr: a jit function may read a module global only as one (plain floats fail to compile)
@@ -180,12 +183,7 @@ def store_kv(
     """Write k, v (T, Hkv, D) into kv_cache (2, NB, BS, Hkv, D) at slot_mapping (T,) int;
     slots < 0 are skipped. An fp8 cache stores them quantized by kv_scale (2,) float32
     (None: 1.0). In place, no host sync."""
-    _check_cache(kv_cache)
-    _, _, page, hkv, d = kv_cache.shape
-    if k.shape != v.shape or k.shape[1:] != (hkv, d):
-        raise AttentionInputError(f"k/v {tuple(k.shape)} do not match cache heads {(hkv, d)}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise AttentionInputError("slot_mapping must be (T,), one slot per new token")
+    page, hkv, d = _check_new_kv(k, v, kv_cache, slot_mapping)
     if k.shape[0] == 0:
         return
     k, v = _rows_contiguous(k), _rows_contiguous(v)
@@ -198,8 +196,74 @@ def store_kv(
     )  # fmt: skip
 
 
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, kv_scale_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
+    stride_c_blk, stride_c_row, stride_c_h,
+    PAGE: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr,
+    HK_PAD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+):  # fmt: skip
+    """Program per new token: RoPE on its query and key heads in place, then its rotated K and
+    its V rows to the cache slot (skipped if < 0), as `_store_kv_kernel` writes them."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    c = tl.load(cos_ptr + t * stride_ct + offs_d).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_st + offs_d).to(tl.float32)
+    q_row = q_ptr + t * stride_qt
+    q, q_mask = rotated_heads(q_row, stride_qh, c, s, offs_d, HQ, HQ_PAD, D)
+    tl.store(q_row + tl.arange(0, HQ_PAD)[:, None] * stride_qh + offs_d[None, :], q, mask=q_mask)
+    offs_h = tl.arange(0, HK_PAD)
+    k_row = k_ptr + t * stride_kt
+    k, k_mask = rotated_heads(k_row, stride_kh, c, s, offs_d, HK, HK_PAD, D)
+    tl.store(k_row + offs_h[:, None] * stride_kh + offs_d[None, :], k, mask=k_mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    # (slot broadcast to a block first: the interpreter mishandles scalar & block masks)
+    mask = k_mask & ((offs_h * 0 + slot) >= 0)[:, None]
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8:
+        k = _to_e4m3(k, tl.load(kv_scale_ptr), kc_ptr.dtype.element_ty)
+        v = _to_e4m3(v, tl.load(kv_scale_ptr + 1), vc_ptr.dtype.element_ty)
+    dst = (slot // PAGE) * stride_c_blk + (slot % PAGE) * stride_c_row
+    dst = dst + offs_h[:, None] * stride_c_h + offs_d[None, :]
+    tl.store(kc_ptr + dst, k, mask=mask)
+    tl.store(vc_ptr + dst, v, mask=mask)
+
+
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    """`fused_ops.rope_qk` on q (T, Hq, D) and k (T, Hkv, D) in place (cos/sin (T, D)), then
+    `store_kv` of the rotated k and v (T, Hkv, D): one launch instead of two. q, k, v may be
+    strided views (the model's qkv split) with unit-stride rows; cos/sin unit-stride rows."""
+    page, hkv, d = _check_new_kv(k, v, kv_cache, slot_mapping)
+    t, hq = _check_query(q, kv_cache, "q")
+    if t != k.shape[0] or cos.shape != (t, d) or sin.shape != (t, d):
+        raise AttentionInputError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos/sin (T, D)")
+    if max(x.stride(-1) for x in (q, k, v, cos, sin)) != 1:
+        raise AttentionInputError("rope_store_kv: q, k, v, cos and sin need unit-stride rows")
+    if t == 0:
+        return
+    fp8, scales = _kv_scales(kv_cache, kv_scale)
+    _rope_store_kv_kernel[(t,)](
+        q, k, v, cos, sin, kv_cache[0], kv_cache[1], slot_mapping, scales,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        PAGE=page, HQ=hq, HK=hkv, HQ_PAD=triton.next_power_of_2(hq),
+        HK_PAD=triton.next_power_of_2(hkv), D=d, FP8=fp8, num_warps=4,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------
-# Decode: split-K over the context, then a reduction over splits
+# Decode: split-K over the context; the last split to finish merges the partials
 # --------------------------------------------------------------------------------------
 
 
@@ -213,6 +277,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    arrivals_ptr,
     kv_scale_ptr,
     qk_scale,
     num_splits,
@@ -226,15 +291,18 @@ def _decode_split_kernel(
     stride_bt_b,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     F32_DOT: tl.constexpr,
     FP8: tl.constexpr,
 ):
     """Program (kv_head, split, b): all GROUP query heads of one KV head over one slice of
-    the context. SINGLE_SPLIT: write the normalised output; else (out, lse) partials.
+    the context. SINGLE_SPLIT: write the normalised output; else (out, lse) partials, and
+    the program that arrives last (`_merge_splits_once`) writes the merged output.
     FP8: the cache is e4m3 with the layer's (k, v) scales at kv_scale_ptr.
     The slices divide this sequence's actual length (read here, on the device), so a grid
     fixed for the longest context still spreads a short one over all its programs."""
@@ -277,12 +345,79 @@ def _decode_split_kernel(
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         o_off = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-    elif n_tiles > 0:
+    else:
         # Partials are (B, Hq, num_splits, D) and (B, Hq, num_splits), contiguous.
-        row = (b.to(tl.int64) * GROUP * tl.num_programs(0) + heads) * num_splits + split
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
-        p_off = row[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(part_out_ptr + p_off, acc / l_i[:, None], mask=g_mask[:, None])
+        row0 = (b.to(tl.int64) * tl.num_programs(0) + kvh) * GROUP * num_splits
+        if n_tiles > 0:
+            row = row0 + offs_g * num_splits + split
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
+            p_off = row[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(part_out_ptr + p_off, acc / l_i[:, None], mask=g_mask[:, None])
+        n_valid = tl.cdiv(seq_len, tiles_per_split * BLOCK_N)  # splits that stored partials
+        _merge_splits_once(
+            part_out_ptr, part_lse_ptr, out_ptr + b.to(tl.int64) * stride_ob + kvh * GROUP * stride_oh,
+            arrivals_ptr + b * tl.num_programs(0) + kvh, row0, n_valid, num_splits, stride_oh,
+            GROUP, GROUP_P2, HEAD_DIM, MERGE_CHUNK,
+        )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits_once(
+    part_out_ptr, part_lse_ptr, out_ptr, arrival_ptr, row0, n_valid, num_splits, stride_oh,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Count this split program in *arrival_ptr (int32); the one that arrives last (every
+    split arrives, empty ones too) merges the GROUP heads' partials and writes out_ptr[g *
+    stride_oh + d], then resets the counter to 0 for the next call or graph replay. The
+    merge order does not depend on who is last: results are deterministic.
+    Memory ordering as `triton_quant._q4k_store_rows`: every thread's partials are stored
+    before the counter's release (CTA barrier, then a gpu-scope acq_rel atomic); the last
+    program's acquire orders its reads (from L2, .cg) after all of them."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    if arrived == num_splits - 1:
+        offs_g = tl.arange(0, GROUP_P2)
+        offs_d = tl.arange(0, HEAD_DIM)
+        g_mask = offs_g < GROUP
+        out = _merge_splits(
+            part_out_ptr, part_lse_ptr, row0 + offs_g * num_splits, g_mask, n_valid, offs_d,
+            GROUP_P2, HEAD_DIM, CHUNK,
+        )  # fmt: skip
+        o_off = offs_g[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(arrival_ptr, 0)
+
+
+@triton.jit
+def _merge_splits(
+    part_out_ptr, part_lse_ptr, rows_g, g_mask, n_valid, offs_d,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Merge splits [0, n_valid) of G heads by their log-sum-exp weights: head g's split s is
+    row rows_g[g] + s of the partials. Returns (G, HEAD_DIM) float32 (zeros if n_valid == 0)."""
+    m = tl.full([G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([G], tl.float32)
+    acc = tl.zeros([G, HEAD_DIM], tl.float32)
+    for c in range(0, n_valid, CHUNK):
+        offs_s = c + tl.arange(0, CHUNK)
+        mask = g_mask[:, None] & (offs_s < n_valid)[None, :]  # (G, CHUNK)
+        rows = rows_g[:, None] + offs_s[None, :]
+        lse = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.where(g_mask[:, None], lse, 0.0)  # padding heads: finite, never stored
+        o = tl.load(
+            part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=mask[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        w = tl.exp2(lse - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        l_sum = l_sum * alpha + tl.sum(w, 1)
+        m = m_new
+    return acc / tl.maximum(l_sum, 1e-30)[:, None]
 
 
 @triton.jit
@@ -300,50 +435,6 @@ def _fold_kv_scales(qk_scale, kv_scale_ptr, FP8: tl.constexpr):
 def _tiles_per_split(seq_len, num_splits, BLOCK_N: tl.constexpr):
     """Key tiles per split for one sequence (>= 1, so an empty sequence has no valid split)."""
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), 1)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    seq_lens_ptr,
-    out_ptr,
-    num_splits,
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    """Program (head, b): merge the valid splits' partials by their log-sum-exp weights."""
-    h = tl.program_id(0)
-    b = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_tokens = _tiles_per_split(seq_len, num_splits, BLOCK_N) * BLOCK_N
-    n_valid = tl.cdiv(seq_len, split_tokens)
-    row0 = (b.to(tl.int64) * tl.num_programs(0) + h) * num_splits
-    offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)  # fp32 scalars (loop-carried)
-    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for c in range(0, n_valid, CHUNK):
-        offs_s = c + tl.arange(0, CHUNK)
-        s_mask = offs_s < n_valid
-        lse = tl.load(part_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
-        o = tl.load(
-            part_out_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=s_mask[:, None],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new)
-        alpha = tl.exp2(m - m_new)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        l_sum = l_sum * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.maximum(l_sum, 1e-30)
-    o_off = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -366,6 +457,37 @@ def plan_decode(
     return DecodePlan(block_n, min(target, tiles_total))
 
 
+@dataclass(frozen=True)
+class DecodeScratch:
+    """Split-K workspace of one decode launch shape (batch rows, heads, splits). The kernel
+    leaves `arrivals` at 0, so one scratch serves every later call of that shape, eager or a
+    CUDA-graph replay, with no memset; one stream at a time (as a model's layers run)."""
+
+    part_out: torch.Tensor  # (B * Hq * num_splits, D) float32: each split's normalised output
+    part_lse: torch.Tensor  # (B * Hq * num_splits,) float32: its base-2 log-sum-exp
+    arrivals: torch.Tensor  # (B * Hkv,) int32: splits finished per (sequence, KV head)
+
+
+def decode_scratch(
+    batch: int, num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int, device
+) -> DecodeScratch:
+    """A zeroed-counter `DecodeScratch` for `paged_decode_attention` of this shape."""
+    rows = batch * num_heads * num_splits
+    return DecodeScratch(
+        torch.empty((rows, head_dim), dtype=torch.float32, device=device),
+        torch.empty((rows,), dtype=torch.float32, device=device),
+        torch.zeros((batch * num_kv_heads,), dtype=torch.int32, device=device),
+    )
+
+
+def default_decode_plan(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor
+) -> DecodePlan:
+    """`plan_decode` for q (B, Hq, D) over block_tables' full width (never seq_lens)."""
+    _, _, page, hkv, _ = kv_cache.shape
+    return plan_decode(q.shape[0], hkv, block_tables.shape[1] * page, _num_sms(q.device))
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -375,44 +497,59 @@ def paged_decode_attention(
     *,
     kv_scale: torch.Tensor | None = None,
     plan: DecodePlan | None = None,
+    scratch: DecodeScratch | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """q (B, Hq, D) one new token per sequence -> (B, Hq, D) in q's dtype, attending over all
     seq_lens[b] cached tokens (the new token's K/V must already be stored). block_tables
-    (B, max_blocks) int32, seq_lens (B,) int32 (0 = padding row, output zeros). Default plan
-    sizes splits for block_tables' full width, so the launch never depends on seq_lens.
-    An fp8 cache is read with kv_scale (2,) float32 (None: 1.0)."""
+    (B, max_blocks) int32, seq_lens (B,) int32 (0 = padding row, output zeros). Default plan:
+    `default_decode_plan`, so the launch never depends on seq_lens. An fp8 cache is read with
+    kv_scale (2,) float32 (None: 1.0). scratch: the split-K workspace (`decode_scratch` of
+    this shape and plan; None: a fresh one, whose zeroed counters cost a memset)."""
     _check_cache(kv_cache)
     _, _, page, hkv, d = kv_cache.shape
     bsz, hq = _check_query(q, kv_cache, "q")
     if block_tables.shape[0] != bsz or seq_lens.shape != (bsz,):
         raise AttentionInputError("block_tables (B, max_blocks) and seq_lens (B,) must match q")
-    if plan is None:
-        plan = plan_decode(bsz, hkv, block_tables.shape[1] * page, _num_sms(q.device))
+    plan = plan or default_decode_plan(q, kv_cache, block_tables)
     group = hq // hkv
     out = torch.empty_like(q)
     single = plan.num_splits == 1
-    n_part = 1 if single else bsz * hq * plan.num_splits
-    part_out = torch.empty((n_part, d), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((n_part,), dtype=torch.float32, device=q.device)
+    if single:
+        scratch = DecodeScratch(out, out, out)  # never read: the merge is compiled out
+    elif scratch is None:
+        scratch = decode_scratch(bsz, hq, hkv, d, plan.num_splits, q.device)
+    else:
+        _check_scratch(scratch, bsz * hq * plan.num_splits, bsz * hkv, d)
     q = _rows_contiguous(q)
     fp8, scales = _kv_scales(kv_cache, kv_scale)
+    group_p2 = triton.next_power_of_2(group)
     _decode_split_kernel[(hkv, plan.num_splits, bsz)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scales,
-        scale * _LOG2E, plan.num_splits,
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, scratch.part_out,
+        scratch.part_lse, scratch.arrivals, scales, scale * _LOG2E, plan.num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=page,
-        BLOCK_N=plan.block_n, SINGLE_SPLIT=single, F32_DOT=_f32_dot(q), FP8=fp8,
+        GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=d, PAGE=page,
+        BLOCK_N=plan.block_n, MERGE_CHUNK=_merge_chunk(plan.num_splits, group_p2 * d),
+        SINGLE_SPLIT=single, F32_DOT=_f32_dot(q), FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not single:
-        _decode_reduce_kernel[(hq, bsz)](
-            part_out, part_lse, seq_lens, out, plan.num_splits,
-            out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_N=plan.block_n, CHUNK=16, num_warps=4,
-        )  # fmt: skip
     return out
+
+
+def _merge_chunk(num_splits: int, elems_per_split: int) -> int:
+    """Splits merged per step: all of them in one when the (group, chunk, D) float32 tile
+    stays within ~4k elements (32 registers a thread at 4 warps), else the most that fit."""
+    cap = max(1, 4096 // elems_per_split)
+    return min(triton.next_power_of_2(num_splits), 1 << (cap.bit_length() - 1))
+
+
+def _check_scratch(scratch: DecodeScratch, rows: int, counters: int, d: int) -> None:
+    if scratch.part_out.shape != (rows, d) or scratch.part_lse.shape != (rows,):
+        raise AttentionInputError(f"decode scratch must hold ({rows}, {d}) partials")
+    if scratch.arrivals.shape != (counters,) or scratch.arrivals.dtype != torch.int32:
+        raise AttentionInputError(f"decode scratch must hold ({counters},) int32 counters")
 
 
 # --------------------------------------------------------------------------------------
@@ -645,6 +782,20 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
     _check_head_dim(kv_cache.shape[4])
 
 
+def _check_new_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[int, int, int]:
+    """Validate a step's new k, v (T, Hkv, D) and slot_mapping (T,) against the cache;
+    returns its (block_size, Hkv, D)."""
+    _check_cache(kv_cache)
+    _, _, page, hkv, d = kv_cache.shape
+    if k.shape != v.shape or k.shape[1:] != (hkv, d):
+        raise AttentionInputError(f"k/v {tuple(k.shape)} do not match cache heads {(hkv, d)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise AttentionInputError("slot_mapping must be (T,), one slot per new token")
+    return page, hkv, d
+
+
 def _check_query(q: torch.Tensor, kv_cache: torch.Tensor, name: str) -> tuple[int, int]:
     """Validate q (N, Hq, D) against the cache; returns (N, Hq)."""
     hkv, d = kv_cache.shape[3], kv_cache.shape[4]
@@ -684,11 +835,15 @@ def _num_sms(device: torch.device) -> int:
 __all__ = [
     "AttentionInputError",
     "DecodePlan",
+    "DecodeScratch",
     "TileConfig",
+    "decode_scratch",
+    "default_decode_plan",
     "default_tile_config",
     "paged_decode_attention",
     "paged_prefill_attention",
     "plan_decode",
+    "rope_store_kv",
     "store_kv",
     "varlen_attention",
 ]

@@ -110,9 +110,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_heads(x_row, out_row, stride_h, c, s, offs_d, H: tl.constexpr, H_PAD: tl.constexpr,
-                D: tl.constexpr):  # fmt: skip
-    """All H heads (stride_h apart) of one token: out = round(x c) + round(rot(x) s)."""
+def rotated_heads(x_row, stride_h, c, s, offs_d, H: tl.constexpr, H_PAD: tl.constexpr,
+                  D: tl.constexpr):  # fmt: skip
+    """All H heads (stride_h apart) of one token, rotated: (round(x c) + round(rot(x) s)
+    (H_PAD, D) in x's dtype, the (H_PAD, 1) mask of real heads). Also the K/V store's RoPE
+    (`triton_attention.rope_store_kv`)."""
     offs_h = tl.arange(0, H_PAD)
     mask = offs_h[:, None] < H
     half: tl.constexpr = D // 2
@@ -123,7 +125,15 @@ def _rope_heads(x_row, out_row, stride_h, c, s, offs_d, H: tl.constexpr, H_PAD: 
     xp = tl.load(base + partner[None, :], mask=mask, other=0.0)
     a = (x.to(tl.float32) * c[None, :]).to(x.dtype).to(tl.float32)
     b = (xp.to(tl.float32) * sign[None, :] * s[None, :]).to(x.dtype).to(tl.float32)
-    tl.store(out_row + offs_h[:, None] * D + offs_d[None, :], (a + b).to(x.dtype), mask=mask)
+    return (a + b).to(x.dtype), mask
+
+
+@triton.jit
+def _rope_heads(x_row, out_row, stride_h, c, s, offs_d, H: tl.constexpr, H_PAD: tl.constexpr,
+                D: tl.constexpr):  # fmt: skip
+    """All H heads (stride_h apart) of one token rotated into out_row (H, D) contiguous."""
+    y, mask = rotated_heads(x_row, stride_h, c, s, offs_d, H, H_PAD, D)
+    tl.store(out_row + tl.arange(0, H_PAD)[:, None] * D + offs_d[None, :], y, mask=mask)
 
 
 @triton.jit

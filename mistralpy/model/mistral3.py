@@ -16,6 +16,7 @@ from mistralpy.kernels.attention import (
     AttentionMetadata,
     KVCacheSpec,
     PagedAttentionFn,
+    RopePagedAttentionFn,
     VarlenAttentionFn,
     allocate_kv_caches,
     build_metadata,
@@ -61,6 +62,9 @@ class MistralAttention(nn.Module):
         set_shards(self.o_proj, Shard(1, q_rows.start, q_rows.size, q_rows.full))
         self.scale = config.head_dim**-0.5
         self.attn_fn = attn_fn
+        # set by `set_attention_backend` where the backend fuses RoPE into its K/V store (one
+        # launch fewer per layer); it then replaces `ops.rope_qk` + `attn_fn`
+        self.rope_attn_fn: RopePagedAttentionFn | None = None
         # (k_scale, v_scale) float32 of an fp8 KV cache, on the cache's device (vLLM's
         # k_scale / v_scale); set by `set_kv_scales`. Not a buffer: it belongs to the cache the
         # runner allocates, not to the checkpoint. None: a cache in the model dtype.
@@ -77,14 +81,14 @@ class MistralAttention(nn.Module):
     ) -> torch.Tensor:
         """x (T, hidden), cos/sin (T, head_dim) -> (T, hidden); writes this step's K/V."""
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k = self.ops.rope_qk(
-            q.view(-1, self.num_heads, self.head_dim),
-            k.view(-1, self.num_kv_heads, self.head_dim),
-            cos,
-            sin,
-        )
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn_fn(q, k, v, kv_cache, attn, self.scale, self.kv_scale)
+        if self.rope_attn_fn is not None:
+            out = self.rope_attn_fn(q, k, v, cos, sin, kv_cache, attn, self.scale, self.kv_scale)
+        else:
+            q, k = self.ops.rope_qk(q, k, cos, sin)
+            out = self.attn_fn(q, k, v, kv_cache, attn, self.scale, self.kv_scale)
         return self.parallel.all_reduce(self.o_proj(out.flatten(1)))
 
 
@@ -240,12 +244,18 @@ class Mistral3ForConditionalGeneration(nn.Module):
         return _attention(self.language_model.layers[0]).num_kv_heads
 
     def set_attention_backend(
-        self, attn_fn: PagedAttentionFn, varlen_fn: VarlenAttentionFn | None = None
+        self,
+        attn_fn: PagedAttentionFn,
+        varlen_fn: VarlenAttentionFn | None = None,
+        rope_attn_fn: RopePagedAttentionFn | None = None,
     ) -> None:
         """Use `attn_fn` for every decoder layer's paged attention and, if given, `varlen_fn`
-        for the vision encoder's per-image attention (call once, at setup)."""
+        for the vision encoder's per-image attention (call once, at setup). `rope_attn_fn`:
+        the same backend with RoPE fused into its K/V store, used by the decoder layers in
+        place of the layer ops' `rope_qk` and `attn_fn` (None: those two)."""
         for layer in self.language_model.layers:
             _attention(layer).attn_fn = attn_fn
+            _attention(layer).rope_attn_fn = rope_attn_fn
         if varlen_fn is not None and self.vision_tower is not None:
             for module in self.vision_tower.modules():
                 if isinstance(module, PixtralAttention):

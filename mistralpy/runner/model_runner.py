@@ -575,13 +575,14 @@ def use_cpu_kernels(model: Any) -> None:
 
 def use_cuda_kernels(model: Any) -> Any:
     """Switch the model to the CUDA backends: Triton paged attention (flash SDPA for fresh
-    prefills and the vision encoder) and the fused Triton layer ops. Returns the paged
-    attention backend (a `CudaPagedAttention`, whose decode plans can be tuned)."""
+    prefills and the vision encoder) with the decoder's RoPE fused into its K/V store, and
+    the fused Triton layer ops. Returns the paged attention backend (a `CudaPagedAttention`,
+    whose decode plans can be tuned)."""
     from mistralpy.kernels.cuda_attention import CudaPagedAttention, sdpa_varlen_attention
     from mistralpy.kernels.fused_ops import triton_layer_ops
 
     backend = CudaPagedAttention()
-    model.set_attention_backend(backend, sdpa_varlen_attention)
+    model.set_attention_backend(backend, sdpa_varlen_attention, backend.rope_and_attend)
     model.set_layer_ops(triton_layer_ops())
     return backend
 

@@ -32,6 +32,7 @@ in_process = pytest.mark.skipif(not FRESH, reason="triton already imported: subp
 # Error bound relative to max |reference|, per storage precision: the kernels round P to the
 # value dtype before the PV product (as flash attention does) and round the output once.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+ROPE_TOL = {torch.float32: 1e-6, torch.bfloat16: 1.6e-2}  # relative to max |x|: ~2 ulp
 
 
 @pytest.mark.skipif(FRESH, reason="the cases below run in this process")
@@ -140,6 +141,44 @@ def test_store_kv_scatters_and_skips_negative_slots(ta, dtype):
     assert torch.equal(cache, expect)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "fp8"), [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)]
+)
+def test_rope_store_kv_matches_rope_then_store(ta, dtype, fp8):
+    """One launch = reference rope_qk on q and k (in place, on the model's strided qkv
+    views), then the reference store of the rotated k and v (fp8: quantized by the layer's
+    scales); slots of -1 write nothing."""
+    from mistralpy.kernels.attention import FP8_KV_DTYPE, quantize_kv
+    from mistralpy.kernels.fused_ops import rope_qk
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    nb, page, hkv, group, d, t = 6, 16, 2, 3, 64, 9
+    hq = hkv * group
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    angles = torch.rand(t, d // 2, generator=g) * 100
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(nb * page, generator=g)[:t]
+    slots[torch.randperm(t, generator=g)[:3]] = -1
+    scales = 0.25 + 1.75 * torch.rand(2, generator=g) if fp8 else None
+    cache = torch.randn(2, nb, page, hkv, d, generator=g)
+    cache = quantize_kv(cache, torch.ones(())) if fp8 else cache.to(dtype)
+
+    want_q, want_k = rope_qk(q, k, cos, sin)
+    want = cache.clone()
+    ta.rope_store_kv(q, k, v, cos, sin, cache, slots, scales)
+    # the same rounding steps; the interpreter's float32 -> bf16 cast truncates (1 ulp)
+    for got, ref in ((q, want_q), (k, want_k)):
+        err = (got.double() - ref.double()).abs().max().item()
+        assert err <= ROPE_TOL[dtype] * ref.abs().max().item(), err
+    keep = slots >= 0  # the cache holds exactly the rotated k (and v) the reference stores
+    for i, x in enumerate((k, v)):
+        rows = quantize_kv(x[keep], scales[i]) if fp8 else x[keep]
+        want[i].view(-1, hkv, d)[slots[keep]] = rows
+    assert cache.dtype == (FP8_KV_DTYPE if fp8 else dtype)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
 # ----------------------------------------------------------------------------- decode
 
 
@@ -176,6 +215,43 @@ def test_decode_padding_row_gives_zeros(ta):
         )
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("hkv", "group", "d", "num_splits"),
+    [(2, 4, 64, 5), (1, 8, 128, 13), (3, 3, 64, 4)],  # 13 splits of 8 x 128: merged 4 at a time
+)
+def test_decode_last_split_merges_and_resets_counters(ta, hkv, group, d, num_splits):
+    """Split-K decode merges in the launch: with a reused scratch, the arrival counters are back
+    at 0 after each call and two calls give bit-identical outputs (the merge order does not
+    depend on which split finished last); rows shorter than the split count leave some splits
+    empty, a padding row (seq_len 0) gives zeros."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seq_lens = [3, 16, 150, int(torch.randint(17, 300, (1,), generator=g)), 0]
+    c = make_case(g, [1] * len(seq_lens), [max(n, 1) for n in seq_lens], hkv, group, d, 16,
+                  torch.float32)  # fmt: skip
+    c.seq_lens[-1] = 0
+    plan = ta.DecodePlan(16, num_splits)
+    scratch = ta.decode_scratch(len(seq_lens), hkv * group, hkv, d, num_splits, "cpu")
+    runs = []
+    for _ in range(2):
+        runs.append(ta.paged_decode_attention(
+            c.q, c.kv_cache, c.block_tables, c.seq_lens, c.scale, plan=plan, scratch=scratch
+        ))  # fmt: skip
+        assert torch.equal(scratch.arrivals, torch.zeros_like(scratch.arrivals))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][-1], torch.zeros_like(runs[0][-1]))
+    c.seq_lens[-1] = 1  # the reference attends over >= 1 key: compare the real rows only
+    assert_close(runs[0][:-1], paged_ref(c)[:-1], torch.float32)
+
+
+def test_decode_rejects_scratch_of_another_shape(ta):
+    g = torch.Generator().manual_seed(0)
+    c = make_case(g, [1, 1], [40, 9], 2, 2, 64, 16, torch.float32)
+    scratch = ta.decode_scratch(1, 4, 2, 64, 3, "cpu")
+    with pytest.raises(ta.AttentionInputError, match="scratch"):
+        ta.paged_decode_attention(c.q, c.kv_cache, c.block_tables, c.seq_lens, c.scale,
+                                  plan=ta.DecodePlan(16, 3), scratch=scratch)  # fmt: skip
 
 
 def test_plan_decode_fills_sms_for_one_long_sequence(ta):
@@ -280,10 +356,52 @@ def test_paged_attention_stores_then_attends(ta, decode):
         slot_mapping=torch.tensor(slots), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )  # fmt: skip
-    out = CudaPagedAttention()(c.q, k, v, c.kv_cache, attn, c.scale)
+    backend = CudaPagedAttention()
+    backend.decode_plans[(2, c.block_tables.shape[1])] = ta.DecodePlan(16, 3)
+    out = backend(c.q, k, v, c.kv_cache, attn, c.scale)
     flat = c.kv_cache.view(2, -1, hkv, d)
     assert torch.equal(flat[0, torch.tensor(slots)], k)
     assert_close(out, paged_ref(c), torch.float32)
+    if decode:  # split-K (a tuned plan): the kept scratch is left reusable
+        assert torch.equal(backend(c.q, k, v, c.kv_cache, attn, c.scale), out)
+        (scratch,) = backend.decode_scratch.values()
+        assert not scratch.arrivals.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_attention_with_rope_in_the_store_matches_reference(ta, dtype):
+    """A decoder attention layer routed as on CUDA (RoPE fused into the K/V store, Triton
+    attention) vs the reference route (reference rope_qk, then the reference paged attention):
+    a prefill, then decode steps of two sequences; outputs and caches agree."""
+    from mistralpy.kernels.attention import build_metadata, paged_attention
+    from mistralpy.kernels.cuda_attention import CudaPagedAttention
+    from mistralpy.model.config import TextConfig
+    from mistralpy.model.layers import text_rope
+    from mistralpy.model.mistral3 import MistralAttention
+
+    torch.manual_seed(torch.seed() % 2**31)
+    cfg = TextConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                     rope_theta=1e6, max_position_embeddings=256)  # fmt: skip
+    ref_layer = MistralAttention(cfg, paged_attention).to(dtype)
+    fused = MistralAttention(cfg, paged_attention).to(dtype)
+    fused.load_state_dict(ref_layer.state_dict())
+    backend = CudaPagedAttention()
+    fused.attn_fn, fused.rope_attn_fn = backend, backend.rope_and_attend
+    page, tables = 16, [[3, 0, 5], [1, 4, 2]]
+    caches = [torch.zeros(2, 6, page, 2, 32, dtype=dtype) for _ in range(2)]
+    lens = [0, 0]
+    for query_lens in ([5, 19], [1, 1], [1, 1], [1, 1]):
+        lens = [n + q for n, q in zip(lens, query_lens)]
+        attn = build_metadata(query_lens, lens, tables, page, "cpu")
+        pos = torch.cat([torch.arange(n - q, n) for n, q in zip(lens, query_lens)])
+        cos, sin = text_rope(pos, cfg.rope_theta, cfg.head_dim, dtype)
+        x = torch.randn(len(pos), cfg.hidden_size).to(dtype)
+        with torch.inference_mode():
+            want = ref_layer(x, cos, sin, caches[0], attn)
+            got = fused(x, cos, sin, caches[1], attn)
+        assert_close(got, want.double(), dtype)
+        assert_close(caches[1], caches[0].double(), dtype)
 
 
 def test_rejects_mismatched_inputs(ta):

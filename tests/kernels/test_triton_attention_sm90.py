@@ -29,12 +29,13 @@ def kv(fp8):
 
 def decode(fp8, single):
     names = ["q_ptr", "kc_ptr", "vc_ptr", "bt_ptr", "seq_lens_ptr", "out_ptr", "part_out_ptr",
-             "part_lse_ptr", "kv_scale_ptr", "qk_scale", "num_splits", "stride_qb", "stride_qh",
-             "stride_ob", "stride_oh", "stride_c_blk", "stride_c_row", "stride_c_h", "stride_bt_b"]
-    types = ["*bf16", kv(fp8), kv(fp8), "*i32", "*i32", "*bf16", "*fp32", "*fp32", "*fp32",
-             "fp32"] + ["i32"] * 9
-    cx = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SINGLE_SPLIT=single,
-              F32_DOT=False, FP8=fp8)
+             "part_lse_ptr", "arrivals_ptr", "kv_scale_ptr", "qk_scale", "num_splits", "stride_qb",
+             "stride_qh", "stride_ob", "stride_oh", "stride_c_blk", "stride_c_row", "stride_c_h",
+             "stride_bt_b"]
+    types = ["*bf16", kv(fp8), kv(fp8), "*i32", "*i32", "*bf16", "*fp32", "*fp32", "*i32",
+             "*fp32", "fp32"] + ["i32"] * 9
+    cx = dict(GROUP=4, GROUP_PAD=16, GROUP_P2=4, HEAD_DIM=128, PAGE=16, BLOCK_N=64,
+              MERGE_CHUNK=8, SINGLE_SPLIT=single, F32_DOT=False, FP8=fp8)
     return compile_sm90(ta._decode_split_kernel, dict(zip(names, types)), cx, 4)
 
 def store(fp8):
@@ -43,6 +44,14 @@ def store(fp8):
     types = ["*bf16", "*bf16", kv(fp8), kv(fp8), "*i64", "i32", "i32", "i32", "i32", "*fp32"]
     cx = dict(PAGE=16, ROW=1024, ROW_PAD=1024, FP8=fp8)
     return compile_sm90(ta._store_kv_kernel, dict(zip(names, types)), cx, 4)
+
+def rope_store(fp8):
+    names = ["q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "slot_ptr",
+             "kv_scale_ptr", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+             "stride_vh", "stride_ct", "stride_st", "stride_c_blk", "stride_c_row", "stride_c_h"]
+    types = ["*bf16"] * 5 + [kv(fp8), kv(fp8), "*i64", "*fp32"] + ["i32"] * 11
+    cx = dict(PAGE=16, HQ=32, HK=8, HQ_PAD=32, HK_PAD=8, D=128, FP8=fp8)
+    return compile_sm90(ta._rope_store_kv_kernel, dict(zip(names, types)), cx, 4)
 
 def prefill(fp8):
     names = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "qsl_ptr", "seq_lens_ptr", "bt_ptr",
@@ -59,6 +68,7 @@ def loop(compiled):
     return {"ops": len(ops), "loads": sum(o.startswith("LDG") for o in ops)}
 
 out = {"store": bool(store(True).asm["cubin"]), "prefill": loop(prefill(True)),
+       "rope_store": all(rope_store(f).asm["cubin"] for f in (False, True)),
        "split": bool(decode(True, False).asm["cubin"]),
        "decode_fp8": loop(decode(True, True)), "decode_bf16": loop(decode(False, True))}
 print("RESULT " + json.dumps(out))
@@ -80,7 +90,7 @@ def test_fp8_kernels_compile_for_hopper():
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, res.stdout[-3000:] + res.stderr[-6000:]
     out = json.loads(line.removeprefix("RESULT "))
-    assert out["store"] and out["split"] and out["prefill"]["ops"] > 0
+    assert out["store"] and out["rope_store"] and out["split"] and out["prefill"]["ops"] > 0
     fp8, bf16 = out["decode_fp8"], out["decode_bf16"]
     # e4m3 -> bf16 widening (unpack + convert) adds ~6% of the bf16 loop; loads never grow
     assert fp8["loads"] <= bf16["loads"], out
