@@ -355,7 +355,10 @@ def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
 
 
 def _q4k_gemm_kernel_of(packed, shape, gemm):
-    return tq.TritonQ4KMatmul(packed, shape, gemm=gemm)
+    kern = tq.TritonQ4KMatmul(packed, shape, gemm=gemm)
+    if 1 in gemm:  # a 1-row bucket times the GEMM kernel, not the GEMV
+        kern.gemv = dataclasses.replace(kern.gemv, max_m=0)
+    return kern
 
 
 def gemm(ctx: Ctx) -> None:

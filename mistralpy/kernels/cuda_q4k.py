@@ -49,6 +49,7 @@ typedef unsigned short u16;
 #define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 #define CVT2 "cvt.rn.f16x2.f32"
 #define CVT1 "cvt.rn.f16.f32"
+#define MAGIC4 0x64646464u
 #else
 #define MAGIC 0x43004300u
 #define MAGIC_NEG 0xC300C300u
@@ -57,6 +58,7 @@ typedef unsigned short u16;
 #define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 #define CVT2 "cvt.rn.bf16x2.f32"
 #define CVT1 "cvt.rn.bf16.f32"
+#define MAGIC4 0x43434343u
 #endif
 
 __device__ __forceinline__ void load_stream(u32 (&r)[4], const unsigned char* p) {
@@ -100,9 +102,10 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
-// pair of weights of one sub-block: bits SHIFT..SHIFT+3 and SHIFT+16.. of code word q
-__device__ __forceinline__ u32 dequant_pair(u32 q, int shift, u32 scale2, u32 neg_min2) {
-    u32 v = ((q >> shift) & 0x000F000Fu) | MAGIC;
+// pair of weights of one sub-block from a word of nibbles (nib: one nibble per byte):
+// bytes (0, 2) (SEL 0x4240) or (1, 3) (0x4341) get the magic exponent byte above them
+__device__ __forceinline__ u32 dequant_pair(u32 nib, u32 sel, u32 scale2, u32 neg_min2) {
+    u32 v = prmt(nib, MAGIC4, sel);  // 128 + q in each half
     v = fma2(v, ONE2, MAGIC_NEG);  // exactly q
     return fma2(v, scale2, neg_min2);
 }
@@ -113,15 +116,22 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// (scale, -min) of sub-block 4 HI + jj of a block header h (16 bytes as 4 words), as pairs
-__device__ __forceinline__ void sub_block(const u32 (&h)[4], int jj, bool hi, u32& s2, u32& o2) {
-    int sh = 8 * jj;
-    u32 b1 = (h[1] >> sh) & 255u, b2 = (h[2] >> sh) & 255u, b3 = (h[3] >> sh) & 255u;
-    u32 sc = hi ? ((b3 & 15u) | ((b1 >> 6) << 4)) : (b1 & 63u);
-    u32 mn = hi ? ((b3 >> 4) | ((b2 >> 6) << 4)) : (b2 & 63u);
-    float d = half_to_float(h[0] & 0xFFFFu), dmin = half_to_float(h[0] >> 16);
-    s2 = pack2(d * (float)sc);
-    o2 = pack2(-dmin * (float)mn);
+// (scale, -min) pairs of the two sub-blocks 4 HI + 2 (t / 2) + {0, 1} of a block header h
+// (16 bytes as 4 words; sh = 16 (t / 2)): the two 6-bit values sit in adjacent bytes, so
+// both are decoded at once, spread into a half-precision pair by a byte permute that
+// writes the magic exponent above each byte (128 + v) and scaled by (d, d) / (-dmin, -dmin)
+__device__ __forceinline__ void sub_blocks(const u32 (&h)[4], int sh, bool hi, u32& s2, u32& o2) {
+    u32 sc = hi ? (((h[3] >> sh) & 0x0F0Fu) | ((h[1] >> (sh + 2)) & 0x3030u)) : ((h[1] >> sh) & 0x3F3Fu);
+    u32 mn = hi ? (((h[3] >> (sh + 4)) & 0x0F0Fu) | ((h[2] >> (sh + 2)) & 0x3030u)) : ((h[2] >> sh) & 0x3F3Fu);
+    u32 sc2 = fma2(prmt(sc, MAGIC4, 0x4140u), ONE2, MAGIC_NEG);  // exact integers
+    u32 mn2 = fma2(prmt(mn, MAGIC4, 0x4140u), ONE2, MAGIC_NEG);
+#if FP16
+    u32 d2 = prmt(h[0], 0u, 0x1010u), negdmin2 = prmt(h[0], 0u, 0x3232u) ^ 0x80008000u;
+#else
+    u32 d2 = pack2(half_to_float(h[0] & 0xFFFFu)), negdmin2 = pack2(-half_to_float(h[0] >> 16));
+#endif
+    s2 = fma2(sc2, d2, 0x80008000u);  // + (-0): a product
+    o2 = fma2(mn2, negdmin2, 0x80008000u);
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -208,14 +218,23 @@ q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __r
                         xv[n][hh][4 + i] = hi[i];
                     }
                 }
+            u32 s_pair[RT][2], o_pair[RT][2];
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int ab = 0; ab < 2; ++ab)
+                    sub_blocks(h_cur[r][ab], 16 * (t >> 1), sp == 1, s_pair[r][ab], o_pair[r][ab]);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
-                u32 s2[RT][2], o2[RT][2];
+                u32 s2[RT][2], o2[RT][2];  // sub-block 4 sp + 2 (t / 2) + hh's, in both halves
 #pragma unroll
                 for (int r = 0; r < RT; ++r)
 #pragma unroll
-                    for (int ab = 0; ab < 2; ++ab)
-                        sub_block(h_cur[r][ab], 2 * (t >> 1) + hh, sp == 1, s2[r][ab], o2[r][ab]);
+                    for (int ab = 0; ab < 2; ++ab) {
+                        u32 sel = hh ? 0x3232u : 0x1010u;
+                        s2[r][ab] = prmt(s_pair[r][ab], 0u, sel);
+                        o2[r][ab] = prmt(o_pair[r][ab], 0u, sel);
+                    }
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     u32 bx0[NT], bx1[NT];
@@ -227,10 +246,11 @@ q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __r
 #pragma unroll
                     for (int r = 0; r < RT; ++r) {
                         u32 qa = c_cur[r][0][sp][j], qb = c_cur[r][1][sp][j];
-                        u32 a0 = dequant_pair(qa, 4 * hh, s2[r][0], o2[r][0]);
-                        u32 a1 = dequant_pair(qb, 4 * hh, s2[r][1], o2[r][1]);
-                        u32 a2 = dequant_pair(qa, 4 * hh + 8, s2[r][0], o2[r][0]);
-                        u32 a3 = dequant_pair(qb, 4 * hh + 8, s2[r][1], o2[r][1]);
+                        u32 na = (hh ? qa >> 4 : qa) & 0x0F0F0F0Fu, nb = (hh ? qb >> 4 : qb) & 0x0F0F0F0Fu;
+                        u32 a0 = dequant_pair(na, 0x4240u, s2[r][0], o2[r][0]);
+                        u32 a1 = dequant_pair(nb, 0x4240u, s2[r][1], o2[r][1]);
+                        u32 a2 = dequant_pair(na, 0x4341u, s2[r][0], o2[r][0]);
+                        u32 a3 = dequant_pair(nb, 0x4341u, s2[r][1], o2[r][1]);
 #pragma unroll
                         for (int n = 0; n < NT; ++n) mma(acc[r][n], a0, a1, a2, a3, bx0[n], bx1[n]);
                     }
