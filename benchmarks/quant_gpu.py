@@ -10,7 +10,8 @@ Sections (each independent; a failure prints its traceback and the others still 
 - words: the batch-1 q4k GEMV (every tuning candidate, or with --words-candidates dp4a a
   wider sweep; the load-time tuner's pick) vs tinygemm, each streaming its weight from HBM
   (timed over enough copies to defeat the 50 MB L2, as in a decode step).
-- gemm: the q4k decode GEMMs (swap-AB tl.dot, dp4a for up to 8 rows; --gemm-kernels and
+- mma_check: the CUDA tensor-core q4k GEMM against the oracle (ragged shapes, splits, graphs).
+- gemm: the q4k decode GEMMs (swap-AB tl.dot, CUDA mma up to 32 rows; --gemm-kernels and
   --gemm-layers pick) per M bucket vs
   tinygemm and bf16 cuBLAS, then dequantize + cuBLAS at prefill sizes.
 - crossover: q4k tinygemm vs Triton GEMM vs bf16 by M; q4_0 tinygemm vs tiled dequant.
@@ -328,27 +329,17 @@ def crossover(ctx: Ctx) -> None:
                            other=type(other).__name__, bf16_us=t_bf16 * 1e3)  # fmt: skip
 
 
-# the dp4a GEMM's (buckets of at most 8 rows): (bn, warps) x split-K
-GEMM_DP4A_SWEEP = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4))
-
-
 def _kind(cfg) -> str:
-    return "mma" if cfg.mma else "dp4a" if cfg.dp4a else "swap"
+    return "mma" if cfg.mma else "swap"
 
 
 def _gemm_sweep(n: int, k: int, bm: int, best16: dict, kinds: set[str]) -> list:
     """Configs the sweep times at bucket bm for each kernel kind in `kinds`: the swap
     kernel's tuner candidates from 16 rows up (below, it pads to 16: only its best 16-row
-    config), and the dp4a ones up to Q4K_DP4A_MAX_M."""
+    config), and the CUDA mma kernel's up to Q4K_MMA_MAX_M."""
     out = []
     if "swap" in kinds:
         out += [best16["swap"]] if bm < 16 and "swap" in best16 else tq.q4k_gemm_candidates(n, k)
-    if "dp4a" in kinds and bm <= tq.Q4K_DP4A_MAX_M:
-        for bn, warps in GEMM_DP4A_SWEEP:
-            for split in (1, 2, 4, 8, 16):
-                if split > 1 and k // 256 // split < 2:
-                    continue
-                out.append(tq.GemmConfig(bn, 1, warps, 1, split, dp4a=True))
     if "mma" in kinds and bm <= tq.Q4K_MMA_MAX_M:
         out += tq.q4k_gemm_mma_candidates(n, k)
     return out
@@ -577,7 +568,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="an earlier triton_quant.py (words)")
     ap.add_argument("--words-candidates", choices=sorted(WORDS_CANDIDATES), default="tuner")
     ap.add_argument("--gemm-buckets", default="2,4,8,16,32,64")
-    ap.add_argument("--gemm-kernels", default="swap,dp4a")
+    ap.add_argument("--gemm-kernels", default="swap,mma")
     ap.add_argument("--gemm-layers", default="qkv,o,gate_up,down,lm_head")
     ap.add_argument("--gemm-prefill", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", default=None)

@@ -14,7 +14,9 @@ Each kernel has a batch-1 GEMV form (per-row dot products with the scales factor
 the inner sum) and a `tl.dot` GEMM form for M > 1 (weight tiles dequantized to bf16 in
 registers (fp16 for fp16 activations), M padded to 16; 64-row M tiles for prefill-sized batches). The q4_K GEMM permutes
 the reduction order instead of the weight: the low and high nibbles of each 32-byte chunk
-meet the matching 32-element slices of x, so no shuffles are needed.
+meet the matching 32-element slices of x, so no shuffles are needed. On CUDA sm80+ the q4_K
+products of 2-32 rows go to `cuda_q4k` (tensor cores fed from registers) when the tuner
+finds it faster; this file's swap kernel keeps 33-64 rows and GPUs without it.
 """
 
 from __future__ import annotations
@@ -435,71 +437,6 @@ def _q4k_gemm_swap_kernel(
 
 
 @triton.jit
-def _q4k_gemm_dp4a_kernel(
-    xq_ptr, xs_ptr, wi_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_blocks,
-    BN: tl.constexpr, BM: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    ASM: tl.constexpr,
-):  # fmt: skip
-    """q4_K GEMM for a few rows of x (2 <= M <= BM <= 16) by integer dot products: the batch-1
-    `_q4k_gemv_dp4a_kernel` with every program meeting its weight tile with all M rows of x
-    (int8 groups from `_q8_quant_kernel`), so the weight is read once per step, not once per
-    row. The codes are split into low and high nibbles once per step, then each row of x is
-    read at the codes' shape (rows broadcast through the pointers, L1 hits: the same
-    register layout, no shared-memory round trip) and dotted; rows past M are read clamped
-    to row M - 1 and never stored. Grid (N / BN, splits); PARTIAL as `_q4k_gemm_swap_kernel`."""
-    pid_n, s, rows, rmask, ms, mmask, nblk, b_start, b_end = _q4k_gemm_program(
-        M, N, K, split_blocks, BN, BM
-    )
-    c = tl.arange(0, 4)
-    w8 = tl.arange(0, 8)
-    row_words = tl.minimum(rows, N - 1).to(tl.int64) * (nblk * 36)  # a block is 36 words
-    code_off = (4 + c * 8)[None, :, None] + w8[None, None, :]  # (1, 4, 8) in a block
-    hdr_off = 0 * c[None, :, None] + tl.arange(0, 4)[None, None, :]  # (1, 4, 4)
-    zero = tl.zeros((BN, 4), dtype=tl.int32)
-    x_words = (zero + 16 * c[None, :])[:, :, None] + w8[None, None, :]  # group 2c, (BN, 4, 8)
-    x_groups = zero + 6 * c[None, :]  # (scale, sum, residual) of group 2c, (BN, 4)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for blk in tl.range(b_start, b_end, num_stages=STAGES):
-        wbase = row_words + blk * 36
-        codes = tl.load(wi_ptr + wbase[:, None, None] + code_off)  # (BN, 4, 8)
-        hdr = tl.load(wi_ptr + wbase[:, None, None] + hdr_off)  # (BN, 4, 4)
-        d, dmin, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_chunk_header(hdr, c[None, :])
-        a_lo, a_hi = d * sc_lo, d * sc_hi
-        b_lo, b_hi = dmin * mn_lo, dmin * mn_hi
-        lo, hi = codes & 0x0F0F0F0F, codes & -0x0F0F0F10
-        for m in tl.static_range(BM):
-            row = tl.minimum(m, M - 1)
-            xw = xq_ptr + row * (K // 4) + blk * 64 + x_words
-            dot_lo = tl.sum(_dp4a(lo, tl.load(xw), ASM), axis=2).to(tl.float32)
-            dot_hi = tl.sum(_dp4a(hi, tl.load(xw + 8), ASM), axis=2).to(tl.float32) * 0.0625
-            xs = xs_ptr + row * (K // 32 * 3) + blk * 24 + x_groups
-            part = a_lo * (tl.load(xs) * dot_lo + 8.0 * tl.load(xs + 2)) - b_lo * tl.load(xs + 1)
-            part += a_hi * (tl.load(xs + 3) * dot_hi + 8.0 * tl.load(xs + 5)) - b_hi * tl.load(
-                xs + 4
-            )
-            acc += tl.where(ms[None, :] == m, tl.sum(part, axis=1)[:, None], 0.0)
-    _q4k_store_tile(y_ptr, ws_ptr, cnt_ptr, acc, s, pid_n, rows, rmask, ms, mmask, N,
-                    stride_ym, BM, PARTIAL)  # fmt: skip
-
-
-@triton.jit
-def _dp4a(a, b, ASM: tl.constexpr):
-    """Per int32 word: the dot of a's 4 bytes (unsigned) with b's (signed); one dp4a on CUDA,
-    plain integer ops in Triton's CPU interpreter."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="dp4a.u32.s32 $0, $1, $2, 0;",
-            constraints="=r,r,r",
-            args=[a, b],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        return _dot4(a, b)
-
-
-@triton.jit
 def _q4k_dequant_kernel(wb_ptr, wi_ptr, out_ptr, N, K, BN: tl.constexpr, BB: tl.constexpr):
     """Rows [pid0 BN, +BN) x blocks [pid1 BB, +BB) of a q4_K weight -> out (N, K) in out's
     dtype: the first half of prefill-sized products (dequantize, then a dense GEMM)."""
@@ -761,16 +698,14 @@ class GemmConfig:
     warps: int = 4
     stages: int = 2  # software pipelining depth of the block loop
     split: int = 1  # split-K programs per row tile (partials summed in the kernel)
-    dp4a: bool = False  # `_q4k_gemm_dp4a_kernel` (int8 x, integer dots; buckets <= 16)
     mma: bool = False  # `cuda_q4k.q4k_mma` (CUDA, sm80+; buckets <= 32): bn = 16 warps x tiles
 
 
 # M buckets of the decode GEMM (rows of x padded to the next); above the last one a
 # product is prefill-sized: dequantize to bf16, then a dense GEMM. The swap kernel pads x
-# to at least 16 rows (the matrix unit's smallest N); the dp4a kernel's cost grows with
-# the bucket, so small batches get buckets of their own.
+# to at least 16 rows (the matrix unit's smallest N); the mma kernel's x tiles are 8 rows,
+# so small batches get buckets of their own.
 Q4K_GEMM_BUCKETS = (2, 4, 8, 16, 32, 64)
-Q4K_DP4A_MAX_M = 8  # at 8 rows the swap kernel was already as fast (H100 sweep)
 
 
 def gemm_configs_of(data: dict) -> dict[int, GemmConfig]:
@@ -803,33 +738,21 @@ def q4k_gemm_candidates(n: int, k: int) -> list[GemmConfig]:
     return out
 
 
-def q4k_gemm_dp4a_candidates(n: int, k: int) -> list[GemmConfig]:
-    """Launch configs of the dp4a GEMM (buckets up to `Q4K_DP4A_MAX_M` rows) that
-    `tune_q4k_gemm` times beside the swap kernel's: the tile shapes that won a shape at 2, 4
-    or 8 rows in a 40-config sweep on H100 (BENCHMARKS.md), each with split-K 1-16."""
-    out = []
-    for bn, warps in ((8, 1), (32, 2), (64, 4)):
-        tiles = -(-n // bn)
-        for split in (1, 2, 4, 8, 16):
-            if split > 1 and (k // 256 // split < 2 or tiles * split > 8192):
-                continue
-            out.append(GemmConfig(bn, 1, warps, 1, split, dp4a=True))
-    return out
-
-
 Q4K_MMA_MAX_M = 32  # x tiles of 8 rows held in registers: 4 at most
 
 
 def q4k_gemm_mma_candidates(n: int, k: int) -> list[GemmConfig]:
     """Launch configs of the CUDA tensor-core GEMM (`cuda_q4k`): 1-2 16-row weight tiles per
-    warp, 4 or 8 warps per program, split-K 1-16 where it leaves >= 2 blocks per split."""
+    warp, 4 or 8 warps per program, and per tile shape the three smallest split-K factors
+    (of 1-16, leaving >= 2 blocks per split) that give >= 264 programs, two per H100 SM
+    (the best of every 24B shape at 1-32 rows was among them, H100 sweep, BENCHMARKS.md)."""
     out = []
     for tiles, warps in ((1, 4), (2, 4), (1, 8)):
         bn = 16 * tiles * warps
-        for split in (1, 2, 4, 8, 16):
-            if split > 1 and (k // 256 // split < 2 or -(-n // bn) * split > 8192):
-                continue
-            out.append(GemmConfig(bn, 1, warps, 1, split, mma=True))
+        row_tiles = -(-n // bn)
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or k // 256 // s >= 2]
+        wide = [s for s in splits if row_tiles * s >= 264] or splits[-1:]
+        out += [GemmConfig(bn, 1, warps, 1, s, mma=True) for s in wide[:3]]
     return out
 
 
@@ -844,16 +767,21 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
     weights = [packed] + [packed.clone() for _ in range(copies - 1)]
     exact = TritonQ4KMatmul(packed, shape).dequantize(torch.float32)
     chosen: dict[int, GemmConfig] = {}
-    # the swap kernel runs buckets under 16 padded to 16 rows: its best config there is
-    # timed again below 16 rather than every candidate
+    # Where the CUDA mma kernel runs (sm80+, <= 32 rows) only its configs are timed: it was
+    # 1.1-2.3x faster than the swap kernel at 8-32 rows on every 24B shape but one (o at 32
+    # rows: 3% slower; H100, BENCHMARKS.md). The swap kernel runs buckets under 16 padded to
+    # 16 rows: its best config there is timed again below 16 rather than every candidate.
     for bm in sorted(Q4K_GEMM_BUCKETS, key=lambda b: (b < 16, -b)):
         x = torch.randn(bm, k, device=packed.device, dtype=torch.bfloat16)
         want = x.float() @ exact.T
         best, best_t = q4k_gemm_config(n, k, bm), float("inf")
-        swap = [chosen[16]] if bm < 16 and 16 in chosen else q4k_gemm_candidates(n, k)
-        dp4a = q4k_gemm_dp4a_candidates(n, k) if bm <= Q4K_DP4A_MAX_M else []
-        mma = q4k_gemm_mma_candidates(n, k) if bm <= Q4K_MMA_MAX_M and _has_mma(packed) else []
-        for cfg in swap + dp4a + mma:
+        if bm <= Q4K_MMA_MAX_M and _has_mma(packed):
+            candidates = q4k_gemm_mma_candidates(n, k)
+        elif bm < 16 and 16 in chosen and not chosen[16].mma:
+            candidates = [chosen[16]]
+        else:
+            candidates = q4k_gemm_candidates(n, k)
+        for cfg in candidates:
             try:
                 got = TritonQ4KMatmul(packed, shape, gemm={bm: cfg})(x).float()
                 if not (got - want).norm() <= 0.01 * want.norm():
@@ -989,15 +917,6 @@ class TritonQ4KMatmul(_TritonMatmul):
                 warps=cfg.warps,
                 split_blocks=split_blocks,
             )
-            return
-        if cfg.dp4a:
-            ws, cnt = self._scratch(y.device, bm, split, tiles, "dp4a") if split > 1 else (y, y)
-            xq, xs = self._quantized_x(x)
-            _q4k_gemm_dp4a_kernel[(tiles, split)](
-                xq, xs, self.wi, y, ws, cnt, m, self.out_features, self.in_features,
-                y.stride(0), split_blocks, BN=cfg.bn, BM=bm, PARTIAL=split > 1,
-                STAGES=cfg.stages, ASM=not self.interpret, num_warps=cfg.warps,
-            )  # fmt: skip
             return
         bm = max(bm, 16)
         ws, cnt = self._scratch(y.device, bm, split, tiles, "gemm") if split > 1 else (y, y)

@@ -40,13 +40,13 @@ def default_cache_path() -> Path | None:
 
 def cuda_context() -> str:
     """The current CUDA card and software the picks hold for, with a hash of the source of
-    the kernels they were timed on (`mistralpy.kernels.triton_quant`)."""
+    the kernels they were timed on (`mistralpy.kernels.triton_quant` and `cuda_q4k`)."""
     import torch
     import triton
 
-    from mistralpy.kernels import triton_quant
+    from mistralpy.kernels import cuda_q4k, triton_quant
 
-    source = Path(triton_quant.__file__).read_bytes()
+    source = b"".join(Path(str(m.__file__)).read_bytes() for m in (triton_quant, cuda_q4k))
     major, minor = torch.cuda.get_device_capability()
     return (
         f"{torch.cuda.get_device_name()} sm{major}{minor} torch {torch.__version__} "
