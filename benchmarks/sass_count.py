@@ -69,11 +69,6 @@ DP4A_SIGNATURE = {
     "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_xm": "i32",
     "stride_ym": "i32", "split_blocks": "i32",
 }  # fmt: skip
-GEMM_DP4A_SIGNATURE = {
-    "xq_ptr": "*i32", "xs_ptr": "*fp32", "wi_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
-    "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
-    "split_blocks": "i32",
-}  # fmt: skip
 
 
 def _per_weight(compiled, bn: int, bb: int, warps: int) -> tuple[float, collections.Counter]:
@@ -101,14 +96,6 @@ def main() -> None:
             print(f"GEMV x_inline={inline!s:5} bn={bn:<3} bb={bb} "
                   f"warps={warps}: {per_weight:.2f} instr/weight "
                   f"{dict(ops.most_common(8))}", flush=True)  # fmt: skip
-    # the dp4a GEMM: one loop step is one block per weight row, for every row of x
-    for bn, bm, warps in ((8, 2, 1), (8, 4, 1), (32, 8, 4), (64, 8, 4)):
-        const = {"BN": bn, "BM": bm, "PARTIAL": False, "STAGES": 1, "ASM": True}
-        compiled = compile_sm90(tq._q4k_gemm_dp4a_kernel, GEMM_DP4A_SIGNATURE, const, warps)
-        per_weight, ops = _per_weight(compiled, bn, 1, warps)
-        print(f"GEMM rows={bm:<2} bn={bn:<3} warps={warps}: {per_weight:.2f} instr/weight = "
-              f"{per_weight / bm:.2f} per weight and row {dict(ops.most_common(8))}",
-              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from mistralpy.quant.isq import isq_linear_factory
 from mistralpy.quant.tuning import KernelTuning, TuningStore, default_cache_path, to_json
 
 GEMV = tq.GemvConfig(16, 1, 1, split=4, x_inline=True)
-GEMM = {2: tq.GemmConfig(8, 1, 1, 1, 4, dp4a=True), 16: tq.GemmConfig(64, 1, 4, 2, 4)}
+GEMM = {2: tq.GemmConfig(64, 1, 4, 1, 4, mma=True), 16: tq.GemmConfig(64, 1, 4, 2, 4)}
 
 
 class Tuner:
