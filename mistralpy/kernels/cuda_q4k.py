@@ -134,45 +134,6 @@ __device__ __forceinline__ void sub_blocks(const u32 (&h)[4], int sh, bool hi, u
     o2 = fma2(mn2, negdmin2, 0x80008000u);
 }
 
-// one 256-weight block of rows (g, g + 8) of each row tile: its header and this lane's code
-// bytes of both spans
-__device__ __forceinline__ void load_block(u32 (&hdr)[RT][2][4], u32 (&code)[RT][2][2][4],
-                                           const unsigned char* const (&wrow)[RT][2], int b, int t) {
-#pragma unroll
-    for (int r = 0; r < RT; ++r)
-#pragma unroll
-        for (int ab = 0; ab < 2; ++ab) {
-            const unsigned char* p = wrow[r][ab] + (long long)b * 144;
-            load_stream(hdr[r][ab], p);
-            load_stream(code[r][ab][0], p + 16 + 16 * t);
-            load_stream(code[r][ab][1], p + 80 + 16 * t);
-        }
-}
-
-// cur = buf[0]; buf[d] = buf[d + 1] (register moves once unrolled)
-__device__ __forceinline__ void shift_blocks(u32 (&h_cur)[RT][2][4], u32 (&c_cur)[RT][2][2][4],
-                                             u32 (&hdr)[DEPTH][RT][2][4],
-                                             u32 (&code)[DEPTH][RT][2][2][4]) {
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-            for (int ab = 0; ab < 2; ++ab)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    if (d == 0) {
-                        h_cur[r][ab][i] = hdr[0][r][ab][i];
-                        c_cur[r][ab][0][i] = code[0][r][ab][0][i];
-                        c_cur[r][ab][1][i] = code[0][r][ab][1][i];
-                    } else {
-                        hdr[d - 1][r][ab][i] = hdr[d][r][ab][i];
-                        code[d - 1][r][ab][0][i] = code[d][r][ab][0][i];
-                        code[d - 1][r][ab][1][i] = code[d][r][ab][1][i];
-                    }
-                }
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
         float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
@@ -187,7 +148,7 @@ q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __r
     const int b_end = min(b_start + split_blocks, nblk);
     const int k0 = 64 * (t >> 1) + 16 * (t & 1);
 
-    const unsigned char* wrow[RT][2];  // read-only after this loop
+    const unsigned char* wrow[RT][2];
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -205,15 +166,41 @@ q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __r
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
 
-    // DEPTH blocks of bytes in flight per warp: buf[0] is the next block to compute
-    u32 hdr[DEPTH][RT][2][4], code[DEPTH][RT][2][2][4];
+    u32 hdr[RT][2][4], code[RT][2][2][4];
+    if (b_start < b_end) {
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-        if (b_start + d < b_end) load_block(hdr[d], code[d], wrow, b_start + d, t);
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int ab = 0; ab < 2; ++ab) {
+                const unsigned char* p = wrow[r][ab] + (long long)b_start * 144;
+                load_stream(hdr[r][ab], p);
+                load_stream(code[r][ab][0], p + 16 + 16 * t);
+                load_stream(code[r][ab][1], p + 80 + 16 * t);
+            }
+    }
     for (int b = b_start; b < b_end; ++b) {
         u32 h_cur[RT][2][4], c_cur[RT][2][2][4];
-        shift_blocks(h_cur, c_cur, hdr, code);
-        if (b + DEPTH < b_end) load_block(hdr[DEPTH - 1], code[DEPTH - 1], wrow, b + DEPTH, t);
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int ab = 0; ab < 2; ++ab)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    h_cur[r][ab][i] = hdr[r][ab][i];
+                    c_cur[r][ab][0][i] = code[r][ab][0][i];
+                    c_cur[r][ab][1][i] = code[r][ab][1][i];
+                }
+        if (b + 1 < b_end) {  // the next block's bytes are in flight during this one's math
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int ab = 0; ab < 2; ++ab) {
+                    const unsigned char* p = wrow[r][ab] + (long long)(b + 1) * 144;
+                    load_stream(hdr[r][ab], p);
+                    load_stream(code[r][ab][0], p + 16 + 16 * t);
+                    load_stream(code[r][ab][1], p + 80 + 16 * t);
+                }
+        }
 #pragma unroll
         for (int sp = 0; sp < 2; ++sp) {
             u32 xv[NT][2][8];
@@ -327,7 +314,6 @@ class MmaShape:
     warps: int
     x_tiles: int
     fp16: bool = False
-    depth: int = 1  # blocks of weight bytes in flight per warp beyond the one computed
 
     @property
     def rows_per_program(self) -> int:
@@ -339,7 +325,6 @@ def source_of(shape: MmaShape) -> str:
     head = (
         f"#define RT {shape.row_tiles}\n#define NT {shape.x_tiles}\n"
         f"#define WARPS {shape.warps}\n#define FP16 {int(shape.fp16)}\n"
-        f"#define DEPTH {shape.depth}\n"
     )
     return head + _SOURCE
 
@@ -368,7 +353,6 @@ def q4k_mma(
     row_tiles: int,
     warps: int,
     split_blocks: int,
-    depth: int = 1,
 ) -> None:
     """y (M, N) = x (M, K) @ W.T for q4_K bytes `packed` (N, K / 256 * 144), M <= 32.
     `workspace` (>= splits, M, N) float32 and `counters` (>= row tiles) int32 zeros are used
@@ -379,7 +363,7 @@ def q4k_mma(
         raise ValueError(f"q4k_mma: x must be (<= 32, K) bf16/fp16, got {tuple(x.shape)} {x.dtype}")
     if x.stride(1) != 1 or y.stride(1) != 1 or x.data_ptr() % 16 or packed.data_ptr() % 16:
         raise ValueError("q4k_mma: x and y need unit column stride, x and W 16-byte alignment")
-    shape = MmaShape(row_tiles, warps, -(-m // 8), x.dtype == torch.float16, depth)
+    shape = MmaShape(row_tiles, warps, -(-m // 8), x.dtype == torch.float16)
     nblk = k // 256
     splits = -(-nblk // split_blocks)
     grid = (-(-n // shape.rows_per_program), splits, 1)

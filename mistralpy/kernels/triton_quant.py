@@ -743,18 +743,16 @@ Q4K_MMA_MAX_M = 32  # x tiles of 8 rows held in registers: 4 at most
 
 def q4k_gemm_mma_candidates(n: int, k: int) -> list[GemmConfig]:
     """Launch configs of the CUDA tensor-core GEMM (`cuda_q4k`): 1-2 16-row weight tiles per
-    warp, 4 or 8 warps per program, 1 or 2 blocks in flight per warp (`stages`; 1 with two
-    tiles), and per tile shape the three smallest split-K factors
+    warp, 4 or 8 warps per program, and per tile shape the three smallest split-K factors
     (of 1-16, leaving >= 2 blocks per split) that give >= 264 programs, two per H100 SM
     (the best of every 24B shape at 1-32 rows was among them, H100 sweep, BENCHMARKS.md)."""
     out = []
     for tiles, warps in ((1, 4), (2, 4), (1, 8)):
         bn = 16 * tiles * warps
-        depths = (1, 2) if tiles == 1 else (1,)  # 2 tiles x 2 blocks in flight: > 200 registers
         row_tiles = -(-n // bn)
         splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or k // 256 // s >= 2]
         wide = [s for s in splits if row_tiles * s >= 264] or splits[-1:]
-        out += [GemmConfig(bn, 1, warps, d, s, mma=True) for s in wide[:3] for d in depths]
+        out += [GemmConfig(bn, 1, warps, 1, s, mma=True) for s in wide[:3]]
     return out
 
 
@@ -918,7 +916,6 @@ class TritonQ4KMatmul(_TritonMatmul):
                 row_tiles=cfg.bn // (16 * cfg.warps),
                 warps=cfg.warps,
                 split_blocks=split_blocks,
-                depth=cfg.stages,
             )
             return
         bm = max(bm, 16)
