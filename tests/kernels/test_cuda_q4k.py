@@ -158,3 +158,24 @@ def test_q4k_mma_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="<= 32"):
         cuda_q4k.q4k_mma(torch.zeros(16, 144, dtype=torch.uint8), x, y, y, y,
                          row_tiles=1, warps=4, split_blocks=1)  # fmt: skip
+
+
+def test_mma_configs_route_to_the_cuda_kernel_with_their_launch_shape(monkeypatch):
+    """A GemmConfig with mma=True sends a decode product to `cuda_q4k.q4k_mma` with bn split
+    into warps x 16-row tiles, its split-K block count, and a workspace that holds every
+    split's partials (here recorded on the CPU instead of launched)."""
+    from mistralpy.kernels import triton_quant as tq
+
+    calls = []
+    monkeypatch.setattr(cuda_q4k, "q4k_mma", lambda *a, **kw: calls.append((a, kw)))
+    n, k = 256, 256 * 10
+    packed = get_format("q4k").quantize(torch.randn(n, k))
+    cfg = tq.GemmConfig(128, 1, 4, 1, 4, mma=True)
+    kern = tq.TritonQ4KMatmul(packed, (n, k), gemm={b: cfg for b in tq.Q4K_GEMM_BUCKETS})
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    kern(x)
+    ((w, xa, y, ws, cnt), kw) = calls[0]
+    assert w is packed and xa.shape == (5, k) and y.shape == (5, n)
+    assert kw == {"row_tiles": 2, "warps": 4, "split_blocks": 3}  # 10 blocks in 4 splits of 3
+    assert ws.shape[0] >= 4 and ws.shape[1:] == (5, n) and ws.dtype == torch.float32
+    assert cnt.dtype == torch.int32 and cnt.numel() >= 2 and not cnt.any()  # 2 row tiles
