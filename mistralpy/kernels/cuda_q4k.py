@@ -16,14 +16,15 @@ Maps (per 256-weight block, two 128-weight spans sp; lane = 4 g + t):
   per row: a warp reads 64 contiguous bytes of each row); byte e of its word j holds the
   codes of weights k0 + 4 j + e (low nibble) and k0 + 32 + 4 j + e (high), with
   k0 = 128 sp + 64 (t // 2) + 16 (t % 2);
-- mma tile (sp, j, nibble h) takes, as thread t's k slots 2t, 2t+1, 2t+8, 2t+9, the codes
-  of bytes (0, 2), (0, 2), (1, 3), (1, 3)... precisely: slot 2 t + 8 s + e holds weight
-  k0 + 32 h + 4 j + s + 2 e, so one shift and one LOP3 give a bf16x2 pair (magic-number
-  conversion: 0x4300 | q is 128 + q) and each pair has one (scale, min) sub-block;
+- mma tile (sp, j, nibble h) takes as thread t's k slots 2 t + 8 s + e (s, e in {0, 1})
+  the weights k0 + 32 h + 4 j + s + 2 e: nibble h of bytes (0, 2) for s = 0 and (1, 3) for
+  s = 1, so each bf16x2 register pair is one byte permute of the word's nibbles, and each
+  pair has one (scale, min) sub-block;
 - x's B fragment for that tile is gathered by two byte permutes from the 16 contiguous
   values at k0 + 32 h that the thread loads once per span.
-A weight is w = d sc q - dmin m: per pair one LOP3 (+ a shift), one FMA to remove the magic
-bias and one FMA with the sub-block's (scale, -min) pair.
+A weight is w = d sc q - dmin m: per word a LOP3 (+ a shift) splits the nibbles; per pair a
+byte permute writes the magic exponent above each code (0x43 | q is 128 + q in bf16), one
+FMA removes the bias and one FMA applies the sub-block's (scale, -min) pair.
 
 Split-K partials go to a float32 workspace (split, M, N); the last program of a row tile
 to arrive sums them in order and resets its counter (graph replays need no memset).
@@ -42,7 +43,6 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 
 #if FP16
-#define MAGIC 0x64006400u
 #define MAGIC_NEG 0xE400E400u
 #define ONE2 0x3C003C00u
 #define FMA2 "fma.rn.f16x2"
@@ -51,7 +51,6 @@ typedef unsigned short u16;
 #define CVT1 "cvt.rn.f16.f32"
 #define MAGIC4 0x64646464u
 #else
-#define MAGIC 0x43004300u
 #define MAGIC_NEG 0xC300C300u
 #define ONE2 0x3F803F80u
 #define FMA2 "fma.rn.bf16x2"

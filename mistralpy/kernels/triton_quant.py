@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mistralpy.kernels import cuda_q4k
 from mistralpy.kernels.quant_matmul import QuantMatmul
 
 NATIVE_FORMATS = ("q4k", "q8_0")
@@ -768,16 +769,16 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
     exact = TritonQ4KMatmul(packed, shape).dequantize(torch.float32)
     chosen: dict[int, GemmConfig] = {}
     # Where the CUDA mma kernel runs (sm80+, <= 32 rows) only its configs are timed: it was
-    # 1.1-2.3x faster than the swap kernel at 8-32 rows on every 24B shape but one (o at 32
+    # 1.0-2.3x faster than the swap kernel at 8-32 rows on every 24B shape but one (o at 32
     # rows: 3% slower; H100, BENCHMARKS.md). The swap kernel runs buckets under 16 padded to
     # 16 rows: its best config there is timed again below 16 rather than every candidate.
     for bm in sorted(Q4K_GEMM_BUCKETS, key=lambda b: (b < 16, -b)):
         x = torch.randn(bm, k, device=packed.device, dtype=torch.bfloat16)
         want = x.float() @ exact.T
         best, best_t = q4k_gemm_config(n, k, bm), float("inf")
-        if bm <= Q4K_MMA_MAX_M and _has_mma(packed):
+        if bm <= Q4K_MMA_MAX_M and cuda_q4k.supported(packed.device):
             candidates = q4k_gemm_mma_candidates(n, k)
-        elif bm < 16 and 16 in chosen and not chosen[16].mma:
+        elif bm < 16 and 16 in chosen:
             candidates = [chosen[16]]
         else:
             candidates = q4k_gemm_candidates(n, k)
@@ -794,12 +795,6 @@ def tune_q4k_gemm(packed: Tensor, shape: tuple[int, int]) -> dict[int, GemmConfi
         chosen[bm] = best
     del exact
     return chosen
-
-
-def _has_mma(t: Tensor) -> bool:
-    from mistralpy.kernels import cuda_q4k
-
-    return cuda_q4k.supported(t.device)
 
 
 class TritonQ4KMatmul(_TritonMatmul):
@@ -904,8 +899,6 @@ class TritonQ4KMatmul(_TritonMatmul):
         split = triton.cdiv(nblk, split_blocks)
         tiles = triton.cdiv(self.out_features, cfg.bn)
         if cfg.mma:
-            from mistralpy.kernels import cuda_q4k
-
             ws, cnt = self._scratch(y.device, m, split, tiles, "mma") if split > 1 else (y, y)
             cuda_q4k.q4k_mma(
                 self.wb,
