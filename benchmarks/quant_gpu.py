@@ -172,9 +172,30 @@ def bench_stream_ms(make, packed: torch.Tensor, x: torch.Tensor, rep: int = 30) 
     return bench_ms(lambda: [k(x) for k in kernels], rep=rep) / copies
 
 
-# --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel
+# --words-candidates: the load-time tuner's list, or a wider sweep of the dp4a kernel, or
+# the tuner's list beside the CUDA GEMV's launch shapes
 WORDS_CANDIDATES = {
     "tuner": tq.Q4K_GEMV_CANDIDATES,
+    "cuda": tq.Q4K_GEMV_CANDIDATES
+    + tuple(
+        tq.GemvConfig(rw * warps, unroll, warps, cuda=True)
+        for rw, unroll, warps in (
+            (1, 2, 4),
+            (1, 4, 4),
+            (1, 5, 4),
+            (1, 8, 4),
+            (2, 2, 4),
+            (2, 4, 4),
+            (2, 5, 4),
+            (4, 2, 4),
+            (4, 4, 4),
+            (1, 4, 8),
+            (2, 4, 8),
+            (1, 5, 2),
+            (2, 5, 2),
+            (1, 8, 8),
+        )
+    ),  # fmt: skip
     "dp4a": tuple(
         tq.GemvConfig(bn, bb, warps, split=split, stages=stages, x_inline=inline)
         for inline in (False, True)

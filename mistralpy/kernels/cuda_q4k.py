@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_SOURCE = r"""
+_COMMON = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -109,6 +109,9 @@ __device__ __forceinline__ u32 dequant_pair(u32 nib, u32 sel, u32 scale2, u32 ne
     return fma2(v, scale2, neg_min2);
 }
 
+"""
+
+_MMA = r"""
 __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -303,6 +306,108 @@ q4k_mma(const unsigned char* __restrict__ w, const u16* __restrict__ x, u16* __r
 """
 
 
+_GEMV = r"""
+__device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// volatile: the compiler keeps these in program order, so every block a lane loads in a
+// batch is in flight before the first is used (plain asm loads sink to their first use)
+__device__ __forceinline__ void load_stream_now(u32 (&r)[4], const unsigned char* p) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ float2 load_f2(const float* p) {
+    float2 v;
+    asm("ld.global.nc.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
+    return v;
+}
+
+// y[m] = W x[m] for one row m of x per blockIdx.y, x as int8 groups of 32 (xq: 8 words per
+// group; xs: (scale, sum, residual) per group). Lane = 8 quarter + 2 c + h reads, of blocks
+// quarter, quarter + 4, ..., the 16 code bytes at 32 c + 16 h: low nibbles are weights
+// 64 c + 16 h + i of sub-block 2 c, high nibbles the same i of sub-block 2 c + 1.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+q4k_gemv(const unsigned char* __restrict__ w, const u32* __restrict__ xq,
+         const float* __restrict__ xs, u16* __restrict__ y, int N, int K, int ldy) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j = lane & 7, c = j >> 1, h = j & 1, quarter = lane >> 3;
+    const int m = blockIdx.y, nblk = K >> 8;
+    const long long row_bytes = (long long)nblk * 144;
+    const int row0 = (blockIdx.x * WARPS + warp) * RW;
+    const unsigned char* wrow[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r)  // rows past N read the last row, never stored
+        wrow[r] = w + (long long)min(row0 + r, N - 1) * row_bytes;
+    const u32* xq_lane = xq + (long long)m * (K >> 2) + 16 * c + 4 * h;
+    const float* xs_lane = xs + (long long)m * (K >> 5) * 3 + 6 * c;
+    const int sh = 16 * (c & 1);
+    const bool hi_sub = c >= 2;
+    // a sub-block's x sum and residual terms enter once: from its h == 0 lane
+    const float first = h == 0 ? 1.f : 0.f;
+    float acc[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+
+    for (int b0 = quarter; b0 < nblk; b0 += 4 * U) {
+        u32 hdr[U][RW][4], code[U][RW][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {  // all U blocks of every row in flight at once
+            const long long off = (long long)min(b0 + 4 * u, nblk - 1) * 144;
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                load_stream_now(hdr[u][r], wrow[r] + off);
+                load_stream_now(code[u][r], wrow[r] + off + 16 + 16 * j);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int b = min(b0 + 4 * u, nblk - 1);  // a clamped block counts 0 times
+            const float keep = b0 + 4 * u < nblk ? 1.f : 0.f;
+            u32 xl[4], xh[4];
+            load_x(xl, (const u16*)(xq_lane + 64 * b));
+            load_x(xh, (const u16*)(xq_lane + 64 * b + 8));
+            const float2 s0 = load_f2(xs_lane + 24 * b), s1 = load_f2(xs_lane + 24 * b + 2);
+            const float2 s2 = load_f2(xs_lane + 24 * b + 4);
+            // (scale, sum, residual) of group lo = s0.x, s0.y, s1.x; of group hi = s1.y, s2
+            const float r8_lo = 8.f * first * s1.x, r8_hi = 8.f * first * s2.y;
+            const float sum_lo = first * s0.y, sum_hi = first * s2.x, dx_hi = s1.y * 0.0625f;
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const u32* q = code[u][r];
+                int dl = 0, dh = 0;  // dh is 16x the dot: high nibbles masked in place
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    dl = dp4a_us(q[i] & 0x0F0F0F0Fu, xl[i], dl);
+                    dh = dp4a_us(q[i] & 0xF0F0F0F0u, xh[i], dh);
+                }
+                const u32* hd = hdr[u][r];
+                const u32 sc = hi_sub ? (((hd[3] >> sh) & 0x0F0Fu) | ((hd[1] >> (sh + 2)) & 0x3030u))
+                                      : ((hd[1] >> sh) & 0x3F3Fu);
+                const u32 mn = hi_sub ? (((hd[3] >> (sh + 4)) & 0x0F0Fu) | ((hd[2] >> (sh + 2)) & 0x3030u))
+                                      : ((hd[2] >> sh) & 0x3F3Fu);
+                const float d = keep * half_to_float(hd[0]), dmin = keep * half_to_float(hd[0] >> 16);
+                const float lo = fmaf(s0.x, (float)dl, r8_lo) * (float)(sc & 0xFFu);
+                const float hi = fmaf(dx_hi, (float)dh, r8_hi) * (float)(sc >> 8);
+                const float mins = fmaf((float)(mn & 0xFFu), sum_lo, (float)(mn >> 8) * sum_hi);
+                acc[r] = fmaf(d, lo + hi, fmaf(-dmin, mins, acc[r]));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        float v = acc[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        if (lane == 0 && row0 + r < N) y[(long long)m * ldy + row0 + r] = to_half(v);
+    }
+}
+"""
+
+
 @dataclass(frozen=True)
 class MmaShape:
     """Compile-time shape of one `q4k_mma` build: `row_tiles` 16-row weight tiles per warp,
@@ -319,22 +424,40 @@ class MmaShape:
         return 16 * self.row_tiles * self.warps
 
 
-def source_of(shape: MmaShape) -> str:
-    """The kernel's CUDA source for one shape (its constants as macros)."""
-    head = (
-        f"#define RT {shape.row_tiles}\n#define NT {shape.x_tiles}\n"
-        f"#define WARPS {shape.warps}\n#define FP16 {int(shape.fp16)}\n"
-    )
-    return head + _SOURCE
+@dataclass(frozen=True)
+class GemvShape:
+    """Compile-time shape of one `q4k_gemv` build: `rows_per_warp` weight rows per warp,
+    `unroll` blocks of each row in flight per lane at once, `warps` per program."""
+
+    rows_per_warp: int
+    unroll: int
+    warps: int
+    fp16: bool = False
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.rows_per_warp * self.warps
+
+
+def source_of(shape: MmaShape | GemvShape) -> str:
+    """The CUDA source of one kernel build (its constants as macros)."""
+    if isinstance(shape, GemvShape):
+        head = f"#define RW {shape.rows_per_warp}\n#define U {shape.unroll}\n"
+        body = _GEMV
+    else:
+        head = f"#define RT {shape.row_tiles}\n#define NT {shape.x_tiles}\n"
+        body = _MMA
+    return head + f"#define WARPS {shape.warps}\n#define FP16 {int(shape.fp16)}\n" + _COMMON + body
 
 
 @functools.cache
-def compiled(shape: MmaShape, device_index: int):
+def compiled(shape: MmaShape | GemvShape, device_index: int):
     """The NVRTC-compiled kernel for `shape` on a CUDA device (cached per process)."""
     from torch.cuda import _compile_kernel  # NVRTC; ships with CUDA builds of torch
 
+    name = "q4k_gemv" if isinstance(shape, GemvShape) else "q4k_mma"
     with torch.cuda.device(device_index):
-        return _compile_kernel(source_of(shape), "q4k_mma")
+        return _compile_kernel(source_of(shape), name)
 
 
 def supported(device: torch.device) -> bool:
@@ -369,3 +492,36 @@ def q4k_mma(
     kernel = compiled(shape, x.device.index or 0)
     args = [packed, x, y, workspace, counters, m, n, k, split_blocks, x.stride(0), y.stride(0)]
     kernel(grid=grid, block=(32 * warps, 1, 1), args=args)
+
+
+def q4k_gemv(
+    packed: Tensor,
+    xq: Tensor,
+    xs: Tensor,
+    y: Tensor,
+    *,
+    rows_per_warp: int,
+    unroll: int,
+    warps: int,
+) -> None:
+    """y (M, N) = x @ W.T for q4_K bytes `packed` (N, K / 256 * 144), x given as int8
+    groups of 32 (`triton_quant._q8_quant_kernel`): words xq (M, K / 4) int32 and (scale,
+    sum, residual) xs (M, K / 32, 3) float32. One program column per row of x."""
+    m, k4 = xq.shape
+    n = y.shape[1]
+    if xq.dtype != torch.int32 or xs.shape != (m, k4 // 8, 3) or y.dtype not in _HALF:
+        raise ValueError("q4k_gemv: xq (M, K/4) int32, xs (M, K/32, 3) float32, y bf16/fp16")
+    if (
+        not (xq.is_contiguous() and xs.is_contiguous() and y.stride(1) == 1)
+        or packed.data_ptr() % 16
+    ):
+        raise ValueError(
+            "q4k_gemv: contiguous x groups, y with unit column stride, W 16-byte aligned"
+        )
+    shape = GemvShape(rows_per_warp, unroll, warps, y.dtype == torch.float16)
+    grid = (-(-n // shape.rows_per_program), m, 1)
+    kernel = compiled(shape, y.device.index or 0)
+    kernel(grid=grid, block=(32 * warps, 1, 1), args=[packed, xq, xs, y, n, 4 * k4, y.stride(0)])
+
+
+_HALF = (torch.bfloat16, torch.float16)

@@ -618,6 +618,7 @@ class GemvConfig:
     stages: int = 1  # software pipelining depth of the block loop
     x_inline: bool = False  # each program quantizes x itself (no separate launch)
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
+    cuda: bool = False  # `cuda_q4k.q4k_gemv` (sm80+): bn = warps x rows per warp, bb = unroll
 
 
 def gemv_config_of(data: dict) -> GemvConfig:
@@ -647,6 +648,11 @@ Q4K_GEMV_CANDIDATES = tuple(
         (8, 1, 1, 8, True),
     )
 )  # fmt: skip
+# The CUDA GEMV's launch shapes (sm80+): (rows per warp, blocks in flight per lane, warps).
+Q4K_GEMV_CUDA_CANDIDATES = tuple(
+    GemvConfig(rw * warps, unroll, warps, cuda=True)
+    for rw, unroll, warps in ((1, 4, 4), (1, 5, 4), (2, 4, 4), (2, 5, 4), (1, 8, 4), (4, 2, 4))
+)
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
@@ -675,7 +681,8 @@ def tune_q4k_gemv(packed: Tensor, shape: tuple[int, int]) -> GemvConfig:
 
     best, best_t = q4k_gemv_config(n, k), float("inf")
     want = x.float() @ TritonQ4KMatmul(packed, shape).dequantize(torch.float32).T
-    for cfg in Q4K_GEMV_CANDIDATES:
+    cuda = Q4K_GEMV_CUDA_CANDIDATES if cuda_q4k.supported(packed.device) else ()
+    for cfg in Q4K_GEMV_CANDIDATES + cuda:
         if cfg.split > 1 and k // 256 // cfg.split < 2:  # splits of under 2 blocks per row
             continue
         try:
@@ -855,6 +862,11 @@ class TritonQ4KMatmul(_TritonMatmul):
 
     def _gemv(self, grid, x, y):
         cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
+        if cfg.cuda:
+            xq, xs = self._quantized_x(x)
+            cuda_q4k.q4k_gemv(self.wb, xq, xs, y, rows_per_warp=cfg.bn // cfg.warps,
+                              unroll=cfg.bb, warps=cfg.warps)  # fmt: skip
+            return
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
         split = triton.cdiv(nblk, split_blocks)
         tiles = triton.cdiv(self.out_features, cfg.bn)

@@ -107,6 +107,79 @@ def test_lane_maps_meet_every_weight_with_its_x(m, n, k):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-9)
 
 
+def _q8_groups(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) float32 -> int8 codes (M, K / 32, 32) and (scale, sum, residual) (M, K / 32, 3)
+    float32, as `triton_quant._q8_words` makes them (round half away from zero)."""
+    g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(g).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    v = g * inv[..., None]
+    q = np.trunc(v + np.where(v >= 0, 0.5, -0.5).astype(np.float32)).astype(np.int64)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    total = g.sum(-1, dtype=np.float32)
+    residual = (total - scale * q.sum(-1).astype(np.float32)).astype(np.float32)
+    return q, np.stack([scale, total, residual], -1)
+
+
+def replay_gemv(packed: torch.Tensor, shape: tuple[int, int], xq, xs) -> np.ndarray:
+    """y (M, N) as `q4k_gemv` computes it, in float64: per lane (quarter, c, h) of one warp,
+    its blocks, code bytes, dp4a dots (the high nibbles masked in place: 16x), sub-block
+    (scale, min) pairs by the source's shifts, and the sum/residual terms from h == 0 lanes."""
+    n_rows, k = shape
+    nblk = k // 256
+    wb = packed.numpy().reshape(n_rows, nblk, 144)
+    y = np.zeros((xq.shape[0], n_rows))
+    for m in range(xq.shape[0]):
+        for row in range(n_rows):
+            total = 0.0
+            for lane in range(32):
+                j, quarter = lane % 8, lane // 8
+                c, h = j // 2, j % 2
+                sh, first = 16 * (c % 2), float(h == 0)
+                for b in range(quarter, nblk, 4):
+                    blk = wb[row, b]
+                    hd = [int(w) for w in blk[:16].view("<u4")]
+                    codes = blk[16 + 16 * j : 32 + 16 * j].astype(np.int64)
+                    lo_g, hi_g = 8 * b + 2 * c, 8 * b + 2 * c + 1
+                    dl = int((codes & 15) @ xq[m, lo_g, 16 * h : 16 * h + 16])
+                    dh = int((codes & 0xF0) @ xq[m, hi_g, 16 * h : 16 * h + 16])
+                    if c >= 2:
+                        sc = ((hd[3] >> sh) & 0x0F0F) | ((hd[1] >> (sh + 2)) & 0x3030)
+                        mn = ((hd[3] >> (sh + 4)) & 0x0F0F) | ((hd[2] >> (sh + 2)) & 0x3030)
+                    else:
+                        sc, mn = (hd[1] >> sh) & 0x3F3F, (hd[2] >> sh) & 0x3F3F
+                    d, dmin = blk[:4].view(np.float16).astype(np.float64)
+                    (dxl, sl, rl), (dxh, shi, rh) = xs[m, lo_g], xs[m, hi_g]
+                    lo = (dxl * dl + 8 * first * rl) * (sc & 255)
+                    hi = (dxh / 16 * dh + 8 * first * rh) * (sc >> 8)
+                    total += d * (lo + hi) - dmin * first * ((mn & 255) * sl + (mn >> 8) * shi)
+            y[m, row] = total
+    return y
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 3, 256), (2, 2, 1280)])
+def test_gemv_lanes_cover_every_sub_block_once(m, n, k):
+    """The replayed lanes equal the closed form over q4_K's sub-blocks (from the format's own
+    `group_affine` parts, not the kernel's maps): sum over groups of scale (dx q.xq + 8 r)
+    + (offset - 8 scale) sum(x), and stay within int8 rounding of the float product."""
+    f = get_format("q4k")
+    gen = torch.Generator().manual_seed(m * 10 + n)
+    packed = f.quantize(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    xq, xs = _q8_groups(x.numpy())
+    got = replay_gemv(packed, (n, k), xq, xs.astype(np.float64))
+    ga = f.group_affine(packed, (n, k))
+    q = ga.codes.numpy().astype(np.int64).reshape(n, -1, 32) + 8
+    scale, offset = ga.scale.numpy().astype(np.float64), ga.offset.numpy().astype(np.float64)
+    dots = np.einsum("ngi,mgi->mng", q, xq)
+    xs64 = xs.astype(np.float64)
+    want = (scale[None] * (xs64[:, None, :, 0] * dots + 8 * xs64[:, None, :, 2])).sum(-1)
+    want += ((offset - 8 * scale)[None] * xs64[:, None, :, 1]).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # offset is float32
+    exact = x.double() @ f.dequantize(packed, (n, k), torch.float32).double().T
+    assert np.abs(got - exact.numpy()).max() <= 0.02 * np.abs(exact.numpy()).max()
+
+
 def _nvrtc() -> ctypes.CDLL | None:
     try:
         import nvidia  # namespace package of NVIDIA's wheels
@@ -186,3 +259,29 @@ def test_mma_configs_route_to_the_cuda_kernel_with_their_launch_shape(monkeypatc
     assert kw == {"row_tiles": 2, "warps": 4, "split_blocks": 3}  # 10 blocks in 4 splits of 3
     assert ws.shape[0] >= 4 and ws.shape[1:] == (5, n) and ws.dtype == torch.float32
     assert cnt.dtype == torch.int32 and cnt.numel() >= 2 and not cnt.any()  # 2 row tiles
+
+
+def test_cuda_gemv_configs_route_with_x_in_int8_groups(monkeypatch):
+    """A GemvConfig with cuda=True quantizes x once (`_quantized_x`) and sends it to
+    `cuda_q4k.q4k_gemv` with bn split into warps x rows per warp and bb as the unroll."""
+    from mistralpy.kernels import triton_quant as tq
+
+    calls = []
+    monkeypatch.setattr(cuda_q4k, "q4k_gemv", lambda *a, **kw: calls.append((a, kw)))
+    n, k = 64, 512
+    packed = get_format("q4k").quantize(torch.randn(n, k))
+    kern = tq.TritonQ4KMatmul(packed, (n, k), tq.GemvConfig(8, 4, 4, cuda=True))
+    groups = (torch.zeros(1, k // 4, dtype=torch.int32), torch.zeros(1, k // 32, 3))
+    monkeypatch.setattr(kern, "_quantized_x", lambda x: groups)
+    y = kern(torch.randn(1, k, dtype=torch.bfloat16))
+    ((w, xq, xs, out), kw) = calls[0]
+    assert w is packed and (xq, xs) == groups and out is y and y.shape == (1, n)
+    assert kw == {"rows_per_warp": 2, "unroll": 4, "warps": 4}
+
+
+def test_q4k_gemv_rejects_what_it_cannot_run():
+    xq, xs = torch.zeros(1, 64, dtype=torch.int32), torch.zeros(1, 8, 3)
+    y = torch.zeros(1, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        cuda_q4k.q4k_gemv(torch.zeros(16, 144, dtype=torch.uint8), xq, xs, y,
+                          rows_per_warp=1, unroll=4, warps=4)  # fmt: skip
