@@ -370,18 +370,16 @@ class Bench:
         return out
 
     def decode_plan_sweep(self):
-        """Every plan of a grid per (batch, context) case, each checked against one float32
+        """Every plan the load-time tuner may time (`DECODE_TILE_CANDIDATES` x 1-8 waves of
+        splits) per (batch, context) case, each checked against one float32
         reference and timed as decode runs it: CUDA-graph replays cycling through copies of
         the K/V (>= 256 MB together, so reads come from HBM, not the 50 MB L2)."""
+        from mistralpy.kernels.cuda_attention import DECODE_TILE_CANDIDATES
+
         torch, ta, scale = self.torch, self.ta, D**-0.5
         self.sweep_rows = []
-        cases = (
-            [(1, 64), (4, 100)]
-            if self.smoke
-            else [(1, 1024), (8, 1024), (32, 1024), (8, 4096), (1, 8192)]
-        )
-        grid = [(16, 2, 1), (16, 4, 2)] if self.smoke else [
-            (bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]  # fmt: skip
+        cases = [(1, 64), (4, 100)] if self.smoke else [(1, 1024), (8, 1024), (32, 1024), (8, 4096)]
+        grid = [(16, 2, 1), (16, 4, 2)] if self.smoke else list(DECODE_TILE_CANDIDATES)
         sms = 4 if self.smoke else torch.cuda.get_device_properties(self.dev).multi_processor_count
         for bsz, ctx in cases:
             per_copy = bsz * ctx * HKV * D * 2 * self.dtype.itemsize
