@@ -49,11 +49,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="try a few tile configs too")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (interpreter)")
     p.add_argument("--page", type=int, default=16, help="KV cache block size")
-    p.add_argument(
-        "--decode-sweep", action="store_true",
-        help="only sweep decode launch plans (block_n x warps x stages x splits), K/V "
-        "streamed from HBM as in a decode step (cycled copies), and print the best per case",
-    )  # fmt: skip
     return p.parse_args()
 
 
@@ -68,11 +63,6 @@ def main() -> None:
 
     bench = Bench(torch, ta, args)
     bench.header()
-    if args.decode_sweep:
-        bench.decode_plan_sweep()
-        if args.json:
-            args.json.write_text(json.dumps(bench.sweep_rows, indent=1))
-        return
     bench.run_all()
     bench.print_table()
     if args.json:
@@ -368,81 +358,6 @@ class Bench:
                 label = f"sweep decode B={bsz} {ctx} bn={p.block_n} splits={p.num_splits}"
                 out.append(partial(self.decode, bsz, ctx, plan=p, label=label))
         return out
-
-    def decode_plan_sweep(self):
-        """Every plan the load-time tuner may time (`DECODE_TILE_CANDIDATES` x 1-8 waves of
-        splits) per (batch, context) case, each checked against one float32
-        reference and timed as decode runs it: CUDA-graph replays cycling through copies of
-        the K/V (>= 256 MB together, so reads come from HBM, not the 50 MB L2)."""
-        from mistralpy.kernels.cuda_attention import DECODE_TILE_CANDIDATES
-
-        torch, ta, scale = self.torch, self.ta, D**-0.5
-        self.sweep_rows = []
-        cases = [(1, 64), (4, 100)] if self.smoke else [(1, 1024), (8, 1024), (32, 1024), (8, 4096)]
-        grid = [(16, 2, 1), (16, 4, 2)] if self.smoke else list(DECODE_TILE_CANDIDATES)
-        sms = 4 if self.smoke else torch.cuda.get_device_properties(self.dev).multi_processor_count
-        for bsz, ctx in cases:
-            per_copy = bsz * ctx * HKV * D * 2 * self.dtype.itemsize
-            copies = 1 if self.smoke else max(1, min(16, -(-(256 << 20) // per_copy)))
-            cache, bt, lens = self.paged_cache([ctx] * (bsz * copies))
-            tables = [bt[i * bsz : (i + 1) * bsz] for i in range(copies)]
-            q = self.randn(bsz, HQ, D, scale=2 * scale)
-            ref = torch.cat([self.reference(q[b : b + 1], *self.gather(cache, tables[0][b], ctx),
-                                            None, scale) for b in range(bsz)])  # fmt: skip
-            default = ta.default_decode_plan(q, cache, tables[0])
-            results = []
-            for bn, warps, stages in grid:
-                tiles = -(-ctx // bn)
-                splits = sorted({max(1, min(tiles, -(-waves * sms // (bsz * HKV))))
-                                 for waves in (1, 2, 4, 8)})  # fmt: skip
-                for sp in splits:
-                    plan = ta.DecodePlan(bn, sp, warps, stages)
-                    try:
-                        ms, err = self._time_plan(q, cache, tables, lens[:bsz], plan, ref)
-                    except Exception as e:  # noqa: BLE001 - a plan that does not compile
-                        print(f"decode sweep B={bsz} ctx={ctx} {plan}: failed {str(e)[:200]}")
-                        continue
-                    results.append((ms, plan, err))
-            results.sort(key=lambda r: r[0])
-            gb = bsz * ctx * HKV * D * 2 * self.dtype.itemsize / 1e9
-            base = next((r for r in results if r[1] == default), None)
-            print(f"\nDECODE SWEEP B={bsz} ctx={ctx} ({copies} copies): default {default}: "
-                  f"{base[0] * 1e3 if base else float('nan'):.1f} us")  # fmt: skip
-            for ms, plan, err in results[:8]:
-                print(f"  {ms * 1e3:8.1f} us {gb / ms * 1e3:7.0f} GB/s err {err:.1e}  {plan}")
-            worst = max(r[2] for r in results)
-            print(f"  worst error over {len(results)} plans: {worst:.1e}")
-            if not self.smoke:
-                picked = self._tuner_pick(bsz, ctx, tables[0].shape[1])
-                t = next((r[0] for r in results if r[1] == picked), None)
-                if t is None:
-                    t = self._time_plan(q, cache, tables, lens[:bsz], picked, ref)[0]
-                print(f"  load-time tuner picks {picked}: {t * 1e3:.1f} us streamed")
-            self.sweep_rows += [
-                {"batch": bsz, "ctx": ctx, "us": ms * 1e3, "gbs": gb / ms * 1e3, "err": err,
-                 "plan": str(plan), "default": plan == default}
-                for ms, plan, err in results
-            ]  # fmt: skip
-
-    def _tuner_pick(self, bsz, ctx, width):
-        """The plan `CudaPagedAttention.tune_decode` picks for this case (on its own cache)."""
-        from mistralpy.kernels.cuda_attention import CudaPagedAttention
-
-        blocks = max(8192, 2 * bsz * -(-ctx // self.page))
-        cache = self.torch.zeros(2, blocks, self.page, HKV, D, dtype=self.dtype, device=self.dev)
-        return CudaPagedAttention().tune_decode(cache, bsz, width, HQ, ctx, self.dtype)
-
-    def _time_plan(self, q, cache, tables, lens, plan, ref):
-        """(ms per decode call cycling through the block-table copies, max rel. error)."""
-        ta, scale = self.ta, D**-0.5
-        scratch = ta.decode_scratch(q.shape[0], HQ, HKV, D, plan.num_splits, self.dev)
-
-        def run(t):
-            return ta.paged_decode_attention(q, cache, t, lens, scale, plan=plan, scratch=scratch)
-
-        err = self.rel_err(run(tables[0]), ref)
-        ms = self.time_graph(lambda: [run(t) for t in tables])[0] / len(tables)
-        return ms, err
 
     def print_table(self):
         def f(x, spec):

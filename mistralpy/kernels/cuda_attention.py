@@ -140,51 +140,36 @@ class CudaPagedAttention:
         """Time a few split counts / tile sizes for decode of `rows` sequences of `context`
         tokens through (rows, width) block tables on this cache (queries in `q_dtype`, the
         model's); keep the fastest (the default plan is a candidate, so tuning never loses at
-        this context). Timed as a decode step reads K/V: cycling through disjoint sets of
-        blocks (up to 256 MB together), so the reads come from HBM, not from the L2 cache a
-        single 1k-context batch fits in."""
+        this context)."""
         _, num_blocks, page, hkv, d = kv_cache.shape
         per_seq = -(-context // page)
         dev = kv_cache.device
-        copy_bytes = rows * per_seq * kv_cache[:, 0].numel() * kv_cache.element_size()
-        copies = max(1, min(num_blocks // (rows * per_seq), -(-_TUNE_STREAM_BYTES // copy_bytes)))
-        used = torch.randperm(num_blocks, device=dev)[: copies * rows * per_seq]
-        tables = torch.zeros(copies, rows, width, dtype=torch.int32, device=dev)
-        tables[:, :, :per_seq] = used.view(copies, rows, per_seq).to(torch.int32)
-        # random, not zero, K/V (the cache is still unused: nothing else is overwritten),
-        # a copy at a time (drawn in q_dtype and cast: randn has no fp8 kernel; unit scales
-        # read them back)
-        for blocks in used.view(copies, -1):
-            fill = torch.randn((2, blocks.numel(), *kv_cache.shape[2:]), device=dev, dtype=q_dtype)
-            kv_bytes_view(kv_cache)[:, blocks] = kv_bytes_view(fill.to(kv_cache.dtype))
+        tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
+        tables[:, :per_seq] = torch.randint(0, num_blocks, (rows, per_seq), device=dev)
+        # random, not zero, K/V (the cache is still unused: nothing else is overwritten)
+        used = tables[:, :per_seq].flatten().long()
+        # (drawn in float32 and cast: randn has no fp8 kernel; unit scales read them back)
+        fill = torch.randn((2, used.numel(), *kv_cache.shape[2:]), device=dev).to(kv_cache.dtype)
+        kv_bytes_view(kv_cache)[:, used] = kv_bytes_view(fill)
         lens = torch.full((rows,), context, dtype=torch.int32, device=dev)
         q = torch.randn(rows, num_heads, d, dtype=q_dtype, device=dev)
         unit = torch.ones(2, dtype=torch.float32, device=dev)  # an fp8 cache's scales
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        candidates = {ta.plan_decode(rows, hkv, width * page, sms)}
-        for block_n, warps, stages in DECODE_TILE_CANDIDATES:
+        default = ta.plan_decode(rows, hkv, width * page, sms)
+        candidates = {default}
+        for block_n in (64, 128):
             tiles = -(-context // block_n)
             for waves in (1, 2, 4):
                 splits = max(1, min(tiles, -(-waves * sms // (rows * hkv))))
-                candidates.add(ta.DecodePlan(block_n, splits, warps, stages))
-
-        def step(plan: ta.DecodePlan) -> None:
-            for t in tables:
-                self.decode(q, kv_cache, t, lens, d**-0.5, unit, plan)
-
-        best = min(candidates, key=lambda plan: _time_launches(lambda: step(plan), repeats=4))
+                candidates.add(ta.DecodePlan(block_n, splits))
+        best = min(
+            candidates,
+            key=lambda plan: _time_launches(
+                lambda: self.decode(q, kv_cache, tables, lens, d**-0.5, unit, plan)
+            ),
+        )
         self.decode_plans[(rows, width)] = best
         return best
-
-
-# (block_n, num_warps, num_stages) of the decode plans `tune_decode` times, each with 1-4
-# waves of split programs
-DECODE_TILE_CANDIDATES = tuple(
-    (block_n, warps, stages)
-    for block_n in (32, 64, 128)
-    for warps, stages in ((4, 3), (4, 2), (4, 1), (2, 2), (8, 2))
-)
-_TUNE_STREAM_BYTES = 256 << 20  # K/V cycled while timing a plan: well above the 50 MB L2
 
 
 def cuda_paged_attention(

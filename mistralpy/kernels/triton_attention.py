@@ -445,8 +445,6 @@ class DecodePlan:
 
     block_n: int  # keys per inner tile
     num_splits: int  # programs per (sequence, kv head)
-    num_warps: int = 4
-    num_stages: int = 3  # software pipelining depth of the key loop
 
 
 def plan_decode(
@@ -500,6 +498,8 @@ def paged_decode_attention(
     kv_scale: torch.Tensor | None = None,
     plan: DecodePlan | None = None,
     scratch: DecodeScratch | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """q (B, Hq, D) one new token per sequence -> (B, Hq, D) in q's dtype, attending over all
     seq_lens[b] cached tokens (the new token's K/V must already be stored). block_tables
@@ -531,17 +531,17 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=d, PAGE=page,
-        BLOCK_N=plan.block_n, MERGE_CHUNK=_merge_chunk(plan.num_splits, group_p2 * d, plan.num_warps),
+        BLOCK_N=plan.block_n, MERGE_CHUNK=_merge_chunk(plan.num_splits, group_p2 * d),
         SINGLE_SPLIT=single, F32_DOT=_f32_dot(q), FP8=fp8,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
 
-def _merge_chunk(num_splits: int, elems_per_split: int, num_warps: int) -> int:
+def _merge_chunk(num_splits: int, elems_per_split: int) -> int:
     """Splits merged per step: all of them in one when the (group, chunk, D) float32 tile
-    stays within 32 registers a thread, else the most that fit."""
-    cap = max(1, 1024 * num_warps // elems_per_split)
+    stays within ~4k elements (32 registers a thread at 4 warps), else the most that fit."""
+    cap = max(1, 4096 // elems_per_split)
     return min(triton.next_power_of_2(num_splits), 1 << (cap.bit_length() - 1))
 
 

@@ -648,11 +648,17 @@ Q4K_GEMV_CANDIDATES = tuple(
         (8, 1, 1, 8, True),
     )
 )  # fmt: skip
-# The CUDA GEMV's launch shapes (sm80+): (rows per warp, blocks in flight per lane, warps).
+# The CUDA GEMV's launch shapes (sm80+), as (rows per warp, blocks in flight per lane,
+# warps, x quantized in the kernel): the best of each 24B shape in a 14-shape sweep on H100
+# (`benchmarks/quant_gpu.py --sections words --words-candidates cuda`, BENCHMARKS.md) and
+# the variants that quantize x in the kernel instead of a separate launch.
 Q4K_GEMV_CUDA_CANDIDATES = tuple(
-    GemvConfig(rw * warps, unroll, warps, cuda=True)
-    for rw, unroll, warps in ((1, 4, 4), (1, 5, 4), (2, 4, 4), (2, 5, 4), (1, 8, 4), (4, 2, 4))
-)
+    GemvConfig(rw * warps, unroll, warps, x_inline=inline, cuda=True)
+    for rw, unroll, warps, inline in (
+        (2, 2, 4, False), (4, 2, 4, False), (1, 5, 2, False), (1, 5, 4, False),
+        (2, 2, 4, True), (4, 2, 4, True), (2, 5, 2, True),
+    )
+)  # fmt: skip
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
@@ -681,8 +687,10 @@ def tune_q4k_gemv(packed: Tensor, shape: tuple[int, int]) -> GemvConfig:
 
     best, best_t = q4k_gemv_config(n, k), float("inf")
     want = x.float() @ TritonQ4KMatmul(packed, shape).dequantize(torch.float32).T
-    cuda = Q4K_GEMV_CUDA_CANDIDATES if cuda_q4k.supported(packed.device) else ()
-    for cfg in Q4K_GEMV_CANDIDATES + cuda:
+    # Where the CUDA GEMV runs (sm80+) only its configs are timed: it was 3-12% faster than
+    # the Triton kernel's best on every 24B shape (H100, BENCHMARKS.md).
+    cuda = cuda_q4k.supported(packed.device)
+    for cfg in Q4K_GEMV_CUDA_CANDIDATES if cuda else Q4K_GEMV_CANDIDATES:
         if cfg.split > 1 and k // 256 // cfg.split < 2:  # splits of under 2 blocks per row
             continue
         try:
@@ -863,8 +871,8 @@ class TritonQ4KMatmul(_TritonMatmul):
     def _gemv(self, grid, x, y):
         cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
         if cfg.cuda:
-            xq, xs = self._quantized_x(x)
-            cuda_q4k.q4k_gemv(self.wb, xq, xs, y, rows_per_warp=cfg.bn // cfg.warps,
+            groups = None if cfg.x_inline else self._quantized_x(x)
+            cuda_q4k.q4k_gemv(self.wb, x, y, groups, rows_per_warp=cfg.bn // cfg.warps,
                               unroll=cfg.bb, warps=cfg.warps)  # fmt: skip
             return
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb
