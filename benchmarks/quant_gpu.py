@@ -179,16 +179,18 @@ WORDS_CANDIDATES = {
     "cuda": tq.Q4K_GEMV_CANDIDATES
     + tq.Q4K_GEMV_CUDA_CANDIDATES
     + tuple(
-        tq.GemvConfig(rw * warps, unroll, warps, x_inline=inline, cuda=True)
-        for rw, unroll, warps, inline in (
-            (1, 4, 4, False),
-            (2, 4, 4, False),
-            (1, 8, 4, False),
-            (2, 5, 2, False),
-            (1, 2, 4, True),
-            (1, 5, 2, True),
-            (4, 5, 4, True),
-            (8, 2, 4, True),
+        tq.GemvConfig(rw * warps, unroll, warps, cuda=True)
+        for rw, unroll, warps in (
+            (1, 2, 4),
+            (1, 4, 4),
+            (2, 4, 4),
+            (1, 8, 4),
+            (2, 5, 4),
+            (4, 4, 4),
+            (1, 4, 8),
+            (2, 4, 8),
+            (2, 5, 2),
+            (1, 8, 8),
         )
     ),  # fmt: skip
     "dp4a": tuple(

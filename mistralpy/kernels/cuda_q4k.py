@@ -1,6 +1,14 @@
-"""q4_K decode GEMM on the tensor cores, in CUDA C++ compiled at run time by NVRTC
-(imported lazily, never by `import mistralpy`; tests/kernels/test_cuda_q4k.py replays its
-lane maps on the CPU and compiles it where NVRTC is installed).
+"""q4_K decode kernels in CUDA C++ compiled at run time by NVRTC: `q4k_mma`, a GEMM on the
+tensor cores for 1-32 rows of x, and `q4k_gemv`, the batch-1 GEMV (imported lazily, never by
+`import mistralpy`; tests/kernels/test_cuda_q4k.py replays their lane maps on the CPU and
+compiles them where NVRTC is installed).
+
+`q4k_gemv`: lane 8 quarter + 2 c + h of a warp reads, for each of its rows, the 16 code bytes
+at 32 c + 16 h of blocks quarter, quarter + 4, ... (the warp: four consecutive blocks, 512
+contiguous bytes, per load), and meets them with x in int8 groups of 32 (quantized by
+`triton_quant._q8_quant_kernel`) through dp4a (the high nibbles masked in place: a 16x dot),
+as llama.cpp's mmvq; a sub-block's x sum and residual terms enter once, from its h == 0 lane.
+The rest of this docstring is about `q4k_mma`.
 
 Why CUDA and not Triton: in Triton a dequantized weight tile reaches the matrix unit
 through shared memory in a layout the compiler picks, and the swap-AB `tl.dot` kernel
@@ -326,55 +334,13 @@ __device__ __forceinline__ float2 load_f2(const float* p) {
     return v;
 }
 
-// XI: this lane quantizes its 16 values of a group of 32 x values at p (its partner lane ^ 1
-// holds the other 16): int8 words (round to nearest), the group's scale amax / 127, its sum,
-// and the residual sum(x) - scale sum(q), as `triton_quant._q8_words` makes them
-__device__ __forceinline__ void quantize_half(const u16* p, u32 (&words)[4], float& scale,
-                                              float& total, float& residual) {
-    u32 v[8];
-    load_x(*(u32(*)[4])v, p);
-    load_x(*(u32(*)[4])(v + 4), p + 8);
-    float f[16];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#if FP16
-        f[2 * i] = half_to_float(v[i]);
-        f[2 * i + 1] = half_to_float(v[i] >> 16);
-#else
-        f[2 * i] = __uint_as_float(v[i] << 16);
-        f[2 * i + 1] = __uint_as_float(v[i] & 0xFFFF0000u);
-#endif
-    }
-    float amax = 0.f, sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        amax = fmaxf(amax, fabsf(f[i]));
-        sum += f[i];
-    }
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int qsum = 0;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-        int q[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) q[e] = __float2int_rn(f[4 * w + e] * inv);
-        words[w] = __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
-        qsum = __dp4a((int)words[w], 0x01010101, qsum);
-    }
-    total = sum + __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
-    qsum += __shfl_xor_sync(0xFFFFFFFFu, qsum, 1);
-    scale = amax * (1.f / 127.f);
-    residual = total - scale * (float)qsum;
-}
-
 // y[m] = W x[m] for one row m of x per blockIdx.y, x as int8 groups of 32 (xq: 8 words per
 // group; xs: (scale, sum, residual) per group). Lane = 8 quarter + 2 c + h reads, of blocks
 // quarter, quarter + 4, ..., the 16 code bytes at 32 c + 16 h: low nibbles are weights
 // 64 c + 16 h + i of sub-block 2 c, high nibbles the same i of sub-block 2 c + 1.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-q4k_gemv(const unsigned char* __restrict__ w, const u16* __restrict__ x, const u32* __restrict__ xq,
-         const float* __restrict__ xs, u16* __restrict__ y, int N, int K, int ldx, int ldy) {
+q4k_gemv(const unsigned char* __restrict__ w, const u32* __restrict__ xq,
+         const float* __restrict__ xs, u16* __restrict__ y, int N, int K, int ldy) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int j = lane & 7, c = j >> 1, h = j & 1, quarter = lane >> 3;
     const int m = blockIdx.y, nblk = K >> 8;
@@ -384,12 +350,8 @@ q4k_gemv(const unsigned char* __restrict__ w, const u16* __restrict__ x, const u
 #pragma unroll
     for (int r = 0; r < RW; ++r)  // rows past N read the last row, never stored
         wrow[r] = w + (long long)min(row0 + r, N - 1) * row_bytes;
-#if XI
-    const u16* x_lane = x + (long long)m * ldx + 64 * c + 16 * h;
-#else
     const u32* xq_lane = xq + (long long)m * (K >> 2) + 16 * c + 4 * h;
     const float* xs_lane = xs + (long long)m * (K >> 5) * 3 + 6 * c;
-#endif
     const int sh = 16 * (c & 1);
     const bool hi_sub = c >= 2;
     // a sub-block's x sum and residual terms enter once: from its h == 0 lane
@@ -414,22 +376,13 @@ q4k_gemv(const unsigned char* __restrict__ w, const u16* __restrict__ x, const u
             const int b = min(b0 + 4 * u, nblk - 1);  // a clamped block counts 0 times
             const float keep = b0 + 4 * u < nblk ? 1.f : 0.f;
             u32 xl[4], xh[4];
-            float dx_lo, sum_lo, res_lo, dx_hi, sum_hi, res_hi;
-#if XI
-            quantize_half(x_lane + 256 * b, xl, dx_lo, sum_lo, res_lo);
-            quantize_half(x_lane + 256 * b + 32, xh, dx_hi, sum_hi, res_hi);
-#else
             load_x(xl, (const u16*)(xq_lane + 64 * b));
             load_x(xh, (const u16*)(xq_lane + 64 * b + 8));
             const float2 s0 = load_f2(xs_lane + 24 * b), s1 = load_f2(xs_lane + 24 * b + 2);
             const float2 s2 = load_f2(xs_lane + 24 * b + 4);
             // (scale, sum, residual) of group lo = s0.x, s0.y, s1.x; of group hi = s1.y, s2
-            dx_lo = s0.x, sum_lo = s0.y, res_lo = s1.x, dx_hi = s1.y, sum_hi = s2.x, res_hi = s2.y;
-#endif
-            const float r8_lo = 8.f * first * res_lo, r8_hi = 8.f * first * res_hi;
-            sum_lo *= first;
-            sum_hi *= first;
-            dx_hi *= 0.0625f;
+            const float r8_lo = 8.f * first * s1.x, r8_hi = 8.f * first * s2.y;
+            const float sum_lo = first * s0.y, sum_hi = first * s2.x, dx_hi = s1.y * 0.0625f;
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 const u32* q = code[u][r];
@@ -445,7 +398,7 @@ q4k_gemv(const unsigned char* __restrict__ w, const u16* __restrict__ x, const u
                 const u32 mn = hi_sub ? (((hd[3] >> (sh + 4)) & 0x0F0Fu) | ((hd[2] >> (sh + 2)) & 0x3030u))
                                       : ((hd[2] >> sh) & 0x3F3Fu);
                 const float d = keep * half_to_float(hd[0]), dmin = keep * half_to_float(hd[0] >> 16);
-                const float lo = fmaf(dx_lo, (float)dl, r8_lo) * (float)(sc & 0xFFu);
+                const float lo = fmaf(s0.x, (float)dl, r8_lo) * (float)(sc & 0xFFu);
                 const float hi = fmaf(dx_hi, (float)dh, r8_hi) * (float)(sc >> 8);
                 const float mins = fmaf((float)(mn & 0xFFu), sum_lo, (float)(mn >> 8) * sum_hi);
                 acc[r] = fmaf(d, lo + hi, fmaf(-dmin, mins, acc[r]));
@@ -488,7 +441,6 @@ class GemvShape:
     unroll: int
     warps: int
     fp16: bool = False
-    x_inline: bool = False  # each lane quantizes the x values it reads (no separate launch)
 
     @property
     def rows_per_program(self) -> int:
@@ -498,10 +450,7 @@ class GemvShape:
 def source_of(shape: MmaShape | GemvShape) -> str:
     """The CUDA source of one kernel build (its constants as macros)."""
     if isinstance(shape, GemvShape):
-        head = (
-            f"#define RW {shape.rows_per_warp}\n#define U {shape.unroll}\n"
-            f"#define XI {int(shape.x_inline)}\n"
-        )
+        head = f"#define RW {shape.rows_per_warp}\n#define U {shape.unroll}\n"
         body = _GEMV
     else:
         head = f"#define RT {shape.row_tiles}\n#define NT {shape.x_tiles}\n"
@@ -555,34 +504,32 @@ def q4k_mma(
 
 def q4k_gemv(
     packed: Tensor,
-    x: Tensor,
+    xq: Tensor,
+    xs: Tensor,
     y: Tensor,
-    groups: tuple[Tensor, Tensor] | None,
     *,
     rows_per_warp: int,
     unroll: int,
     warps: int,
 ) -> None:
-    """y (M, N) = x (M, K) @ W.T for q4_K bytes `packed` (N, K / 256 * 144), with x in
-    int8 groups of 32: `groups` as `triton_quant._q8_quant_kernel` makes them (words
-    (M, K / 4) int32, (scale, sum, residual) (M, K / 32, 3) float32), or None: each lane
-    quantizes the x values it reads. One program column per row of x."""
-    m, k = x.shape
+    """y (M, N) = x @ W.T for q4_K bytes `packed` (N, K / 256 * 144), x given as int8
+    groups of 32 (`triton_quant._q8_quant_kernel`): words xq (M, K / 4) int32 and (scale,
+    sum, residual) xs (M, K / 32, 3) float32. One program column per row of x."""
+    m, k4 = xq.shape
     n = y.shape[1]
-    if x.dtype not in _HALF or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("q4k_gemv: x and y bf16/fp16 of one dtype, with unit column stride")
-    if x.data_ptr() % 16 or x.stride(0) % 8 or packed.data_ptr() % 16:
-        raise ValueError("q4k_gemv: x rows and W need 16-byte alignment")
-    if groups is not None:
-        xq, xs = groups
-        if xq.shape != (m, k // 4) or xs.shape != (m, k // 32, 3) or not xq.is_contiguous():
-            raise ValueError("q4k_gemv: groups must be (M, K/4) int32 words, (M, K/32, 3) floats")
-    xq, xs = groups or (x, x)  # (unread when x is quantized in the kernel)
-    shape = GemvShape(rows_per_warp, unroll, warps, x.dtype == torch.float16, groups is None)
+    if xq.dtype != torch.int32 or xs.shape != (m, k4 // 8, 3) or y.dtype not in _HALF:
+        raise ValueError("q4k_gemv: xq (M, K/4) int32, xs (M, K/32, 3) float32, y bf16/fp16")
+    if (
+        not (xq.is_contiguous() and xs.is_contiguous() and y.stride(1) == 1)
+        or packed.data_ptr() % 16
+    ):
+        raise ValueError(
+            "q4k_gemv: contiguous x groups, y with unit column stride, W 16-byte aligned"
+        )
+    shape = GemvShape(rows_per_warp, unroll, warps, y.dtype == torch.float16)
     grid = (-(-n // shape.rows_per_program), m, 1)
     kernel = compiled(shape, y.device.index or 0)
-    args = [packed, x, xq, xs, y, n, k, x.stride(0), y.stride(0)]
-    kernel(grid=grid, block=(32 * warps, 1, 1), args=args)
+    kernel(grid=grid, block=(32 * warps, 1, 1), args=[packed, xq, xs, y, n, 4 * k4, y.stride(0)])
 
 
 _HALF = (torch.bfloat16, torch.float16)

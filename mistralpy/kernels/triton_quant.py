@@ -618,7 +618,8 @@ class GemvConfig:
     stages: int = 1  # software pipelining depth of the block loop
     x_inline: bool = False  # each program quantizes x itself (no separate launch)
     max_m: int = 1  # rows of x served by the GEMV (one program column per row), GEMM above
-    cuda: bool = False  # `cuda_q4k.q4k_gemv` (sm80+): bn = warps x rows per warp, bb = unroll
+    cuda: bool = False  # `cuda_q4k.q4k_gemv` (sm80+): bn = warps x rows per warp, bb = unroll;
+    # x_inline does not apply (x is always quantized by its own launch)
 
 
 def gemv_config_of(data: dict) -> GemvConfig:
@@ -632,7 +633,8 @@ def q4k_gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(8, 1, 1, split=4 if k >= 16384 else 1)
 
 
-# Batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load: the dp4a
+# Triton batch-1 GEMV launch configs that `tune_q4k_gemv` times per weight shape at load below
+# sm80 (the CUDA GEMV's take over on sm80+): the dp4a
 # kernel's best per 24B shape in a 36-config sweep on H100 (benchmarks/quant_gpu.py
 # --sections words --words-candidates dp4a, 2026-12-05: 8-row tiles with x quantized by its
 # own kernel for the large shapes, split-K 4 with x quantized inline for qkv and o) and
@@ -649,16 +651,13 @@ Q4K_GEMV_CANDIDATES = tuple(
     )
 )  # fmt: skip
 # The CUDA GEMV's launch shapes (sm80+), as (rows per warp, blocks in flight per lane,
-# warps, x quantized in the kernel): the best of each 24B shape in a 14-shape sweep on H100
-# (`benchmarks/quant_gpu.py --sections words --words-candidates cuda`, BENCHMARKS.md) and
-# the variants that quantize x in the kernel instead of a separate launch.
+# warps): the best of each 24B shape in a 14-shape sweep on H100 and the runners-up the
+# tuner picked in the engine run (`benchmarks/quant_gpu.py --sections words
+# --words-candidates cuda`, BENCHMARKS.md session 11).
 Q4K_GEMV_CUDA_CANDIDATES = tuple(
-    GemvConfig(rw * warps, unroll, warps, x_inline=inline, cuda=True)
-    for rw, unroll, warps, inline in (
-        (2, 2, 4, False), (4, 2, 4, False), (1, 5, 2, False), (1, 5, 4, False),
-        (2, 2, 4, True), (4, 2, 4, True), (2, 5, 2, True),
-    )
-)  # fmt: skip
+    GemvConfig(rw * warps, unroll, warps, cuda=True)
+    for rw, unroll, warps in ((2, 2, 4), (4, 2, 4), (1, 5, 2), (1, 5, 4))
+)
 _TUNE_STREAM_BYTES = 256 << 20  # weights cycled while timing: well above the 50 MB L2
 
 
@@ -871,8 +870,8 @@ class TritonQ4KMatmul(_TritonMatmul):
     def _gemv(self, grid, x, y):
         cfg, nblk, m = self.gemv, self.in_features // 256, x.shape[0]
         if cfg.cuda:
-            groups = None if cfg.x_inline else self._quantized_x(x)
-            cuda_q4k.q4k_gemv(self.wb, x, y, groups, rows_per_warp=cfg.bn // cfg.warps,
+            xq, xs = self._quantized_x(x)
+            cuda_q4k.q4k_gemv(self.wb, xq, xs, y, rows_per_warp=cfg.bn // cfg.warps,
                               unroll=cfg.bb, warps=cfg.warps)  # fmt: skip
             return
         split_blocks = triton.cdiv(triton.cdiv(nblk, cfg.split), cfg.bb) * cfg.bb

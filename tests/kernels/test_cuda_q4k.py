@@ -107,47 +107,29 @@ def test_lane_maps_meet_every_weight_with_its_x(m, n, k):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-9)
 
 
-def _q8_groups(x: np.ndarray, nearest_even: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _q8_groups(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) float32 -> int8 codes (M, K / 32, 32) and (scale, sum, residual) (M, K / 32, 3)
-    float32, as `triton_quant._q8_words` makes them (round half away from zero), or as the
-    CUDA GEMV's lanes do (`quantize_half`: to nearest even)."""
+    float32, as `triton_quant._q8_words` makes them (round half away from zero)."""
     g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
     amax = np.abs(g).max(-1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     v = g * inv[..., None]
-    if nearest_even:
-        q = np.rint(v).astype(np.int64)
-    else:
-        q = np.trunc(v + np.where(v >= 0, 0.5, -0.5).astype(np.float32)).astype(np.int64)
+    q = np.trunc(v + np.where(v >= 0, 0.5, -0.5).astype(np.float32)).astype(np.int64)
     scale = (amax / np.float32(127)).astype(np.float32)
     total = g.sum(-1, dtype=np.float32)
     residual = (total - scale * q.sum(-1).astype(np.float32)).astype(np.float32)
     return q, np.stack([scale, total, residual], -1)
 
 
-def _lane_half(x_row: np.ndarray, start: int) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """`quantize_half` for the 16 values at `start`: the lane's int8 codes, and the group's
-    (scale, sum, residual) from its values and its partner's (start ^ 16, exchanged by shfl)."""
-    mine, partner = x_row[start : start + 16], x_row[start ^ 16 : (start ^ 16) + 16]
-    amax = max(np.abs(mine).max(), np.abs(partner).max())
-    inv = np.float32(127) / amax if amax > 0 else np.float32(0)
-    q_mine, q_partner = np.rint(mine * inv), np.rint(partner * inv)
-    scale = float(amax * np.float32(1 / 127))
-    total = float(mine.sum(dtype=np.float32) + partner.sum(dtype=np.float32))
-    return q_mine.astype(np.int64), (scale, total, total - scale * (q_mine.sum() + q_partner.sum()))
-
-
-def replay_gemv(packed: torch.Tensor, shape: tuple[int, int], xq, xs, x=None) -> np.ndarray:
+def replay_gemv(packed: torch.Tensor, shape: tuple[int, int], xq, xs) -> np.ndarray:
     """y (M, N) as `q4k_gemv` computes it, in float64: per lane (quarter, c, h) of one warp,
     its blocks, code bytes, dp4a dots (the high nibbles masked in place: 16x), sub-block
-    (scale, min) pairs by the source's shifts, and the sum/residual terms from h == 0 lanes.
-    x (M, K) float32 given: the lanes quantize x themselves (`quantize_half`), xq/xs unread."""
+    (scale, min) pairs by the source's shifts, and the sum/residual terms from h == 0 lanes."""
     n_rows, k = shape
     nblk = k // 256
     wb = packed.numpy().reshape(n_rows, nblk, 144)
-    rows_x = (x if x is not None else xq).shape[0]
-    y = np.zeros((rows_x, n_rows))
-    for m in range(rows_x):
+    y = np.zeros((xq.shape[0], n_rows))
+    for m in range(xq.shape[0]):
         for row in range(n_rows):
             total = 0.0
             for lane in range(32):
@@ -159,23 +141,15 @@ def replay_gemv(packed: torch.Tensor, shape: tuple[int, int], xq, xs, x=None) ->
                     hd = [int(w) for w in blk[:16].view("<u4")]
                     codes = blk[16 + 16 * j : 32 + 16 * j].astype(np.int64)
                     lo_g, hi_g = 8 * b + 2 * c, 8 * b + 2 * c + 1
-                    if x is None:
-                        x_lo, x_hi = (
-                            xq[m, lo_g, 16 * h : 16 * h + 16],
-                            xq[m, hi_g, 16 * h : 16 * h + 16],
-                        )
-                        (dxl, sl, rl), (dxh, shi, rh) = xs[m, lo_g], xs[m, hi_g]
-                    else:  # the lane's x pointer: 64 c + 16 h into the block, + 32 for hi
-                        x_lo, (dxl, sl, rl) = _lane_half(x[m], 256 * b + 64 * c + 16 * h)
-                        x_hi, (dxh, shi, rh) = _lane_half(x[m], 256 * b + 64 * c + 32 + 16 * h)
-                    dl = int((codes & 15) @ x_lo)
-                    dh = int((codes & 0xF0) @ x_hi)
+                    dl = int((codes & 15) @ xq[m, lo_g, 16 * h : 16 * h + 16])
+                    dh = int((codes & 0xF0) @ xq[m, hi_g, 16 * h : 16 * h + 16])
                     if c >= 2:
                         sc = ((hd[3] >> sh) & 0x0F0F) | ((hd[1] >> (sh + 2)) & 0x3030)
                         mn = ((hd[3] >> (sh + 4)) & 0x0F0F) | ((hd[2] >> (sh + 2)) & 0x3030)
                     else:
                         sc, mn = (hd[1] >> sh) & 0x3F3F, (hd[2] >> sh) & 0x3F3F
                     d, dmin = blk[:4].view(np.float16).astype(np.float64)
+                    (dxl, sl, rl), (dxh, shi, rh) = xs[m, lo_g], xs[m, hi_g]
                     lo = (dxl * dl + 8 * first * rl) * (sc & 255)
                     hi = (dxh / 16 * dh + 8 * first * rh) * (sc >> 8)
                     total += d * (lo + hi) - dmin * first * ((mn & 255) * sl + (mn >> 8) * shi)
@@ -183,19 +157,17 @@ def replay_gemv(packed: torch.Tensor, shape: tuple[int, int], xq, xs, x=None) ->
     return y
 
 
-@pytest.mark.parametrize("m, n, k, x_inline", [(1, 3, 256, False), (2, 2, 1280, False),
-                                               (1, 3, 256, True), (2, 2, 1280, True)])  # fmt: skip
-def test_gemv_lanes_cover_every_sub_block_once(m, n, k, x_inline):
+@pytest.mark.parametrize("m, n, k", [(1, 3, 256), (2, 2, 1280)])
+def test_gemv_lanes_cover_every_sub_block_once(m, n, k):
     """The replayed lanes equal the closed form over q4_K's sub-blocks (from the format's own
     `group_affine` parts, not the kernel's maps): sum over groups of scale (dx q.xq + 8 r)
-    + (offset - 8 scale) sum(x), and stay within int8 rounding of the float product. With
-    x_inline the lanes' own quantization (lane pairs sharing a group) must give the groups."""
+    + (offset - 8 scale) sum(x), and stay within int8 rounding of the float product."""
     f = get_format("q4k")
     gen = torch.Generator().manual_seed(m * 10 + n)
     packed = f.quantize(torch.randn(n, k, generator=gen))
     x = torch.randn(m, k, generator=gen)
-    xq, xs = _q8_groups(x.numpy(), nearest_even=x_inline)
-    got = replay_gemv(packed, (n, k), xq, xs.astype(np.float64), x.numpy() if x_inline else None)
+    xq, xs = _q8_groups(x.numpy())
+    got = replay_gemv(packed, (n, k), xq, xs.astype(np.float64))
     ga = f.group_affine(packed, (n, k))
     q = ga.codes.numpy().astype(np.int64).reshape(n, -1, 32) + 8
     scale, offset = ga.scale.numpy().astype(np.float64), ga.offset.numpy().astype(np.float64)
@@ -246,7 +218,7 @@ def test_source_compiles_for_every_tuned_shape():
 
     for c in tq.Q4K_GEMV_CUDA_CANDIDATES:
         for fp16 in (False, True):
-            shape = cuda_q4k.GemvShape(c.bn // c.warps, c.bb, c.warps, fp16, c.x_inline)
+            shape = cuda_q4k.GemvShape(c.bn // c.warps, c.bb, c.warps, fp16)
             for arch in ("sm_80", "sm_90"):
                 res, log = _compile_log(lib, cuda_q4k.source_of(shape), arch)
                 assert res == 0 and not log, (shape, arch, log)
@@ -310,19 +282,14 @@ def test_cuda_gemv_configs_route_with_x_in_int8_groups(monkeypatch):
     groups = (torch.zeros(1, k // 4, dtype=torch.int32), torch.zeros(1, k // 32, 3))
     monkeypatch.setattr(kern, "_quantized_x", lambda x: groups)
     y = kern(torch.randn(1, k, dtype=torch.bfloat16))
-    ((w, xa, out, got), kw) = calls[0]
-    assert w is packed and xa.shape == (1, k) and got == groups and out is y and y.shape == (1, n)
+    ((w, xq, xs, out), kw) = calls[0]
+    assert w is packed and (xq, xs) == groups and out is y and y.shape == (1, n)
     assert kw == {"rows_per_warp": 2, "unroll": 4, "warps": 4}
-    inline = tq.TritonQ4KMatmul(packed, (n, k), tq.GemvConfig(8, 4, 4, x_inline=True, cuda=True))
-    inline(torch.randn(1, k, dtype=torch.bfloat16))
-    assert calls[1][0][3] is None  # the kernel quantizes x itself
 
 
 def test_q4k_gemv_rejects_what_it_cannot_run():
-    w = torch.zeros(16, 144, dtype=torch.uint8)
-    x, y = torch.zeros(1, 256, dtype=torch.bfloat16), torch.zeros(1, 16, dtype=torch.float32)
+    xq, xs = torch.zeros(1, 64, dtype=torch.int32), torch.zeros(1, 8, 3)
+    y = torch.zeros(1, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="bf16/fp16"):
-        cuda_q4k.q4k_gemv(w, x, y, None, rows_per_warp=1, unroll=4, warps=4)
-    bad_groups = (torch.zeros(1, 32, dtype=torch.int32), torch.zeros(1, 8, 3))
-    with pytest.raises(ValueError, match="groups"):
-        cuda_q4k.q4k_gemv(w, x, y.bfloat16(), bad_groups, rows_per_warp=1, unroll=4, warps=4)
+        cuda_q4k.q4k_gemv(torch.zeros(16, 144, dtype=torch.uint8), xq, xs, y,
+                          rows_per_warp=1, unroll=4, warps=4)  # fmt: skip
