@@ -117,6 +117,13 @@ __device__ __forceinline__ u32 dequant_pair(u32 nib, u32 sel, u32 scale2, u32 ne
     return fma2(v, scale2, neg_min2);
 }
 
+// The 6-bit scales (sc) and mins (mn) of sub-blocks 4 hi + sh / 8 + {0, 1} of a block
+// header h (16 bytes as 4 words), one per byte of the low half-word (sh = 0 or 16)
+__device__ __forceinline__ void scale_min_bytes(const u32 (&h)[4], int sh, bool hi, u32& sc, u32& mn) {
+    sc = hi ? (((h[3] >> sh) & 0x0F0Fu) | ((h[1] >> (sh + 2)) & 0x3030u)) : ((h[1] >> sh) & 0x3F3Fu);
+    mn = hi ? (((h[3] >> (sh + 4)) & 0x0F0Fu) | ((h[2] >> (sh + 2)) & 0x3030u)) : ((h[2] >> sh) & 0x3F3Fu);
+}
+
 """
 
 _MMA = r"""
@@ -131,8 +138,8 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
 // both are decoded at once, spread into a half-precision pair by a byte permute that
 // writes the magic exponent above each byte (128 + v) and scaled by (d, d) / (-dmin, -dmin)
 __device__ __forceinline__ void sub_blocks(const u32 (&h)[4], int sh, bool hi, u32& s2, u32& o2) {
-    u32 sc = hi ? (((h[3] >> sh) & 0x0F0Fu) | ((h[1] >> (sh + 2)) & 0x3030u)) : ((h[1] >> sh) & 0x3F3Fu);
-    u32 mn = hi ? (((h[3] >> (sh + 4)) & 0x0F0Fu) | ((h[2] >> (sh + 2)) & 0x3030u)) : ((h[2] >> sh) & 0x3F3Fu);
+    u32 sc, mn;
+    scale_min_bytes(h, sh, hi, sc, mn);
     u32 sc2 = fma2(prmt(sc, MAGIC4, 0x4140u), ONE2, MAGIC_NEG);  // exact integers
     u32 mn2 = fma2(prmt(mn, MAGIC4, 0x4140u), ONE2, MAGIC_NEG);
 #if FP16
@@ -321,8 +328,9 @@ __device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
     return d;
 }
 
-// volatile: the compiler keeps these in program order, so every block a lane loads in a
-// batch is in flight before the first is used (plain asm loads sink to their first use)
+// volatile: NVRTC emits the batch's loads in program order, ahead of the math (plain asm
+// loads sink to their first use); ptxas may still interleave them with the math (sm_90
+// SASS), so rows per warp, not the unroll, is what keeps more bytes in flight
 __device__ __forceinline__ void load_stream_now(u32 (&r)[4], const unsigned char* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
@@ -393,10 +401,8 @@ q4k_gemv(const unsigned char* __restrict__ w, const u32* __restrict__ xq,
                     dh = dp4a_us(q[i] & 0xF0F0F0F0u, xh[i], dh);
                 }
                 const u32* hd = hdr[u][r];
-                const u32 sc = hi_sub ? (((hd[3] >> sh) & 0x0F0Fu) | ((hd[1] >> (sh + 2)) & 0x3030u))
-                                      : ((hd[1] >> sh) & 0x3F3Fu);
-                const u32 mn = hi_sub ? (((hd[3] >> (sh + 4)) & 0x0F0Fu) | ((hd[2] >> (sh + 2)) & 0x3030u))
-                                      : ((hd[2] >> sh) & 0x3F3Fu);
+                u32 sc, mn;
+                scale_min_bytes(hdr[u][r], sh, hi_sub, sc, mn);
                 const float d = keep * half_to_float(hd[0]), dmin = keep * half_to_float(hd[0] >> 16);
                 const float lo = fmaf(s0.x, (float)dl, r8_lo) * (float)(sc & 0xFFu);
                 const float hi = fmaf(dx_hi, (float)dh, r8_hi) * (float)(sc >> 8);
@@ -468,6 +474,9 @@ def compiled(shape: MmaShape | GemvShape, device_index: int):
         return _compile_kernel(source_of(shape), name)
 
 
+_HALF = (torch.bfloat16, torch.float16)  # activation dtypes both kernels take
+
+
 def supported(device: torch.device) -> bool:
     """mma.sync with bf16 operands needs sm_80+."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
@@ -489,7 +498,7 @@ def q4k_mma(
     when the K range is split (splits = ceil(K / 256 / split_blocks) > 1)."""
     m, k = x.shape
     n = y.shape[1]
-    if m > 32 or x.dtype not in (torch.bfloat16, torch.float16) or y.dtype != x.dtype:
+    if m > 32 or x.dtype not in _HALF or y.dtype != x.dtype:
         raise ValueError(f"q4k_mma: x must be (<= 32, K) bf16/fp16, got {tuple(x.shape)} {x.dtype}")
     if x.stride(1) != 1 or y.stride(1) != 1 or x.data_ptr() % 16 or packed.data_ptr() % 16:
         raise ValueError("q4k_mma: x and y need unit column stride, x and W 16-byte alignment")
@@ -530,6 +539,3 @@ def q4k_gemv(
     grid = (-(-n // shape.rows_per_program), m, 1)
     kernel = compiled(shape, y.device.index or 0)
     kernel(grid=grid, block=(32 * warps, 1, 1), args=[packed, xq, xs, y, n, 4 * k4, y.stride(0)])
-
-
-_HALF = (torch.bfloat16, torch.float16)
