@@ -947,6 +947,9 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
     row.extra.update(load_s=load_s, weights_gb=weights_gb, load_peak_gb=load_peak_gb,
                      bits_per_weight=8e9 * weights_gb / model_params(model),
                      kernel_configs=chosen_kernel_configs(model))  # fmt: skip
+    if engine.runner.cuda_attention is not None:
+        plans = engine.runner.cuda_attention.decode_plans
+        row.extra["decode_plans"] = {str(k): str(v) for k, v in plans.items()}
     rows = [row]
     if "batch" in extra_rows:
         rows += [row_batch(engine, sizes, gen, b, f"isq={fmt}") for b in batches(sizes)]

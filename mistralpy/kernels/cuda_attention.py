@@ -130,44 +130,59 @@ class CudaPagedAttention:
 
     def tune_decode(
         self,
-        kv_cache: torch.Tensor,
+        kv_caches: list[torch.Tensor],
         rows: int,
         width: int,
         num_heads: int,
         context: int,
         q_dtype: torch.dtype,
     ) -> ta.DecodePlan:
-        """Time a few split counts / tile sizes for decode of `rows` sequences of `context`
-        tokens through (rows, width) block tables on this cache (queries in `q_dtype`, the
-        model's); keep the fastest (the default plan is a candidate, so tuning never loses at
-        this context)."""
-        _, num_blocks, page, hkv, d = kv_cache.shape
+        """Time launch plans (tile, warps, split count) for decode of `rows` sequences of
+        `context` tokens through (rows, width) block tables, as a decode step runs them: one
+        launch per layer's cache in a captured CUDA graph (each layer's K/V is read once per
+        replay, from HBM, and a sequence's blocks follow each other as the block manager
+        hands them out), queries in `q_dtype`, the model's. Keeps the fastest; the default
+        plan is a candidate, so tuning never loses at this context. Overwrites the caches'
+        first blocks: call it before the cache holds anything."""
+        _, num_blocks, page, hkv, d = kv_caches[0].shape
         per_seq = -(-context // page)
-        dev = kv_cache.device
+        dev = kv_caches[0].device
+        blocks = torch.arange(rows * per_seq, device=dev, dtype=torch.int32) % num_blocks
         tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
-        tables[:, :per_seq] = torch.randint(0, num_blocks, (rows, per_seq), device=dev)
-        # random, not zero, K/V (the cache is still unused: nothing else is overwritten)
-        used = tables[:, :per_seq].flatten().long()
-        # (drawn in float32 and cast: randn has no fp8 kernel; unit scales read them back)
-        fill = torch.randn((2, used.numel(), *kv_cache.shape[2:]), device=dev).to(kv_cache.dtype)
-        kv_bytes_view(kv_cache)[:, used] = kv_bytes_view(fill)
+        tables[:, :per_seq] = blocks.view(rows, per_seq)
+        # random, not zero, K/V (drawn in float32 and cast: randn has no fp8 kernel; unit
+        # scales read them back)
+        used = torch.arange(min(rows * per_seq, num_blocks), device=dev)
+        fill = torch.randn((2, used.numel(), *kv_caches[0].shape[2:]), device=dev)
+        fill_bytes = kv_bytes_view(fill.to(kv_caches[0].dtype))
+        for cache in kv_caches:
+            kv_bytes_view(cache)[:, used] = fill_bytes
+        del fill, fill_bytes
         lens = torch.full((rows,), context, dtype=torch.int32, device=dev)
         q = torch.randn(rows, num_heads, d, dtype=q_dtype, device=dev)
         unit = torch.ones(2, dtype=torch.float32, device=dev)  # an fp8 cache's scales
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        default = ta.plan_decode(rows, hkv, width * page, sms)
-        candidates = {default}
+        candidates = {ta.plan_decode(rows, hkv, width * page, sms)}
         for block_n in (64, 128):
             tiles = -(-context // block_n)
-            for waves in (1, 2, 4):
-                splits = max(1, min(tiles, -(-waves * sms // (rows * hkv))))
-                candidates.add(ta.DecodePlan(block_n, splits))
-        best = min(
-            candidates,
-            key=lambda plan: _time_launches(
-                lambda: self.decode(q, kv_cache, tables, lens, d**-0.5, unit, plan)
-            ),
-        )
+            for warps in (4, 8):
+                for waves in (1, 2, 4):
+                    splits = max(1, min(tiles, -(-waves * sms // (rows * hkv))))
+                    candidates.add(ta.DecodePlan(block_n, splits, warps))
+
+        def step_ms(plan: ta.DecodePlan) -> float:
+            def step() -> None:
+                for cache in kv_caches:
+                    self.decode(q, cache, tables, lens, d**-0.5, unit, plan)
+
+            step()  # compiles, and makes the scratch outside the capture
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            return _time_launches(graph.replay, repeats=5)
+
+        best = min(sorted(candidates, key=str), key=step_ms)
         self.decode_plans[(rows, width)] = best
         return best
 

@@ -445,6 +445,10 @@ class DecodePlan:
 
     block_n: int  # keys per inner tile
     num_splits: int  # programs per (sequence, kv head)
+    # 8 warps hold a 64-key tile without spilling (4 warps: 255 registers and a stack on
+    # sm_90); the tuner weighs the two
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 def plan_decode(
@@ -498,8 +502,6 @@ def paged_decode_attention(
     kv_scale: torch.Tensor | None = None,
     plan: DecodePlan | None = None,
     scratch: DecodeScratch | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
 ) -> torch.Tensor:
     """q (B, Hq, D) one new token per sequence -> (B, Hq, D) in q's dtype, attending over all
     seq_lens[b] cached tokens (the new token's K/V must already be stored). block_tables
@@ -533,7 +535,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=d, PAGE=page,
         BLOCK_N=plan.block_n, MERGE_CHUNK=_merge_chunk(plan.num_splits, group_p2 * d),
         SINGLE_SPLIT=single, F32_DOT=_f32_dot(q), FP8=fp8,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return out
 

@@ -372,7 +372,7 @@ class ModelRunner:
         context = min(DECODE_TUNING_CONTEXT, width * self.cfg.block_size - 1)
         for rows in graphs.buckets:
             plan = self.cuda_attention.tune_decode(
-                self.kv_caches[0], rows, width, text.num_attention_heads, context, self.dtype
+                self.kv_caches, rows, width, text.num_attention_heads, context, self.dtype
             )
             logger.debug("decode plan for %d rows: %s", rows, plan)
         try:
