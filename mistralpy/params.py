@@ -47,7 +47,7 @@ class GrammarSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.kind in GRAMMAR_KINDS, "grammar", f"kind must be one of {GRAMMAR_KINDS}")
+        check_param(self.kind in GRAMMAR_KINDS, "grammar", f"kind must be one of {GRAMMAR_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -77,48 +77,52 @@ class SamplingParams:
         # Lists are accepted for convenience and frozen into tuples (the type stays hashable).
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
-            _check(isinstance(value, (list, tuple)), name, "must be a list")
+            check_param(isinstance(value, (list, tuple)), name, "must be a list")
             object.__setattr__(self, name, tuple(value))
         self._check_ints()
         self._check_floats()
-        _check(isinstance(self.logit_bias, dict), "logit_bias", "must be a mapping")
+        check_param(isinstance(self.logit_bias, dict), "logit_bias", "must be a mapping")
         for token, bias in self.logit_bias.items():
-            _check(_is_int(token) and token >= 0, "logit_bias", "keys must be token ids")
+            check_param(_is_int(token) and token >= 0, "logit_bias", "keys must be token ids")
             _check_finite(bias, "logit_bias")
-            _check(abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", "values must be in [-100, 100]")
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty")
-        _check(
+            check_param(
+                abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", "values must be in [-100, 100]"
+            )
+        check_param(
+            len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings"
+        )
+        check_param(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty")
+        check_param(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             "must be token ids >= 0",
         )
         for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
-            _check(isinstance(getattr(self, name), bool), name, "must be a boolean")
-        _check(
+            check_param(isinstance(getattr(self, name), bool), name, "must be a boolean")
+        check_param(
             self.grammar is None or isinstance(self.grammar, GrammarSpec),
             "grammar",
             "must be a GrammarSpec",
         )
 
     def _check_ints(self) -> None:
-        _check(
+        check_param(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "must be an integer >= 1",
         )
-        _check(
+        check_param(
             _is_int(self.top_k) and self.top_k >= -1,
             "top_k",
             "must be -1, 0 (disabled) or a positive integer",
         )
-        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
-        _check(
+        check_param(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        check_param(
             _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
             "top_logprobs",
             f"must be in [0, {MAX_TOP_LOGPROBS}]",
         )
-        _check(
+        check_param(
             self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
             "seed",
             "must be an integer in [-2**63, 2**63 - 1]",
@@ -127,12 +131,12 @@ class SamplingParams:
     def _check_floats(self) -> None:
         _check_range(self.temperature, "temperature", 0.0, 100.0, "must be in [0, 100]")
         _check_range(self.top_p, "top_p", 0.0, 1.0, "must be in (0, 1]")
-        _check(self.top_p > 0.0, "top_p", "must be in (0, 1]")
+        check_param(self.top_p > 0.0, "top_p", "must be in (0, 1]")
         _check_range(self.min_p, "min_p", 0.0, 1.0, "must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_range(getattr(self, name), name, -2.0, 2.0, "must be in [-2, 2]")
         _check_range(self.repetition_penalty, "repetition_penalty", 0.0, 10.0, "must be in (0, 10]")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", "must be in (0, 10]")
+        check_param(self.repetition_penalty > 0.0, "repetition_penalty", "must be in (0, 10]")
 
     @property
     def greedy(self) -> bool:
@@ -144,16 +148,17 @@ class SamplingParams:
         Needs the model, so the engine calls it when a request is added (not per step).
         """
         for token in self.logit_bias:
-            _check(token < vocab_size, "logit_bias", f"token id {token} >= vocab size")
+            check_param(token < vocab_size, "logit_bias", f"token id {token} >= vocab size")
         for token in self.stop_token_ids:
-            _check(token < vocab_size, "stop_token_ids", f"token id {token} >= vocab size")
+            check_param(token < vocab_size, "stop_token_ids", f"token id {token} >= vocab size")
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(ok: bool, param: str, message: str) -> None:
+def check_param(ok: bool, param: str, message: str) -> None:
+    """Raise InvalidParameter(param, "param message") unless ok (a 400 naming the field)."""
     if not ok:
         raise InvalidParameter(param, f"{param} {message}")
 
@@ -170,4 +175,4 @@ def _check_finite(value: object, param: str) -> None:
 
 def _check_range(value: object, param: str, low: float, high: float, message: str) -> None:
     _check_finite(value, param)
-    _check(low <= value <= high, param, message)  # type: ignore[operator]
+    check_param(low <= value <= high, param, message)  # type: ignore[operator]

@@ -13,17 +13,42 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mistralpy"
 
 
-def layer_order() -> list[list[str]]:
-    """Layers lowest first, each a list of module prefixes, read from ARCHITECTURE.md."""
+def layer_lines() -> list[tuple[list[str], str]]:
+    """The layer-order block of ARCHITECTURE.md, lowest first: (module prefixes, the notes in
+    parentheses that name the layer's modules) per line."""
     doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     block = re.search(r"Order of layers.*?```\n(.*?)```", doc, re.S)
     assert block, "ARCHITECTURE.md lost its layer-order block"
-    layers = []
+    lines = []
     for line in block.group(1).splitlines():
-        names = re.split(r"\s{2,}", line.strip())[0]
+        names, _, notes = line.strip().partition("  ")
         if names:
-            layers.append([n.strip() for n in names.split(",")])
-    return layers
+            lines.append(([n.strip() for n in names.split(",")], notes.strip().strip("()")))
+    return lines
+
+
+def layer_order() -> list[list[str]]:
+    """Layers lowest first, each a list of module prefixes."""
+    return [prefixes for prefixes, _ in layer_lines()]
+
+
+def layer_prefixes() -> set[str]:
+    return {p for prefixes in layer_order() for p in prefixes}
+
+
+def named_modules(prefixes: list[str], notes: str) -> set[str]:
+    """The module names a layer's notes list: each item of "(a, b: what b is; c + *.ll)" up
+    to its first ':' or ' + ', a leading "pkg: " label of the layer's own packages dropped;
+    items of several words are prose."""
+    names = set()
+    for item in re.split(r"[,;]", notes):
+        item = item.strip()
+        for prefix in prefixes:
+            item = item.removeprefix(f"{prefix}: ")
+        name = re.split(r":| \+ ", item)[0].strip()
+        if re.fullmatch(r"[a-z_0-9]+", name):
+            names.add(name)
+    return names
 
 
 def layer_of(module: str, layers: list[list[str]]) -> int | None:
@@ -146,3 +171,20 @@ def test_detects_an_upward_edge(tmp_path):
         f"{where}:5: mistralpy.kernels.planted imports mistralpy.engine",
         f"{where}:9: mistralpy.kernels.planted imports mistralpy.api.chat",
     ], found
+
+
+def test_layer_block_names_every_module():
+    """Each package's modules are the ones its line of the layer block names: none missing,
+    none named that is gone (so a newcomer reading the block sees the whole package)."""
+    for prefixes, notes in layer_lines():
+        packages = [p for p in prefixes if (PACKAGE / p).is_dir()]
+        if not packages:
+            continue  # the leaf line names modules, not packages
+        have = {
+            path.stem
+            for p in packages
+            for path in (PACKAGE / p).glob("*.py")
+            if path.name != "__init__.py" and f"{p}.{path.stem}" not in layer_prefixes()
+        }
+        named = named_modules(prefixes, notes)
+        assert have == named, (prefixes, "unnamed:", have - named, "gone:", named - have)

@@ -34,6 +34,7 @@ from mistralpy.checkpoint.loader import (
     _isq_factory,
     _Target,
     check_match,
+    expected_shape,
     rotate_half_rows,
 )
 from mistralpy.model.config import config_from_gguf
@@ -160,7 +161,7 @@ def _plan(files: list[GGUFModelFile], model: Mistral3ForConditionalGeneration) -
             unexpected.append(name)
             continue
         module, part, param = target
-        expected = _expected_shape(model.get_submodule(module), part, param)
+        expected = expected_shape(model.get_submodule(module), param, part)
         if tensor.shape != expected:
             wrong.append(f"{name} {tensor.shape} != {expected}")
         if param == "bias":
@@ -213,18 +214,6 @@ def _exists(model: nn.Module, module: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _expected_shape(module: nn.Module, part: int | None, param: str) -> tuple[int, ...]:
-    """(rows, cols) a GGUF weight for `module` (its `part`) must have; (n,) for a norm or a
-    bias."""
-    if isinstance(module, nn.Linear):
-        rows = module.out_features
-        if isinstance(module, MergedLinear):
-            assert part is not None, "the tables name a part for every fused module's tensor"
-            rows = module.output_sizes[part]
-        return (rows,) if param == "bias" else (rows, module.in_features)
-    return tuple(module.get_parameter("weight").shape)
 
 
 def _missing(model: Mistral3ForConditionalGeneration, plan: _Plan) -> list[str]:

@@ -544,8 +544,10 @@ def _plan(model: Mistral3ForConditionalGeneration, files: list[Path], native: bo
                 unexpected.append(key)
                 continue
             target = replace(target, shard=_shard_of(model, target))
-            if shapes[key] != _expected_shape(model, target):
-                wrong_shape.append(f"{key} {shapes[key]} != {_expected_shape(model, target)}")
+            module = model.get_submodule(target.module)
+            expected = expected_shape(module, target.param, target.part, target.shard)
+            if shapes[key] != expected:
+                wrong_shape.append(f"{key} {shapes[key]} != {expected}")
             plan.targets[key] = target
             plan.by_file[file].append(key)
     missing = _missing(model, list(plan.targets.values()))
@@ -577,15 +579,17 @@ def _has_param(model: nn.Module, target: _Target) -> bool:
     )
 
 
-def _expected_shape(model: nn.Module, target: _Target) -> tuple[int, ...]:
-    """Shape the checkpoint tensor of `target` must have (whole, before any sharding)."""
-    module = model.get_submodule(target.module)
-    shape = list(getattr(module, target.param).shape)
-    if target.part is not None:
-        assert isinstance(module, MergedLinear), target
-        shape[0] = module.output_sizes[target.part]
-    if target.shard is not None:
-        shape[target.shard.dim] = target.shard.full
+def expected_shape(
+    module: nn.Module, param: str, part: int | None, shard: Shard | None = None
+) -> tuple[int, ...]:
+    """Shape a checkpoint tensor of `module.param` must have: `part` of a fused module's rows,
+    whole before any sharding (safetensors and GGUF loaders alike)."""
+    shape = list(module.get_parameter(param).shape)
+    if part is not None:
+        assert isinstance(module, MergedLinear), (module, part)
+        shape[0] = module.output_sizes[part]
+    if shard is not None:
+        shape[shard.dim] = shard.full
     return tuple(shape)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mistralpy.engine.speculative import SpeculativeConfig
 from mistralpy.model.config import MODEL_DTYPES
-from mistralpy.params import InvalidParameter
+from mistralpy.params import check_param
 
 DEMO_MODEL = "demo"
 DTYPES = ("auto", *MODEL_DTYPES)
@@ -42,41 +42,43 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "model", "must be a path, hub id, 'smollm2' or 'demo'")
-        _check(
+        check_param(bool(self.model), "model", "must be a path, hub id, 'smollm2' or 'demo'")
+        check_param(
             self.mmproj is None or self.mmproj.endswith(".gguf"), "mmproj", "must be a .gguf file"
         )
-        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-        _check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
-        _check(
+        check_param(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        check_param(
+            self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}"
+        )
+        check_param(
             self.kv_cache_dtype in KV_CACHE_DTYPES,
             "kv_cache_dtype",
             f"must be one of {KV_CACHE_DTYPES}",
         )
-        _check(
+        check_param(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
-        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", ">= 2")
-        _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
-        _check(
+        check_param(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", ">= 2")
+        check_param(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check_param(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check_param(
             1 <= self.block_size <= 1024 and self.block_size & (self.block_size - 1) == 0,
             "block_size",
             "must be a power of two in [1, 1024]",
         )
-        _check(
+        check_param(
             0.0 < self.gpu_memory_utilization <= 1.0,
             "gpu_memory_utilization",
             "must be in (0, 1]",
         )
-        _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
-        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
-        _check(self.encoder_cache_size >= 0, "encoder_cache_size", "must be >= 0")
-        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check_param(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
+        check_param(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
+        check_param(self.encoder_cache_size >= 0, "encoder_cache_size", "must be >= 0")
+        check_param(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         spec = self.speculative_config
-        _check(
+        check_param(
             spec is None or spec.model is None or self.tensor_parallel_size == 1,
             "speculative_config",
             "with a draft model needs tensor_parallel_size 1",
@@ -95,8 +97,3 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     from mistralpy.checkpoint.hub import local_model_path
 
     return local_model_path(model, revision)
-
-
-def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise InvalidParameter(param, f"{param} {message}")

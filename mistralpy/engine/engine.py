@@ -91,11 +91,8 @@ _FINISH_STATUS = {
 class EngineStats:
     """Counters since the engine started (for metrics and tests)."""
 
-    num_steps: int = 0
-    num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     num_generated_tokens: int = 0
     num_preemptions: int = 0
-    num_drafts: int = 0  # speculative decoding: verify steps
     num_draft_tokens: int = 0  # drafted tokens verified
     num_accepted_tokens: int = 0  # of those, accepted
 
@@ -294,8 +291,6 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         touched = self._note_scheduled(sched)
-        self.stats.num_steps += 1
-        self.stats.num_computed_tokens += sched.total_tokens
         self.stats.num_preemptions += len(sched.preempted_ids)
         self.stats.num_generated_tokens += len(sched.sample_ids)
         result, failed = self._execute_isolated(self._batch(sched), touched)
@@ -529,7 +524,6 @@ class LLMEngine:
             metrics = self._request_of[s.seq.seq_id].metrics
             metrics.num_drafts += 1
             metrics.num_draft_tokens += drafted
-            self.stats.num_drafts += 1
             metrics.num_accepted_tokens += accepted
             self.stats.num_draft_tokens += drafted
             self.stats.num_accepted_tokens += accepted

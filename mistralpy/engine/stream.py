@@ -44,10 +44,6 @@ class OutputStream:
         self._unread = 0  # outputs merged into `_pending` since the last get
         self._ready = asyncio.Event()
 
-    @property
-    def unread(self) -> int:
-        return self._unread
-
     def put(self, item: RequestOutput | BaseException) -> None:
         """Hand over an output (merged into an unread one) or the request's failure."""
         if isinstance(self._pending, BaseException):

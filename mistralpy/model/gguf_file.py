@@ -96,10 +96,6 @@ class GGUFModelFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
-    def arch_value(self, key: str, default: Any = None) -> Any:
-        """`<architecture>.<key>`, e.g. arch_value("block_count")."""
-        return self.metadata.get(f"{self.architecture}.{key}", default)
-
 
 @dataclass(frozen=True)
 class GGUFVocab:

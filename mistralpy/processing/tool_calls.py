@@ -80,7 +80,6 @@ class _PartialCall:
 class _Scan:
     content: str  # plain text that is safe to emit
     calls: list[_PartialCall]
-    complete: bool  # every call section seen so far is complete
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -315,7 +314,7 @@ def _scan(text: str, final: bool) -> _Scan:
         if marker < 0:
             tail = text[i:]
             content.append(tail if final else tail[: len(tail) - _held_back(tail)])
-            return _Scan("".join(content), calls, complete=True)
+            return _Scan("".join(content), calls)
         content.append(text[i:marker])
         j = _skip_ws(text, marker + len(TOOL_CALLS))
         if j >= len(text):
@@ -327,7 +326,7 @@ def _scan(text: str, final: bool) -> _Scan:
         if end is None:
             if final:
                 raise _Malformed("unfinished tool call")
-            return _Scan("".join(content), calls, complete=False)
+            return _Scan("".join(content), calls)
         i = end
 
 

@@ -36,7 +36,7 @@ from mistralpy.engine.speculative import (
 from mistralpy.errors import UserError
 from mistralpy.params import InvalidParameter
 from mistralpy.server.dropin_flags import (
-    LOAD_FORMATS,
+    CLI_LOAD_FORMATS,
     add_mistralrs_flags,
     add_vllm_flags,
     group_like_vllm,
@@ -143,7 +143,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_seed_flag(p)
     p.add_argument(
         "--load-format",
-        choices=LOAD_FORMATS,
+        choices=CLI_LOAD_FORMATS,
         default=EngineConfig.load_format,
         help="dummy: random weights of the model's shapes (benchmarks); mistral, safetensors: "
         "same as auto (HF shards or consolidated.safetensors, whichever the model has)",

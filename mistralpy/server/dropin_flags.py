@@ -15,7 +15,7 @@ from mistralpy.engine.config import EngineConfig
 
 # vLLM's --load-format values that name the files of a Mistral repo; the loader reads either
 # layout (HF shards when present, else `consolidated*.safetensors`), so both mean "auto".
-LOAD_FORMATS = ("auto", "dummy", "mistral", "safetensors")
+CLI_LOAD_FORMATS = ("auto", "dummy", "mistral", "safetensors")
 KV_BLOCK_SIZE = EngineConfig.block_size  # not a flag here
 # vLLM's choice between a Mistral repo's two file sets: mistralpy reads whichever is there
 FILE_FORMAT_FLAGS = (

@@ -120,7 +120,7 @@ class TextFormat(_Strict):
     strict: bool | None = None
 
 
-class TextConfig(_Strict):
+class ResponseTextConfig(_Strict):
     format: TextFormat | None = None
 
 
@@ -134,7 +134,7 @@ class ResponsesRequest(_Strict):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: bool | None = None
-    text: TextConfig | None = None
+    text: ResponseTextConfig | None = None
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
@@ -245,7 +245,7 @@ def _chat_tool_choice(choice: Any) -> Any:
     return choice
 
 
-def _response_format(text: TextConfig | None) -> dict | None:
+def _response_format(text: ResponseTextConfig | None) -> dict | None:
     fmt = text.format if text is not None else None
     if fmt is None or fmt.type != "json_schema":
         return None if fmt is None else {"type": fmt.type}

@@ -20,12 +20,11 @@ from mistralpy.engine.engine import LLMEngine
 from mistralpy.params import SamplingParams
 from mistralpy.runner import distributed
 from mistralpy.runner.distributed import Rendezvous, TensorParallelSizeError
+from mistralpy.testing import tiny_checkpoint
 from tests.engine.test_engine_tiny import make_prompt
 from tests.engine.test_tensor_parallel import assert_same_greedy, engine_config, run_requests
 from tests.rerun_graphs import attach_graphs
 from tests.seeds import fresh_seeds
-
-tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
 
 # a rank stuck in a gloo wait holds the GIL-free C call: only the thread method ends it
 pytestmark = pytest.mark.timeout(240, method="thread")

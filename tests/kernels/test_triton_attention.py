@@ -27,8 +27,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tests.triton_interp import rerun_in_interpreter  # noqa: E402
 
-in_process = pytest.mark.skipif(not FRESH, reason="triton already imported: subprocess runs it")
-
 # Error bound relative to max |reference|, per storage precision: the kernels round P to the
 # value dtype before the PV product (as flash attention does) and round the output once.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}

@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mistralpy.testing import tiny_checkpoint
 from mistralpy.testing.server_process import free_port, wait_healthy
-
-tiny_checkpoint = pytest.importorskip("mistralpy.testing.tiny_checkpoint")
 
 # a process stuck in a gloo wait holds a GIL-free C call: only the thread method ends it
 pytestmark = pytest.mark.timeout(240, method="thread")
