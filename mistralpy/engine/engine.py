@@ -91,6 +91,7 @@ _FINISH_STATUS = {
 class EngineStats:
     """Counters since the engine started (for metrics and tests)."""
 
+    num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     num_draft_tokens: int = 0  # drafted tokens verified
@@ -291,6 +292,7 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         touched = self._note_scheduled(sched)
+        self.stats.num_computed_tokens += sched.total_tokens
         self.stats.num_preemptions += len(sched.preempted_ids)
         self.stats.num_generated_tokens += len(sched.sample_ids)
         result, failed = self._execute_isolated(self._batch(sched), touched)
