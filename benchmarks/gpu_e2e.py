@@ -970,9 +970,11 @@ def row_isq(fmt: str, sizes: Sizes, device: torch.device, config: Mistral3Config
         gc.collect()
         torch.cuda.empty_cache()
         for kv_dtype in kv_dtypes:
-            rows.append(row_budget(model, sizes, device, gen, fmt, kv_dtype))
-            gc.collect()
-            torch.cuda.empty_cache()
+            for batched in (sizes.max_num_batched_tokens, BUDGET_BATCHED_TOKENS):
+                budget_sizes = replace(sizes, max_num_batched_tokens=batched)
+                rows.append(row_budget(model, budget_sizes, device, gen, fmt, kv_dtype))
+                gc.collect()
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -992,6 +994,9 @@ def chosen_kernel_configs(model: Any) -> dict[str, str]:
 
 
 BUDGET_GIB = 22  # a 24 GB card, less what a desktop and the CUDA context keep
+# the budget rows again with this many tokens a step (`--max-num-batched-tokens`, vLLM's
+# serving default): a smaller prefill chunk leaves its activations' memory to the KV cache
+BUDGET_BATCHED_TOKENS = 2048
 
 
 def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Generator,
@@ -1008,7 +1013,8 @@ def row_budget(model: Any, sizes: Sizes, device: torch.device, gen: torch.Genera
     while small.has_unfinished_requests():
         small.step()
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return Row(f"{BUDGET_GIB} GiB budget isq={fmt} kv={kv_dtype}: KV tokens", kv_tokens, "tokens",
+    name = f"{BUDGET_GIB} GiB budget isq={fmt} kv={kv_dtype} batched={sizes.max_num_batched_tokens}"
+    return Row(f"{name}: KV tokens", kv_tokens, "tokens",
                ">= 32768", kv_tokens >= 32768,
                extra={"util": util, "peak_gib": peak, "served": True})  # fmt: skip
 
