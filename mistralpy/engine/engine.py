@@ -43,11 +43,10 @@ from mistralpy.engine.sequence import (
     now,
 )
 from mistralpy.engine.speculative import (
-    EMPTY_DRAFT_PAUSE,
     Drafter,
     Speculation,
     draft_pause,
-    drafts_after_misses,
+    shadow_checking,
 )
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
@@ -456,9 +455,11 @@ class LLMEngine:
                     seed,
                     grammar,
                     draft_ids=list(seq.draft_ids),
-                    # drafts at its next step unless paused after misses (a paused
-                    # sequence's next step is plain decode: worth launching ahead)
-                    speculative=seq.num_speculative_tokens > 0 and seq.draft_pause == 0,
+                    # verifies drafts at its next step unless paused or checking its
+                    # drafter (then that step is plain decode: worth launching ahead)
+                    speculative=seq.num_speculative_tokens > 0
+                    and seq.draft_pause == 0
+                    and not shadow_checking(seq.draft_misses, seq.max_draft_pause),
                 )
             seqs.append(
                 SeqWork(
@@ -491,24 +492,28 @@ class LLMEngine:
         more than max_tokens leaves room for (the verify step emits one token beyond them)."""
         for seq in self.scheduler.running:
             k = min(seq.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
-            k = drafts_after_misses(k, seq.draft_misses, seq.max_draft_pause)
             if k <= 0 or seq.drafter is None or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
             if seq.draft_pause > 0:
                 seq.draft_pause -= 1
                 continue
+            shadow = shadow_checking(seq.draft_misses, seq.max_draft_pause)
+            k = 1 if shadow else k
             drafts = seq.drafter.propose(seq.seq_id, seq.all_token_ids, k)[:k]
             # an image-token id would need image rows in the verify chunk: draft up to it
             if self.image_token_id in drafts:
                 drafts = drafts[: drafts.index(self.image_token_id)]
-            seq.draft_ids = list(itertools.takewhile(self._in_vocab, drafts))
+            drafts = list(itertools.takewhile(self._in_vocab, drafts))
+            if shadow:  # checked against this plain step's token (`_on_tokens`)
+                seq.shadow_draft = drafts[0] if drafts else None
+            else:
+                seq.draft_ids = drafts
             # a drafter that keeps finding nothing (prompt lookup on text that does not
             # repeat) backs off as after misses, and the plain steps between its tries may
             # be launched ahead; unlike misses, empty proposals keep k whole
-            seq.draft_empties = 0 if seq.draft_ids else seq.draft_empties + 1
+            seq.draft_empties = 0 if drafts else seq.draft_empties + 1
             if seq.draft_empties:
-                cap = min(seq.max_draft_pause, EMPTY_DRAFT_PAUSE)
-                seq.draft_pause = draft_pause(seq.draft_empties, cap)
+                seq.draft_pause = draft_pause(seq.draft_empties, seq.max_draft_pause)
 
     def _in_vocab(self, token_id: int) -> bool:
         return 0 <= token_id < self.runner.vocab_size
@@ -521,6 +526,8 @@ class LLMEngine:
             self._on_token(s, token)
             if s.finish_reason is not None:
                 break
+        if s.seq.shadow_draft is not None:
+            self._check_shadow(s.seq, tokens[0].token_id)
         if drafted:
             accepted = len(tokens) - 1
             metrics = self._request_of[s.seq.seq_id].metrics
@@ -533,6 +540,16 @@ class LLMEngine:
             s.seq.draft_misses = 0 if accepted else s.seq.draft_misses + 1
             s.seq.draft_pause = draft_pause(s.seq.draft_misses, s.seq.max_draft_pause)
             self.scheduler.on_drafts_verified(s.seq, accepted)
+
+    @staticmethod
+    def _check_shadow(seq: Sequence, token_id: int) -> None:
+        """A plain step sampled `token_id` where the drafter guessed `seq.shadow_draft`: a
+        hit ends the trial (drafts are verified again from the step after next: the next
+        one may already run, launched ahead as plain decode); a miss backs off further."""
+        hit = seq.shadow_draft == token_id
+        seq.shadow_draft = None
+        seq.draft_misses = 0 if hit else seq.draft_misses + 1
+        seq.draft_pause = 1 if hit else draft_pause(seq.draft_misses, seq.max_draft_pause)
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:
         """Append a sampled token; detokenize, check stop conditions, finish if done."""

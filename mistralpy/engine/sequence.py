@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mistralpy.engine.errors import ImageTokenMismatchError
+from mistralpy.engine.speculative import SHADOW_AFTER_MISSES
 from mistralpy.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -128,7 +129,10 @@ class Sequence:
         self.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
         # drafts of the step being scheduled: computed after all_token_ids, never part of them
         self.draft_ids: list[int] = []
-        self.draft_misses = 0  # verify steps in a row that accepted no draft
+        # verify steps or shadow checks in a row that found the drafts wrong; with the pause
+        # policy on, a new sequence starts with its drafter on trial (`shadow_checking`)
+        self.draft_misses = SHADOW_AFTER_MISSES if max_draft_pause > 0 else 0
+        self.shadow_draft: int | None = None  # the drafter's guess at this step's token
         self.draft_empties = 0  # proposals in a row that drafted nothing
         self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
         self.max_draft_pause = max_draft_pause  # the longest such pause

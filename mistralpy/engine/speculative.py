@@ -28,11 +28,12 @@ from mistralpy.params import InvalidParameter
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # a longer draft costs more per verify than it can win back
 NGRAM_MODEL_NAME = "[ngram]"  # vLLM's older `--speculative-model "[ngram]"`
-MAX_DRAFT_PAUSE = 63  # decode steps without drafting after repeated misses, at most
-# ... after repeated empty proposals: asking again costs only a scan, and a copy may start
-# any time, so the drafter asks at least every 8 steps (on the SmolLM2 rewrite prompt caps
-# of 7 and 63 accepted the same tokens)
-EMPTY_DRAFT_PAUSE = 7
+# The longest pause (decode steps) between a drafter's tries once it keeps missing or
+# finding nothing: a try is then a shadow check or an empty proposal, which costs only the
+# drafter's host time (a scan), and a copy may start any time, so it tries at least every 8
+# steps (on the SmolLM2 rewrite prompt caps of 7 and 63 accepted the same tokens). 0: no
+# pauses and no checks, every step verifies (the forcing harness times verify steps so).
+MAX_DRAFT_PAUSE = 7
 
 
 class Drafter(Protocol):
@@ -51,7 +52,7 @@ class Speculation:
 
     drafter: Drafter
     num_speculative_tokens: int
-    # decode steps without drafting after repeated misses, at most (`draft_pause`); 0: draft
+    # decode steps between the drafter's tries after misses, at most (`draft_pause`); 0: draft
     # every step (the forcing harness measures verify steps, not the policy)
     max_pause: int = MAX_DRAFT_PAUSE
 
@@ -146,19 +147,24 @@ def legacy_speculative_config(
 
 
 def draft_pause(misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> int:
-    """Decode steps to take without drafting after `misses` verify steps in a row accepted
-    nothing: 0, 1, 3, 7, 15, ... up to max_pause (a verify costs more than a plain decode
-    step, so a sequence whose drafts keep failing decodes nearly as fast as without
-    speculation)."""
+    """Decode steps to take without trying the drafter after `misses` tries in a row (verify
+    steps or shadow checks, or empty proposals) found nothing: 0, 1, 3, 7, ... up to
+    max_pause."""
     return min((1 << max(misses - 1, 0)) - 1, max_pause)
 
 
-def drafts_after_misses(k: int, misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> int:
-    """Drafts to verify after `misses` verify steps in a row accepted nothing: k, but one
-    once the pause policy is backing off (two misses or more, max_pause > 0). A probe of one
-    draft costs ~3% over a plain step where k + 1 rows cost ~12% (bf16 24B, H100), so a
-    sequence whose drafts keep failing stays within ~0.2% of plain decoding."""
-    return min(k, 1) if max_pause > 0 and misses >= 2 else k
+SHADOW_AFTER_MISSES = 2  # verify steps in a row that accept nothing before checks go free
+
+
+def shadow_checking(misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> bool:
+    """Whether a sequence checks its drafter on plain decode steps instead of verifying
+    drafts: after `misses` verify steps (or checks) in a row found its drafts wrong, with
+    the pause policy on (max_pause > 0). A check compares the drafter's first token with the
+    token the plain step samples: it tells what a one-draft verify step would, at no GPU
+    cost (no extra row, and the step may still be launched ahead), so a drafter that keeps
+    failing costs nothing but its own host time. A sequence starts checking
+    (`Sequence.draft_misses`): its drafter earns verify steps with a hit."""
+    return max_pause > 0 and misses >= SHADOW_AFTER_MISSES
 
 
 class NgramDrafter:

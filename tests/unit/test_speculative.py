@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from mistralpy.engine.sequence import Sequence
 from mistralpy.engine.speculative import (
+    MAX_DRAFT_PAUSE,
+    SHADOW_AFTER_MISSES,
     NgramDrafter,
     OracleDrafter,
     SpeculativeConfig,
     draft_pause,
-    drafts_after_misses,
     legacy_speculative_config,
     parse_speculative_config,
+    shadow_checking,
 )
-from mistralpy.params import InvalidParameter
+from mistralpy.params import InvalidParameter, SamplingParams
 
 
 def naive_ngram(ids, k, max_n, min_n):
@@ -61,15 +64,18 @@ def test_oracle_drafter_alpha_bounds():
 
 
 def test_draft_pause_backs_off_exponentially():
-    assert [draft_pause(m) for m in range(9)] == [0, 0, 1, 3, 7, 15, 31, 63, 63]
+    assert [draft_pause(m) for m in range(9)] == [0, 0, 1, 3, 7, 7, 7, 7, 7]
+    assert [draft_pause(m, max_pause=63) for m in range(9)] == [0, 0, 1, 3, 7, 15, 31, 63, 63]
     assert [draft_pause(m, max_pause=0) for m in range(9)] == [0] * 9
 
 
-def test_a_backing_off_sequence_probes_with_one_draft():
-    # while the pause policy backs off (2+ misses in a row) a probe verifies one draft
-    assert [drafts_after_misses(4, m) for m in range(5)] == [4, 4, 1, 1, 1]
-    assert drafts_after_misses(0, 3) == 0  # no room for drafts stays none
-    assert [drafts_after_misses(4, m, max_pause=0) for m in range(5)] == [4] * 5  # policy off
+def test_a_sequence_checks_its_drafter_for_free_after_misses():
+    # two misses in a row (and a new sequence, which starts there) check the drafter on plain
+    # steps instead of verifying drafts; with the policy off every step verifies
+    assert [shadow_checking(m) for m in range(5)] == [False, False, True, True, True]
+    assert [shadow_checking(m, max_pause=0) for m in range(5)] == [False] * 5
+    assert Sequence("s", [1, 2], SamplingParams(), arrival=0, max_tokens=8, seed=0,
+                    max_draft_pause=MAX_DRAFT_PAUSE).draft_misses == SHADOW_AFTER_MISSES  # fmt: skip
 
 
 def test_parse_speculative_config_vllm_forms():
