@@ -13,8 +13,9 @@ probability 1 - alpha, and the same request is decoded speculatively. The tokens
 those of a decode whose every step verifies k right drafts (`verified_tokens`: on CUDA the
 verify rows' kernels may part from the one-row decode step's at bf16 near-ties, and after one
 such flip every later draft would be wrong); oracle rows draft every step (no pause after
-misses: they measure the verify steps), and alpha 0 also runs with the engine's pause
-policy ("oracle, pause": what a drafter that keeps missing costs). Decode tok/s is
+misses, no trial: they measure the verify steps), and every alpha also runs with the
+engine's policy ("oracle, pause": a drafter on trial until a guess hits, pauses after
+misses; what it costs a good drafter, and what a drafter that keeps missing costs). Decode tok/s is
 (generated - 1) / (last token time - first token time), so the prefill is not counted. On
 CUDA verify steps run through the decode graphs as k + 1 rows (`max_num_seqs` 8 here, so the
 8-row bucket holds k <= 7); each row's `graph_verify_steps` counts them (of `verify_steps`).
@@ -142,7 +143,7 @@ def forcing(args: argparse.Namespace) -> dict:
     for k in args.ks:
         truth, steps = verified_tokens(engine, ids, params, plain.tokens, k, vocab)
         for alpha in args.alphas:
-            for pause in (0, MAX_DRAFT_PAUSE) if alpha == 0 else (0,):
+            for pause in (0, MAX_DRAFT_PAUSE):
 
                 def oracle(
                     alpha: float = alpha, k: int = k, pause: int = pause, truth: list = truth

@@ -515,16 +515,18 @@ class ModelRunner:
             return num_blocks_for_bytes(self.kv_spec, self.cfg.cpu_kv_cache_bytes)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._profile_run()
-        peak = torch.cuda.max_memory_allocated(self.device)
+        stand_in_cache = self._profile_run()
+        # the profile's stand-in KV cache for its tokens is memory the KV budget holds anyway
+        peak = torch.cuda.max_memory_allocated(self.device) - stand_in_cache
         torch.cuda.empty_cache()
         budget = cuda_kv_budget(self.device, self.cfg.gpu_memory_utilization, peak)
         return num_blocks_for_bytes(self.kv_spec, budget)
 
     @torch.inference_mode()
-    def _profile_run(self) -> None:
+    def _profile_run(self) -> int:
         """Largest step we will run, on a throwaway cache: max_num_batched_tokens new tokens,
-        logits for the largest decode graph's rows, and one largest image through the encoder."""
+        logits for the largest decode graph's rows, and one largest image through the encoder.
+        Returns the bytes of that cache (alive through the whole run)."""
         from mistralpy.kernels.attention import AttentionMetadata
 
         cfg = self.cfg
@@ -557,7 +559,9 @@ class ModelRunner:
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, torch.arange(tokens, device=self.device), attn, caches, None)
         self.model.compute_logits(hidden[: cfg.max_decode_rows])
+        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         del caches, hidden
+        return cache_bytes
 
 
 def use_cpu_kernels(model: Any) -> None:
