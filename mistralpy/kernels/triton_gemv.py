@@ -2,8 +2,8 @@
 
 At a few tokens per step every linear layer only streams its weight. cuBLAS reaches 2.4-2.85
 TB/s on the 24B shapes of an H100 at one row and ~2.7 at 32 rows (benchmarks/gpu_e2e.py).
-`gemv` (1-8 rows, CUDA-core dot products, each weight tile read once for all rows) and
-`skinny_matmul` (2-32 rows, tensor cores, the whole M in one tile) are candidates that the runner times against F.linear per weight shape
+`gemv` (one row, CUDA-core dot products) and `skinny_matmul` (2-32 rows, tensor cores, the
+whole M in one tile) are candidates that the runner times against F.linear per weight shape
 and row count at start-up, keeping whichever is faster (`tune_gemv`), so they can only help.
 Imports triton at the top: CUDA path only.
 """
@@ -50,67 +50,35 @@ SKINNY_CANDIDATES = (
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n_rows, n_cols, stride_w, m, stride_x, stride_y,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 ROWS: tl.constexpr):  # fmt: skip
-    """Program: BLOCK_N outputs y[i, r] = sum_k w[r, k] x[i, k] of each of the m <= ROWS rows
-    of x (ROWS a power of two), float32 accumulation, times a per-row scale s[r] when
-    HAS_SCALE (fp8 weights: `triton_quant.fp8_gemv`). Each weight tile is read once for all
-    rows, so a few rows cost what one does while the weight stream is the bound."""
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n_rows, n_cols, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):  # fmt: skip
+    """Program: BLOCK_N outputs y[r] = sum_k w[r, k] x[k], float32 accumulation, times a
+    per-row scale s[r] when HAS_SCALE (fp8 weights: `triton_quant.fp8_gemv`)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    offs_m = tl.arange(0, ROWS)
-    m_mask = offs_m < m
-    if ROWS == 1:  # a 2-D accumulator: the layout the one-row step was tuned with
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, n_cols, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
-            x = tl.load(x_ptr + cols)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, 1)[None, :]
-    else:
-        acc3 = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, n_cols, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
-            xm = tl.load(x_ptr + offs_m[:, None] * stride_x + cols[None, :],
-                         mask=m_mask[:, None], other=0.0)  # fmt: skip
-            acc3 += w.to(tl.float32)[None, :, :] * xm.to(tl.float32)[:, None, :]
-        y = tl.sum(acc3, 2)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + cols)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
     if HAS_SCALE:
-        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_y + rows[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
-
-
-GEMV_MAX_ROWS = 8  # rows of x `gemv` takes: its accumulator grows with them
-
-
-def gemv_candidates(rows: int) -> list[GemvConfig]:
-    """`CANDIDATES` for x of `rows` rows: the reduction step shrinks as rows grow past 2, so
-    the float32 accumulator stays at <= 64 registers a thread."""
-    rp2 = triton.next_power_of_2(rows)
-    return [
-        GemvConfig(c.block_n, c.block_k * 2 // rp2 if rp2 > 2 else c.block_k, c.num_warps)
-        for c in CANDIDATES
-    ]
+        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig) -> torch.Tensor:
-    """x (M <= 8, K) @ weight (N, K).T -> (M, N) in x's dtype; K a multiple of block_k."""
+    """x (1, K) @ weight (N, K).T -> (1, N) in x's dtype; K must be a multiple of block_k."""
     n, k = weight.shape
-    m = x.shape[0]
-    if not 1 <= m <= GEMV_MAX_ROWS or x.shape[1] != k or k % config.block_k:
+    if x.shape != (1, k) or k % config.block_k or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} / weight {tuple(weight.shape)} unsupported")
-    if weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("gemv: x and weight need unit column stride")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, x, y, n, k, weight.stride(0), m, x.stride(0), y.stride(0),
+        x, weight, x, y, n, k, weight.stride(0),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_SCALE=False,
-        ROWS=triton.next_power_of_2(m), num_warps=config.num_warps,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return y
 
@@ -168,9 +136,7 @@ def tune_gemv(
     want = F.linear(x, weight)
     times = {"cublas": _time_us(lambda: F.linear(x, weight), repeats)}
     best, best_t = None, times["cublas"] * 0.97
-    skinny = SKINNY_CANDIDATES if rows > 1 else ()
-    gemvs = gemv_candidates(rows) if rows <= GEMV_MAX_ROWS else []
-    for cfg in [*gemvs, *skinny]:
+    for cfg in CANDIDATES if rows == 1 else SKINNY_CANDIDATES:
         if k % cfg.block_k:
             continue
         try:

@@ -1088,8 +1088,8 @@ def fp8_gemv(
     from mistralpy.kernels.triton_gemv import _gemv_kernel  # the same loop, with row scales
 
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, codes, scale, y, n, k, codes.stride(0), 1, x.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, HAS_SCALE=True, ROWS=1, num_warps=warps,
+        x, codes, scale, y, n, k, codes.stride(0),
+        BLOCK_N=block_n, BLOCK_K=FP8_GEMV_BLOCK_K, HAS_SCALE=True, num_warps=warps,
     )  # fmt: skip
     return y
 
