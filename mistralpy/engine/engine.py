@@ -43,6 +43,7 @@ from mistralpy.engine.sequence import (
     now,
 )
 from mistralpy.engine.speculative import (
+    SHADOW_AFTER_MISSES,
     Drafter,
     Speculation,
     draft_pause,
@@ -537,19 +538,22 @@ class LLMEngine:
             self.stats.num_draft_tokens += drafted
             self.stats.num_accepted_tokens += accepted
             self.stats.num_generated_tokens += accepted
+            # misses only count towards the trial (`shadow_checking`): its first check runs
+            # at the next step
             s.seq.draft_misses = 0 if accepted else s.seq.draft_misses + 1
-            s.seq.draft_pause = draft_pause(s.seq.draft_misses, s.seq.max_draft_pause)
             self.scheduler.on_drafts_verified(s.seq, accepted)
 
     @staticmethod
     def _check_shadow(seq: Sequence, token_id: int) -> None:
         """A plain step sampled `token_id` where the drafter guessed `seq.shadow_draft`: a
         hit ends the trial (drafts are verified again from the step after next: the next
-        one may already run, launched ahead as plain decode); a miss backs off further."""
+        one may already run, launched ahead as plain decode); misses space the next checks
+        0, 1, 3, 7 ... steps apart (a check costs only the drafter's host time)."""
         hit = seq.shadow_draft == token_id
         seq.shadow_draft = None
         seq.draft_misses = 0 if hit else seq.draft_misses + 1
-        seq.draft_pause = 1 if hit else draft_pause(seq.draft_misses, seq.max_draft_pause)
+        failed_checks = seq.draft_misses - SHADOW_AFTER_MISSES
+        seq.draft_pause = 1 if hit else draft_pause(failed_checks, seq.max_draft_pause)
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:
         """Append a sampled token; detokenize, check stop conditions, finish if done."""

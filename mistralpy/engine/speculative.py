@@ -147,18 +147,19 @@ def legacy_speculative_config(
 
 
 def draft_pause(misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> int:
-    """Decode steps to take without trying the drafter after `misses` tries in a row (verify
-    steps or shadow checks, or empty proposals) found nothing: 0, 1, 3, 7, ... up to
-    max_pause."""
+    """Decode steps to take without trying the drafter after `misses` tries in a row (shadow
+    checks, or empty proposals) found nothing: 0, 1, 3, 7, ... up to max_pause."""
     return min((1 << max(misses - 1, 0)) - 1, max_pause)
 
 
-SHADOW_AFTER_MISSES = 2  # verify steps in a row that accept nothing before checks go free
+# verify steps in a row that accept nothing before the drafter goes (back) on trial: at
+# alpha 0.7, k 4 three misses in a row happen once in ~37 verify steps (two: once in ~11)
+SHADOW_AFTER_MISSES = 3
 
 
 def shadow_checking(misses: int, max_pause: int = MAX_DRAFT_PAUSE) -> bool:
     """Whether a sequence checks its drafter on plain decode steps instead of verifying
-    drafts: after `misses` verify steps (or checks) in a row found its drafts wrong, with
+    drafts: after `misses` verify steps (then checks) in a row found its drafts wrong, with
     the pause policy on (max_pause > 0). A check compares the drafter's first token with the
     token the plain step samples: it tells what a one-draft verify step would, at no GPU
     cost (no extra row, and the step may still be launched ahead), so a drafter that keeps

@@ -70,10 +70,10 @@ def test_draft_pause_backs_off_exponentially():
 
 
 def test_a_sequence_checks_its_drafter_for_free_after_misses():
-    # two misses in a row (and a new sequence, which starts there) check the drafter on plain
-    # steps instead of verifying drafts; with the policy off every step verifies
-    assert [shadow_checking(m) for m in range(5)] == [False, False, True, True, True]
-    assert [shadow_checking(m, max_pause=0) for m in range(5)] == [False] * 5
+    # three misses in a row (and a new sequence, which starts there) check the drafter on
+    # plain steps instead of verifying drafts; with the policy off every step verifies
+    assert [shadow_checking(m) for m in range(6)] == [False, False, False, True, True, True]
+    assert [shadow_checking(m, max_pause=0) for m in range(6)] == [False] * 6
     assert Sequence("s", [1, 2], SamplingParams(), arrival=0, max_tokens=8, seed=0,
                     max_draft_pause=MAX_DRAFT_PAUSE).draft_misses == SHADOW_AFTER_MISSES  # fmt: skip
 
