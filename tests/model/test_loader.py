@@ -470,7 +470,11 @@ def test_peak_memory_is_one_copy(tmp_path):
     assert real["growth_mb"] < real["model_mb"] + shard_mb + 24, (real, shard_mb)
     assert real["growth_mb"] < 1.75 * real["model_mb"], real
     dummy = _measure(path, "dummy")
-    assert dummy["growth_mb"] < 1.15 * dummy["model_mb"], dummy
+    # the model once + one drawn tensor before it is copied into its parameter (the embedding,
+    # 32 MB here, is the largest); where malloc places that temporary varies from run to run
+    largest_mb = 16384 * 512 * 4 / 2**20
+    assert dummy["growth_mb"] < dummy["model_mb"] + largest_mb + 8, dummy
+    assert dummy["growth_mb"] < 1.5 * dummy["model_mb"], dummy
     assert math.isclose(dummy["model_mb"], real["model_mb"])
 
 
