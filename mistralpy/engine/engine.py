@@ -47,7 +47,6 @@ from mistralpy.engine.speculative import (
     Drafter,
     Speculation,
     draft_pause,
-    shadow_checking,
 )
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
@@ -456,11 +455,7 @@ class LLMEngine:
                     seed,
                     grammar,
                     draft_ids=list(seq.draft_ids),
-                    # verifies drafts at its next step unless paused or checking its
-                    # drafter (then that step is plain decode: worth launching ahead)
-                    speculative=seq.num_speculative_tokens > 0
-                    and seq.draft_pause == 0
-                    and not shadow_checking(seq.draft_misses, seq.max_draft_pause),
+                    speculative=seq.verifies_drafts,
                 )
             seqs.append(
                 SeqWork(
@@ -498,7 +493,7 @@ class LLMEngine:
             if seq.draft_pause > 0:
                 seq.draft_pause -= 1
                 continue
-            shadow = shadow_checking(seq.draft_misses, seq.max_draft_pause)
+            shadow = seq.on_trial
             k = 1 if shadow else k
             drafts = seq.drafter.propose(seq.seq_id, seq.all_token_ids, k)[:k]
             # an image-token id would need image rows in the verify chunk: draft up to it

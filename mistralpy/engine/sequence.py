@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mistralpy.engine.errors import ImageTokenMismatchError
-from mistralpy.engine.speculative import SHADOW_AFTER_MISSES
+from mistralpy.engine.speculative import SHADOW_AFTER_MISSES, shadow_checking
 from mistralpy.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -136,6 +136,17 @@ class Sequence:
         self.draft_empties = 0  # proposals in a row that drafted nothing
         self.draft_pause = 0  # decode steps left before drafting again (see draft_pause)
         self.max_draft_pause = max_draft_pause  # the longest such pause
+
+    @property
+    def on_trial(self) -> bool:
+        """Its drafter is checked against plain steps' tokens, not verified (`shadow_checking`)."""
+        return shadow_checking(self.draft_misses, self.max_draft_pause)
+
+    @property
+    def verifies_drafts(self) -> bool:
+        """Its next decode step drafts and verifies: speculating, not paused, not on trial (a
+        step that does not is plain decode, worth launching ahead)."""
+        return self.num_speculative_tokens > 0 and self.draft_pause == 0 and not self.on_trial
 
     @property
     def num_prompt_tokens(self) -> int:
