@@ -68,13 +68,20 @@ class InvalidRequest(UserError):
         self.code = code
 
 
-class ModelNotFound(UserError):
-    """The request names a model this service does not serve (HTTP 404)."""
+class NotFound(UserError):
+    """The request names something this server does not have (HTTP 404)."""
+
+    def __init__(self, message: str, param: str | None, code: str):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ModelNotFound(NotFound):
+    """The request names a model this service does not serve."""
 
     def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.")
-        self.param = "model"
-        self.code = "model_not_found"
+        super().__init__(f"The model `{model}` does not exist.", "model", "model_not_found")
 
 
 class EngineRequestError(RuntimeError):
