@@ -193,16 +193,16 @@ def _text(content: str | list[Any]) -> str:
 
 def _add_call(messages: list[dict], item: FunctionCallItem) -> None:
     """A function_call joins the assistant turn just before it, else starts one."""
-    call = {
-        "id": item.call_id,
-        "type": "function",
-        "function": {"name": item.name, "arguments": item.arguments},
-    }
+    call = _chat_call(item.call_id, item.name, item.arguments)
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant":
         last.setdefault("tool_calls", []).append(call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def _chat_call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def chat_body(req: ResponsesRequest, history: list[dict], new_messages: list[dict]) -> dict:
@@ -404,11 +404,7 @@ def output_conversation(output: list[dict]) -> list[dict]:
         part["text"] for item in output if item["type"] == "message" for part in item["content"]
     )
     calls = [
-        {
-            "id": item["call_id"],
-            "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
-        }
+        _chat_call(item["call_id"], item["name"], item["arguments"])
         for item in output
         if item["type"] == "function_call"
     ]
