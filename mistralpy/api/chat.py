@@ -679,8 +679,9 @@ class ChatService:
         request_id = request_id or new_request_id("chatcmpl")
         prompt, params, tools_active = await self._prepare_chat(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        outputs = self.engine.generate(request_id, prompt, params)
-        try:
+        generate = self.engine.generate(request_id, prompt, params)
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             with _grammar_errors_name(grammar_param(body)):
                 first = await _first_output(outputs, request_id)
             chunk = _ChunkFactory(request_id, self.served_model_name, include_usage)
@@ -699,8 +700,6 @@ class ChatService:
                     yield chunk.make(choices)
             if include_usage:
                 yield chunk.make([], usage=final_usage(last))
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     def _chat_delta(
         self, out: CompletionOutput, state: _ChoiceState, params: SamplingParams
@@ -792,9 +791,10 @@ class ChatService:
         self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, first_index: int
     ) -> AsyncGenerator[tuple[RequestOutput, list[dict]], None]:
         """(engine output, its new choice deltas) of one completions prompt, as they come."""
-        outputs = self.engine.generate(request_id, prompt, params)
+        generate = self.engine.generate(request_id, prompt, params)
         sent = [0] * params.n
-        try:
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             async for out in _chain(await _first_output(outputs, request_id), outputs):
                 choices = []
                 for o in out.outputs:
@@ -813,8 +813,6 @@ class ChatService:
                         }
                     )
                 yield out, choices
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     # -- engine plumbing --
 
@@ -824,14 +822,13 @@ class ChatService:
         """Drive one request to completion; the last RequestOutput with every choice merged."""
         final: RequestOutput | None = None
         by_index: dict[int, CompletionOutput] = {}
-        outputs = self.engine.generate(request_id, prompt, params)
-        try:
+        generate = self.engine.generate(request_id, prompt, params)
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             async for out in outputs:
                 _raise_if_failed(out, request_id)
                 by_index.update({o.index: o for o in out.outputs})
                 final = out
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
         if final is None:
             raise EngineRequestError(f"request {request_id} produced no output")
         final.outputs = [by_index[i] for i in sorted(by_index)]
