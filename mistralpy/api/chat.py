@@ -384,7 +384,7 @@ def _check_not_streaming(body: dict) -> None:
         raise InvalidParameter("stream_options", "stream_options needs stream: true")
 
 
-def _default(value: Any, default: Any) -> Any:
+def _default(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
@@ -418,16 +418,17 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: RequestMetri
         "total_prompt_time_sec": prompt_time,
         "total_completion_time_sec": compl_time,
     }
-    speculative = speculative_usage(metrics)
+    # a batch's _Span sums no draft counters: only single requests report them
+    speculative = None if isinstance(metrics, _Span) else speculative_usage(metrics)
     if speculative is not None:
         usage["speculative"] = speculative
     return usage
 
 
-def speculative_usage(metrics: Any) -> dict | None:
+def speculative_usage(metrics: RequestMetrics) -> dict | None:
     """Speculative decoding's counters of a request (vLLM's spec-decode metric names), or
     None when it verified no draft. Mean acceptance length: tokens a verify step emitted."""
-    drafts = getattr(metrics, "num_drafts", 0)
+    drafts = metrics.num_drafts
     if not drafts:
         return None
     draft_tokens, accepted = metrics.num_draft_tokens, metrics.num_accepted_tokens

@@ -273,7 +273,7 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return {**_model_card(service), "id": model_id}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(req: ChatCompletionRequest) -> Response:
         body = _service_body(req)
         request_id = new_request_id("chatcmpl")
         if req.stream:
@@ -282,7 +282,7 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return await _whole(service.create_chat_completion(body, request_id), metrics)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    async def completions(req: CompletionRequest) -> Response:
         body = _service_body(req)
         request_id = new_request_id("cmpl")
         if req.stream:
