@@ -309,6 +309,7 @@ def _install_responses_routes(
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest) -> Response:
         turn = start_turn(req, store, service.served_model_name)
+        check_plain_json(turn.body)  # as _service_body does for the chat routes
         if req.stream:
             chunks = service.stream_chat_completion(turn.body, turn.id)
             return await _stream(chunks, turn.id, metrics, EventStream(turn))
