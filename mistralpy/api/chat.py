@@ -68,13 +68,20 @@ class InvalidRequest(UserError):
         self.code = code
 
 
-class ModelNotFound(UserError):
-    """The request names a model this service does not serve (HTTP 404)."""
+class NotFound(UserError):
+    """The request names something this server does not have (HTTP 404)."""
+
+    def __init__(self, message: str, param: str | None, code: str):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ModelNotFound(NotFound):
+    """The request names a model this service does not serve."""
 
     def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.")
-        self.param = "model"
-        self.code = "model_not_found"
+        super().__init__(f"The model `{model}` does not exist.", "model", "model_not_found")
 
 
 class EngineRequestError(RuntimeError):
@@ -377,7 +384,7 @@ def _check_not_streaming(body: dict) -> None:
         raise InvalidParameter("stream_options", "stream_options needs stream: true")
 
 
-def _default(value: Any, default: Any) -> Any:
+def _default(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
@@ -411,16 +418,17 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, metrics: RequestMetri
         "total_prompt_time_sec": prompt_time,
         "total_completion_time_sec": compl_time,
     }
-    speculative = speculative_usage(metrics)
+    # a batch's _Span sums no draft counters: only single requests report them
+    speculative = None if isinstance(metrics, _Span) else speculative_usage(metrics)
     if speculative is not None:
         usage["speculative"] = speculative
     return usage
 
 
-def speculative_usage(metrics: Any) -> dict | None:
+def speculative_usage(metrics: RequestMetrics) -> dict | None:
     """Speculative decoding's counters of a request (vLLM's spec-decode metric names), or
     None when it verified no draft. Mean acceptance length: tokens a verify step emitted."""
-    drafts = getattr(metrics, "num_drafts", 0)
+    drafts = metrics.num_drafts
     if not drafts:
         return None
     draft_tokens, accepted = metrics.num_draft_tokens, metrics.num_accepted_tokens
@@ -672,8 +680,9 @@ class ChatService:
         request_id = request_id or new_request_id("chatcmpl")
         prompt, params, tools_active = await self._prepare_chat(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        outputs = self.engine.generate(request_id, prompt, params)
-        try:
+        generate = self.engine.generate(request_id, prompt, params)
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             with _grammar_errors_name(grammar_param(body)):
                 first = await _first_output(outputs, request_id)
             chunk = _ChunkFactory(request_id, self.served_model_name, include_usage)
@@ -692,8 +701,6 @@ class ChatService:
                     yield chunk.make(choices)
             if include_usage:
                 yield chunk.make([], usage=final_usage(last))
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     def _chat_delta(
         self, out: CompletionOutput, state: _ChoiceState, params: SamplingParams
@@ -785,9 +792,10 @@ class ChatService:
         self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, first_index: int
     ) -> AsyncGenerator[tuple[RequestOutput, list[dict]], None]:
         """(engine output, its new choice deltas) of one completions prompt, as they come."""
-        outputs = self.engine.generate(request_id, prompt, params)
+        generate = self.engine.generate(request_id, prompt, params)
         sent = [0] * params.n
-        try:
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             async for out in _chain(await _first_output(outputs, request_id), outputs):
                 choices = []
                 for o in out.outputs:
@@ -806,8 +814,6 @@ class ChatService:
                         }
                     )
                 yield out, choices
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
 
     # -- engine plumbing --
 
@@ -817,14 +823,13 @@ class ChatService:
         """Drive one request to completion; the last RequestOutput with every choice merged."""
         final: RequestOutput | None = None
         by_index: dict[int, CompletionOutput] = {}
-        outputs = self.engine.generate(request_id, prompt, params)
-        try:
+        generate = self.engine.generate(request_id, prompt, params)
+        # closed early (client gone, error): the engine aborts the request
+        async with contextlib.aclosing(generate) as outputs:
             async for out in outputs:
                 _raise_if_failed(out, request_id)
                 by_index.update({o.index: o for o in out.outputs})
                 final = out
-        finally:
-            await outputs.aclose()  # early (client gone, error): the engine aborts it
         if final is None:
             raise EngineRequestError(f"request {request_id} produced no output")
         final.outputs = [by_index[i] for i in sorted(by_index)]

@@ -11,7 +11,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -337,7 +337,7 @@ class Runner:
 
     def send_chat_completion_request(
         self, request: ChatCompletionRequest, model_id: str | None = None
-    ) -> Response | Iterator[Response]:
+    ) -> Response | Generator[Response, None, None]:
         """A ChatCompletionResponse, or an iterator of chunks when `request.stream`."""
         body = request.to_body()
         if request.stream:
@@ -348,7 +348,7 @@ class Runner:
 
     def send_completion_request(
         self, request: CompletionRequest, model_id: str | None = None
-    ) -> Response | Iterator[Response]:
+    ) -> Response | Generator[Response, None, None]:
         body = request.to_body()
         if request.stream:
             chunks = self.service.stream_completion(body)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistralpy.bench.metrics import RequestResult, spread_itl, summarize
 from mistralpy.params import SamplingParams
 from mistralpy.processing.chat_template import ProcessedPrompt
 
+if TYPE_CHECKING:
+    from mistralpy.engine.engine import AsyncEngine
+    from mistralpy.processing.tokenizer import Tokenizer
+
 
 def fresh_prompts(
-    tokenizer: Any, rng: random.Random, n_prompts: int, length: int
+    tokenizer: Tokenizer, rng: random.Random, n_prompts: int, length: int
 ) -> list[list[int]]:
     """`n_prompts` prompts of uniform random regular-token ids (no BOS/EOS/[IMG] ...): over a
     131k vocabulary no two share even one KV block's worth of leading tokens, so the prefix
@@ -30,7 +34,7 @@ def fresh_prompts(
 
 
 async def engine_request(
-    engine: Any, request_id: str, ids: list[int], max_tokens: int
+    engine: AsyncEngine, request_id: str, ids: list[int], max_tokens: int
 ) -> RequestResult:
     """One greedy request through AsyncEngine.generate, timed per engine output."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -56,7 +60,7 @@ async def engine_request(
 
 
 async def run_engine_load(
-    engine: Any, prompts: list[list[int]], max_tokens: int, concurrency: int, tag: str
+    engine: AsyncEngine, prompts: list[list[int]], max_tokens: int, concurrency: int, tag: str
 ) -> tuple[list[RequestResult], float]:
     """All prompts, at most `concurrency` in flight; (results, wall seconds)."""
     gate = asyncio.Semaphore(concurrency)
@@ -71,8 +75,8 @@ async def run_engine_load(
 
 
 async def bench_prompt_len(
-    engine: Any,
-    tokenizer: Any,
+    engine: AsyncEngine,
+    tokenizer: Tokenizer,
     rng: random.Random,
     prompt_len: int,
     gen_len: int,
@@ -102,8 +106,8 @@ async def bench_prompt_len(
 
 
 async def bench_engine(
-    engine: Any,
-    tokenizer: Any,
+    engine: AsyncEngine,
+    tokenizer: Tokenizer,
     prompt_lens: list[int],
     gen_len: int,
     num_requests: int,

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +29,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from mistralpy.api.chat import ChatService, ModelNotFound, new_request_id
+from mistralpy.api.chat import ChatService, NotFound, new_request_id
 from mistralpy.engine.errors import EngineDeadError
 from mistralpy.errors import UserError
 from mistralpy.server.chat_page import install_chat_page
@@ -43,7 +44,13 @@ from mistralpy.server.protocol import (
     error_body,
     to_service_body,
 )
-from mistralpy.server.responses import install_responses_routes
+from mistralpy.server.responses import (
+    EventStream,
+    ResponseNotFound,
+    ResponsesRequest,
+    ResponseStore,
+    start_turn,
+)
 from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
 
 logger = logging.getLogger(__name__)
@@ -118,8 +125,8 @@ def _error(
 
 def error_response(exc: BaseException) -> JSONResponse:
     """Map an exception from the service to an OpenAI error response."""
-    if isinstance(exc, ModelNotFound):
-        return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, NotFound):
+        return _error(404, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, UserError):  # every user mistake, and nothing else
         param = getattr(exc, "param", None)
         code = getattr(exc, "code", None)
@@ -174,9 +181,7 @@ def create_app(
     _install_middleware(app, settings, metrics, app.state.admission)
     _install_error_handlers(app)
     _install_routes(app, service, metrics)
-    app.state.responses = install_responses_routes(
-        app, service, error_response, metrics.record_usage
-    )
+    app.state.responses = _install_responses_routes(app, service, metrics)
     install_chat_page(app)
     return app
 
@@ -268,21 +273,21 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
         return {**_model_card(service), "id": model_id}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(req: ChatCompletionRequest) -> Response:
         body = _service_body(req)
         request_id = new_request_id("chatcmpl")
         if req.stream:
             chunks = service.stream_chat_completion(body, request_id)
-            return await _stream(chunks, request_id, service, metrics)
+            return await _stream(chunks, request_id, metrics)
         return await _whole(service.create_chat_completion(body, request_id), metrics)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    async def completions(req: CompletionRequest) -> Response:
         body = _service_body(req)
         request_id = new_request_id("cmpl")
         if req.stream:
             chunks = service.stream_completion(body, request_id)
-            return await _stream(chunks, request_id, service, metrics)
+            return await _stream(chunks, request_id, metrics)
         return await _whole(service.create_completion(body, request_id), metrics)
 
     @app.post("/tokenize")
@@ -292,6 +297,35 @@ def _install_routes(app: FastAPI, service: ChatService, metrics: ServerMetrics) 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         return service.detokenize(_service_body(req))
+
+
+def _install_responses_routes(
+    app: FastAPI, service: ChatService, metrics: ServerMetrics
+) -> ResponseStore:
+    """`/v1/responses` (create, retrieve, delete): a turn runs as a chat request; returns the
+    app's store of responses."""
+    store = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest) -> Response:
+        turn = start_turn(req, store, service.served_model_name)
+        check_plain_json(turn.body)  # as _service_body does for the chat routes
+        if req.stream:
+            chunks = service.stream_chat_completion(turn.body, turn.id)
+            return await _stream(chunks, turn.id, metrics, EventStream(turn))
+        return await _whole(service.create_chat_completion(turn.body, turn.id), metrics, turn.whole)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict:
+        return store.find(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        if not store.delete(response_id):
+            raise ResponseNotFound(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    return store
 
 
 def _model_card(service: ChatService) -> dict:
@@ -311,9 +345,12 @@ def _service_body(req: BaseModel) -> dict:
     return body
 
 
-async def _whole(coro: Awaitable[dict], metrics: ServerMetrics) -> JSONResponse:
-    """Run a non-streaming request. A client that goes away cancels this route (the transport
-    guard watches for it), and the cancellation aborts the engine request."""
+async def _whole(
+    coro: Awaitable[dict], metrics: ServerMetrics, shape: Callable[[dict], dict] = lambda r: r
+) -> JSONResponse:
+    """Run a non-streaming request; the client gets `shape` of its result. A client that goes
+    away cancels this route (the transport guard watches for it), and the cancellation aborts
+    the engine request."""
     try:
         result = await coro
     except UserError as exc:  # a user error: the usual 4xx
@@ -322,14 +359,39 @@ async def _whole(coro: Awaitable[dict], metrics: ServerMetrics) -> JSONResponse:
     metrics.record_usage(usage)
     if usage:
         metrics.ttft.observe(usage["total_time_sec"] - usage["total_completion_time_sec"])
-    return JSONResponse(result)
+    return JSONResponse(shape(result))
+
+
+class SseFrames(Protocol):
+    """How a stream of chunks is sent: chat's `data:` lines, or the Responses API's events."""
+
+    def start(self) -> list[bytes]: ...
+    def chunk(self, chunk: dict) -> list[bytes]: ...
+    def end(self) -> list[bytes]: ...
+    def fail(self, error: dict) -> list[bytes]: ...
+
+
+class ChunkFrames:
+    """Chat and text completions: each chunk as `data:`, an error in-band, then `[DONE]`."""
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def chunk(self, chunk: dict) -> list[bytes]:
+        return [_sse(chunk)]
+
+    def end(self) -> list[bytes]:
+        return [_sse("[DONE]")]
+
+    def fail(self, error: dict) -> list[bytes]:
+        return [_sse(error), _sse("[DONE]")]
 
 
 async def _stream(
     chunks: AsyncGenerator[dict, None],
     request_id: str,
-    service: ChatService,
     metrics: ServerMetrics,
+    frames: SseFrames | None = None,
 ) -> Response:
     """SSE response; errors before the first chunk become a normal error response."""
     start = time.monotonic()
@@ -340,7 +402,7 @@ async def _stream(
         _log_unexpected(exc, request_id)
         return error_response(exc)
     return _EventStream(
-        _sse_body(first, chunks, request_id, metrics, start),
+        _sse_body(first, chunks, request_id, metrics, start, frames or ChunkFrames()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
     )
@@ -366,11 +428,13 @@ async def _sse_body(
     request_id: str,
     metrics: ServerMetrics,
     start: float,
+    frames: SseFrames,
 ) -> AsyncIterator[bytes]:
     last_time: float | None = None
-    usage = None
+    usage = first.get("usage")
     try:
-        yield _sse(first)
+        for data in frames.start() + frames.chunk(first):
+            yield data
         async for chunk in chunks:
             now = time.monotonic()
             if last_time is None:
@@ -379,14 +443,17 @@ async def _sse_body(
                 metrics.itl.observe(now - last_time)
             last_time = now
             usage = chunk.get("usage") or usage
-            yield _sse(chunk)
+            for data in frames.chunk(chunk):
+                yield data
+        ending = frames.end()
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
         _log_unexpected(exc, request_id)
-        yield _sse(error_response_body(exc))
+        ending = frames.fail(error_response_body(exc))
     finally:
         await chunks.aclose()  # early (client gone): the engine aborts the request
     metrics.record_usage(usage)
-    yield _sse("[DONE]")
+    for data in ending:
+        yield data
 
 
 def _log_unexpected(exc: BaseException, request_id: str) -> None:

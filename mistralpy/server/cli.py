@@ -13,10 +13,10 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from mistralpy import __version__
 from mistralpy.api.runner import (
@@ -26,7 +26,7 @@ from mistralpy.api.runner import (
     check_isq,
     open_model,
 )
-from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, dtype_name, gguf_model_id
+from mistralpy.api.types import DEFAULT_REPLY_MAX_TOKENS, Response, dtype_name, gguf_model_id
 from mistralpy.engine.config import KV_CACHE_DTYPES, EngineConfig
 from mistralpy.engine.speculative import (
     SpeculativeConfig,
@@ -43,8 +43,13 @@ from mistralpy.server.dropin_flags import (
     load_format,
 )
 
-if TYPE_CHECKING:  # loaded where used: it imports torch and PIL
+if TYPE_CHECKING:  # loaded where used: they import torch, PIL and uvicorn
+    from fastapi import FastAPI
+
+    from mistralpy.api.runner import Runner
+    from mistralpy.engine.engine import AsyncEngine
     from mistralpy.processing.images import ImagePolicy
+    from mistralpy.server.connections import DrainingServer
 
 LEGACY_SUBCOMMANDS = ("vision-plain", "multimodal", "multimodal-plain", "plain", "vision")
 
@@ -71,6 +76,26 @@ class ServeConfig:
 
 # --- argument parsing -------------------------------------------------------------------
 
+# The connection deadlines: (flag, ServeConfig field, help)
+SECONDS_FLAGS = (
+    (
+        "--header-timeout",
+        "header_timeout_s",
+        "seconds a client may take to send its request headers",
+    ),
+    ("--body-timeout", "body_timeout_s", "seconds a client may take to send its request body"),
+    (
+        "--timeout-keep-alive",
+        "keep_alive_timeout_s",
+        "seconds an idle keep-alive connection stays open",
+    ),
+    (
+        "--shutdown-timeout",
+        "shutdown_timeout_s",
+        "seconds to drain on SIGTERM before running streams end with an error event",
+    ),
+)
+
 
 def _isq_name(value: str) -> str:
     """argparse type of --isq: a format as mistral.rs spells it too ("Q4K", "q4_k", "4")."""
@@ -84,7 +109,9 @@ def _isq_name(value: str) -> str:
     return value.lower()
 
 
-def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
+def _add_common_flags(p: argparse.ArgumentParser) -> None:
+    """The model flags `serve`, `run`, `bench` and the legacy form (mistral.rs' global
+    flags) share."""
     p.add_argument(
         "--isq",
         "--in-situ-quant",
@@ -97,25 +124,6 @@ def _add_isq_and_template_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--jinja-explicit", default=None, help="chat template overriding all")
     p.add_argument(
         "-c", "--chat-template", default=None, help="chat template when the model has none"
-    )
-
-
-def _add_seed_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--seed", type=int, default=EngineConfig.seed, help="seed of requests that give none"
-    )
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    _add_isq_and_template_flags(p)
-    p.add_argument(
-        "--mmproj",
-        default=None,
-        metavar="FILE",
-        help="a GGUF model's vision encoder + projector (llama.cpp's mmproj file): images work",
-    )
-    p.add_argument(
-        "-d", "--dtype", default=EngineConfig.dtype, help="auto|bf16|f16|f32 (auto: bf16 on CUDA)"
     )
     p.add_argument("--device", default=EngineConfig.device, help="auto|cpu|cuda|cuda:N")
     p.add_argument(
@@ -134,13 +142,37 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="sequences decoded together in one step",
     )
     p.add_argument(
+        "--seed", type=int, default=EngineConfig.seed, help="seed of requests that give none"
+    )
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
+    )
+
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """How to read the checkpoint (the legacy form takes these after its selector)."""
+    p.add_argument(
+        "-d", "--dtype", default=EngineConfig.dtype, help="auto|bf16|f16|f32 (auto: bf16 on CUDA)"
+    )
+    p.add_argument("-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    _add_common_flags(p)
+    _add_checkpoint_flags(p)
+    p.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="a GGUF model's vision encoder + projector (llama.cpp's mmproj file): images work",
+    )
+    p.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=EngineConfig.max_num_batched_tokens,
         help="new tokens in one step",
     )
-    p.add_argument("-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead")
-    _add_seed_flag(p)
     p.add_argument(
         "--load-format",
         choices=CLI_LOAD_FORMATS,
@@ -167,7 +199,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=EngineConfig.kv_cache_dtype,
         help="auto = model dtype; fp8/fp8_e4m3: e4m3 KV cache with per-layer scales, 2x tokens",
     )
-    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
     p.add_argument(
         "--speculative-config",
         default=None,
@@ -181,9 +212,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--num-speculative-tokens", type=int, default=None, help="with --speculative-model"
-    )
-    p.add_argument(
-        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
     )
 
 
@@ -226,34 +254,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         default=ServeConfig.max_connections,
         help="open connections before refusing",
     )
-    p.add_argument(
-        "--header-timeout",
-        dest="header_timeout_s",
-        type=float,
-        default=ServeConfig.header_timeout_s,
-        help="seconds a client may take to send its request headers",
-    )
-    p.add_argument(
-        "--body-timeout",
-        dest="body_timeout_s",
-        type=float,
-        default=ServeConfig.body_timeout_s,
-        help="seconds a client may take to send its request body",
-    )
-    p.add_argument(
-        "--timeout-keep-alive",
-        dest="keep_alive_timeout_s",
-        type=float,
-        default=ServeConfig.keep_alive_timeout_s,
-        help="seconds an idle keep-alive connection stays open",
-    )
-    p.add_argument(
-        "--shutdown-timeout",
-        dest="shutdown_timeout_s",
-        type=float,
-        default=ServeConfig.shutdown_timeout_s,
-        help="seconds to drain on SIGTERM before running streams end with an error event",
-    )
+    for flag, dest, what in SECONDS_FLAGS:
+        p.add_argument(flag, dest=dest, type=float, default=getattr(ServeConfig, dest), help=what)
 
 
 def _subcommand(
@@ -388,27 +390,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mistralpy {__version__}")
     _add_server_flags(parser)
-    _add_isq_and_template_flags(parser)
-    parser.add_argument(
-        "--max-seqs",
-        dest="max_num_seqs",
-        type=int,
-        default=EngineConfig.max_num_seqs,
-        help="sequences per step",
-    )
-    parser.add_argument(
-        "--max-model-len",
-        "--max-seq-len",
-        dest="max_model_len",
-        type=int,
-        help="context length in tokens (default: the model's)",
-    )
-    _add_seed_flag(parser)
-    parser.add_argument("--device", default=EngineConfig.device, help="auto|cpu|cuda|cuda:N")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse prompt KV")
-    parser.add_argument(
-        "--served-model-name", default=None, help="model name in the API (default: MODEL)"
-    )
+    _add_common_flags(parser)
     add_mistralrs_flags(parser, model_flag=False)
     sub = parser.add_subparsers(
         dest="selector", required=True, metavar="SELECTOR", help="model kind, as mistral.rs"
@@ -421,10 +403,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
         )
         sel.add_argument("-m", "--model-id", dest="model", required=True, help="dir or hub id")
         sel.add_argument("-a", "--arch", default=None, help="mistral3 (the only one served)")
-        sel.add_argument("-d", "--dtype", default=EngineConfig.dtype, help="auto|bf16|f16|f32")
-        sel.add_argument(
-            "-t", "--tokenizer-json", default=None, help="tokenizer.json to use instead"
-        )
+        _add_checkpoint_flags(sel)
     gguf = sub.add_parser(
         "gguf",
         help="a GGUF file: -m DIR (or hub repo) -f FILE.gguf",
@@ -634,7 +613,9 @@ async def serve_async(options: ModelOptions, cfg: ServeConfig, sock: socket.sock
         raise opened.engine.failure
 
 
-async def _stop_when_engine_dies(engine: Any, server: Any, poll_s: float = 0.2) -> None:
+async def _stop_when_engine_dies(
+    engine: AsyncEngine, server: DrainingServer, poll_s: float = 0.2
+) -> None:
     """Begin the server's shutdown once the engine loop stopped by itself (a dead tensor-
     parallel rank): serving on would only answer every request with an error."""
     while engine.is_running:
@@ -642,7 +623,7 @@ async def _stop_when_engine_dies(engine: Any, server: Any, poll_s: float = 0.2) 
     server.should_exit = True
 
 
-def _server(app: Any, cfg: ServeConfig) -> Any:
+def _server(app: FastAPI, cfg: ServeConfig) -> DrainingServer:
     """uvicorn with connection deadlines, a connection cap, a bounded drain and throttled
     repeating logs (a flood of failed accepts once filled a disk)."""
     import logging
@@ -703,7 +684,7 @@ REPL_HELP = "commands: /image PATH_OR_URL, /reset, /exit (Ctrl-C stops a reply)"
 
 
 def chat_repl(
-    runner: Any, args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout
+    runner: Runner, args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout
 ) -> int:
     """Terminal chat: history, `/image SRC`, `/reset`, `/exit`; streams replies.
 
@@ -762,7 +743,14 @@ def _image_problem(source: str) -> str | None:
     return None
 
 
-def _ask(runner: Any, args: Any, history: list, images: list, text: str, out: Any) -> None:
+def _ask(
+    runner: Runner,
+    args: argparse.Namespace,
+    history: list[dict],
+    images: list[str],
+    text: str,
+    out: TextIO,
+) -> None:
     """Send one user turn and stream the reply; the turn is dropped on an error or Ctrl-C."""
     from mistralpy.api.types import ChatCompletionRequest
 
@@ -774,7 +762,8 @@ def _ask(runner: Any, args: Any, history: list, images: list, text: str, out: An
     history.append({"role": "user", "content": content})
     req = ChatCompletionRequest(messages=list(history), stream=True, temperature=args.temperature)
     reply = ""
-    chunks = runner.send_chat_completion_request(req)
+    # stream=True gives chunks (Response's __getattr__ defeats isinstance narrowing)
+    chunks = cast("Generator[Response, None, None]", runner.send_chat_completion_request(req))
     try:
         for chunk in chunks:
             for choice in chunk.choices:

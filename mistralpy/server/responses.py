@@ -4,30 +4,26 @@ A Responses request is rewritten into a chat-completions body (instructions → 
 `input_text`/`input_image` parts → chat parts, function tools → chat tools, function call
 items and their outputs → assistant tool calls and tool messages); the chat service does the
 work, and its result or its stream of chunks is rewritten into a response object or the
-Responses event sequence. Stored responses (`store`, on by default as in OpenAI) keep their
+Responses event sequence. The routes are the app's (`server/app.py`), which runs a turn as it
+runs a chat request: the same error mapping, metrics and SSE stream, with `EventStream` as the
+stream's framing. Stored responses (`store`, on by default as in OpenAI) keep their
 conversation in a bounded LRU owned by the app, so `previous_response_id` continues it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Discriminator, Field, Tag
 
-from mistralpy.api.chat import ChatService, InvalidRequest
-from mistralpy.server.protocol import _Strict, error_body
+from mistralpy.api.chat import InvalidRequest, NotFound
+from mistralpy.server.protocol import _Strict
 
-# How often a non-streamed request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.5
 # The store keeps at most this many responses and roughly this many bytes of conversation
 # (images come as base64 data URLs, so a count alone would not bound memory).
 STORE_CAPACITY = 256
@@ -197,16 +193,16 @@ def _text(content: str | list[Any]) -> str:
 
 def _add_call(messages: list[dict], item: FunctionCallItem) -> None:
     """A function_call joins the assistant turn just before it, else starts one."""
-    call = {
-        "id": item.call_id,
-        "type": "function",
-        "function": {"name": item.name, "arguments": item.arguments},
-    }
+    call = _chat_call(item.call_id, item.name, item.arguments)
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant":
         last.setdefault("tool_calls", []).append(call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def _chat_call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def chat_body(req: ResponsesRequest, history: list[dict], new_messages: list[dict]) -> dict:
@@ -312,21 +308,54 @@ def responses_usage(usage: dict | None) -> dict | None:
     }
 
 
+class ResponseNotFound(NotFound):
+    def __init__(self, response_id: str, param: str | None = None):
+        super().__init__(f"Response with id '{response_id}' not found.", param, "not_found")
+
+
+def start_turn(req: ResponsesRequest, store: ResponseStore, model: str) -> ResponseTurn:
+    """The turn that serves `req`, after its stored conversation; raises InvalidRequest, or
+    ResponseNotFound for an unknown previous_response_id."""
+    if req.background:
+        raise InvalidRequest("background responses are not supported", "background")
+    history: list[dict] = []
+    if req.previous_response_id is not None:
+        history = store.find(req.previous_response_id, "previous_response_id").conversation
+    new_messages = input_messages(req.input)
+    body = chat_body(req, history, new_messages)
+    return ResponseTurn(_new_id("resp"), req, model, body, history + new_messages, store)
+
+
 @dataclass
-class ResponseShell:
-    """What a response object says about its request, fixed before generation starts."""
+class ResponseTurn:
+    """One create request: what its response object says about it (fixed before generation
+    starts), the chat body that serves it, and the conversation it continues."""
 
     id: str
     req: ResponsesRequest
     model: str
+    body: dict  # the chat-completions body
+    conversation: list[dict]  # stored history + this request's input, as chat messages
+    store: ResponseStore
     created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def whole(self, result: dict) -> dict:
+        """The response object of a whole chat.completion result (stored if asked)."""
+        choice = result["choices"][0]
+        status = status_of(choice["finish_reason"])
+        response = self.object(status, output_items(choice["message"]), result.get("usage"))
+        self.keep(response)
+        return response
+
+    def keep(self, response: dict) -> None:
+        if self.req.store and response["status"] != "failed":
+            self.store.put(response, self.conversation + output_conversation(response["output"]))
 
     def object(
         self,
         status: str,
         output: list[dict],
         usage: dict | None = None,
-        finish_reason: str | None = None,
         error: dict | None = None,
     ) -> dict:
         req = self.req
@@ -375,11 +404,7 @@ def output_conversation(output: list[dict]) -> list[dict]:
         part["text"] for item in output if item["type"] == "message" for part in item["content"]
     )
     calls = [
-        {
-            "id": item["call_id"],
-            "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
-        }
+        _chat_call(item["call_id"], item["name"], item["arguments"])
         for item in output
         if item["type"] == "function_call"
     ]
@@ -417,6 +442,13 @@ class ResponseStore:
             self._items.move_to_end(response_id)
         return stored
 
+    def find(self, response_id: str, param: str | None = None) -> StoredResponse:
+        """The stored response; raises ResponseNotFound (a 404 naming `param`)."""
+        stored = self.get(response_id)
+        if stored is None:
+            raise ResponseNotFound(response_id, param)
+        return stored
+
     def put(self, response: dict, conversation: list[dict]) -> None:
         size = len(json.dumps(conversation, ensure_ascii=False))
         self.delete(response["id"])
@@ -448,27 +480,26 @@ class _OpenItem:
 
 @dataclass
 class EventStream:
-    """Turns chat.completion.chunk dicts into Responses events, numbered in order."""
+    """The SSE frames of a streamed turn: chat.completion.chunk dicts in, Responses events
+    out, numbered in order (the app's stream takes it as its framing)."""
 
-    shell: ResponseShell
+    turn: ResponseTurn
     output: list[dict] = field(default_factory=list)
     seq: int = 0
     open: _OpenItem | None = None
     finish_reason: str | None = None
     usage: dict | None = None
 
-    def event(self, type_: str, **fields: Any) -> dict:
-        self.seq += 1
-        return {"type": type_, "sequence_number": self.seq - 1, **fields}
+    def start(self) -> list[bytes]:
+        response = self.turn.object("in_progress", [])
+        return _frames(
+            [
+                self._event("response.created", response=response),
+                self._event("response.in_progress", response=response),
+            ]
+        )
 
-    def start(self) -> list[dict]:
-        response = self.shell.object("in_progress", [])
-        return [
-            self.event("response.created", response=response),
-            self.event("response.in_progress", response=response),
-        ]
-
-    def chunk(self, chunk: dict) -> list[dict]:
+    def chunk(self, chunk: dict) -> list[bytes]:
         self.usage = chunk.get("usage") or self.usage
         events: list[dict] = []
         for choice in chunk.get("choices") or []:
@@ -478,27 +509,34 @@ class EventStream:
             for call in delta.get("tool_calls") or []:
                 events += self._call(call)
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        return events
+        return _frames(events)
 
-    def finish(self) -> tuple[list[dict], dict]:
-        """The closing events and the final response object."""
+    def end(self) -> list[bytes]:
+        """The closing events, with the final response object (stored if asked)."""
         events = self._close()
         if not self.output:  # an empty answer is still one (empty) message
             events += self._open_message() + self._close()
         status = status_of(self.finish_reason)
-        response = self.shell.object(status, self.output, self.usage)
+        response = self.turn.object(status, self.output, self.usage)
+        self.turn.keep(response)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        return [*events, self.event(kind, response=response)], response
+        return _frames([*events, self._event(kind, response=response)])
 
-    def fail(self, error: dict) -> list[dict]:
+    def fail(self, error: dict) -> list[bytes]:
         """An error after the stream began: OpenAI's `error` event, then `response.failed`."""
         detail = error.get("error", {})
         failed = {"code": detail.get("code") or "server_error", "message": detail.get("message")}
-        response = self.shell.object("failed", self.output, self.usage, error=failed)
-        return [
-            self.event("error", code=failed["code"], message=failed["message"], param=None),
-            self.event("response.failed", response=response),
-        ]
+        response = self.turn.object("failed", self.output, self.usage, error=failed)
+        return _frames(
+            [
+                self._event("error", code=failed["code"], message=failed["message"], param=None),
+                self._event("response.failed", response=response),
+            ]
+        )
+
+    def _event(self, type_: str, **fields: Any) -> dict:
+        self.seq += 1
+        return {"type": type_, "sequence_number": self.seq - 1, **fields}
 
     def _text(self, text: str) -> list[dict]:
         events = []
@@ -508,7 +546,7 @@ class EventStream:
         assert item is not None  # open before, or just opened by _open_message
         item.text += text
         ids = {"item_id": item.item["id"], "output_index": item.index, "content_index": 0}
-        return [*events, self.event("response.output_text.delta", **ids, delta=text, logprobs=[])]
+        return [*events, self._event("response.output_text.delta", **ids, delta=text, logprobs=[])]
 
     def _open_message(self) -> list[dict]:
         item = message_item(_new_id("msg"), "", "in_progress")
@@ -517,8 +555,8 @@ class EventStream:
         part = _output_text("")
         ids = {"item_id": item["id"], "output_index": self.open.index, "content_index": 0}
         return [
-            self.event("response.output_item.added", output_index=self.open.index, item=item),
-            self.event("response.content_part.added", **ids, part=part),
+            self._event("response.output_item.added", output_index=self.open.index, item=item),
+            self._event("response.content_part.added", **ids, part=part),
         ]
 
     def _call(self, call: dict) -> list[dict]:
@@ -532,12 +570,12 @@ class EventStream:
             self.open = _OpenItem(len(self.output), item, chat_index=call.get("index"))
             self.output.append(item)
             events.append(
-                self.event("response.output_item.added", output_index=self.open.index, item=item)
+                self._event("response.output_item.added", output_index=self.open.index, item=item)
             )
         if fn.get("arguments"):
             self.open.text += fn["arguments"]
             events.append(
-                self.event(
+                self._event(
                     "response.function_call_arguments.delta",
                     item_id=self.open.item["id"],
                     output_index=self.open.index,
@@ -555,10 +593,10 @@ class EventStream:
         if item.item["type"] == "message":
             done = message_item(item.item["id"], item.text)
             events = [
-                self.event(
+                self._event(
                     "response.output_text.done", **at, content_index=0, text=item.text, logprobs=[]
                 ),
-                self.event(
+                self._event(
                     "response.content_part.done",
                     **at,
                     content_index=0,
@@ -568,7 +606,7 @@ class EventStream:
         else:
             done = {**item.item, "arguments": item.text, "status": "completed"}
             events = [
-                self.event(
+                self._event(
                     "response.function_call_arguments.done",
                     **at,
                     arguments=item.text,
@@ -578,149 +616,12 @@ class EventStream:
         self.output[item.index] = done
         return [
             *events,
-            self.event("response.output_item.done", output_index=item.index, item=done),
+            self._event("response.output_item.done", output_index=item.index, item=done),
         ]
 
 
-def _sse_event(event: dict) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-
-
-# --- routes -------------------------------------------------------------------------------
-
-ErrorMapper = Callable[[BaseException], JSONResponse]
-UsageSink = Callable[[dict | None], None]
-
-
-def _not_found(response_id: str, param: str | None = None) -> JSONResponse:
-    message = f"Response with id '{response_id}' not found."
-    body = error_body(message, "invalid_request_error", param, "not_found")
-    return JSONResponse(body, status_code=404)
-
-
-@dataclass
-class ResponsesRoutes:
-    """`/v1/responses` over one chat service; errors mapped by the app's `on_error`."""
-
-    service: ChatService
-    on_error: ErrorMapper
-    on_usage: UsageSink
-    store: ResponseStore
-
-    async def create(self, req: ResponsesRequest, request: Request) -> Response:
-        if req.background:
-            return self.on_error(
-                InvalidRequest("background responses are not supported", "background")
-            )
-        history: list[dict] = []
-        if req.previous_response_id is not None:
-            stored = self.store.get(req.previous_response_id)
-            if stored is None:
-                return _not_found(req.previous_response_id, "previous_response_id")
-            history = stored.conversation
-        try:
-            new_messages = input_messages(req.input)
-        except InvalidRequest as exc:
-            return self.on_error(exc)
-        shell = ResponseShell(_new_id("resp"), req, self.service.served_model_name)
-        body = chat_body(req, history, new_messages)
-        turn = history + new_messages
-        if req.stream:
-            return await self._stream(shell, body, turn)
-        return await self._whole(shell, body, turn, request)
-
-    def _keep(self, shell: ResponseShell, response: dict, turn: list[dict]) -> None:
-        if shell.req.store and response["status"] != "failed":
-            self.store.put(response, turn + output_conversation(response["output"]))
-
-    async def _whole(
-        self, shell: ResponseShell, body: dict, turn: list[dict], request: Request
-    ) -> Response:
-        task = asyncio.ensure_future(self.service.create_chat_completion(body, shell.id))
-        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():  # cancelling aborts the engine request
-                task.cancel()
-                return JSONResponse(
-                    error_body("client disconnected", "invalid_request_error"), status_code=499
-                )
-        if (failure := task.exception()) is not None:
-            return self.on_error(failure)
-        result = task.result()
-        self.on_usage(result.get("usage"))
-        choice = result["choices"][0]
-        status = status_of(choice["finish_reason"])
-        response = shell.object(status, output_items(choice["message"]), result.get("usage"))
-        self._keep(shell, response, turn)
-        return JSONResponse(response)
-
-    async def _stream(self, shell: ResponseShell, body: dict, turn: list[dict]) -> Response:
-        chunks = self.service.stream_chat_completion(body, shell.id)
-        try:  # errors before the first chunk are a plain HTTP error
-            first = await chunks.__anext__()
-        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error, nothing escapes
-            await chunks.aclose()
-            return self.on_error(exc)
-        return StreamingResponse(
-            self._events(shell, first, chunks, turn),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": shell.id},
-        )
-
-    async def _events(
-        self,
-        shell: ResponseShell,
-        first: dict,
-        chunks: AsyncGenerator[dict, None],
-        turn: list[dict],
-    ) -> AsyncIterator[bytes]:
-        stream = EventStream(shell)
-        try:
-            for event in stream.start() + stream.chunk(first):
-                yield _sse_event(event)
-            async for chunk in chunks:
-                for event in stream.chunk(chunk):
-                    yield _sse_event(event)
-            events, response = stream.finish()
-            self._keep(shell, response, turn)
-            for event in events:
-                yield _sse_event(event)
-        except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-            for event in stream.fail(json.loads(bytes(self.on_error(exc).body))):
-                yield _sse_event(event)
-        finally:
-            await chunks.aclose()  # early (client gone): the engine aborts the request
-        self.on_usage(stream.usage)
-
-    def retrieve(self, response_id: str) -> Response:
-        stored = self.store.get(response_id)
-        return JSONResponse(stored.response) if stored else _not_found(response_id)
-
-    def delete(self, response_id: str) -> Response:
-        if not self.store.delete(response_id):
-            return _not_found(response_id)
-        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-
-
-def install_responses_routes(
-    app: FastAPI,
-    service: ChatService,
-    on_error: ErrorMapper,
-    on_usage: UsageSink,
-    store: ResponseStore | None = None,
-) -> ResponseStore:
-    """Add `/v1/responses` (create, retrieve, delete) to `app`; returns its store."""
-    routes = ResponsesRoutes(service, on_error, on_usage, store or ResponseStore())
-
-    @app.post("/v1/responses")
-    async def create_response(req: ResponsesRequest, request: Request) -> Response:
-        return await routes.create(req, request)
-
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str) -> Response:
-        return routes.retrieve(response_id)
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> Response:
-        return routes.delete(response_id)
-
-    return routes.store
+def _frames(events: list[dict]) -> list[bytes]:
+    return [
+        f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n".encode()
+        for e in events
+    ]

@@ -127,6 +127,7 @@ USER_X = [{"role": "user", "content": "x"}]
         ("/v1/completions", {"prompt": "S", "max_tokens": 2}),
         ("/tokenize", {"prompt": "S"}),
         (CHAT, {"messages": USER_X, "stop": ["S"]}),
+        ("/v1/responses", {"input": "S", "max_output_tokens": 2}),
     ],
 )
 def test_lone_surrogate_is_a_400(demo_server, path, body):
