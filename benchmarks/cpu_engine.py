@@ -236,18 +236,24 @@ class PromptBuilder:
 
     def __init__(self, path: Path):
         from mistralpy.processing.chat_template import ChatTemplate
-        from mistralpy.processing.images import ImageLoader, ImagePolicy, ImageProcessorConfig
+        from mistralpy.processing.images import ImageProcessorConfig
         from mistralpy.processing.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_dir(path)
         self.template = ChatTemplate.from_dir(path)
-        self.images = ImageLoader(ImagePolicy(), ImageProcessorConfig.from_model_dir(path))
+        self.image_config = ImageProcessorConfig.from_model_dir(path)
 
     def __call__(self, messages: list[dict[str, Any]]) -> Any:
         """ProcessedPrompt (token_ids, images) of `messages`."""
         from mistralpy.processing.chat_template import build_chat_prompt
 
-        return build_chat_prompt(self.tokenizer, self.template, messages, None, self.images)
+        return build_chat_prompt(self.tokenizer, self.template, messages, None, self._image)
+
+    def _image(self, source: str) -> Any:
+        """ProcessedImage of one image source, under the default ImagePolicy."""
+        from mistralpy.processing.images import ImagePolicy, load_image, preprocess_image
+
+        return preprocess_image(load_image(source, ImagePolicy()), self.image_config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from mistralpy.checkpoint.loader import (
     check_match,
     expected_shape,
     rotate_half_rows,
+    submodule,
 )
 from mistralpy.model.config import config_from_gguf
 from mistralpy.model.gguf_file import GGUFModelFile, GGUFTensor, open_gguf
@@ -157,7 +158,7 @@ def _plan(files: list[GGUFModelFile], model: Mistral3ForConditionalGeneration) -
         if name == IMG_BREAK_TENSOR:
             continue
         target = _target(name)
-        if target is None or not _exists(model, target[0]):
+        if target is None or submodule(model, target[0]) is None:
             unexpected.append(name)
             continue
         module, part, param = target
@@ -206,14 +207,6 @@ def gguf_name(module: str, part: int | None, param: str) -> str | None:
             if place == (m[2], part):
                 return f"{gguf_prefix}.{m[1]}.{kind}.{param}"
     return None
-
-
-def _exists(model: nn.Module, module: str) -> bool:
-    try:
-        model.get_submodule(module)
-    except AttributeError:
-        return False
-    return True
 
 
 def _missing(model: Mistral3ForConditionalGeneration, plan: _Plan) -> list[str]:

@@ -126,27 +126,22 @@ def _hub_cache() -> str:
 def _hub_gguf(model_id: str, revision: str | None, token: str | None) -> Path:
     """ "org/repo/dir/file.gguf" -> that one file of hub repo org/repo (and its other shards)."""
     org, repo, filename = model_id.split("/", 2)
+    shards = gguf_shard_names(Path(filename).name)  # [the file itself] unless split
+    names = [filename] + [str(Path(filename).with_name(shard)) for shard in shards[1:]]
     try:
         from huggingface_hub import hf_hub_download
 
-        first = Path(
+        paths = [
             hf_hub_download(
-                f"{org}/{repo}",
-                filename,
-                revision=revision,
-                token=token,
-                local_files_only=_offline(),
-            )  # fmt: skip
-        )
-        for shard in gguf_shard_names(first.name)[1:]:
-            name = str(Path(filename).with_name(shard))
-            hf_hub_download(f"{org}/{repo}", name, revision=revision, token=token,
-                            local_files_only=_offline())  # fmt: skip
+                f"{org}/{repo}", name, revision=revision, token=token, local_files_only=_offline()
+            )
+            for name in names
+        ]
     except Exception as e:  # every hub failure becomes one user-facing error
         raise ModelNotFoundError(
             f"GGUF {filename!r} of hub repo {org}/{repo}: {type(e).__name__}: {e}"
         ) from e
-    return first
+    return Path(paths[0])
 
 
 def _offline() -> bool:

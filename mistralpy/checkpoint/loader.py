@@ -447,7 +447,9 @@ def _load_prequantized(
             ):
                 filler.finalize(module, got["weight"], got.get("bias"))
                 del parts[module]
-    missing = sorted(parts) + [n for n in qconfig.layers if isinstance(_get(model, n), nn.Linear)]
+    missing = sorted(parts) + [
+        n for n in qconfig.layers if isinstance(submodule(model, n), nn.Linear)
+    ]
     if missing:
         raise CheckpointError(f"pre-quantized checkpoint: incomplete layers {missing[:5]}")
     return _quantized_embedding(filler.finish(), qconfig.format)
@@ -472,7 +474,8 @@ def _quantized_embedding(model: Mistral3ForConditionalGeneration, isq: str | Non
 FIRST_QUANTIZED_NOTE = "first quantized layer: compiling and tuning kernels (once per load)"
 
 
-def _get(model: nn.Module, name: str) -> nn.Module | None:
+def submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """`model.get_submodule(name)`, or None where the model has no such module."""
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -570,10 +573,7 @@ def check_match(what: str, missing: list, unexpected: list, wrong_shape: list) -
 
 
 def _has_param(model: nn.Module, target: _Target) -> bool:
-    try:
-        module = model.get_submodule(target.module)
-    except AttributeError:
-        return False
+    module = submodule(model, target.module)
     return isinstance(getattr(module, target.param, None), nn.Parameter) and (
         target.part is None or isinstance(module, MergedLinear)
     )

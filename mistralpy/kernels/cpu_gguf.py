@@ -261,17 +261,22 @@ def _q8_0_vnni_row4_ir() -> str:
 _Q8_0_VNNI_ROW4_IR = _q8_0_vnni_row4_ir()
 
 
-# Sub-block order of the activation codes within a 256-block (see q4k_row.ll).
-_Q4K_X_ORDER = (0, 2, 1, 3, 4, 6, 5, 7)
+# Where each 32-code run of an activation block is stored, for `_activation_codes`: q4k_row.ll
+# reads a 256-block's runs in nibble order; q8_0's 32-blocks are one run each.
+_Q4K_X_ORDER = np.array((0, 2, 1, 3, 4, 6, 5, 7), np.int64)
+_Q8_0_X_ORDER = np.zeros(1, np.int64)
 
 
 def _int8_activation_driver(
-    row_name: str, row_ir: str, quantize: Callable[[np.ndarray], tuple], block: int
-) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-    """driver(w, x, y) filling y = x8 @ dequant(w).T, where `quantize(x)` (numba) rounds the
-    activation rows once per call to (int8 codes (M, K), per-block scales (M, K / block)
-    float32, per-block code sums (M, S) int32) and the IR row kernel `row_name(row, codes,
-    scales, sums, K / block)` dots one GGUF weight row with one such activation row."""
+    row_name: str, row_ir: str, block: int, order: np.ndarray, sum_scale: int
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """driver(w, x, y) filling y = x8 @ dequant(w).T, where `_activation_codes` (block, order,
+    sum_scale) rounds the activation rows once per call to (int8 codes, per-block scales,
+    code sums per 32) and the IR row kernel `row_name(row, codes, scales, sums, K / block)`
+    dots one GGUF weight row with one such activation row; None without numba."""
+    codes = _activation_codes()
+    if codes is None:
+        return None
     from numba import njit, prange
 
     row_fn = ir_intrinsic(row_name, row_ir, 5)
@@ -283,7 +288,7 @@ def _int8_activation_driver(
         n, row_bytes = w.shape
         m, k = x.shape
         nb = k // block
-        xq, dx, sums = quantize(x)
+        xq, dx, sums = codes(x, block, order, sum_scale)
         tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         for t in prange(tasks):  # x rows inner: a task's weight rows stay in L1 across them
             stop = min(n, (t + 1) * ROWS_PER_TASK)
@@ -336,99 +341,59 @@ def _four_row_driver(
 
 
 @functools.cache
-def _q8k_activation_codes() -> Callable[[np.ndarray], tuple] | None:
-    """numba q8k_codes(x) -> (int8 codes (M, K) in nibble order, scales amax / 127 (M, K /
-    256) float32, code sums per 32 (M, K / 32) int32): GGML's q8_K rounding of activation
-    rows for the q4k kernels (see q4k_row.ll), or None without numba."""
+def _activation_codes() -> Callable[..., tuple] | None:
+    """numba codes(x, block, order, sum_scale) -> (int8 codes (M, K), scales amax / 127 (M,
+    K / block) float32, sum_scale * code sums per 32 (M, K / 32) int32): GGML's rounding of
+    activation rows to int8 per `block` (q8_K: 256, q8_0: 32), the k-th 32-code run of a
+    block stored at run order[k] (q4k_row.ll's nibble order; identity for q8_0), or None
+    without numba."""
     try:
         from numba import njit
     except ImportError:
         return None
-    order = np.array(_Q4K_X_ORDER, np.int64)
 
     @njit(cache=True)
-    def q8k_codes(x):  # pragma: no cover - compiled
-        # codes in nibble order (see q4k_row.ll), scale amax / 127 and the code sum per 32
+    def codes(x, block, order, sum_scale):  # pragma: no cover - compiled
         m, k = x.shape
-        nb = k // 256
+        nb = k // block
+        runs = block // 32
         xq = np.empty((m, k), np.int8)
         dx = np.empty((m, nb), np.float32)
-        bs = np.empty((m, nb * 8), np.int32)
+        sums = np.empty((m, k // 32), np.int32)
         for i in range(m):
             for b in range(nb):
                 amax = np.float32(0.0)
-                for j in range(b * 256, b * 256 + 256):
+                for j in range(b * block, b * block + block):
                     amax = max(amax, abs(x[i, j]))
                 inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
                 dx[i, b] = amax / np.float32(127.0)
-                for s in range(8):
-                    src = b * 256 + s * 32
-                    dst = b * 256 + order[s] * 32
+                for s in range(runs):
+                    src = b * block + s * 32
+                    dst = b * block + order[s] * 32
                     total = 0
                     for j in range(32):
                         q = np.int32(np.rint(x[i, src + j] * inv))
                         xq[i, dst + j] = q
                         total += q
-                    bs[i, b * 8 + s] = total
-        return xq, dx, bs
+                    sums[i, b * runs + s] = sum_scale * total
+        return xq, dx, sums
 
-    return q8k_codes
+    return codes
 
 
 @functools.cache
 def _q4k_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
     """driver(w, x, y) filling y = x8 @ dequant(w).T with x8 the activation rounded to int8
     per 256-block (`q8k_round_activations`), or None without numba."""
-    codes = _q8k_activation_codes()
-    if codes is None:
-        return None
-    return _int8_activation_driver("mistralpy_q4k_row", read_ir("q4k_row"), codes, 256)
-
-
-@functools.cache
-def _q8_0_activation_codes() -> Callable[[np.ndarray], tuple] | None:
-    """numba q8_0_codes(x) -> (int8 codes (M, K), scales amax / 127 (M, K / 32) float32,
-    128 * code sums (M, K / 32) int32): GGML's q8_0 rounding of activation rows (see
-    q8_0_vnni_row.ll), or None without numba."""
-    try:
-        from numba import njit
-    except ImportError:
-        return None
-
-    @njit(cache=True)
-    def q8_0_codes(x):  # pragma: no cover - compiled
-        # codes, scale amax / 127 and 128 * (code sum) per 32 (see q8_0_vnni_row.ll)
-        m, k = x.shape
-        nb = k // 32
-        xq = np.empty((m, k), np.int8)
-        dx = np.empty((m, nb), np.float32)
-        cs = np.empty((m, nb), np.int32)
-        for i in range(m):
-            for b in range(nb):
-                amax = np.float32(0.0)
-                for j in range(b * 32, b * 32 + 32):
-                    amax = max(amax, abs(x[i, j]))
-                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-                dx[i, b] = amax / np.float32(127.0)
-                total = 0
-                for j in range(b * 32, b * 32 + 32):
-                    q = np.int32(np.rint(x[i, j] * inv))
-                    xq[i, j] = q
-                    total += q
-                cs[i, b] = 128 * total
-        return xq, dx, cs
-
-    return q8_0_codes
+    return _int8_activation_driver("mistralpy_q4k_row", read_ir("q4k_row"), 256, _Q4K_X_ORDER, 1)
 
 
 @functools.cache
 def _q8_0_vnni_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
     """driver(w, x, y) filling y = x8 @ dequant(w).T with x8 the activation rounded to int8
     per 32-block (`q8_0_round_activations`), or None without numba."""
-    codes = _q8_0_activation_codes()
-    if codes is None:
-        return None
-    return _int8_activation_driver("mistralpy_q8_0_vnni_row", read_ir("q8_0_vnni_row"), codes, 32)
+    ir_text = read_ir("q8_0_vnni_row")
+    return _int8_activation_driver("mistralpy_q8_0_vnni_row", ir_text, 32, _Q8_0_X_ORDER, 128)
 
 
 @functools.cache
@@ -436,7 +401,7 @@ def _q8_0_vnni_gemm_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], N
     """driver(w, x, y) as `_q8_0_vnni_driver`'s (same numerics, y = x8 @ dequant(w).T) for
     prefill-sized batches: four activation rows per pass over a weight row
     (`_Q8_0_VNNI_ROW4_IR`); K must be a multiple of 64. None without numba."""
-    codes = _q8_0_activation_codes()
+    codes = _activation_codes()
     if codes is None:
         return None
     from numba import njit
@@ -444,11 +409,11 @@ def _q8_0_vnni_gemm_driver() -> Callable[[np.ndarray, np.ndarray, np.ndarray], N
     # not cached on disk: closes over numba objects, whose pickles differ per process
     @njit
     def q8_0_codes4(x):  # pragma: no cover - compiled
-        # q8_0_codes, rows padded to a multiple of 4 (zero codes and scales); per pair of
+        # q8_0's codes, rows padded to a multiple of 4 (zero codes and scales); per pair of
         # blocks the two scales spread over 16 lanes (dx16) and the two sums in lanes 0 and 8
         m, k = x.shape
         nb = k // 32
-        xq1, dx, cs = codes(x)
+        xq1, dx, cs = codes(x, 32, _Q8_0_X_ORDER, 128)
         mp = (m + 3) // 4 * 4
         xq = np.zeros((mp, k), np.int8)
         xq[:m] = xq1
@@ -573,11 +538,16 @@ def q8_0_vnni_available() -> bool:
     compiles and gives 32 * 2 * 3 = 192 for one block of weights 2 (d = 1) against x = 3."""
     if not _host_has(_Q8_0_VNNI_FEATURES):
         return False
+    x = np.full((1, 32), 3.0, np.float32)
+    return _self_check("q8_0 VNNI", _q8_0_vnni_driver(), _q8_0_check_block(), x, 192.0, 1e-3)
+
+
+def _q8_0_check_block() -> np.ndarray:
+    """One q8_0 block with d = 1 and every code 2."""
     block = np.zeros((1, 34), np.uint8)
     block[0, 0:2] = (0x00, 0x3C)  # fp16 1.0
     block[0, 2:] = 2
-    x = np.full((1, 32), 3.0, np.float32)
-    return _self_check("q8_0 VNNI", _q8_0_vnni_driver(), block, x, 192.0, 1e-3)
+    return block
 
 
 def q8_0_round_activations(x: Tensor) -> Tensor:
@@ -601,10 +571,7 @@ def q8_0_vnni_gemm_available() -> bool:
     five activation rows (one group of four and a padded one)."""
     if not q8_0_vnni_available():
         return False
-    block = np.zeros((1, 34), np.uint8)
-    block[0, 0:2] = (0x00, 0x3C)  # fp16 1.0
-    block[0, 2:] = 2
-    w = np.concatenate([block, block], axis=1)
+    w = np.concatenate([_q8_0_check_block()] * 2, axis=1)
     driver_fn = _q8_0_vnni_gemm_driver()
     if driver_fn is None or not _self_check(
         "q8_0 VNNI GEMM", driver_fn, w, np.full((1, 64), 3.0, np.float32), 384.0, 1e-3

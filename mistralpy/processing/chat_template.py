@@ -578,9 +578,7 @@ def expand_images(
     out: list[int] = []
     start = 0
     for slot, image in zip(slots, images):
-        grid = ([img] * image.cols + [brk]) * image.rows
-        grid[-1] = end
-        out += ids[start:slot] + grid
+        out += ids[start:slot] + image.placeholder_token_ids(img, brk, end)
         start = slot + 1
     return out + ids[start:]
 

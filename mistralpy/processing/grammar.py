@@ -250,10 +250,6 @@ class GrammarMatcher:
         """True when nothing but EOS may follow (grammar complete) or the matcher errored."""
         return self._m.is_stopped()
 
-    @property
-    def must_stop(self) -> bool:
-        return self.is_finished()
-
     def is_accepting(self) -> bool:
         """True when the text so far is a complete sentence of the grammar (EOS allowed)."""
         return self._m.is_accepting()

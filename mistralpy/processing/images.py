@@ -53,7 +53,6 @@ from mistralpy.processing.errors import (
     ImageFetchError,
     ImageSourceForbiddenError,
     ImageTooLargeError,
-    TooManyImagesError,
 )
 
 # CLIP statistics; mistral-common always normalises with these (Mistral's configs state the same).
@@ -887,84 +886,17 @@ def preprocess_image(
     return ProcessedImage(pixels.contiguous(), content_hash(rgb), rows, cols)
 
 
-# ----------------------------------------------------------------------------------------------
-# Convenience for the prompt builder
-
-
-def check_image_count(count: int, policy: ImagePolicy, param: str = "messages") -> None:
-    """Raise TooManyImagesError if a request carries more images than the policy allows."""
-    if count > policy.max_images_per_request:
-        raise TooManyImagesError(
-            f"{count} images in one request; at most {policy.max_images_per_request} allowed",
-            param,
-        )
-
-
-def load_and_preprocess(
-    source: str, policy: ImagePolicy, cfg: ImageProcessorConfig, param: str = "image_url"
-) -> ProcessedImage:
-    """load_image + preprocess_image for one source."""
-    return preprocess_image(load_image(source, policy, param), cfg, param)
-
-
-@dataclass(frozen=True)
-class ImageLoader:
-    """The `image_loader` the chat-prompt builder takes: one policy and one model's settings."""
-
-    policy: ImagePolicy
-    config: ImageProcessorConfig
-
-    def __call__(
-        self, source: str | bytes | Image.Image, param: str = "image_url"
-    ) -> ProcessedImage:
-        """A URL/data URL/base64/path string, encoded bytes, or an already decoded PIL image."""
-        if isinstance(source, Image.Image):
-            image = source
-        elif isinstance(source, bytes | bytearray):
-            image = decode_image_bytes(bytes(source), self.policy, param)
-        else:
-            image = load_image(source, self.policy, param)
-        return preprocess_image(image, self.config, param)
-
-
-def load_and_preprocess_batch(
-    sources: Sequence[str],
-    policy: ImagePolicy,
-    cfg: ImageProcessorConfig,
-    params: Sequence[str] | None = None,
-) -> list[ProcessedImage]:
-    """Every image of one request, in order; the count is checked before anything is fetched
-    and a source string repeated in the request is loaded once."""
-    check_image_count(len(sources), policy)
-    if params is not None and len(params) != len(sources):
-        raise ValueError("params must name one field per source")
-    done: dict[str, ProcessedImage] = {}
-    out = []
-    for i, source in enumerate(sources):
-        param = params[i] if params is not None else f"images[{i}]"
-        if not isinstance(source, str):
-            raise ImageError(f"image source must be a string, got {type(source).__name__}", param)
-        if source not in done:
-            done[source] = load_and_preprocess(source, policy, cfg, param)
-        out.append(done[source])
-    return out
-
-
 __all__ = [
     "ACCEPTED_FORMATS",
     "CLIP_MEAN",
     "CLIP_STD",
-    "ImageLoader",
     "ImagePolicy",
     "ImageProcessorConfig",
     "ProcessedImage",
     "address_refusal",
-    "check_image_count",
     "content_hash",
     "decode_image_bytes",
     "image_grid",
-    "load_and_preprocess",
-    "load_and_preprocess_batch",
     "load_image",
     "preprocess_image",
     "resize_bicubic",

@@ -14,7 +14,7 @@ import codecs
 import json
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -341,19 +341,13 @@ class Tokenizer:
         meta = open_gguf(file).metadata
         if "tokenizer.ggml.tokens" not in meta:
             raise TokenizerError(f"{file}: GGUF file without a tokenizer")
-        hf = gguf_bpe_tokenizer(meta)
-        hf.encode_special_tokens = True  # special strings in text are plain text
-        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        table = _byte_table(hf, specials, str(file))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if bos is None or eos is None:
             raise TokenizerError(f"{file}: GGUF tokenizer states no BOS or EOS token id")
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
-        tokenizer = cls(encode, table, specials, int(bos), int(eos), add_bos)
-        tokenizer.cuts_at_word_ends = _cuts_at_word_ends(hf)
-        return tokenizer
+        hf = gguf_bpe_tokenizer(meta)
+        return cls._from_hf(hf, str(file), lambda specials: (int(bos), int(eos)), add_bos)
 
     @classmethod
     def from_tokenizer_json(
@@ -375,12 +369,24 @@ class Tokenizer:
                 hf = HFTokenizer.from_str(text)
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise TokenizerError(f"cannot read {file}: {e}") from e
+        return cls._from_hf(hf, str(file), lambda specials: _config_specials(config_file, specials))
+
+    @classmethod
+    def _from_hf(
+        cls,
+        hf: tokenizers.Tokenizer,
+        source: str,
+        bos_eos: Callable[[dict[str, int]], tuple[int | None, int | None]],
+        add_bos: bool = True,
+    ) -> Tokenizer:
+        """A Tokenizer over a `tokenizers.Tokenizer` read from `source`; bos_eos: the
+        (BOS, EOS) ids given its special tokens (string -> id)."""
         hf.encode_special_tokens = True  # special strings in text are plain text
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        table = _byte_table(hf, specials, str(file))
-        bos, eos = _config_specials(config_file, specials)
+        table = _byte_table(hf, specials, source)
+        bos, eos = bos_eos(specials)
         encode = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
-        tokenizer = cls(encode, table, specials, bos, eos)
+        tokenizer = cls(encode, table, specials, bos, eos, add_bos)
         tokenizer.cuts_at_word_ends = _cuts_at_word_ends(hf)
         return tokenizer
 

@@ -260,7 +260,7 @@ def test_json_object_mask_and_forced_sequence(ll_tok, hf_tokenizer, vocab):
     assert not allowed[EOS]
     ids = hf_tokenizer.encode('{"a": [1, {"b": null}], "c": "d"}', add_special_tokens=False).ids
     assert consume_all(m, ids)
-    assert m.is_finished() and m.must_stop
+    assert m.is_finished()
     assert m.allowed_token_mask(vocab).nonzero().flatten().tolist() == [EOS]
 
 

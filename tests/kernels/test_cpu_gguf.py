@@ -261,12 +261,12 @@ def test_functions_closing_over_numba_objects_are_not_disk_cached():
     from mistralpy.kernels import cpu_decode
 
     kernels = cpu_decode.layer_kernels()
-    compiled = [cpu_gguf._q8_0_driver(), cpu_gguf._q8_0_activation_codes()]
+    compiled = [cpu_gguf._q8_0_driver(), cpu_gguf._activation_codes()]
     compiled += [getattr(kernels, name) for name in ("rms_norm", "rope", "attention", "attention4")]
     if cpu_gguf.q8_0_vnni_available():
         compiled += [cpu_gguf._q8_0_vnni_driver(), cpu_gguf._q8_0_vnni_gemm_driver()]
     if cpu_gguf.q4k_available():
-        compiled += [cpu_gguf._q4k_driver(), cpu_gguf._q8k_activation_codes()]
+        compiled.append(cpu_gguf._q4k_driver())
     for fn in compiled:
         cells = fn.py_func.__closure__ or ()
         numba_objects = [c for c in cells if isinstance(c.cell_contents, Dispatcher | _Intrinsic)]

@@ -68,3 +68,21 @@ def test_a_missing_path_is_not_a_hub_id(path, monkeypatch):
     monkeypatch.setattr(hub, "_hub_unreachable", no_network)
     with pytest.raises(ModelNotFoundError, match="no directory"):
         local_model_path(path)
+
+
+def test_hub_gguf_fetches_every_shard_and_returns_the_given_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+
+    def download(repo_id, filename, revision=None, token=None, local_files_only=False):
+        fetched.append((repo_id, filename, revision))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    got = local_model_path("org/repo/q4/m-00001-of-00002.gguf", revision="r1")
+    assert got == tmp_path / "q4/m-00001-of-00002.gguf"
+    assert fetched == [
+        ("org/repo", "q4/m-00001-of-00002.gguf", "r1"),
+        ("org/repo", "q4/m-00002-of-00002.gguf", "r1"),
+    ]

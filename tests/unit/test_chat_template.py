@@ -6,10 +6,10 @@ import io
 import json
 import random
 import string
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +20,7 @@ from mistralpy.processing.chat_template import (
     build_chat_prompt,
     packaged_template_path,
 )
+from mistralpy.processing.images import ProcessedImage
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.testing.tiny_checkpoint import write_tokenizer_files
 
@@ -202,10 +203,9 @@ def random_chat(rng: random.Random, images: bool = True):
     return msgs, tools
 
 
-@dataclass
-class FakeImage:
-    rows: int
-    cols: int
+def grid_image(rows: int, cols: int) -> ProcessedImage:
+    """An image of a rows x cols token grid (no pixels: the prompt builder reads only the grid)."""
+    return ProcessedImage(torch.empty(0), "", rows, cols)
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +248,10 @@ def oracle_loader(oracle):
     """Image loader whose grid is mistral-common's (the images part is tested elsewhere)."""
     from mistral_common.protocol.instruct.chunk import ImageURLChunk
 
-    def load(url: str) -> FakeImage:
+    def load(url: str) -> ProcessedImage:
         tokens = oracle.instruct_tokenizer.image_encoder(ImageURLChunk(image_url=url)).tokens
         rows = len([t for t in tokens if t in (12, 13)])
-        return FakeImage(rows=rows, cols=len(tokens) // rows - 1)
+        return grid_image(rows=rows, cols=len(tokens) // rows - 1)
 
     return load
 
@@ -471,7 +471,7 @@ def tool_round(call_id: str, name: str) -> list[dict]:
 )
 def test_invalid_chats(tokenizer, template, messages, match):
     with pytest.raises(InvalidChatError, match=match):
-        build_chat_prompt(tokenizer, template, messages, image_loader=lambda u: FakeImage(1, 1))
+        build_chat_prompt(tokenizer, template, messages, image_loader=lambda u: grid_image(1, 1))
 
 
 def test_images_without_loader_is_an_error(tokenizer, template):
@@ -491,7 +491,7 @@ def test_image_grid_expansion(tokenizer, template):
             ],
         }
     ]
-    sizes = {"a": FakeImage(rows=2, cols=3), "b": FakeImage(rows=1, cols=1)}
+    sizes = {"a": grid_image(rows=2, cols=3), "b": grid_image(rows=1, cols=1)}
     prompt = build_chat_prompt(tokenizer, template, messages, image_loader=sizes.__getitem__)
     img, brk, end = 10, 12, 13
     assert prompt.token_ids[:2] == [1, 3]

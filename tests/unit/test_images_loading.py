@@ -30,17 +30,14 @@ from mistralpy.processing.errors import (
     ImageSourceForbiddenError,
     ImageTooLargeError,
     InvalidInputError,
-    TooManyImagesError,
 )
 from mistralpy.processing.images import (
-    ImageLoader,
     ImagePolicy,
     ImageProcessorConfig,
     address_refusal,
-    check_image_count,
     decode_image_bytes,
-    load_and_preprocess_batch,
     load_image,
+    preprocess_image,
 )
 
 LOOPBACK_OK = ImagePolicy(allow_private_networks=True, timeout_s=2.0)
@@ -612,36 +609,20 @@ def test_trusted_policy_reads_any_path(media):
 
 
 # ----------------------------------------------------------------------------------------------
-# Counting and batching
+# Every form of one image
 
 
-def test_too_many_images():
-    policy = ImagePolicy(max_images_per_request=2)
-    check_image_count(2, policy)
-    with pytest.raises(TooManyImagesError):
-        check_image_count(3, policy)
-    raw = base64.b64encode(encode(random_image())).decode()
-    with pytest.raises(TooManyImagesError):
-        load_and_preprocess_batch([raw] * 3, policy, ImageProcessorConfig())
-
-
-def test_batch_names_the_failing_field():
-    raw = base64.b64encode(encode(random_image())).decode()
-    params = ["messages[0].content[0].image_url", "messages[0].content[1].image_url"]
-    with pytest.raises(ImageDecodeError) as info:
-        load_and_preprocess_batch([raw, "QUJD"], ImagePolicy(), ImageProcessorConfig(), params)
-    assert info.value.param == params[1]
-    out = load_and_preprocess_batch([raw, raw], ImagePolicy(), ImageProcessorConfig())
-    assert out[0] is out[1]
-
-
-def test_image_loader_accepts_every_form(served_image):
-    loader = ImageLoader(ImagePolicy(), ImageProcessorConfig())
+def test_every_form_gives_one_image(served_image):
+    policy, cfg = ImagePolicy(), ImageProcessorConfig()
     data = encode(served_image)
-    forms = [served_image, data, base64.b64encode(data).decode()]
-    assert len({loader(form).content_hash for form in forms}) == 1
+    images = [
+        served_image,
+        decode_image_bytes(data, policy),
+        load_image(base64.b64encode(data).decode(), policy),
+    ]
+    assert len({preprocess_image(image, cfg).content_hash for image in images}) == 1
     with pytest.raises(ImageDecodeError) as info:
-        loader(b"not an image", param="messages[1].content[0].image_url")
+        decode_image_bytes(b"not an image", policy, param="messages[1].content[0].image_url")
     assert info.value.param == "messages[1].content[0].image_url"
 
 
