@@ -150,8 +150,8 @@ class TemplatePrompts:
         from mistralpy.processing.errors import TooManyImagesError
 
         sources = list(dict.fromkeys(image_sources(messages)))  # the same image loads once
-        limit = getattr(self.image_policy, "max_images_per_request", None)
-        if limit is not None and _count_images(messages) > limit:
+        limit = self.image_policy.max_images_per_request
+        if _count_images(messages) > limit:
             raise TooManyImagesError(f"at most {limit} images per request", "messages")
         if self.image_processor_config is None:  # a text-only model: build_chat_prompt refuses
             return {}

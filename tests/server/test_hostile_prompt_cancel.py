@@ -18,6 +18,7 @@ import pytest
 
 from mistralpy.api.chat import ChatService, TemplatePrompts
 from mistralpy.processing.chat_template import ChatTemplate
+from mistralpy.processing.images import ImagePolicy
 from mistralpy.processing.tokenizer import ENCODE_PIECE_CHARS, Tokenizer
 from mistralpy.testing.tiny_checkpoint import write_tokenizer_files
 
@@ -62,7 +63,7 @@ def test_a_client_that_leaves_stops_its_prompt_tokenization(
 ):
     spy = _CountingEncoder(tokenizer._encode_plain)
     monkeypatch.setattr(tokenizer, "_encode_plain", spy)
-    prompts = TemplatePrompts(tokenizer, ChatTemplate.from_dir(tokenizer_dir), None, None)
+    prompts = TemplatePrompts(tokenizer, ChatTemplate.from_dir(tokenizer_dir), ImagePolicy(), None)
     # a context so long that the cheap size check lets the prompt through to the tokenizer
     service = ChatService(None, tokenizer, prompts, "m", max_model_len=10**8)
 

@@ -173,3 +173,24 @@ def test_messages_carry_their_own_max_tokens():
     msgs = VisionMessages().add_message(TextMessageRole.User, "hi").set_max_tokens(3)
     res = run(Model(svc).send_chat_request(msgs))
     assert res.usage.completion_tokens == 3
+
+
+def test_images_over_the_policy_limit_are_refused_before_any_load():
+    """More image parts than `max_images_per_request` (the same URL counts each time it
+    appears): a TooManyImagesError naming `messages`, raised before any download starts."""
+    import threading
+
+    from mistralpy.api.chat import TemplatePrompts
+    from mistralpy.processing.errors import TooManyImagesError
+    from mistralpy.processing.images import ImagePolicy
+
+    def message(n: int) -> list[dict]:
+        part = {"type": "image_url", "image_url": {"url": "http://198.51.100.1/x.png"}}
+        return [{"role": "user", "content": [{"type": "text", "text": "hi"}] + [part] * n}]
+
+    # text-only (no image processor): within the limit nothing loads, so no download is tried
+    prompts = TemplatePrompts(None, None, ImagePolicy(max_images_per_request=2), None)  # type: ignore[arg-type]
+    assert asyncio.run(prompts.load_images(message(2), threading.Event())) == {}
+    with pytest.raises(TooManyImagesError, match="at most 2 images") as err:
+        asyncio.run(prompts.load_images(message(3), threading.Event()))
+    assert err.value.param == "messages"
