@@ -49,6 +49,8 @@ from mistralpy.server.responses import (
     ResponseNotFound,
     ResponsesRequest,
     ResponseStore,
+    responses_errors,
+    responses_errors_stream,
     start_turn,
 )
 from mistralpy.server.transport import AdmissionState, TransportGuard, TransportLimits
@@ -308,12 +310,13 @@ def _install_responses_routes(
 
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest) -> Response:
+        _service_body(req)  # checked as sent: an error names the Responses field
         turn = start_turn(req, store, service.served_model_name)
-        check_plain_json(turn.body)  # as _service_body does for the chat routes
         if req.stream:
-            chunks = service.stream_chat_completion(turn.body, turn.id)
+            chunks = responses_errors_stream(service.stream_chat_completion(turn.body, turn.id))
             return await _stream(chunks, turn.id, metrics, EventStream(turn))
-        return await _whole(service.create_chat_completion(turn.body, turn.id), metrics, turn.whole)
+        whole = responses_errors(service.create_chat_completion(turn.body, turn.id))
+        return await _whole(whole, metrics, turn.whole)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> dict:

@@ -12,16 +12,19 @@ conversation in a bounded LRU owned by the app, so `previous_response_id` contin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
 from mistralpy.api.chat import InvalidRequest, NotFound
+from mistralpy.errors import UserError
 from mistralpy.server.protocol import _Strict
 
 # The store keeps at most this many responses and roughly this many bytes of conversation
@@ -311,6 +314,49 @@ def responses_usage(usage: dict | None) -> dict | None:
 class ResponseNotFound(NotFound):
     def __init__(self, response_id: str, param: str | None = None):
         super().__init__(f"Response with id '{response_id}' not found.", param, "not_found")
+
+
+# chat-completions fields an error from the chat path may name -> the Responses field a client
+# sent (every "messages..." path comes from `input`, or from `instructions` at messages[0])
+_RESPONSES_PARAM = {
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
+
+
+def responses_param(param: str | None) -> str | None:
+    """The Responses API's name for the chat-completions field `param`."""
+    if param is not None and param.startswith("messages"):
+        return "input"
+    return _RESPONSES_PARAM.get(param, param) if param is not None else None
+
+
+@contextlib.contextmanager
+def _responses_names() -> Iterator[None]:
+    """A user error raised inside names the Responses field, not the chat one it became."""
+    try:
+        yield
+    except UserError as exc:
+        if getattr(exc, "param", None) is not None:
+            exc.param = responses_param(exc.param)  # type: ignore[attr-defined]
+        raise
+
+
+async def responses_errors(result: Awaitable[dict]) -> dict:
+    """`result` (a chat completion), its user errors named as the Responses API names them."""
+    with _responses_names():
+        return await result
+
+
+async def responses_errors_stream(
+    chunks: AsyncGenerator[dict, None],
+) -> AsyncGenerator[dict, None]:
+    """`chunks` (a chat stream), its user errors named as the Responses API names them."""
+    async with contextlib.aclosing(chunks):
+        with _responses_names():
+            async for chunk in chunks:
+                yield chunk
 
 
 def start_turn(req: ResponsesRequest, store: ResponseStore, model: str) -> ResponseTurn:

@@ -135,6 +135,8 @@ def test_lone_surrogate_is_a_400(demo_server, path, body):
     resp = post_raw(demo_server, path, body, "S", SURROGATE)
     assert resp.status_code == 400, resp.text
     assert "surrogate" in resp.json()["error"]["message"]
+    if path == "/v1/responses":  # named as sent, not as the chat body it becomes
+        assert resp.json()["error"]["param"] == "input"
 
 
 @pytest.mark.parametrize("depth", [100, 500])

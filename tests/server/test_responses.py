@@ -186,6 +186,10 @@ def test_request_errors_are_openai_bodies(fake_server):
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     raw = httpx.post(fake_server + "/v1/responses", json={"input": "hi", "background": True})
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "background"
+    for stream in (False, True):  # the chat path's error names the field this API calls it
+        body = {"input": "hi", "max_output_tokens": 10**6, "stream": stream}
+        raw = httpx.post(fake_server + "/v1/responses", json=body)
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "max_output_tokens"
 
 
 def test_store_is_a_bounded_lru():
