@@ -50,7 +50,7 @@ from mistralpy.engine.speculative import (
 )
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
-from mistralpy.params import InvalidParameter, SamplingParams
+from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
 from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
 from mistralpy.runner.errors import RunnerDeadError
@@ -651,7 +651,7 @@ class LLMEngine:
             self._states.pop(s.seq.seq_id, None)
 
 
-def _grammar_key(spec: Any) -> str | None:
+def _grammar_key(spec: GrammarSpec) -> str | None:
     """A cache key naming the grammar spec exactly (None: not JSON, not cached)."""
     try:
         return json.dumps([spec.kind, spec.value, spec.strict], sort_keys=True)
@@ -728,11 +728,13 @@ def _load_draft_model(
 
 def runner_config(config: EngineConfig) -> RunnerConfig:
     """The runner's share of the engine configuration."""
+    spec = config.speculative_config
+    k = spec.num_speculative_tokens if spec is not None else 0  # drafts verified per step
     return RunnerConfig(
         block_size=config.block_size,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
-        max_decode_rows=config.max_num_seqs * (1 + _speculative_tokens(config)),
+        max_decode_rows=config.max_num_seqs * (1 + k),
         gpu_memory_utilization=config.gpu_memory_utilization,
         cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
         num_kv_blocks=config.num_kv_blocks,
@@ -740,12 +742,6 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         enforce_eager=config.enforce_eager,
         kv_cache_dtype=config.kv_cache_dtype,
     )
-
-
-def _speculative_tokens(config: EngineConfig) -> int:
-    """k of the engine's speculative decoding (0: none)."""
-    spec = config.speculative_config
-    return spec.num_speculative_tokens if spec is not None else 0
 
 
 def _fit_context(requested: int | None, max_pos: int, kv_capacity: int) -> int:
