@@ -66,11 +66,12 @@ class BlockManager:
         return hits
 
     def allocate(
-        self, seq: Sequence, num_tokens: int, cached_prefix: list[int] | tuple[int, ...] = ()
+        self, seq_id: str, num_tokens: int, cached_prefix: list[int] | tuple[int, ...] = ()
     ) -> bool:
-        """Grow `seq`'s table to hold `num_tokens` tokens, first taking `cached_prefix` (only for
-        a sequence with an empty table). Returns False, changing nothing, if blocks run out."""
-        table = self.tables.get(seq.seq_id, [])
+        """Grow the sequence's table to hold `num_tokens` tokens, first taking `cached_prefix`
+        (only for a sequence with an empty table). Returns False, changing nothing, if blocks
+        run out."""
+        table = self.tables.get(seq_id, [])
         assert not cached_prefix or not table, "a cached prefix only starts a new table"
         needed = -(-num_tokens // self.block_size) - len(table) - len(cached_prefix)
         reclaimed = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)
@@ -80,18 +81,19 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
-        table = self.tables.setdefault(seq.seq_id, table)
+        table = self.tables.setdefault(seq_id, table)
         table.extend(cached_prefix)
-        if seq.seq_id not in self.num_keyed:
-            self.num_keyed[seq.seq_id] = len(cached_prefix)
+        if seq_id not in self.num_keyed:
+            self.num_keyed[seq_id] = len(cached_prefix)
         for _ in range(max(0, needed)):
             table.append(self._take_free_block())
         return True
 
-    def trim(self, seq: Sequence, num_tokens: int) -> None:
-        """Free the blocks of `seq`'s table past the first `num_tokens` tokens (grown for
-        drafted tokens that were rejected; never keyed, since they held no computed block)."""
-        table = self.tables.get(seq.seq_id, [])
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Free the blocks of the sequence's table past the first `num_tokens` tokens (grown
+        for drafted tokens that were rejected; never keyed, since they held no computed
+        block)."""
+        table = self.tables.get(seq_id, [])
         keep = -(-num_tokens // self.block_size)
         while len(table) > keep:
             block = table.pop()
@@ -100,10 +102,10 @@ class BlockManager:
             self.free_blocks[block] = None
             self.free_blocks.move_to_end(block, last=False)
 
-    def free(self, seq: Sequence) -> None:
-        """Release all blocks of `seq`; keyed ones stay cached until reused."""
-        table = self.tables.pop(seq.seq_id, [])
-        self.num_keyed.pop(seq.seq_id, None)
+    def free(self, seq_id: str) -> None:
+        """Release all blocks of the sequence; keyed ones stay cached until reused."""
+        table = self.tables.pop(seq_id, [])
+        self.num_keyed.pop(seq_id, None)
         # Reverse order: a sequence's later blocks are evicted before its earlier ones, which
         # are shared by more prompts.
         for block in reversed(table):

@@ -1,8 +1,8 @@
 """Speculative decoding with a draft model (vLLM's method "draft_model"): a small model that
 shares the target's vocabulary proposes the next k tokens greedily.
 
-`DraftModelDrafter` owns a `ModelRunner` of its own (weights, paged KV cache) and its own
-block bookkeeping, on the target's device. Per sequence it keeps the tokens whose K/V its cache
+`DraftModelDrafter` owns a `ModelRunner` of its own (weights, paged KV cache) and a
+`BlockManager` of its own (no prefix caching), on the target's device. Per sequence it keeps the tokens whose K/V its cache
 holds; each `propose` feeds what changed since the last call (the whole prompt the first time;
 afterwards the accepted drafts and the target's token, the K/V of rejected drafts being
 overwritten in place), then runs k greedy decode steps. Greedy drafts are q one-hot, which the
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from mistralpy.engine.block_manager import BlockManager
 from mistralpy.engine.config import EngineConfig, resolve_model_path
 from mistralpy.params import InvalidParameter, SamplingParams
 from mistralpy.runner.batch import SampleSpec, ScheduledBatch, SeqWork
@@ -68,24 +69,16 @@ def check_same_vocabulary(target: Vocabulary, draft: Vocabulary) -> None:
             )
 
 
-@dataclass
-class _DraftSeq:
-    """The draft cache's view of one sequence."""
-
-    block_table: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # tokens whose K/V the cache holds
-
-
 class DraftModelDrafter:
     """Drafts with a small model on its own runner and KV cache (see the module docstring)."""
 
     def __init__(self, runner: ModelRunner, max_len: int):
         self.runner = runner
-        self.block_size = runner.cfg.block_size
         self.max_len = max_len  # positions the draft attends over (its context, at most)
         self.chunk = runner.cfg.max_num_batched_tokens  # prefill tokens per forward, at most
-        self.free_blocks: list[int] = list(range(runner.num_blocks))
-        self.seqs: dict[str, _DraftSeq] = {}
+        # the draft cache's block tables (no prefix caching: one sequence's tokens at a time)
+        self.blocks = BlockManager(runner.num_blocks, runner.cfg.block_size, False)
+        self.seqs: dict[str, list[int]] = {}  # per sequence: tokens whose K/V the cache holds
 
     @classmethod
     def load(
@@ -112,54 +105,43 @@ class DraftModelDrafter:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return self.blocks.num_free_blocks
 
     def propose(self, seq_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to k greedy tokens of the draft model after `token_ids`; [] when its context or
         its free KV blocks do not reach that far."""
         ids = list(token_ids)
         k = min(k, self.max_len - len(ids) + 1)  # the last draft needs no K/V of its own
-        state = self.seqs.setdefault(seq_id, _DraftSeq())
-        start = _common_prefix(state.token_ids, ids, len(ids) - 1)
-        del state.token_ids[start:]  # rejected drafts: their K/V is overwritten below
-        if k <= 0 or not self._resize(state, len(ids) + k - 1):
-            self._resize(state, start)
+        cached = self.seqs.setdefault(seq_id, [])
+        start = _common_prefix(cached, ids, len(ids) - 1)
+        del cached[start:]  # rejected drafts: their K/V is overwritten below
+        if k <= 0 or not self.blocks.allocate(seq_id, len(ids) + k - 1):
+            self.blocks.trim(seq_id, start)
             return []
-        drafts = [self._forward(seq_id, state, ids[start:], last=k == 1)]
+        self.blocks.trim(seq_id, len(ids) + k - 1)  # blocks grown for an earlier longer draft
+        drafts = [self._forward(seq_id, cached, ids[start:], last=k == 1)]
         for step in range(1, k):
-            drafts.append(self._forward(seq_id, state, drafts[-1:], last=step == k - 1))
+            drafts.append(self._forward(seq_id, cached, drafts[-1:], last=step == k - 1))
         return drafts
 
     def release(self, seq_id: str) -> None:
         """Free the sequence's blocks (it finished or was aborted); unknown ids are ignored."""
-        state = self.seqs.pop(seq_id, None)
-        if state is not None:
-            self.free_blocks.extend(reversed(state.block_table))
+        self.seqs.pop(seq_id, None)
+        self.blocks.free(seq_id)
         self.runner.release([seq_id])
 
-    def _resize(self, state: _DraftSeq, num_tokens: int) -> bool:
-        """Make the table hold exactly the blocks of `num_tokens` tokens; False (unchanged) if
-        the free blocks do not reach."""
-        needed = -(-num_tokens // self.block_size)
-        grow = needed - len(state.block_table)
-        if grow > len(self.free_blocks):
-            return False
-        for _ in range(grow):
-            state.block_table.append(self.free_blocks.pop())
-        while len(state.block_table) > needed:
-            self.free_blocks.append(state.block_table.pop())
-        return True
-
-    def _forward(self, seq_id: str, state: _DraftSeq, new_ids: list[int], last: bool) -> int:
-        """Compute `new_ids` after the cached tokens (prefill chunks of at most `chunk`
-        tokens); returns the greedy next token. last: no decode is launched ahead after it."""
+    def _forward(self, seq_id: str, cached: list[int], new_ids: list[int], last: bool) -> int:
+        """Compute `new_ids` after the `cached` tokens (prefill chunks of at most `chunk`
+        tokens), appending them to it; returns the greedy next token. last: no decode is
+        launched ahead after it."""
+        table = self.blocks.block_table(seq_id)
         for at in range(0, len(new_ids), self.chunk):
             piece = new_ids[at : at + self.chunk]
             ends = at + len(piece) == len(new_ids)
             sample = SampleSpec(_GREEDY, [], [], None, speculative=last) if ends else None
-            work = SeqWork(seq_id, piece, len(state.token_ids), list(state.block_table), [], sample)
+            work = SeqWork(seq_id, piece, len(cached), list(table), [], sample)
             out = self.runner.execute(ScheduledBatch([work]))
-            state.token_ids += piece
+            cached += piece
         return out.sampled[seq_id].token_id
 
 

@@ -50,7 +50,7 @@ from mistralpy.engine.speculative import (
 )
 from mistralpy.engine.stop import StopChecker
 from mistralpy.engine.stream import OutputStream
-from mistralpy.params import InvalidParameter, SamplingParams
+from mistralpy.params import GrammarSpec, InvalidParameter, SamplingParams
 from mistralpy.processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from mistralpy.runner.batch import ImageSlice, SampleSpec, ScheduledBatch, SeqWork
 from mistralpy.runner.errors import RunnerDeadError
@@ -101,6 +101,7 @@ class EngineStats:
 class _SeqState:
     """Output-side state of one sequence: text so far and what the next output carries."""
 
+    request: _Request  # the user request it is one of the n sequences of
     seq: Sequence
     detok: IncrementalDetokenizer
     stop: StopChecker
@@ -118,10 +119,13 @@ class _Request:
     """One user request: its n sequences and metrics."""
 
     request_id: str
-    prompt_token_ids: list[int]
     seqs: list[_SeqState]
     metrics: RequestMetrics
     error: str | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.seqs[0].seq.prompt_token_ids
 
     @property
     def finished(self) -> bool:
@@ -157,7 +161,7 @@ class LLMEngine:
         self.image_token_id: int | None = runner.model.config.image_token_index
         self.eos_token_ids = frozenset([tokenizer.eos_token_id])
         self._requests: dict[str, _Request] = {}
-        self._request_of: dict[str, _Request] = {}
+        self._states: dict[str, _SeqState] = {}  # by seq_id, of the requests in _requests
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._rng = random.Random(config.seed)  # seeds requests that bring no seed
@@ -229,7 +233,8 @@ class LLMEngine:
         max_tokens = min(params.max_tokens or room, room)
         arrival = next(self._arrivals)
         speculation = speculation or self.default_speculation
-        seqs: list[_SeqState] = []
+        metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
+        request = _Request(request_id, [], metrics)
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(
@@ -248,13 +253,12 @@ class LLMEngine:
                 max_draft_pause=speculation.max_pause if speculation else 0,
             )
             if index > 0 and self.config.enable_prefix_caching:
-                seq.wait_for = seqs[0].seq
-            seqs.append(self._seq_state(seq, matchers[index] if matchers else None))
-        metrics = RequestMetrics(arrival_time=now(), num_prompt_tokens=len(prompt_ids))
-        request = _Request(request_id, prompt_ids, seqs, metrics)
+                seq.wait_for = request.seqs[0].seq
+            matcher = matchers[index] if matchers else None
+            request.seqs.append(self._seq_state(request, seq, matcher))
         self._requests[request_id] = request
-        for s in seqs:
-            self._request_of[s.seq.seq_id] = request
+        for s in request.seqs:
+            self._states[s.seq.seq_id] = s
             self.scheduler.add(s.seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -299,9 +303,12 @@ class LLMEngine:
         self.scheduler.on_step_done(sched)  # skips the sequences of failed requests
         changed = []
         for sid, token in result.sampled.items():
-            request = self._request_of[sid]
+            s = self._states.get(sid)
+            if s is None:  # its request failed at a sibling's token earlier in this loop
+                continue
+            request = s.request
             try:
-                self._on_tokens(self._state(request, sid), [*result.accepted.get(sid, []), token])
+                self._on_tokens(s, [*result.accepted.get(sid, []), token])
             except Exception as exc:  # e.g. a detokenizer bug: only this request fails
                 logger.exception("request %s failed", request.request_id)
                 outputs += self._fail_requests([request], exc)
@@ -407,9 +414,12 @@ class LLMEngine:
                 )
             return self._ll_tokenizer
 
-    def _seq_state(self, seq: Sequence, matcher: GrammarMatcher | None) -> _SeqState:
+    def _seq_state(
+        self, request: _Request, seq: Sequence, matcher: GrammarMatcher | None
+    ) -> _SeqState:
         p = seq.params
         return _SeqState(
+            request=request,
             grammar=matcher,
             seq=seq,
             detok=IncrementalDetokenizer(
@@ -419,14 +429,11 @@ class LLMEngine:
             logprobs=[] if (p.logprobs or p.top_logprobs > 0) else None,
         )
 
-    def _state(self, request: _Request, seq_id: str) -> _SeqState:
-        return next(s for s in request.seqs if s.seq.seq_id == seq_id)
-
     def _note_scheduled(self, sched: SchedulerOutput) -> list[_Request]:
         """Groups in this step; sets their first-scheduled time and prefix-hit count."""
         requests = []
         for sid in sched.num_new_tokens:
-            request = self._request_of[sid]
+            request = self._states[sid].request
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now()
                 request.metrics.num_cached_tokens = request.seqs[0].seq.num_cached_tokens or 0
@@ -444,7 +451,7 @@ class LLMEngine:
             real = n - len(seq.draft_ids)  # the rest are drafts to verify
             spec = None
             if sid in sampling:
-                grammar = self._state(self._request_of[sid], sid).grammar
+                grammar = self._states[sid].grammar
                 # a request without a seed of its own samples from the device's default
                 # generator: no per-sequence generator to create and draw from
                 seed = seq.seed if seq.params.seed is not None else None
@@ -526,7 +533,7 @@ class LLMEngine:
             self._check_shadow(s.seq, tokens[0].token_id)
         if drafted:
             accepted = len(tokens) - 1
-            metrics = self._request_of[s.seq.seq_id].metrics
+            metrics = s.request.metrics
             metrics.num_drafts += 1
             metrics.num_draft_tokens += drafted
             metrics.num_accepted_tokens += accepted
@@ -552,7 +559,7 @@ class LLMEngine:
 
     def _on_token(self, s: _SeqState, token: SampledToken) -> None:
         """Append a sampled token; detokenize, check stop conditions, finish if done."""
-        seq, request = s.seq, self._request_of[s.seq.seq_id]
+        seq, request = s.seq, s.request
         seq.append_token(token.token_id)
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now()
@@ -641,10 +648,10 @@ class LLMEngine:
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.request_id, None)
         for s in request.seqs:
-            self._request_of.pop(s.seq.seq_id, None)
+            self._states.pop(s.seq.seq_id, None)
 
 
-def _grammar_key(spec: Any) -> str | None:
+def _grammar_key(spec: GrammarSpec) -> str | None:
     """A cache key naming the grammar spec exactly (None: not JSON, not cached)."""
     try:
         return json.dumps([spec.kind, spec.value, spec.strict], sort_keys=True)
@@ -721,11 +728,13 @@ def _load_draft_model(
 
 def runner_config(config: EngineConfig) -> RunnerConfig:
     """The runner's share of the engine configuration."""
+    spec = config.speculative_config
+    k = spec.num_speculative_tokens if spec is not None else 0  # drafts verified per step
     return RunnerConfig(
         block_size=config.block_size,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
-        max_decode_rows=config.max_num_seqs * (1 + _speculative_tokens(config)),
+        max_decode_rows=config.max_num_seqs * (1 + k),
         gpu_memory_utilization=config.gpu_memory_utilization,
         cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
         num_kv_blocks=config.num_kv_blocks,
@@ -733,12 +742,6 @@ def runner_config(config: EngineConfig) -> RunnerConfig:
         enforce_eager=config.enforce_eager,
         kv_cache_dtype=config.kv_cache_dtype,
     )
-
-
-def _speculative_tokens(config: EngineConfig) -> int:
-    """k of the engine's speculative decoding (0: none)."""
-    spec = config.speculative_config
-    return spec.num_speculative_tokens if spec is not None else 0
 
 
 def _fit_context(requested: int | None, max_pos: int, kv_capacity: int) -> int:

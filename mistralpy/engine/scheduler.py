@@ -106,7 +106,7 @@ class Scheduler:
             return
         seq.num_computed_tokens += num_accepted
         assert seq.num_computed_tokens < seq.num_tokens
-        self.bm.trim(seq, seq.num_tokens)
+        self.bm.trim(seq.seq_id, seq.num_tokens)
         self.bm.cache_computed_blocks(seq)
 
     def finish(self, seq_id: str, status: SequenceStatus) -> Sequence | None:
@@ -119,7 +119,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free(seq)
+        self.bm.free(seq.seq_id)
         seq.status = status
         return seq
 
@@ -140,7 +140,7 @@ class Scheduler:
             )
             assert n > 0
             del seq.draft_ids[max(0, n - 1) :]  # the budget cuts drafts first
-            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+            while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]  # newest arrival
                 self._preempt(victim, out)
                 if victim is seq:
@@ -158,7 +158,7 @@ class Scheduler:
             prefix = self.bm.find_cached_prefix(seq)
             num_hit = len(prefix) * self.bm.block_size
             n = min(seq.num_tokens - num_hit, budget)
-            if not self.bm.allocate(seq, num_hit + n, prefix):
+            if not self.bm.allocate(seq.seq_id, num_hit + n, prefix):
                 break  # first come, first served: do not let later arrivals jump ahead
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -172,7 +172,7 @@ class Scheduler:
         """Free all blocks of a running sequence; it is recomputed from scratch when resumed
         (its full blocks usually stay in the prefix cache, so resuming is cheap)."""
         self.running.remove(seq)
-        self.bm.free(seq)
+        self.bm.free(seq.seq_id)
         seq.draft_ids = []
         seq.status = SequenceStatus.PREEMPTED
         seq.num_computed_tokens = 0

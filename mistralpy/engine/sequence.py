@@ -12,7 +12,7 @@ import bisect
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mistralpy.engine.errors import ImageTokenMismatchError
 from mistralpy.engine.speculative import SHADOW_AFTER_MISSES, shadow_checking
@@ -106,7 +106,7 @@ class Sequence:
         max_draft_pause: int = 0,
     ):
         self.seq_id = seq_id
-        self.parent_id = parent_id if parent_id is not None else seq_id
+        self.parent_id = parent_id if parent_id is not None else seq_id  # the user request
         self.index = index  # position among the n children of the user request
         self.prompt_token_ids = list(prompt_token_ids)
         self.all_token_ids = list(prompt_token_ids)  # prompt + generated
@@ -114,7 +114,7 @@ class Sequence:
         self.arrival = arrival  # monotonically increasing admission order (FCFS, preemption)
         self.max_tokens = max_tokens  # already clamped to the context
         self.seed = seed
-        self.images: list[Any] = list(images or [])
+        self.images: list[ProcessedImage] = list(images or [])
         self.image_positions, self.image_starts = _image_layout(
             self.prompt_token_ids, self.images, image_token_id
         )
@@ -122,7 +122,6 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_hashes: list[bytes] = []  # hash chain of full blocks, extended lazily
         self.wait_for: Sequence | None = None  # n > 1: admit only after this one's prefill
-        self.stop_reason: str | int | None = None
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
         # speculative decoding: drafts up to k tokens per decode step (k 0 or no drafter: off)
         self.drafter = drafter
@@ -167,17 +166,12 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
 
-    def image_rows_in(self, start: int, end: int) -> tuple[int, int]:
-        """Range [lo, hi) of image-embedding rows (over all images, in order) whose image tokens
-        sit at positions in [start, end)."""
-        lo = bisect.bisect_left(self.image_positions, start)
-        hi = bisect.bisect_left(self.image_positions, end)
-        return lo, hi
-
     def images_in(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """Images with tokens in positions [start, end): (image index, row_lo, row_hi) with the
         embedding rows of that image needed there, relative to the image."""
-        lo, hi = self.image_rows_in(start, end)
+        # [lo, hi): embedding rows (over all images, in order) of the image tokens in the range
+        lo = bisect.bisect_left(self.image_positions, start)
+        hi = bisect.bisect_left(self.image_positions, end)
         if lo == hi:
             return []
         first = bisect.bisect_right(self.image_starts, lo) - 1
@@ -191,7 +185,7 @@ class Sequence:
 
 
 def _image_layout(
-    prompt: list[int], images: list[Any], image_token_id: int | None
+    prompt: list[int], images: list[ProcessedImage], image_token_id: int | None
 ) -> tuple[list[int], list[int]]:
     """Positions of the image tokens in `prompt`, and where each image's rows start
     (cumulative rows*cols, length len(images) + 1). Raises if the counts disagree."""

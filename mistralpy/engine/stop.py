@@ -144,11 +144,6 @@ class StopChecker:
         self.max_model_len = max_model_len
         self.strings = StopStringMatcher(params.stop)
 
-    @property
-    def text(self) -> str:
-        """The full output text so far (cut before a matched stop string)."""
-        return self.strings.final_text
-
     def step(
         self, token_id: int, delta_text: str, num_output_tokens: int, num_total_tokens: int
     ) -> StopDecision:

@@ -9,13 +9,16 @@ entries are never read because `seq_lens` bounds each row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mistralpy.kernels.attention import AttentionMetadata
 from mistralpy.params import SamplingParams
+
+if TYPE_CHECKING:
+    from mistralpy.processing.grammar import GrammarMatcher
 
 
 @dataclass
@@ -40,7 +43,7 @@ class SampleSpec:
     prompt_ids: list[int]  # for repetition penalties
     output_ids: list[int]  # generated so far
     seed: int | None  # seeds the sequence's generator the first time it samples (None: none)
-    grammar: Any = None  # processing.grammar.GrammarMatcher: restricts the next token
+    grammar: GrammarMatcher | None = None  # restricts the next token
     # Speculative decoding: the last K of the SeqWork's token_ids are drafted tokens to verify
     # (logits at all K + 1 positions; the runner accepts a prefix of them, see verify_drafts)
     draft_ids: list[int] = field(default_factory=list)

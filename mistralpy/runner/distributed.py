@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -139,9 +139,10 @@ def tp_devices(device: torch.device, world_size: int) -> list[torch.device]:
 
 def _join_group(
     rank: int, world_size: int, store: Any, device: torch.device, startup: datetime.timedelta
-) -> tuple[ParallelConfig, Any]:
-    """Join the process group as `rank`: (the model's ParallelConfig on the device group,
-    the gloo group that carries step metadata and may wait idle for a long time)."""
+) -> _Channel:
+    """Join the process group as `rank`; the channel holds the model's ParallelConfig (on the
+    device group) and the gloo group that carries step metadata and may wait idle for a long
+    time."""
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=startup)
     ranks = list(range(world_size))
     cpu_group = dist.new_group(ranks, backend="gloo", timeout=_IDLE_TIMEOUT)
@@ -149,7 +150,7 @@ def _join_group(
     if device.type == "cuda":
         torch.cuda.set_device(device)
         device_group = dist.new_group(ranks, backend="nccl", timeout=_DEVICE_TIMEOUT)
-    return ParallelConfig(rank, world_size, device_group), cpu_group
+    return _Channel(ParallelConfig(rank, world_size, device_group), cpu_group, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class _Channel:
         tensors: list[torch.Tensor] = []
         skeleton = _strip(payload, tensors)
         specs = [(tuple(t.shape), t.dtype) for t in tensors]
-        self._objects([(op, skeleton, specs)])
+        self.objects([(op, skeleton, specs)])
         for idxs in _packing(specs):
             flat = torch.cat([tensors[i].to(self.device).reshape(-1) for i in idxs])
             dist.broadcast(flat, group_src=0, group=self.parallel.group)
@@ -233,7 +234,7 @@ class _Channel:
     def receive(self) -> tuple[_Op, Any]:
         """Worker: the next message, its tensors rebuilt on this rank's device."""
         box: list[Any] = [None]
-        self._objects(box)
+        self.objects(box)
         op, skeleton, specs = box[0]
         tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
         for idxs in _packing(specs):
@@ -244,7 +245,8 @@ class _Channel:
                 tensors[i] = part.view(specs[i][0])
         return op, _fill(skeleton, tensors)
 
-    def _objects(self, box: list[Any]) -> None:
+    def objects(self, box: list[Any]) -> None:
+        """Broadcast rank 0's picklable values in `box` into every rank's `box`."""
         dist.broadcast_object_list(
             box, group_src=0, group=self.cpu_group, device=torch.device("cpu")
         )
@@ -473,7 +475,10 @@ def _worker_main(rank: int, spec: _WorkerSpec, conn: Any) -> None:
         conn.send(("joining", None))
         startup = datetime.timedelta(seconds=spec.startup_timeout)
         store = dist.TCPStore(_HOST, spec.store_port, is_master=False, timeout=startup)
-        _run_worker(rank, spec, store, lambda: conn.send(("loaded", None)))
+        channel = _join_group(
+            rank, spec.world_size, store, torch.device(spec.devices[rank]), startup
+        )
+        _load_and_serve(rank, spec, channel, lambda: conn.send(("loaded", None)))
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc()))
@@ -490,22 +495,16 @@ def run_external_worker(
     _check_external(rdzv, rdzv.world_size, driver=False)
     startup = datetime.timedelta(seconds=startup_timeout)
     mine = rdzv.device(device)
-    store = rdzv.store(startup)
-    parallel, cpu_group = _join_group(rdzv.rank, rdzv.world_size, store, mine, startup)
-    # rank 0's runner config, dtype and quantization: this node's command line could differ,
-    # and ranks whose settings differ would wait for each other in mismatched collectives
+    channel = _join_group(rdzv.rank, rdzv.world_size, rdzv.store(startup), mine, startup)
+    # rank 0's runner config, dtype and quantization (`_Workers.join_external`): this node's
+    # command line could differ, and ranks whose settings differ would wait for each other in
+    # mismatched collectives
     box: list[Any] = [None]
-    dist.broadcast_object_list(box, group_src=0, group=cpu_group, device=torch.device("cpu"))
+    channel.objects(box)
     cfg, dtype, isq, load_format = box[0]
     devices = (str(mine),) * rdzv.world_size  # a rank uses only its own entry
     spec = _WorkerSpec(path, cfg, dtype, isq, load_format, devices, startup_timeout=startup_timeout)
-    _load_and_serve(rdzv.rank, spec, parallel, cpu_group, lambda: None)
-
-
-def _send_settings(spec: _WorkerSpec, cpu_group: Any) -> None:
-    """Rank 0: its settings to the workers launched from outside (run_external_worker)."""
-    box = [(spec.cfg, spec.dtype, spec.isq, spec.load_format)]
-    dist.broadcast_object_list(box, group_src=0, group=cpu_group, device=torch.device("cpu"))
+    _load_and_serve(rdzv.rank, spec, channel, lambda: None)
 
 
 def _check_no_group() -> None:
@@ -527,25 +526,19 @@ def _check_external(rdzv: Rendezvous, world_size: int, driver: bool) -> None:
         raise TensorParallelSizeError(f"RANK {rdzv.rank} is a worker, not the serving rank 0")
 
 
-def _run_worker(rank: int, spec: _WorkerSpec, store: Any, on_loaded: Any) -> None:
-    """Join as `rank`, load the shard (then call `on_loaded`), serve steps until STOP."""
-    device = torch.device(spec.devices[rank])
-    startup = datetime.timedelta(seconds=spec.startup_timeout)
-    parallel, cpu_group = _join_group(rank, spec.world_size, store, device, startup)
-    _load_and_serve(rank, spec, parallel, cpu_group, on_loaded)
-
-
 def _load_and_serve(
-    rank: int, spec: _WorkerSpec, parallel: ParallelConfig, cpu_group: Any, on_loaded: Any
+    rank: int, spec: _WorkerSpec, channel: _Channel, on_loaded: Callable[[], None]
 ) -> None:
     """Load rank `rank`'s shard (then call `on_loaded`), serve steps until STOP, leave."""
     from mistralpy.checkpoint.loader import load_model
 
     device = torch.device(spec.devices[rank])
-    model = load_model(spec.path, spec.dtype, device, spec.isq, spec.load_format, parallel=parallel)
+    model = load_model(
+        spec.path, spec.dtype, device, spec.isq, spec.load_format, parallel=channel.parallel
+    )
     on_loaded()
     runner = ShardRunner(model.eval(), spec.cfg, device, spec.dtype)
-    _serve(runner, _Channel(parallel, cpu_group, device))
+    _serve(runner, channel)
     dist.destroy_process_group()
 
 
@@ -585,8 +578,7 @@ class _Workers:
         self.procs = procs  # rank r's process at index r - 1
         self.conns = conns  # the driver's ends of the workers' pipes
         self.store = store
-        self.parallel = ParallelConfig()
-        self.channel: _Channel | None = None
+        self.channel: _Channel | None = None  # set once the group is formed
         self.failure: str | None = None  # why the group is unusable, once it is
         self._lock = threading.Lock()  # the monitor thread and the stepping thread both fail it
         self.closed = False
@@ -621,8 +613,7 @@ class _Workers:
         try:
             workers.wait_for("joining", timeout)
             device = torch.device(spec.devices[0])
-            workers.parallel, cpu_group = _join_group(0, spec.world_size, store, device, startup)
-            workers.channel = _Channel(workers.parallel, cpu_group, device)
+            workers.channel = _join_group(0, spec.world_size, store, device, startup)
         except BaseException:
             workers.close()
             raise
@@ -637,10 +628,16 @@ class _Workers:
         store = rdzv.store(startup)
         workers = cls(spec, [], [], store)
         device = torch.device(spec.devices[0])
-        workers.parallel, cpu_group = _join_group(0, spec.world_size, store, device, startup)
-        workers.channel = _Channel(workers.parallel, cpu_group, device)
-        _send_settings(spec, cpu_group)
+        workers.channel = _join_group(0, spec.world_size, store, device, startup)
+        # rank 0's settings, which the workers take (run_external_worker)
+        workers.channel.objects([(spec.cfg, spec.dtype, spec.isq, spec.load_format)])
         return workers
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The model's tensor-parallel group (this process is rank 0)."""
+        assert self.channel is not None, "the group is formed before the model loads"
+        return self.channel.parallel
 
     def send(self, op: _Op, payload: Any) -> None:
         """Announce step `op` to the workers (call inside `guard`)."""

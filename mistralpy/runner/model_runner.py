@@ -34,6 +34,7 @@ from mistralpy.runner.kv_cache import (
 if TYPE_CHECKING:
     from mistralpy.kernels.sampling import SamplerOutput
     from mistralpy.params import SamplingParams
+    from mistralpy.processing.grammar import GrammarMasker, GrammarMatcher
     from mistralpy.runner.cpu_decode import FusedCpuDecode
     from mistralpy.runner.cuda_graphs import DecodeGraphs
     from mistralpy.runner.model_protocol import RunnerModel
@@ -163,7 +164,7 @@ class ModelRunner:
             self.cpu_decode = FusedCpuDecode.build(model, self.kv_caches)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_size)
         self.generators: dict[str, torch.Generator] = {}
-        self._masker: Any = None  # processing.grammar.GrammarMasker, made on first use
+        self._masker: GrammarMasker | None = None  # made on first use
         self.decode_graphs: DecodeGraphs | None = None
         self.graph_verify_steps = 0  # verify steps run through the decode graphs (benchmarks)
         self._ahead: _LaunchAhead | None = None  # a decode step launched ahead (CUDA graphs)
@@ -657,7 +658,7 @@ def _sampled_token(
 
 
 def _grammar_draft_masks(
-    grammar: Any, drafts: list[int], vocab_size: int
+    grammar: GrammarMatcher, drafts: list[int], vocab_size: int
 ) -> tuple[list[int], torch.Tensor]:
     """The drafts the grammar allows, cut at the first it forbids, and the allowed-token mask
     (K' + 1, vocab_size) bool on CPU at each verify position (after drafts [:i]). The matcher

@@ -89,7 +89,7 @@ def test_one_failing_request_does_not_disturb_others(engine, monkeypatch):
     real = inner._on_token
 
     def flaky(state, token):
-        if inner._request_of[state.seq.seq_id].request_id == "bad":
+        if state.request.request_id == "bad":
             raise RuntimeError("detokenizer exploded")
         return real(state, token)
 

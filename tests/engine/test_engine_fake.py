@@ -302,6 +302,31 @@ def test_failing_forward_fails_only_that_step(monkeypatch):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_failing_token_fails_its_whole_request_once(monkeypatch):
+    """A request with n = 2 whose first sequence fails at its token: the request fails once,
+    its sibling's token of the same step is dropped, and the other request goes on."""
+    engine = make_engine(caching=False)  # both siblings prefill in the first step
+    real = engine._on_token
+
+    def flaky(state, token):
+        if state.request.request_id == "bad" and state.seq.index == 0:
+            raise RuntimeError("detokenizer exploded")
+        return real(state, token)
+
+    monkeypatch.setattr(engine, "_on_token", flaky)
+    engine.add_request("bad", prompt(range(20, 30)), SamplingParams(max_tokens=3, n=2))
+    engine.add_request("good", prompt(range(30, 40)), SamplingParams(max_tokens=3))
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id not in final  # one final output per request
+            if out.finished:
+                final[out.request_id] = out
+    assert "detokenizer exploded" in final["bad"].error
+    assert final["good"].error is None and len(final["good"].outputs[0].token_ids) == 3
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000))
 def test_random_add_abort_step_never_leaks(seed):

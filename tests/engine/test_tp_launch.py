@@ -115,16 +115,16 @@ def graph_worker(port: int, path: str) -> None:
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     rdzv = Rendezvous.from_env(rank_env(1, port))
-    parallel, cpu_group = distributed._join_group(
+    channel = distributed._join_group(
         1, 2, rdzv.store(datetime.timedelta(seconds=120)), cpu, datetime.timedelta(seconds=120)
     )
-    box = [None]  # rank 0's (runner config, dtype, isq, load format): see _send_settings
-    torch.distributed.broadcast_object_list(box, group_src=0, group=cpu_group, device=cpu)
+    box = [None]  # rank 0's (runner config, dtype, isq, load format): see join_external
+    channel.objects(box)
     cfg, dtype = box[0][:2]
-    model = load_model(Path(path), dtype, cpu, parallel=parallel).eval()
+    model = load_model(Path(path), dtype, cpu, parallel=channel.parallel).eval()
     runner = distributed.ShardRunner(model, cfg, cpu, dtype)
     attach_graphs(runner, model)
-    distributed._serve(runner, distributed._Channel(parallel, cpu_group, cpu))
+    distributed._serve(runner, channel)
     torch.distributed.destroy_process_group()
 
 

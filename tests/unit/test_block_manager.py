@@ -33,7 +33,7 @@ def image(content_hash, n):
 
 def compute_all(bm, req):
     """Pretend the whole sequence was computed and let the manager key its blocks."""
-    assert bm.allocate(req, req.num_tokens)
+    assert bm.allocate(req.seq_id, req.num_tokens)
     req.num_computed_tokens = req.num_tokens
     bm.cache_computed_blocks(req)
 
@@ -83,12 +83,12 @@ def test_shared_blocks_are_refcounted_and_survive_free():
     compute_all(bm, a)
     b = make_req("b", list(range(9)))
     prefix = bm.find_cached_prefix(b)
-    assert bm.allocate(b, 9, prefix)
+    assert bm.allocate(b.seq_id, 9, prefix)
     assert bm.block_table("b")[:2] == bm.block_table("a")[:2]
-    bm.free(a)
+    bm.free(a.seq_id)
     check_invariants(bm)
     assert all(bm.ref_counts[x] == 1 for x in prefix)
-    bm.free(b)
+    bm.free(b.seq_id)
     check_invariants(bm)
     assert bm.num_free_blocks == 8 and len(bm.cached) == 2
 
@@ -97,20 +97,20 @@ def test_eviction_prefers_unkeyed_then_least_recently_freed():
     bm = BlockManager(4, 2)
     old = make_req("old", [1, 2, 3])
     compute_all(bm, old)  # blocks: [1,2] keyed, [3] partial
-    bm.free(old)
+    bm.free(old.seq_id)
     new = make_req("new", [5, 6, 7])
     compute_all(bm, new)
-    bm.free(new)
+    bm.free(new.seq_id)
     assert len(bm.cached) == 2
     # Two blocks are free and unkeyed (the partial ones): used first, cache untouched.
     filler = make_req("f", [0, 0, 0, 9])
-    assert bm.allocate(filler, 4)
+    assert bm.allocate(filler.seq_id, 4)
     assert len(bm.cached) == 2
-    bm.free(filler)
+    bm.free(filler.seq_id)
     grow = make_req("g", [9] * 7)
-    assert bm.allocate(grow, 7)  # needs 4 blocks: evicts both keyed blocks, oldest first
+    assert bm.allocate(grow.seq_id, 7)  # needs 4 blocks: evicts both keyed blocks, oldest first
     assert bm.cached == {}
-    assert not bm.allocate(make_req("x", [1]), 1)
+    assert not bm.allocate("x", 1)
     check_invariants(bm)
 
 
@@ -118,11 +118,11 @@ def test_allocate_failure_changes_nothing():
     bm = BlockManager(3, 2)
     a = make_req("a", [1, 2, 3, 4])
     compute_all(bm, a)
-    bm.free(a)
+    bm.free(a.seq_id)
     b = make_req("b", [1, 2, 3, 4, 5, 6, 7, 8])
     prefix = bm.find_cached_prefix(b)
     assert len(prefix) == 2
-    assert not bm.allocate(b, 8, prefix)
+    assert not bm.allocate(b.seq_id, 8, prefix)
     check_invariants(bm)
     assert bm.num_free_blocks == 3 and bm.block_table("b") == []
 
@@ -148,20 +148,20 @@ def test_random_operations_never_leak(ops, block_size, num_blocks):
         if op == "add" and req is None:
             req = make_req(sid, tokens)
             prefix = bm.find_cached_prefix(req)
-            if bm.allocate(req, len(prefix) * block_size + 1, prefix):
+            if bm.allocate(req.seq_id, len(prefix) * block_size + 1, prefix):
                 req.num_computed_tokens = len(prefix) * block_size
                 live[sid] = req
         elif op == "grow" and req is not None:
             req.append_token(tokens[0])
-            bm.allocate(req, req.num_tokens)
+            bm.allocate(req.seq_id, req.num_tokens)
         elif op == "compute" and req is not None:
             held = len(bm.block_table(sid)) * block_size
             req.num_computed_tokens = min(req.num_tokens, held)
             bm.cache_computed_blocks(req)
         elif op == "free" and req is not None:
-            bm.free(live.pop(sid))
+            bm.free(live.pop(sid).seq_id)
         check_invariants(bm)
     for req in live.values():
-        bm.free(req)
+        bm.free(req.seq_id)
     check_invariants(bm)
     assert bm.num_free_blocks == num_blocks and not bm.tables

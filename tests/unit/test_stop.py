@@ -103,4 +103,4 @@ def test_stop_checker_flushes_on_length_and_prefers_stop_strings():
     checker.step(5, "ax", 1, 5)
     hit = checker.step(6, "yz", 2, 6)
     assert (hit.text, hit.finish_reason, hit.stop_reason) == ("", "stop", "xy")
-    assert checker.text == "a"
+    assert checker.strings.final_text == "a"
