@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mistralpy.errors import UserError
+from mistralpy.model.gguf_file import GGUFModelFile, open_gguf
 
 # the model dtypes a user may ask for, by their torch names (torch.float32, ...)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -112,8 +113,6 @@ def read_config(path: str | Path, mmproj: str | Path | None = None) -> Mistral3C
     (a config.json / params.json, or a GGUF model; `mmproj`: its llama.cpp vision file)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from mistralpy.model.gguf_file import open_gguf
-
         return config_from_gguf(open_gguf(path), open_gguf(mmproj) if mmproj else None)
     if mmproj is not None:
         raise ConfigError(f"--mmproj goes with a GGUF model, not with {path}")
@@ -250,24 +249,29 @@ def _hf_vision(vision: dict[str, Any]) -> VisionConfig:
         )
     hidden = _int(vision, "hidden_size", where)
     heads = _int(vision, "num_attention_heads", where)
-    if hidden % heads:
-        raise ConfigError(f"vision_config.hidden_size {hidden} is not divisible by heads {heads}")
-    head_dim = vision.get("head_dim", hidden // heads)
-    # Pixtral always uses hidden // heads; a different stated head_dim would be ignored upstream.
-    if head_dim != hidden // heads:
-        raise ConfigError(f"vision_config.head_dim {head_dim} != hidden_size / heads")
+    head_dim = _pixtral_head_dim(hidden, heads, where)
+    # A different stated head_dim would be ignored upstream (Pixtral always uses hidden // heads).
+    if vision.get("head_dim", head_dim) != head_dim:
+        raise ConfigError(f"vision_config.head_dim {vision['head_dim']} != hidden_size / heads")
     return VisionConfig(
         hidden_size=hidden,
         intermediate_size=_int(vision, "intermediate_size", where),
         num_hidden_layers=_int(vision, "num_hidden_layers", where),
         num_attention_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim,
         num_channels=_int(vision, "num_channels", where) if "num_channels" in vision else 3,
         image_size=_square(vision, "image_size", where),
         patch_size=_square(vision, "patch_size", where),
         rope_theta=_rope_theta(vision, where, ("default", "axial")),
         hidden_act=str(_require(vision, "hidden_act", where)),
     )
+
+
+def _pixtral_head_dim(hidden: int, heads: int, where: str) -> int:
+    """Pixtral's head size: always hidden / heads, whatever the file."""
+    if hidden % heads:
+        raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
+    return hidden // heads
 
 
 def _head_dim(text: dict[str, Any], where: str, heads: int) -> int:
@@ -357,14 +361,12 @@ def _native_vision(vision: dict[str, Any]) -> VisionConfig:
         raise ConfigError(f"{where}.add_pre_mm_projector_layer_norm=false is not supported")
     hidden = _int(vision, "hidden_size", where)
     heads = _int(vision, "num_attention_heads", where)
-    if hidden % heads:
-        raise ConfigError(f"{where}.hidden_size {hidden} is not divisible by heads {heads}")
     return VisionConfig(
         hidden_size=hidden,
         intermediate_size=_int(vision, "intermediate_size", where),
         num_hidden_layers=_int(vision, "num_hidden_layers", where),
         num_attention_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_pixtral_head_dim(hidden, heads, where),
         num_channels=int(vision.get("num_channels", 3)),
         image_size=int(vision.get("image_size", vision.get("max_image_size", 0))),
         patch_size=_int(vision, "patch_size", where),
@@ -379,8 +381,8 @@ def _native_vision(vision: dict[str, Any]) -> VisionConfig:
 GGUF_ARCHITECTURES = ("llama",)  # llama.cpp writes Mistral (Small 3.1 text too) as `llama`
 
 
-def config_from_gguf(model: Any, mmproj: Any = None) -> Mistral3Config:
-    """Config of a parsed GGUF model (a `model.gguf_file.GGUFModelFile`): text-only, or with
+def config_from_gguf(model: GGUFModelFile, mmproj: GGUFModelFile | None = None) -> Mistral3Config:
+    """Config of a parsed GGUF model: text-only, or with
     the Pixtral encoder + projector of a parsed llama.cpp `mmproj` file (see `_gguf_vision`).
 
     Defaults are llama.cpp's for keys a file may omit: KV heads = heads, head_dim = hidden /
@@ -432,7 +434,9 @@ PIXTRAL_PROJECTOR_ACT = "gelu"
 _IMAGE_TOKEN = "[IMG]"
 
 
-def _gguf_vision(mmproj: Any, text: TextConfig, tie: bool, tokens: list[str]) -> Mistral3Config:
+def _gguf_vision(
+    mmproj: GGUFModelFile, text: TextConfig, tie: bool, tokens: list[str]
+) -> Mistral3Config:
     """mistral3 config of a text GGUF (`text`, its vocabulary `tokens`) and a Pixtral mmproj;
     raises ConfigError when the mmproj is of another kind or does not fit the text model."""
     meta, where = mmproj.metadata, f"mmproj {mmproj.path.name}"
@@ -452,14 +456,12 @@ def _gguf_vision(mmproj: Any, text: TextConfig, tie: bool, tokens: list[str]) ->
         raise ConfigError(f"{where}: the text model's vocabulary has no {_IMAGE_TOKEN} token")
     hidden = _int(vision, "embedding_length", where)
     heads = _int(vision, "attention.head_count", where)
-    if hidden % heads:
-        raise ConfigError(f"{where}: embedding_length {hidden} % head_count {heads} != 0")
     config = VisionConfig(
         hidden_size=hidden,
         intermediate_size=_int(vision, "feed_forward_length", where),
         num_hidden_layers=_int(vision, "block_count", where),
         num_attention_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_pixtral_head_dim(hidden, heads, where),
         num_channels=3,
         image_size=_int(vision, "image_size", where),
         patch_size=_int(vision, "patch_size", where),
@@ -487,9 +489,7 @@ def _validate(cfg: Mistral3Config) -> None:
     _validate_text(text)
     if vision is None:
         return
-    for name, value in vars(vision).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            raise ConfigError(f"{name}={value} must be positive")
+    _check_positive(vision)
     if vision.head_dim % 4:
         raise ConfigError("vision head_dim must be a multiple of 4 (2-D RoPE)")
     for name, act in (("vision_config.hidden_act", vision.hidden_act),
@@ -504,9 +504,7 @@ def _validate(cfg: Mistral3Config) -> None:
 
 def _validate_text(text: TextConfig) -> None:
     """The decoder's own checks (a text-only model has nothing else)."""
-    for name, value in vars(text).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            raise ConfigError(f"{name}={value} must be positive")
+    _check_positive(text)
     if text.num_attention_heads % text.num_key_value_heads:
         raise ConfigError(
             f"num_attention_heads {text.num_attention_heads} is not a multiple of "
@@ -516,6 +514,13 @@ def _validate_text(text: TextConfig) -> None:
         raise ConfigError("head_dim must be even")
     if text.hidden_act != "silu":
         raise ConfigError(f"text_config.hidden_act {text.hidden_act!r} unsupported (silu only)")
+
+
+def _check_positive(section: TextConfig | VisionConfig) -> None:
+    """Every number of a config section (sizes, counts, eps, RoPE base) is > 0."""
+    for name, value in vars(section).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{name}={value} must be positive")
 
 
 def _require(section: dict[str, Any], key: str, where: str) -> Any:

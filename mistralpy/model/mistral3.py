@@ -172,8 +172,7 @@ class PatchMerger(nn.Module):
         """
         m, d = self.merge, x.shape[-1]
         merged: list[torch.Tensor] = []
-        for grid in x.split([h * w for h, w in sizes]):
-            (h, w) = sizes[len(merged)]
+        for grid, (h, w) in zip(x.split([h * w for h, w in sizes]), sizes, strict=True):
             grid = grid.view(h, w, d)[: h // m * m, : w // m * m]
             grid = grid.reshape(h // m, m, w // m, m, d).permute(0, 2, 4, 1, 3)
             merged.append(grid.reshape((h // m) * (w // m), d * m * m))

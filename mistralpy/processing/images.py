@@ -31,10 +31,11 @@ import json
 import os
 import re
 import socket
+import ssl
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,9 @@ def _read_regular(fd: int, policy: ImagePolicy, param: str, refused: bool) -> by
     whose refusals all read LOCAL_REFUSED."""
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) and refused:
-            raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
         if not stat.S_ISREG(info.st_mode):
+            if refused:
+                raise ImageSourceForbiddenError(LOCAL_REFUSED, param)
             raise ImageFetchError("local image path is not a regular file", param)
         if info.st_size > policy.max_download_bytes:
             raise ImageTooLargeError(
@@ -444,7 +445,12 @@ class _DeadlineStream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
         # server_hostname is the URL's host name, so SNI and certificate checks use it even
         # though the socket was opened to a checked IP.
         timeout = self._deadline.clamp(timeout, httpcore.ConnectTimeout)
@@ -465,7 +471,14 @@ class _GuardedBackend(httpcore.NetworkBackend):
         self._param = param
         self._plain = httpcore.SyncBackend()
 
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
         addresses = _getaddrinfo_bounded(
             host, port, self._deadline.clamp(timeout, httpcore.ConnectTimeout)
         )
@@ -486,7 +499,12 @@ class _GuardedBackend(httpcore.NetworkBackend):
             return _DeadlineStream(stream, self._deadline)
         raise failure
 
-    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
         raise ImageSourceForbiddenError("unix sockets are not allowed", self._param)
 
     def sleep(self, seconds: float) -> None:

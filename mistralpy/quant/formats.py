@@ -59,36 +59,25 @@ def _bytes_f16(b: Tensor) -> Tensor:
     return _bytes_to(b, torch.float16).to(torch.float32)
 
 
-def _pack_bits(bits: Tensor) -> Tensor:
-    """(nb, 8 * k) {0,1} -> (nb, k) uint8, element 8i+j in bit j of byte i."""
-    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
-    b = bits.to(torch.int32).reshape(bits.shape[0], -1, 8) << shifts
-    return b.sum(-1).to(torch.uint8)
+def _pack(q: Tensor, bits: int, run: int) -> Tensor:
+    """(nb, n) codes -> (nb, n * bits // 8) uint8 holding the low `bits` bits of each code.
+
+    GGML's one packing pattern, in every format: each 8 // bits consecutive runs of `run`
+    codes share `run` bytes, the r-th run in bits r * bits of those bytes (q4_0: run 16, so
+    byte j holds codes j and j + 16; q5_0's high bits: run 1, code 8i + j in bit j of byte i).
+    """
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, device=q.device, dtype=torch.int32).view(1, 1, per, 1)
+    fields = (q.to(torch.int32) & ((1 << bits) - 1)).reshape(q.shape[0], -1, per, run)
+    return (fields << shifts).sum(2).reshape(q.shape[0], -1).to(torch.uint8)
 
 
-def _unpack_bits(b: Tensor) -> Tensor:
-    """(nb, k) uint8 -> (nb, 8 * k) int32 {0,1}; inverse of `_pack_bits`."""
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32)
-    return ((b.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(b.shape[0], -1)
-
-
-def _pack_crumbs(q: Tensor) -> Tensor:
-    """(nb, 256) 2-bit codes -> (nb, 64): byte 32h+l holds codes 128h+32r+l in bits 2r."""
-    q = q.to(torch.int32).reshape(q.shape[0], 2, 4, 32)
-    shifts = torch.tensor([0, 2, 4, 6], device=q.device, dtype=torch.int32).view(1, 1, 4, 1)
-    return (q << shifts).sum(2).reshape(q.shape[0], 64).to(torch.uint8)
-
-
-def _unpack_crumbs(b: Tensor) -> Tensor:
-    """(nb, 64) uint8 -> (nb, 256) int32 2-bit codes; inverse of `_pack_crumbs`."""
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
-    q = (b.to(torch.int32).reshape(b.shape[0], 2, 1, 32) >> shifts) & 3
-    return q.reshape(b.shape[0], 256)
-
-
-def _nibbles(lo: Tensor, hi: Tensor) -> Tensor:
-    """Two equal-shape 4-bit code tensors -> uint8 bytes lo | hi << 4."""
-    return ((lo.to(torch.int32) & 15) | ((hi.to(torch.int32) & 15) << 4)).to(torch.uint8)
+def _unpack(b: Tensor, bits: int, run: int) -> Tensor:
+    """(nb, k) uint8 -> (nb, 8 * k // bits) int32 codes; inverse of `_pack`."""
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, device=b.device, dtype=torch.int32).view(1, 1, per, 1)
+    fields = b.to(torch.int32).reshape(b.shape[0], -1, 1, run) >> shifts
+    return (fields & ((1 << bits) - 1)).reshape(b.shape[0], -1)
 
 
 def _pack_k_scales(ls: Tensor, lm: Tensor) -> Tensor:
@@ -215,43 +204,37 @@ def _q4_0_quant(x: Tensor) -> Tensor:
     """(nb, 32) float32 -> (nb, 18) block_q4_0: fp16 d, 16 nibble bytes (j, j+16)."""
     d = _sym_search(x, _signed_absmax(x) / -8, -8, 7, _STEPS_4BIT)
     q = _sym_codes(x, d, -8, 7) + 8
-    return torch.cat([_f16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], 1)
+    return torch.cat([_f16_bytes(d), _pack(q, 4, 16)], 1)
 
 
 def _q4_0_parts(b: Tensor) -> Parts:
     """(nb, 18) -> signed codes (nb, 1, 32), d."""
-    q = b[:, 2:].to(torch.int32)
-    return (
-        (torch.cat([q & 15, q >> 4], 1) - 8).float()[:, None],
-        _bytes_f16(b[:, :2])[:, None],
-        None,
-    )
+    q = (_unpack(b[:, 2:], 4, 16) - 8).float()[:, None]
+    return q, _bytes_f16(b[:, :2])[:, None], None
 
 
 def _q4_1_quant(x: Tensor) -> Tensor:
     """(nb, 32) -> (nb, 20) block_q4_1: fp16 d, fp16 m, 16 nibble bytes."""
     d, m = _asym_search(x, 15, _STEPS_4BIT)
     q = _asym_codes(x, d, m, 15)
-    return torch.cat([_f16_bytes(d), _f16_bytes(m), _nibbles(q[:, :16], q[:, 16:])], 1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(m), _pack(q, 4, 16)], 1)
 
 
 def _q4_1_parts(b: Tensor) -> Parts:
     """(nb, 20) -> codes (nb, 1, 32) in [0, 15], d, m."""
-    q = b[:, 4:].to(torch.int32)
-    q = torch.cat([q & 15, q >> 4], 1).float()[:, None]
+    q = _unpack(b[:, 4:], 4, 16).float()[:, None]
     return q, _bytes_f16(b[:, :2])[:, None], _bytes_f16(b[:, 2:4])[:, None]
 
 
 def _q5_pack(q: Tensor) -> tuple[Tensor, Tensor]:
     """(nb, 32) codes in [0, 31] -> qh (nb, 4) high bits, qs (nb, 16) low nibbles."""
     q = q.to(torch.int32)
-    return _pack_bits(q >> 4), _nibbles(q[:, :16], q[:, 16:])
+    return _pack(q >> 4, 1, 1), _pack(q, 4, 16)
 
 
 def _q5_unpack(qh: Tensor, qs: Tensor) -> Tensor:
     """Inverse of `_q5_pack`: (nb, 32) float32 codes in [0, 31]."""
-    lo = qs.to(torch.int32)
-    return (torch.cat([lo & 15, lo >> 4], 1) | (_unpack_bits(qh) << 4)).float()
+    return (_unpack(qs, 4, 16) | (_unpack(qh, 1, 1) << 4)).float()
 
 
 def _q5_0_quant(x: Tensor) -> Tensor:
@@ -428,9 +411,7 @@ def _affine_k(x: Tensor, sub: int, nmax: int, qkx2_args: tuple) -> tuple[Tensor,
 def _q4k_quant(x: Tensor) -> Tensor:
     """(nb, 256) -> (nb, 144) block_q4_K: d, dmin, scales[12], qs[128]."""
     d, dmin, ls, lm, q = _affine_k(x, 32, 15, (-1.0, 0.1, 20, False))
-    q = q.reshape(-1, 4, 2, 32)
-    qs = _nibbles(q[:, :, 0], q[:, :, 1]).reshape(-1, 128)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qs], 1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), _pack(q, 4, 32)], 1)
 
 
 def _k_affine_parts(b: Tensor, q: Tensor) -> Parts:
@@ -442,34 +423,23 @@ def _k_affine_parts(b: Tensor, q: Tensor) -> Parts:
     return q.reshape(-1, 8, 32), d[..., None], -dm[..., None]
 
 
-def _q4k_codes(qs: Tensor) -> Tensor:
-    """(nb, 128) q4_K qs -> (nb, 256) float32 codes."""
-    q = qs.to(torch.int32).reshape(-1, 4, 1, 32)
-    return torch.cat([q & 15, q >> 4], 2).reshape(-1, QK_K).float()
-
-
 def _q4k_parts(b: Tensor) -> Parts:
     """(nb, 144) -> codes (nb, 8, 32) in [0, 15], scales, biases."""
-    return _k_affine_parts(b, _q4k_codes(b[:, 16:]))
+    return _k_affine_parts(b, _unpack(b[:, 16:], 4, 32).float())
 
 
 def _q5k_quant(x: Tensor) -> Tensor:
     """(nb, 256) -> (nb, 176) block_q5_K: d, dmin, scales[12], qh[32], qs[128]."""
     d, dmin, ls, lm, q = _affine_k(x, 32, 31, (-0.5, 0.1, 15, False))
     qi = q.to(torch.int32)
-    shifts = torch.arange(8, device=x.device, dtype=torch.int32).view(1, 8, 1)
-    qh = ((qi.reshape(-1, 8, 32) >> 4) << shifts).sum(1).to(torch.uint8)
-    lo = qi.reshape(-1, 4, 2, 32) & 15
-    qs = _nibbles(lo[:, :, 0], lo[:, :, 1]).reshape(-1, 128)
+    qh, qs = _pack(qi >> 4, 1, 32), _pack(qi, 4, 32)
     return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm), qh, qs], 1)
 
 
 def _q5k_parts(b: Tensor) -> Parts:
     """(nb, 176) -> codes (nb, 8, 32) in [0, 31], scales, biases."""
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)
-    hi = (b[:, 16:48].to(torch.int32).reshape(-1, 1, 32) >> shifts) & 1
-    q = _q4k_codes(b[:, 48:]) + 16 * hi.reshape(-1, QK_K).float()
-    return _k_affine_parts(b, q)
+    q = _unpack(b[:, 48:], 4, 32) | (_unpack(b[:, 16:48], 1, 32) << 4)
+    return _k_affine_parts(b, q.float())
 
 
 def _q2k_quant(x: Tensor) -> Tensor:
@@ -482,7 +452,7 @@ def _q2k_quant(x: Tensor) -> Tensor:
     q = _requant_affine(x.reshape(nb, 16, 16), (d * ls)[..., None], (dmin * lm)[..., None], 3)
     scales = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)).to(torch.uint8)
     return torch.cat(
-        [scales, _pack_crumbs(q.reshape(nb, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], 1
+        [scales, _pack(q.reshape(nb, QK_K), 2, 32), _f16_bytes(d), _f16_bytes(dmin)], 1
     )
 
 
@@ -491,7 +461,7 @@ def _q2k_parts(b: Tensor) -> Parts:
     sc = b[:, :16].to(torch.int32)
     d = _bytes_f16(b[:, 80:82]) * (sc & 15).float()
     dm = _bytes_f16(b[:, 82:84]) * (sc >> 4).float()
-    q = _unpack_crumbs(b[:, 16:80]).reshape(-1, 16, 16).float()
+    q = _unpack(b[:, 16:80], 2, 32).reshape(-1, 16, 16).float()
     return q, d[..., None], -dm[..., None]
 
 
@@ -520,47 +490,31 @@ def _q3k_quant(x: Tensor) -> Tensor:
     """(nb, 256) -> (nb, 110) block_q3_K: hmask[32], qs[64], scales[12], d."""
     d, sc, q = _signed_k(x, 4, 32)
     qi = q.to(torch.int32)
-    shifts = torch.arange(8, device=x.device, dtype=torch.int32).view(1, 8, 1)
-    hmask = (((qi >> 2) & 1).reshape(-1, 8, 32) << shifts).sum(1).to(torch.uint8)
-    l6 = sc.to(torch.int32) + 32
-    lo = (l6[:, :8] & 15) | ((l6[:, 8:] & 15) << 4)
-    sh = torch.tensor([0, 2, 4, 6], device=x.device, dtype=torch.int32).view(1, 4, 1)
-    hi = ((l6 >> 4).reshape(-1, 4, 4) << sh).sum(1)
-    scales = torch.cat([lo, hi], 1).to(torch.uint8)
-    return torch.cat([hmask, _pack_crumbs(qi & 3), scales, _f16_bytes(d)], 1)
+    l6 = sc.to(torch.int32) + 32  # 6-bit sub-block scales: low nibbles, then high crumbs
+    scales = torch.cat([_pack(l6, 4, 8), _pack(l6 >> 4, 2, 4)], 1)
+    return torch.cat([_pack(qi >> 2, 1, 32), _pack(qi, 2, 32), scales, _f16_bytes(d)], 1)
 
 
 def _q3k_parts(b: Tensor) -> Parts:
     """(nb, 110) -> signed codes (nb, 16, 16) in [-4, 3], scales."""
-    s = b[:, 96:108].to(torch.int32)
-    lo = torch.cat([s[:, :8] & 15, s[:, :8] >> 4], 1)
-    sh = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 4, 1)
-    hi = ((s[:, 8:12].reshape(-1, 1, 4) >> sh) & 3).reshape(-1, 16)
-    dl = _bytes_f16(b[:, 108:110]) * ((lo | (hi << 4)) - 32).float()
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)
-    hbit = ((b[:, :32].to(torch.int32).reshape(-1, 1, 32) >> shifts) & 1).reshape(-1, QK_K)
-    q = (_unpack_crumbs(b[:, 32:96]) | (hbit << 2)) - 4
+    l6 = _unpack(b[:, 96:104], 4, 8) | (_unpack(b[:, 104:108], 2, 4) << 4)
+    dl = _bytes_f16(b[:, 108:110]) * (l6 - 32).float()
+    q = (_unpack(b[:, 32:96], 2, 32) | (_unpack(b[:, :32], 1, 32) << 2)) - 4
     return q.reshape(-1, 16, 16).float(), dl[..., None], None
 
 
 def _q6k_quant(x: Tensor) -> Tensor:
     """(nb, 256) -> (nb, 210) block_q6_K: ql[128], qh[64], scales[16] int8, d."""
     d, sc, q = _signed_k(x, 32, 128)
-    q = q.to(torch.int32).reshape(-1, 2, 4, 32)
-    ql = torch.cat([_nibbles(q[:, :, 0], q[:, :, 2]), _nibbles(q[:, :, 1], q[:, :, 3])], 2)
-    sh = torch.tensor([0, 2, 4, 6], device=x.device, dtype=torch.int32).view(1, 1, 4, 1)
-    qh = ((q >> 4) << sh).sum(2).reshape(-1, 64).to(torch.uint8)
+    qi = q.to(torch.int32)
     scales = sc.to(torch.int8).view(torch.uint8)
-    return torch.cat([ql.reshape(-1, 128), qh, scales, _f16_bytes(d)], 1)
+    return torch.cat([_pack(qi, 4, 64), _pack(qi >> 4, 2, 32), scales, _f16_bytes(d)], 1)
 
 
 def _q6k_parts(b: Tensor) -> Parts:
     """(nb, 210) -> signed codes (nb, 16, 16) in [-32, 31], scales."""
-    ql = b[:, :128].to(torch.int32).reshape(-1, 2, 2, 32)
-    lo = torch.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], 2)
-    sh = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
-    hi = (b[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32) >> sh) & 3
-    q = ((lo | (hi << 4)) - 32).reshape(-1, 16, 16).float()
+    q = _unpack(b[:, :128], 4, 64) | (_unpack(b[:, 128:192], 2, 32) << 4)
+    q = (q - 32).reshape(-1, 16, 16).float()
     dl = _bytes_f16(b[:, 208:210]) * _bytes_to(b[:, 192:208], torch.int8).float()
     return q, dl[..., None], None
 
@@ -592,7 +546,7 @@ def _fp8_quant(x: Tensor) -> Tensor:
     """(rows, cols) -> (rows, cols + 4): e4m3fn codes then a float32 row scale."""
     scale = x.abs().amax(1, keepdim=True) / _FP8_MAX
     codes = (x * _safe_inv(scale)).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-    return torch.cat([codes.view(torch.uint8), scale.to(torch.float32).view(torch.uint8)], 1)
+    return fp8_pack(codes, scale)
 
 
 def fp8_parts(packed: Tensor, cols: int) -> tuple[Tensor, Tensor]:
@@ -610,8 +564,8 @@ def fp8_pack(codes: Tensor, scale: Tensor) -> Tensor:
 
 def _fp8_dequant(b: Tensor) -> Tensor:
     """(rows, cols + 4) -> (rows, cols) float32."""
-    codes = b[:, :-4].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
-    return codes * _bytes_to(b[:, -4:], torch.float32)
+    codes, scale = fp8_parts(b, b.shape[1] - 4)
+    return codes.to(torch.float32) * scale[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,26 +659,22 @@ class QuantFormat:
         )
 
 
-def _fmt(name, block, size, ggml, bits, center, q, parts) -> QuantFormat:
-    return QuantFormat(name, block, size, ggml, bits, center, q, parts)
-
-
 # ggml type ids are fixed by the GGUF spec (gguf.GGMLQuantizationType).
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
-        _fmt("q4_0", 32, 18, 2, 4, 0, _q4_0_quant, _q4_0_parts),
-        _fmt("q4_1", 32, 20, 3, 4, 8, _q4_1_quant, _q4_1_parts),
-        _fmt("q5_0", 32, 22, 6, 5, 0, _q5_0_quant, _q5_0_parts),
-        _fmt("q5_1", 32, 24, 7, 5, 16, _q5_1_quant, _q5_1_parts),
-        _fmt("q8_0", 32, 34, 8, 8, 0, _q8_0_quant, _q8_0_parts),
-        _fmt("q2k", 256, 84, 10, 2, 2, _q2k_quant, _q2k_parts),
-        _fmt("q3k", 256, 110, 11, 3, 0, _q3k_quant, _q3k_parts),
-        _fmt("q4k", 256, 144, 12, 4, 8, _q4k_quant, _q4k_parts),
-        _fmt("q5k", 256, 176, 13, 5, 16, _q5k_quant, _q5k_parts),
-        _fmt("q6k", 256, 210, 14, 6, 0, _q6k_quant, _q6k_parts),
-        _fmt("q8k", 256, 292, 15, 8, 0, _q8k_quant, _q8k_parts),
-        _fmt("fp8", 1, 1, None, 8, 0, _fp8_quant, None),
+        QuantFormat("q4_0", 32, 18, 2, 4, 0, _q4_0_quant, _q4_0_parts),
+        QuantFormat("q4_1", 32, 20, 3, 4, 8, _q4_1_quant, _q4_1_parts),
+        QuantFormat("q5_0", 32, 22, 6, 5, 0, _q5_0_quant, _q5_0_parts),
+        QuantFormat("q5_1", 32, 24, 7, 5, 16, _q5_1_quant, _q5_1_parts),
+        QuantFormat("q8_0", 32, 34, 8, 8, 0, _q8_0_quant, _q8_0_parts),
+        QuantFormat("q2k", 256, 84, 10, 2, 2, _q2k_quant, _q2k_parts),
+        QuantFormat("q3k", 256, 110, 11, 3, 0, _q3k_quant, _q3k_parts),
+        QuantFormat("q4k", 256, 144, 12, 4, 8, _q4k_quant, _q4k_parts),
+        QuantFormat("q5k", 256, 176, 13, 5, 16, _q5k_quant, _q5k_parts),
+        QuantFormat("q6k", 256, 210, 14, 6, 0, _q6k_quant, _q6k_parts),
+        QuantFormat("q8k", 256, 292, 15, 8, 0, _q8k_quant, _q8k_parts),
+        QuantFormat("fp8", 1, 1, None, 8, 0, _fp8_quant, None),
     )
 }
 
@@ -753,15 +703,3 @@ def format_of_ggml_type(ggml_type: int) -> QuantFormat | None:
     """Our block format for a GGUF tensor type id (GGMLQuantizationType); None for types we
     have no format for (float types, IQ*, ...)."""
     return next((f for f in FORMATS.values() if f.ggml_type == ggml_type), None)
-
-
-def quantize(w: Tensor, fmt: str | QuantFormat) -> Tensor:
-    """(rows, cols) float -> (rows, bytes_per_row) uint8 in `fmt`'s GGUF block layout."""
-    return get_format(fmt).quantize(w)
-
-
-def dequantize(
-    packed: Tensor, fmt: str | QuantFormat, shape: tuple[int, int], dtype=torch.float32
-) -> Tensor:
-    """(rows, bytes_per_row) uint8 -> (rows, cols) `dtype` weights."""
-    return get_format(fmt).dequantize(packed, shape, dtype)

@@ -38,10 +38,20 @@ from mistralpy.quant.tuning import KernelTuning
 
 log = logging.getLogger(__name__)
 
-_FALLBACK = {"q2k": "q4_0", "q3k": "q4_0", "q4k": "q4_0", "q5k": "q5_0", "q6k": "q8_0"}
-_FALLBACK["q8k"] = "q8_0"
+_FALLBACK = {
+    "q2k": "q4_0",
+    "q3k": "q4_0",
+    "q4k": "q4_0",
+    "q5k": "q5_0",
+    "q6k": "q8_0",
+    "q8k": "q8_0",
+}
 _VISION_PARTS = ("vision_tower", "multi_modal_projector")
-_TINYGEMM_FORMATS = ("q4_0", "q4_1")  # 4-bit codes in groups of 32, no native kernel
+# 4-bit codes in groups of 32 with no kernel on their own bytes: tinygemm's repack serves them.
+# Not q4k: its Triton kernels on the GGUF bytes alone (one copy of the weight) beat tinygemm,
+# whose repack held a second copy and fell 2-5x behind at 16-64 rows
+# (benchmarks/quant_gpu.py --sections gemm).
+_TINYGEMM_FORMATS = ("q4_0", "q4_1")
 # Batches up to this many rows take the numba q8_0 / q4k GEMVs, larger ones torch's int4 GEMM
 # (the GEMV's cost grows linearly with the rows). Measured on the `small` preset's shapes (2
 # Zen 4 cores): q8_0 ~1.7-2.1x faster at M=1, 1.3-1.4x at M=2, level or behind from M=4; q4k
@@ -52,7 +62,9 @@ CPU_GEMV_MAX_M = 2
 LinearFactory = Callable[[str, Tensor, "Tensor | None"], "nn.Module | None"]
 
 
-def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
+def _dequant_rows_fn(
+    fmt: QuantFormat, packed: Tensor, in_features: int
+) -> Callable[[int, int, torch.dtype], Tensor]:
     """(start, stop, dtype) -> dense rows start:stop of the packed weight."""
 
     def rows(start: int, stop: int, dtype: torch.dtype) -> Tensor:
@@ -61,7 +73,9 @@ def _dequant_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
     return rows
 
 
-def _affine_rows_fn(fmt: QuantFormat, packed: Tensor, in_features: int):
+def _affine_rows_fn(
+    fmt: QuantFormat, packed: Tensor, in_features: int
+) -> Callable[[int, int], tuple[Tensor, Tensor, Tensor]]:
     """(start, stop) -> GroupAffine (codes, scale, offset) of rows start:stop."""
 
     def rows(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,17 +152,12 @@ def _cuda_matmul(
 ) -> QuantMatmul:
     """CUDA kernel choice of `build_quant_matmul` (fp8: see `_cuda_fp8_matmul`)."""
     tiled = DequantMatmul(_dequant_rows_fn(fmt, packed, shape[1]), *shape)
-    if fmt.name == "q4k":
-        # Every batch on the GGUF bytes alone (one copy of the weight): the Triton GEMV at
-        # one row, the swap-AB GEMM for decode batches, dequantize + cuBLAS for prefill;
-        # tinygemm's repack held a second copy and fell 2-5x behind at 16-64 rows
-        # (benchmarks/quant_gpu.py --sections gemm).
-        return _triton_matmul(fmt, packed, shape, tuning) or tiled
     if fmt.name in _TINYGEMM_FORMATS and tinygemm_supported(*shape, 32, fmt.bits):
         ga = fmt.group_affine(packed, shape)
         assert ga is not None and ga.group == 32
-        # q4_0 / q4_1 have no kernel on their own bytes: tinygemm's repack serves them.
         return TinyGemmInt4Matmul(ga.codes, ga.scale, ga.offset, tiled, 256)
+    # q4k: the Triton GEMV at one row, the swap-AB GEMM for decode batches, dequantize +
+    # cuBLAS for prefill, all on its GGUF bytes (see `_triton_matmul`).
     return _triton_matmul(fmt, packed, shape, tuning) or tiled
 
 

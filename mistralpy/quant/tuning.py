@@ -13,6 +13,7 @@ cannot be read or parsed is treated as empty; a write that fails is logged and s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -115,20 +116,21 @@ class TuningStore:
 class KernelTuning:
     """Launch configs chosen by timing on the GPU, memoised per format and weight shape for one
     model load (the 24B decoder has 161 quantized linears but five distinct shapes, so each
-    shape is timed once) and kept in `store` across loads (None: this load only).
+    shape is timed once) and kept in `store` across loads (None: the store at
+    `default_cache_path()`, if caching is on)."""
 
-    `store="default"` opens the store at `default_cache_path()` the first time a config is
-    not memoised (so a CPU load, which tunes nothing, never touches the disk)."""
-
-    def __init__(self, store: TuningStore | None | str = "default") -> None:
+    def __init__(self, store: TuningStore | None = None) -> None:
         self._chosen: dict[tuple, object] = {}
-        self._store = store
+        self._given = store
 
-    def _opened(self) -> TuningStore | None:
-        if self._store == "default":
-            path = default_cache_path()
-            self._store = TuningStore(path) if path is not None else None
-        return cast("TuningStore | None", self._store)
+    @functools.cached_property
+    def _store(self) -> TuningStore | None:
+        """Looked up the first time a config is not memoised, so a CPU load, which tunes
+        nothing, never reads the environment or touches the disk."""
+        if self._given is not None:
+            return self._given
+        path = default_cache_path()
+        return TuningStore(path) if path is not None else None
 
     def get(
         self, key: tuple, tune: Callable[[], _Config], decode: Callable[[Any], _Config]
@@ -139,7 +141,7 @@ class KernelTuning:
         tuner always returns one config type."""
         if key in self._chosen:
             return cast(_Config, self._chosen[key])
-        store = self._opened()
+        store = self._store
         entry = store.get(key) if store is not None else None
         if entry is not None:
             try:
