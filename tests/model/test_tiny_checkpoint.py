@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from mistralpy.processing.chat_template import ChatTemplate, build_chat_prompt
+from mistralpy.processing.images import ImageProcessorConfig, preprocess_image
 from mistralpy.processing.tokenizer import Tokenizer
 from mistralpy.testing.tiny_checkpoint import (
     PRESETS,
@@ -66,13 +67,9 @@ def test_image_prompt_runs_through_transformers(ckpt, hf_model):
     assert processor.size["longest_edge"] == PRESETS["tiny"].image_size
     image = Image.new("RGB", (300, 180), (200, 30, 90))
     pixels = processor(image, patch_size=28, return_tensors="pt")["pixel_values"]
-    rows, cols = pixels.shape[-2] // 28, pixels.shape[-1] // 28
-
-    class Loaded:
-        pass
-
-    loaded = Loaded()
-    loaded.rows, loaded.cols = rows, cols
+    # ours, from the checkpoint's processor config: the same token grid as transformers'
+    loaded = preprocess_image(image, ImageProcessorConfig.from_model_dir(ckpt))
+    assert (loaded.rows, loaded.cols) == (pixels.shape[-2] // 28, pixels.shape[-1] // 28)
     tok, template = Tokenizer.from_dir(ckpt), ChatTemplate.from_dir(ckpt)
     messages = [
         {
