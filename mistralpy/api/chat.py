@@ -618,9 +618,12 @@ class ChatService:
                 "context_length_exceeded",
             )
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            # OpenAI's wording: it names no field, so it reads right under the Responses API
             raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens; you "
-                f"requested {n} prompt tokens + {params.max_tokens} max_tokens.",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + params.max_tokens} tokens ({n} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
                 "max_tokens",
                 "context_length_exceeded",
             )
